@@ -1,0 +1,176 @@
+"""A built sluice: plugins + config -> clusters, chains, listeners; and its run loop.
+
+Building does all validation that depends on plugins (filter names and
+settings, policies, transports, routes), so a bad config fails before any
+socket opens, with the key path and, where a plugin is missing, its name.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import structlog
+import trio
+from pydantic import ValidationError
+
+from .chain import Chain
+from .cluster import Cluster, Endpoint
+from .config import Config, format_errors, parse_hostport
+from .errors import ConfigError
+from .filters import Filter
+from .registry import Plugins
+from .server import Listener, bind
+from .upstream import Pool
+
+__all__ = ["App"]
+
+log = structlog.get_logger("sluice")
+
+
+def validate(model: type, data: Any, where: str) -> Any:
+    """Validate plugin-owned settings, with errors under ``where``."""
+    try:
+        return model.model_validate(data or {})
+    except ValidationError as exc:
+        raise ConfigError(format_errors(exc, where)) from None
+
+
+async def maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+class App:
+    """Everything one worker runs. Build (validates), then ``await run()``."""
+
+    def __init__(self, config: Config, plugins: Plugins) -> None:
+        self.config = config
+        self.plugins = plugins
+        self.nursery: trio.Nursery | None = None
+        self.addresses: list[str] = []
+        self._stop = None
+        self.clusters = {name: self._cluster(name, c) for name, c in config.clusters.items()}
+        self.filters: dict[str, Filter] = {}
+        for name in config.filters:
+            if name not in plugins.filters:
+                raise plugins.missing("filters", name, f"filters.{name}")
+        self.pool = Pool()
+        self.listeners = [self._listener(i, lc) for i, lc in enumerate(config.listeners)]
+
+    # -- building ------------------------------------------------------------
+
+    def _cluster(self, name: str, cfg) -> Cluster:
+        where = f"clusters.{name}"
+        if cfg.policy not in self.plugins.balancers:
+            raise self.plugins.missing("balancers", cfg.policy, f"{where}.policy")
+        endpoints = [Endpoint(*parse_hostport(e.address), weight=e.weight) for e in cfg.endpoints]
+        policy = self.plugins.balancers[cfg.policy][0]
+        transport = None if cfg.tls is None else self._transport("client", cfg.tls, f"{where}.tls")
+        return Cluster(
+            name=name,
+            endpoints=endpoints,
+            balancer=policy(endpoints),
+            connect_timeout=cfg.connect_timeout,
+            response_timeout=cfg.response_timeout,
+            idle_timeout=cfg.idle_timeout,
+            max_idle=cfg.max_idle,
+            transport=transport,
+            tls_server_name=getattr(transport, "server_name", None),
+        )
+
+    def _transport(self, side: str, settings: dict, where: str) -> Any:
+        """A server or client transport from the ``tls`` transport plugin."""
+        if "tls" not in self.plugins.transports:
+            raise self.plugins.missing("transports", "tls", where)
+        cls = self.plugins.transports["tls"][0]
+        model = cls.ServerConfig if side == "server" else cls.ClientConfig
+        config = validate(model, settings, where)
+        try:
+            return getattr(cls, side)(config)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ConfigError(f"{where}: {exc}") from None
+
+    def filter(self, name: str, where: str) -> Filter:
+        """The shared instance of a filter, built on first use."""
+        if name in self.filters:
+            return self.filters[name]
+        if name not in self.plugins.filters:
+            raise self.plugins.missing("filters", name, where)
+        cls = self.plugins.filters[name][0]
+        settings = validate(cls.Config, self.config.filters.get(name), f"filters.{name}")
+        build = getattr(cls, "from_config", None)
+        instance = build(settings, self) if build is not None else cls(settings)
+        self.filters[name] = instance
+        return instance
+
+    def _listener(self, i: int, cfg) -> Listener:
+        where = f"listeners[{i}]"
+        chain = Chain([self.filter(n, f"{where}.filters[{j}]") for j, n in enumerate(cfg.filters)])
+        transport = None if cfg.tls is None else self._transport("server", cfg.tls, f"{where}.tls")
+        routes = getattr(chain.resolver.__self__, "routes", ()) if chain.resolver else ()
+        return Listener(
+            config=cfg,
+            chain=chain,
+            pool=self.pool,
+            route_overrides=any(r.disabled_filters for r in routes),
+            transport=transport,
+        )
+
+    # -- running ---------------------------------------------------------------
+
+    async def run(self, *, reuse_port: bool = False, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until ``stop()``; then drain and shut down. Reports bound addresses."""
+        self._stop = trio.Event()
+        sockets = []
+        for i, listener in enumerate(self.listeners):
+            address = listener.config.address
+            try:
+                sockets.append(bind(address, reuse_port=reuse_port))
+            except OSError as exc:
+                for sock in sockets:
+                    sock.socket.close()
+                raise ConfigError(
+                    f"listeners[{i}].address: cannot listen on {address}: {exc.strerror or exc}"
+                ) from None
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            for result in self.plugins.call_lifecycle("sluice_startup", app=self):
+                await maybe_await(result)
+            for f in self.filters.values():
+                await f.open(nursery)
+            nursery.start_soon(self.pool.reap)
+            async with trio.open_nursery() as serving:
+                for listener, sock in zip(self.listeners, sockets, strict=True):
+                    host, port = sock.socket.getsockname()[:2]
+                    self.addresses.append(f"{listener.scheme}://{host}:{port}")
+                    await serving.start(listener.serve, sock)
+                task_status.started(self.addresses)
+                await self._stop.wait()
+                await self._drain(serving)
+            await self._shutdown()
+            nursery.cancel_scope.cancel()
+
+    def stop(self) -> None:
+        """Begin a graceful stop (safe to call from a signal handler task)."""
+        if self._stop is not None:
+            self._stop.set()
+
+    async def _drain(self, serving: trio.Nursery) -> None:
+        timeout = self.config.server.drain_timeout
+        for listener in self.listeners:
+            listener.drain()
+        with trio.move_on_after(timeout):
+            while any(listener.active for listener in self.listeners):
+                await trio.sleep(0.05)
+        serving.cancel_scope.cancel()
+
+    async def _shutdown(self) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(self.config.server.drain_timeout):
+            for f in self.filters.values():
+                try:
+                    await f.close()
+                except Exception as exc:
+                    log.error("filter close failed", filter=f.name, exc_info=exc)
+            for result in self.plugins.call_lifecycle("sluice_shutdown", app=self):
+                await maybe_await(result)
+            await self.pool.aclose()

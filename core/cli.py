@@ -1,0 +1,236 @@
+"""The ``sluice`` command: run, check, plugins.
+
+    sluice run                                   the embedded demo on 127.0.0.1:8080
+    sluice run --listen ADDR --upstream URL ...  a one-line reverse proxy
+    sluice run -c FILE [--plugins a,b]           a config file
+    sluice check FILE                            validate, print each listener's chain
+    sluice plugins                               what is installed and what it offers
+
+Every configuration problem exits with status 2 and one line per problem
+naming the key or the plugin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import trio
+
+from .app import App
+from .config import Config, load, parse
+from .errors import ConfigError
+from .filters import PHASES, overrides
+from .logs import configure
+from .registry import Plugins
+from .workers import run_workers
+
+__all__ = ["main"]
+
+DEFAULT_PLUGINS = "access_log,router,balancer"
+DEFAULT_LISTEN = "127.0.0.1:8080"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sluice", description="A pluggable L7 proxy.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the proxy")
+    run.add_argument("-c", "--config", help="TOML config file")
+    run.add_argument("--listen", help=f"one-line mode: listen address (default {DEFAULT_LISTEN})")
+    run.add_argument("--upstream", action="append", default=[], metavar="URL",
+                     help="one-line mode: an upstream (http://host:port or https://host:port); repeat for more")
+    run.add_argument("--plugins", help="comma-separated plugins to enable; in one-line mode also the chain order"
+                     f" (default {DEFAULT_PLUGINS})")
+    run.add_argument("--workers", type=int, help="worker processes sharing the port (SO_REUSEPORT)")
+    run.add_argument("--log-level", default=None, help="debug, info, warning, error")
+
+    check = sub.add_parser("check", help="validate a config file and print the chains")
+    check.add_argument("config")
+    check.add_argument("--plugins")
+
+    sub.add_parser("plugins", help="list installed plugins and what they provide")
+    return p
+
+
+def _plugin_list(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [n.strip() for n in value.split(",") if n.strip()]
+
+
+def _upstream_endpoint(url: str) -> tuple[str, bool]:
+    """``http://h:p`` -> (``h:p``, tls?)."""
+    if "://" not in url:
+        url = "http://" + url
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"--upstream {url}: expected http://host:port or https://host:port")
+    if parts.path not in ("", "/") or parts.query:
+        raise ConfigError(f"--upstream {url}: a path or query is not supported")
+    tls = parts.scheme == "https"
+    port = parts.port or (443 if tls else 80)
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{host}:{port}", tls
+
+
+def one_line_config(listen: str, upstreams: list[str], plugins: Plugins, order: list[str]) -> Config:
+    """The config ``--listen/--upstream/--plugins`` stand for."""
+    endpoints = [_upstream_endpoint(u) for u in upstreams]
+    if len({tls for _, tls in endpoints}) > 1:
+        raise ConfigError("--upstream: mix of http:// and https:// upstreams in one cluster")
+    cluster: dict[str, Any] = {"endpoints": [e for e, _ in endpoints]}
+    if endpoints and endpoints[0][1]:
+        cluster["tls"] = {}
+    filters = [f for name in order for f in plugins.loaded[name].filters]
+    return parse(
+        {
+            "listeners": [{"address": listen, "filters": filters}],
+            "clusters": {"default": cluster},
+            "routes": [{"match": {"prefix": "/"}, "cluster": "default"}],
+        }
+    )
+
+
+def _build_run(args: argparse.Namespace) -> tuple[Any, int, str]:
+    """What `run` serves (an App, or the demo to build in each worker), workers, log level."""
+    if args.config and (args.listen or args.upstream):
+        raise ConfigError("-c cannot be combined with --listen/--upstream")
+    if args.config:
+        config = load(args.config)
+        app = App(config, Plugins(_plugin_list(args.plugins)))
+        return app, args.workers or config.server.workers, args.log_level or config.server.log_level
+    order = _plugin_list(args.plugins or DEFAULT_PLUGINS)
+    plugins = Plugins(order)
+    listen = args.listen or DEFAULT_LISTEN
+    if args.upstream:
+        app = App(one_line_config(listen, args.upstream, plugins, order), plugins)
+        return app, args.workers or 1, args.log_level or "info"
+    if args.listen:
+        raise ConfigError("--listen needs at least one --upstream")
+    # The embedded default: validated now with a placeholder endpoint so a
+    # plugin problem fails before anything listens; each worker then starts
+    # the demo origin and points the cluster at it.
+    one_line_config(listen, ["127.0.0.1:9"], plugins, order)
+    return _Demo(listen, plugins, order), args.workers or 1, args.log_level or "info"
+
+
+@dataclass
+class _Demo:
+    listen: str
+    plugins: Plugins
+    order: list[str]
+
+
+async def _serve(target: App | _Demo, reuse_port: bool) -> None:
+    async with trio.open_nursery() as nursery:
+        if isinstance(target, _Demo):
+            from .demo import serve_demo
+
+            upstream = await nursery.start(serve_demo)
+            print(f"sluice: demo upstream on http://{upstream}", file=sys.stderr, flush=True)
+            config = one_line_config(target.listen, [upstream], target.plugins, target.order)
+            target = App(config, target.plugins)
+        app = target
+
+        async def run(task_status=trio.TASK_STATUS_IGNORED) -> None:
+            await app.run(reuse_port=reuse_port, task_status=task_status)
+            nursery.cancel_scope.cancel()  # drained: stop the demo and the signal watcher
+
+        nursery.start_soon(_signals, app)
+        addresses = await nursery.start(run)
+        chains = "; ".join(" -> ".join(lst.chain.names()) or "(empty)" for lst in app.listeners)
+        print(f"sluice: pid {os.getpid()} listening on {', '.join(addresses)} (chain: {chains})",
+              file=sys.stderr, flush=True)
+
+
+async def _signals(app: App) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for _ in signals:
+            app.stop()  # later signals are ignored: the drain timeout bounds the stop
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    target, workers, level = _build_run(args)
+    configure(level)
+    return run_workers(workers, lambda reuse_port: trio.run(_serve, target, reuse_port))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = load(args.config)
+    app = App(config, Plugins(_plugin_list(args.plugins)))
+    print(f"{args.config}: ok")
+    for listener in app.listeners:
+        tls = " tls" if listener.transport is not None else ""
+        print(f"listener {listener.name}{tls}:")
+        if not listener.chain.filters:
+            print("  (no filters: every request gets 404)")
+        for i, f in enumerate(listener.chain.filters, 1):
+            phases = [p.removeprefix("on_") for p in PHASES if overrides(f, p)]
+            print(f"  {i}. {f.name} [{', '.join(phases)}]")
+    for name, cluster in app.clusters.items():
+        eps = ", ".join(f"{e.address}" + (f" w={e.weight}" if e.weight != 1 else "") for e in cluster.endpoints)
+        print(f"cluster {name}: {type(cluster.balancer).name} -> {eps}")
+    return 0
+
+
+def _type_name(annotation: Any) -> str:
+    name = getattr(annotation, "__name__", None)
+    text = str(annotation) if name is None or getattr(annotation, "__args__", None) else name
+    return text.replace("typing.", "")
+
+
+def _describe_model(model: Any, indent: str) -> list[str]:
+    lines = []
+    for key, field in getattr(model, "model_fields", {}).items():
+        default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
+        lines.append(f"{indent}{key}: {_type_name(field.annotation)} ({default})")
+    return lines or [f"{indent}(no settings)"]
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    plugins = Plugins()
+    for name, info in plugins.loaded.items():
+        print(f"{name}  ({info.dist}, {plugins.available[name].value})")
+        for cls in info.filters.values():
+            print(f"  filter {cls.name}")
+            print("\n".join(_describe_model(cls.Config, "    ")))
+        for cls in info.balancers.values():
+            print(f"  policy {cls.name}")
+        for cls in info.transports.values():
+            print(f"  transport {cls.name}")
+            print("    listener settings:")
+            print("\n".join(_describe_model(cls.ServerConfig, "      ")))
+            print("    cluster settings:")
+            print("\n".join(_describe_model(cls.ClientConfig, "      ")))
+    return 0
+
+
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command = {"run": cmd_run, "check": cmd_check, "plugins": cmd_plugins}[args.command]
+    try:
+        try:
+            return command(args)
+        except BaseExceptionGroup as group:  # from inside trio.run: find the cause
+            config_errors = group.subgroup(ConfigError)
+            if config_errors is None:
+                raise
+            raise _first_leaf(config_errors) from None
+    except ConfigError as exc:
+        print(f"sluice: error: {exc}".replace("\n", "\n  "), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

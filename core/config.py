@@ -1,0 +1,179 @@
+"""The configuration model (TOML) and its validation.
+
+Validation happens before any socket opens. Every error names its key path,
+e.g. ``clusters.api.endpoints[1]: not a host:port``. This module checks the
+shape; what depends on plugins (filter names and settings, policies,
+transports, routes) is checked by ``sluice.app`` with the same path style.
+
+Defaults are chosen for a proxy facing the internet:
+
+- ``max_header_bytes`` 32 KiB: above nginx's 8 KiB buffers, well below what
+  lets a client pin much memory per connection.
+- ``header_read`` 10 s for a whole request head (slowloris), ``idle`` 60 s
+  between requests and between body bytes.
+- ``max_body_bytes`` 0 (unlimited): bodies stream, they are never buffered.
+- upstream ``connect_timeout`` 5 s, ``response_timeout`` 30 s (from the end
+  of the request to the response head, and between response body bytes).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+)
+
+from .errors import ConfigError
+
+__all__ = ["Config", "format_errors", "load", "parse", "parse_hostport"]
+
+
+def parse_hostport(value: str, *, allow_zero: bool = True) -> tuple[str, int]:
+    """Split ``host:port`` (``[v6]:port`` for IPv6); ValueError if malformed.
+
+    Port 0 (any free port) makes sense for a listener, not for an endpoint.
+    """
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not int(port) < 65536:
+        raise ValueError("not a host:port")
+    if int(port) == 0 and not allow_zero:
+        raise ValueError("port 0 is not an upstream port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def _hostport(value: str) -> str:
+    parse_hostport(value)
+    return value
+
+
+def _upstream_hostport(value: str) -> str:
+    parse_hostport(value, allow_zero=False)
+    return value
+
+
+HostPort = Annotated[str, AfterValidator(_hostport)]
+UpstreamHostPort = Annotated[str, AfterValidator(_upstream_hostport)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Limits(_Model):
+    max_header_bytes: PositiveInt = 32 * 1024
+    max_header_count: PositiveInt = 100
+    max_body_bytes: Annotated[int, Field(ge=0)] = 0
+    max_connections: PositiveInt = 1024
+
+
+class Timeouts(_Model):
+    header_read: PositiveFloat = 10.0
+    idle: PositiveFloat = 60.0
+
+
+class ListenerConfig(_Model):
+    name: str | None = None
+    address: HostPort
+    filters: list[str] = []
+    tls: dict[str, Any] | None = None
+    trust_forwarded: bool = False
+    limits: Limits = Limits()
+    timeouts: Timeouts = Timeouts()
+
+
+class EndpointConfig(_Model):
+    address: UpstreamHostPort
+    weight: Annotated[int, Field(ge=1, le=1000)] = 1
+
+
+def _endpoint(value: Any) -> Any:
+    """An endpoint may be written as a plain ``"host:port"`` string."""
+    if isinstance(value, str):
+        parse_hostport(value, allow_zero=False)
+        return {"address": value}
+    return value
+
+
+Endpoint = Annotated[EndpointConfig, BeforeValidator(_endpoint)]
+
+
+class ClusterConfig(_Model):
+    endpoints: Annotated[list[Endpoint], Field(min_length=1)]
+    policy: str = "round_robin"
+    connect_timeout: PositiveFloat = 5.0
+    response_timeout: PositiveFloat = 30.0
+    idle_timeout: PositiveFloat = 60.0
+    max_idle: Annotated[int, Field(ge=0)] = 64
+    tls: dict[str, Any] | None = None
+
+
+class ServerConfig(_Model):
+    workers: PositiveInt = 1
+    drain_timeout: PositiveFloat = 30.0
+    log_level: str = "info"
+
+
+class Config(_Model):
+    server: ServerConfig = ServerConfig()
+    listeners: Annotated[list[ListenerConfig], Field(min_length=1)]
+    clusters: dict[str, ClusterConfig] = {}
+    # Routes and per-filter settings belong to plugins; they are checked by
+    # the filter that reads them, with the same key paths.
+    routes: list[dict[str, Any]] = []
+    filters: dict[str, dict[str, Any]] = {}
+
+
+def key_path(loc: tuple[Any, ...], prefix: str = "") -> str:
+    """``("clusters", "api", "endpoints", 1)`` -> ``clusters.api.endpoints[1]``."""
+    out = prefix
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def format_errors(exc: ValidationError, prefix: str = "") -> str:
+    """One line per problem: ``key.path: message``."""
+    lines = []
+    for err in exc.errors():
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"{key_path(err['loc'], prefix)}: {msg}")
+    return "\n".join(lines)
+
+
+def parse(data: dict[str, Any]) -> Config:
+    """Validate a config mapping; ConfigError lists every problem."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_errors(exc)) from None
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a TOML config file."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse(data)

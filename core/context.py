@@ -1,0 +1,114 @@
+"""The per-exchange context shared by every filter of a chain.
+
+It carries what the exchange learns as it goes (route, cluster, endpoint,
+timings, response flags) and what the connection knows (client address,
+TLS peer identity). ``vars`` is free-form state filters share with each other
+(e.g. ``auth.user``); ``state(filter)`` is one filter's private state.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .cluster import Cluster, Endpoint
+    from .filters import Filter
+    from .messages import Request, Response
+    from .routes import Route
+
+__all__ = ["Context"]
+
+
+class Context:
+    """One exchange's shared state. Created by the core, one per request."""
+
+    __slots__ = (
+        "request_id",
+        "client",
+        "tls_peer",
+        "scheme",
+        "listener",
+        "request",
+        "response",
+        "cluster",
+        "endpoint",
+        "start",
+        "timings",
+        "flags",
+        "error",
+        "bytes_in",
+        "bytes_out",
+        "vars",
+        "_states",
+        "_route",
+        "_resolver",
+    )
+
+    def __init__(
+        self,
+        *,
+        client: tuple[str, int],
+        scheme: str = "http",
+        listener: str = "",
+        tls_peer: dict[str, Any] | None = None,
+    ) -> None:
+        self.request_id = ""
+        self.client = client
+        self.tls_peer = tls_peer
+        self.scheme = scheme
+        self.listener = listener
+        self.request: Request | None = None
+        self.response: Response | None = None
+        self.cluster: Cluster | None = None
+        self.endpoint: Endpoint | None = None
+        self.start = time.monotonic()
+        self.timings: dict[str, float] = {}
+        self.flags: list[str] = []
+        self.error: BaseException | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.vars: dict[str, Any] = {}
+        self._states: dict[int, Any] | None = None
+        self._route: Route | None | bool = False  # False: not resolved yet
+        self._resolver = None
+
+    def state(self, filter_: Filter) -> Any:
+        """This filter's per-request state, created by ``filter_.new_state()``."""
+        states = self._states
+        if states is None:
+            states = self._states = {}
+        key = id(filter_)
+        if key not in states:
+            states[key] = filter_.new_state()
+        return states[key]
+
+    @property
+    def route(self) -> Route | None:
+        """The route this request matched, resolved on first use.
+
+        The chain's route resolver (the router filter) answers; filters before
+        the router can read it too (for per-route settings). ``None`` when no
+        route matched or the chain has no router.
+        """
+        if self._route is False:
+            resolver = self._resolver
+            self._route = resolver(self) if resolver is not None else None
+        return self._route
+
+    @property
+    def matched_route(self) -> Route | None:
+        """The route if one was already resolved, without resolving it."""
+        return self._route or None
+
+    def clear_route(self) -> None:
+        """Forget the resolved route (after a filter rewrote host or path)."""
+        self._route = False
+
+    def mark(self, name: str) -> None:
+        """Record a timing, in seconds since the exchange started."""
+        self.timings[name] = time.monotonic() - self.start
+
+    @property
+    def duration(self) -> float:
+        return time.monotonic() - self.start

@@ -1,0 +1,63 @@
+"""The built-in demo upstream behind ``sluice run`` with no arguments.
+
+A tiny origin on a loopback port that answers every request with a JSON
+description of what it received, so a first ``curl`` shows what the proxy
+did (Via, X-Forwarded-*, x-request-id). It runs on sluice's own protocol
+layer; it is a demo, not a web server.
+"""
+
+from __future__ import annotations
+
+import json
+
+import trio
+
+from .downstream import H1Downstream
+from .errors import ClientGone
+from .messages import Headers, Response
+from .protocol.events import Body, ProtocolError
+from .server import bind
+
+__all__ = ["serve_demo"]
+
+
+async def _handle(stream: trio.SocketStream) -> None:
+    down = H1Downstream(stream, max_head_bytes=32768, max_header_count=100,
+                        header_timeout=10, idle_timeout=60)
+    async with stream:
+        try:
+            while (head := await down.next_request()) is not None:
+                size = 0
+                while not down.body_done:
+                    event = await down.read_body_event()
+                    size += len(event.data) if type(event) is Body else 0
+                request = head.request
+                payload = json.dumps(
+                    {
+                        "message": "hello from the sluice demo upstream",
+                        "method": request.method,
+                        "target": request.target,
+                        "headers": dict(request.headers),
+                        "body_bytes": size,
+                    },
+                    indent=2,
+                ).encode() + b"\n"
+                await down.send_response(Response(200, Headers([
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(payload)).encode()),
+                ])))
+                await down.send_body(payload)
+                await down.send_end(None)
+                if not down.reusable():
+                    return
+                down.proto.next_cycle()
+        except (ProtocolError, ClientGone, trio.BrokenResourceError):
+            return
+
+
+async def serve_demo(*, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve on an ephemeral loopback port; reports ``host:port`` when listening."""
+    sock = bind("127.0.0.1:0", reuse_port=False)
+    host, port = sock.socket.getsockname()[:2]
+    task_status.started(f"{host}:{port}")
+    await trio.serve_listeners(_handle, [sock])

@@ -1,0 +1,145 @@
+"""The downstream side of one HTTP/1.1 connection: the trio edge over the protocol.
+
+It reads request heads and bodies and writes responses, with every wait
+bounded: the first byte of a request within ``idle``, the whole head within
+``header_read`` (slowloris), each body read and each write within ``idle``.
+The exchange talks to it through the methods below only, so an HTTP/2
+stream can stand in for it later.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from .errors import ClientGone
+from .messages import Response
+from .protocol.events import NEED_DATA, Closed, End, ProtocolError, RequestHead
+from .protocol.http1 import ServerConnection
+
+__all__ = ["H1Downstream", "HeadTimeout"]
+
+_RECEIVE_SIZE = 64 * 1024
+_BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+_CONTINUE = Response(100)
+
+
+class HeadTimeout(Exception):
+    """The client did not finish a request head in time."""
+
+
+class H1Downstream:
+    """One client connection, one exchange at a time."""
+
+    def __init__(self, stream: trio.abc.Stream, *, max_head_bytes: int, max_header_count: int,
+                 header_timeout: float, idle_timeout: float) -> None:
+        self.stream = stream
+        self.proto = ServerConnection(
+            max_head_bytes=max_head_bytes, max_header_count=max_header_count
+        )
+        self.header_timeout = header_timeout
+        self.idle_timeout = idle_timeout
+        self.close_after = False  # the exchange wants the connection closed
+        self.body_done = True  # the request body has been read to its end
+        self.expects_100 = False
+        self._eof = False
+
+    async def _receive(self, timeout: float) -> bool:
+        """Feed the next bytes to the protocol; False on timeout."""
+        with trio.move_on_after(timeout):
+            try:
+                data = await self.stream.receive_some(_RECEIVE_SIZE)
+            except _BROKEN:
+                data = b""
+            self._eof = not data
+            self.proto.feed(data)
+            return True
+        return False
+
+    async def next_request(self, idle_scope: trio.CancelScope | None = None) -> RequestHead | None:
+        """The next request head, or None if the client closed or idled out.
+
+        ``idle_scope`` is cancelled by a draining server to end the wait for
+        a next request (it never interrupts a head already arriving).
+        Raises ProtocolError for a bad head and HeadTimeout for a slow one.
+        """
+        self.close_after = False
+        proto = self.proto
+        event = proto.next_event()
+        if event is NEED_DATA and not proto.has_buffered:
+            with idle_scope or trio.CancelScope():
+                if not await self._receive(self.idle_timeout):
+                    return None
+            if idle_scope is not None and idle_scope.cancelled_caught:
+                return None
+            event = proto.next_event()
+        deadline = trio.current_time() + self.header_timeout
+        while event is NEED_DATA:
+            if not await self._receive(deadline - trio.current_time()):
+                raise HeadTimeout()
+            event = proto.next_event()
+        if type(event) is Closed:
+            return None
+        assert type(event) is RequestHead
+        self.body_done = not event.has_body
+        self.expects_100 = event.expect_continue
+        return event
+
+    async def read_body_event(self):
+        """The next Body or End of the request; ClientGone on close or stall."""
+        proto = self.proto
+        while True:
+            try:
+                event = proto.next_event()
+            except ProtocolError:
+                if self._eof:
+                    raise ClientGone("client closed mid-body") from None
+                raise
+            if event is NEED_DATA:
+                if not await self._receive(self.idle_timeout):
+                    exc = ClientGone("client stalled mid-body")
+                    exc.timed_out = True
+                    raise exc
+                continue
+            if type(event) is End:
+                self.body_done = True
+            return event
+
+    async def _send(self, data: bytes) -> None:
+        with trio.move_on_after(self.idle_timeout):
+            try:
+                await self.stream.send_all(data)
+            except _BROKEN:
+                raise ClientGone("client connection broke") from None
+            return
+        raise ClientGone("client stopped reading")
+
+    @property
+    def response_started(self) -> bool:
+        return self.proto.response_started
+
+    @property
+    def waiting_for_100_continue(self) -> bool:
+        return self.proto.waiting_for_100_continue
+
+    async def send_continue(self) -> None:
+        await self._send(self.proto.informational(_CONTINUE))
+
+    async def send_informational(self, response: Response) -> None:
+        if self.proto.peer_http_version == b"1.1":
+            await self._send(self.proto.informational(response))
+
+    async def send_response(self, response: Response) -> None:
+        if self.close_after:
+            response.headers.set(b"connection", b"close")
+        await self._send(self.proto.respond(response))
+
+    async def send_body(self, chunk: bytes) -> None:
+        await self._send(self.proto.data(chunk))
+
+    async def send_end(self, trailers) -> None:
+        data = self.proto.end(trailers)
+        if data:
+            await self._send(data)
+
+    def reusable(self) -> bool:
+        return not self.close_after and not self._eof and self.proto.reusable()

@@ -1,0 +1,30 @@
+"""The exceptions the core raises, and what each means for the client."""
+
+from __future__ import annotations
+
+__all__ = ["ClientGone", "ConfigError", "UpstreamError"]
+
+
+class ConfigError(Exception):
+    """The configuration or plugin set cannot run; the message names the key or plugin."""
+
+
+class ClientGone(Exception):
+    """The downstream peer closed or broke its connection mid-exchange."""
+
+
+class UpstreamError(Exception):
+    """The upstream could not give a response.
+
+    ``status`` is what the client gets if no response has started yet
+    (502 reset / protocol error, 503 connect failure, 504 timeout); ``flag``
+    is the access-log response flag.
+    """
+
+    def __init__(self, message: str, *, status: int, flag: str, retryable: bool = False):
+        super().__init__(message)
+        self.status = status
+        self.flag = flag
+        # True when nothing of the response arrived on a reused connection:
+        # an idempotent request may be replayed once on a fresh one.
+        self.retryable = retryable

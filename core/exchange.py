@@ -1,0 +1,356 @@
+"""One request/response exchange: through the chain, to the upstream and back.
+
+This is where the error table of DESIGN.md is enforced:
+
+==========================================  ===========  ====
+cause                                       client gets  flag
+==========================================  ===========  ====
+a filter answered                           its reply    LR
+no filter chose a cluster (no route)        404          NR
+request body over ``max_body_bytes``        413          LR
+no healthy endpoint                         503          UH
+connect failure / connect timeout           503          UF
+upstream reset, closed, or broke protocol   502          UC / UPE
+no response head within the timeout         504          UT
+the client sent a bad body                  400          DPE
+the client stalled mid-body                 408          DT
+a filter raised                             500          FE
+the client went away                        (nothing)    DC
+==========================================  ===========  ====
+
+Once response bytes have gone downstream no status can change: the
+downstream connection is closed instead, and the log says why.
+``on_complete`` of every filter runs exactly once, whatever happened.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import structlog
+import trio
+
+from .chain import Chain
+from .errors import ClientGone, UpstreamError
+from .filters import LocalReply
+from .forwarding import add_forwarded, add_via, ensure_request_id, strip_hop_by_hop
+from .messages import Headers, Response
+from .protocol.events import Body, End, Informational, ProtocolError, RequestHead
+
+if TYPE_CHECKING:
+    from .context import Context
+    from .server import Listener
+
+__all__ = ["run_exchange"]
+
+log = structlog.get_logger("sluice.exchange")
+
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+_COMPLETE_TIMEOUT = 5.0  # seconds on_complete phases get, even when cancelled
+
+
+class _Reply(Exception):
+    """Carries a local reply out of a task (request body pump) to the exchange."""
+
+    def __init__(self, reply: LocalReply, limit: int | None = None) -> None:
+        self.reply = reply
+        self.limit = limit
+
+
+def _collapse(group: BaseExceptionGroup) -> BaseException:
+    """The exception worth handling in a nursery's group (not a Cancelled)."""
+    leaves: list[BaseException] = []
+
+    def walk(g: BaseExceptionGroup) -> None:
+        for e in g.exceptions:
+            walk(e) if isinstance(e, BaseExceptionGroup) else leaves.append(e)
+
+    walk(group)
+    for exc in leaves:
+        if not isinstance(exc, trio.Cancelled):
+            return exc
+    return group
+
+
+async def run_exchange(listener: Listener, down: Any, head: RequestHead, ctx: Context) -> None:
+    """Run one exchange to the end; never raises except Cancelled."""
+    chain = listener.chain
+    try:
+        try:
+            chain = _prepare(listener, head, ctx)
+            await _proxy(listener, chain, down, head, ctx)
+        except BaseExceptionGroup as group:
+            raise _collapse(group) from None
+    except _Reply as r:
+        await _answer(chain, down, ctx, r.reply, len(chain.filters) if r.limit is None else r.limit)
+    except UpstreamError as exc:
+        ctx.error = exc
+        ctx.flags.append(exc.flag)
+        log.info("upstream failed", request_id=ctx.request_id, error=str(exc))
+        await _answer(chain, down, ctx, LocalReply(exc.status, _reason(exc.status), flag=""),
+                      len(chain.filters))
+    except ProtocolError as exc:
+        ctx.error = exc
+        ctx.flags.append("DPE")
+        await _answer(chain, down, ctx, LocalReply(exc.status, f"{exc}\n", flag=""), 0)
+    except ClientGone as exc:
+        ctx.error = exc
+        if getattr(exc, "timed_out", False):
+            ctx.flags.append("DT")
+            await _answer(chain, down, ctx, LocalReply(408, "request body timed out\n", flag=""), 0)
+        else:
+            ctx.flags.append("DC")
+            down.close_after = True
+    except trio.Cancelled as exc:
+        ctx.error = exc
+        down.close_after = True
+        raise
+    except Exception as exc:
+        ctx.error = exc
+        ctx.flags.append("FE")
+        log.error("filter failed", request_id=ctx.request_id, exc_info=exc)
+        await _answer(chain, down, ctx, LocalReply(500, _reason(500), flag=""), 0)
+    finally:
+        await _complete(chain, ctx)
+
+
+def _reason(status: int) -> str:
+    from .protocol.http1 import reason_phrase
+
+    return f"{reason_phrase(status).lower()}\n"
+
+
+def _prepare(listener: Listener, head: RequestHead, ctx: Context) -> Chain:
+    """Apply the proxy's own header rules; return the chain for this request."""
+    request = head.request
+    ctx.request = request
+    headers = request.headers
+    strip_hop_by_hop(headers)
+    if head.expect_continue:
+        headers.remove(b"expect")  # we answer 100-continue ourselves
+    ctx.request_id = ensure_request_id(headers)
+    add_forwarded(
+        headers,
+        client_ip=ctx.client[0],
+        scheme=ctx.scheme,
+        trusted=listener.trust_forwarded,
+    )
+    chain = listener.chain
+    ctx._resolver = chain.resolver
+    if listener.route_overrides:
+        route = ctx.route
+        if route is not None:
+            chain = chain.without(route.disabled_filters)
+    return chain
+
+
+async def _proxy(listener: Listener, chain: Chain, down: Any, head: RequestHead, ctx: Context) -> None:
+    request = head.request
+    full = len(chain.filters)
+    replied = await chain.run_heads(chain.request_headers, ctx, request, full)
+    if replied is not None:
+        i, reply = replied
+        raise _Reply(reply, i)
+    limit = listener.max_body_bytes
+    if limit and head.content_length is not None and head.content_length > limit:
+        raise _Reply(LocalReply(413, "request body too large\n"))
+    cluster = ctx.cluster
+    if cluster is None:
+        raise _Reply(LocalReply(404, "no route\n", flag="NR"))
+    endpoint = cluster.pick(ctx)
+    if endpoint is None:
+        raise _Reply(LocalReply(503, "no healthy upstream\n", flag="UH"))
+    ctx.endpoint = endpoint
+    add_via(request.headers)
+
+    chunked = head.has_body and head.content_length is None
+    replayable = request.method in _IDEMPOTENT and not head.has_body
+    pool = listener.pool
+    endpoint.active += 1
+    conn = None
+    try:
+        conn = await pool.acquire(cluster, endpoint)
+        ctx.mark("upstream_connected")
+        route = ctx.route
+        timeout = (route.timeout if route is not None and route.timeout else None) or cluster.response_timeout
+        async with trio.open_nursery() as nursery:
+            deadline = trio.CancelScope()
+            try:
+                await conn.send(conn.proto.request(request, chunked=chunked))
+                if head.has_body:
+                    nursery.start_soon(_pump_request, listener, chain, down, conn, ctx, deadline, timeout)
+                else:
+                    deadline.deadline = trio.current_time() + timeout
+                response = await _response_head(down, conn, deadline, ctx)
+            except UpstreamError as exc:
+                if not (exc.retryable and replayable):
+                    raise
+                log.info("retrying on a fresh connection", request_id=ctx.request_id, error=str(exc))
+                await conn.aclose()
+                conn = await pool.connect(cluster, endpoint)
+                await conn.send(conn.proto.request(request, chunked=False))
+                deadline = trio.CancelScope(deadline=trio.current_time() + timeout)
+                response = await _response_head(down, conn, deadline, ctx)
+            ctx.mark("upstream_response")
+            await _relay_response(chain, down, conn, ctx, response, timeout)
+            nursery.cancel_scope.cancel()  # an early response ends the upload
+        if not down.body_done:
+            down.close_after = True
+    finally:
+        endpoint.active -= 1
+        if conn is not None:
+            with trio.CancelScope(shield=True):
+                await pool.release(cluster, conn)
+
+
+async def _pump_request(listener, chain, down, conn, ctx, deadline, timeout) -> None:
+    """Stream the request body upstream through the body phases."""
+    limit = listener.max_body_bytes
+    phases = chain.request_body
+    full = len(chain.filters)
+    total = 0
+    try:
+        if down.waiting_for_100_continue:
+            await down.send_continue()
+        while True:
+            event = await down.read_body_event()
+            if type(event) is Body:
+                data = event.data
+                total += len(data)
+                if limit and total > limit:
+                    raise _Reply(LocalReply(413, "request body too large\n"))
+                ctx.bytes_in += len(data)
+                if phases:
+                    data = await chain.run_body(phases, ctx, data, False, full)
+                    if type(data) is LocalReply:
+                        raise _Reply(data)
+                if data:
+                    await conn.send(conn.proto.data(data))
+            else:
+                if phases:
+                    data = await chain.run_body(phases, ctx, b"", True, full)
+                    if type(data) is LocalReply:
+                        raise _Reply(data)
+                    if data:
+                        await conn.send(conn.proto.data(data))
+                trailers = event.trailers
+                if trailers is not None and chain.request_trailers:
+                    replied = await chain.run_heads(chain.request_trailers, ctx, trailers, full)
+                    if replied is not None:
+                        raise _Reply(replied[1], replied[0])
+                await conn.send(conn.proto.end(trailers))
+                deadline.deadline = trio.current_time() + timeout
+                return
+    except UpstreamError:
+        if down.response_started:
+            return  # the upstream answered early and stopped reading: fine
+        raise
+
+
+async def _response_head(down, conn, deadline: trio.CancelScope, ctx) -> Response:
+    """Wait for the final response head, relaying 1xx; 504 past the deadline."""
+    with deadline:
+        while True:
+            event = await conn.next_event()
+            if type(event) is Informational:
+                status = event.response.status
+                if status == 101:
+                    raise UpstreamError("upstream switched protocols unasked", status=502, flag="UPE")
+                if status == 100 and not down.expects_100:
+                    continue  # the client never asked; RFC 9110 15.2.1 lets us drop it
+                await down.send_informational(event.response)
+                continue
+            ctx.response = event.response
+            return event.response
+    raise UpstreamError("upstream response timed out", status=504, flag="UT")
+
+
+async def _relay_response(chain, down, conn, ctx, response: Response, timeout: float) -> None:
+    full = len(chain.filters)
+    headers = response.headers
+    strip_hop_by_hop(headers)
+    add_via(headers)
+    replied = await chain.run_heads(chain.response_headers, ctx, response, full)
+    if replied is not None:
+        conn.discard = True  # its unread body makes the connection unusable
+        raise _Reply(replied[1], replied[0])
+    await down.send_response(response)
+    phases = chain.response_body
+    while True:
+        with trio.move_on_after(timeout) as idle:
+            event = await conn.next_event()
+        if idle.cancelled_caught:
+            raise UpstreamError("upstream body stalled", status=504, flag="UT")
+        if type(event) is Body:
+            data = event.data
+            if phases:
+                data = await chain.run_body(phases, ctx, data, False, full)
+                if type(data) is LocalReply:
+                    raise UpstreamError("a filter replied after the response started", status=500, flag="FE")
+            if data:
+                ctx.bytes_out += len(data)
+                await down.send_body(data)
+        elif type(event) is End:
+            if phases:
+                data = await chain.run_body(phases, ctx, b"", True, full)
+                if type(data) is bytes and data:
+                    ctx.bytes_out += len(data)
+                    await down.send_body(data)
+            trailers = event.trailers
+            if trailers is not None and chain.response_trailers:
+                await chain.run_heads(chain.response_trailers, ctx, trailers, full)
+            await down.send_end(trailers)
+            return
+        else:
+            raise UpstreamError("upstream closed mid-response", status=502, flag="UC")
+
+
+async def _answer(chain: Chain, down: Any, ctx: Context, reply: LocalReply, limit: int) -> None:
+    """Send a local reply, through the response phases of filters before ``limit``."""
+    if reply.flag:
+        ctx.flags.append(reply.flag)
+    if down.response_started:
+        down.close_after = True  # too late for a status: cut the connection
+        return
+    body = reply.body.encode() if isinstance(reply.body, str) else reply.body
+    headers = Headers(reply.headers)
+    if body and b"content-type" not in headers:
+        headers.add(b"content-type", b"text/plain; charset=utf-8")
+    response = Response(reply.status, headers)
+    add_via(headers)
+    ctx.response = response
+    try:
+        await chain.run_heads(chain.response_headers, ctx, response, limit)
+        if chain.response_body:
+            data = await chain.run_body(chain.response_body, ctx, body, True, limit)
+            body = data if type(data) is bytes else body
+    except Exception as exc:  # a filter failing on a local reply: plain 500
+        log.error("filter failed on a local reply", request_id=ctx.request_id, exc_info=exc)
+        response = Response(500, Headers([(b"content-type", b"text/plain; charset=utf-8")]))
+        body = _reason(500).encode()
+        ctx.response = response
+    response.headers.set(b"content-length", str(len(body)).encode())
+    if reply.status >= 400 and not down.body_done:
+        down.close_after = True
+    try:
+        await down.send_response(response)
+        if body:
+            ctx.bytes_out += len(body)
+            await down.send_body(body)
+        await down.send_end(None)
+    except ClientGone:
+        ctx.flags.append("DC")
+        down.close_after = True
+
+
+async def _complete(chain: Chain, ctx: Context) -> None:
+    """Run every on_complete, shielded and bounded, each isolated from the others."""
+    if not chain.complete:
+        return
+    with trio.CancelScope(shield=True) as scope:
+        scope.deadline = trio.current_time() + _COMPLETE_TIMEOUT
+        for fn in chain.complete:
+            try:
+                await fn(ctx)
+            except Exception as exc:
+                log.error("on_complete failed", request_id=ctx.request_id, exc_info=exc)

@@ -1,0 +1,140 @@
+"""The Filter base class, the phase contract, and flow results.
+
+A filter is a class with optional ``async`` phase methods; the base class
+defines each as a no-op, and a chain only ever calls the phases a filter
+overrides. One instance is built per listener chain at load time (with its
+validated ``Config``) and shared by every request on it; per-request state
+lives in ``ctx.state(self)`` (created by ``new_state``).
+
+Phases, in the order an exchange meets them:
+
+=====================  ========================================  ===================
+phase                  called with                               may return
+=====================  ========================================  ===================
+on_request_headers     ctx, request (mutable head)               CONTINUE, LocalReply
+on_request_body        ctx, chunk, end                           CONTINUE, bytes, LocalReply
+on_request_trailers    ctx, trailers (only if the client sent)   CONTINUE, LocalReply
+on_response_headers    ctx, response (mutable head)              CONTINUE, LocalReply
+on_response_body       ctx, chunk, end                           CONTINUE, bytes
+on_response_trailers   ctx, trailers (only if upstream sent)     CONTINUE
+on_complete            ctx (always runs, once, last)             nothing
+=====================  ========================================  ===================
+
+Request phases run in chain order, response phases in reverse. A LocalReply
+from a request phase skips the upstream; the reply then runs through the
+response phases of the filters *before* the one that answered. Returning
+``None`` is the same as ``CONTINUE``; returning anything else (a bool, say)
+is a bug in the filter and answers 500. ``bytes`` from a body phase replace
+the chunk (adjust Content-Length in the headers phase if you change sizes).
+``end`` is True on the last call of a body, whose chunk may be empty.
+
+``on_complete`` runs exactly once per exchange, whatever happened: normal end,
+local reply, upstream failure, client abort or cancellation. ``ctx.error``
+holds the exception that ended the exchange early, if any.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from .context import Context
+    from .messages import Headers, Request, Response
+
+__all__ = ["CONTINUE", "Continue", "Filter", "FilterConfig", "LocalReply", "PHASES"]
+
+
+class Continue:
+    """Go on to the next filter (the default flow result)."""
+
+    __slots__ = ()
+    _instance: ClassVar[Continue | None] = None
+
+    def __new__(cls) -> Continue:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "CONTINUE"
+
+
+CONTINUE = Continue()
+
+
+@dataclass(slots=True)
+class LocalReply:
+    """Answer the client from the proxy instead of forwarding.
+
+    ``flag`` is the response flag the access log records (LR: a filter's
+    local reply; the core uses NR, UH, UF, UT, UC, ... for its own).
+    """
+
+    status: int
+    body: bytes | str = b""
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    flag: str = "LR"
+
+
+class FilterConfig(BaseModel):
+    """Base for filter settings: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Filter:
+    """Base class of every filter. Subclass, set ``name``, override phases."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[FilterConfig]] = FilterConfig
+
+    def __init__(self, config: FilterConfig) -> None:
+        self.config = config
+
+    # -- lifecycle (per listener chain) --------------------------------------
+
+    async def open(self, nursery: Any) -> None:
+        """Called once before the listener accepts; start background tasks here."""
+
+    async def close(self) -> None:
+        """Called once after the listener has drained."""
+
+    def new_state(self) -> Any:
+        """Per-request state for this filter, made on first ``ctx.state(self)``."""
+        return None
+
+    # -- phases ----------------------------------------------------------------
+
+    async def on_request_headers(self, ctx: Context, request: Request) -> Any:
+        return CONTINUE
+
+    async def on_request_body(self, ctx: Context, chunk: bytes, end: bool) -> Any:
+        return CONTINUE
+
+    async def on_request_trailers(self, ctx: Context, trailers: Headers) -> Any:
+        return CONTINUE
+
+    async def on_response_headers(self, ctx: Context, response: Response) -> Any:
+        return CONTINUE
+
+    async def on_response_body(self, ctx: Context, chunk: bytes, end: bool) -> Any:
+        return CONTINUE
+
+    async def on_response_trailers(self, ctx: Context, trailers: Headers) -> Any:
+        return CONTINUE
+
+    async def on_complete(self, ctx: Context) -> None:
+        return None
+
+
+REQUEST_PHASES = ("on_request_headers", "on_request_body", "on_request_trailers")
+RESPONSE_PHASES = ("on_response_headers", "on_response_body", "on_response_trailers")
+PHASES = (*REQUEST_PHASES, *RESPONSE_PHASES, "on_complete")
+
+
+def overrides(filter_: Filter, phase: str) -> bool:
+    """Whether the filter's class replaces the base no-op for ``phase``."""
+    return getattr(type(filter_), phase) is not getattr(Filter, phase)

@@ -1,0 +1,91 @@
+"""Every pluggy hook sluice calls, each with when it is called and what it may return.
+
+Plugins implement these with ``@sluice.hookimpl`` in a module (or class)
+named by an entry point in the ``sluice`` group. The hooks are called at
+startup and shutdown only: the traffic path never goes through pluggy, it
+runs the filter objects these hooks registered.
+
+Values may be returned plain, or as an awaitable (a coroutine) for the
+lifecycle hooks; the core awaits those. Contributions are attributed to the
+plugin that made them, and two plugins offering the same filter, policy or
+transport name is a startup error naming both.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Iterable
+
+    from .app import App
+    from .cluster import Balancer
+    from .filters import Filter
+    from .transport import Transport
+
+hookspec = pluggy.HookspecMarker("sluice")
+hookimpl = pluggy.HookimplMarker("sluice")
+
+# ---------------------------------------------------------------------------
+# Registration: what a plugin contributes (called once, while loading)
+# ---------------------------------------------------------------------------
+
+
+@hookspec
+def sluice_filters() -> Iterable[type[Filter]]:
+    """Return the filter classes this plugin provides.
+
+    Called once when plugins are loaded, before the config is validated.
+    Each class needs a unique ``name`` (what configs write in a listener's
+    ``filters`` list) and may define a ``Config`` model for its settings.
+
+    Example::
+
+        @hookimpl
+        def sluice_filters():
+            return [AddHeader]
+    """
+
+
+@hookspec
+def sluice_balancers() -> Iterable[type[Balancer]]:
+    """Return the balancing policy classes this plugin provides.
+
+    Called once when plugins are loaded. Each class has a unique ``name``
+    that clusters name in ``policy``; one instance is built per cluster.
+    """
+
+
+@hookspec
+def sluice_transports() -> Iterable[type[Transport]]:
+    """Return the transport classes (e.g. TLS) this plugin provides.
+
+    Called once when plugins are loaded. A listener's or cluster's ``tls``
+    table selects the transport named ``tls``.
+    """
+
+
+# ---------------------------------------------------------------------------
+# Lifecycle: inside the running trio loop
+# ---------------------------------------------------------------------------
+
+
+@hookspec
+def sluice_startup(app: App) -> Awaitable[None] | None:
+    """Called once per worker process after the config is built, before listening.
+
+    ``app.nursery`` is open: start long-running tasks there (they are
+    cancelled at shutdown). May return an awaitable, which is awaited
+    before the listeners accept. Raising aborts startup.
+    """
+
+
+@hookspec
+def sluice_shutdown(app: App) -> Awaitable[None] | None:
+    """Called once per worker after the listeners drained, before exit.
+
+    May return an awaitable; it runs shielded, under the drain timeout.
+    """
+

@@ -1,0 +1,172 @@
+"""The trio edge: a listener's sockets, its accept loop, its connections, its drain.
+
+One task per connection runs exchanges one after another (HTTP/1.1
+keep-alive). At most ``max_connections`` are open per listener: past that,
+accepting pauses and the kernel's backlog holds new clients. Draining stops
+accepting, ends connections waiting for a next request, lets exchanges in
+flight finish (their responses say ``Connection: close``), and after the
+drain timeout cancels what is left.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+import trio
+
+from .chain import Chain
+from .config import ListenerConfig, parse_hostport
+from .context import Context
+from .downstream import H1Downstream, HeadTimeout
+from .exchange import run_exchange
+from .protocol.events import ProtocolError
+from .protocol.http1 import simple_response
+from .upstream import Pool
+
+__all__ = ["Listener", "bind"]
+
+log = structlog.get_logger("sluice.server")
+
+
+def bind(address: str, *, reuse_port: bool, backlog: int = 1024) -> trio.SocketListener:
+    """A listening socket; SO_REUSEPORT lets worker processes share the port."""
+    host, port = parse_hostport(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+
+
+@dataclass(eq=False)
+class Listener:
+    """A listener's runtime: its chain, limits, transport and connections."""
+
+    config: ListenerConfig
+    chain: Chain
+    pool: Pool
+    route_overrides: bool = False
+    transport: Any = None  # a ServerTransport (TLS) or None
+    draining: bool = False
+    active: int = 0
+    _idle_waits: set[trio.CancelScope] = field(default_factory=set)
+    _accepting: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    @property
+    def name(self) -> str:
+        return self.config.name or self.config.address
+
+    @property
+    def trust_forwarded(self) -> bool:
+        return self.config.trust_forwarded
+
+    @property
+    def max_body_bytes(self) -> int:
+        return self.config.limits.max_body_bytes
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.transport is not None else "http"
+
+    async def serve(self, sock: trio.SocketListener, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Accept until drained; returns when the last connection has ended."""
+        slots = trio.Semaphore(self.config.limits.max_connections)
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            with self._accepting:
+                await self._accept(sock, nursery, slots)
+
+    async def _accept(self, sock, nursery: trio.Nursery, slots: trio.Semaphore) -> None:
+        async with sock:
+            while True:
+                await slots.acquire()
+                try:
+                    stream = await sock.accept()
+                except OSError as exc:  # EMFILE and friends: back off, keep serving
+                    slots.release()
+                    log.warning("accept failed", error=str(exc))
+                    await trio.sleep(0.1)
+                    continue
+                nursery.start_soon(self._connection, stream, slots)
+
+    def drain(self) -> None:
+        """Stop accepting; idle keep-alive connections close now."""
+        self.draining = True
+        self._accepting.cancel()
+        for scope in self._idle_waits:
+            scope.cancel()
+
+    async def _connection(self, stream: trio.SocketStream, slots: trio.Semaphore) -> None:
+        self.active += 1
+        try:
+            peer = stream.socket.getpeername()
+            tls_peer = None
+            if self.transport is not None:
+                with trio.move_on_after(self.config.timeouts.header_read):
+                    stream, tls_peer = await self.transport.wrap_server(stream)
+                    return await self._exchanges(stream, peer, tls_peer)
+                return None  # handshake timed out
+            await self._exchanges(stream, peer, tls_peer)
+        except Exception as exc:  # TLS handshake failures, resets: never fatal
+            log.debug("connection ended", error=repr(exc))
+        finally:
+            self.active -= 1
+            slots.release()
+            await trio.aclose_forcefully(stream)
+
+    async def _exchanges(self, stream, peer, tls_peer) -> None:
+        cfg = self.config
+        down = H1Downstream(
+            stream,
+            max_head_bytes=cfg.limits.max_header_bytes,
+            max_header_count=cfg.limits.max_header_count,
+            header_timeout=cfg.timeouts.header_read,
+            idle_timeout=cfg.timeouts.idle,
+        )
+        client = (peer[0], peer[1])
+        while not self.draining:
+            idle = trio.CancelScope()
+            self._idle_waits.add(idle)
+            try:
+                head = await down.next_request(idle)
+            except ProtocolError as exc:
+                await _refuse(down, exc.status, f"{exc}\n")
+                return
+            except HeadTimeout:
+                await _refuse(down, 408, "request head timed out\n")
+                return
+            finally:
+                self._idle_waits.discard(idle)
+            if head is None:
+                return
+            if self.draining:
+                down.close_after = True
+            ctx = Context(client=client, scheme=self.scheme, listener=self.name, tls_peer=tls_peer)
+            await run_exchange(self, down, head, ctx)
+            if not down.reusable():
+                return
+            down.proto.next_cycle()
+
+
+async def _refuse(down: H1Downstream, status: int, message: str) -> None:
+    """Answer a request that never became one (bad or slow head), then close."""
+    if down.response_started:
+        return
+    body = message.encode()
+    with trio.move_on_after(1):
+        try:
+            await down.stream.send_all(
+                simple_response(status, body, [(b"content-type", b"text/plain; charset=utf-8")])
+            )
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass

@@ -1,0 +1,47 @@
+"""The Transport interface: how bytes are protected on a listener or a cluster.
+
+Transports come from plugins (``sluice_transports``). A listener with a
+``tls`` table wraps every accepted stream with ``server(settings)``; a
+cluster with a ``tls`` table wraps every upstream connection with
+``client(settings)``. Settings are validated by the transport's models.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import trio
+from pydantic import BaseModel
+
+__all__ = ["ClientTransport", "ServerTransport", "Transport"]
+
+
+class ServerTransport:
+    """Wraps accepted connections (e.g. TLS termination)."""
+
+    async def wrap_server(self, stream: trio.abc.Stream) -> tuple[trio.abc.Stream, dict[str, Any] | None]:
+        """Return the protected stream and the peer's identity (or None)."""
+        raise NotImplementedError
+
+
+class ClientTransport:
+    """Wraps upstream connections (e.g. TLS origination)."""
+
+    async def wrap_client(self, stream: trio.abc.Stream, server_name: str) -> trio.abc.Stream:
+        raise NotImplementedError
+
+
+class Transport:
+    """Base of transport plugins: validated settings in, wrappers out."""
+
+    name: ClassVar[str] = ""
+    ServerConfig: ClassVar[type[BaseModel]]
+    ClientConfig: ClassVar[type[BaseModel]]
+
+    @classmethod
+    def server(cls, config: BaseModel) -> ServerTransport:
+        raise NotImplementedError
+
+    @classmethod
+    def client(cls, config: BaseModel) -> ClientTransport:
+        raise NotImplementedError

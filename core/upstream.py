@@ -1,0 +1,175 @@
+"""Upstream HTTP/1.1 connections and the per-endpoint keep-alive pool.
+
+The pool keeps at most ``max_idle`` idle connections per endpoint, drops those
+idle longer than ``idle_timeout``, and never hands out one the upstream has
+already closed: an idle HTTP/1.1 connection that has become readable is
+either closed (EOF) or carrying bytes nobody asked for, so it is discarded.
+What slips through (the close races our check) is caught by the exchange,
+which replays an idempotent request once on a fresh connection.
+"""
+
+from __future__ import annotations
+
+import select
+import time
+from collections import deque
+
+import trio
+
+from .cluster import Cluster, Endpoint
+from .errors import UpstreamError
+from .protocol.events import NEED_DATA, ProtocolError
+from .protocol.http1 import ClientConnection
+
+__all__ = ["Pool", "UpstreamConnection"]
+
+_RECEIVE_SIZE = 64 * 1024
+
+
+def _socket_of(stream: trio.abc.Stream):
+    while not hasattr(stream, "socket"):
+        stream = stream.transport_stream  # SSLStream over SocketStream
+    return stream.socket
+
+
+class UpstreamConnection:
+    """One connection to an endpoint, carrying one exchange at a time."""
+
+    def __init__(self, stream: trio.abc.Stream, endpoint: Endpoint, *, max_head_bytes: int,
+                 max_header_count: int) -> None:
+        self.stream = stream
+        self.endpoint = endpoint
+        self.proto = ClientConnection(
+            max_head_bytes=max_head_bytes, max_header_count=max_header_count
+        )
+        self.reused = False
+        self.discard = False  # set when an exchange abandons it mid-message
+        self.idle_deadline = 0.0  # when an idle connection expires
+
+    async def send(self, data: bytes) -> None:
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise UpstreamError(
+                f"upstream write failed: {exc!r}",
+                status=502,
+                flag="UC",
+                retryable=self.reused and not self.proto.response_bytes_seen,
+            ) from None
+
+    async def next_event(self):
+        """The next response event; raises UpstreamError on reset or bad bytes."""
+        proto = self.proto
+        while True:
+            try:
+                event = proto.next_event()
+            except ProtocolError as exc:
+                raise UpstreamError(
+                    f"upstream protocol error: {exc}",
+                    status=502,
+                    flag="UPE",
+                    retryable=self.reused and not proto.response_bytes_seen,
+                ) from None
+            if event is not NEED_DATA:
+                return event
+            try:
+                data = await self.stream.receive_some(_RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise UpstreamError(
+                    f"upstream read failed: {exc!r}",
+                    status=502,
+                    flag="UC",
+                    retryable=self.reused and not proto.response_bytes_seen,
+                ) from None
+            proto.feed(data)
+
+    def looks_stale(self) -> bool:
+        """An idle connection with something to read has been closed or broken."""
+        try:
+            fd = _socket_of(self.stream).fileno()
+            if fd < 0:
+                return True
+            readable, _, _ = select.select([fd], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            await trio.aclose_forcefully(self.stream)
+
+
+class Pool:
+    """Idle upstream connections per endpoint, and how new ones are opened."""
+
+    def __init__(self, *, max_head_bytes: int = 64 * 1024, max_header_count: int = 200) -> None:
+        self._idle: dict[int, deque[UpstreamConnection]] = {}
+        self._limits = {"max_head_bytes": max_head_bytes, "max_header_count": max_header_count}
+        self.closed = False
+
+    async def acquire(self, cluster: Cluster, endpoint: Endpoint) -> UpstreamConnection:
+        idle = self._idle.get(id(endpoint))
+        now = time.monotonic()
+        while idle:
+            conn = idle.pop()  # most recently used first: warmest, least likely closed
+            if now > conn.idle_deadline or conn.looks_stale():
+                await conn.aclose()
+                continue
+            conn.reused = True
+            return conn
+        return await self.connect(cluster, endpoint)
+
+    async def connect(self, cluster: Cluster, endpoint: Endpoint) -> UpstreamConnection:
+        with trio.move_on_after(cluster.connect_timeout) as scope:
+            try:
+                stream = await trio.open_tcp_stream(endpoint.host, endpoint.port)
+            except OSError as exc:
+                raise UpstreamError(
+                    f"connect to {endpoint.address} failed: {exc.strerror or exc}",
+                    status=503, flag="UF",
+                ) from None
+            if cluster.transport is not None:
+                try:
+                    stream = await cluster.transport.wrap_client(
+                        stream, cluster.tls_server_name or endpoint.host
+                    )
+                except Exception as exc:
+                    await trio.aclose_forcefully(stream)
+                    raise UpstreamError(
+                        f"TLS to {endpoint.address} failed: {exc}", status=503, flag="UF"
+                    ) from None
+        if scope.cancelled_caught:
+            raise UpstreamError(
+                f"connect to {endpoint.address} timed out after {cluster.connect_timeout}s",
+                status=503, flag="UF",
+            )
+        return UpstreamConnection(stream, endpoint, **self._limits)
+
+    async def release(self, cluster: Cluster, conn: UpstreamConnection) -> None:
+        """Return a connection after an exchange; keep it only if reusable."""
+        if self.closed or conn.discard or not conn.proto.reusable():
+            await conn.aclose()
+            return
+        conn.proto.next_cycle()
+        idle = self._idle.setdefault(id(conn.endpoint), deque())
+        if len(idle) >= cluster.max_idle:
+            await conn.aclose()
+            return
+        conn.idle_deadline = time.monotonic() + cluster.idle_timeout
+        idle.append(conn)
+
+    async def reap(self, interval: float = 1.0) -> None:
+        """Background task: close idle connections expired or closed by the upstream."""
+        while True:
+            await trio.sleep(interval)
+            now = time.monotonic()
+            for idle in self._idle.values():
+                for conn in [c for c in idle if now > c.idle_deadline or c.looks_stale()]:
+                    idle.remove(conn)
+                    await conn.aclose()
+
+    async def aclose(self) -> None:
+        self.closed = True
+        for idle in self._idle.values():
+            while idle:
+                await idle.popleft().aclose()

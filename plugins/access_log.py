@@ -1,0 +1,131 @@
+"""Plugin ``access_log``: one structlog event per request, as a JSON line.
+
+Fields: ``time`` (UTC, ISO 8601), ``client``, ``method``, ``path``,
+``host``, ``status``, ``bytes_in``, ``bytes_out``, ``duration_ms``,
+``upstream`` (endpoint address or null), ``route``, ``request_id``,
+``user_agent`` and ``flags``: how sluice answered when it answered itself
+(NR no route, UH no healthy upstream, UF upstream connect failure, UT
+upstream timeout, UC upstream connection error, UPE upstream protocol error,
+LR local reply by a filter, FE filter error, DC client disconnected,
+DT client timed out, DPE client protocol error).
+
+Logging never blocks the event loop: ``on_complete`` renders the line and
+appends it to a buffer; a background task hands batches to a worker thread
+for the write. If the disk cannot keep up and the buffer reaches
+``max_pending`` lines, new lines are dropped and counted (reported in
+sluice's own log) rather than letting memory grow or requests wait.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import structlog
+import trio
+from pydantic import Field
+
+from sluice import Filter, FilterConfig, hookimpl
+
+__all__ = ["AccessLog"]
+
+log = structlog.get_logger("sluice.access_log")
+
+
+class _BufferLogger:
+    """structlog's final stage: keep the rendered line for the writer task."""
+
+    def __init__(self, sink: AccessLog) -> None:
+        self._sink = sink
+
+    def info(self, line: str) -> None:
+        self._sink._enqueue(line)
+
+
+class AccessLog(Filter):
+    name = "access_log"
+
+    class Config(FilterConfig):
+        path: str | None = None  # None: stdout
+        flush_interval: Annotated[float, Field(gt=0, le=60)] = 0.2
+        max_pending: Annotated[int, Field(ge=100)] = 100_000
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self._pending: list[str] = []
+        self._dropped = 0
+        self._file = None
+        self._logger = structlog.wrap_logger(
+            _BufferLogger(self),
+            processors=[
+                structlog.processors.TimeStamper(fmt="iso", utc=True, key="time"),
+                structlog.processors.JSONRenderer(),
+            ],
+            context_class=dict,
+            cache_logger_on_first_use=True,
+        )
+
+    async def open(self, nursery) -> None:
+        path = self.config.path
+        self._file = sys.stdout if path is None else open(path, "a", encoding="utf-8")  # noqa: SIM115
+        nursery.start_soon(self._writer)
+
+    async def close(self) -> None:
+        await self._flush()
+        if self._file is not None and self._file is not sys.stdout:
+            self._file.close()
+
+    async def on_complete(self, ctx) -> None:
+        request = ctx.request
+        response = ctx.response
+        endpoint = ctx.endpoint
+        route = ctx.matched_route  # never resolve a route just to log it
+        self._logger.info(
+            "request",
+            client=ctx.client[0],
+            method=request.method if request else None,
+            path=request.target if request else None,
+            host=request.headers.get("host") if request else None,
+            status=response.status if response is not None else None,
+            bytes_in=ctx.bytes_in,
+            bytes_out=ctx.bytes_out,
+            duration_ms=round(ctx.duration * 1000, 3),
+            upstream=endpoint.address if endpoint is not None else None,
+            route=route.name if route else None,
+            request_id=ctx.request_id,
+            user_agent=request.headers.get("user-agent") if request else None,
+            flags=",".join(ctx.flags) or None,
+        )
+
+    def _enqueue(self, line: str) -> None:
+        if len(self._pending) >= self.config.max_pending:
+            self._dropped += 1
+            return
+        self._pending.append(line)
+
+    async def _writer(self) -> None:
+        while True:
+            await trio.sleep(self.config.flush_interval)
+            await self._flush()
+
+    async def _flush(self) -> None:
+        if self._dropped:
+            log.warning("access log lines dropped", dropped=self._dropped)
+            self._dropped = 0
+        if not self._pending or self._file is None:
+            return
+        lines, self._pending = self._pending, []
+        data = "\n".join(lines) + "\n"
+        file = self._file
+
+        def write() -> None:
+            file.write(data)
+            file.flush()
+
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(write)
+
+
+@hookimpl
+def sluice_filters():
+    return [AccessLog]

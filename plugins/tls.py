@@ -1,0 +1,97 @@
+"""Plugin ``tls``: TLS termination on listeners and origination to upstreams.
+
+Stdlib ``ssl`` over ``trio.SSLStream``, TLS 1.2 at the least.
+
+Listener (``[listeners.tls]``): ``cert`` and ``key`` (PEM files),
+``min_version``. The handshake must finish within the listener's
+``header_read`` timeout. The peer identity in ``ctx.tls_peer`` carries the
+negotiated version and cipher (client certificates come with mTLS later).
+
+Cluster (``[clusters.NAME.tls]``): certificates are verified against the
+system store or ``ca``, with hostname checking; ``server_name`` overrides the
+SNI and verified name (default: the endpoint host). ``verify = false``
+exists for test rigs and is loudly named.
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+from typing import Literal
+
+import trio
+from pydantic import BaseModel, ConfigDict, FilePath
+
+from sluice import ClientTransport, ServerTransport, Transport, hookimpl
+
+__all__ = ["Tls"]
+
+_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ListenerTls(_Model):
+    cert: FilePath
+    key: FilePath
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+
+class ClusterTls(_Model):
+    verify: bool = True
+    ca: FilePath | None = None
+    server_name: str | None = None
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+
+class _Server(ServerTransport):
+    def __init__(self, cfg: ListenerTls) -> None:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = _VERSIONS[cfg.min_version]
+        ctx.load_cert_chain(Path(cfg.cert), Path(cfg.key))
+        ctx.set_alpn_protocols(["http/1.1"])
+        self.context = ctx
+
+    async def wrap_server(self, stream):
+        tls = trio.SSLStream(stream, self.context, server_side=True, https_compatible=True)
+        await tls.do_handshake()
+        cipher = tls.cipher()
+        return tls, {"version": tls.version(), "cipher": cipher[0] if cipher else None}
+
+
+class _Client(ClientTransport):
+    def __init__(self, cfg: ClusterTls) -> None:
+        ctx = ssl.create_default_context(cafile=str(cfg.ca) if cfg.ca else None)
+        ctx.minimum_version = _VERSIONS[cfg.min_version]
+        if not cfg.verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        ctx.set_alpn_protocols(["http/1.1"])
+        self.context = ctx
+        self.server_name = cfg.server_name
+
+    async def wrap_client(self, stream, server_name: str):
+        tls = trio.SSLStream(stream, self.context, server_hostname=server_name, https_compatible=True)
+        await tls.do_handshake()
+        return tls
+
+
+class Tls(Transport):
+    name = "tls"
+    ServerConfig = ListenerTls
+    ClientConfig = ClusterTls
+
+    @classmethod
+    def server(cls, config: ListenerTls) -> ServerTransport:
+        return _Server(config)
+
+    @classmethod
+    def client(cls, config: ClusterTls) -> ClientTransport:
+        return _Client(config)
+
+
+@hookimpl
+def sluice_transports():
+    return [Tls]
