@@ -82,6 +82,9 @@ class H1Downstream:
         assert type(event) is RequestHead
         self.body_done = not event.has_body
         self.expects_100 = event.expect_continue
+        if self.body_done:  # consume the (immediate) end of a bodiless request
+            end = proto.next_event()
+            assert type(end) is End, end
         return event
 
     async def read_body_event(self):
@@ -103,6 +106,21 @@ class H1Downstream:
             if type(event) is End:
                 self.body_done = True
             return event
+
+    async def watch_disconnect(self) -> None:
+        """Wait, while the upstream works, for the client to go away.
+
+        Raises ClientGone when it closes; returns (keeping the bytes for the
+        next request) when it pipelines more instead.
+        """
+        try:
+            data = await self.stream.receive_some(_RECEIVE_SIZE)
+        except _BROKEN:
+            data = b""
+        if not data:
+            self._eof = True
+            raise ClientGone("client closed before the response")
+        self.proto.feed(data)
 
     async def _send(self, data: bytes) -> None:
         with trio.move_on_after(self.idle_timeout):

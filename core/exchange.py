@@ -69,7 +69,7 @@ def _collapse(group: BaseExceptionGroup) -> BaseException:
     for exc in leaves:
         if not isinstance(exc, trio.Cancelled):
             return exc
-    return group
+    return leaves[0] if leaves else group  # only Cancelled: let the one cancel through
 
 
 async def run_exchange(listener: Listener, down: Any, head: RequestHead, ctx: Context) -> None:
@@ -163,7 +163,9 @@ async def _proxy(listener: Listener, chain: Chain, down: Any, head: RequestHead,
     ctx.endpoint = endpoint
     add_via(request.headers)
 
-    chunked = head.has_body and head.content_length is None
+    # Framing follows the head as the filters left it: one that changed the
+    # body size removed Content-Length, so the body goes chunked.
+    chunked = head.has_body and request.headers.get_raw(b"content-length") is None
     replayable = request.method in _IDEMPOTENT and not head.has_body
     pool = listener.pool
     endpoint.active += 1
@@ -181,6 +183,7 @@ async def _proxy(listener: Listener, chain: Chain, down: Any, head: RequestHead,
                     nursery.start_soon(_pump_request, listener, chain, down, conn, ctx, deadline, timeout)
                 else:
                     deadline.deadline = trio.current_time() + timeout
+                    nursery.start_soon(down.watch_disconnect)
                 response = await _response_head(down, conn, deadline, ctx)
             except UpstreamError as exc:
                 if not (exc.retryable and replayable):
@@ -204,7 +207,7 @@ async def _proxy(listener: Listener, chain: Chain, down: Any, head: RequestHead,
 
 
 async def _pump_request(listener, chain, down, conn, ctx, deadline, timeout) -> None:
-    """Stream the request body upstream through the body phases."""
+    """Stream the request body upstream through the body phases, then watch the client."""
     limit = listener.max_body_bytes
     phases = chain.request_body
     full = len(chain.filters)
@@ -240,7 +243,8 @@ async def _pump_request(listener, chain, down, conn, ctx, deadline, timeout) -> 
                         raise _Reply(replied[1], replied[0])
                 await conn.send(conn.proto.end(trailers))
                 deadline.deadline = trio.current_time() + timeout
-                return
+                break
+        await down.watch_disconnect()
     except UpstreamError:
         if down.response_started:
             return  # the upstream answered early and stopped reading: fine

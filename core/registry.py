@@ -63,7 +63,12 @@ _KINDS = {
 class Plugins:
     """The enabled plugins, their pluggy manager, and the merged registries."""
 
-    def __init__(self, enabled: list[str] | None = None) -> None:
+    def __init__(self, enabled: list[str] | None = None, extra: dict[str, Any] | None = None) -> None:
+        """Load the ``enabled`` plugins (all when None), then ``extra`` ones.
+
+        ``extra`` maps names to plugin objects registered in-process, without
+        an entry point: for embedding and for tests (``sluice.testing``).
+        """
         self.available = discover()
         names = list(self.available) if enabled is None else enabled
         unknown = [n for n in names if n not in self.available]
@@ -77,6 +82,8 @@ class Plugins:
         self.loaded: dict[str, PluginInfo] = {}
         for name in dict.fromkeys(names):
             self._load(name, self.available[name])
+        for name, obj in (extra or {}).items():
+            self._register(name, obj, "(in-process)")
         # name -> (class, plugin name), merged with clash detection
         self.filters = self._merge("filters")
         self.balancers = self._merge("balancers")
@@ -87,11 +94,14 @@ class Plugins:
             module = ep.load()
         except Exception as exc:
             raise ConfigError(f"plugin {name!r} ({ep.value}) failed to import: {exc!r}") from exc
+        self._register(name, module, _dist(ep))
+
+    def _register(self, name: str, module: Any, dist: str) -> None:
         try:
             self.pm.register(module, name=name)
         except (ValueError, pluggy.PluginValidationError) as exc:
             raise ConfigError(f"plugin {name!r}: {exc}") from exc
-        info = PluginInfo(name=name, dist=_dist(ep), module=module)
+        info = PluginInfo(name=name, dist=dist, module=module)
         for kind, hook in _KINDS.items():
             for impl in getattr(self.pm.hook, hook).get_hookimpls():
                 if impl.plugin_name != name:

@@ -118,7 +118,7 @@ class Listener:
                 return None  # handshake timed out
             await self._exchanges(stream, peer, tls_peer)
         except Exception as exc:  # TLS handshake failures, resets: never fatal
-            log.debug("connection ended", error=repr(exc))
+            log.debug("connection ended", exc_info=exc)
         finally:
             self.active -= 1
             slots.release()

@@ -47,8 +47,12 @@ from .events import (
 __all__ = ["ClientConnection", "ServerConnection", "simple_response"]
 
 _HEAD_END = b"\r\n\r\n"
-# A bare LF, a bare CR, or a continuation line (obs-fold).
-_BAD_LINE = re.compile(rb"\r(?!\n)|(?<!\r)\n|\n[ \t]")
+# A bare CR, a bare LF, or a continuation line (obs-fold). A CR as the very
+# last byte is not matched: its LF may still be in flight.
+_BAD_LINE = re.compile(rb"\r[^\n]|(?<!\r)\n|\n[ \t]")
+# h11 accepts chunk sizes of up to 20 hex digits; anything past 63 bits is
+# an overflow attack on whoever parses it next.
+_MAX_CHUNK = 2**63
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _KNOWN_CODINGS = {b"gzip", b"x-gzip", b"deflate", b"compress", b"x-compress"}
 
@@ -168,9 +172,8 @@ class _Peer:
             if len(buf) > self.max_head_bytes:
                 raise ProtocolError("message head too large", 431)
             # A bare LF means the head would never end in CRLF CRLF: fail now,
-            # not at the header-read timeout. A CR at the very end may be the
-            # start of a CRLF still in flight.
-            if _BAD_LINE.search(buf, 0, max(len(buf) - 1, 0)):
+            # not at the header-read timeout.
+            if _BAD_LINE.search(buf):
                 raise ProtocolError("bare CR or LF, or obs-fold, in message head")
             return None
         end = idx + 4
@@ -180,7 +183,7 @@ class _Peer:
         del buf[:end]
         # h11 tolerates empty lines before a request line; so do we, but
         # they must still be CRLF.
-        if _BAD_LINE.search(head, 0, end - 2):
+        if _BAD_LINE.search(head):
             raise ProtocolError("bare CR or LF, or obs-fold, in message head")
         _check_framing(head)
         return head
@@ -216,6 +219,9 @@ class _Peer:
             event = conn.next_event()
         except h11.RemoteProtocolError as exc:
             raise ProtocolError(str(exc), exc.error_status_hint) from None
+        # h11 keeps the current chunk's size private; read it defensively.
+        if getattr(getattr(conn, "_reader", None), "_bytes_in_chunk", 0) >= _MAX_CHUNK:
+            raise ProtocolError("chunk size too large")
         return self._translate(event)
 
     def _closed_at_boundary(self):

@@ -1,0 +1,166 @@
+"""The sans-I/O HTTP/1.1 layer, byte for byte, with no sockets."""
+
+from __future__ import annotations
+
+import pytest
+
+from sluice.messages import Headers, Request, Response
+from sluice.protocol.events import NEED_DATA, Body, Closed, End, Informational, ProtocolError, RequestHead, ResponseHead
+from sluice.protocol.http1 import ClientConnection, ServerConnection, simple_response
+
+LIMITS = {"max_head_bytes": 1024, "max_header_count": 10}
+
+
+def server(data: bytes) -> ServerConnection:
+    conn = ServerConnection(**LIMITS)
+    conn.feed(data)
+    return conn
+
+
+def events(conn) -> list:
+    out = []
+    while (event := conn.next_event()) is not NEED_DATA:
+        out.append(event)
+        if type(event) in (End, Closed):
+            break
+    return out
+
+
+def test_parses_a_request_with_a_body():
+    conn = server(b"POST /up?x=1 HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5\r\n\r\nhello")
+    head, body, end = events(conn)
+    assert type(head) is RequestHead
+    assert head.request.method == "POST" and head.request.target == "/up?x=1"
+    assert head.request.path == "/up" and head.request.host == "a.test"
+    assert head.content_length == 5 and head.has_body
+    assert body == Body(b"hello") and end == End(None)
+
+
+def test_chunked_body_and_trailers():
+    conn = server(
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nabc\r\n0\r\nX-Sum: 9\r\n\r\n"
+    )
+    head, body, end = events(conn)
+    assert head.has_body and head.content_length is None
+    assert body.data == b"abc"
+    assert end.trailers.get("x-sum") == "9"
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        pytest.param(b"GET / HTTP/1.1\nHost: a\n\n", 400, id="bare-LF"),
+        pytest.param(b"GET / HTTP/1.1\r\nHost: a\nX: y\r\n\r\n", 400, id="one-bare-LF"),
+        pytest.param(b"GET / HTTP/1.1\r\nHost: a\rX: y\r\n\r\n", 400, id="bare-CR"),
+        pytest.param(b"GET / HTTP/1.1\r\nHost: a\r\nX: y\r\n z\r\n\r\n", 400, id="obs-fold"),
+        pytest.param(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400, id="CL+TE"),
+        pytest.param(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", 400, id="two-TE"),
+        pytest.param(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n", 400, id="xchunked"),
+        pytest.param(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n\r\n", 400, id="chunked-twice"),
+        pytest.param(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n", 400, id="space-before-colon"),
+        pytest.param(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 400, id="chunked-not-last"),
+        pytest.param(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501, id="unsupported-coding"),
+        pytest.param(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400, id="two-CL"),
+        pytest.param(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1, 2\r\n\r\n", 400, id="CL-list"),
+        pytest.param(b"GET / HTTP/1.1\r\nHost: a\r\n" + b"X: y\r\n" * 10 + b"\r\n", 431, id="too-many-fields"),
+        pytest.param(b"GET / HTTP/1.1\r\nX: " + b"a" * 1100 + b"\r\n\r\n", 431, id="head-too-large"),
+    ],
+)
+def test_rejects_ambiguous_or_oversized_heads(raw, status):
+    with pytest.raises(ProtocolError) as info:
+        events(server(raw))
+    assert info.value.status == status
+
+
+@pytest.mark.parametrize("size_line", [b"zz", b"-1", b"0x5", b"1" * 20])
+def test_rejects_bad_chunk_sizes(size_line):
+    conn = server(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n" + size_line + b"\r\nabcde\r\n0\r\n\r\n")
+    assert type(conn.next_event()) is RequestHead
+    with pytest.raises(ProtocolError) as info:
+        events(conn)
+    assert info.value.status == 400
+
+
+def test_head_may_arrive_one_byte_at_a_time():
+    conn = ServerConnection(**LIMITS)
+    raw = b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n"
+    for i in range(len(raw) - 1):
+        conn.feed(raw[i:i + 1])
+        assert conn.next_event() is NEED_DATA
+    conn.feed(raw[-1:])
+    assert conn.next_event().request.target == "/slow"
+
+
+def test_pipelined_requests_each_pass_the_scan():
+    conn = server(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\nHost: a\n\n")
+    head, end = events(conn)
+    assert head.request.target == "/1"
+    conn.respond(Response(200, Headers([(b"content-length", b"0")])))
+    conn.end()
+    assert conn.reusable()
+    conn.next_cycle()
+    with pytest.raises(ProtocolError):  # the second one has bare LFs
+        conn.next_event()
+
+
+def test_eof_between_requests_is_a_clean_close():
+    conn = ServerConnection(**LIMITS)
+    conn.feed(b"")
+    assert type(conn.next_event()) is Closed
+
+
+def test_response_framing_chunked_when_length_unknown():
+    conn = server(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    events(conn)
+    out = conn.respond(Response(200, Headers()))
+    out += conn.data(b"hi") + conn.end()
+    assert out == b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n"
+
+
+def test_simple_response_is_complete_and_closes():
+    assert simple_response(400, b"bad\n") == (
+        b"HTTP/1.1 400 Bad Request\r\ncontent-length: 4\r\nconnection: close\r\n\r\nbad\n"
+    )
+
+
+def test_client_side_relays_informational_then_final():
+    conn = ClientConnection(**LIMITS)
+    request = Request("POST", "/", Headers([(b"host", b"a"), (b"content-length", b"2")]))
+    assert conn.request(request, chunked=False).startswith(b"POST / HTTP/1.1\r\n")
+    conn.data(b"hi")
+    conn.end()
+    conn.feed(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    first, final, body, end = events(conn)
+    assert type(first) is Informational and first.response.status == 103
+    assert type(final) is ResponseHead and final.response.status == 200
+    assert body.data == b"ok" and type(end) is End
+    assert conn.reusable()
+
+
+def test_client_side_eof_before_response_is_an_error():
+    conn = ClientConnection(**LIMITS)
+    conn.request(Request("GET", "/", Headers([(b"host", b"a")])), chunked=False)
+    conn.end()
+    conn.feed(b"")
+    with pytest.raises(ProtocolError):
+        conn.next_event()
+    assert not conn.response_bytes_seen
+
+
+def test_client_side_rejects_bare_lf_in_response():
+    conn = ClientConnection(**LIMITS)
+    conn.request(Request("GET", "/", Headers([(b"host", b"a")])), chunked=False)
+    conn.end()
+    conn.feed(b"HTTP/1.1 200 OK\nContent-Length: 0\n\n")
+    with pytest.raises(ProtocolError):
+        conn.next_event()
+
+
+def test_client_side_bytes_after_response_make_it_unreusable():
+    conn = ClientConnection(**LIMITS)
+    conn.request(Request("GET", "/", Headers([(b"host", b"a")])), chunked=False)
+    conn.end()
+    conn.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\nsurprise")
+    events(conn)
+    assert not conn.reusable()
