@@ -178,10 +178,11 @@ async def _proxy(listener: Listener, chain: Chain, down: Any, head: RequestHead,
         async with trio.open_nursery() as nursery:
             deadline = trio.CancelScope()
             try:
-                await conn.send(conn.proto.request(request, chunked=chunked))
                 if head.has_body:
+                    await conn.send(conn.proto.request(request, chunked=chunked))
                     nursery.start_soon(_pump_request, listener, chain, down, conn, ctx, deadline, timeout)
                 else:
+                    await conn.send(conn.proto.request(request, chunked=False) + conn.proto.end())
                     deadline.deadline = trio.current_time() + timeout
                     nursery.start_soon(down.watch_disconnect)
                 response = await _response_head(down, conn, deadline, ctx)
@@ -191,7 +192,7 @@ async def _proxy(listener: Listener, chain: Chain, down: Any, head: RequestHead,
                 log.info("retrying on a fresh connection", request_id=ctx.request_id, error=str(exc))
                 await conn.aclose()
                 conn = await pool.connect(cluster, endpoint)
-                await conn.send(conn.proto.request(request, chunked=False))
+                await conn.send(conn.proto.request(request, chunked=False) + conn.proto.end())
                 deadline = trio.CancelScope(deadline=trio.current_time() + timeout)
                 response = await _response_head(down, conn, deadline, ctx)
             ctx.mark("upstream_response")

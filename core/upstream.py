@@ -136,7 +136,8 @@ class Pool:
                 except Exception as exc:
                     await trio.aclose_forcefully(stream)
                     raise UpstreamError(
-                        f"TLS to {endpoint.address} failed: {exc}", status=503, flag="UF"
+                        f"TLS to {endpoint.address} failed: {exc.__cause__ or exc!r}",
+                        status=503, flag="UF",
                     ) from None
         if scope.cancelled_caught:
             raise UpstreamError(

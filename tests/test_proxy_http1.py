@@ -1,0 +1,197 @@
+"""HTTP/1.1 proxying over real sockets: keep-alive both sides, the upstream
+pool (reuse, idle expiry, stale connections and the one safe retry), and the
+error rows of DESIGN.md the conformance suite cannot provoke from outside."""
+
+from __future__ import annotations
+
+import h11
+import httpx
+import trio
+
+from sluice.testing import serve
+
+from .conftest import config, raw_request
+from .origin import Reply
+
+PLUGINS = ["router", "balancer"]
+
+
+async def test_downstream_keep_alive_serves_many_requests_on_one_connection(start_origin):
+    origin = await start_origin()
+    async with serve(config(origin.address), plugins=PLUGINS) as proxy:
+        raw = await raw_request(
+            proxy.address,
+            b"GET /1 HTTP/1.1\r\nhost: a\r\n\r\n"
+            b"GET /2 HTTP/1.1\r\nhost: a\r\n\r\n"  # pipelined
+            b"GET /3 HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+        )
+    assert raw.count(b"HTTP/1.1 200 OK") == 3
+    assert raw.endswith(b"/3")  # answered in order, then closed as asked
+
+
+async def test_upstream_connections_are_reused(start_origin):
+    origin = await start_origin()
+    async with serve(config(origin.address), plugins=PLUGINS) as proxy:
+        async with httpx.AsyncClient() as client:
+            for i in range(5):
+                assert (await client.get(f"{proxy.url}/{i}")).status_code == 200
+    assert origin.connections == 1
+    assert len(origin.requests) == 5
+
+
+async def test_idle_upstream_connections_expire(start_origin):
+    origin = await start_origin()
+    cfg = config(origin.address, cluster={"idle_timeout": 0.2})
+    async with serve(cfg, plugins=PLUGINS) as proxy:
+        async with httpx.AsyncClient() as client:
+            await client.get(proxy.url + "/a")
+            await trio.sleep(0.4)
+            await client.get(proxy.url + "/b")
+    assert origin.connections == 2
+
+
+async def test_max_idle_bounds_the_pool(start_origin):
+    async def slowish(request, body):
+        await trio.sleep(0.1)
+        return Reply()
+
+    origin = await start_origin(slowish)
+    cfg = config(origin.address, cluster={"max_idle": 1})
+    async with serve(cfg, plugins=PLUGINS) as proxy:
+        async with trio.open_nursery() as nursery:  # three at once: three connections
+            for i in range(3):
+                nursery.start_soon(httpx.AsyncClient().get, f"{proxy.url}/{i}")
+        async with httpx.AsyncClient() as client:  # then one at a time: the one kept
+            for i in range(3):
+                await client.get(f"{proxy.url}/again{i}")
+    assert origin.connections == 3
+
+
+async def test_upstream_closed_idle_connection_is_not_used(start_origin):
+    async def close_after(request, body):
+        return Reply(close=True)  # closes without saying Connection: close
+
+    origin = await start_origin(close_after)
+    async with serve(config(origin.address), plugins=PLUGINS) as proxy:
+        async with httpx.AsyncClient() as client:
+            for i in range(3):
+                await trio.sleep(0.05)  # let the close arrive: the pool must notice it
+                assert (await client.get(f"{proxy.url}/{i}")).status_code == 200
+    assert origin.connections == 3
+
+
+def _drop_second_request_on_each_connection():
+    """An upstream that answers once per connection, then closes on the next request
+    without a byte: the race of a keep-alive close against a reused connection."""
+
+    async def raw(stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        served = False
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                conn.receive_data(data)
+                continue
+            if isinstance(event, h11.EndOfMessage):
+                if served:
+                    return  # close in silence
+                await stream.send_all(conn.send(h11.Response(status_code=200, headers=[(b"content-length", b"2")])))
+                await stream.send_all(conn.send(h11.Data(data=b"ok")) + conn.send(h11.EndOfMessage()))
+                conn.start_next_cycle()
+                served = True
+
+    return raw
+
+
+async def test_idempotent_request_is_retried_once_on_a_fresh_connection(start_origin):
+    origin = await start_origin(raw=_drop_second_request_on_each_connection())
+    async with serve(config(origin.address), plugins=PLUGINS) as proxy:
+        async with httpx.AsyncClient() as client:
+            first = await client.get(proxy.url + "/")
+            second = await client.get(proxy.url + "/")  # reused connection dies: retried
+    assert (first.status_code, second.status_code) == (200, 200)
+    assert origin.connections == 2
+
+
+async def test_non_idempotent_request_is_not_replayed(start_origin):
+    origin = await start_origin(raw=_drop_second_request_on_each_connection())
+    async with serve(config(origin.address), plugins=PLUGINS) as proxy:
+        async with httpx.AsyncClient() as client:
+            await client.get(proxy.url + "/")
+            r = await client.post(proxy.url + "/", content=b"once")
+    assert r.status_code == 502
+    assert origin.connections == 1
+
+
+async def test_no_healthy_endpoint_is_503(start_origin):
+    origin = await start_origin()
+    async with serve(config(origin.address), plugins=PLUGINS) as proxy:
+        for endpoint in proxy.app.clusters["backend"].endpoints:
+            endpoint.healthy = False
+        async with httpx.AsyncClient() as client:
+            r = await client.get(proxy.url + "/")
+    assert r.status_code == 503
+    assert origin.requests == []
+
+
+async def test_request_body_over_the_limit_is_413_even_when_chunked(start_origin):
+    origin = await start_origin()
+    cfg = config(origin.address, listener={"limits": {"max_body_bytes": 1000}})
+
+    async def body():
+        for _ in range(10):
+            yield b"x" * 500
+
+    async with serve(cfg, plugins=PLUGINS) as proxy:
+        async with httpx.AsyncClient() as client:
+            r = await client.post(proxy.url + "/", content=body())
+    assert r.status_code == 413
+    assert all(len(b) <= 1000 for _, b in origin.requests)
+
+
+async def test_client_stalling_mid_body_gets_408(start_origin):
+    origin = await start_origin()
+    cfg = config(origin.address, listener={"timeouts": {"idle": 0.3}})
+    async with serve(cfg, plugins=PLUGINS) as proxy:
+        with trio.fail_after(5):
+            raw = await raw_request(proxy.address, b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 10\r\n\r\nabc")
+    assert raw.startswith(b"HTTP/1.1 408 ")
+
+
+async def test_upstream_stalling_mid_body_cuts_the_client(start_origin):
+    async def stall(request, body):
+        async def chunks():
+            yield b"partial"
+            await trio.sleep(30)
+
+        return Reply(200, [(b"content-length", b"100")], chunks())
+
+    origin = await start_origin(stall)
+    cfg = config(origin.address, cluster={"response_timeout": 0.3})
+    async with serve(cfg, plugins=PLUGINS) as proxy:
+        with trio.fail_after(5):
+            raw = await raw_request(proxy.address, b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 200 ")
+    assert raw.endswith(b"partial")  # cut short: the client can tell by Content-Length
+
+
+async def test_upstream_1xx_is_relayed_and_expect_continue_answered(start_origin):
+    origin = await start_origin()
+    async with serve(config(origin.address), plugins=PLUGINS) as proxy:
+        stream = await trio.open_tcp_stream(*proxy.address)
+        async with stream:
+            await stream.send_all(
+                b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\n"
+            )
+            with trio.fail_after(5):
+                interim = await stream.receive_some(1024)
+            assert interim == b"HTTP/1.1 100 \r\n\r\n"
+            await stream.send_all(b"hello")
+            with trio.fail_after(5):
+                final = await stream.receive_some(4096)
+    assert final.startswith(b"HTTP/1.1 200 ") and final.endswith(b"hello")
+    assert origin.requests[0][1] == b"hello"
+    assert b"expect" not in [n for n, _ in origin.requests[0][0].headers]
