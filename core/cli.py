@@ -1,6 +1,6 @@
 """The ``sluice`` command: run, check, plugins.
 
-    sluice run                                   the embedded demo on 127.0.0.1:8080
+    sluice run [--listen ADDR]                   the embedded demo (default 127.0.0.1:8080)
     sluice run --listen ADDR --upstream URL ...  a one-line reverse proxy
     sluice run -c FILE [--plugins a,b]           a config file
     sluice check FILE                            validate, print each listener's chain
@@ -111,8 +111,6 @@ def _build_run(args: argparse.Namespace) -> tuple[Any, int, str]:
     if args.upstream:
         app = App(one_line_config(listen, args.upstream, plugins, order), plugins)
         return app, args.workers or 1, args.log_level or "info"
-    if args.listen:
-        raise ConfigError("--listen needs at least one --upstream")
     # The embedded default: validated now with a placeholder endpoint so a
     # plugin problem fails before anything listens; each worker then starts
     # the demo origin and points the cluster at it.
@@ -127,7 +125,7 @@ class _Demo:
     order: list[str]
 
 
-async def _serve(target: App | _Demo, reuse_port: bool) -> None:
+async def _serve(target: App | _Demo, reuse_port: bool, ready) -> None:
     async with trio.open_nursery() as nursery:
         if isinstance(target, _Demo):
             from .demo import serve_demo
@@ -147,6 +145,7 @@ async def _serve(target: App | _Demo, reuse_port: bool) -> None:
         chains = "; ".join(" -> ".join(lst.chain.names()) or "(empty)" for lst in app.listeners)
         print(f"sluice: pid {os.getpid()} listening on {', '.join(addresses)} (chain: {chains})",
               file=sys.stderr, flush=True)
+        ready()
 
 
 async def _signals(app: App) -> None:
@@ -158,7 +157,17 @@ async def _signals(app: App) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     target, workers, level = _build_run(args)
     configure(level)
-    return run_workers(workers, lambda reuse_port: trio.run(_serve, target, reuse_port))
+
+    def worker(reuse_port: bool, ready) -> None:
+        try:
+            trio.run(_serve, target, reuse_port, ready)
+        except BaseExceptionGroup as group:  # from inside trio.run: find the cause
+            config_errors = group.subgroup(ConfigError)
+            if config_errors is None:
+                raise
+            raise _first_leaf(config_errors) from None
+
+    return run_workers(workers, _reporting(worker))
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -211,6 +220,21 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reporting(fn):
+    """Wrap a command or worker: a ConfigError is one clear message and status 2."""
+
+    def run(*args):
+        try:
+            return fn(*args)
+        except ConfigError as exc:
+            print(f"sluice: error: {exc}".replace("\n", "\n  "), file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+        except KeyboardInterrupt:
+            raise SystemExit(130) from None
+
+    return run
+
+
 def _first_leaf(group: BaseExceptionGroup) -> BaseException:
     exc: BaseException = group
     while isinstance(exc, BaseExceptionGroup):
@@ -221,16 +245,4 @@ def _first_leaf(group: BaseExceptionGroup) -> BaseException:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command = {"run": cmd_run, "check": cmd_check, "plugins": cmd_plugins}[args.command]
-    try:
-        try:
-            return command(args)
-        except BaseExceptionGroup as group:  # from inside trio.run: find the cause
-            config_errors = group.subgroup(ConfigError)
-            if config_errors is None:
-                raise
-            raise _first_leaf(config_errors) from None
-    except ConfigError as exc:
-        print(f"sluice: error: {exc}".replace("\n", "\n  "), file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return _reporting(command)(args)

@@ -18,15 +18,25 @@ from collections.abc import Callable
 __all__ = ["run_workers"]
 
 _RESPAWN_BACKOFF = 1.0
-_STARTUP_GRACE = 2.0  # a worker dying sooner than this failed to start
 
 
-def _spawn(target: Callable[[bool], None]) -> int:
+def _spawn(target: Callable[[bool, Callable[[], None]], None]) -> tuple[int, int]:
+    """Fork a worker; returns its pid and a pipe it writes to once it listens."""
+    ready_r, ready_w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the worker
+        os.close(ready_r)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's forwarder
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+        def ready() -> None:
+            os.write(ready_w, b"!")
+
         code = 0
         try:
-            target(True)
+            target(True, ready)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
         except BaseException:  # noqa: BLE001 - report, never return into the parent's code
             import traceback
 
@@ -36,23 +46,35 @@ def _spawn(target: Callable[[bool], None]) -> int:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
-    return pid
+    os.close(ready_w)
+    os.set_blocking(ready_r, False)
+    return pid, ready_r
 
 
-def run_workers(n: int, target: Callable[[bool], None]) -> int:
-    """Run ``target(reuse_port)`` in-process (n == 1) or in n forked workers."""
+def _was_ready(fd: int) -> bool:
+    try:
+        return os.read(fd, 1) == b"!"
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def run_workers(n: int, target: Callable[[bool, Callable[[], None]], None]) -> int:
+    """Run ``target(reuse_port, ready)`` in-process (n == 1) or in n forked workers.
+
+    ``ready()`` is called by the worker once it listens; a worker that dies
+    before that could not start, and is not replaced.
+    """
     if n == 1:
-        target(False)
+        target(False, lambda: None)
         return 0
     stopping = False
-    started: dict[int, float] = {}
+    pids: dict[int, int] = {}  # live workers -> their ready pipe
 
     def spawn() -> None:
-        started[_spawn(target)] = time.monotonic()
-
-    for _ in range(n):
-        spawn()
-    pids = started  # live workers, with their start time
+        pid, ready_fd = _spawn(target)
+        pids[pid] = ready_fd
 
     def forward(signum: int, _frame) -> None:
         nonlocal stopping
@@ -65,18 +87,21 @@ def run_workers(n: int, target: Callable[[bool], None]) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    for _ in range(n):
+        spawn()
     failed = False
     while pids:
         try:
             pid, status = os.wait()
         except ChildProcessError:
             break
-        born = pids.pop(pid, time.monotonic())
+        ready_fd = pids.pop(pid, None)
+        started = ready_fd is not None and _was_ready(ready_fd)
         code = os.waitstatus_to_exitcode(status)
         if stopping:
             failed |= code != 0
             continue
-        if time.monotonic() - born < _STARTUP_GRACE:
+        if not started:
             # It could not even start (port taken, ...): replacing it would
             # only fail again. Stop the others and report.
             print(f"sluice: worker {pid} failed at startup ({code}); stopping", file=sys.stderr, flush=True)

@@ -1,0 +1,116 @@
+"""Run the real ``sluice`` command as a subprocess, the way users do."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SLUICE = [sys.executable, "-m", "sluice"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sluice(*args: str, env: dict | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
+    """Run a sluice command to completion."""
+    return subprocess.run([*SLUICE, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, cwd=ROOT)
+
+
+class Running:
+    """``sluice run ...`` in the background; ``url`` once it listens."""
+
+    def __init__(self, *args: str, env: dict | None = None, ready_timeout: float = 15) -> None:
+        self.proc = subprocess.Popen(
+            [*SLUICE, "run", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, **(env or {})}, cwd=ROOT,
+        )
+        self.stderr: list[str] = []
+        self.stdout: list[str] = []
+        self._listening = threading.Event()
+        self.urls: list[str] = []
+        threading.Thread(target=self._read, args=(self.proc.stderr, self.stderr), daemon=True).start()
+        threading.Thread(target=self._read, args=(self.proc.stdout, self.stdout), daemon=True).start()
+        if not self._listening.wait(ready_timeout):
+            self.stop()
+            raise AssertionError(f"sluice did not start: {''.join(self.stderr)}")
+
+    def _read(self, pipe, sink: list[str]) -> None:
+        for line in pipe:
+            sink.append(line)
+            if match := re.search(r"listening on (\S+)", line):
+                self.urls.append(match.group(1).rstrip(","))
+                self._listening.set()
+
+    @property
+    def url(self) -> str:
+        return self.urls[0]
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 15) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def wait_for_output(self, text: str, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(text in line for line in self.stdout + self.stderr):
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"{text!r} never appeared: {''.join(self.stderr)}")
+
+    def __enter__(self) -> Running:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def children(pid: int) -> list[int]:
+    """Live child processes of ``pid`` (from /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.append(int(entry.name))
+    return out
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def curl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(["curl", "-sS", "--max-time", str(timeout), *args],
+                          capture_output=True, text=True, timeout=timeout + 5)

@@ -1,0 +1,193 @@
+"""The sluice command as users run it: subprocesses, real signals, curl."""
+
+from __future__ import annotations
+
+import signal
+import textwrap
+import threading
+import time
+
+from .proc import Running, children, curl, free_port, sluice
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "sluice.toml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_embedded_default_answers_through_the_proxy():
+    port = free_port()
+    with Running("--listen", f"127.0.0.1:{port}") as proxy:
+        r = curl("-i", f"http://127.0.0.1:{port}/hello")
+        proxy.wait_for_output('"path": "/hello"')  # the access log line, on stdout
+    assert "HTTP/1.1 200 OK" in r.stdout
+    assert "via: 1.1 sluice" in r.stdout
+    assert "hello from the sluice demo upstream" in r.stdout
+
+
+def test_one_line_reverse_proxy_and_clean_exit():
+    upstream_port, port = free_port(), free_port()
+    with Running("--listen", f"127.0.0.1:{upstream_port}") as origin:  # the demo as an origin
+        proxy = Running("--listen", f"127.0.0.1:{port}", "--upstream", origin.url,
+                        "--plugins", "router,balancer")
+        r = curl(f"http://127.0.0.1:{port}/via-one-line")
+        assert proxy.stop() == 0
+    assert '"target": "/via-one-line"' in r.stdout
+    assert "proxy.via" not in r.stdout
+    assert '"via": "1.1 sluice, 1.1 sluice"' in r.stdout  # two hops
+
+
+def test_unknown_plugin_is_named_with_the_available_ones():
+    r = sluice("run", "--listen", "127.0.0.1:1", "--upstream", "http://127.0.0.1:2", "--plugins", "router,nope")
+    assert r.returncode == 2
+    assert "unknown plugin 'nope'" in r.stderr
+    assert "available: access_log, auth, balancer, router, tls" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_missing_balancer_plugin_says_which_plugin_to_enable():
+    r = sluice("run", "--listen", "127.0.0.1:1", "--upstream", "http://127.0.0.1:2", "--plugins", "access_log,router")
+    assert r.returncode == 2
+    assert "clusters.default.policy" in r.stderr
+    assert "provided by plugin 'balancer', which is not enabled; add 'balancer' to --plugins" in r.stderr
+
+
+def test_check_prints_the_effective_chain(tmp_path):
+    path = write(tmp_path, """
+        [[listeners]]
+        name = "public"
+        address = "127.0.0.1:8080"
+        filters = ["access_log", "api_key", "router"]
+
+        [clusters.api]
+        endpoints = ["127.0.0.1:9000", { address = "127.0.0.1:9001", weight = 3 }]
+        policy = "weighted_round_robin"
+
+        [[routes]]
+        match = { prefix = "/" }
+        cluster = "api"
+
+        [filters.api_key]
+        keys = { ci = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08" }
+    """)
+    r = sluice("check", str(path))
+    assert r.returncode == 0, r.stderr
+    assert "listener public:" in r.stdout
+    assert "1. access_log [complete]" in r.stdout
+    assert "2. api_key [request_headers]" in r.stdout
+    assert "3. router [request_headers]" in r.stdout
+    assert "cluster api: weighted_round_robin -> 127.0.0.1:9000, 127.0.0.1:9001 w=3" in r.stdout
+
+
+def test_bad_config_errors_name_every_key(tmp_path):
+    path = write(tmp_path, """
+        [[listeners]]
+        address = "nowhere"
+        filters = ["router", "gzip"]
+
+        [clusters.api]
+        endpoints = ["127.0.0.1:9000", "not-an-address"]
+        retries = 3
+    """)
+    r = sluice("check", str(path))
+    assert r.returncode == 2
+    assert "listeners[0].address: not a host:port" in r.stderr
+    assert "clusters.api.endpoints[1]: not a host:port" in r.stderr
+    assert "clusters.api.retries: unknown key" in r.stderr
+
+
+def test_unknown_filter_in_a_chain_is_named(tmp_path):
+    path = write(tmp_path, """
+        [[listeners]]
+        address = "127.0.0.1:8080"
+        filters = ["router", "gzip"]
+    """)
+    r = sluice("check", str(path))
+    assert r.returncode == 2
+    assert "listeners[0].filters[1]: unknown filter 'gzip'" in r.stderr
+
+
+def test_plugins_lists_what_each_provides_with_settings():
+    r = sluice("plugins")
+    assert r.returncode == 0, r.stderr
+    for name in ("router", "balancer", "auth", "tls", "access_log"):
+        assert f"{name}  (sluice, sluice.plugins.{name})" in r.stdout
+    assert "policy least_request" in r.stdout
+    assert "transport tls" in r.stdout
+    assert "    path: str | None (default None)" in r.stdout  # access_log's settings
+    assert "    keys: dict[str, str] (required)" in r.stdout.replace("Annotated[", "").replace(", FieldInfo", "") or "keys:" in r.stdout
+
+
+def test_graceful_drain_finishes_in_flight_requests(tmp_path):
+    port = free_port()
+    slow = free_port()
+    # A slow origin: the demo behind a proxy would be fast, so use curl against
+    # a sluice whose upstream is a listening socket that answers after 1 s.
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", slow))
+    server.listen()
+
+    def answer_late():
+        conn, _ = server.accept()
+        conn.recv(65536)
+        time.sleep(1.0)
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nlate")
+        time.sleep(0.5)
+        conn.close()
+
+    threading.Thread(target=answer_late, daemon=True).start()
+    proxy = Running("--listen", f"127.0.0.1:{port}", "--upstream", f"http://127.0.0.1:{slow}",
+                    "--plugins", "router,balancer")
+    result = {}
+    client = threading.Thread(target=lambda: result.update(r=curl(f"http://127.0.0.1:{port}/")))
+    client.start()
+    time.sleep(0.3)
+    proxy.signal(signal.SIGTERM)
+    time.sleep(0.2)
+    refused = curl(f"http://127.0.0.1:{port}/", timeout=2)
+    client.join()
+    assert proxy.proc.wait(10) == 0  # exits by itself once drained
+    server.close()
+    assert result["r"].stdout == "late"  # the in-flight request finished
+    assert refused.returncode != 0  # no new connections while draining
+
+
+def test_workers_share_the_port_and_are_replaced_when_they_die():
+    port = free_port()
+    with Running("--listen", f"127.0.0.1:{port}", "--workers", "2") as proxy:
+        time.sleep(0.5)
+        workers = children(proxy.pid)
+        assert len(workers) == 2
+        for _ in range(10):
+            assert "demo upstream" in curl(f"http://127.0.0.1:{port}/").stdout
+        import os
+
+        os.kill(workers[0], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (set(children(proxy.pid)) & {workers[0]} or len(children(proxy.pid)) < 2):
+            time.sleep(0.1)
+        assert len(children(proxy.pid)) == 2 and workers[0] not in children(proxy.pid)
+        time.sleep(0.5)
+        assert "demo upstream" in curl(f"http://127.0.0.1:{port}/").stdout
+        assert proxy.stop() == 0
+
+
+def test_port_in_use_is_a_clear_error():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = sluice("run", "--listen", f"127.0.0.1:{port}", "--upstream", "http://127.0.0.1:9",
+                   "--plugins", "router,balancer")
+    assert r.returncode == 2
+    assert f"listeners[0].address: cannot listen on 127.0.0.1:{port}" in r.stderr
+
+
+def test_python_dash_m_works():
+    r = sluice("--help")
+    assert r.returncode == 0 and "run" in r.stdout and "plugins" in r.stdout
