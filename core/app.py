@@ -51,11 +51,11 @@ class App:
         self._stop = None
         self.clusters = {name: self._cluster(name, c) for name, c in config.clusters.items()}
         self.filters: dict[str, Filter] = {}
-        for name in config.filters:
-            if name not in plugins.filters:
-                raise plugins.missing("filters", name, f"filters.{name}")
         self.pool = Pool()
         self.listeners = [self._listener(i, lc) for i, lc in enumerate(config.listeners)]
+        for name in config.filters:  # settings for a filter no chain uses
+            if name not in plugins.filters:
+                raise plugins.missing("filters", name, f"filters.{name}")
 
     # -- building ------------------------------------------------------------
 

@@ -21,6 +21,7 @@ __all__ = ["H1Downstream", "HeadTimeout"]
 _RECEIVE_SIZE = 64 * 1024
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 _CONTINUE = Response(100)
+_FLUSH_SIZE = 64 * 1024
 
 
 class HeadTimeout(Exception):
@@ -42,10 +43,17 @@ class H1Downstream:
         self.body_done = True  # the request body has been read to its end
         self.expects_100 = False
         self._eof = False
+        # Response bytes are queued and written together: a small response
+        # (head, body, end) goes out in one send instead of three.
+        self._out: list[bytes] = []
+        self._out_size = 0
 
-    async def _receive(self, timeout: float) -> bool:
-        """Feed the next bytes to the protocol; False on timeout."""
-        with trio.move_on_after(timeout):
+    async def _receive(self, timeout: float, scope: trio.CancelScope | None = None) -> bool:
+        """Feed the next bytes to the protocol; False on timeout (or ``scope`` cancelled)."""
+        if scope is None:
+            scope = trio.CancelScope()
+        scope.deadline = trio.current_time() + timeout
+        with scope:
             try:
                 data = await self.stream.receive_some(_RECEIVE_SIZE)
             except _BROKEN:
@@ -66,11 +74,8 @@ class H1Downstream:
         proto = self.proto
         event = proto.next_event()
         if event is NEED_DATA and not proto.has_buffered:
-            with idle_scope or trio.CancelScope():
-                if not await self._receive(self.idle_timeout):
-                    return None
-            if idle_scope is not None and idle_scope.cancelled_caught:
-                return None
+            if not await self._receive(self.idle_timeout, idle_scope):
+                return None  # idle too long, or the server is draining
             event = proto.next_event()
         deadline = trio.current_time() + self.header_timeout
         while event is NEED_DATA:
@@ -139,25 +144,41 @@ class H1Downstream:
     def waiting_for_100_continue(self) -> bool:
         return self.proto.waiting_for_100_continue
 
+    def _queue(self, data: bytes) -> None:
+        if data:
+            self._out.append(data)
+            self._out_size += len(data)
+
+    async def flush(self) -> None:
+        """Write what is queued (before any wait on the upstream)."""
+        if self._out:
+            data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
+            self._out.clear()
+            self._out_size = 0
+            await self._send(data)
+
     async def send_continue(self) -> None:
-        await self._send(self.proto.informational(_CONTINUE))
+        self._queue(self.proto.informational(_CONTINUE))
+        await self.flush()
 
     async def send_informational(self, response: Response) -> None:
         if self.proto.peer_http_version == b"1.1":
-            await self._send(self.proto.informational(response))
+            self._queue(self.proto.informational(response))
+            await self.flush()
 
     async def send_response(self, response: Response) -> None:
         if self.close_after:
             response.headers.set(b"connection", b"close")
-        await self._send(self.proto.respond(response))
+        self._queue(self.proto.respond(response))
 
     async def send_body(self, chunk: bytes) -> None:
-        await self._send(self.proto.data(chunk))
+        self._queue(self.proto.data(chunk))
+        if self._out_size >= _FLUSH_SIZE:
+            await self.flush()
 
     async def send_end(self, trailers) -> None:
-        data = self.proto.end(trailers)
-        if data:
-            await self._send(data)
+        self._queue(self.proto.end(trailers))
+        await self.flush()
 
     def reusable(self) -> bool:
         return not self.close_after and not self._eof and self.proto.reusable()

@@ -35,7 +35,7 @@ from .errors import ClientGone, UpstreamError
 from .filters import LocalReply
 from .forwarding import add_forwarded, add_via, ensure_request_id, strip_hop_by_hop
 from .messages import Headers, Response
-from .protocol.events import Body, End, Informational, ProtocolError, RequestHead
+from .protocol.events import NEED_DATA, Body, End, Informational, ProtocolError, RequestHead
 
 if TYPE_CHECKING:
     from .context import Context
@@ -47,6 +47,7 @@ log = structlog.get_logger("sluice.exchange")
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _COMPLETE_TIMEOUT = 5.0  # seconds on_complete phases get, even when cancelled
+_WATCH_AFTER = 0.05  # watch for client aborts once the upstream takes this long
 
 
 class _Reply(Exception):
@@ -163,48 +164,53 @@ async def _proxy(listener: Listener, chain: Chain, down: Any, head: RequestHead,
     ctx.endpoint = endpoint
     add_via(request.headers)
 
-    # Framing follows the head as the filters left it: one that changed the
-    # body size removed Content-Length, so the body goes chunked.
-    chunked = head.has_body and request.headers.get_raw(b"content-length") is None
-    replayable = request.method in _IDEMPOTENT and not head.has_body
     pool = listener.pool
+    route = ctx.route
+    timeout = (route.timeout if route is not None and route.timeout else None) or cluster.response_timeout
     endpoint.active += 1
     conn = None
     try:
         conn = await pool.acquire(cluster, endpoint)
         ctx.mark("upstream_connected")
-        route = ctx.route
-        timeout = (route.timeout if route is not None and route.timeout else None) or cluster.response_timeout
-        async with trio.open_nursery() as nursery:
-            deadline = trio.CancelScope()
-            try:
-                if head.has_body:
-                    await conn.send(conn.proto.request(request, chunked=chunked))
-                    nursery.start_soon(_pump_request, listener, chain, down, conn, ctx, deadline, timeout)
-                else:
-                    await conn.send(conn.proto.request(request, chunked=False) + conn.proto.end())
-                    deadline.deadline = trio.current_time() + timeout
-                    nursery.start_soon(down.watch_disconnect)
+        if head.has_body:
+            async with trio.open_nursery() as nursery:
+                # Framing follows the head as the filters left it: one that
+                # resized the body removed Content-Length, so it goes chunked.
+                chunked = request.headers.get_raw(b"content-length") is None
+                await conn.send(conn.proto.request(request, chunked=chunked))
+                deadline = trio.CancelScope()  # armed when the body has been sent
+                nursery.start_soon(_pump_request, listener, chain, down, conn, ctx, deadline, timeout)
                 response = await _response_head(down, conn, deadline, ctx)
-            except UpstreamError as exc:
-                if not (exc.retryable and replayable):
-                    raise
-                log.info("retrying on a fresh connection", request_id=ctx.request_id, error=str(exc))
-                await conn.aclose()
-                conn = await pool.connect(cluster, endpoint)
-                await conn.send(conn.proto.request(request, chunked=False) + conn.proto.end())
-                deadline = trio.CancelScope(deadline=trio.current_time() + timeout)
-                response = await _response_head(down, conn, deadline, ctx)
-            ctx.mark("upstream_response")
+                await _relay_response(chain, down, conn, ctx, response, timeout)
+                nursery.cancel_scope.cancel()  # an early response ends the upload
+        else:
+            conn, response = await _bodiless(pool, cluster, endpoint, conn, down, ctx, timeout)
             await _relay_response(chain, down, conn, ctx, response, timeout)
-            nursery.cancel_scope.cancel()  # an early response ends the upload
         if not down.body_done:
             down.close_after = True
     finally:
         endpoint.active -= 1
         if conn is not None:
-            with trio.CancelScope(shield=True):
-                await pool.release(cluster, conn)
+            await pool.release(cluster, conn)
+
+
+async def _bodiless(pool, cluster, endpoint, conn, down, ctx, timeout):
+    """Send a request without a body and wait for its head, replaying it once on
+    a fresh connection if a reused one died before answering (idempotent only).
+    Returns the connection that answered and the response."""
+    request = ctx.request
+    for attempt in (1, 2):
+        try:
+            await conn.send(conn.proto.request(request, chunked=False) + conn.proto.end())
+            deadline = trio.CancelScope(deadline=trio.current_time() + timeout)
+            return conn, await _response_head(down, conn, deadline, ctx, watch=True)
+        except UpstreamError as exc:
+            if attempt == 2 or not exc.retryable or request.method not in _IDEMPOTENT:
+                raise
+            log.info("retrying on a fresh connection", request_id=ctx.request_id, error=str(exc))
+            await conn.aclose()
+            conn = await pool.connect(cluster, endpoint)
+    raise AssertionError("unreachable")
 
 
 async def _pump_request(listener, chain, down, conn, ctx, deadline, timeout) -> None:
@@ -252,22 +258,38 @@ async def _pump_request(listener, chain, down, conn, ctx, deadline, timeout) -> 
         raise
 
 
-async def _response_head(down, conn, deadline: trio.CancelScope, ctx) -> Response:
-    """Wait for the final response head, relaying 1xx; 504 past the deadline."""
+async def _response_head(down, conn, deadline: trio.CancelScope, ctx, *, watch: bool = False) -> Response:
+    """Wait for the final response head, relaying 1xx; 504 past the deadline.
+
+    With ``watch``, an upstream slower than a moment also has the client
+    watched: a client that leaves ends the wait (most answers come sooner,
+    and then no watcher task is started at all).
+    """
     with deadline:
-        while True:
-            event = await conn.next_event()
-            if type(event) is Informational:
-                status = event.response.status
-                if status == 101:
-                    raise UpstreamError("upstream switched protocols unasked", status=502, flag="UPE")
-                if status == 100 and not down.expects_100:
-                    continue  # the client never asked; RFC 9110 15.2.1 lets us drop it
-                await down.send_informational(event.response)
-                continue
-            ctx.response = event.response
-            return event.response
+        first = None
+        if watch:
+            with trio.move_on_after(_WATCH_AFTER):
+                first = await conn.next_event()
+            if first is None:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(down.watch_disconnect)
+                    response = await _final_head(down, conn, ctx, await conn.next_event())
+                    nursery.cancel_scope.cancel()
+                    return response
+        return await _final_head(down, conn, ctx, first or await conn.next_event())
     raise UpstreamError("upstream response timed out", status=504, flag="UT")
+
+
+async def _final_head(down, conn, ctx, event) -> Response:
+    while type(event) is Informational:
+        status = event.response.status
+        if status == 101:
+            raise UpstreamError("upstream switched protocols unasked", status=502, flag="UPE")
+        if status != 100 or down.expects_100:  # an unasked-for 100 is dropped (RFC 9110 15.2.1)
+            await down.send_informational(event.response)
+        event = await conn.next_event()
+    ctx.response = event.response
+    return event.response
 
 
 async def _relay_response(chain, down, conn, ctx, response: Response, timeout: float) -> None:
@@ -282,10 +304,13 @@ async def _relay_response(chain, down, conn, ctx, response: Response, timeout: f
     await down.send_response(response)
     phases = chain.response_body
     while True:
-        with trio.move_on_after(timeout) as idle:
-            event = await conn.next_event()
-        if idle.cancelled_caught:
-            raise UpstreamError("upstream body stalled", status=504, flag="UT")
+        event = conn.poll()
+        if event is NEED_DATA:  # about to wait: what we have goes out first
+            await down.flush()
+            with trio.move_on_after(timeout) as idle:
+                event = await conn.next_event()
+            if idle.cancelled_caught:
+                raise UpstreamError("upstream body stalled", status=504, flag="UT")
         if type(event) is Body:
             data = event.data
             if phases:

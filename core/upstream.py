@@ -35,9 +35,10 @@ def _socket_of(stream: trio.abc.Stream):
 class UpstreamConnection:
     """One connection to an endpoint, carrying one exchange at a time."""
 
-    def __init__(self, stream: trio.abc.Stream, endpoint: Endpoint, *, max_head_bytes: int,
-                 max_header_count: int) -> None:
+    def __init__(self, stream: trio.abc.Stream, endpoint: Endpoint, *, io_timeout: float,
+                 max_head_bytes: int, max_header_count: int) -> None:
         self.stream = stream
+        self.io_timeout = io_timeout
         self.endpoint = endpoint
         self.proto = ClientConnection(
             max_head_bytes=max_head_bytes, max_header_count=max_header_count
@@ -47,31 +48,35 @@ class UpstreamConnection:
         self.idle_deadline = 0.0  # when an idle connection expires
 
     async def send(self, data: bytes) -> None:
+        """Write to the upstream; an upstream that stops reading is a timeout."""
+        with trio.move_on_after(self.io_timeout):
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise UpstreamError(
+                    f"upstream write failed: {exc!r}",
+                    status=502,
+                    flag="UC",
+                    retryable=self.reused and not self.proto.response_bytes_seen,
+                ) from None
+            return
+        raise UpstreamError("upstream stopped reading", status=504, flag="UT")
+
+    def poll(self):
+        """The next event if it needs no I/O, else NEED_DATA."""
         try:
-            await self.stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            return self.proto.next_event()
+        except ProtocolError as exc:
             raise UpstreamError(
-                f"upstream write failed: {exc!r}",
+                f"upstream protocol error: {exc}",
                 status=502,
-                flag="UC",
+                flag="UPE",
                 retryable=self.reused and not self.proto.response_bytes_seen,
             ) from None
 
     async def next_event(self):
         """The next response event; raises UpstreamError on reset or bad bytes."""
-        proto = self.proto
-        while True:
-            try:
-                event = proto.next_event()
-            except ProtocolError as exc:
-                raise UpstreamError(
-                    f"upstream protocol error: {exc}",
-                    status=502,
-                    flag="UPE",
-                    retryable=self.reused and not proto.response_bytes_seen,
-                ) from None
-            if event is not NEED_DATA:
-                return event
+        while (event := self.poll()) is NEED_DATA:
             try:
                 data = await self.stream.receive_some(_RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -79,9 +84,10 @@ class UpstreamConnection:
                     f"upstream read failed: {exc!r}",
                     status=502,
                     flag="UC",
-                    retryable=self.reused and not proto.response_bytes_seen,
+                    retryable=self.reused and not self.proto.response_bytes_seen,
                 ) from None
-            proto.feed(data)
+            self.proto.feed(data)
+        return event
 
     def looks_stale(self) -> bool:
         """An idle connection with something to read has been closed or broken."""
@@ -144,20 +150,23 @@ class Pool:
                 f"connect to {endpoint.address} timed out after {cluster.connect_timeout}s",
                 status=503, flag="UF",
             )
-        return UpstreamConnection(stream, endpoint, **self._limits)
+        return UpstreamConnection(stream, endpoint, io_timeout=cluster.response_timeout, **self._limits)
 
     async def release(self, cluster: Cluster, conn: UpstreamConnection) -> None:
-        """Return a connection after an exchange; keep it only if reusable."""
-        if self.closed or conn.discard or not conn.proto.reusable():
+        """Return a connection after an exchange: pooled if reusable, else closed."""
+        if not self._keep(cluster, conn):
             await conn.aclose()
-            return
-        conn.proto.next_cycle()
+
+    def _keep(self, cluster: Cluster, conn: UpstreamConnection) -> bool:
+        if self.closed or conn.discard or not conn.proto.reusable():
+            return False
         idle = self._idle.setdefault(id(conn.endpoint), deque())
         if len(idle) >= cluster.max_idle:
-            await conn.aclose()
-            return
+            return False
+        conn.proto.next_cycle()
         conn.idle_deadline = time.monotonic() + cluster.idle_timeout
         idle.append(conn)
+        return True
 
     async def reap(self, interval: float = 1.0) -> None:
         """Background task: close idle connections expired or closed by the upstream."""
