@@ -36,6 +36,7 @@ from .filters import LocalReply
 from .forwarding import add_forwarded, add_via, ensure_request_id, strip_hop_by_hop
 from .messages import Headers, Response
 from .protocol.events import NEED_DATA, Body, End, Informational, ProtocolError, RequestHead
+from .protocol.http1 import reason_phrase
 
 if TYPE_CHECKING:
     from .context import Context
@@ -93,7 +94,8 @@ async def run_exchange(listener: Listener, down: Any, head: RequestHead, ctx: Co
     except ProtocolError as exc:
         ctx.error = exc
         ctx.flags.append("DPE")
-        await _answer(chain, down, ctx, LocalReply(exc.status, f"{exc}\n", flag=""), 0)
+        log.info("bad request body", request_id=ctx.request_id, error=str(exc))
+        await _answer(chain, down, ctx, LocalReply(exc.status, _reason(exc.status), flag=""), 0)
     except ClientGone as exc:
         ctx.error = exc
         if getattr(exc, "timed_out", False):
@@ -116,8 +118,6 @@ async def run_exchange(listener: Listener, down: Any, head: RequestHead, ctx: Co
 
 
 def _reason(status: int) -> str:
-    from .protocol.http1 import reason_phrase
-
     return f"{reason_phrase(status).lower()}\n"
 
 
@@ -346,8 +346,7 @@ async def _answer(chain: Chain, down: Any, ctx: Context, reply: LocalReply, limi
     headers = Headers(reply.headers)
     if body and b"content-type" not in headers:
         headers.add(b"content-type", b"text/plain; charset=utf-8")
-    response = Response(reply.status, headers)
-    add_via(headers)
+    response = Response(reply.status, headers)  # no Via: sluice is this response's origin
     ctx.response = response
     try:
         await chain.run_heads(chain.response_headers, ctx, response, limit)

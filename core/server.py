@@ -23,7 +23,7 @@ from .context import Context
 from .downstream import H1Downstream, HeadTimeout
 from .exchange import run_exchange
 from .protocol.events import ProtocolError
-from .protocol.http1 import simple_response
+from .protocol.http1 import reason_phrase, simple_response
 from .upstream import Pool
 
 __all__ = ["Listener", "bind"]
@@ -140,10 +140,12 @@ class Listener:
             try:
                 head = await down.next_request(idle)
             except ProtocolError as exc:
-                await _refuse(down, exc.status, f"{exc}\n")
+                # The detail may quote what the client sent: log it, never echo it.
+                log.info("bad request head", client=peer[0], status=exc.status, error=str(exc))
+                await _refuse(down, exc.status)
                 return
             except HeadTimeout:
-                await _refuse(down, 408, "request head timed out\n")
+                await _refuse(down, 408)
                 return
             finally:
                 self._idle_waits.discard(idle)
@@ -158,11 +160,11 @@ class Listener:
             down.proto.next_cycle()
 
 
-async def _refuse(down: H1Downstream, status: int, message: str) -> None:
+async def _refuse(down: H1Downstream, status: int) -> None:
     """Answer a request that never became one (bad or slow head), then close."""
     if down.response_started:
         return
-    body = message.encode()
+    body = f"{reason_phrase(status).lower()}\n".encode()
     with trio.move_on_after(1):
         try:
             await down.stream.send_all(

@@ -164,3 +164,26 @@ def test_client_side_bytes_after_response_make_it_unreusable():
     conn.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\nsurprise")
     events(conn)
     assert not conn.reusable()
+
+
+def test_absolute_form_becomes_origin_form_with_its_authority_as_host():
+    conn = server(b"GET http://Example.test:8080/a/b?c=1 HTTP/1.1\r\nHost: ignored.test\r\n\r\n")
+    head = conn.next_event()
+    assert head.request.target == "/a/b?c=1"
+    assert head.request.headers.get_all("host") == ["Example.test:8080"]
+    assert head.request.host == "example.test"
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        pytest.param(b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505, id="http2-in-h1"),
+        pytest.param(b"CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\n\r\n", 501, id="connect"),
+        pytest.param(b"GET ftp://a.test/ HTTP/1.1\r\nHost: a\r\n\r\n", 400, id="other-scheme"),
+        pytest.param(b"GET http://user@a.test/ HTTP/1.1\r\nHost: a\r\n\r\n", 400, id="userinfo"),
+    ],
+)
+def test_refuses_what_a_reverse_proxy_does_not_speak(raw, status):
+    with pytest.raises(ProtocolError) as info:
+        server(raw).next_event()
+    assert info.value.status == status

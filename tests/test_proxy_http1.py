@@ -198,3 +198,17 @@ async def test_upstream_1xx_is_relayed_and_expect_continue_answered(start_origin
     assert final.startswith(b"HTTP/1.1 200 ") and final.endswith(b"hello")
     assert origin.requests[0][1] == b"hello"
     assert b"expect" not in [n for n, _ in origin.requests[0][0].headers]
+
+
+async def test_error_bodies_never_echo_what_the_client_sent(start_origin):
+    origin = await start_origin()
+    async with serve(config(origin.address), plugins=PLUGINS) as proxy:
+        bad_head = await raw_request(proxy.address, b"GET / HTTP/1.1\r\nHost: a\r\nX-A: a\x00<script>\r\n\r\n")
+        bad_chunk = await raw_request(
+            proxy.address,
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz<script>\r\n",
+        )
+    for raw in (bad_head, bad_chunk):
+        assert raw.startswith(b"HTTP/1.1 400 ")
+        assert raw.endswith(b"\r\n\r\nbad request\n")
+        assert b"<script>" not in raw and b"via" not in raw.lower()

@@ -65,7 +65,7 @@ _REASONS = {
     403: "Forbidden", 404: "Not Found", 408: "Request Timeout",
     413: "Content Too Large", 431: "Request Header Fields Too Large",
     500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
-    503: "Service Unavailable", 504: "Gateway Timeout",
+    503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported",
 }
 
 
@@ -281,6 +281,23 @@ class _Peer:
         self._eof_fed = False
 
 
+def _origin_form(target: bytes, fields: list[tuple[bytes, bytes]]) -> bytes:
+    """Rewrite an absolute-form target to origin form (RFC 9112 3.2.2).
+
+    The target's authority replaces the Host field, as the RFC requires of
+    a server receiving absolute form.
+    """
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        raise ProtocolError("request target is neither origin nor absolute form")
+    authority, slash, path = rest.partition(b"/")
+    if not authority or b"@" in authority:
+        raise ProtocolError("bad authority in request target")
+    fields[:] = [(n, v) for n, v in fields if n != b"host"]
+    fields.insert(0, (b"host", authority))
+    return slash + path if slash else b"/"
+
+
 def _is_chunked(fields: list[tuple[bytes, bytes]]) -> bool:
     for n, v in fields:
         if n == b"transfer-encoding":
@@ -304,6 +321,13 @@ class ServerConnection(_Peer):
         fields = list(event.headers)
         if len(fields) > self.max_header_count:
             raise ProtocolError("too many header fields", 431)
+        if event.http_version not in (b"1.1", b"1.0"):
+            raise ProtocolError("HTTP version not supported", 505)
+        if event.method == b"CONNECT":
+            raise ProtocolError("CONNECT is not supported", 501)
+        target = event.target
+        if target[:1] != b"/" and target != b"*":
+            target = _origin_form(target, fields)
         content_length = None
         has_body = False
         for n, v in fields:
@@ -314,7 +338,7 @@ class ServerConnection(_Peer):
                 has_body = True
         request = Request(
             method=event.method.decode("ascii"),
-            target=event.target.decode("latin-1"),
+            target=target.decode("latin-1"),
             headers=Headers._trusted(fields),
             http_version=event.http_version.decode("ascii"),
         )
