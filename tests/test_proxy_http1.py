@@ -212,3 +212,37 @@ async def test_error_bodies_never_echo_what_the_client_sent(start_origin):
         assert raw.startswith(b"HTTP/1.1 400 ")
         assert raw.endswith(b"\r\n\r\nbad request\n")
         assert b"<script>" not in raw and b"via" not in raw.lower()
+
+
+async def test_trusted_forwarding_appends_to_what_the_previous_proxy_said(start_origin):
+    origin = await start_origin()
+    forwarded = b"x-forwarded-for: 203.0.113.7\r\nx-forwarded-proto: https\r\nx-forwarded-host: shop.test\r\n"
+    for trusted, expected in (
+        (True, {b"x-forwarded-for": b"203.0.113.7, 127.0.0.1", b"x-forwarded-proto": b"https",
+                b"x-forwarded-host": b"shop.test"}),
+        (False, {b"x-forwarded-for": b"127.0.0.1", b"x-forwarded-proto": b"http",
+                 b"x-forwarded-host": b"a"}),
+    ):
+        cfg = config(origin.address, listener={"trust_forwarded": trusted})
+        async with serve(cfg, plugins=PLUGINS) as proxy:
+            await raw_request(proxy.address, b"GET / HTTP/1.1\r\nhost: a\r\nconnection: close\r\n" + forwarded + b"\r\n")
+        seen = dict(origin.requests[-1][0].headers)
+        assert {k: seen[k] for k in expected} == expected, trusted
+
+
+async def test_max_connections_holds_new_clients_in_the_backlog(start_origin):
+    origin = await start_origin()
+    cfg = config(origin.address, listener={"limits": {"max_connections": 1}})
+    async with serve(cfg, plugins=PLUGINS) as proxy:
+        first = await trio.open_tcp_stream(*proxy.address)
+        await first.send_all(b"GET /1 HTTP/1.1\r\nhost: a\r\n\r\n")
+        assert (await first.receive_some(4096)).startswith(b"HTTP/1.1 200 ")
+        second = await trio.open_tcp_stream(*proxy.address)  # the kernel accepts it ...
+        await second.send_all(b"GET /2 HTTP/1.1\r\nhost: a\r\n\r\n")
+        with trio.move_on_after(0.3) as waited:  # ... but sluice does not serve it yet
+            await second.receive_some(4096)
+        assert waited.cancelled_caught
+        await first.aclose()  # a slot frees: the waiting client is served
+        with trio.fail_after(5):
+            assert (await second.receive_some(4096)).startswith(b"HTTP/1.1 200 ")
+        await second.aclose()

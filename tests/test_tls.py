@@ -33,6 +33,7 @@ def cert_files(ca, tmp_path):
     return cert_path, key_path, ca_path
 
 
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")  # old on purpose
 async def test_terminates_tls_on_a_listener(start_origin, cert_files):
     origin = await start_origin()
     cert, key, ca_path = cert_files
