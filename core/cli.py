@@ -17,7 +17,8 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
-from typing import Any
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from urllib.parse import urlsplit
 
 import trio
@@ -188,10 +189,20 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _type_name(annotation: Any) -> str:
-    name = getattr(annotation, "__name__", None)
-    text = str(annotation) if name is None or getattr(annotation, "__args__", None) else name
-    return text.replace("typing.", "")
+def _type_name(tp: Any) -> str:
+    """A type as a reader writes it: ``dict[str, str]``, ``float | None``."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin in (Union, UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if tp is type(None):
+        return "None"
+    if origin is not None:
+        return f"{getattr(origin, '__name__', origin)}[{', '.join(_type_name(a) for a in args)}]"
+    return getattr(tp, "__name__", str(tp))
 
 
 def _describe_model(model: Any, indent: str) -> list[str]:
@@ -199,7 +210,15 @@ def _describe_model(model: Any, indent: str) -> list[str]:
     for key, field in getattr(model, "model_fields", {}).items():
         default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
         lines.append(f"{indent}{key}: {_type_name(field.annotation)} ({default})")
-    return lines or [f"{indent}(no settings)"]
+    if lines:
+        return lines
+    own_doc = model.__dict__.get("__doc__")
+    return [f"{indent}({own_doc.strip() if own_doc else 'no settings'})"]
+
+
+def _summary(cls: type) -> str:
+    doc = cls.__dict__.get("__doc__")
+    return ": " + doc.strip().splitlines()[0] if doc else ""
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -207,12 +226,12 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     for name, info in plugins.loaded.items():
         print(f"{name}  ({info.dist}, {plugins.available[name].value})")
         for cls in info.filters.values():
-            print(f"  filter {cls.name}")
+            print(f"  filter {cls.name}{_summary(cls)}")
             print("\n".join(_describe_model(cls.Config, "    ")))
         for cls in info.balancers.values():
-            print(f"  policy {cls.name}")
+            print(f"  policy {cls.name}{_summary(cls)}")
         for cls in info.transports.values():
-            print(f"  transport {cls.name}")
+            print(f"  transport {cls.name}{_summary(cls)}")
             print("    listener settings:")
             print("\n".join(_describe_model(cls.ServerConfig, "      ")))
             print("    cluster settings:")
@@ -231,6 +250,9 @@ def _reporting(fn):
             raise SystemExit(2) from None
         except KeyboardInterrupt:
             raise SystemExit(130) from None
+        except BrokenPipeError:  # `sluice plugins | head`: the reader left, fine
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise SystemExit(0) from None
 
     return run
 

@@ -24,6 +24,7 @@ from .protocol.http1 import ClientConnection
 __all__ = ["Pool", "UpstreamConnection"]
 
 _RECEIVE_SIZE = 64 * 1024
+_BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
 def _socket_of(stream: trio.abc.Stream):
@@ -47,18 +48,20 @@ class UpstreamConnection:
         self.discard = False  # set when an exchange abandons it mid-message
         self.idle_deadline = 0.0  # when an idle connection expires
 
+    def _failed(self, message: str, flag: str) -> UpstreamError:
+        """A 502; replayable when a reused connection died before answering."""
+        return UpstreamError(
+            message, status=502, flag=flag,
+            retryable=self.reused and not self.proto.response_bytes_seen,
+        )
+
     async def send(self, data: bytes) -> None:
         """Write to the upstream; an upstream that stops reading is a timeout."""
         with trio.move_on_after(self.io_timeout):
             try:
                 await self.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                raise UpstreamError(
-                    f"upstream write failed: {exc!r}",
-                    status=502,
-                    flag="UC",
-                    retryable=self.reused and not self.proto.response_bytes_seen,
-                ) from None
+            except _BROKEN as exc:
+                raise self._failed(f"upstream write failed: {exc!r}", "UC") from None
             return
         raise UpstreamError("upstream stopped reading", status=504, flag="UT")
 
@@ -67,25 +70,15 @@ class UpstreamConnection:
         try:
             return self.proto.next_event()
         except ProtocolError as exc:
-            raise UpstreamError(
-                f"upstream protocol error: {exc}",
-                status=502,
-                flag="UPE",
-                retryable=self.reused and not self.proto.response_bytes_seen,
-            ) from None
+            raise self._failed(f"upstream protocol error: {exc}", "UPE") from None
 
     async def next_event(self):
         """The next response event; raises UpstreamError on reset or bad bytes."""
         while (event := self.poll()) is NEED_DATA:
             try:
                 data = await self.stream.receive_some(_RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                raise UpstreamError(
-                    f"upstream read failed: {exc!r}",
-                    status=502,
-                    flag="UC",
-                    retryable=self.reused and not self.proto.response_bytes_seen,
-                ) from None
+            except _BROKEN as exc:
+                raise self._failed(f"upstream read failed: {exc!r}", "UC") from None
             self.proto.feed(data)
         return event
 

@@ -43,6 +43,8 @@ class _BufferLogger:
 
 
 class AccessLog(Filter):
+    """One JSON line per request (a structlog event), written off the event loop."""
+
     name = "access_log"
 
     class Config(FilterConfig):

@@ -35,6 +35,8 @@ _SHA256_HEX = r"^[0-9a-fA-F]{64}$"
 
 
 class ApiKey(Filter):
+    """Admits requests that carry a known API key (keys stored as SHA-256)."""
+
     name = "api_key"
 
     class Config(FilterConfig):
@@ -79,6 +81,8 @@ def _load_htpasswd(path: Path) -> dict[bytes, bytes]:
 
 
 class Basic(Filter):
+    """HTTP Basic authentication against a bcrypt htpasswd file."""
+
     name = "basic"
 
     class Config(FilterConfig):

@@ -25,6 +25,8 @@ __all__ = ["LeastRequest", "Random", "RoundRobin", "WeightedRoundRobin"]
 
 
 class RoundRobin(Balancer):
+    """Each healthy endpoint in turn, ignoring weights."""
+
     name = "round_robin"
 
     def __init__(self, endpoints) -> None:
@@ -69,6 +71,8 @@ class WeightedRoundRobin(Balancer):
 
 
 class Random(Balancer):
+    """A random healthy endpoint, in proportion to weight."""
+
     name = "random"
 
     def __init__(self, endpoints, rng: random.Random | None = None) -> None:

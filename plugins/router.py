@@ -167,7 +167,7 @@ class Router(Filter):
     name = "router"
 
     class Config(FilterConfig):
-        pass
+        """No settings of its own: the routes are the config's top-level [[routes]]."""
 
     def __init__(self, config: FilterConfig, routes: list[tuple[list, Route]] = (), clusters=None):
         super().__init__(config)

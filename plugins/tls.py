@@ -79,6 +79,8 @@ class _Client(ClientTransport):
 
 
 class Tls(Transport):
+    """TLS 1.2+ termination (listeners) and verified origination (clusters)."""
+
     name = "tls"
     ServerConfig = ListenerTls
     ClientConfig = ClusterTls
