@@ -60,6 +60,7 @@ class Listener:
     draining: bool = False
     active: int = 0
     _idle_waits: set[trio.CancelScope] = field(default_factory=set)
+    _downstreams: set[H1Downstream] = field(default_factory=set)
     _accepting: trio.CancelScope = field(default_factory=trio.CancelScope)
 
     @property
@@ -105,6 +106,8 @@ class Listener:
         self._accepting.cancel()
         for scope in self._idle_waits:
             scope.cancel()
+        for down in self._downstreams:
+            down.close_after = True  # responses not yet started say Connection: close
 
     async def _connection(self, stream: trio.SocketStream, slots: trio.Semaphore) -> None:
         self.active += 1
@@ -134,6 +137,13 @@ class Listener:
             idle_timeout=cfg.timeouts.idle,
         )
         client = (peer[0], peer[1])
+        self._downstreams.add(down)
+        try:
+            await self._serve_connection(down, client, tls_peer)
+        finally:
+            self._downstreams.discard(down)
+
+    async def _serve_connection(self, down: H1Downstream, client, tls_peer) -> None:
         while not self.draining:
             idle = trio.CancelScope()
             self._idle_waits.add(idle)
@@ -141,7 +151,7 @@ class Listener:
                 head = await down.next_request(idle)
             except ProtocolError as exc:
                 # The detail may quote what the client sent: log it, never echo it.
-                log.info("bad request head", client=peer[0], status=exc.status, error=str(exc))
+                log.info("bad request head", client=client[0], status=exc.status, error=str(exc))
                 await _refuse(down, exc.status)
                 return
             except HeadTimeout:

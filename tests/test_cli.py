@@ -144,7 +144,7 @@ def test_graceful_drain_finishes_in_flight_requests(tmp_path):
     proxy = Running("--listen", f"127.0.0.1:{port}", "--upstream", f"http://127.0.0.1:{slow}",
                     "--plugins", "router,balancer")
     result = {}
-    client = threading.Thread(target=lambda: result.update(r=curl(f"http://127.0.0.1:{port}/")))
+    client = threading.Thread(target=lambda: result.update(r=curl("-i", f"http://127.0.0.1:{port}/")))
     client.start()
     time.sleep(0.3)
     proxy.signal(signal.SIGTERM)
@@ -153,7 +153,8 @@ def test_graceful_drain_finishes_in_flight_requests(tmp_path):
     client.join()
     assert proxy.proc.wait(10) == 0  # exits by itself once drained
     server.close()
-    assert result["r"].stdout == "late"  # the in-flight request finished
+    assert result["r"].stdout.splitlines()[-1] == "late"  # the in-flight request finished
+    assert "connection: close" in result["r"].stdout.lower()  # and was told the connection ends
     assert refused.returncode != 0  # no new connections while draining
 
 
