@@ -108,10 +108,10 @@ async def run_exchange(listener: Listener, down: Any, head: RequestHead, ctx: Co
         ctx.error = exc
         down.close_after = True
         raise
-    except Exception as exc:
+    except Exception as exc:  # a filter's bug (or ours): 500, the traceback to the log
         ctx.error = exc
         ctx.flags.append("FE")
-        log.error("filter failed", request_id=ctx.request_id, exc_info=exc)
+        log.error("exchange failed", request_id=ctx.request_id, exc_info=exc)
         await _answer(chain, down, ctx, LocalReply(500, _reason(500), flag=""), 0)
     finally:
         await _complete(chain, ctx)
@@ -342,19 +342,19 @@ async def _answer(chain: Chain, down: Any, ctx: Context, reply: LocalReply, limi
     if down.response_started:
         down.close_after = True  # too late for a status: cut the connection
         return
-    body = reply.body.encode() if isinstance(reply.body, str) else reply.body
-    headers = Headers(reply.headers)
-    if body and b"content-type" not in headers:
-        headers.add(b"content-type", b"text/plain; charset=utf-8")
-    response = Response(reply.status, headers)  # no Via: sluice is this response's origin
-    ctx.response = response
     try:
+        body = reply.body.encode() if isinstance(reply.body, str) else bytes(reply.body)
+        headers = Headers(reply.headers)
+        if body and b"content-type" not in headers:
+            headers.add(b"content-type", b"text/plain; charset=utf-8")
+        response = Response(reply.status, headers)  # no Via: sluice is this response's origin
+        ctx.response = response
         await chain.run_heads(chain.response_headers, ctx, response, limit)
         if chain.response_body:
             data = await chain.run_body(chain.response_body, ctx, body, True, limit)
             body = data if type(data) is bytes else body
-    except Exception as exc:  # a filter failing on a local reply: plain 500
-        log.error("filter failed on a local reply", request_id=ctx.request_id, exc_info=exc)
+    except Exception as exc:  # a bad reply, or a filter failing on it: plain 500
+        log.error("local reply failed", request_id=ctx.request_id, exc_info=exc)
         response = Response(500, Headers([(b"content-type", b"text/plain; charset=utf-8")]))
         body = _reason(500).encode()
         ctx.response = response

@@ -8,29 +8,43 @@ octets, latin-1 maps them one to one). Reads return ``str``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 __all__ = ["Headers", "Request", "Response"]
 
 
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BAD_VALUE = re.compile(rb"[\x00\r\n]|^[ \t]|[ \t]$")
+
+
 def _b(value: str | bytes) -> bytes:
     return value if isinstance(value, bytes) else value.encode("latin-1")
+
+
+def _field(name: str | bytes, value: str | bytes) -> tuple[bytes, bytes]:
+    """A field a filter is adding, checked so it cannot inject a header or a line."""
+    n, v = _b(name).lower(), _b(value)
+    if not _TOKEN.fullmatch(n):
+        raise ValueError(f"invalid header name {n!r}")
+    if _BAD_VALUE.search(v):
+        raise ValueError(f"invalid value for header {n.decode()!r}: CR, LF, NUL or edge whitespace")
+    return n, v
 
 
 class Headers:
     """An ordered multi-map of header fields.
 
     Order and repetition are preserved (they matter for Set-Cookie, Via, ...).
-    Lookups are case-insensitive.
+    Lookups are case-insensitive. Fields added here are checked (a token
+    name, no CR/LF/NUL in the value), so a filter cannot split a message.
     """
 
     __slots__ = ("_fields",)
 
-    def __init__(self, fields: Iterable[tuple[bytes, bytes]] = ()) -> None:
-        self._fields: list[tuple[bytes, bytes]] = [
-            (_b(n).lower(), _b(v)) for n, v in fields
-        ]
+    def __init__(self, fields: Iterable[tuple[str | bytes, str | bytes]] = ()) -> None:
+        self._fields: list[tuple[bytes, bytes]] = [_field(n, v) for n, v in fields]
 
     @classmethod
     def _trusted(cls, fields: list[tuple[bytes, bytes]]) -> Headers:
@@ -60,14 +74,14 @@ class Headers:
         return None
 
     def add(self, name: str | bytes, value: str | bytes) -> None:
-        """Append a field, keeping any existing ones."""
-        self._fields.append((_b(name).lower(), _b(value)))
+        """Append a field, keeping any existing ones. ValueError if it is malformed."""
+        self._fields.append(_field(name, value))
 
     def set(self, name: str | bytes, value: str | bytes) -> None:
-        """Replace every field called ``name`` by one with ``value``."""
-        key = _b(name).lower()
-        self._fields = [(n, v) for n, v in self._fields if n != key]
-        self._fields.append((key, _b(value)))
+        """Replace every field called ``name`` by one with ``value``. ValueError if malformed."""
+        field = _field(name, value)
+        self._fields = [(n, v) for n, v in self._fields if n != field[0]]
+        self._fields.append(field)
 
     def remove(self, *names: str | bytes) -> None:
         """Drop every field with any of these names."""

@@ -21,6 +21,7 @@ from .chain import Chain
 from .config import ListenerConfig, parse_hostport
 from .context import Context
 from .downstream import H1Downstream, HeadTimeout
+from .errors import ClientGone
 from .exchange import run_exchange
 from .protocol.events import ProtocolError
 from .protocol.http1 import reason_phrase, simple_response
@@ -29,6 +30,8 @@ from .upstream import Pool
 __all__ = ["Listener", "bind"]
 
 log = structlog.get_logger("sluice.server")
+
+_EXPECTED = (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ClientGone)
 
 
 def bind(address: str, *, reuse_port: bool, backlog: int = 1024) -> trio.SocketListener:
@@ -120,8 +123,10 @@ class Listener:
                     return await self._exchanges(stream, peer, tls_peer)
                 return None  # handshake timed out
             await self._exchanges(stream, peer, tls_peer)
-        except Exception as exc:  # TLS handshake failures, resets: never fatal
-            log.debug("connection ended", exc_info=exc)
+        except _EXPECTED as exc:  # resets, TLS handshake failures: routine
+            log.debug("connection ended", error=repr(exc))
+        except Exception as exc:  # a bug: log it loudly, but the worker lives on
+            log.error("connection failed", exc_info=exc)
         finally:
             self.active -= 1
             slots.release()

@@ -305,3 +305,31 @@ async def test_request_trailers_reach_the_filter_and_the_upstream(start_origin):
     assert response.startswith(b"HTTP/1.1 200 ")
     assert seen == ["abc"]
     assert origin.requests[0][1] == b"hello"
+
+
+async def test_a_filter_cannot_inject_header_lines(start_origin):
+    origin = await start_origin()
+
+    class Injector(Filter):
+        name = "injector"
+
+        async def on_response_headers(self, ctx, response):
+            response.headers.set("x-evil", "1\r\nset-cookie: session=stolen")
+            return CONTINUE
+
+    class BadReply(Filter):
+        name = "bad_reply"
+
+        async def on_request_headers(self, ctx, request):
+            if request.target == "/reply":
+                return LocalReply(200, "x", [("x-evil", "a\nb")])
+            return CONTINUE
+
+    async with serve(config(origin.address, filters=["bad_reply", "injector", "router"]),
+                     plugins=["router", "balancer"], extra={"rec": InProcess(Injector, BadReply)}) as proxy:
+        async with httpx.AsyncClient() as client:
+            forwarded = await client.get(proxy.url + "/")
+            replied = await client.get(proxy.url + "/reply")
+    for r in (forwarded, replied):
+        assert r.status_code == 500
+        assert "set-cookie" not in r.headers and "x-evil" not in r.headers
