@@ -19,6 +19,7 @@ sluice's own log) rather than letting memory grow or requests wait.
 from __future__ import annotations
 
 import sys
+import time
 from typing import Annotated
 
 import structlog
@@ -30,6 +31,26 @@ from sluice import Filter, FilterConfig, hookimpl
 __all__ = ["AccessLog"]
 
 log = structlog.get_logger("sluice.access_log")
+
+
+class _TimeFirst:
+    """structlog processor: an ISO 8601 UTC ``time`` as the first key.
+
+    The date part is formatted once per second; the event dict is rebuilt so
+    ``time`` leads the line, where people and tools look for it.
+    """
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, _logger, _method, event_dict: dict) -> dict:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return {"time": f"{self._prefix}.{int((now - second) * 1e6):06d}Z", **event_dict}
 
 
 class _BufferLogger:
@@ -60,7 +81,7 @@ class AccessLog(Filter):
         self._logger = structlog.wrap_logger(
             _BufferLogger(self),
             processors=[
-                structlog.processors.TimeStamper(fmt="iso", utc=True, key="time"),
+                _TimeFirst(),
                 structlog.processors.JSONRenderer(),
             ],
             context_class=dict,
