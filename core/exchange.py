@@ -201,9 +201,7 @@ async def _bodiless(pool, cluster, endpoint, conn, down, ctx, timeout):
     request = ctx.request
     for attempt in (1, 2):
         try:
-            await conn.send(conn.proto.request(request, chunked=False) + conn.proto.end())
-            deadline = trio.CancelScope(deadline=trio.current_time() + timeout)
-            return conn, await _response_head(down, conn, deadline, ctx, watch=True)
+            return conn, await _ask(down, conn, ctx, timeout)
         except UpstreamError as exc:
             if attempt == 2 or not exc.retryable or request.method not in _IDEMPOTENT:
                 raise
@@ -258,25 +256,33 @@ async def _pump_request(listener, chain, down, conn, ctx, deadline, timeout) -> 
         raise
 
 
-async def _response_head(down, conn, deadline: trio.CancelScope, ctx, *, watch: bool = False) -> Response:
-    """Wait for the final response head, relaying 1xx; 504 past the deadline.
+async def _ask(down, conn, ctx, timeout: float) -> Response:
+    """Send a bodiless request; wait for its final head; 504 past ``timeout``.
 
-    With ``watch``, an upstream slower than a moment also has the client
-    watched: a client that leaves ends the wait (most answers come sooner,
-    and then no watcher task is started at all).
+    An upstream slower than a moment also has the client watched, so a
+    client that leaves ends the wait; most answers come sooner, and then no
+    watcher task is started at all.
     """
-    with deadline:
+    proto = conn.proto
+    with trio.move_on_after(timeout):
+        await conn.send(proto.request(ctx.request, chunked=False) + proto.end(), bounded=True)
         first = None
-        if watch:
-            with trio.move_on_after(_WATCH_AFTER):
-                first = await conn.next_event()
-            if first is None:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(down.watch_disconnect)
-                    response = await _final_head(down, conn, ctx, await conn.next_event())
-                    nursery.cancel_scope.cancel()
-                    return response
-        return await _final_head(down, conn, ctx, first or await conn.next_event())
+        with trio.move_on_after(_WATCH_AFTER):
+            first = await conn.next_event()
+        if first is not None:
+            return await _final_head(down, conn, ctx, first)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(down.watch_disconnect)
+            response = await _final_head(down, conn, ctx, await conn.next_event())
+            nursery.cancel_scope.cancel()
+            return response
+    raise UpstreamError("upstream response timed out", status=504, flag="UT")
+
+
+async def _response_head(down, conn, deadline: trio.CancelScope, ctx) -> Response:
+    """Wait for the final response head, relaying 1xx; 504 past the deadline."""
+    with deadline:
+        return await _final_head(down, conn, ctx, await conn.next_event())
     raise UpstreamError("upstream response timed out", status=504, flag="UT")
 
 

@@ -55,15 +55,22 @@ class UpstreamConnection:
             retryable=self.reused and not self.proto.response_bytes_seen,
         )
 
-    async def send(self, data: bytes) -> None:
-        """Write to the upstream; an upstream that stops reading is a timeout."""
+    async def send(self, data: bytes, *, bounded: bool = False) -> None:
+        """Write to the upstream; an upstream that stops reading is a timeout.
+
+        ``bounded``: the caller's own cancel scope already limits this write.
+        """
+        if bounded:
+            return await self._send(data)
         with trio.move_on_after(self.io_timeout):
-            try:
-                await self.stream.send_all(data)
-            except _BROKEN as exc:
-                raise self._failed(f"upstream write failed: {exc!r}", "UC") from None
-            return
+            return await self._send(data)
         raise UpstreamError("upstream stopped reading", status=504, flag="UT")
+
+    async def _send(self, data: bytes) -> None:
+        try:
+            await self.stream.send_all(data)
+        except _BROKEN as exc:
+            raise self._failed(f"upstream write failed: {exc!r}", "UC") from None
 
     def poll(self):
         """The next event if it needs no I/O, else NEED_DATA."""
