@@ -26,7 +26,7 @@ import structlog
 import trio
 from pydantic import Field
 
-from sluice import Filter, FilterConfig, hookimpl
+from sluice import ConfigError, Filter, FilterConfig, hookimpl
 
 __all__ = ["AccessLog"]
 
@@ -75,6 +75,11 @@ class AccessLog(Filter):
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
+        if config.path is not None:  # fail at validation, before any socket opens
+            try:
+                open(config.path, "a", encoding="utf-8").close()  # noqa: SIM115
+            except OSError as exc:
+                raise ConfigError(f"filters.access_log.path: cannot write {config.path}: {exc.strerror}") from None
         self._pending: list[str] = []
         self._dropped = 0
         self._file = None

@@ -80,3 +80,15 @@ async def test_a_full_buffer_drops_lines_instead_of_blocking(start_origin, tmp_p
         assert len(access_log._pending) == 100 and access_log._dropped == 50
     # At shutdown the buffered lines are written.
     assert len(log.read_text().splitlines()) == 100
+
+
+async def test_an_unwritable_path_is_a_config_error(tmp_path):
+    from sluice import ConfigError
+
+    cfg = config("127.0.0.1:9", filters=["access_log", "router"],
+                 filter_settings={"access_log": {"path": str(tmp_path / "missing-dir" / "log.jsonl")}})
+    try:
+        async with serve(cfg, plugins=PLUGINS):
+            raise AssertionError("started with an unwritable access log")
+    except ConfigError as exc:
+        assert "filters.access_log.path: cannot write" in str(exc)
