@@ -94,3 +94,16 @@ async def test_basic_auth_refuses_weak_hashes(tmp_path):
         async with serve(cfg, plugins=PLUGINS):
             pass
     assert "line 1: user 'bob' has a non-bcrypt hash" in str(info.value)
+
+
+async def test_dot_segments_cannot_borrow_a_public_routes_exemption(start_origin):
+    origin = await start_origin()
+    async with serve(api_key_config(origin.address), plugins=PLUGINS) as proxy:
+        from .conftest import raw_request
+
+        for sneaky in (b"/public/../secret", b"/public/%2e%2e/secret", b"/public/./../secret"):
+            raw = await raw_request(proxy.address, b"GET " + sneaky + b" HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
+            assert raw.startswith(b"HTTP/1.1 401 "), sneaky
+        raw = await raw_request(proxy.address, b"GET /public/x/../y HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 200 ")
+    assert [r.target for r, _ in origin.requests] == [b"/public/y"]  # the upstream sees what was routed

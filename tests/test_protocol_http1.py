@@ -187,3 +187,23 @@ def test_refuses_what_a_reverse_proxy_does_not_speak(raw, status):
     with pytest.raises(ProtocolError) as info:
         server(raw).next_event()
     assert info.value.status == status
+
+
+@pytest.mark.parametrize(
+    ("target", "normal"),
+    [
+        (b"/a/b/c", b"/a/b/c"),
+        (b"/public/../admin", b"/admin"),
+        (b"/public/%2e%2e/admin?x=/../y", b"/admin?x=/../y"),
+        (b"/public/%2E%2e/admin", b"/admin"),
+        (b"/a/./b/", b"/a/b/"),
+        (b"/a/b/..", b"/a/"),
+        (b"/../../etc/passwd", b"/etc/passwd"),
+        (b"/file.tar.gz", b"/file.tar.gz"),
+        (b"/a/.hidden/b", b"/a/.hidden/b"),
+        (b"/%2e", b"/"),
+    ],
+)
+def test_dot_segments_are_removed_before_routing(target, normal):
+    conn = server(b"GET " + target + b" HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert conn.next_event().request.target == normal.decode()

@@ -44,7 +44,7 @@ from .events import (
     ResponseHead,
 )
 
-__all__ = ["ClientConnection", "ServerConnection", "simple_response"]
+__all__ = ["ClientConnection", "ServerConnection", "normalize_path", "simple_response"]
 
 _HEAD_END = b"\r\n\r\n"
 # A bare CR, a bare LF, or a continuation line (obs-fold). A CR as the very
@@ -298,6 +298,34 @@ def _origin_form(target: bytes, fields: list[tuple[bytes, bytes]]) -> bytes:
     return slash + path if slash else b"/"
 
 
+_ENCODED_DOT = re.compile(rb"%2[eE]")
+
+
+def normalize_path(target: bytes) -> bytes:
+    """Remove dot-segments from a target's path (RFC 3986 5.2.4).
+
+    ``/public/../admin`` must route (and reach the upstream) as ``/admin``,
+    or a route that exempts ``/public`` from authentication exempts
+    everything. ``%2e`` is a dot in disguise (RFC 3986 2.3) and counts too.
+    The query is left alone.
+    """
+    path, sep, query = target.partition(b"?")
+    path = _ENCODED_DOT.sub(b".", path)
+    if b"/." not in path:
+        return target if path == target.partition(b"?")[0] else path + sep + query
+    segments = path.split(b"/")[1:]
+    out: list[bytes] = []
+    for segment in segments:
+        if segment == b"..":
+            if out:
+                out.pop()
+        elif segment != b".":
+            out.append(segment)
+    if segments and segments[-1] in (b".", b".."):
+        out.append(b"")  # "/a/b/.." names the directory "/a/"
+    return b"/" + b"/".join(out) + sep + query
+
+
 def _is_chunked(fields: list[tuple[bytes, bytes]]) -> bool:
     for n, v in fields:
         if n == b"transfer-encoding":
@@ -328,6 +356,8 @@ class ServerConnection(_Peer):
         target = event.target
         if target[:1] != b"/" and target != b"*":
             target = _origin_form(target, fields)
+        if b"/." in target or b"%2" in target:
+            target = normalize_path(target)
         content_length = None
         has_body = False
         for n, v in fields:
