@@ -98,8 +98,7 @@ class App:
             raise self.plugins.missing("filters", name, where)
         cls = self.plugins.filters[name][0]
         settings = validate(cls.Config, self.config.filters.get(name), f"filters.{name}")
-        build = getattr(cls, "from_config", None)
-        instance = build(settings, self) if build is not None else cls(settings)
+        instance = cls.from_config(settings, self)
         self.filters[name] = instance
         return instance
 

@@ -28,9 +28,19 @@ is a bug in the filter and answers 500. ``bytes`` from a body phase replace
 the chunk (adjust Content-Length in the headers phase if you change sizes).
 ``end`` is True on the last call of a body, whose chunk may be empty.
 
-``on_complete`` runs exactly once per exchange, whatever happened: normal end,
-local reply, upstream failure, client abort or cancellation. ``ctx.error``
-holds the exception that ended the exchange early, if any.
+``on_complete`` runs exactly once per exchange, in chain order, whatever
+happened: normal end, local reply, upstream failure, client abort or
+cancellation. ``ctx.error`` holds the exception that ended the exchange
+early, if any; ``ctx.flags`` says how sluice answered (see access_log).
+
+Two optional roles:
+
+- ``from_config(config, app)`` (a classmethod) builds a filter that needs
+  more than its settings, e.g. the app's clusters or routes.
+- A filter defining ``resolve_route(ctx) -> Route | None`` and a ``routes``
+  sequence is its chain's route resolver (the router): ``ctx.route`` asks
+  it, so filters before it can read per-route settings, and a route's
+  ``filters = { name = { disabled = true } }`` skips that filter.
 """
 
 from __future__ import annotations
@@ -93,6 +103,12 @@ class Filter:
 
     def __init__(self, config: FilterConfig) -> None:
         self.config = config
+
+    @classmethod
+    def from_config(cls, config: FilterConfig, app: Any) -> Filter:
+        """Build the filter for an app (once, at load). Override to read
+        ``app.clusters`` or ``app.config``; raise ConfigError for bad input."""
+        return cls(config)
 
     # -- lifecycle (per listener chain) --------------------------------------
 
