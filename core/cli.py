@@ -115,7 +115,7 @@ def _build_run(args: argparse.Namespace) -> tuple[Any, int, str]:
     # The embedded default: validated now with a placeholder endpoint so a
     # plugin problem fails before anything listens; each worker then starts
     # the demo origin and points the cluster at it.
-    one_line_config(listen, ["127.0.0.1:9"], plugins, order)
+    App(one_line_config(listen, ["127.0.0.1:9"], plugins, order), plugins)
     return _Demo(listen, plugins, order), args.workers or 1, args.log_level or "info"
 
 

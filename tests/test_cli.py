@@ -194,3 +194,10 @@ def test_port_in_use_is_a_clear_error():
 def test_python_dash_m_works():
     r = sluice("--help")
     assert r.returncode == 0 and "run" in r.stdout and "plugins" in r.stdout
+
+
+def test_embedded_default_checks_its_plugins_before_listening():
+    r = sluice("run", "--plugins", "access_log,router")  # no balancer for the demo cluster
+    assert r.returncode == 2
+    assert "add 'balancer' to --plugins" in r.stderr
+    assert "listening" not in r.stderr
