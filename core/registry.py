@@ -53,6 +53,7 @@ def _dist(ep: EntryPoint) -> str:
     return ep.dist.name if ep.dist is not None else "?"
 
 
+_NOUNS = {"filters": "filter", "balancers": "policy", "transports": "transport"}
 _KINDS = {
     "filters": "sluice_filters",
     "balancers": "sluice_balancers",
@@ -119,7 +120,7 @@ class Plugins:
                 if item in merged:
                     other = merged[item][1]
                     raise ConfigError(
-                        f"{kind[:-1]} {item!r} is provided by both plugin {other!r} "
+                        f"{_NOUNS[kind]} {item!r} is provided by both plugin {other!r} "
                         f"({self.loaded[other].dist}) and plugin {info.name!r} ({info.dist})"
                     )
                 merged[item] = (cls, info.name)
@@ -151,7 +152,7 @@ class Plugins:
     def missing(self, kind: str, item: str, where: str) -> ConfigError:
         """The error for a name no enabled plugin provides."""
         provider = self.provider(kind, item)
-        noun = kind[:-1]
+        noun = _NOUNS[kind]
         if provider is not None:
             return ConfigError(
                 f"{where}: {noun} {item!r} is provided by plugin {provider!r}, "

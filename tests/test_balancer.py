@@ -78,5 +78,5 @@ async def test_an_unknown_policy_lists_the_known_ones():
     with pytest.raises(ConfigError) as info:
         async with serve(config("127.0.0.1:9", cluster={"policy": "fastest"}), plugins=["router", "balancer"]):
             pass
-    assert "unknown balancer 'fastest'" in str(info.value)
+    assert "unknown policy 'fastest'" in str(info.value)
     assert "least_request" in str(info.value)

@@ -46,7 +46,7 @@ def test_two_plugins_offering_one_policy_name_is_an_error():
 
     with pytest.raises(ConfigError) as info:
         Plugins(["balancer"], extra={"mine": Policies()})
-    assert "balancer 'round_robin' is provided by both plugin 'balancer'" in str(info.value)
+    assert "policy 'round_robin' is provided by both plugin 'balancer'" in str(info.value)
 
 
 async def test_startup_and_shutdown_hooks_run_in_the_trio_loop(start_origin):
