@@ -50,6 +50,18 @@ def recording(name: str, log: list, *, reply_on: str | None = None, raise_on: st
     return Recording
 
 
+async def thinking_origin(start_origin):
+    """An origin that takes 30 s to answer, and an event set once it has started."""
+    upstream_waits = trio.Event()
+
+    async def slow(request, body):
+        upstream_waits.set()
+        await trio.sleep(30)
+        return Reply()
+
+    return await start_origin(slow), upstream_waits
+
+
 def phases(log, phase):
     return [entry[0] for entry in log if entry[1] == phase]
 
@@ -106,14 +118,7 @@ async def test_complete_runs_on_upstream_failure():
 
 
 async def test_complete_runs_when_client_aborts(start_origin):
-    upstream_waits = trio.Event()
-
-    async def slow(request, body):
-        upstream_waits.set()
-        await trio.sleep(30)
-        return Reply()
-
-    origin = await start_origin(slow)
+    origin, upstream_waits = await thinking_origin(start_origin)
     log: list = []
     done = trio.Event()
 
@@ -136,14 +141,7 @@ async def test_complete_runs_when_client_aborts(start_origin):
 
 
 async def test_complete_runs_when_cancelled_by_shutdown(start_origin):
-    upstream_waits = trio.Event()
-
-    async def slow(request, body):
-        upstream_waits.set()
-        await trio.sleep(30)
-        return Reply()
-
-    origin = await start_origin(slow)
+    origin, upstream_waits = await thinking_origin(start_origin)
     seen: list = []
 
     class Done(Filter):
