@@ -244,7 +244,8 @@ def parse_wrk(output: str) -> dict:
     socket_errors = re.search(
         r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
     socket_counts = dict(zip(("connect", "read", "write", "timeout"),
-                             map(int, socket_errors.groups() if socket_errors else (0,) * 4)))
+                             map(int, socket_errors.groups() if socket_errors else (0,) * 4),
+                             strict=True))
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
     result = {
         "requests": int(find(r"(\d+) requests in")[1]),

@@ -327,7 +327,8 @@ def normalize_path(target: bytes) -> bytes:
 
 
 def _is_chunked(fields: list[tuple[bytes, bytes]]) -> bool:
-    for n, v in fields:
+    """Whether a response with these fields goes out chunked (no Content-Length)."""
+    for n, _ in fields:
         if n == b"transfer-encoding":
             return True
         if n == b"content-length":
