@@ -118,10 +118,11 @@ class Listener:
             peer = stream.socket.getpeername()
             tls_peer = None
             if self.transport is not None:
-                with trio.move_on_after(self.config.timeouts.header_read):
+                # The handshake counts as part of reading the first head.
+                with trio.move_on_after(self.config.timeouts.header_read) as handshake:
                     stream, tls_peer = await self.transport.wrap_server(stream)
-                    return await self._exchanges(stream, peer, tls_peer)
-                return None  # handshake timed out
+                if handshake.cancelled_caught:
+                    return
             await self._exchanges(stream, peer, tls_peer)
         except _EXPECTED as exc:  # resets, TLS handshake failures: routine
             log.debug("connection ended", error=repr(exc))

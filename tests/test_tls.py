@@ -56,6 +56,24 @@ async def test_terminates_tls_on_a_listener(start_origin, cert_files):
     assert headers[b"x-forwarded-proto"] == b"https"
 
 
+async def test_tls_connections_outlive_the_handshake_timeout(start_origin, cert_files):
+    from .origin import Reply
+
+    async def slow(request, body):
+        await trio.sleep(0.6)
+        return Reply(200, [], b"worth the wait")
+
+    origin = await start_origin(slow)
+    cert, key, ca_path = cert_files
+    cfg = config(origin.address, listener={"tls": {"cert": str(cert), "key": str(key)},
+                                           "timeouts": {"header_read": 0.3}})
+    async with serve(cfg, plugins=PLUGINS) as proxy:
+        async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=str(ca_path))) as client:
+            first = await client.get(proxy.url + "/")
+            second = await client.get(proxy.url + "/")  # same connection, well past 0.3 s
+    assert (first.text, second.text) == ("worth the wait", "worth the wait")
+
+
 async def test_originates_verified_tls_with_sni(nursery, ca, cert_files):
     cert, key, ca_path = cert_files
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
