@@ -307,6 +307,11 @@ async def _relay_response(chain, down, conn, ctx, response: Response, timeout: f
     if replied is not None:
         conn.discard = True  # its unread body makes the connection unusable
         raise _Reply(replied[1], replied[0])
+    if not down.body_done:
+        # The upstream answers before the upload ended: if the response ends
+        # first, the rest of the upload is not read, so the connection closes;
+        # say so now, while the head can still carry it.
+        down.close_after = True
     await down.send_response(response)
     phases = chain.response_body
     while True:

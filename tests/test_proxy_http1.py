@@ -8,9 +8,10 @@ import h11
 import httpx
 import trio
 
+from sluice import CONTINUE, Filter
 from sluice.testing import serve
 
-from .conftest import config, raw_request
+from .conftest import InProcess, config, raw_request
 from .origin import Reply
 
 PLUGINS = ["router", "balancer"]
@@ -246,3 +247,53 @@ async def test_max_connections_holds_new_clients_in_the_backlog(start_origin):
         with trio.fail_after(5):
             assert (await second.receive_some(4096)).startswith(b"HTTP/1.1 200 ")
         await second.aclose()
+
+
+async def test_an_upstream_answering_before_the_upload_ends_is_relayed(start_origin):
+    async def refuse_early(stream: trio.SocketStream) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += await stream.receive_some(65536)
+        await stream.send_all(b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 8\r\nconnection: close\r\n\r\ntoo big\n")
+        await trio.sleep(0.5)  # keep the socket open a little, unread, like a real server
+
+    origin = await start_origin(raw=refuse_early)
+    async with serve(config(origin.address), plugins=PLUGINS) as proxy:
+        stream = await trio.open_tcp_stream(*proxy.address)
+        async with stream:
+            await stream.send_all(b"POST /up HTTP/1.1\r\nhost: a\r\ncontent-length: 10000000\r\n\r\n" + b"x" * 65536)
+            received = b""
+            with trio.fail_after(5):
+                while b"too big\n" not in received:
+                    chunk = await stream.receive_some(65536)
+                    assert chunk, received
+                    received += chunk
+    assert received.startswith(b"HTTP/1.1 413 ")
+    assert b"connection: close" in received.lower()  # the rest of the upload is not read
+
+
+async def test_response_trailers_reach_a_filter_and_the_client(start_origin):
+    async def with_trailers(request, body):
+        async def chunks():
+            yield b"part one, "
+            yield b"part two"
+
+        return Reply(200, [(b"trailer", b"x-checksum")], chunks(), trailers=[(b"x-checksum", b"42")])
+
+    origin = await start_origin(with_trailers)
+    seen = []
+
+    class Trailers(Filter):
+        name = "trailers"
+
+        async def on_response_trailers(self, ctx, trailers):
+            seen.append(trailers.get("x-checksum"))
+            return CONTINUE
+
+    async with serve(config(origin.address, filters=["trailers", "router"]),
+                     plugins=PLUGINS, extra={"rec": InProcess(Trailers)}) as proxy:
+        raw = await raw_request(proxy.address, b"GET / HTTP/1.1\r\nhost: a\r\nte: trailers\r\nconnection: close\r\n\r\n")
+    assert seen == ["42"]
+    assert b"transfer-encoding: chunked" in raw.lower()
+    assert raw.endswith(b"0\r\nx-checksum: 42\r\n\r\n")
+    assert b"part one, " in raw and b"part two" in raw
