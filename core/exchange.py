@@ -369,8 +369,15 @@ async def _answer(chain: Chain, down: Any, ctx: Context, reply: LocalReply, limi
         response = Response(500, Headers([(b"content-type", b"text/plain; charset=utf-8")]))
         body = _reason(500).encode()
         ctx.response = response
-    response.headers.set(b"content-length", str(len(body)).encode())
-    if reply.status >= 400 and not down.body_done:
+    status = response.status
+    if status in (204, 304):  # no body, and no length to announce (RFC 9110 8.6)
+        body = b""
+        response.headers.remove(b"content-length")
+    else:
+        response.headers.set(b"content-length", str(len(body)).encode())
+    if ctx.request is not None and ctx.request.method == "HEAD":
+        body = b""  # the length stays: it is the GET's (RFC 9110 9.3.2)
+    if status >= 400 and not down.body_done:
         down.close_after = True
     try:
         await down.send_response(response)

@@ -297,3 +297,25 @@ async def test_response_trailers_reach_a_filter_and_the_client(start_origin):
     assert b"transfer-encoding: chunked" in raw.lower()
     assert raw.endswith(b"0\r\nx-checksum: 42\r\n\r\n")
     assert b"part one, " in raw and b"part two" in raw
+
+
+async def test_local_replies_follow_head_204_and_304_rules():
+    routes = [
+        {"match": {"path": "/direct"}, "direct_response": {"status": 200, "body": "direct\n"}},
+        {"match": {"path": "/empty"}, "direct_response": {"status": 204, "body": "ignored"}},
+    ]
+    async with serve(config("127.0.0.1:9", routes=routes), plugins=PLUGINS) as proxy:
+        raw = await raw_request(
+            proxy.address,
+            b"HEAD /direct HTTP/1.1\r\nhost: a\r\n\r\n"  # the GET's length, no body
+            b"HEAD /missing HTTP/1.1\r\nhost: a\r\n\r\n"  # a 404 answered by sluice, no body
+            b"GET /empty HTTP/1.1\r\nhost: a\r\n\r\n"  # 204: neither body nor length
+            b"GET /direct HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",  # still in sync
+        )
+    responses = raw.split(b"HTTP/1.1 ")[1:]
+    assert [r.split(b" ", 1)[0] for r in responses] == [b"200", b"404", b"204", b"200"]
+    head_ok, head_missing, empty, get = responses
+    assert b"content-length: 7\r\n" in head_ok and head_ok.endswith(b"\r\n\r\n")
+    assert head_missing.endswith(b"\r\n\r\n")
+    assert b"content-length" not in empty.lower() and empty.endswith(b"\r\n\r\n")
+    assert get.endswith(b"\r\n\r\ndirect\n")
