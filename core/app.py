@@ -141,6 +141,7 @@ class App:
             async with trio.open_nursery() as serving:
                 for listener, sock in zip(self.listeners, sockets, strict=True):
                     host, port = sock.socket.getsockname()[:2]
+                    host = f"[{host}]" if ":" in host else host
                     self.addresses.append(f"{listener.scheme}://{host}:{port}")
                     await serving.start(listener.serve, sock)
                 task_status.started(self.addresses)

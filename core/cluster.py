@@ -29,7 +29,8 @@ class Endpoint:
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
 
     def __repr__(self) -> str:
         return f"Endpoint({self.address}, weight={self.weight})"

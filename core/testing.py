@@ -40,7 +40,7 @@ class Running:
     @property
     def address(self) -> tuple[str, int]:
         host, port = self.url.rsplit("://", 1)[1].rsplit(":", 1)
-        return host, int(port)
+        return host.strip("[]"), int(port)
 
 
 @asynccontextmanager

@@ -319,3 +319,31 @@ async def test_local_replies_follow_head_204_and_304_rules():
     assert head_missing.endswith(b"\r\n\r\n")
     assert b"content-length" not in empty.lower() and empty.endswith(b"\r\n\r\n")
     assert get.endswith(b"\r\n\r\ndirect\n")
+
+
+async def test_ipv6_loopback_on_both_sides(nursery):
+    import socket
+
+    from .origin import Origin
+
+    if not socket.has_ipv6:
+        import pytest
+
+        pytest.skip("no IPv6 on this machine")
+    listeners = await trio.open_tcp_listeners(0, host="::1")
+    port = listeners[0].socket.getsockname()[1]
+    origin = Origin()
+    nursery.start_soon(trio.serve_listeners, origin._connection, listeners)
+    cfg = config(f"[::1]:{port}", listener={"address": "[::1]:0"})
+    async with serve(cfg, plugins=PLUGINS) as proxy:
+        assert proxy.app.clusters["backend"].endpoints[0].address == f"[::1]:{port}"
+        assert proxy.url.startswith("http://[::1]:")
+        stream = await trio.open_tcp_stream(*proxy.address)
+        async with stream:
+            await stream.send_all(b"GET /six HTTP/1.1\r\nhost: [::1]\r\nconnection: close\r\n\r\n")
+            raw = b""
+            with trio.fail_after(5):
+                while chunk := await stream.receive_some(4096):
+                    raw += chunk
+    assert raw.startswith(b"HTTP/1.1 200 ") and raw.endswith(b"/six")
+    assert dict(origin.requests[0][0].headers)[b"x-forwarded-for"] == b"::1"
