@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--plugins", help="comma-separated plugins to enable; in one-line mode also the chain order"
                      f" (default {DEFAULT_PLUGINS})")
     run.add_argument("--workers", type=int, help="worker processes sharing the port (SO_REUSEPORT)")
-    run.add_argument("--log-level", default=None, help="debug, info, warning, error")
+    run.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
 
     check = sub.add_parser("check", help="validate a config file and print the chains")
     check.add_argument("config")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -122,7 +122,7 @@ class ClusterConfig(_Model):
 class ServerConfig(_Model):
     workers: PositiveInt = 1
     drain_timeout: PositiveFloat = 30.0
-    log_level: str = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
 class Config(_Model):
