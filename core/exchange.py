@@ -355,7 +355,8 @@ async def _answer(chain: Chain, down: Any, ctx: Context, reply: LocalReply, limi
         return
     try:
         body = reply.body.encode() if isinstance(reply.body, str) else bytes(reply.body)
-        headers = Headers(reply.headers)
+        fields = reply.headers
+        headers = Headers(fields.items() if isinstance(fields, dict) else fields)
         if body and b"content-type" not in headers:
             headers.add(b"content-type", b"text/plain; charset=utf-8")
         response = Response(reply.status, headers)  # no Via: sluice is this response's origin
