@@ -12,10 +12,10 @@ Phases, in the order an exchange meets them:
 phase                  called with                               may return
 =====================  ========================================  ===================
 on_request_headers     ctx, request (mutable head)               CONTINUE, LocalReply
-on_request_body        ctx, chunk, end (if there is a body)    CONTINUE, bytes, LocalReply
+on_request_body        ctx, chunk, end (if there is a body)      CONTINUE, bytes, LocalReply
 on_request_trailers    ctx, trailers (only if the client sent)   CONTINUE, LocalReply
 on_response_headers    ctx, response (mutable head)              CONTINUE, LocalReply
-on_response_body       ctx, chunk, end (if there is a body)    CONTINUE, bytes
+on_response_body       ctx, chunk, end (if there is a body)      CONTINUE, bytes
 on_response_trailers   ctx, trailers (only if upstream sent)     CONTINUE
 on_complete            ctx (always runs, once, last)             nothing
 =====================  ========================================  ===================
