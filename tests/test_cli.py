@@ -132,9 +132,12 @@ def test_graceful_drain_finishes_in_flight_requests(tmp_path):
     server.bind(("127.0.0.1", slow))
     server.listen()
 
+    in_flight = threading.Event()
+
     def answer_late():
         conn, _ = server.accept()
         conn.recv(65536)
+        in_flight.set()
         time.sleep(1.0)
         conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nlate")
         time.sleep(0.5)
@@ -146,7 +149,7 @@ def test_graceful_drain_finishes_in_flight_requests(tmp_path):
     result = {}
     client = threading.Thread(target=lambda: result.update(r=curl("-i", f"http://127.0.0.1:{port}/")))
     client.start()
-    time.sleep(0.3)
+    assert in_flight.wait(10)  # the request has reached the upstream
     proxy.signal(signal.SIGTERM)
     time.sleep(0.2)
     refused = curl(f"http://127.0.0.1:{port}/", timeout=2)
