@@ -11,7 +11,10 @@ Defaults are chosen for a proxy facing the internet:
   lets a client pin much memory per connection.
 - ``header_read`` 10 s for a whole request head (slowloris), ``idle`` 60 s
   between requests and between body bytes.
-- ``max_body_bytes`` 0 (unlimited): bodies stream, they are never buffered.
+- ``max_body_bytes`` 0 (unlimited): bodies stream, they are never buffered,
+  unless a filter asks (``ctx.buffer_request_body()``), and then up to
+  ``max_buffered_body_bytes`` (1 MiB, as Envoy's default buffer limit):
+  413 past it for a request, 502 for a response.
 - upstream ``connect_timeout`` 5 s, ``response_timeout`` 30 s (from the end
   of the request to the response head, and between response body bytes).
 """
@@ -75,6 +78,7 @@ class Limits(_Model):
     max_header_bytes: PositiveInt = 32 * 1024
     max_header_count: PositiveInt = 100
     max_body_bytes: Annotated[int, Field(ge=0)] = 0
+    max_buffered_body_bytes: PositiveInt = 1024 * 1024
     max_connections: PositiveInt = 1024
 
 

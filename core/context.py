@@ -40,6 +40,8 @@ class Context:
         "bytes_in",
         "bytes_out",
         "vars",
+        "buffer_request",
+        "buffer_response",
         "_states",
         "_route",
         "_resolver",
@@ -69,9 +71,28 @@ class Context:
         self.bytes_in = 0
         self.bytes_out = 0
         self.vars: dict[str, Any] = {}
+        self.buffer_request = False
+        self.buffer_response = False
         self._states: dict[int, Any] | None = None
         self._route: Route | None | bool = False  # False: not resolved yet
         self._resolver = None
+
+    def buffer_request_body(self) -> None:
+        """Ask for the whole request body (call from ``on_request_headers``).
+
+        The core then reads it all (413 past ``max_buffered_body_bytes``),
+        calls the body phases once with it and ``end=True``, and sends it
+        upstream with an exact Content-Length, so a filter may rewrite it.
+        """
+        self.buffer_request = True
+
+    def buffer_response_body(self) -> None:
+        """Ask for the whole response body (call from ``on_response_headers``).
+
+        Nothing reaches the client until it is complete (502 past
+        ``max_buffered_body_bytes``); the body phases see it in one call.
+        """
+        self.buffer_response = True
 
     def state(self, filter_: Filter) -> Any:
         """This filter's per-request state, created by ``filter_.new_state()``."""

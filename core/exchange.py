@@ -12,6 +12,8 @@ no healthy endpoint                         503          UH
 connect failure / connect timeout           503          UF
 upstream reset, closed, or broke protocol   502          UC / UPE
 no response head within the timeout         504          UT
+a buffered response body over the limit     502          UBL
+a buffered request body over the limit      413          LR
 the client sent a bad body                  400          DPE
 the client stalled mid-body                 408          DT
 a filter raised                             500          FE
@@ -172,7 +174,7 @@ async def _proxy(listener: Listener, chain: Chain, down: Any, head: RequestHead,
     try:
         conn = await pool.acquire(cluster, endpoint)
         ctx.mark("upstream_connected")
-        if head.has_body:
+        if head.has_body and not ctx.buffer_request:
             async with trio.open_nursery() as nursery:
                 # Framing follows the head as the filters left it: one that
                 # resized the body removed Content-Length, so it goes chunked.
@@ -181,11 +183,12 @@ async def _proxy(listener: Listener, chain: Chain, down: Any, head: RequestHead,
                 deadline = trio.CancelScope()  # armed when the body has been sent
                 nursery.start_soon(_pump_request, listener, chain, down, conn, ctx, deadline, timeout)
                 response = await _response_head(down, conn, deadline, ctx)
-                await _relay_response(chain, down, conn, ctx, response, timeout)
+                await _relay_response(listener, chain, down, conn, ctx, response, timeout)
                 nursery.cancel_scope.cancel()  # an early response ends the upload
         else:
-            conn, response = await _bodiless(pool, cluster, endpoint, conn, down, ctx, timeout)
-            await _relay_response(chain, down, conn, ctx, response, timeout)
+            body = await _whole_request_body(listener, chain, down, head, ctx) if head.has_body else b""
+            conn, response = await _send_whole(pool, cluster, endpoint, conn, down, ctx, timeout, body)
+            await _relay_response(listener, chain, down, conn, ctx, response, timeout)
         if not down.body_done:
             down.close_after = True
     finally:
@@ -194,14 +197,14 @@ async def _proxy(listener: Listener, chain: Chain, down: Any, head: RequestHead,
             await pool.release(cluster, conn)
 
 
-async def _bodiless(pool, cluster, endpoint, conn, down, ctx, timeout):
-    """Send a request without a body and wait for its head, replaying it once on
-    a fresh connection if a reused one died before answering (idempotent only).
-    Returns the connection that answered and the response."""
+async def _send_whole(pool, cluster, endpoint, conn, down, ctx, timeout, body: bytes):
+    """Send a request whose body (maybe none) is all in hand and wait for its
+    head, replaying it once on a fresh connection if a reused one died before
+    answering (idempotent methods only). Returns the connection and response."""
     request = ctx.request
     for attempt in (1, 2):
         try:
-            return conn, await _ask(down, conn, ctx, timeout)
+            return conn, await _ask(down, conn, ctx, timeout, body)
         except UpstreamError as exc:
             if attempt == 2 or not exc.retryable or request.method not in _IDEMPOTENT:
                 raise
@@ -256,8 +259,39 @@ async def _pump_request(listener, chain, down, conn, ctx, deadline, timeout) -> 
         raise
 
 
-async def _ask(down, conn, ctx, timeout: float) -> Response:
-    """Send a bodiless request; wait for its final head; 504 past ``timeout``.
+async def _whole_request_body(listener, chain, down, head, ctx) -> bytes:
+    """Read the request body whole (a filter asked), through the body and
+    trailer phases once; the head then carries its exact length."""
+    limit = min(listener.max_buffered, listener.max_body_bytes or listener.max_buffered)
+    if head.content_length is not None and head.content_length > limit:
+        raise _Reply(LocalReply(413, "request body too large\n"))
+    if down.waiting_for_100_continue:
+        await down.send_continue()
+    parts: list[bytes] = []
+    total = 0
+    while type(event := await down.read_body_event()) is Body:
+        total += len(event.data)
+        if total > limit:
+            raise _Reply(LocalReply(413, "request body too large\n"))
+        parts.append(event.data)
+    ctx.bytes_in += total
+    body = b"".join(parts)
+    full = len(chain.filters)
+    if chain.request_body:
+        data = await chain.run_body(chain.request_body, ctx, body, True, full)
+        if type(data) is LocalReply:
+            raise _Reply(data)
+        body = data
+    if event.trailers is not None and chain.request_trailers:  # dropped after: the length frames it
+        replied = await chain.run_heads(chain.request_trailers, ctx, event.trailers, full)
+        if replied is not None:
+            raise _Reply(replied[1], replied[0])
+    ctx.request.headers.set(b"content-length", str(len(body)).encode())
+    return body
+
+
+async def _ask(down, conn, ctx, timeout: float, body: bytes = b"") -> Response:
+    """Send a request with its whole body; wait for its final head; 504 past ``timeout``.
 
     An upstream slower than a moment also has the client watched, so a
     client that leaves ends the wait; most answers come sooner, and then no
@@ -265,7 +299,8 @@ async def _ask(down, conn, ctx, timeout: float) -> Response:
     """
     proto = conn.proto
     with trio.move_on_after(timeout):
-        await conn.send(proto.request(ctx.request, chunked=False) + proto.end(), bounded=True)
+        await conn.send(proto.request(ctx.request, chunked=False) + proto.data(body) + proto.end(),
+                        bounded=True)
         first = None
         with trio.move_on_after(_WATCH_AFTER):
             first = await conn.next_event()
@@ -298,7 +333,22 @@ async def _final_head(down, conn, ctx, event) -> Response:
     return event.response
 
 
-async def _relay_response(chain, down, conn, ctx, response: Response, timeout: float) -> None:
+async def _upstream_body_event(conn, down, timeout: float):
+    """The next response body event; what is queued for the client goes out
+    before any wait, and a stall past ``timeout`` is a 504."""
+    event = conn.poll()
+    if event is NEED_DATA:
+        await down.flush()
+        with trio.move_on_after(timeout) as idle:
+            event = await conn.next_event()
+        if idle.cancelled_caught:
+            raise UpstreamError("upstream body stalled", status=504, flag="UT")
+    if type(event) not in (Body, End):
+        raise UpstreamError("upstream closed mid-response", status=502, flag="UC")
+    return event
+
+
+async def _relay_response(listener, chain, down, conn, ctx, response: Response, timeout: float) -> None:
     full = len(chain.filters)
     headers = response.headers
     strip_hop_by_hop(headers)
@@ -312,16 +362,12 @@ async def _relay_response(chain, down, conn, ctx, response: Response, timeout: f
         # first, the rest of the upload is not read, so the connection closes;
         # say so now, while the head can still carry it.
         down.close_after = True
+    if ctx.buffer_response:
+        return await _relay_whole(listener, chain, down, conn, ctx, response, timeout)
     await down.send_response(response)
     phases = chain.response_body
     while True:
-        event = conn.poll()
-        if event is NEED_DATA:  # about to wait: what we have goes out first
-            await down.flush()
-            with trio.move_on_after(timeout) as idle:
-                event = await conn.next_event()
-            if idle.cancelled_caught:
-                raise UpstreamError("upstream body stalled", status=504, flag="UT")
+        event = await _upstream_body_event(conn, down, timeout)
         if type(event) is Body:
             data = event.data
             if phases:
@@ -342,8 +388,37 @@ async def _relay_response(chain, down, conn, ctx, response: Response, timeout: f
                 await chain.run_heads(chain.response_trailers, ctx, trailers, full)
             await down.send_end(trailers)
             return
-        else:
-            raise UpstreamError("upstream closed mid-response", status=502, flag="UC")
+
+
+async def _relay_whole(listener, chain, down, conn, ctx, response: Response, timeout: float) -> None:
+    """Read the response body whole (a filter asked), run the body phases once,
+    and send it with its exact length. Nothing has reached the client yet, so
+    a body past the buffer limit is still a clean 502."""
+    limit = listener.max_buffered
+    parts: list[bytes] = []
+    total = 0
+    while type(event := await _upstream_body_event(conn, down, timeout)) is Body:
+        total += len(event.data)
+        if total > limit:
+            raise UpstreamError(f"response body over the {limit}-byte buffer limit", status=502, flag="UBL")
+        parts.append(event.data)
+    body = b"".join(parts)
+    full = len(chain.filters)
+    bodiless = ctx.request.method == "HEAD" or response.status in (204, 304)
+    if chain.response_body and not bodiless:
+        data = await chain.run_body(chain.response_body, ctx, body, True, full)
+        if type(data) is LocalReply:
+            raise _Reply(data)
+        body = data
+    if event.trailers is not None and chain.response_trailers:
+        await chain.run_heads(chain.response_trailers, ctx, event.trailers, full)
+    if not bodiless:  # a HEAD keeps the upstream's length: it is the GET's
+        response.headers.set(b"content-length", str(len(body)).encode())
+    await down.send_response(response)
+    if body:
+        ctx.bytes_out += len(body)
+        await down.send_body(body)
+    await down.send_end(None)  # trailers cannot follow a Content-Length body
 
 
 async def _answer(chain: Chain, down: Any, ctx: Context, reply: LocalReply, limit: int) -> None:

@@ -79,6 +79,10 @@ class Listener:
         return self.config.limits.max_body_bytes
 
     @property
+    def max_buffered(self) -> int:
+        return self.config.limits.max_buffered_body_bytes
+
+    @property
     def scheme(self) -> str:
         return "https" if self.transport is not None else "http"
 

@@ -6,6 +6,7 @@ Fields: ``time`` (UTC, ISO 8601), ``client``, ``method``, ``path``,
 ``user_agent`` and ``flags``: how sluice answered when it answered itself
 (NR no route, UH no healthy upstream, UF upstream connect failure, UT
 upstream timeout, UC upstream connection error, UPE upstream protocol error,
+UBL upstream body over the buffer limit,
 LR local reply by a filter, FE filter error, DC client disconnected,
 DT client timed out, DPE client protocol error).
 
