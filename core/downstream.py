@@ -104,9 +104,7 @@ class H1Downstream:
                 raise
             if event is NEED_DATA:
                 if not await self._receive(self.idle_timeout):
-                    exc = ClientGone("client stalled mid-body")
-                    exc.timed_out = True
-                    raise exc
+                    raise ClientGone("client stalled mid-body", timed_out=True)
                 continue
             if type(event) is End:
                 self.body_done = True

@@ -10,7 +10,14 @@ class ConfigError(Exception):
 
 
 class ClientGone(Exception):
-    """The downstream peer closed or broke its connection mid-exchange."""
+    """The downstream peer closed, broke, or stalled its connection mid-exchange.
+
+    ``timed_out`` says it stalled (the client may still read a 408).
+    """
+
+    def __init__(self, message: str, *, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
 
 
 class UpstreamError(Exception):

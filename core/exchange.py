@@ -100,7 +100,7 @@ async def run_exchange(listener: Listener, down: Any, head: RequestHead, ctx: Co
         await _answer(chain, down, ctx, LocalReply(exc.status, _reason(exc.status), flag=""), 0)
     except ClientGone as exc:
         ctx.error = exc
-        if getattr(exc, "timed_out", False):
+        if exc.timed_out:
             ctx.flags.append("DT")
             await _answer(chain, down, ctx, LocalReply(408, "request body timed out\n", flag=""), 0)
         else:
