@@ -173,13 +173,19 @@ class Pool:
         while True:
             await trio.sleep(interval)
             now = time.monotonic()
+            # Take every victim out first, without awaiting: exchanges may
+            # take from or add to the pool while the closes below are awaited.
+            victims = []
             for idle in self._idle.values():
-                for conn in [c for c in idle if now > c.idle_deadline or c.looks_stale()]:
+                expired = [c for c in idle if now > c.idle_deadline or c.looks_stale()]
+                for conn in expired:
                     idle.remove(conn)
-                    await conn.aclose()
+                victims += expired
+            for conn in victims:
+                await conn.aclose()
 
     async def aclose(self) -> None:
         self.closed = True
-        for idle in self._idle.values():
+        for idle in list(self._idle.values()):
             while idle:
                 await idle.popleft().aclose()

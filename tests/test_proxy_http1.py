@@ -346,3 +346,18 @@ async def test_ipv6_loopback_on_both_sides(nursery):
                     raw += chunk
     assert raw.startswith(b"HTTP/1.1 200 ") and raw.endswith(b"/six")
     assert dict(origin.requests[0][0].headers)[b"x-forwarded-for"] == b"::1"
+
+
+async def test_the_reaper_closes_expired_connections_while_traffic_continues(start_origin):
+    origins = [await start_origin() for _ in range(3)]
+    cfg = config(*(o.address for o in origins), cluster={"idle_timeout": 0.3})
+    async with serve(cfg, plugins=PLUGINS) as proxy:
+        pool = proxy.app.pool
+        async with httpx.AsyncClient() as client:
+            for _ in range(3):
+                await client.get(proxy.url + "/")
+            assert sum(len(q) for q in pool._idle.values()) == 3
+            with trio.fail_after(5):  # the reaper (every second) closes them, the worker lives on
+                while sum(len(q) for q in pool._idle.values()):
+                    await trio.sleep(0.1)
+            assert (await client.get(proxy.url + "/")).status_code == 200
