@@ -12,7 +12,8 @@ DT client timed out, DPE client protocol error).
 
 Logging never blocks the event loop: ``on_complete`` renders the line and
 appends it to a buffer; a background task hands batches to a worker thread
-for the write. If the disk cannot keep up and the buffer reaches
+for the write. A failed write (disk full, a closed pipe) loses that batch,
+says so in sluice's own log, and nothing else. If the disk cannot keep up and the buffer reaches
 ``max_pending`` lines, new lines are dropped and counted (reported in
 sluice's own log) rather than letting memory grow or requests wait.
 """
@@ -152,7 +153,10 @@ class AccessLog(Filter):
             file.flush()
 
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(write)
+            try:
+                await trio.to_thread.run_sync(write)
+            except (OSError, ValueError) as exc:  # disk full, closed pipe: never the proxy's death
+                log.error("access log write failed", lines=len(lines), error=str(exc))
 
 
 @hookimpl

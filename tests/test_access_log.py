@@ -92,3 +92,22 @@ async def test_an_unwritable_path_is_a_config_error(tmp_path):
             raise AssertionError("started with an unwritable access log")
     except ConfigError as exc:
         assert "filters.access_log.path: cannot write" in str(exc)
+
+
+async def test_a_failing_disk_loses_lines_not_the_proxy(start_origin, tmp_path):
+    """/dev/full accepts the open and fails every write with ENOSPC: a real full disk."""
+    import os
+
+    if not os.path.exists("/dev/full"):
+        import pytest
+
+        pytest.skip("no /dev/full here")
+    origin = await start_origin()
+    cfg = config(origin.address, filters=["access_log", "router"],
+                 filter_settings={"access_log": {"path": "/dev/full", "flush_interval": 0.05}})
+    async with serve(cfg, plugins=PLUGINS) as proxy:
+        async with httpx.AsyncClient() as client:
+            for _ in range(3):
+                assert (await client.get(proxy.url + "/")).status_code == 200
+                await trio.sleep(0.1)  # let a flush fail in between
+            assert (await client.get(proxy.url + "/")).status_code == 200
