@@ -12,7 +12,7 @@ import json
 
 import trio
 
-from .downstream import H1Downstream
+from .downstream import H1Downstream, HeadTimeout
 from .errors import ClientGone
 from .messages import Headers, Response
 from .protocol.events import Body, ProtocolError
@@ -51,8 +51,8 @@ async def _handle(stream: trio.SocketStream) -> None:
                 if not down.reusable():
                     return
                 down.proto.next_cycle()
-        except (ProtocolError, ClientGone, trio.BrokenResourceError):
-            return
+        except (ProtocolError, ClientGone, HeadTimeout, trio.BrokenResourceError, OSError):
+            return  # a bad or slow client: drop it, never the demo
 
 
 async def serve_demo(*, task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -204,3 +204,21 @@ def test_embedded_default_checks_its_plugins_before_listening():
     assert r.returncode == 2
     assert "add 'balancer' to --plugins" in r.stderr
     assert "listening" not in r.stderr
+
+
+def test_the_demo_origin_survives_a_slow_client():
+    import re
+    import socket
+
+    port = free_port()
+    with Running("--listen", f"127.0.0.1:{port}") as proxy:
+        proxy.wait_for_output("demo upstream on")
+        demo = next(re.search(r"demo upstream on http://(\S+)", line).group(1)
+                    for line in proxy.stderr if "demo upstream on" in line)
+        host, demo_port = demo.rsplit(":", 1)
+        with socket.create_connection((host, int(demo_port))) as slow:
+            slow.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # never finishes its head
+            slow.settimeout(15)
+            assert slow.recv(100) == b""  # the demo gives up on it (after its 10 s head timeout)
+        assert "demo upstream" in curl(f"http://127.0.0.1:{port}/").stdout
+        assert proxy.proc.poll() is None
