@@ -96,9 +96,14 @@ class App:
             return self.filters[name]
         if name not in self.plugins.filters:
             raise self.plugins.missing("filters", name, where)
-        cls = self.plugins.filters[name][0]
+        cls, plugin = self.plugins.filters[name]
         settings = validate(cls.Config, self.config.filters.get(name), f"filters.{name}")
-        instance = cls.from_config(settings, self)
+        try:
+            instance = cls.from_config(settings, self)
+        except ConfigError:
+            raise
+        except Exception as exc:  # a plugin's bug: name it rather than dump its traceback
+            raise ConfigError(f"filters.{name}: filter {name!r} of plugin {plugin!r} failed to build: {exc!r}") from exc
         self.filters[name] = instance
         return instance
 

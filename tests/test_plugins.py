@@ -105,3 +105,18 @@ def test_the_chain_keeps_only_overriding_phases():
     assert [(i, fn.__self__) for i, fn in chain.response_body] == [(1, b)]
     assert [fn.__self__ for fn in chain.complete] == [log]
     assert chain.without(frozenset({"h"})).request_headers == []
+
+
+async def test_a_filter_that_fails_to_build_is_named():
+    class Broken(Filter):
+        name = "broken"
+
+        def __init__(self, config):
+            raise RuntimeError("cannot find my model file")
+
+    with pytest.raises(ConfigError) as info:
+        async with serve(config("127.0.0.1:9", filters=["broken", "router"]), plugins=["router", "balancer"],
+                         extra={"shaky": InProcess(Broken)}):
+            pass
+    assert "filter 'broken' of plugin 'shaky' failed to build" in str(info.value)
+    assert "cannot find my model file" in str(info.value)
