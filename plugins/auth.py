@@ -130,6 +130,8 @@ class Basic(Filter):
         return CONTINUE
 
     async def _check(self, user: bytes, password: bytes, hashed: bytes) -> bool:
+        if len(password) > 72:  # bcrypt's limit: no stored hash can match a longer one
+            return False
         key = hashlib.sha256(user + b"\0" + password).digest()
         now = time.monotonic()
         if self._verified.get(key, 0.0) > now:

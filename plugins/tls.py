@@ -36,6 +36,7 @@ class _Model(BaseModel):
 class ListenerTls(_Model):
     cert: FilePath
     key: FilePath
+    key_password: str | None = None  # for an encrypted key (never prompted for)
     min_version: Literal["1.2", "1.3"] = "1.2"
 
 
@@ -46,11 +47,18 @@ class ClusterTls(_Model):
     min_version: Literal["1.2", "1.3"] = "1.2"
 
 
+def _password(cfg: ListenerTls) -> str:
+    # Without a callable, OpenSSL would prompt on the terminal and hang startup.
+    if cfg.key_password is None:
+        raise ValueError(f"{cfg.key} is encrypted: set key_password")
+    return cfg.key_password
+
+
 class _Server(ServerTransport):
     def __init__(self, cfg: ListenerTls) -> None:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.minimum_version = _VERSIONS[cfg.min_version]
-        ctx.load_cert_chain(Path(cfg.cert), Path(cfg.key))
+        ctx.load_cert_chain(Path(cfg.cert), Path(cfg.key), password=lambda: _password(cfg))
         ctx.set_alpn_protocols(["http/1.1"])
         self.context = ctx
 

@@ -107,3 +107,13 @@ async def test_dot_segments_cannot_borrow_a_public_routes_exemption(start_origin
         raw = await raw_request(proxy.address, b"GET /public/x/../y HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
     assert raw.startswith(b"HTTP/1.1 200 ")
     assert [r.target for r, _ in origin.requests] == [b"/public/y"]  # the upstream sees what was routed
+
+
+async def test_an_overlong_basic_password_is_a_401_not_a_500(start_origin, htpasswd):
+    origin = await start_origin()
+    cfg = config(origin.address, filters=["basic", "router"],
+                 filter_settings={"basic": {"htpasswd": str(htpasswd)}})
+    async with serve(cfg, plugins=PLUGINS) as proxy:
+        async with httpx.AsyncClient() as client:
+            r = await client.get(proxy.url + "/", auth=("alice", "p" * 100))
+    assert r.status_code == 401

@@ -125,3 +125,23 @@ async def test_missing_certificate_file_is_a_config_error(tmp_path):
         async with serve(cfg, plugins=PLUGINS):
             pass
     assert "listeners[0].tls.cert" in str(info.value)
+
+
+async def test_an_encrypted_key_needs_its_password_and_never_prompts(ca, tmp_path):
+    from cryptography.hazmat.primitives import serialization
+
+    cert = ca.issue_cert("localhost")
+    key = serialization.load_pem_private_key(cert.private_key_pem.bytes(), password=None)
+    encrypted = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.BestAvailableEncryption(b"s3cret"))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_path))
+    key_path.write_bytes(encrypted)
+    tls = {"cert": str(cert_path), "key": str(key_path)}
+    with pytest.raises(ConfigError) as info:
+        async with serve(config("127.0.0.1:9", listener={"tls": tls}), plugins=PLUGINS):
+            pass
+    assert "listeners[0].tls" in str(info.value) and "set key_password" in str(info.value)
+    async with serve(config("127.0.0.1:9", listener={"tls": {**tls, "key_password": "s3cret"}}),
+                     plugins=PLUGINS) as proxy:
+        assert proxy.url.startswith("https://")
