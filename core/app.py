@@ -109,6 +109,9 @@ class App:
 
     def _listener(self, i: int, cfg) -> Listener:
         where = f"listeners[{i}]"
+        for j, name in enumerate(cfg.filters):
+            if name in cfg.filters[:j]:
+                raise ConfigError(f"{where}.filters[{j}]: {name!r} is already in this chain")
         chain = Chain([self.filter(n, f"{where}.filters[{j}]") for j, n in enumerate(cfg.filters)])
         transport = None if cfg.tls is None else self._transport("server", cfg.tls, f"{where}.tls")
         routes = getattr(chain.resolver.__self__, "routes", ()) if chain.resolver else ()

@@ -120,3 +120,10 @@ async def test_a_filter_that_fails_to_build_is_named():
             pass
     assert "filter 'broken' of plugin 'shaky' failed to build" in str(info.value)
     assert "cannot find my model file" in str(info.value)
+
+
+async def test_a_filter_listed_twice_in_a_chain_is_an_error():
+    with pytest.raises(ConfigError) as info:
+        async with serve(config("127.0.0.1:9", filters=["router", "router"]), plugins=["router", "balancer"]):
+            pass
+    assert "listeners[0].filters[1]: 'router' is already in this chain" in str(info.value)
