@@ -37,6 +37,12 @@ DEFAULT_PLUGINS = "access_log,router,balancer"
 DEFAULT_LISTEN = "127.0.0.1:8080"
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sluice", description="A pluggable L7 proxy.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -48,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="one-line mode: an upstream (http://host:port or https://host:port); repeat for more")
     run.add_argument("--plugins", help="comma-separated plugins to enable; in one-line mode also the chain order"
                      f" (default {DEFAULT_PLUGINS})")
-    run.add_argument("--workers", type=int, help="worker processes sharing the port (SO_REUSEPORT)")
+    run.add_argument("--workers", type=_positive, help="worker processes sharing the port (SO_REUSEPORT)")
     run.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
 
     check = sub.add_parser("check", help="validate a config file and print the chains")
