@@ -178,6 +178,6 @@ def load(path: str | Path) -> Config:
             data = tomllib.load(f)
     except OSError as exc:
         raise ConfigError(f"{path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     return parse(data)

@@ -222,3 +222,12 @@ def test_the_demo_origin_survives_a_slow_client():
             assert slow.recv(100) == b""  # the demo gives up on it (after its 10 s head timeout)
         assert "demo upstream" in curl(f"http://127.0.0.1:{port}/").stdout
         assert proxy.proc.poll() is None
+
+
+def test_a_file_that_is_not_toml_is_a_clear_error(tmp_path):
+    for name, content in (("broken.toml", b"[listeners\n"), ("latin1.toml", b'x = "\xff"\n')):
+        path = tmp_path / name
+        path.write_bytes(content)
+        r = sluice("check", str(path))
+        assert r.returncode == 2 and f"{path}: not valid TOML" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
