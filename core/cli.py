@@ -189,6 +189,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         for i, f in enumerate(listener.chain.filters, 1):
             phases = [p.removeprefix("on_") for p in PHASES if overrides(f, p)]
             print(f"  {i}. {f.name} [{', '.join(phases)}]")
+        if listener.chain.resolver is not None:
+            for route in getattr(listener.chain.resolver.__self__, "routes", ()):
+                print(f"  route {route.name}: {route.summary}")
     for name, cluster in app.clusters.items():
         eps = ", ".join(f"{e.address}" + (f" w={e.weight}" if e.weight != 1 else "") for e in cluster.endpoints)
         print(f"cluster {name}: {type(cluster.balancer).name} -> {eps}")

@@ -19,7 +19,9 @@ class Route:
 
     ``filters`` holds per-route settings keyed by filter name; the core reads
     ``{"disabled": true}`` itself and skips that filter for the request.
-    ``action`` is the router's own (forward, direct response, redirect).
+    ``action`` is the router's own (forward, direct response, redirect);
+    ``summary`` says in one line what the route matches and does (for
+    ``sluice check``).
     """
 
     name: str
@@ -27,6 +29,7 @@ class Route:
     timeout: float | None = None
     filters: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     action: Any = None
+    summary: str = ""
 
     def filter_settings(self, filter_name: str) -> Mapping[str, Any]:
         """Per-route settings for one filter (empty when none)."""

@@ -111,6 +111,28 @@ class RouteConfig(_Model):
         return self
 
 
+def _summary(rc: RouteConfig) -> str:
+    """``host=*.a.test prefix=/api/ methods=GET -> cluster api``: one line for ``sluice check``."""
+    m = rc.match
+    conditions = [f"{k}={v}" for k, v in (("host", m.host), ("prefix", m.prefix), ("path", m.path),
+                                          ("regex", m.regex)) if v is not None]
+    if m.methods:
+        conditions.append("methods=" + ",".join(x.upper() for x in m.methods))
+    if m.headers:
+        names = m.headers if isinstance(m.headers, dict) else [h.name for h in m.headers]
+        conditions.append("headers=" + ",".join(names))
+    if rc.cluster is not None:
+        action = f"cluster {rc.cluster}" + (f" (timeout {rc.timeout:g}s)" if rc.timeout else "")
+    elif rc.direct_response is not None:
+        action = f"direct {rc.direct_response.status}"
+    else:
+        action = f"redirect {rc.redirect.status}"
+    disabled = [n for n, s in rc.filters.items() if s.get("disabled")]
+    if disabled:
+        action += " without " + ",".join(disabled)
+    return f"{' '.join(conditions) or 'everything'} -> {action}"
+
+
 def _host_test(pattern: str):
     pattern = pattern.lower()
     if pattern == "*":
@@ -194,6 +216,7 @@ class Router(Filter):
                 timeout=rc.timeout,
                 filters=rc.filters,
                 action=action,
+                summary=_summary(rc),
             )
             table.append((_compile(rc), route))
         return cls(config, table, app.clusters)

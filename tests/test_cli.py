@@ -77,6 +77,7 @@ def test_check_prints_the_effective_chain(tmp_path):
     assert "1. access_log [complete]" in r.stdout
     assert "2. api_key [request_headers]" in r.stdout
     assert "3. router [request_headers]" in r.stdout
+    assert "route routes[0]: prefix=/ -> cluster api" in r.stdout
     assert "cluster api: weighted_round_robin -> 127.0.0.1:9000, 127.0.0.1:9001 w=3" in r.stdout
 
 
