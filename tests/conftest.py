@@ -52,13 +52,18 @@ class InProcess:
         return self._filters
 
 
+async def read_until_closed(stream: trio.abc.ReceiveStream, *, timeout: float = 5.0) -> bytes:
+    """Everything the peer sends until it closes (or the timeout)."""
+    received = bytearray()
+    with trio.move_on_after(timeout):
+        while chunk := await stream.receive_some(65536):
+            received += chunk
+    return bytes(received)
+
+
 async def raw_request(address: tuple[str, int], data: bytes, *, timeout: float = 5.0) -> bytes:
     """Send bytes, read until the proxy closes (or the timeout), return what came back."""
     stream = await trio.open_tcp_stream(*address)
-    received = bytearray()
     async with stream:
         await stream.send_all(data)
-        with trio.move_on_after(timeout):
-            while chunk := await stream.receive_some(65536):
-                received += chunk
-    return bytes(received)
+        return await read_until_closed(stream, timeout=timeout)

@@ -11,7 +11,7 @@ import trio
 from sluice import CONTINUE, Filter
 from sluice.testing import serve
 
-from .conftest import InProcess, config, raw_request
+from .conftest import InProcess, config, raw_request, read_until_closed
 from .origin import Reply
 
 PLUGINS = ["router", "balancer"]
@@ -192,10 +192,7 @@ async def test_upstream_1xx_is_relayed_and_expect_continue_answered(start_origin
                 interim = await stream.receive_some(1024)
             assert interim == b"HTTP/1.1 100 \r\n\r\n"
             await stream.send_all(b"hello")
-            final = b""
-            with trio.fail_after(5):
-                while chunk := await stream.receive_some(4096):
-                    final += chunk
+            final = await read_until_closed(stream)
     assert final.startswith(b"HTTP/1.1 200 ") and final.endswith(b"hello")
     assert origin.requests[0][1] == b"hello"
     assert b"expect" not in [n for n, _ in origin.requests[0][0].headers]
@@ -337,13 +334,7 @@ async def test_ipv6_loopback_on_both_sides(nursery):
     async with serve(cfg, plugins=PLUGINS) as proxy:
         assert proxy.app.clusters["backend"].endpoints[0].address == f"[::1]:{port}"
         assert proxy.url.startswith("http://[::1]:")
-        stream = await trio.open_tcp_stream(*proxy.address)
-        async with stream:
-            await stream.send_all(b"GET /six HTTP/1.1\r\nhost: [::1]\r\nconnection: close\r\n\r\n")
-            raw = b""
-            with trio.fail_after(5):
-                while chunk := await stream.receive_some(4096):
-                    raw += chunk
+        raw = await raw_request(proxy.address, b"GET /six HTTP/1.1\r\nhost: [::1]\r\nconnection: close\r\n\r\n")
     assert raw.startswith(b"HTTP/1.1 200 ") and raw.endswith(b"/six")
     assert dict(origin.requests[0][0].headers)[b"x-forwarded-for"] == b"::1"
 
