@@ -18,7 +18,7 @@ import statistics
 import time
 
 from sluice.forwarding import add_forwarded, add_via, ensure_request_id, strip_hop_by_hop
-from sluice.protocol.http1 import ClientConnection, ServerConnection
+from sluice.protocol.http1 import CODECS, select
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n"
 RESPONSE = (
@@ -29,8 +29,8 @@ RESPONSE = (
 LIMITS = {"max_head_bytes": 32768, "max_header_count": 100}
 
 
-def one_exchange() -> None:
-    down = ServerConnection(**LIMITS)
+def one_exchange(codec) -> None:
+    down = codec.server(**LIMITS)
     down.feed(REQUEST)
     head = down.next_event()
     down.next_event()  # End
@@ -39,7 +39,7 @@ def one_exchange() -> None:
     ensure_request_id(headers)
     add_forwarded(headers, client_ip="127.0.0.1", scheme="http", trusted=False)
     add_via(headers)
-    up = ClientConnection(**LIMITS)
+    up = codec.client(**LIMITS)
     up.request(head.request, chunked=False)
     up.end()
     up.feed(RESPONSE)
@@ -57,21 +57,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=20000, help="exchanges per repeat")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--codec", choices=CODECS, default="auto", help="HTTP/1.1 codec")
     parser.add_argument("--profile", action="store_true", help="print the top functions by own time")
     args = parser.parse_args()
+    codec = select(args.codec)
     for _ in range(1000):
-        one_exchange()
+        one_exchange(codec)
     samples = []
     for _ in range(args.repeats):
         start = time.perf_counter()
         for _ in range(args.n):
-            one_exchange()
+            one_exchange(codec)
         samples.append((time.perf_counter() - start) / args.n * 1e6)
     print(f"protocol work per proxied request: median {statistics.median(samples):.1f} us "
           f"(min {min(samples):.1f}, max {max(samples):.1f}, {args.repeats} x {args.n})")
     if args.profile:
         profile = cProfile.Profile()
-        profile.runcall(lambda: [one_exchange() for _ in range(5000)])
+        profile.runcall(lambda: [one_exchange(codec) for _ in range(5000)])
         pstats.Stats(profile).sort_stats("tottime").print_stats(15)
 
 

@@ -3,7 +3,8 @@
 - `recorder`: the recording upstream, shared by the session and reset for every test.
 - `target`: the proxy under test (sluice by default; `--conformance-target nginx` or
   SLUICE_CONFORMANCE_TARGET=nginx for comparison), one process per session in front of the
-  recorder, restarted if a test kills it.
+  recorder, restarted if a test kills it. sluice runs once per HTTP/1.1 codec (h11 and
+  httptools): every test runs against both.
 
 A known difference of another proxy from sluice's promises is declared on the test with
 `@pytest.mark.quirk("nginx", "why")`; it turns into a non-strict xfail for that target only.
@@ -35,6 +36,12 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "http1_codec" in metafunc.fixturenames:
+        sluice = metafunc.config.getoption("--conformance-target") == "sluice"
+        metafunc.parametrize("http1_codec", ["h11", "httptools"] if sluice else [None], scope="session")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     name = config.getoption("--conformance-target")
     for item in items:
@@ -51,9 +58,9 @@ def _recorder() -> Recorder:
 
 
 @pytest.fixture(scope="session")
-def _target(request: pytest.FixtureRequest, _recorder: Recorder, tmp_path_factory) -> Target:
+def _target(request: pytest.FixtureRequest, _recorder: Recorder, tmp_path_factory, http1_codec) -> Target:
     name = request.config.getoption("--conformance-target")
-    target = Target(name, tmp_path_factory.mktemp(name), _recorder.port)
+    target = Target(name, tmp_path_factory.mktemp(name), _recorder.port, http1_codec)
     target.start()
     yield target
     target.stop()

@@ -39,8 +39,9 @@ _STOP_TIMEOUT = 5.0
 class Target:
     """A running proxy: its name, listening address and process."""
 
-    def __init__(self, name: str, workdir: Path, upstream_port: int):
+    def __init__(self, name: str, workdir: Path, upstream_port: int, codec: str | None = None):
         self.name = name
+        self.codec = codec  # sluice's HTTP/1.1 codec; None for other proxies
         self.workdir = workdir
         self.upstream_port = upstream_port
         self.process: subprocess.Popen | None = None
@@ -53,6 +54,8 @@ class Target:
         self._dead.bind(("127.0.0.1", 0))
         dead_port = self._dead.getsockname()[1]
         command = _LAUNCHERS[self.name](self.workdir, self.port, self.upstream_port, dead_port)
+        if self.codec is not None:
+            command += ["--http1-codec", self.codec]
         self._stdout = open(self.workdir / "stdout.log", "wb")
         self._stderr = open(self.workdir / "stderr.log", "wb")
         self.process = subprocess.Popen(

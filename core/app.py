@@ -19,6 +19,7 @@ from .cluster import Cluster, Endpoint
 from .config import Config, format_errors, parse_hostport
 from .errors import ConfigError
 from .filters import Filter
+from .protocol.http1 import select
 from .registry import Plugins
 from .server import Listener, bind
 from .upstream import Pool
@@ -51,7 +52,11 @@ class App:
         self._stop = None
         self.clusters = {name: self._cluster(name, c) for name, c in config.clusters.items()}
         self.filters: dict[str, Filter] = {}
-        self.pool = Pool()
+        try:
+            self.codec = select(config.server.http1_codec)
+        except ImportError as exc:
+            raise ConfigError(f"server.http1_codec: httptools does not import here: {exc}") from None
+        self.pool = Pool(self.codec)
         self.listeners = [self._listener(i, lc) for i, lc in enumerate(config.listeners)]
         for name in config.filters:  # settings for a filter no chain uses
             if name not in plugins.filters:
@@ -119,6 +124,7 @@ class App:
             config=cfg,
             chain=chain,
             pool=self.pool,
+            codec=self.codec,
             route_overrides=any(r.disabled_filters for r in routes),
             transport=transport,
         )

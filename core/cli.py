@@ -28,6 +28,7 @@ from .config import Config, load, parse
 from .errors import ConfigError
 from .filters import PHASES, overrides
 from .logs import configure
+from .protocol.http1 import CODECS
 from .registry import Plugins
 from .workers import run_workers
 
@@ -56,10 +57,13 @@ def _parser() -> argparse.ArgumentParser:
                      f" (default {DEFAULT_PLUGINS})")
     run.add_argument("--workers", type=_positive, help="worker processes sharing the port (SO_REUSEPORT)")
     run.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
+    run.add_argument("--http1-codec", choices=CODECS,
+                     help="HTTP/1.1 codec (overrides server.http1_codec; default auto: httptools, else h11)")
 
     check = sub.add_parser("check", help="validate a config file and print the chains")
     check.add_argument("config")
     check.add_argument("--plugins")
+    check.add_argument("--http1-codec", choices=CODECS, help="as for run")
 
     sub.add_parser("plugins", help="list installed plugins and what they provide")
     return p
@@ -109,20 +113,27 @@ def _build_run(args: argparse.Namespace) -> tuple[Any, int, str]:
     if args.config and (args.listen or args.upstream):
         raise ConfigError("-c cannot be combined with --listen/--upstream")
     if args.config:
-        config = load(args.config)
+        config = _with_codec(load(args.config), args.http1_codec)
         app = App(config, Plugins(_plugin_list(args.plugins)))
         return app, args.workers or config.server.workers, args.log_level or config.server.log_level
     order = _plugin_list(args.plugins or DEFAULT_PLUGINS)
     plugins = Plugins(order)
     listen = args.listen or DEFAULT_LISTEN
     if args.upstream:
-        app = App(one_line_config(listen, args.upstream, plugins, order), plugins)
-        return app, args.workers or 1, args.log_level or "info"
+        config = _with_codec(one_line_config(listen, args.upstream, plugins, order), args.http1_codec)
+        return App(config, plugins), args.workers or 1, args.log_level or "info"
     # The embedded default: validated now with a placeholder endpoint so a
     # plugin problem fails before anything listens; each worker then starts
     # the demo origin and points the cluster at it.
-    App(one_line_config(listen, ["127.0.0.1:9"], plugins, order), plugins)
-    return _Demo(listen, plugins, order), args.workers or 1, args.log_level or "info"
+    App(_with_codec(one_line_config(listen, ["127.0.0.1:9"], plugins, order), args.http1_codec), plugins)
+    return _Demo(listen, plugins, order, args.http1_codec), args.workers or 1, args.log_level or "info"
+
+
+def _with_codec(config: Config, codec: str | None) -> Config:
+    """The config with ``--http1-codec`` applied over ``server.http1_codec``."""
+    if codec is None:
+        return config
+    return config.model_copy(update={"server": config.server.model_copy(update={"http1_codec": codec})})
 
 
 @dataclass
@@ -130,6 +141,7 @@ class _Demo:
     listen: str
     plugins: Plugins
     order: list[str]
+    codec: str | None = None
 
 
 async def _serve(target: App | _Demo, reuse_port: bool, ready) -> None:
@@ -140,7 +152,7 @@ async def _serve(target: App | _Demo, reuse_port: bool, ready) -> None:
             upstream = await nursery.start(serve_demo)
             print(f"sluice: demo upstream on http://{upstream}", file=sys.stderr, flush=True)
             config = one_line_config(target.listen, [upstream], target.plugins, target.order)
-            target = App(config, target.plugins)
+            target = App(_with_codec(config, target.codec), target.plugins)
         app = target
 
         async def run(task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -150,8 +162,8 @@ async def _serve(target: App | _Demo, reuse_port: bool, ready) -> None:
         nursery.start_soon(_signals, app)
         addresses = await nursery.start(run)
         chains = "; ".join(" -> ".join(lst.chain.names()) or "(empty)" for lst in app.listeners)
-        print(f"sluice: pid {os.getpid()} listening on {', '.join(addresses)} (chain: {chains})",
-              file=sys.stderr, flush=True)
+        print(f"sluice: pid {os.getpid()} listening on {', '.join(addresses)} (chain: {chains}; "
+              f"http1 codec: {app.codec.name})", file=sys.stderr, flush=True)
         ready()
 
 
@@ -178,9 +190,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    config = load(args.config)
+    config = _with_codec(load(args.config), args.http1_codec)
     app = App(config, Plugins(_plugin_list(args.plugins)))
-    print(f"{args.config}: ok")
+    print(f"{args.config}: ok (http1 codec: {app.codec.name})")
     for listener in app.listeners:
         tls = " tls" if listener.transport is not None else ""
         print(f"listener {listener.name}{tls}:")

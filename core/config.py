@@ -125,6 +125,8 @@ class ClusterConfig(_Model):
 
 class ServerConfig(_Model):
     workers: PositiveInt = 1
+    # "auto": httptools (llhttp) when it imports, else h11, the reference.
+    http1_codec: Literal["auto", "h11", "httptools"] = "auto"
     drain_timeout: PositiveFloat = 30.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

@@ -16,13 +16,14 @@ from .downstream import H1Downstream, HeadTimeout
 from .errors import ClientGone
 from .messages import Headers, Response
 from .protocol.events import Body, ProtocolError
+from .protocol.http1 import select
 from .server import bind
 
 __all__ = ["serve_demo"]
 
 
 async def _handle(stream: trio.SocketStream) -> None:
-    down = H1Downstream(stream, max_head_bytes=32768, max_header_count=100,
+    down = H1Downstream(stream, select(), max_head_bytes=32768, max_header_count=100,
                         header_timeout=10, idle_timeout=60)
     async with stream:
         try:

@@ -14,7 +14,7 @@ import trio
 from .errors import ClientGone
 from .messages import Response
 from .protocol.events import NEED_DATA, Closed, End, ProtocolError, RequestHead
-from .protocol.http1 import ServerConnection
+from .protocol.http1 import Codec
 
 __all__ = ["H1Downstream", "HeadTimeout"]
 
@@ -31,10 +31,10 @@ class HeadTimeout(Exception):
 class H1Downstream:
     """One client connection, one exchange at a time."""
 
-    def __init__(self, stream: trio.abc.Stream, *, max_head_bytes: int, max_header_count: int,
-                 header_timeout: float, idle_timeout: float) -> None:
+    def __init__(self, stream: trio.abc.Stream, codec: Codec, *, max_head_bytes: int,
+                 max_header_count: int, header_timeout: float, idle_timeout: float) -> None:
         self.stream = stream
-        self.proto = ServerConnection(
+        self.proto = codec.server(
             max_head_bytes=max_head_bytes, max_header_count=max_header_count
         )
         self.header_timeout = header_timeout

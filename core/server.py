@@ -24,7 +24,7 @@ from .downstream import H1Downstream, HeadTimeout
 from .errors import ClientGone
 from .exchange import run_exchange
 from .protocol.events import ProtocolError
-from .protocol.http1 import reason_phrase, simple_response
+from .protocol.http1 import Codec, reason_phrase, simple_response
 from .upstream import Pool
 
 __all__ = ["Listener", "bind"]
@@ -58,6 +58,7 @@ class Listener:
     config: ListenerConfig
     chain: Chain
     pool: Pool
+    codec: Codec
     route_overrides: bool = False
     transport: Any = None  # a ServerTransport (TLS) or None
     draining: bool = False
@@ -141,6 +142,7 @@ class Listener:
         cfg = self.config
         down = H1Downstream(
             stream,
+            self.codec,
             max_head_bytes=cfg.limits.max_header_bytes,
             max_header_count=cfg.limits.max_header_count,
             header_timeout=cfg.timeouts.header_read,

@@ -19,7 +19,7 @@ import trio
 from .cluster import Cluster, Endpoint
 from .errors import UpstreamError
 from .protocol.events import NEED_DATA, ProtocolError
-from .protocol.http1 import ClientConnection
+from .protocol.http1 import Codec
 
 __all__ = ["Pool", "UpstreamConnection"]
 
@@ -36,12 +36,12 @@ def _socket_of(stream: trio.abc.Stream):
 class UpstreamConnection:
     """One connection to an endpoint, carrying one exchange at a time."""
 
-    def __init__(self, stream: trio.abc.Stream, endpoint: Endpoint, *, io_timeout: float,
-                 max_head_bytes: int, max_header_count: int) -> None:
+    def __init__(self, stream: trio.abc.Stream, endpoint: Endpoint, codec: Codec, *,
+                 io_timeout: float, max_head_bytes: int, max_header_count: int) -> None:
         self.stream = stream
         self.io_timeout = io_timeout
         self.endpoint = endpoint
-        self.proto = ClientConnection(
+        self.proto = codec.client(
             max_head_bytes=max_head_bytes, max_header_count=max_header_count
         )
         self.reused = False
@@ -108,7 +108,9 @@ class UpstreamConnection:
 class Pool:
     """Idle upstream connections per endpoint, and how new ones are opened."""
 
-    def __init__(self, *, max_head_bytes: int = 64 * 1024, max_header_count: int = 200) -> None:
+    def __init__(self, codec: Codec, *, max_head_bytes: int = 64 * 1024,
+                 max_header_count: int = 200) -> None:
+        self.codec = codec
         self._idle: dict[int, deque[UpstreamConnection]] = {}
         self._limits = {"max_head_bytes": max_head_bytes, "max_header_count": max_header_count}
         self.closed = False
@@ -150,7 +152,8 @@ class Pool:
                 f"connect to {endpoint.address} timed out after {cluster.connect_timeout}s",
                 status=503, flag="UF",
             )
-        return UpstreamConnection(stream, endpoint, io_timeout=cluster.response_timeout, **self._limits)
+        return UpstreamConnection(stream, endpoint, self.codec, io_timeout=cluster.response_timeout,
+                                  **self._limits)
 
     async def release(self, cluster: Cluster, conn: UpstreamConnection) -> None:
         """Return a connection after an exchange: pooled if reusable, else closed."""

@@ -8,8 +8,15 @@ import pytest
 import trio
 
 from sluice import Filter, hookimpl
+from sluice.protocol.http1 import select
 
 from .origin import Origin, echo
+
+
+@pytest.fixture(params=["h11", "httptools"])
+def codec(request):
+    """Each HTTP/1.1 codec in turn (``sluice.protocol.http1.select``)."""
+    return select(request.param)
 
 
 @pytest.fixture

@@ -6,13 +6,13 @@ import pytest
 
 from sluice.messages import Headers, Request, Response
 from sluice.protocol.events import NEED_DATA, Body, Closed, End, Informational, ProtocolError, RequestHead, ResponseHead
-from sluice.protocol.http1 import ClientConnection, ServerConnection, simple_response
+from sluice.protocol.http1 import simple_response
 
 LIMITS = {"max_head_bytes": 1024, "max_header_count": 10}
 
 
-def server(data: bytes) -> ServerConnection:
-    conn = ServerConnection(**LIMITS)
+def server(codec, data: bytes):
+    conn = codec.server(**LIMITS)
     conn.feed(data)
     return conn
 
@@ -26,8 +26,8 @@ def events(conn) -> list:
     return out
 
 
-def test_parses_a_request_with_a_body():
-    conn = server(b"POST /up?x=1 HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5\r\n\r\nhello")
+def test_parses_a_request_with_a_body(codec):
+    conn = server(codec, b"POST /up?x=1 HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5\r\n\r\nhello")
     head, body, end = events(conn)
     assert type(head) is RequestHead
     assert head.request.method == "POST" and head.request.target == "/up?x=1"
@@ -36,8 +36,8 @@ def test_parses_a_request_with_a_body():
     assert body == Body(b"hello") and end == End(None)
 
 
-def test_chunked_body_and_trailers():
-    conn = server(
+def test_chunked_body_and_trailers(codec):
+    conn = server(codec, 
         b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
         b"3\r\nabc\r\n0\r\nX-Sum: 9\r\n\r\n"
     )
@@ -67,23 +67,23 @@ def test_chunked_body_and_trailers():
         pytest.param(b"GET / HTTP/1.1\r\nX: " + b"a" * 1100 + b"\r\n\r\n", 431, id="head-too-large"),
     ],
 )
-def test_rejects_ambiguous_or_oversized_heads(raw, status):
+def test_rejects_ambiguous_or_oversized_heads(codec, raw, status):
     with pytest.raises(ProtocolError) as info:
-        events(server(raw))
+        events(server(codec, raw))
     assert info.value.status == status
 
 
 @pytest.mark.parametrize("size_line", [b"zz", b"-1", b"0x5", b"1" * 20])
-def test_rejects_bad_chunk_sizes(size_line):
-    conn = server(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n" + size_line + b"\r\nabcde\r\n0\r\n\r\n")
+def test_rejects_bad_chunk_sizes(codec, size_line):
+    conn = server(codec, b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n" + size_line + b"\r\nabcde\r\n0\r\n\r\n")
     assert type(conn.next_event()) is RequestHead
     with pytest.raises(ProtocolError) as info:
         events(conn)
     assert info.value.status == 400
 
 
-def test_head_may_arrive_one_byte_at_a_time():
-    conn = ServerConnection(**LIMITS)
+def test_head_may_arrive_one_byte_at_a_time(codec):
+    conn = codec.server(**LIMITS)
     raw = b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n"
     for i in range(len(raw) - 1):
         conn.feed(raw[i:i + 1])
@@ -92,8 +92,8 @@ def test_head_may_arrive_one_byte_at_a_time():
     assert conn.next_event().request.target == "/slow"
 
 
-def test_pipelined_requests_each_pass_the_scan():
-    conn = server(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\nHost: a\n\n")
+def test_pipelined_requests_each_pass_the_scan(codec):
+    conn = server(codec, b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\nHost: a\n\n")
     head, end = events(conn)
     assert head.request.target == "/1"
     conn.respond(Response(200, Headers([(b"content-length", b"0")])))
@@ -104,28 +104,28 @@ def test_pipelined_requests_each_pass_the_scan():
         conn.next_event()
 
 
-def test_eof_between_requests_is_a_clean_close():
-    conn = ServerConnection(**LIMITS)
+def test_eof_between_requests_is_a_clean_close(codec):
+    conn = codec.server(**LIMITS)
     conn.feed(b"")
     assert type(conn.next_event()) is Closed
 
 
-def test_response_framing_chunked_when_length_unknown():
-    conn = server(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+def test_response_framing_chunked_when_length_unknown(codec):
+    conn = server(codec, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
     events(conn)
     out = conn.respond(Response(200, Headers()))
     out += conn.data(b"hi") + conn.end()
-    assert out == b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n"
+    assert out.lower() == b"http/1.1 200 ok\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n"
 
 
-def test_simple_response_is_complete_and_closes():
+def test_simple_response_is_complete_and_closes(codec):
     assert simple_response(400, b"bad\n") == (
         b"HTTP/1.1 400 Bad Request\r\ncontent-length: 4\r\nconnection: close\r\n\r\nbad\n"
     )
 
 
-def test_client_side_relays_informational_then_final():
-    conn = ClientConnection(**LIMITS)
+def test_client_side_relays_informational_then_final(codec):
+    conn = codec.client(**LIMITS)
     request = Request("POST", "/", Headers([(b"host", b"a"), (b"content-length", b"2")]))
     assert conn.request(request, chunked=False).startswith(b"POST / HTTP/1.1\r\n")
     conn.data(b"hi")
@@ -138,8 +138,8 @@ def test_client_side_relays_informational_then_final():
     assert conn.reusable()
 
 
-def test_client_side_eof_before_response_is_an_error():
-    conn = ClientConnection(**LIMITS)
+def test_client_side_eof_before_response_is_an_error(codec):
+    conn = codec.client(**LIMITS)
     conn.request(Request("GET", "/", Headers([(b"host", b"a")])), chunked=False)
     conn.end()
     conn.feed(b"")
@@ -148,8 +148,8 @@ def test_client_side_eof_before_response_is_an_error():
     assert not conn.response_bytes_seen
 
 
-def test_client_side_rejects_bare_lf_in_response():
-    conn = ClientConnection(**LIMITS)
+def test_client_side_rejects_bare_lf_in_response(codec):
+    conn = codec.client(**LIMITS)
     conn.request(Request("GET", "/", Headers([(b"host", b"a")])), chunked=False)
     conn.end()
     conn.feed(b"HTTP/1.1 200 OK\nContent-Length: 0\n\n")
@@ -157,8 +157,8 @@ def test_client_side_rejects_bare_lf_in_response():
         conn.next_event()
 
 
-def test_client_side_bytes_after_response_make_it_unreusable():
-    conn = ClientConnection(**LIMITS)
+def test_client_side_bytes_after_response_make_it_unreusable(codec):
+    conn = codec.client(**LIMITS)
     conn.request(Request("GET", "/", Headers([(b"host", b"a")])), chunked=False)
     conn.end()
     conn.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\nsurprise")
@@ -166,8 +166,8 @@ def test_client_side_bytes_after_response_make_it_unreusable():
     assert not conn.reusable()
 
 
-def test_absolute_form_becomes_origin_form_with_its_authority_as_host():
-    conn = server(b"GET http://Example.test:8080/a/b?c=1 HTTP/1.1\r\nHost: ignored.test\r\n\r\n")
+def test_absolute_form_becomes_origin_form_with_its_authority_as_host(codec):
+    conn = server(codec, b"GET http://Example.test:8080/a/b?c=1 HTTP/1.1\r\nHost: ignored.test\r\n\r\n")
     head = conn.next_event()
     assert head.request.target == "/a/b?c=1"
     assert head.request.headers.get_all("host") == ["Example.test:8080"]
@@ -183,9 +183,9 @@ def test_absolute_form_becomes_origin_form_with_its_authority_as_host():
         pytest.param(b"GET http://user@a.test/ HTTP/1.1\r\nHost: a\r\n\r\n", 400, id="userinfo"),
     ],
 )
-def test_refuses_what_a_reverse_proxy_does_not_speak(raw, status):
+def test_refuses_what_a_reverse_proxy_does_not_speak(codec, raw, status):
     with pytest.raises(ProtocolError) as info:
-        server(raw).next_event()
+        server(codec, raw).next_event()
     assert info.value.status == status
 
 
@@ -204,6 +204,6 @@ def test_refuses_what_a_reverse_proxy_does_not_speak(raw, status):
         (b"/%2e", b"/"),
     ],
 )
-def test_dot_segments_are_removed_before_routing(target, normal):
-    conn = server(b"GET " + target + b" HTTP/1.1\r\nHost: a\r\n\r\n")
+def test_dot_segments_are_removed_before_routing(codec, target, normal):
+    conn = server(codec, b"GET " + target + b" HTTP/1.1\r\nHost: a\r\n\r\n")
     assert conn.next_event().request.target == normal.decode()

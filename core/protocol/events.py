@@ -15,6 +15,7 @@ __all__ = [
     "Closed",
     "End",
     "Informational",
+    "LocalProtocolError",
     "NEED_DATA",
     "ProtocolError",
     "RequestHead",
@@ -32,6 +33,12 @@ class ProtocolError(Exception):
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
+
+
+class LocalProtocolError(Exception):
+    """We were asked to send what the message's framing forbids (a body
+    longer or shorter than its Content-Length, a body where none may be):
+    a bug in the exchange or a filter, never the peer's fault."""
 
 
 @dataclass(slots=True)

@@ -1,0 +1,291 @@
+"""The reference HTTP/1.1 codec: h11, both roles, behind sluice's events. No I/O.
+
+h11 parses and frames, and writes what goes out. It is the codec every
+decision is checked against (``tests/test_codec_differential.py``), and the
+fallback where httptools does not import. Every head first passes the scan
+of ``heads.py``; each cycle (one request and its response) gets a fresh
+``h11.Connection``, so bytes left after a message go back through that scan
+instead of straight into h11's parser.
+"""
+
+from __future__ import annotations
+
+import h11
+
+from ..messages import Headers, Request, Response
+from .events import (
+    NEED_DATA,
+    Body,
+    Closed,
+    End,
+    Informational,
+    ProtocolError,
+    RequestHead,
+    ResponseHead,
+)
+from .heads import MAX_CHUNK, canonical_length, check_request, take_head
+from .wire import reason_phrase
+
+__all__ = ["ClientConnection", "ServerConnection"]
+
+# A slack for h11's own size limit: we only hand it whole heads we measured,
+# so its limit only guards chunk-size and trailer lines.
+_H11_MAX_EVENT = 64 * 1024
+
+class _Peer:
+    """What both roles share: head scanning, h11 cycles, event translation."""
+
+    _role: type[h11.Sentinel]
+    # The peer's h11 states in which its next bytes are not part of the
+    # current message: a head to scan, or (once DONE) the next cycle's bytes.
+    _HEAD_STATES = (h11.IDLE, h11.SEND_RESPONSE)
+    _AFTER_STATES = (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
+
+    def __init__(self, *, max_head_bytes: int, max_header_count: int) -> None:
+        self.max_head_bytes = max_head_bytes
+        self.max_header_count = max_header_count
+        self._h11: h11.Connection | None = None
+        self._buf = bytearray()  # bytes not yet handed to h11
+        self._eof = False
+        self._eof_fed = False  # h11 of this cycle has been told of the close
+
+    # -- input ------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        """Give bytes received from the peer; ``b""`` means it closed."""
+        if not data:
+            self._eof = True
+        if self._buffering():
+            self._buf += data
+        else:
+            self._h11.receive_data(data)
+            self._eof_fed = not data
+
+    @property
+    def has_buffered(self) -> bool:
+        """Bytes of a next message are already here (pipelining)."""
+        return bool(self._buf)
+
+    def _buffering(self) -> bool:
+        """Bytes go to our buffer (a head to scan, or the next cycle's)."""
+        c = self._h11
+        return c is None or c.their_state in self._HEAD_STATES or c.their_state in self._AFTER_STATES
+
+    def _new_cycle(self) -> h11.Connection:
+        self._h11 = h11.Connection(self._role, max_incomplete_event_size=_H11_MAX_EVENT)
+        return self._h11
+
+    def next_event(self):
+        """The next event, ``NEED_DATA``, or raises ``ProtocolError``."""
+        conn = self._h11
+        if conn is not None and conn.their_state in self._AFTER_STATES:
+            return NEED_DATA  # the caller must start the next cycle first
+        if conn is None or conn.their_state in self._HEAD_STATES:
+            head = take_head(self._buf, self.max_head_bytes)
+            if head is None:
+                if self._eof:
+                    if self._buf:
+                        raise ProtocolError("connection closed inside a message head")
+                    return self._closed_at_boundary()
+                return NEED_DATA
+            if conn is None:
+                conn = self._new_cycle()
+            conn.receive_data(head)
+        elif self._buf or (self._eof and not self._eof_fed):
+            if self._buf:
+                conn.receive_data(bytes(self._buf))
+                self._buf.clear()
+            if self._eof:
+                conn.receive_data(b"")
+                self._eof_fed = True
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise ProtocolError(str(exc), exc.error_status_hint) from None
+        # h11 keeps the current chunk's size private; read it defensively.
+        if getattr(getattr(conn, "_reader", None), "_bytes_in_chunk", 0) >= MAX_CHUNK:
+            raise ProtocolError("chunk size too large")
+        return self._translate(event)
+
+    def _closed_at_boundary(self):
+        return Closed()
+
+    def _translate(self, event):
+        if type(event) is h11.Data:
+            return Body(event.data if type(event.data) is bytes else bytes(event.data))
+        if type(event) is h11.EndOfMessage:
+            trailers = list(event.headers)
+            # Bytes after the message go back through the head scan; the
+            # buffer was empty or is appended to (order is preserved).
+            leftover, _ = self._h11.trailing_data
+            if leftover:
+                self._buf[:0] = leftover
+            return End(Headers._trusted(trailers) if trailers else None)
+        if event is h11.NEED_DATA or event is h11.PAUSED:
+            return NEED_DATA
+        if type(event) is h11.ConnectionClosed:
+            return Closed()
+        return self._translate_head(event)
+
+    def _translate_head(self, event):  # pragma: no cover - per role
+        raise NotImplementedError
+
+    # -- output -----------------------------------------------------------
+
+    def data(self, chunk: bytes) -> bytes:
+        return self._h11.send(h11.Data(data=chunk)) if chunk else b""
+
+    def end(self, trailers: Headers | None = None) -> bytes:
+        fields = trailers.raw() if trailers else []
+        if fields and not self._out_chunked:
+            fields = []  # a Content-Length body cannot carry trailers
+        return self._h11.send(h11.EndOfMessage(headers=fields))
+
+    _out_chunked = False
+
+    @property
+    def cycle_done(self) -> bool:
+        """Both sides finished the current message cleanly."""
+        c = self._h11
+        return c is not None and c.our_state is h11.DONE and c.their_state is h11.DONE
+
+    def reusable(self) -> bool:
+        """True when the connection may carry another exchange.
+
+        h11 moves a side to MUST_CLOSE rather than DONE when either peer
+        asked for ``Connection: close`` or spoke HTTP/1.0 without keep-alive.
+        """
+        return self.cycle_done and not self._eof
+
+    def next_cycle(self) -> None:
+        """Forget the finished cycle; the next head starts a new one."""
+        self._h11 = None
+        self._out_chunked = False
+        self._eof_fed = False
+
+
+def _is_chunked(fields: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a response with these fields goes out chunked (no Content-Length)."""
+    for n, _ in fields:
+        if n == b"transfer-encoding":
+            return True
+        if n == b"content-length":
+            return False
+    return True
+
+
+_STARTED = (h11.SEND_BODY, h11.DONE, h11.MUST_CLOSE, h11.CLOSED, h11.ERROR)
+
+
+class ServerConnection(_Peer):
+    """The downstream side: parses requests, serialises responses."""
+
+    _role = h11.SERVER
+
+    def _translate_head(self, event):
+        if type(event) is not h11.Request:
+            raise ProtocolError(f"unexpected {type(event).__name__}")
+        fields = list(event.headers)
+        target = check_request(event.method, event.target, event.http_version, fields,
+                               self.max_header_count)
+        content_length = canonical_length(fields)
+        has_body = bool(content_length) or (
+            content_length is None and any(n == b"transfer-encoding" for n, _ in fields)
+        )
+        request = Request(
+            method=event.method.decode("ascii"),
+            target=target.decode("latin-1"),
+            headers=Headers._trusted(fields),
+            http_version=event.http_version.decode("ascii"),
+        )
+        return RequestHead(
+            request,
+            expect_continue=self._h11.they_are_waiting_for_100_continue,
+            has_body=has_body,
+            content_length=content_length,
+        )
+
+    @property
+    def peer_http_version(self) -> bytes:
+        return self._h11.their_http_version if self._h11 is not None else b"1.1"
+
+    @property
+    def waiting_for_100_continue(self) -> bool:
+        return self._h11 is not None and self._h11.they_are_waiting_for_100_continue
+
+    @property
+    def response_started(self) -> bool:
+        """A response head has gone out (or can no longer go out)."""
+        return self._h11 is not None and self._h11.our_state in _STARTED
+
+    def informational(self, response: Response) -> bytes:
+        return self._h11.send(
+            h11.InformationalResponse(
+                status_code=response.status, headers=response.headers.raw()
+            )
+        )
+
+    def respond(self, response: Response) -> bytes:
+        fields = response.headers.raw()
+        self._out_chunked = _is_chunked(fields)
+        return self._h11.send(
+            h11.Response(
+                status_code=response.status,
+                headers=fields,
+                reason=(response.reason or reason_phrase(response.status)).encode("latin-1"),
+            )
+        )
+
+
+class ClientConnection(_Peer):
+    """The upstream side: serialises requests, parses responses."""
+
+    _role = h11.CLIENT
+
+    def __init__(self, **limits: int) -> None:
+        super().__init__(**limits)
+        self.response_bytes_seen = False  # for the safe-retry decision
+
+    def feed(self, data: bytes) -> None:
+        if data:
+            self.response_bytes_seen = True
+        super().feed(data)
+
+    def reusable(self) -> bool:
+        # Bytes after a complete response are a broken upstream.
+        return super().reusable() and not self._buf
+
+    def _closed_at_boundary(self):
+        if self._h11 is not None and self._h11.our_state is not h11.IDLE:
+            raise ProtocolError("upstream closed the connection before responding")
+        return Closed()
+
+    def request(self, request: Request, *, chunked: bool) -> bytes:
+        """Start a cycle by serialising a request head."""
+        conn = self._new_cycle()
+        self.response_bytes_seen = False
+        fields = request.headers.raw()
+        if chunked:
+            fields = [*fields, (b"transfer-encoding", b"chunked")]
+        self._out_chunked = chunked
+        return conn.send(
+            h11.Request(
+                method=request.method.encode("ascii"),
+                target=request.target.encode("latin-1"),
+                headers=fields,
+            )
+        )
+
+    def _translate_head(self, event):
+        fields = list(event.headers)
+        if len(fields) > self.max_header_count:
+            raise ProtocolError("too many header fields in response")
+        response = Response(
+            status=event.status_code,
+            headers=Headers._trusted(fields),
+            reason=event.reason.decode("latin-1"),
+            http_version=event.http_version.decode("ascii"),
+        )
+        if type(event) is h11.InformationalResponse:
+            return Informational(response)
+        return ResponseHead(response)

@@ -1,0 +1,257 @@
+"""The HTTP/1.1 head rules both codecs apply, before and after their parser. No I/O.
+
+A parser that accepts what the next hop reads differently is how requests get
+smuggled, and h11 and llhttp are each lenient somewhere. So every head is cut
+from the buffer and scanned here *before* a parser sees it, and the same
+semantic checks run on what either parser produced. This is what makes the
+two codecs take the same decisions (``tests/test_codec_differential.py``
+holds them to it):
+
+====================================================  ======  =============
+what the head contains                                status  why
+====================================================  ======  =============
+a bare LF (a line ending without CR)                  400     RFC 9112 2.2
+a bare CR not followed by LF                          400     RFC 9112 2.2
+a line starting with SP or HTAB (obs-fold)            400     RFC 9112 5.2
+a control character (other than HTAB) anywhere        400     RFC 9110 5.5
+an empty line before the start line                   400     as h11
+Transfer-Encoding together with Content-Length        400     RFC 9112 6.1
+more than one Transfer-Encoding field                 400     ambiguity
+Transfer-Encoding whose last coding is not chunked    400     RFC 9112 6.3
+a Transfer-Encoding value that is not a token list    400     obfuscation
+well-formed codings before chunked (gzip, chunked)    501     not supported
+more than one Content-Length field, or a list         400     RFC 9110 8.6
+a Content-Length that is not digits, or >= 2**63      400     overflow
+more bytes than ``max_head_bytes``                    431     limit
+more fields than ``max_header_count``                 431     limit
+a request line not ``token SP target SP HTTP/d.d``    400     (HTTP/0.9 too)
+an HTTP version other than 1.0 and 1.1                505
+CONNECT                                               501     not supported
+an HTTP/1.1 request without Host                      400     RFC 9112 3.2
+====================================================  ======  =============
+
+A Content-Length that passes is forwarded in its canonical decimal form
+(``0010`` leaves as ``10``), never as the client's bytes.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .events import ProtocolError
+
+__all__ = [
+    "HEAD_END",
+    "MAX_CHUNK",
+    "canonical_length",
+    "check_request",
+    "content_length",
+    "normalize_path",
+    "take_block",
+    "take_head",
+    "wants_close",
+]
+
+HEAD_END = b"\r\n\r\n"
+# A bare CR, a bare LF, a continuation line (obs-fold), or a control
+# character other than HTAB, in a head still arriving. A CR as the very last
+# byte is not matched: its LF may still be in flight.
+_BAD_BYTES = re.compile(rb"\r[^\n]|(?<!\r)\n|\n[ \t]|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_CTL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _bad_block(block: bytes) -> bool:
+    """What ``_BAD_BYTES`` finds, on a complete block, in a third of its time
+    (counting is cheaper than one regex with alternatives: 1.5 us against
+    3.7 us on a 150-byte head)."""
+    crlf = block.count(b"\r\n")
+    return (
+        block.count(b"\n") != crlf
+        or block.count(b"\r") != crlf
+        or b"\n " in block
+        or b"\n\t" in block
+        or _CTL.search(block) is not None
+    )
+
+
+# Chunk sizes past 63 bits are an overflow attack on whoever parses them next.
+MAX_CHUNK = 2**63
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_DIGITS = re.compile(rb"[0-9]+")
+_KNOWN_CODINGS = {b"gzip", b"x-gzip", b"deflate", b"compress", b"x-compress"}
+
+
+def take_head(buf: bytearray, max_head_bytes: int) -> bytes | None:
+    """Cut one scanned head (start line to the empty line) off ``buf``.
+
+    None while it is incomplete; ProtocolError when it breaks a rule of the
+    table above that can be seen on the raw bytes.
+    """
+    head = take_block(buf, max_head_bytes)
+    if head is None:
+        return None
+    if head[:2] == b"\r\n":
+        raise ProtocolError("empty line before the start line")
+    lowered = head.lower()
+    # One Content-Length alone needs no more here: the codecs check its value.
+    if b"transfer-encoding" in lowered or lowered.count(b"content-length") > 1:
+        _check_framing(head)
+    return head
+
+
+def take_block(buf: bytearray, max_bytes: int) -> bytes | None:
+    """Cut lines up to and including an empty line off ``buf`` (a head, or a
+    trailer section), scanned for bare CR/LF, obs-fold and control bytes."""
+    idx = buf.find(HEAD_END)
+    if idx < 0:
+        if len(buf) > max_bytes:
+            raise ProtocolError("message head too large", 431)
+        # A bare LF means the head would never end in CRLF CRLF: fail now,
+        # not at the header-read timeout.
+        if _BAD_BYTES.search(buf):
+            raise ProtocolError("bare CR or LF, obs-fold or a control character in message head")
+        return None
+    end = idx + 4
+    if end > max_bytes:
+        raise ProtocolError("message head too large", 431)
+    block = bytes(buf[:end])
+    del buf[:end]
+    if _bad_block(block):
+        raise ProtocolError("bare CR or LF, obs-fold or a control character in message head")
+    return block
+
+
+def _check_framing(head: bytes) -> None:
+    """Reject ambiguous Transfer-Encoding / Content-Length combinations."""
+    te_values: list[bytes] = []
+    cl_values: list[bytes] = []
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        lname = name.lower()
+        if lname == b"transfer-encoding":
+            te_values.append(value.strip(b" \t"))
+        elif lname == b"content-length":
+            cl_values.append(value.strip(b" \t"))
+        elif lname.strip(b" \t") in (b"transfer-encoding", b"content-length"):
+            raise ProtocolError("whitespace around a framing field name")
+    if cl_values:
+        if te_values:
+            raise ProtocolError("Content-Length together with Transfer-Encoding")
+        if len(cl_values) > 1:
+            raise ProtocolError("more than one Content-Length field")
+        content_length(cl_values[0])
+        return
+    if not te_values:
+        return
+    if len(te_values) > 1:
+        raise ProtocolError("more than one Transfer-Encoding field")
+    value = te_values[0].lower()
+    if value == b"chunked":
+        return
+    codings = [c.strip(b" \t") for c in value.split(b",")]
+    well_formed = all(_TOKEN.fullmatch(c) for c in codings)
+    if (
+        well_formed
+        and codings[-1] == b"chunked"
+        and codings.count(b"chunked") == 1
+        and all(c in _KNOWN_CODINGS for c in codings[:-1])
+    ):
+        raise ProtocolError("transfer codings other than chunked are not supported", 501)
+    raise ProtocolError("malformed Transfer-Encoding")
+
+
+def content_length(value: bytes) -> int:
+    """A Content-Length value as a number; ProtocolError unless plain digits below 2**63."""
+    if not _DIGITS.fullmatch(value):
+        raise ProtocolError("malformed Content-Length")
+    n = int(value)
+    if n >= MAX_CHUNK:
+        raise ProtocolError("Content-Length too large")
+    return n
+
+
+def wants_close(fields: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a ``Connection`` field (names lower-case) carries the ``close`` option."""
+    for n, v in fields:
+        if n == b"connection" and any(t.strip(b" \t") == b"close" for t in v.lower().split(b",")):
+            return True
+    return False
+
+
+def check_request(method: bytes, target: bytes, version: bytes, fields: list[tuple[bytes, bytes]],
+                  max_header_count: int) -> bytes:
+    """The semantic checks on a parsed request head; returns the target to route.
+
+    ``fields`` (lower-case names) may be rewritten in place: an absolute-form
+    target moves its authority into Host, a Content-Length becomes canonical.
+    """
+    if len(fields) > max_header_count:
+        raise ProtocolError("too many header fields", 431)
+    if version != b"1.1" and version != b"1.0":
+        raise ProtocolError("HTTP version not supported", 505)
+    if method == b"CONNECT":
+        raise ProtocolError("CONNECT is not supported", 501)
+    if target[:1] != b"/" and target != b"*":
+        target = _origin_form(target, fields)
+    elif version == b"1.1" and not any(n == b"host" for n, _ in fields):
+        raise ProtocolError("an HTTP/1.1 request needs a Host field")  # RFC 9112 3.2
+    if b"/." in target or b"%2" in target:
+        target = normalize_path(target)
+    return target
+
+
+def canonical_length(fields: list[tuple[bytes, bytes]]) -> int | None:
+    """The Content-Length of checked fields (None if absent), made canonical in place."""
+    for i, (n, v) in enumerate(fields):
+        if n == b"content-length":
+            length = content_length(v)
+            canonical = b"%d" % length
+            if v != canonical:
+                fields[i] = (n, canonical)
+            return length
+    return None
+
+
+def _origin_form(target: bytes, fields: list[tuple[bytes, bytes]]) -> bytes:
+    """Rewrite an absolute-form target to origin form (RFC 9112 3.2.2).
+
+    The target's authority replaces the Host field, as the RFC requires of
+    a server receiving absolute form.
+    """
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        raise ProtocolError("request target is neither origin nor absolute form")
+    authority, slash, path = rest.partition(b"/")
+    if not authority or b"@" in authority:
+        raise ProtocolError("bad authority in request target")
+    fields[:] = [(n, v) for n, v in fields if n != b"host"]
+    fields.insert(0, (b"host", authority))
+    return slash + path if slash else b"/"
+
+
+_ENCODED_DOT = re.compile(rb"%2[eE]")
+
+
+def normalize_path(target: bytes) -> bytes:
+    """Remove dot-segments from a target's path (RFC 3986 5.2.4).
+
+    ``/public/../admin`` must route (and reach the upstream) as ``/admin``,
+    or a route that exempts ``/public`` from authentication exempts
+    everything. ``%2e`` is a dot in disguise (RFC 3986 2.3) and counts too.
+    The query is left alone.
+    """
+    path, sep, query = target.partition(b"?")
+    path = _ENCODED_DOT.sub(b".", path)
+    if b"/." not in path:
+        return target if path == target.partition(b"?")[0] else path + sep + query
+    segments = path.split(b"/")[1:]
+    out: list[bytes] = []
+    for segment in segments:
+        if segment == b"..":
+            if out:
+                out.pop()
+        elif segment != b".":
+            out.append(segment)
+    if segments and segments[-1] in (b".", b".."):
+        out.append(b"")  # "/a/b/.." names the directory "/a/"
+    return b"/" + b"/".join(out) + sep + query

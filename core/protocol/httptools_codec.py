@@ -1,0 +1,485 @@
+"""The fast HTTP/1.1 codec: llhttp (through httptools) reads fields, sluice frames. No I/O.
+
+Division of labour, and why:
+
+- ``heads.py`` cuts each head off the buffer and scans it, exactly as for
+  the h11 codec, so pipelined bytes never reach a parser unscanned.
+- The start line is matched here with h11's grammar (one regex): llhttp
+  knows a fixed list of methods and accepts HTTP/0.9, h11 takes any token
+  and refuses 0.9; matching it ourselves keeps the codecs' decisions equal.
+- llhttp parses the field block, in C: it is fed a fixed ``204`` status
+  line and the head's fields, so it validates names and values and never
+  expects a body. One parser serves a connection's heads until a field
+  block with a Connection field might have left it closed.
+- Body framing (Content-Length, chunked, read-until-close) is ours: llhttp
+  would run on into the next pipelined message, and httptools cannot say
+  where one message ended. The chunked reader follows h11's grammar.
+- Output goes through ``wire.py`` with the framing rules h11 applies
+  (chunked for an HTTP/1.1 peer when no length is known, close-delimited
+  for HTTP/1.0, ``Connection: close`` when either side will not keep alive).
+"""
+
+from __future__ import annotations
+
+import re
+
+import httptools
+
+from ..messages import Headers, Request, Response
+from .events import (
+    NEED_DATA,
+    Body,
+    Closed,
+    End,
+    Informational,
+    LocalProtocolError,
+    ProtocolError,
+    RequestHead,
+    ResponseHead,
+)
+from .heads import MAX_CHUNK, canonical_length, check_request, take_block, take_head, wants_close
+from .wire import chunk, last_chunk, request_head, response_head
+
+__all__ = ["ClientConnection", "ServerConnection"]
+
+# h11's grammar for start lines (h11/_abnf.py), anchored by fullmatch.
+_REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) HTTP/([0-9]\.[0-9])")
+_STATUS_LINE = re.compile(rb"HTTP/([0-9]\.[0-9]) ([0-9]{3})(?: ([\t \x21-\x7e\x80-\xff]*))?")
+_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;[^\r\n]*)?[ \t]*")
+_FIELDS_PREFIX = b"HTTP/1.1 204 No Content\r\n"  # a head llhttp expects no body after
+_MAX_LINE = 64 * 1024  # a chunk-size line, as h11's incomplete-event limit
+
+# Body framing modes, in and out.
+_NONE, _LENGTH, _CHUNKED, _UNTIL_CLOSE = range(4)
+# Input states.
+_HEAD, _BODY, _DONE = range(3)
+
+
+class _FieldSink:
+    """Collects the fields llhttp reports, names lower-cased, values OWS-trimmed."""
+
+    __slots__ = ("fields", "complete")
+
+    def __init__(self) -> None:
+        self.fields: list[tuple[bytes, bytes]] = []
+        self.complete = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if value and value[-1] in (32, 9):  # llhttp trims leading OWS only
+            value = value.rstrip(b" \t")
+        self.fields.append((name.lower(), value))
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
+class _Peer:
+    """What both roles share: head cutting, body framing in and out."""
+
+    def __init__(self, *, max_head_bytes: int, max_header_count: int) -> None:
+        self.max_head_bytes = max_head_bytes
+        self.max_header_count = max_header_count
+        self._buf = bytearray()
+        self._eof = False
+        self._sink = _FieldSink()
+        self._parser: httptools.HttpResponseParser | None = None
+        self._state = _HEAD
+        self._in_mode = _NONE
+        self._in_left = 0  # Content-Length bytes, or bytes of the current chunk
+        self._chunk_crlf = False  # the CRLF after a chunk's data is due
+        self._trailers = False  # the last chunk was read: a trailer section is due
+        self._in_keep_alive = True
+        self._out_mode = _NONE
+        self._out_left = 0
+        self._out_done = False
+        self._out_keep_alive = True
+
+    # -- input ------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        """Give bytes received from the peer; ``b""`` means it closed."""
+        if data:
+            self._buf += data
+        else:
+            self._eof = True
+
+    @property
+    def has_buffered(self) -> bool:
+        """Bytes of a next message are already here (pipelining)."""
+        return bool(self._buf)
+
+    def next_event(self):
+        """The next event, ``NEED_DATA``, or raises ``ProtocolError``."""
+        state = self._state
+        if state == _BODY:
+            return self._body_event()
+        if state == _DONE:
+            return NEED_DATA  # the caller must start the next cycle first
+        head = take_head(self._buf, self.max_head_bytes)
+        if head is None:
+            if self._eof:
+                if self._buf:
+                    raise ProtocolError("connection closed inside a message head")
+                return self._closed_at_boundary()
+            return NEED_DATA
+        line_end = head.find(b"\r\n")
+        return self._head(head[:line_end], self._fields(head, line_end + 2))
+
+    def _closed_at_boundary(self):
+        return Closed()
+
+    def _head(self, line: bytes, fields: list[tuple[bytes, bytes]]):  # pragma: no cover - per role
+        raise NotImplementedError
+
+    def _fields(self, block: bytes, start: int) -> list[tuple[bytes, bytes]]:
+        """The fields of a head or trailer section from ``start`` on, parsed by llhttp."""
+        if len(block) - start == 2:  # no fields at all
+            return []
+        sink = self._sink
+        sink.fields = fields = []
+        sink.complete = False
+        parser = self._parser
+        if parser is None:
+            parser = self._parser = httptools.HttpResponseParser(sink)
+        try:
+            parser.feed_data(_FIELDS_PREFIX + block[start:])
+        except httptools.HttpParserUpgrade:
+            self._parser = None  # done with this block; the parser is spent
+        except httptools.HttpParserError as exc:
+            self._parser = None
+            raise ProtocolError(f"malformed header field: {exc}") from None
+        else:
+            # After ``Connection: close`` llhttp refuses all further bytes
+            # (and should_keep_alive() no longer says so once complete).
+            if not sink.complete or any(n == b"connection" for n, _ in fields):
+                self._parser = None
+        return fields
+
+    def _start_body(self, mode: int, length: int = 0) -> None:
+        self._state = _BODY
+        self._in_mode = mode
+        self._in_left = length
+        self._chunk_crlf = False
+        self._trailers = False
+
+    def _body_event(self):
+        mode = self._in_mode
+        if mode == _LENGTH:
+            return self._length_event()
+        if mode == _CHUNKED:
+            return self._chunked_event()
+        if mode == _UNTIL_CLOSE:
+            buf = self._buf
+            if buf:
+                data = bytes(buf)
+                buf.clear()
+                return Body(data)
+            if self._eof:
+                return self._end(None)
+            return NEED_DATA
+        return self._end(None)
+
+    def _end(self, trailers: Headers | None) -> End:
+        self._state = _DONE
+        return End(trailers)
+
+    def _length_event(self):
+        left = self._in_left
+        if not left:
+            return self._end(None)
+        buf = self._buf
+        if not buf:
+            if self._eof:
+                raise ProtocolError("peer closed the connection mid-body")
+            return NEED_DATA
+        if len(buf) <= left:
+            data = bytes(buf)
+            buf.clear()
+        else:
+            data = bytes(buf[:left])
+            del buf[:left]
+        self._in_left = left - len(data)
+        return Body(data)
+
+    def _chunked_event(self):
+        buf = self._buf
+        while True:
+            left = self._in_left
+            if left:
+                if not buf:
+                    break
+                if len(buf) <= left:
+                    data = bytes(buf)
+                    buf.clear()
+                else:
+                    data = bytes(buf[:left])
+                    del buf[:left]
+                self._in_left = left - len(data)
+                self._chunk_crlf = not self._in_left
+                return Body(data)
+            if self._chunk_crlf:
+                if len(buf) < 2:
+                    break
+                if buf[:2] != b"\r\n":
+                    raise ProtocolError("malformed chunk: data not followed by CRLF")
+                del buf[:2]
+                self._chunk_crlf = False
+            if self._trailers:
+                if len(buf) < 2:
+                    break
+                if buf[:2] == b"\r\n":
+                    del buf[:2]
+                    return self._end(None)
+                block = take_block(buf, self.max_head_bytes)
+                if block is None:
+                    break
+                fields = self._fields(block, 0)
+                return self._end(Headers._trusted(fields))
+            idx = buf.find(b"\r\n")
+            if idx < 0:
+                if len(buf) > _MAX_LINE:
+                    raise ProtocolError("chunk-size line too long", 431)
+                if b"\n" in buf:
+                    raise ProtocolError("bare LF in a chunk-size line")
+                break
+            match = _CHUNK_LINE.fullmatch(buf, 0, idx)
+            if match is None:
+                raise ProtocolError("malformed chunk-size line")
+            size = int(match[1], 16)
+            if size >= MAX_CHUNK:
+                raise ProtocolError("chunk size too large")
+            del buf[: idx + 2]
+            if size:
+                self._in_left = size
+            else:
+                self._trailers = True
+        if self._eof:
+            raise ProtocolError("peer closed the connection mid-body")
+        return NEED_DATA
+
+    # -- output -----------------------------------------------------------
+
+    def data(self, data: bytes) -> bytes:
+        if not data:
+            return b""
+        mode = self._out_mode
+        if mode == _CHUNKED:
+            return chunk(data)
+        if mode == _LENGTH:
+            self._out_left -= len(data)
+            if self._out_left < 0:
+                raise LocalProtocolError("body longer than its Content-Length")
+            return data
+        if mode == _UNTIL_CLOSE:
+            return data
+        raise LocalProtocolError("a body on a message that cannot have one")
+
+    def end(self, trailers: Headers | None = None) -> bytes:
+        mode = self._out_mode
+        self._out_done = True
+        if mode == _CHUNKED:
+            return last_chunk(trailers.raw() if trailers else None)
+        if mode == _LENGTH and self._out_left:
+            raise LocalProtocolError("body shorter than its Content-Length")
+        return b""  # a Content-Length body cannot carry trailers
+
+    def _out_length(self, fields: list[tuple[bytes, bytes]]) -> None:
+        for n, v in fields:
+            if n == b"content-length":
+                self._out_mode = _LENGTH
+                self._out_left = int(v)
+                return
+        self._out_mode = _NONE
+
+    @property
+    def cycle_done(self) -> bool:
+        """Both sides finished the current message cleanly."""
+        return self._state == _DONE and self._out_done
+
+    def reusable(self) -> bool:
+        """True when the connection may carry another exchange: both messages
+        complete, and neither side asked to close or spoke HTTP/1.0."""
+        return (
+            self._state == _DONE
+            and self._out_done
+            and self._in_keep_alive
+            and self._out_keep_alive
+            and not self._eof
+        )
+
+    def next_cycle(self) -> None:
+        """Forget the finished cycle; the next head starts a new one."""
+        self._state = _HEAD
+        self._out_mode = _NONE
+        self._out_done = False
+
+
+class ServerConnection(_Peer):
+    """The downstream side: parses requests, serialises responses."""
+
+    def __init__(self, **limits: int) -> None:
+        super().__init__(**limits)
+        self._version = b"1.1"
+        self._method = b""
+        self._expect = False
+        self._started = False
+
+    def _head(self, line, fields):
+        match = _REQUEST_LINE.fullmatch(line)
+        if match is None:
+            raise ProtocolError("malformed request line")
+        method, target, version = match.groups()
+        target = check_request(method, target, version, fields, self.max_header_count)
+        content_length = canonical_length(fields)
+        # take_head let Transfer-Encoding through only as exactly "chunked".
+        chunked = content_length is None and any(n == b"transfer-encoding" for n, _ in fields)
+        self._version = version
+        self._method = method
+        self._in_keep_alive = version == b"1.1" and not wants_close(fields)
+        self._expect = version == b"1.1" and any(
+            n == b"expect" and v.lower() == b"100-continue" for n, v in fields
+        )
+        self._started = False
+        if chunked:
+            self._start_body(_CHUNKED)
+        else:
+            self._start_body(_LENGTH, content_length or 0)
+        request = Request(
+            method=method.decode("ascii"),
+            target=target.decode("latin-1"),
+            headers=Headers._trusted(fields),
+            http_version=version.decode("ascii"),
+        )
+        return RequestHead(
+            request,
+            expect_continue=self._expect,
+            has_body=chunked or bool(content_length),
+            content_length=content_length,
+        )
+
+    def next_event(self):
+        event = super().next_event()
+        if self._expect and type(event) is Body:
+            self._expect = False  # the client did not wait
+        return event
+
+    @property
+    def peer_http_version(self) -> bytes:
+        return self._version
+
+    @property
+    def waiting_for_100_continue(self) -> bool:
+        return self._expect
+
+    @property
+    def response_started(self) -> bool:
+        """A response head has gone out (or can no longer go out)."""
+        return self._started
+
+    def informational(self, response: Response) -> bytes:
+        self._expect = False
+        return response_head(response.status, response.reason.encode("latin-1"), response.headers.raw())
+
+    def respond(self, response: Response) -> bytes:
+        """The response head, with the framing fields h11 would write."""
+        self._expect = False
+        self._started = True
+        status = response.status
+        fields = response.headers.raw()
+        keep_alive = self._in_keep_alive and not wants_close(fields)
+        if status < 200 or status in (204, 304):
+            self._out_mode = _NONE
+        else:
+            self._out_length(fields)
+            if self._out_mode == _NONE:  # no length: chunked to HTTP/1.1, else until close
+                fields = [f for f in fields if f[0] != b"transfer-encoding"]
+                if self._version == b"1.1":
+                    fields.append((b"transfer-encoding", b"chunked"))
+                    self._out_mode = _CHUNKED
+                else:
+                    self._out_mode = _UNTIL_CLOSE
+                    keep_alive = False
+        if self._method == b"HEAD":
+            self._out_mode = _NONE  # the fields describe the GET's body
+        self._out_keep_alive = keep_alive
+        if not keep_alive and not wants_close(fields):
+            fields = [f for f in fields if f[0] != b"connection"]
+            fields.append((b"connection", b"close"))
+        return response_head(status, response.reason.encode("latin-1"), fields)
+
+
+class ClientConnection(_Peer):
+    """The upstream side: serialises requests, parses responses."""
+
+    def __init__(self, **limits: int) -> None:
+        super().__init__(**limits)
+        self._method = b""
+        self._requested = False
+        self.response_bytes_seen = False  # for the safe-retry decision
+
+    def feed(self, data: bytes) -> None:
+        if data:
+            self.response_bytes_seen = True
+        super().feed(data)
+
+    def reusable(self) -> bool:
+        # Bytes after a complete response are a broken upstream.
+        return super().reusable() and not self._buf
+
+    def _closed_at_boundary(self):
+        if self._requested:
+            raise ProtocolError("upstream closed the connection before responding")
+        return Closed()
+
+    def request(self, request: Request, *, chunked: bool) -> bytes:
+        """Start a cycle by serialising a request head."""
+        method = request.method.encode("ascii")
+        fields = request.headers.raw()
+        if chunked:
+            fields = [*fields, (b"transfer-encoding", b"chunked")]
+            self._out_mode = _CHUNKED
+        else:
+            self._out_length(fields)
+        self._method = method
+        self._requested = True
+        self._out_done = False
+        self._out_keep_alive = not wants_close(fields)
+        self.response_bytes_seen = False
+        return request_head(method, request.target.encode("latin-1"), fields)
+
+    def next_cycle(self) -> None:
+        super().next_cycle()
+        self._requested = False
+
+    def _head(self, line, fields):
+        match = _STATUS_LINE.fullmatch(line)
+        if match is None:
+            raise ProtocolError("malformed status line")
+        version, status, reason = match.groups()
+        if version != b"1.1" and version != b"1.0":
+            raise ProtocolError("unsupported HTTP version in response")
+        if len(fields) > self.max_header_count:
+            raise ProtocolError("too many header fields in response")
+        status = int(status)
+        if status < 100:
+            raise ProtocolError("malformed status code")
+        response = Response(
+            status=status,
+            headers=Headers._trusted(fields),
+            reason=(reason or b"").decode("latin-1"),
+            http_version=version.decode("ascii"),
+        )
+        if status < 200:
+            return Informational(response)  # the final head is still to come
+        content_length = canonical_length(fields)
+        self._in_keep_alive = version == b"1.1" and not wants_close(fields)
+        if self._method == b"HEAD" or status in (204, 304):
+            self._start_body(_NONE)
+        elif content_length is not None:
+            self._start_body(_LENGTH, content_length)
+        elif any(n == b"transfer-encoding" for n, _ in fields):
+            self._start_body(_CHUNKED)
+        else:
+            self._start_body(_UNTIL_CLOSE)
+            self._in_keep_alive = False
+        return ResponseHead(response)
