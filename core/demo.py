@@ -18,14 +18,16 @@ from .messages import Headers, Response
 from .protocol.events import Body, ProtocolError
 from .protocol.http1 import select
 from .server import bind
+from .streams import socket_io
 
 __all__ = ["serve_demo"]
 
 
 async def _handle(stream: trio.SocketStream) -> None:
-    down = H1Downstream(stream, select(), max_head_bytes=32768, max_header_count=100,
+    io = socket_io(stream)
+    down = H1Downstream(io, select(), max_head_bytes=32768, max_header_count=100,
                         header_timeout=10, idle_timeout=60)
-    async with stream:
+    try:
         try:
             while (head := await down.next_request()) is not None:
                 size = 0
@@ -54,6 +56,8 @@ async def _handle(stream: trio.SocketStream) -> None:
                 down.proto.next_cycle()
         except (ProtocolError, ClientGone, HeadTimeout, trio.BrokenResourceError, OSError):
             return  # a bad or slow client: drop it, never the demo
+    finally:
+        await io.aclose()
 
 
 async def serve_demo(*, task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -4,7 +4,8 @@ It reads request heads and bodies and writes responses, with every wait
 bounded: the first byte of a request within ``idle``, the whole head within
 ``header_read`` (slowloris), each body read and each write within ``idle``.
 The exchange talks to it through the methods below only, so an HTTP/2
-stream can stand in for it later.
+stream can stand in for it later. Bytes move through a ``streams`` I/O
+object, so a read or write the kernel can do at once costs no wait.
 """
 
 from __future__ import annotations
@@ -15,11 +16,10 @@ from .errors import ClientGone
 from .messages import Response
 from .protocol.events import NEED_DATA, Closed, End, ProtocolError, RequestHead
 from .protocol.http1 import Codec
+from .streams import SocketIO, StreamIO
 
 __all__ = ["H1Downstream", "HeadTimeout"]
 
-_RECEIVE_SIZE = 64 * 1024
-_BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 _CONTINUE = Response(100)
 _FLUSH_SIZE = 64 * 1024
 
@@ -31,9 +31,9 @@ class HeadTimeout(Exception):
 class H1Downstream:
     """One client connection, one exchange at a time."""
 
-    def __init__(self, stream: trio.abc.Stream, codec: Codec, *, max_head_bytes: int,
+    def __init__(self, io: SocketIO | StreamIO, codec: Codec, *, max_head_bytes: int,
                  max_header_count: int, header_timeout: float, idle_timeout: float) -> None:
-        self.stream = stream
+        self.io = io
         self.proto = codec.server(
             max_head_bytes=max_head_bytes, max_header_count=max_header_count
         )
@@ -50,18 +50,15 @@ class H1Downstream:
 
     async def _receive(self, timeout: float, scope: trio.CancelScope | None = None) -> bool:
         """Feed the next bytes to the protocol; False on timeout (or ``scope`` cancelled)."""
-        if scope is None:
-            scope = trio.CancelScope()
-        scope.deadline = trio.current_time() + timeout
-        with scope:
-            try:
-                data = await self.stream.receive_some(_RECEIVE_SIZE)
-            except _BROKEN:
-                data = b""
-            self._eof = not data
-            self.proto.feed(data)
-            return True
-        return False
+        try:
+            data = await self.io.receive(trio.current_time() + timeout, scope)
+        except trio.BrokenResourceError:
+            data = b""
+        if data is None:
+            return False
+        self._eof = not data
+        self.proto.feed(data)
+        return True
 
     async def next_request(self, idle_scope: trio.CancelScope | None = None) -> RequestHead | None:
         """The next request head, or None if the client closed or idled out.
@@ -117,8 +114,8 @@ class H1Downstream:
         next request) when it pipelines more instead.
         """
         try:
-            data = await self.stream.receive_some(_RECEIVE_SIZE)
-        except _BROKEN:
+            data = await self.io.receive(float("inf"))
+        except trio.BrokenResourceError:
             data = b""
         if not data:
             self._eof = True
@@ -126,13 +123,12 @@ class H1Downstream:
         self.proto.feed(data)
 
     async def _send(self, data: bytes) -> None:
-        with trio.move_on_after(self.idle_timeout):
-            try:
-                await self.stream.send_all(data)
-            except _BROKEN:
-                raise ClientGone("client connection broke") from None
-            return
-        raise ClientGone("client stopped reading")
+        try:
+            sent = await self.io.send_all(data, trio.current_time() + self.idle_timeout)
+        except trio.BrokenResourceError:
+            raise ClientGone("client connection broke") from None
+        if not sent:
+            raise ClientGone("client stopped reading")
 
     @property
     def response_started(self) -> bool:

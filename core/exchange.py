@@ -180,6 +180,10 @@ async def _proxy(listener: Listener, chain: Chain, down: Any, head: RequestHead,
                 # resized the body removed Content-Length, so it goes chunked.
                 chunked = request.headers.get_raw(b"content-length") is None
                 await conn.send(conn.proto.request(request, chunked=chunked))
+                if down.waiting_for_100_continue:
+                    # Here, before the pump starts: one writer per downstream
+                    # connection, and an early response must not race the 100.
+                    await down.send_continue()
                 deadline = trio.CancelScope()  # armed when the body has been sent
                 nursery.start_soon(_pump_request, listener, chain, down, conn, ctx, deadline, timeout)
                 response = await _response_head(down, conn, deadline, ctx)
@@ -221,8 +225,6 @@ async def _pump_request(listener, chain, down, conn, ctx, deadline, timeout) -> 
     full = len(chain.filters)
     total = 0
     try:
-        if down.waiting_for_100_continue:
-            await down.send_continue()
         while True:
             event = await down.read_body_event()
             if type(event) is Body:
@@ -249,7 +251,7 @@ async def _pump_request(listener, chain, down, conn, ctx, deadline, timeout) -> 
                     replied = await chain.run_heads(chain.request_trailers, ctx, trailers, full)
                     if replied is not None:
                         raise _Reply(replied[1], replied[0])
-                await conn.send(conn.proto.end(trailers))
+                await conn.send(conn.proto.end(trailers), last=True)
                 deadline.deadline = trio.current_time() + timeout
                 break
         await down.watch_disconnect()
@@ -298,37 +300,40 @@ async def _ask(down, conn, ctx, timeout: float, body: bytes = b"") -> Response:
     watcher task is started at all.
     """
     proto = conn.proto
-    with trio.move_on_after(timeout):
-        await conn.send(proto.request(ctx.request, chunked=False) + proto.data(body) + proto.end(),
-                        bounded=True)
-        first = None
-        with trio.move_on_after(_WATCH_AFTER):
-            first = await conn.next_event()
-        if first is not None:
-            return await _final_head(down, conn, ctx, first)
+    deadline = trio.current_time() + timeout
+    await conn.send(proto.request(ctx.request, chunked=False) + proto.data(body) + proto.end(),
+                    deadline=deadline, last=True)
+    event = await conn.next_event(min(deadline, trio.current_time() + _WATCH_AFTER))
+    if event is None and trio.current_time() < deadline:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(down.watch_disconnect)
-            response = await _final_head(down, conn, ctx, await conn.next_event())
+            event = await conn.next_event(deadline)
             nursery.cancel_scope.cancel()
-            return response
-    raise UpstreamError("upstream response timed out", status=504, flag="UT")
+    return await _final_head(down, conn, ctx, event, deadline)
 
 
 async def _response_head(down, conn, deadline: trio.CancelScope, ctx) -> Response:
     """Wait for the final response head, relaying 1xx; 504 past the deadline."""
     with deadline:
-        return await _final_head(down, conn, ctx, await conn.next_event())
-    raise UpstreamError("upstream response timed out", status=504, flag="UT")
+        return await _final_head(down, conn, ctx, await conn.next_event(), float("inf"))
+    raise _timed_out()
 
 
-async def _final_head(down, conn, ctx, event) -> Response:
+def _timed_out() -> UpstreamError:
+    return UpstreamError("upstream response timed out", status=504, flag="UT")
+
+
+async def _final_head(down, conn, ctx, event, deadline: float) -> Response:
+    """Relay 1xx responses until the final head (None: the deadline passed)."""
     while type(event) is Informational:
         status = event.response.status
         if status == 101:
             raise UpstreamError("upstream switched protocols unasked", status=502, flag="UPE")
         if status != 100 or down.expects_100:  # an unasked-for 100 is dropped (RFC 9110 15.2.1)
             await down.send_informational(event.response)
-        event = await conn.next_event()
+        event = await conn.next_event(deadline)
+    if event is None:
+        raise _timed_out()
     ctx.response = event.response
     return event.response
 
@@ -339,9 +344,8 @@ async def _upstream_body_event(conn, down, timeout: float):
     event = conn.poll()
     if event is NEED_DATA:
         await down.flush()
-        with trio.move_on_after(timeout) as idle:
-            event = await conn.next_event()
-        if idle.cancelled_caught:
+        event = await conn.next_event(trio.current_time() + timeout)
+        if event is None:
             raise UpstreamError("upstream body stalled", status=504, flag="UT")
     if type(event) not in (Body, End):
         raise UpstreamError("upstream closed mid-response", status=502, flag="UC")

@@ -10,6 +10,7 @@ drain timeout cancels what is left.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ from .errors import ClientGone
 from .exchange import run_exchange
 from .protocol.events import ProtocolError
 from .protocol.http1 import Codec, reason_phrase, simple_response
+from .streams import StreamIO, socket_io
 from .upstream import Pool
 
 __all__ = ["Listener", "bind"]
@@ -119,6 +121,7 @@ class Listener:
 
     async def _connection(self, stream: trio.SocketStream, slots: trio.Semaphore) -> None:
         self.active += 1
+        io = None
         try:
             peer = stream.socket.getpeername()
             tls_peer = None
@@ -128,7 +131,10 @@ class Listener:
                     stream, tls_peer = await self.transport.wrap_server(stream)
                 if handshake.cancelled_caught:
                     return
-            await self._exchanges(stream, peer, tls_peer)
+                io = StreamIO(stream)
+            else:
+                io = socket_io(stream)
+            await self._exchanges(io, peer, tls_peer)
         except _EXPECTED as exc:  # resets, TLS handshake failures: routine
             log.debug("connection ended", error=repr(exc))
         except Exception as exc:  # a bug: log it loudly, but the worker lives on
@@ -136,12 +142,15 @@ class Listener:
         finally:
             self.active -= 1
             slots.release()
-            await trio.aclose_forcefully(stream)
+            if io is not None:
+                await io.aclose()
+            else:
+                await trio.aclose_forcefully(stream)
 
-    async def _exchanges(self, stream, peer, tls_peer) -> None:
+    async def _exchanges(self, io, peer, tls_peer) -> None:
         cfg = self.config
         down = H1Downstream(
-            stream,
+            io,
             self.codec,
             max_head_bytes=cfg.limits.max_header_bytes,
             max_header_count=cfg.limits.max_header_count,
@@ -180,6 +189,10 @@ class Listener:
             if not down.reusable():
                 return
             down.proto.next_cycle()
+            if down.proto.has_buffered:
+                # A pipelined request is already here: let other connections
+                # run first (the I/O fast path itself never yields).
+                await trio.lowlevel.checkpoint()
 
 
 async def _refuse(down: H1Downstream, status: int) -> None:
@@ -187,10 +200,8 @@ async def _refuse(down: H1Downstream, status: int) -> None:
     if down.response_started:
         return
     body = f"{reason_phrase(status).lower()}\n".encode()
-    with trio.move_on_after(1):
-        try:
-            await down.stream.send_all(
-                simple_response(status, body, [(b"content-type", b"text/plain; charset=utf-8")])
-            )
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
+    with contextlib.suppress(trio.BrokenResourceError):
+        await down.io.send_all(
+            simple_response(status, body, [(b"content-type", b"text/plain; charset=utf-8")]),
+            trio.current_time() + 1,
+        )

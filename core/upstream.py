@@ -10,7 +10,6 @@ which replays an idempotent request once on a fresh connection.
 
 from __future__ import annotations
 
-import select
 import time
 from collections import deque
 
@@ -20,25 +19,16 @@ from .cluster import Cluster, Endpoint
 from .errors import UpstreamError
 from .protocol.events import NEED_DATA, ProtocolError
 from .protocol.http1 import Codec
+from .streams import SocketIO, StreamIO, socket_io
 
 __all__ = ["Pool", "UpstreamConnection"]
-
-_RECEIVE_SIZE = 64 * 1024
-_BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
-
-
-def _socket_of(stream: trio.abc.Stream):
-    while not hasattr(stream, "socket"):
-        stream = stream.transport_stream  # SSLStream over SocketStream
-    return stream.socket
-
 
 class UpstreamConnection:
     """One connection to an endpoint, carrying one exchange at a time."""
 
-    def __init__(self, stream: trio.abc.Stream, endpoint: Endpoint, codec: Codec, *,
+    def __init__(self, io: SocketIO | StreamIO, endpoint: Endpoint, codec: Codec, *,
                  io_timeout: float, max_head_bytes: int, max_header_count: int) -> None:
-        self.stream = stream
+        self.io = io
         self.io_timeout = io_timeout
         self.endpoint = endpoint
         self.proto = codec.client(
@@ -46,6 +36,12 @@ class UpstreamConnection:
         )
         self.reused = False
         self.discard = False  # set when an exchange abandons it mid-message
+        # The whole request reached the socket. The protocol object knows a
+        # message was *serialised*; only a completed send says it was
+        # written, and a connection whose request was cut short (an early
+        # answer cancelled the upload) must never be pooled: its upstream
+        # would read the next request as the rest of this one.
+        self.request_written = False
         self.idle_deadline = 0.0  # when an idle connection expires
 
     def _failed(self, message: str, flag: str) -> UpstreamError:
@@ -55,22 +51,22 @@ class UpstreamConnection:
             retryable=self.reused and not self.proto.response_bytes_seen,
         )
 
-    async def send(self, data: bytes, *, bounded: bool = False) -> None:
+    async def send(self, data: bytes, *, deadline: float | None = None, last: bool = False) -> None:
         """Write to the upstream; an upstream that stops reading is a timeout.
 
-        ``bounded``: the caller's own cancel scope already limits this write.
+        ``deadline`` defaults to ``io_timeout`` from now. ``last``: these
+        bytes end the request (see ``request_written``).
         """
-        if bounded:
-            return await self._send(data)
-        with trio.move_on_after(self.io_timeout):
-            return await self._send(data)
-        raise UpstreamError("upstream stopped reading", status=504, flag="UT")
-
-    async def _send(self, data: bytes) -> None:
+        if deadline is None:
+            deadline = trio.current_time() + self.io_timeout
         try:
-            await self.stream.send_all(data)
-        except _BROKEN as exc:
+            sent = await self.io.send_all(data, deadline)
+        except trio.BrokenResourceError as exc:
             raise self._failed(f"upstream write failed: {exc!r}", "UC") from None
+        if not sent:
+            raise UpstreamError("upstream stopped reading", status=504, flag="UT")
+        if last:
+            self.request_written = True
 
     def poll(self):
         """The next event if it needs no I/O, else NEED_DATA."""
@@ -79,30 +75,26 @@ class UpstreamConnection:
         except ProtocolError as exc:
             raise self._failed(f"upstream protocol error: {exc}", "UPE") from None
 
-    async def next_event(self):
-        """The next response event; raises UpstreamError on reset or bad bytes."""
+    async def next_event(self, deadline: float = float("inf")):
+        """The next response event, or None past ``deadline``; raises
+        UpstreamError on reset or bad bytes."""
         while (event := self.poll()) is NEED_DATA:
             try:
-                data = await self.stream.receive_some(_RECEIVE_SIZE)
-            except _BROKEN as exc:
+                data = await self.io.receive(deadline)
+            except trio.BrokenResourceError as exc:
                 raise self._failed(f"upstream read failed: {exc!r}", "UC") from None
+            if data is None:
+                return None
             self.proto.feed(data)
         return event
 
     def looks_stale(self) -> bool:
         """An idle connection with something to read has been closed or broken."""
-        try:
-            fd = _socket_of(self.stream).fileno()
-            if fd < 0:
-                return True
-            readable, _, _ = select.select([fd], [], [], 0)
-        except (OSError, ValueError):
-            return True
-        return bool(readable)
+        return self.io.readable_now()
 
     async def aclose(self) -> None:
-        with trio.CancelScope(shield=True), trio.move_on_after(1):
-            await trio.aclose_forcefully(self.stream)
+        with trio.CancelScope(shield=True):
+            await self.io.aclose()
 
 
 class Pool:
@@ -124,6 +116,7 @@ class Pool:
                 await conn.aclose()
                 continue
             conn.reused = True
+            conn.request_written = False
             return conn
         return await self.connect(cluster, endpoint)
 
@@ -136,11 +129,13 @@ class Pool:
                     f"connect to {endpoint.address} failed: {exc.strerror or exc}",
                     status=503, flag="UF",
                 ) from None
-            if cluster.transport is not None:
+            if cluster.transport is None:
+                io = socket_io(stream)
+            else:
                 try:
-                    stream = await cluster.transport.wrap_client(
+                    io = StreamIO(await cluster.transport.wrap_client(
                         stream, cluster.tls_server_name or endpoint.host
-                    )
+                    ))
                 except Exception as exc:
                     await trio.aclose_forcefully(stream)
                     raise UpstreamError(
@@ -152,7 +147,7 @@ class Pool:
                 f"connect to {endpoint.address} timed out after {cluster.connect_timeout}s",
                 status=503, flag="UF",
             )
-        return UpstreamConnection(stream, endpoint, self.codec, io_timeout=cluster.response_timeout,
+        return UpstreamConnection(io, endpoint, self.codec, io_timeout=cluster.response_timeout,
                                   **self._limits)
 
     async def release(self, cluster: Cluster, conn: UpstreamConnection) -> None:
@@ -161,7 +156,9 @@ class Pool:
             await conn.aclose()
 
     def _keep(self, cluster: Cluster, conn: UpstreamConnection) -> bool:
-        if self.closed or conn.discard or not conn.proto.reusable():
+        """Pool a connection only when both messages were fully written and
+        read on the wire, and both sides will keep it alive."""
+        if self.closed or conn.discard or not conn.request_written or not conn.proto.reusable():
             return False
         idle = self._idle.setdefault(id(conn.endpoint), deque())
         if len(idle) >= cluster.max_idle:
