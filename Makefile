@@ -27,9 +27,20 @@ test: venv test-deps
 conformance: venv
 	$(PY) -m pytest conformance
 
-bench: venv
+# Benchmarks (benchmarks/README.md): the peers from apt (nginx, wrk, haproxy,
+# caddy), then matplotlib (plots) and httptools (the floor) into the venv.
+# `make bench` is the quick set (~4 min), `make bench-full` every scenario;
+# BENCH_ARGS passes flags to run.py, e.g. BENCH_ARGS="--plugins my_filter,router".
+.PHONY: bench-deps bench-full
+bench-deps: venv
 	bash benchmarks/setup.sh
-	$(PY) benchmarks/run.py
+	$(PY) -c "import matplotlib, httptools" 2>/dev/null || $(PY) -m pip install -q matplotlib httptools
+
+bench: bench-deps
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
+
+bench-full: bench-deps
+	$(PY) benchmarks/run.py --full $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,469 +1,405 @@
 #!/usr/bin/env python3
-"""Benchmark sluice against nginx, both proxying the same nginx upstream.
+"""Benchmark sluice against nginx, haproxy, caddy and a bare trio + httptools floor.
 
-One run measures three targets with wrk, interleaved so they share the
-machine's noise:
+Every target proxies the same upstream (a separate nginx, 1 worker) and runs
+1 worker; wrk drives each scenario against every target, a warm-up each,
+then interleaved rounds (A, B, C, A, B, C, ...) so that they share the
+machine's noise. Prints a table of medians with ratios to nginx and to the
+floor and whether the issue's goals are met, writes every run as JSON to
+benchmarks/out/, and draws PNG plots.
 
-  direct  wrk -> upstream nginx                  (ceiling: no proxy at all)
-  nginx   wrk -> nginx reverse proxy -> upstream (reference proxy)
-  sluice  wrk -> sluice -> upstream              (access_log + router, round_robin)
+    python benchmarks/run.py                  # quick: small, newconn, 1m, upload; 3 x 2 s
+    python benchmarks/run.py --full           # every scenario; 5 x 5 s
+    python benchmarks/run.py --scenarios small,tls --targets nginx,floor,sluice
+    python benchmarks/run.py --plugins my_filter,router    # adds target sluice-custom
+    python benchmarks/run.py --config my.toml              # the same, from your config file
 
-Prints a table of medians, writes the same data as JSON to benchmarks/out/,
-and exits non-zero if any target saw errors or served no requests.
-Usage: python benchmarks/run.py [--quick] [--targets direct,nginx,sluice]
+Exit status: 0 all went well; 1 a run had errors, a target answered wrongly
+or died; 2 a server did not start (the others are still measured).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import http.client
-import json
-import os
-import platform
-import re
-import signal
-import socket
-import statistics
-import subprocess
+import resource
+import shutil
 import sys
 import tempfile
 import time
+import tomllib
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO = BENCH_DIR.parent
-OUT_DIR = BENCH_DIR / "out"
-SLUICE_PYTHON = REPO / ".venv" / "bin" / "python"
-TARGETS = ("direct", "nginx", "sluice")
-READY_TIMEOUT_S = 15.0
-STOP_TIMEOUT_S = 10.0
-ACCESS_LOG = "access.jsonl"  # sluice's access_log filter output, in the temp dir
+import peers
+from load import WRK_TIMEOUT_S, hold_idle, run_wrk, still_held, wrong_answer
+from peers import TARGETS, Site, Target, run_target
+from procs import Server, StartError, free_port, log, tree_rss_bytes
+from report import MIB, add_ratios, format_report, goals, machine_facts, problems, summarize, timestamp, write_json
+from scenarios import QUICK, SCENARIOS, Scenario
 
-# Both nginx instances: 1 worker, no access log, logs to stderr, every path
-# inside their own prefix. keepalive_requests is raised from nginx's default
-# (1000) so client connections stay open for the whole run, as they do with
-# sluice; otherwise direct/nginx would pay for periodic reconnects.
-NGINX_CONF = """\
-worker_processes 1;
-daemon off;
-pid {prefix}/nginx.pid;
-error_log stderr warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    keepalive_requests 1000000;
-    client_body_temp_path {prefix}/client_body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-{servers}
-}}
-"""
-
-UPSTREAM_SERVERS = """\
-    server {{
-        listen 127.0.0.1:{port};
-        default_type text/plain;
-        location / {{ return 200 "hello from upstream\\n"; }}
-    }}"""
-
-NGINX_PROXY_SERVERS = """\
-    upstream backend {{
-        server 127.0.0.1:{upstream_port};
-        keepalive 32;
-        keepalive_requests 1000000;
-    }}
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{
-            proxy_pass http://backend;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }}
-    }}"""
-
-SLUICE_CONF = """\
-[server]
-workers = 1
-
-[[listeners]]
-address = "127.0.0.1:{port}"
-filters = ["access_log", "router"]
-
-[clusters.backend]
-endpoints = ["127.0.0.1:{upstream_port}"]
-policy = "round_robin"
-
-[[routes]]
-match = {{ prefix = "/" }}
-cluster = "backend"
-
-[filters.access_log]
-path = "{access_log}"
-"""
-
-# wrk prints times as e.g. 812.00us, 1.23ms, 2.01s (and m/h for huge values).
-MS_PER_UNIT = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+OUT_DIR = peers.BENCH_DIR / "out"
+PRESETS = {  # what --full changes; explicit flags win
+    "quick": {"scenarios": list(QUICK), "duration": 2, "repeats": 3, "warmup": 1},
+    "full": {"scenarios": list(SCENARIOS), "duration": 5, "repeats": 5, "warmup": 2},
+}
 
 
-class BenchError(Exception):
-    """A setup step failed; the message says what and includes process output."""
+@dataclass(frozen=True)
+class Bench:
+    """One run's fixed context: where things go and what every target proxies to."""
+
+    workdir: Path
+    upstream: str
+    tls: peers.TlsFiles | None
+    args: argparse.Namespace
+
+    def site(self, target: Target, scenario: Scenario) -> Site:
+        return Site(target.name, self.workdir / scenario.name / target.name, free_port(),
+                    self.upstream, self.tls if scenario.tls else None, scenario.max_connections)
 
 
-def log(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
+# ------------------------------------------------------------ wrk scenarios
 
 
-# --------------------------------------------------------------------- servers
+def start_all(bench: Bench, scenario: Scenario, targets: list[Target], stack: contextlib.ExitStack,
+              outcomes: dict[str, dict]) -> dict[str, Server]:
+    """Start every target and check its answer; the ones that fail are recorded, not returned."""
+    servers = {}
+    for target in targets:
+        try:
+            server = stack.enter_context(run_target(target, bench.site(target, scenario)))
+        except StartError as exc:
+            log(f"{scenario.name}: {target.name} did not start: {exc}")
+            outcomes[target.name] = {"status": "did not start", "error": str(exc)}
+            continue
+        problem = wrong_answer(server.url, scenario)
+        if problem:
+            log(f"{scenario.name}: {target.name} answered wrongly: {problem}")
+            outcomes[target.name] = {"status": "wrong answer", "error": problem}
+            continue
+        servers[target.name] = server
+        if server.says_listening():
+            outcomes[target.name]["startup"] = server.says_listening()
+    return servers
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def serves_http(port: int) -> bool:
-    """True if a TCP connect and one GET / to the port return a 2xx."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1.0)
-    try:
-        conn.request("GET", "/")
-        response = conn.getresponse()
-        response.read()
-        return 200 <= response.status < 300
-    except (OSError, http.client.HTTPException):
+def died(server: Server, outcome: dict) -> bool:
+    """True (and the outcome says so) if the server's process has exited."""
+    code = server.exit_code()
+    if code is None:
         return False
-    finally:
-        conn.close()
+    outcome.update(status="died", error=f"exited with code {code}; its output:\n{server.output(2000)}")
+    log(f"{server.name} died (exit code {code})")
+    return True
 
 
-def server_output(name: str, log_path: Path, limit: int = 20_000) -> str:
-    """The end of a server's captured stdout+stderr, for error messages."""
-    return f"--- {name} output ---\n{log_path.read_text(errors='replace')[-limit:]}"
-
-
-def wait_until_ready(name: str, proc: subprocess.Popen, port: int, log_path: Path) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise BenchError(f"{name} exited with code {proc.returncode} before serving\n"
-                             + server_output(name, log_path))
-        if serves_http(port):
-            return
-        time.sleep(0.1)
-    raise BenchError(f"{name} did not answer GET / with 2xx on port {port} within "
-                     f"{READY_TIMEOUT_S:.0f}s\n" + server_output(name, log_path))
-
-
-def stop_process(name: str, proc: subprocess.Popen) -> None:
-    """SIGTERM by PID, SIGKILL if it has not exited after STOP_TIMEOUT_S."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        log(f"{name} ignored SIGTERM for {STOP_TIMEOUT_S:.0f}s; sending SIGKILL")
-        proc.kill()
-        proc.wait()
-
-
-@contextlib.contextmanager
-def running_server(name: str, argv: list[str], workdir: Path, port: int):
-    """Run argv until the block ends; yields the URL once it serves HTTP."""
-    log_path = workdir / f"{name}.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL,
-                                stdout=log_file, stderr=subprocess.STDOUT)
-    try:
-        wait_until_ready(name, proc, port, log_path)
-        log(f"{name} ready on 127.0.0.1:{port} (pid {proc.pid})")
-        yield f"http://127.0.0.1:{port}/"
-        if proc.poll() is not None:
-            log(f"WARNING: {name} exited (code {proc.returncode}) during the run\n"
-                + server_output(name, log_path, limit=2000))
-    finally:
-        stop_process(name, proc)
-
-
-def nginx_server(name: str, workdir: Path, port: int, servers: str):
-    prefix = workdir / name
-    (prefix / "logs").mkdir(parents=True)
-    conf = prefix / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(prefix=prefix, servers=servers))
-    argv = ["nginx", "-p", str(prefix), "-c", str(conf), "-e", "stderr"]
-    return running_server(name, argv, workdir, port)
-
-
-def warn_if_empty(access_log: Path) -> None:
-    """The sluice chain is meant to include a file access log; say so if it wrote nothing."""
-    if not access_log.exists() or access_log.stat().st_size == 0:
-        log(f"WARNING: sluice wrote nothing to {access_log.name}; "
-            "the access_log filter may not be active in the measured chain")
-
-
-def sluice_server(workdir: Path, port: int, upstream_port: int):
-    conf = workdir / "sluice.toml"
-    conf.write_text(SLUICE_CONF.format(port=port, upstream_port=upstream_port,
-                                       access_log=workdir / ACCESS_LOG))
-    argv = [str(SLUICE_PYTHON), "-m", "sluice", "run", "-c", str(conf)]
-    return running_server("sluice", argv, workdir, port)
-
-
-def target_server(name: str, workdir: Path, upstream_port: int):
-    """Context manager that runs the server for one target and yields its URL."""
-    if name == "direct":
-        return contextlib.nullcontext(f"http://127.0.0.1:{upstream_port}/")
-    port = free_port()
-    if name == "nginx":
-        servers = NGINX_PROXY_SERVERS.format(port=port, upstream_port=upstream_port)
-        return nginx_server("nginx-proxy", workdir, port, servers)
-    return sluice_server(workdir, port, upstream_port)
-
-
-# ------------------------------------------------------------------------- wrk
-
-
-def to_ms(text: str) -> float:
-    match = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text)
-    if not match:
-        raise BenchError(f"unrecognised wrk time {text!r}")
-    return round(float(match[1]) * MS_PER_UNIT[match[2]], 4)
-
-
-def parse_wrk(output: str) -> dict:
-    """Extract throughput, latency percentiles and error counts from wrk --latency output."""
-    def find(pattern: str) -> re.Match:
-        match = re.search(pattern, output, re.MULTILINE)
-        if not match:
-            raise BenchError(f"could not find {pattern!r} in wrk output:\n{output}")
-        return match
-
-    socket_errors = re.search(
-        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
-    socket_counts = dict(zip(("connect", "read", "write", "timeout"),
-                             map(int, socket_errors.groups() if socket_errors else (0,) * 4),
-                             strict=True))
-    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
-    result = {
-        "requests": int(find(r"(\d+) requests in")[1]),
-        "rps": float(find(r"Requests/sec:\s+([\d.]+)")[1]),
-        "p50_ms": to_ms(find(r"^\s+50%\s+(\S+)")[1]),
-        "p99_ms": to_ms(find(r"^\s+99%\s+(\S+)")[1]),
-        "socket_errors": socket_counts,
-        "non_2xx": int(non_2xx[1]) if non_2xx else 0,
-    }
-    result["errors"] = result["non_2xx"] + sum(socket_counts.values())
-    return result
-
-
-def run_wrk(url: str, args: argparse.Namespace, duration_s: int) -> dict:
-    """One wrk run. If wrk itself fails (e.g. the target died and refuses
-    connections) the run is recorded with no requests and a failure message,
-    so the remaining runs and the table still happen."""
-    argv = ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{duration_s}s",
-            "--latency", url]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=duration_s + 60)
-    if proc.returncode != 0:
-        message = f"wrk exited {proc.returncode}: {(proc.stdout + proc.stderr).strip()}"
-        return {"requests": 0, "rps": 0.0, "p50_ms": None, "p99_ms": None,
-                "socket_errors": {}, "non_2xx": 0, "errors": 0, "failure": message}
-    return parse_wrk(proc.stdout)
-
-
-def measure(urls: dict[str, str], args: argparse.Namespace) -> dict[str, list[dict]]:
-    """Warm each target up, then run REPEATS rounds of direct, nginx, sluice, ..."""
-    for name, url in urls.items():
-        log(f"warm-up {name} ({args.warmup}s)")
-        run_wrk(url, args, args.warmup)
-    runs: dict[str, list[dict]] = {name: [] for name in urls}
-    for round_no in range(1, args.repeats + 1):
-        for name, url in urls.items():
-            result = run_wrk(url, args, args.duration)
-            runs[name].append(result)
-            log(f"round {round_no}/{args.repeats} {name}: " + result.get("failure", (
-                f"{result['rps']:.0f} req/s, p50 {result['p50_ms']} ms, "
-                f"p99 {result['p99_ms']} ms, errors {result['errors']}")))
-    return runs
-
-
-# --------------------------------------------------------------------- results
-
-
-def median_of(runs: list[dict], key: str) -> float | None:
-    values = [r[key] for r in runs if r[key] is not None]
-    return statistics.median(values) if values else None
-
-
-def summarize(runs: list[dict]) -> dict:
-    return {
-        "rps": median_of(runs, "rps"),
-        "p50_ms": median_of(runs, "p50_ms"),
-        "p99_ms": median_of(runs, "p99_ms"),
-        "errors": sum(r["errors"] for r in runs),
-        "requests": sum(r["requests"] for r in runs),
-    }
-
-
-def ratios(summaries: dict[str, dict]) -> dict[str, float]:
-    """sluice req/s relative to each other target measured in the same run."""
-    if "sluice" not in summaries:
-        return {}
-    sluice_rps = summaries["sluice"]["rps"]
-    return {f"sluice/{name}": sluice_rps / summaries[name]["rps"]
-            for name in ("nginx", "direct") if summaries.get(name, {}).get("rps")}
-
-
-def failures(runs: dict[str, list[dict]]) -> list[str]:
-    problems = []
-    for name, target_runs in runs.items():
-        errors = sum(r["errors"] for r in target_runs)
-        if errors:
-            problems.append(f"{name}: {errors} errors (non-2xx + socket errors)")
-        if any(r["requests"] == 0 and "failure" not in r for r in target_runs):
-            problems.append(f"{name}: a run completed no requests")
-        problems += [f"{name}: {r['failure']}" for r in target_runs if "failure" in r]
-    return problems
-
-
-def format_table(summaries: dict[str, dict], ratio_values: dict[str, float]) -> str:
-    def cell(value: float | None, spec: str) -> str:
-        return "-" if value is None else format(value, spec)
-
-    lines = [f"{'target':<8} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}"]
-    for name, s in summaries.items():
-        lines.append(f"{name:<8} {cell(s['rps'], '.0f'):>10} {cell(s['p50_ms'], '.2f'):>8} "
-                     f"{cell(s['p99_ms'], '.2f'):>8} {s['errors']:>7}")
-    for label, value in ratio_values.items():
-        lines.append(f"{label} req/s: {value:.3f}")
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- machine facts
-
-
-def command_output(argv: list[str]) -> str | None:
-    """First line a command prints (stdout or stderr), or None if it cannot run."""
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=10, cwd=REPO)
-    except (OSError, subprocess.TimeoutExpired):
+def wrk_script(bench: Bench, scenario: Scenario) -> Path | None:
+    if not scenario.lua:
         return None
-    text = (proc.stdout or proc.stderr).strip()
-    return text.splitlines()[0] if text else None
-
-
-def proc_field(path: str, key: str) -> str | None:
-    with contextlib.suppress(OSError):
-        for line in Path(path).read_text().splitlines():
-            name, _, value = line.partition(":")
-            if name.strip() == key:
-                return value.strip()
-    return None
-
-
-def sluice_commit() -> str:
-    commit = command_output(["git", "rev-parse", "--short", "HEAD"])
-    if not commit or not re.fullmatch(r"[0-9a-f]+", commit):
-        commit = "no-commit"
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True, cwd=REPO).stdout.strip()
-    return f"{commit}-dirty" if dirty else commit
-
-
-def machine_facts() -> dict:
-    mem_kb = proc_field("/proc/meminfo", "MemTotal")
-    return {
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu_model": proc_field("/proc/cpuinfo", "model name"),
-        "memory_gib": round(int(mem_kb.split()[0]) / 2**20, 1) if mem_kb else None,
-        "kernel": platform.release(),
-        "python": command_output([str(SLUICE_PYTHON), "--version"]),
-        "nginx": command_output(["nginx", "-v"]),
-        "wrk": command_output(["wrk", "-v"]),
-        "sluice_commit": sluice_commit(),
-    }
-
-
-def write_json(report: dict) -> Path:
-    OUT_DIR.mkdir(exist_ok=True)
-    path = OUT_DIR / f"results-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    path = bench.workdir / f"{scenario.name}.lua"
+    path.write_text(scenario.lua)
     return path
 
 
-# ------------------------------------------------------------------------ main
+def describe(run: dict) -> str:
+    if "failure" in run:
+        return run["failure"]
+    return (f"{run['rps']:.0f} req/s, p50 {run['p50_ms']} ms, p99 {run['p99_ms']} ms, "
+            f"errors {run['errors']}")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--targets", default=",".join(TARGETS),
-                        help="comma-separated subset of %(default)s")
-    parser.add_argument("--threads", type=int, default=1, help="wrk threads (%(default)s)")
-    parser.add_argument("--connections", type=int, default=32,
-                        help="wrk connections (%(default)s)")
-    parser.add_argument("--duration", type=int, default=10,
-                        help="seconds per measured run (%(default)s)")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="measured runs per target (%(default)s)")
-    parser.add_argument("--warmup", type=int, default=2,
-                        help="warm-up seconds per target (%(default)s)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 3 s runs, 1 repeat, 1 s warm-up")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.duration, args.repeats, args.warmup = 3, 1, 1
-    args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    unknown = set(args.targets) - set(TARGETS)
-    if unknown or not args.targets:
-        parser.error(f"--targets must be a subset of {','.join(TARGETS)}")
-    args.targets = [t for t in TARGETS if t in args.targets]  # canonical order
-    return args
+def measure_load(bench: Bench, scenario: Scenario, targets: list[Target]) -> dict[str, dict]:
+    """Warm every target up, then interleaved rounds of wrk runs."""
+    args, script = bench.args, wrk_script(bench, scenario)
+    outcomes = {t.name: {"status": "ok", "runs": []} for t in targets}
+    with contextlib.ExitStack() as stack:
+        servers = start_all(bench, scenario, targets, stack, outcomes)
+        for name, server in servers.items() if args.warmup else ():
+            log(f"{scenario.name}: warm-up {name} ({args.warmup} s)")
+            run_wrk(server.url, scenario, args.threads, args.warmup, script)
+        for round_no in range(1, args.repeats + 1):
+            for name, server in list(servers.items()):
+                if died(server, outcomes[name]):
+                    del servers[name]
+                    continue
+                run = run_wrk(server.url, scenario, args.threads, args.duration, script)
+                outcomes[name]["runs"].append(run)
+                log(f"{scenario.name} round {round_no}/{args.repeats} {name}: {describe(run)}")
+        for name, server in servers.items():
+            died(server, outcomes[name])
+    for outcome in outcomes.values():
+        if outcome.get("runs"):
+            outcome["summary"] = summarize(outcome["runs"])
+    add_ratios(outcomes)
+    return outcomes
 
 
-def run_benchmark(args: argparse.Namespace) -> dict[str, list[dict]]:
-    """Start the upstream and every target, measure them, stop everything."""
+# ------------------------------------------------------------------ idle10k
+
+
+def hold(server: Server, port: int, count: int, headers: tuple[str, ...]) -> dict:
+    """Memory of the server's process tree before and while it holds ``count`` idle connections."""
+    pid = server.proc.pid
+    before = tree_rss_bytes(pid)
+
+    def measure(clients: set[int]) -> dict:
+        return {"rss_held_mib": round(tree_rss_bytes(pid) / MIB, 1), "held": still_held(port, clients)}
+
+    result = hold_idle(port, count, headers, measure)
+    outcome = {"status": "ok", "requested": count, "rss_before_mib": round(before / MIB, 1), **result}
+    if result["held"] < count:
+        outcome["failures"] = max(result["failures"], count - result["held"])
+        outcome["first_failures"] = result["first_failures"] or [
+            f"the server held {result['held']} of {count}"]
+    return outcome
+
+
+def measure_idle(bench: Bench, scenario: Scenario, targets: list[Target]) -> dict[str, dict]:
+    """Each target in turn, freshly started: RSS before and while holding the connections."""
+    outcomes = {}
+    for target in targets:
+        site = bench.site(target, scenario)
+        try:
+            with run_target(target, site) as server:
+                log(f"{scenario.name}: {target.name}: opening {scenario.connections:,} connections")
+                outcome = hold(server, site.port, scenario.connections, scenario.headers)
+                died(server, outcome)
+        except StartError as exc:
+            log(f"{scenario.name}: {target.name} did not start: {exc}")
+            outcome = {"status": "did not start", "error": str(exc)}
+        outcomes[target.name] = outcome
+        if "rss_held_mib" in outcome:
+            log(f"{scenario.name} {target.name}: {outcome['rss_held_mib']} MiB holding "
+                f"{outcome['held']:,} (idle: {outcome['rss_before_mib']} MiB)")
+    return outcomes
+
+
+# --------------------------------------------------------------------- main
+
+
+def applicable(target: Target, scenario: Scenario) -> bool:
+    """direct has no process to hold connections, and no TLS listener."""
+    if scenario.idle:
+        return target.command is not None
+    return target.tls or not scenario.tls
+
+
+def run_scenarios(args: argparse.Namespace, targets: list[Target]) -> dict:
+    """Start the upstream, run each scenario against the targets, stop everything."""
+    results = {}
     with tempfile.TemporaryDirectory(prefix="sluice-bench-") as tmp, \
-            contextlib.ExitStack() as servers:
+            peers.upstream(Path(tmp)) as upstream:
         workdir = Path(tmp)
-        upstream_port = free_port()
-        servers.enter_context(nginx_server("upstream", workdir, upstream_port,
-                                           UPSTREAM_SERVERS.format(port=upstream_port)))
-        urls = {name: servers.enter_context(target_server(name, workdir, upstream_port))
-                for name in args.targets}
-        runs = measure(urls, args)
-        if "sluice" in urls:
-            warn_if_empty(workdir / ACCESS_LOG)
-        return runs
+        workdir.chmod(0o711)  # nginx workers run as nobody: they must reach the upstream's files
+        tls = peers.make_tls_files(workdir) if any(s.tls for s in args.scenarios) else None
+        bench = Bench(workdir, upstream, tls, args)
+        for scenario in args.scenarios:
+            chosen = [t for t in targets if applicable(t, scenario)]
+            log(f"=== {scenario.name}: {scenario.title} ({', '.join(t.name for t in chosen)})")
+            measure = measure_idle if scenario.idle else measure_load
+            results[scenario.name] = measure(bench, scenario, chosen)
+    return results
+
+
+def available_targets(args: argparse.Namespace) -> tuple[list[Target], dict[str, str]]:
+    """The chosen targets that can run here, and why the others are skipped."""
+    ready, skipped = [], {}
+    for target in args.targets:
+        reason = peers.missing_executable(target)
+        if reason:
+            log(f"skipping {target.name}: {reason}")
+            skipped[target.name] = reason
+        else:
+            ready.append(target)
+    return ready, skipped
+
+
+def raise_open_files_limit(need: int) -> None:
+    """Room for the idle connections in this process, and in the servers and wrk (inherited):
+    each holds one end of them, plus a few."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max(need, soft)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(want, hard)))  # root may raise hard
+        return
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if hard < need:
+        log(f"WARNING: open files limited to {hard}; idle10k needs about {need}")
+
+
+def warn_if_busy() -> None:
+    load = float(Path("/proc/loadavg").read_text().split()[0])
+    if load > 0.5:
+        log(f"WARNING: the machine is busy before the run (load average {load:.2f}): the "
+            "benchmark shares the CPUs with other processes, expect noisy numbers")
+
+
+def missing_tools() -> list[str]:
+    return [f"{tool} is required; to install: apt-get install {tool}  (or: bash benchmarks/setup.sh)"
+            for tool in ("nginx", "wrk") if not shutil.which(tool)]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        runs = run_benchmark(args)
-    except BenchError as exc:
-        log(f"FAILED: {exc}")
+    missing = missing_tools()
+    for problem in missing:
+        log(f"FAILED: {problem}")
+    if missing:
         return 2
-    summaries = {name: summarize(target_runs) for name, target_runs in runs.items()}
-    ratio_values = ratios(summaries)
-    problems = failures(runs)
+    raise_open_files_limit(args.idle_connections + 2000)
+    warn_if_busy()
+    targets, skipped = available_targets(args)
+    started = time.monotonic()
+    try:
+        results = run_scenarios(args, targets)
+    except (StartError, OSError) as exc:
+        log(f"FAILED: the upstream did not start: {exc}")
+        return 2
+    found, start_failed = problems(results)
+    goal_list = goals(results)
+    settings = settings_of(args)
+    machine = machine_facts()
     report = {
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "settings": {k: getattr(args, k) for k in
-                     ("targets", "threads", "connections", "duration", "repeats", "warmup")},
-        "machine": machine_facts(),
-        "summary": summaries,
-        "ratios": ratio_values,
-        "runs": runs,
-        "failures": problems,
+        "elapsed_s": round(time.monotonic() - started),
+        "settings": settings,
+        "machine": machine,
+        "targets": {t.name: t.summary for t in targets},
+        "skipped": skipped,
+        "results": results,
+        "goals": goal_list,
+        "problems": found,
     }
-    print(format_table(summaries, ratio_values))
-    print(f"results: {write_json(report)}")
-    for problem in problems:
+    stamp = timestamp()
+    scenarios = {s.name: s for s in args.scenarios}
+    print(format_report(results, scenarios, goal_list, settings))
+    print(f"\nresults: {write_json(report, args.out_dir, stamp)}")
+    if not args.no_plots:
+        draw(results, scenarios, settings, machine, args.plots_dir or args.out_dir / f"plots-{stamp}")
+    for problem in found:
         log(f"FAILED: {problem}")
-    return 1 if problems else 0
+    return 2 if start_failed else 1 if found else 0
+
+
+def draw(results: dict, scenarios: dict[str, Scenario], settings: dict, machine: dict,
+         plots_dir: Path) -> None:
+    try:
+        from plots import plot_all
+    except ImportError as exc:
+        log(f"no plots: {exc}; to install: .venv/bin/python -m pip install matplotlib")
+        return
+    footer = (f"sluice {machine['sluice_commit']} · {time.strftime('%Y-%m-%d')} · "
+              f"{machine['cpu_model']} x{machine['nproc']} · wrk -t{settings['threads']}, "
+              f"medians of {settings['repeats']} x {settings['duration']} s")
+    try:
+        paths = plot_all(results, scenarios, footer, plots_dir)
+    except ImportError as exc:
+        log(f"no plots: {exc}; to install: .venv/bin/python -m pip install matplotlib")
+        return
+    print(f"plots: {plots_dir} ({len(paths)} PNG)")
+
+
+def settings_of(args: argparse.Namespace) -> dict:
+    return {
+        "scenarios": [s.name for s in args.scenarios],
+        "targets": [t.name for t in args.targets],
+        **{key: getattr(args, key) for key in ("threads", "duration", "repeats", "warmup",
+                                              "idle_connections", "plugins", "header")},
+        "config": str(args.config) if args.config else None,
+        "wrk_timeout_s": WRK_TIMEOUT_S,
+    }
+
+
+# ------------------------------------------------------------------ options
+
+
+def names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def header(text: str) -> str:
+    name, colon, value = text.partition(":")
+    if not colon or not name.strip() or name != name.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not 'Name: value'")
+    return f"{name}: {value.strip()}"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog="See benchmarks/README.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full", action="store_true",
+                        help="every scenario, 5 runs of 5 s each, 2 s warm-up (default: the quick "
+                             "set, 3 runs of 2 s, 1 s warm-up)")
+    parser.add_argument("--scenarios", type=names, help=f"comma-separated, from {','.join(SCENARIOS)}")
+    parser.add_argument("--targets", type=names,
+                        help=f"comma-separated, from {','.join(TARGETS)},sluice-custom (default: all)")
+    parser.add_argument("--config", type=Path,
+                        help="your sluice config: measured as sluice-custom (see README)")
+    parser.add_argument("--plugins", type=names,
+                        help="your filter chain, e.g. my_filter,router: measured as sluice-custom")
+    parser.add_argument("--header", action="append", default=[], type=header,
+                        help="'Name: value' added to every request (repeat for more), "
+                             "e.g. the API key your chain asks for")
+    parser.add_argument("--threads", type=int, default=1, help="wrk threads (%(default)s)")
+    parser.add_argument("--duration", type=int, help="seconds per measured run")
+    parser.add_argument("--repeats", type=int, help="measured runs per target and scenario")
+    parser.add_argument("--warmup", type=int, help="warm-up seconds per target and scenario")
+    parser.add_argument("--idle-connections", type=int, default=10_000,
+                        help="connections held in idle10k (%(default)s)")
+    parser.add_argument("--out-dir", type=Path, default=OUT_DIR, help="for the JSON (%(default)s)")
+    parser.add_argument("--plots-dir", type=Path,
+                        help="for the PNGs (default: OUT_DIR/plots-TIMESTAMP)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNGs")
+    args = parser.parse_args(argv)
+    preset = PRESETS["full" if args.full else "quick"]
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if min(args.duration, args.repeats, args.threads, args.idle_connections) < 1 or args.warmup < 0:
+        parser.error("--duration, --repeats, --threads and --idle-connections must be at least 1")
+    args.scenarios = choose_scenarios(parser, args)
+    args.targets = choose_targets(parser, args)
+    return args
+
+
+def choose_scenarios(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[Scenario]:
+    unknown = set(args.scenarios) - set(SCENARIOS)
+    if unknown or not args.scenarios:
+        parser.error(f"--scenarios: choose from {','.join(SCENARIOS)}")
+    count = args.idle_connections
+    idle = replace(SCENARIOS["idle10k"], connections=count, max_connections=count + 2000,
+                   title=f"{count:,} idle keep-alive connections: RSS of the proxy")
+    chosen = [idle if name == "idle10k" else SCENARIOS[name] for name in SCENARIOS if name in args.scenarios]
+    return [replace(s, headers=s.headers + tuple(args.header)) for s in chosen]
+
+
+def choose_targets(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[Target]:
+    known = dict(TARGETS)
+    if args.config and args.plugins:
+        parser.error("--config and --plugins: choose one")
+    if args.config:
+        known["sluice-custom"] = peers.custom_target(load_user_config(parser, args.config), None)
+    elif args.plugins:
+        known["sluice-custom"] = peers.custom_target(None, args.plugins)
+    chosen = args.targets or list(known)
+    unknown = set(chosen) - set(known)
+    if unknown:
+        extra = " (sluice-custom needs --config or --plugins)" if "sluice-custom" in unknown else ""
+        parser.error(f"--targets: unknown {','.join(sorted(unknown))}; choose from {','.join(known)}{extra}")
+    return [target for name, target in known.items() if name in chosen]
+
+
+def load_user_config(parser: argparse.ArgumentParser, path: Path) -> dict:
+    try:
+        config = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        parser.error(f"--config {path}: {exc}")
+    if not config.get("listeners"):
+        parser.error(f"--config {path}: no [[listeners]]")
+    return config
 
 
 if __name__ == "__main__":

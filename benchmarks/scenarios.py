@@ -1,0 +1,59 @@
+"""What the benchmark asks of every target: one Scenario per kind of traffic.
+
+Each wrk scenario is one wrk command line (path, method, connections, extra
+headers, Lua script, TLS) and the answer every target must give to it, which
+is checked once per target before it is measured. ``idle10k`` is not a wrk
+run: it holds idle connections open and reads the proxies' memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from peers import LARGE_BYTES, LARGE_PATH, SMALL_BODY, UPLOAD_ANSWER, UPLOAD_BYTES, UPLOAD_PATH
+
+# The body is built in the script, so wrk reads nothing from disk per request.
+UPLOAD_LUA = f"""\
+wrk.method = "POST"
+wrk.body = string.rep("x", {UPLOAD_BYTES})
+wrk.headers["Content-Type"] = "application/octet-stream"
+"""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    title: str
+    path: str = "/"
+    connections: int = 50
+    headers: tuple[str, ...] = ()
+    lua: str | None = None  # a wrk script
+    request_bytes: int = 0  # body sent with each request (POST if > 0)
+    answer_bytes: int = len(SMALL_BODY)  # body length of the expected 200 answer
+    tls: bool = False
+    idle: bool = False  # hold connections and read memory instead of running wrk
+    max_connections: int | None = None  # what a proxy with a connection limit must allow
+
+    @property
+    def payload_bytes(self) -> int:
+        """Bytes per request that make bandwidth worth showing (0: not a bandwidth scenario)."""
+        size = max(self.request_bytes, self.answer_bytes)
+        return size if size >= 64 * 1024 else 0
+
+
+IDLE_CONNECTIONS = 10_000
+
+SCENARIOS = {s.name: s for s in (
+    Scenario("small", "GET / (32-byte body), keep-alive, 50 connections"),
+    Scenario("newconn", "GET /, a new connection per request (Connection: close), 50 connections",
+             headers=("Connection: close",)),
+    Scenario("1m", "GET /1m (1 MiB body), keep-alive, 50 connections", path=LARGE_PATH,
+             answer_bytes=LARGE_BYTES),
+    Scenario("upload", "POST /upload (100 KiB body), keep-alive, 50 connections", path=UPLOAD_PATH,
+             lua=UPLOAD_LUA, request_bytes=UPLOAD_BYTES, answer_bytes=len(UPLOAD_ANSWER)),
+    Scenario("tls", "GET / over TLS (self-signed ECDSA P-256), keep-alive, 50 connections", tls=True),
+    Scenario("c1000", "GET /, keep-alive, 1000 connections", connections=1000, max_connections=2000),
+    Scenario("idle10k", f"{IDLE_CONNECTIONS:,} idle keep-alive connections: RSS of the proxy",
+             connections=IDLE_CONNECTIONS, idle=True, max_connections=IDLE_CONNECTIONS + 2000),
+)}
+QUICK = ("small", "newconn", "1m", "upload")
