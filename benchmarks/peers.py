@@ -166,7 +166,6 @@ def make_tls_files(workdir: Path) -> TlsFiles:
 class Site:
     """Where one target runs for one scenario."""
 
-    name: str
     dir: Path
     port: int
     upstream: str  # host:port
@@ -395,7 +394,7 @@ def upstream_reads_whole_body(address: str) -> bool:
 def upstream(workdir: Path) -> Iterator[str]:
     """The upstream nginx (1 worker); yields its host:port."""
     port = free_port()
-    site = Site("upstream", workdir / "upstream", port, "")
+    site = Site(workdir / "upstream", port, "")
     site.dir.mkdir(parents=True)
     with open(site.dir / "large.bin", "wb") as large:
         large.truncate(LARGE_BYTES)  # zeros; content does not matter to anyone
@@ -404,9 +403,12 @@ def upstream(workdir: Path) -> Iterator[str]:
         large_path=LARGE_PATH, upload_path=UPLOAD_PATH, upload_answer=UPLOAD_ANSWER.decode())
     with running("upstream", nginx_command(site, servers), site.url, site.dir / "output.log") as server:
         address = f"127.0.0.1:{port}"
-        if not upstream_reads_whole_body(address):
-            raise StartError("the upstream answers uploads before reading their body\n"
-                             + server.output())
+        try:
+            reads_body = upstream_reads_whole_body(address)
+        except OSError as exc:
+            raise StartError(f"the upstream failed the upload check: {exc}\n{server.output()}") from exc
+        if not reads_body:
+            raise StartError(f"the upstream answers uploads before reading their body\n{server.output()}")
         yield address
 
 

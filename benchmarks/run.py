@@ -24,25 +24,20 @@ import argparse
 import contextlib
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
-import tomllib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import peers
 from load import WRK_TIMEOUT_S, hold_idle, run_wrk, still_held, wrong_answer
-from peers import TARGETS, Site, Target, run_target
+from options import parse_args
+from peers import Site, Target, run_target
 from procs import Server, StartError, free_port, log, tree_rss_bytes
 from report import MIB, add_ratios, format_report, goals, machine_facts, problems, summarize, timestamp, write_json
-from scenarios import QUICK, SCENARIOS, Scenario
-
-OUT_DIR = peers.BENCH_DIR / "out"
-PRESETS = {  # what --full changes; explicit flags win
-    "quick": {"scenarios": list(QUICK), "duration": 2, "repeats": 3, "warmup": 1},
-    "full": {"scenarios": list(SCENARIOS), "duration": 5, "repeats": 5, "warmup": 2},
-}
+from scenarios import Scenario
 
 
 @dataclass(frozen=True)
@@ -55,8 +50,8 @@ class Bench:
     args: argparse.Namespace
 
     def site(self, target: Target, scenario: Scenario) -> Site:
-        return Site(target.name, self.workdir / scenario.name / target.name, free_port(),
-                    self.upstream, self.tls if scenario.tls else None, scenario.max_connections)
+        return Site(self.workdir / scenario.name / target.name, free_port(), self.upstream,
+                    self.tls if scenario.tls else None, scenario.max_connections)
 
 
 # ------------------------------------------------------------ wrk scenarios
@@ -188,18 +183,34 @@ def applicable(target: Target, scenario: Scenario) -> bool:
 def run_scenarios(args: argparse.Namespace, targets: list[Target]) -> dict:
     """Start the upstream, run each scenario against the targets, stop everything."""
     results = {}
-    with tempfile.TemporaryDirectory(prefix="sluice-bench-") as tmp, \
-            peers.upstream(Path(tmp)) as upstream:
+    with tempfile.TemporaryDirectory(prefix="sluice-bench-") as tmp:
         workdir = Path(tmp)
         workdir.chmod(0o711)  # nginx workers run as nobody: they must reach the upstream's files
-        tls = peers.make_tls_files(workdir) if any(s.tls for s in args.scenarios) else None
-        bench = Bench(workdir, upstream, tls, args)
-        for scenario in args.scenarios:
-            chosen = [t for t in targets if applicable(t, scenario)]
-            log(f"=== {scenario.name}: {scenario.title} ({', '.join(t.name for t in chosen)})")
-            measure = measure_idle if scenario.idle else measure_load
-            results[scenario.name] = measure(bench, scenario, chosen)
+        with peers.upstream(workdir) as upstream:
+            bench = Bench(workdir, upstream, tls_files(workdir, args.scenarios), args)
+            for scenario in args.scenarios:
+                if scenario.tls and bench.tls is None:
+                    continue
+                results[scenario.name] = run_scenario(bench, scenario, targets)
     return results
+
+
+def tls_files(workdir: Path, scenarios: list[Scenario]) -> peers.TlsFiles | None:
+    """A certificate, if a scenario needs one and openssl can make it."""
+    if not any(s.tls for s in scenarios):
+        return None
+    try:
+        return peers.make_tls_files(workdir)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        log(f"skipping the TLS scenarios: openssl could not make a certificate: {exc}")
+        return None
+
+
+def run_scenario(bench: Bench, scenario: Scenario, targets: list[Target]) -> dict[str, dict]:
+    chosen = [t for t in targets if applicable(t, scenario)]
+    log(f"=== {scenario.name}: {scenario.title} ({', '.join(t.name for t in chosen)})")
+    measure = measure_idle if scenario.idle else measure_load
+    return measure(bench, scenario, chosen)
 
 
 def available_targets(args: argparse.Namespace) -> tuple[list[Target], dict[str, str]]:
@@ -241,7 +252,7 @@ def missing_tools() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = parse_args(argv, __doc__)
     missing = missing_tools()
     for problem in missing:
         log(f"FAILED: {problem}")
@@ -253,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         results = run_scenarios(args, targets)
-    except (StartError, OSError) as exc:
+    except StartError as exc:
         log(f"FAILED: the upstream did not start: {exc}")
         return 2
     found, start_failed = problems(results)
@@ -310,96 +321,6 @@ def settings_of(args: argparse.Namespace) -> dict:
         "config": str(args.config) if args.config else None,
         "wrk_timeout_s": WRK_TIMEOUT_S,
     }
-
-
-# ------------------------------------------------------------------ options
-
-
-def names(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
-def header(text: str) -> str:
-    name, colon, value = text.partition(":")
-    if not colon or not name.strip() or name != name.strip():
-        raise argparse.ArgumentTypeError(f"{text!r} is not 'Name: value'")
-    return f"{name}: {value.strip()}"
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], epilog="See benchmarks/README.md.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--full", action="store_true",
-                        help="every scenario, 5 runs of 5 s each, 2 s warm-up (default: the quick "
-                             "set, 3 runs of 2 s, 1 s warm-up)")
-    parser.add_argument("--scenarios", type=names, help=f"comma-separated, from {','.join(SCENARIOS)}")
-    parser.add_argument("--targets", type=names,
-                        help=f"comma-separated, from {','.join(TARGETS)},sluice-custom (default: all)")
-    parser.add_argument("--config", type=Path,
-                        help="your sluice config: measured as sluice-custom (see README)")
-    parser.add_argument("--plugins", type=names,
-                        help="your filter chain, e.g. my_filter,router: measured as sluice-custom")
-    parser.add_argument("--header", action="append", default=[], type=header,
-                        help="'Name: value' added to every request (repeat for more), "
-                             "e.g. the API key your chain asks for")
-    parser.add_argument("--threads", type=int, default=1, help="wrk threads (%(default)s)")
-    parser.add_argument("--duration", type=int, help="seconds per measured run")
-    parser.add_argument("--repeats", type=int, help="measured runs per target and scenario")
-    parser.add_argument("--warmup", type=int, help="warm-up seconds per target and scenario")
-    parser.add_argument("--idle-connections", type=int, default=10_000,
-                        help="connections held in idle10k (%(default)s)")
-    parser.add_argument("--out-dir", type=Path, default=OUT_DIR, help="for the JSON (%(default)s)")
-    parser.add_argument("--plots-dir", type=Path,
-                        help="for the PNGs (default: OUT_DIR/plots-TIMESTAMP)")
-    parser.add_argument("--no-plots", action="store_true", help="skip the PNGs")
-    args = parser.parse_args(argv)
-    preset = PRESETS["full" if args.full else "quick"]
-    for key, value in preset.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if min(args.duration, args.repeats, args.threads, args.idle_connections) < 1 or args.warmup < 0:
-        parser.error("--duration, --repeats, --threads and --idle-connections must be at least 1")
-    args.scenarios = choose_scenarios(parser, args)
-    args.targets = choose_targets(parser, args)
-    return args
-
-
-def choose_scenarios(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[Scenario]:
-    unknown = set(args.scenarios) - set(SCENARIOS)
-    if unknown or not args.scenarios:
-        parser.error(f"--scenarios: choose from {','.join(SCENARIOS)}")
-    count = args.idle_connections
-    idle = replace(SCENARIOS["idle10k"], connections=count, max_connections=count + 2000,
-                   title=f"{count:,} idle keep-alive connections: RSS of the proxy")
-    chosen = [idle if name == "idle10k" else SCENARIOS[name] for name in SCENARIOS if name in args.scenarios]
-    return [replace(s, headers=s.headers + tuple(args.header)) for s in chosen]
-
-
-def choose_targets(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[Target]:
-    known = dict(TARGETS)
-    if args.config and args.plugins:
-        parser.error("--config and --plugins: choose one")
-    if args.config:
-        known["sluice-custom"] = peers.custom_target(load_user_config(parser, args.config), None)
-    elif args.plugins:
-        known["sluice-custom"] = peers.custom_target(None, args.plugins)
-    chosen = args.targets or list(known)
-    unknown = set(chosen) - set(known)
-    if unknown:
-        extra = " (sluice-custom needs --config or --plugins)" if "sluice-custom" in unknown else ""
-        parser.error(f"--targets: unknown {','.join(sorted(unknown))}; choose from {','.join(known)}{extra}")
-    return [target for name, target in known.items() if name in chosen]
-
-
-def load_user_config(parser: argparse.ArgumentParser, path: Path) -> dict:
-    try:
-        config = tomllib.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        parser.error(f"--config {path}: {exc}")
-    if not config.get("listeners"):
-        parser.error(f"--config {path}: no [[listeners]]")
-    return config
 
 
 if __name__ == "__main__":
