@@ -1,4 +1,4 @@
-"""Plugin ``access_log``: one structlog event per request, as a JSON line.
+"""Plugin ``access_log``: one JSON line per request.
 
 Fields: ``time`` (UTC, ISO 8601), ``client``, ``method``, ``path``,
 ``host``, ``status``, ``bytes_in``, ``bytes_out``, ``duration_ms``,
@@ -12,7 +12,10 @@ DT client timed out, DPE client protocol error).
 
 Logging never blocks the event loop: ``on_complete`` renders the line and
 appends it to a buffer; a background task hands batches to a worker thread
-for the write. A failed write (disk full, a closed pipe) loses that batch,
+for the write. The line is rendered here rather than through a structlog
+processor chain: with the fields fixed, joining pre-escaped strings costs
+about 4 us where structlog's bound logger, a time processor and its JSON
+renderer cost about 20 us, a fifth of a proxied request's budget. A failed write (disk full, a closed pipe) loses that batch,
 says so in sluice's own log, and nothing else. If the disk cannot keep up and the buffer reaches
 ``max_pending`` lines, new lines are dropped and counted (reported in
 sluice's own log) rather than letting memory grow or requests wait.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import sys
 import time
+from json.encoder import encode_basestring_ascii as _quote
 from typing import Annotated
 
 import structlog
@@ -35,34 +39,26 @@ __all__ = ["AccessLog"]
 log = structlog.get_logger("sluice.access_log")
 
 
-class _TimeFirst:
-    """structlog processor: an ISO 8601 UTC ``time`` as the first key.
-
-    The date part is formatted once per second; the event dict is rebuilt so
-    ``time`` leads the line, where people and tools look for it.
-    """
+class _Clock:
+    """An ISO 8601 UTC timestamp with microseconds; the date part is
+    formatted once per second."""
 
     def __init__(self) -> None:
         self._second = -1
         self._prefix = ""
 
-    def __call__(self, _logger, _method, event_dict: dict) -> dict:
+    def __call__(self) -> str:
         now = time.time()
         second = int(now)
         if second != self._second:
             self._second = second
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return {"time": f"{self._prefix}.{int((now - second) * 1e6):06d}Z", **event_dict}
+        return f"{self._prefix}.{int((now - second) * 1e6):06d}Z"
 
 
-class _BufferLogger:
-    """structlog's final stage: keep the rendered line for the writer task."""
-
-    def __init__(self, sink: AccessLog) -> None:
-        self._sink = sink
-
-    def info(self, line: str) -> None:
-        self._sink._enqueue(line)
+def _json(value) -> str:
+    """A JSON string literal, or null."""
+    return "null" if value is None else _quote(value)
 
 
 class AccessLog(Filter):
@@ -85,15 +81,10 @@ class AccessLog(Filter):
         self._pending: list[str] = []
         self._dropped = 0
         self._file = None
-        self._logger = structlog.wrap_logger(
-            _BufferLogger(self),
-            processors=[
-                _TimeFirst(),
-                structlog.processors.JSONRenderer(),
-            ],
-            context_class=dict,
-            cache_logger_on_first_use=True,
-        )
+        self._clock = _Clock()
+        # One flush at a time: close() must not shut the file under a batch
+        # the writer task is still writing, or that batch is lost.
+        self._flushing = trio.Lock()
 
     async def open(self, nursery) -> None:
         path = self.config.path
@@ -101,31 +92,34 @@ class AccessLog(Filter):
         nursery.start_soon(self._writer)
 
     async def close(self) -> None:
-        await self._flush()
+        await self._flush()  # waits for a flush in progress, then writes the rest
         if self._file is not None and self._file is not sys.stdout:
             self._file.close()
+            self._file = None
 
     async def on_complete(self, ctx) -> None:
         request = ctx.request
         response = ctx.response
         endpoint = ctx.endpoint
         route = ctx.matched_route  # never resolve a route just to log it
-        self._logger.info(
-            "request",
-            client=ctx.client[0],
-            method=request.method if request else None,
-            path=request.target if request else None,
-            host=request.headers.get("host") if request else None,
-            status=response.status if response is not None else None,
-            bytes_in=ctx.bytes_in,
-            bytes_out=ctx.bytes_out,
-            duration_ms=round(ctx.duration * 1000, 3),
-            upstream=endpoint.address if endpoint is not None else None,
-            route=route.name if route else None,
-            request_id=ctx.request_id,
-            user_agent=request.headers.get("user-agent") if request else None,
-            flags=",".join(ctx.flags) or None,
-        )
+        headers = request.headers if request is not None else None
+        self._enqueue("".join((
+            '{"time":"', self._clock(),
+            '","client":', _quote(ctx.client[0]),
+            ',"method":', _json(request.method if request is not None else None),
+            ',"path":', _json(request.target if request is not None else None),
+            ',"host":', _json(headers.get("host") if headers is not None else None),
+            ',"status":', str(response.status) if response is not None else "null",
+            ',"bytes_in":', str(ctx.bytes_in),
+            ',"bytes_out":', str(ctx.bytes_out),
+            ',"duration_ms":', repr(round(ctx.duration * 1000, 3)),
+            ',"upstream":', _json(endpoint.address if endpoint is not None else None),
+            ',"route":', _json(route.name if route else None),
+            ',"request_id":', _quote(ctx.request_id),
+            ',"user_agent":', _json(headers.get("user-agent") if headers is not None else None),
+            ',"flags":', _json(",".join(ctx.flags) or None),
+            "}",
+        )))
 
     def _enqueue(self, line: str) -> None:
         if len(self._pending) >= self.config.max_pending:
@@ -139,6 +133,10 @@ class AccessLog(Filter):
             await self._flush()
 
     async def _flush(self) -> None:
+        async with self._flushing:
+            await self._write_pending()
+
+    async def _write_pending(self) -> None:
         if self._dropped:
             log.warning("access log lines dropped", dropped=self._dropped)
             self._dropped = 0

@@ -63,11 +63,13 @@ def select(name: str = "auto") -> Codec:
         raise ValueError(f"unknown HTTP/1 codec {name!r}; choose one of {', '.join(CODECS)}")
     if name in ("auto", "httptools"):
         try:
-            from . import httptools_codec as module
+            import httptools  # noqa: F401  (only its absence means h11)
         except ImportError:
             if name == "httptools":
                 raise
         else:
+            from . import httptools_codec as module
+
             return Codec("httptools", module.ServerConnection, module.ClientConnection)
     from . import h11_codec as module
 
