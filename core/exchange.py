@@ -27,7 +27,7 @@ downstream connection is closed instead, and the log says why.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 import trio
@@ -42,9 +42,21 @@ from .protocol.http1 import reason_phrase
 
 if TYPE_CHECKING:
     from .context import Context
-    from .server import Listener
+    from .upstream import Pool
 
-__all__ = ["run_exchange"]
+
+class Site(Protocol):
+    """What an exchange needs of the listener it runs on (the edge passes
+    itself; nothing here imports the edge)."""
+
+    chain: Chain
+    pool: Pool
+    route_overrides: bool
+    trust_forwarded: bool
+    max_body_bytes: int  # 0: unlimited
+    max_buffered: int
+
+__all__ = ["Site", "run_exchange"]
 
 log = structlog.get_logger("sluice.exchange")
 
@@ -76,7 +88,7 @@ def _collapse(group: BaseExceptionGroup) -> BaseException:
     return leaves[0] if leaves else group  # only Cancelled: let the one cancel through
 
 
-async def run_exchange(listener: Listener, down: Any, head: RequestHead, ctx: Context) -> None:
+async def run_exchange(listener: Site, down: Any, head: RequestHead, ctx: Context) -> None:
     """Run one exchange to the end; never raises except Cancelled."""
     chain = listener.chain
     try:
@@ -123,7 +135,7 @@ def _reason(status: int) -> str:
     return f"{reason_phrase(status).lower()}\n"
 
 
-def _prepare(listener: Listener, head: RequestHead, ctx: Context) -> Chain:
+def _prepare(listener: Site, head: RequestHead, ctx: Context) -> Chain:
     """Apply the proxy's own header rules; return the chain for this request."""
     request = head.request
     ctx.request = request
@@ -147,7 +159,7 @@ def _prepare(listener: Listener, head: RequestHead, ctx: Context) -> Chain:
     return chain
 
 
-async def _proxy(listener: Listener, chain: Chain, down: Any, head: RequestHead, ctx: Context) -> None:
+async def _proxy(listener: Site, chain: Chain, down: Any, head: RequestHead, ctx: Context) -> None:
     request = head.request
     full = len(chain.filters)
     replied = await chain.run_heads(chain.request_headers, ctx, request, full)
@@ -179,7 +191,7 @@ async def _proxy(listener: Listener, chain: Chain, down: Any, head: RequestHead,
                 # Framing follows the head as the filters left it: one that
                 # resized the body removed Content-Length, so it goes chunked.
                 chunked = request.headers.get_raw(b"content-length") is None
-                await conn.send(conn.proto.request(request, chunked=chunked))
+                await conn.send_head(request, chunked=chunked)
                 if down.waiting_for_100_continue:
                     # Here, before the pump starts: one writer per downstream
                     # connection, and an early response must not race the 100.
@@ -238,20 +250,20 @@ async def _pump_request(listener, chain, down, conn, ctx, deadline, timeout) -> 
                     if type(data) is LocalReply:
                         raise _Reply(data)
                 if data:
-                    await conn.send(conn.proto.data(data))
+                    await conn.send_data(data)
             else:
                 if phases:
                     data = await chain.run_body(phases, ctx, b"", True, full)
                     if type(data) is LocalReply:
                         raise _Reply(data)
                     if data:
-                        await conn.send(conn.proto.data(data))
+                        await conn.send_data(data)
                 trailers = event.trailers
                 if trailers is not None and chain.request_trailers:
                     replied = await chain.run_heads(chain.request_trailers, ctx, trailers, full)
                     if replied is not None:
                         raise _Reply(replied[1], replied[0])
-                await conn.send(conn.proto.end(trailers), last=True)
+                await conn.send_end(trailers)
                 deadline.deadline = trio.current_time() + timeout
                 break
         await down.watch_disconnect()
@@ -299,10 +311,8 @@ async def _ask(down, conn, ctx, timeout: float, body: bytes = b"") -> Response:
     client that leaves ends the wait; most answers come sooner, and then no
     watcher task is started at all.
     """
-    proto = conn.proto
     deadline = trio.current_time() + timeout
-    await conn.send(proto.request(ctx.request, chunked=False) + proto.data(body) + proto.end(),
-                    deadline=deadline, last=True)
+    await conn.send_whole(ctx.request, body, deadline)
     event = await conn.next_event(min(deadline, trio.current_time() + _WATCH_AFTER))
     if event is None and trio.current_time() < deadline:
         async with trio.open_nursery() as nursery:

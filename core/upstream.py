@@ -17,6 +17,7 @@ import trio
 
 from .cluster import Cluster, Endpoint
 from .errors import UpstreamError
+from .messages import Headers, Request
 from .protocol.events import NEED_DATA, ProtocolError
 from .protocol.http1 import Codec
 from .streams import SocketIO, StreamIO, socket_io
@@ -67,6 +68,24 @@ class UpstreamConnection:
             raise UpstreamError("upstream stopped reading", status=504, flag="UT")
         if last:
             self.request_written = True
+
+    # -- the upstream stream interface the exchange uses ------------------------
+
+    async def send_head(self, request: Request, *, chunked: bool) -> None:
+        """Start a request whose body follows (``chunked``: its length is unknown)."""
+        await self.send(self.proto.request(request, chunked=chunked))
+
+    async def send_data(self, data: bytes) -> None:
+        await self.send(self.proto.data(data))
+
+    async def send_end(self, trailers: Headers | None) -> None:
+        await self.send(self.proto.end(trailers), last=True)
+
+    async def send_whole(self, request: Request, body: bytes, deadline: float) -> None:
+        """A request with its whole body (maybe none), in one write."""
+        proto = self.proto
+        await self.send(proto.request(request, chunked=False) + proto.data(body) + proto.end(),
+                        deadline=deadline, last=True)
 
     def poll(self):
         """The next event if it needs no I/O, else NEED_DATA."""
