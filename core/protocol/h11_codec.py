@@ -6,11 +6,20 @@ fallback where httptools does not import. Every head first passes the scan
 of ``heads.py``; each cycle (one request and its response) gets a fresh
 ``h11.Connection``, so bytes left after a message go back through that scan
 instead of straight into h11's parser.
+
+h11 reads chunked bodies itself, and is lenient there where heads are not
+(a CR inside a chunk extension; bare LF, obs-fold and DEL in trailers; a
+trailer section up to its own 64 KiB). So its chunked reader is swapped for
+``_ChunkedReader``, which puts each chunk-size line and the trailer section
+through ``heads.py`` before h11 reads them. That, and the current chunk's
+size, are the h11 internals used here (``_reader``, the receive buffer's
+``_data``, ``ChunkedReader``'s fields), pinned by h11>=0.16.
 """
 
 from __future__ import annotations
 
 import h11
+from h11._readers import ChunkedReader
 
 from ..messages import Headers, Request, Response
 from .events import (
@@ -23,7 +32,15 @@ from .events import (
     RequestHead,
     ResponseHead,
 )
-from .heads import MAX_CHUNK, canonical_length, check_request, take_head
+from .heads import (
+    MAX_CHUNK_LINE,
+    canonical_framing,
+    check_request,
+    check_response_line,
+    take_chunk_line,
+    take_head,
+    take_trailers,
+)
 from .wire import reason_phrase
 
 __all__ = ["ClientConnection", "ServerConnection"]
@@ -31,6 +48,36 @@ __all__ = ["ClientConnection", "ServerConnection"]
 # A slack for h11's own size limit: we only hand it whole heads we measured,
 # so its limit only guards chunk-size and trailer lines.
 _H11_MAX_EVENT = 64 * 1024
+
+
+class _ChunkedReader(ChunkedReader):
+    """h11's chunked reader, with the lines between chunks held to ``heads.py``.
+
+    Before h11 reads a chunk-size line or the trailer section, the same bytes
+    are checked as the httptools codec checks them (on a copy of just those
+    bytes: h11 then reads the buffer as usual). ProtocolError passes through
+    h11 unchanged.
+    """
+
+    def __init__(self, max_trailer_bytes: int) -> None:
+        super().__init__()
+        self._max_trailer_bytes = max_trailer_bytes
+
+    def __call__(self, buf):
+        if self._bytes_in_chunk == 0:  # a line is next, after any CRLF still due
+            data = buf._data
+            at = len(self._bytes_to_discard)
+            if data[:at] == self._bytes_to_discard:  # else h11 refuses it
+                if not self._reading_trailer:
+                    end = data.find(b"\r\n", at)
+                    line = data[at:end + 2] if end >= 0 else data[at:at + MAX_CHUNK_LINE + 1]
+                    if take_chunk_line(line) != 0:  # a chunk, or more bytes needed
+                        return super().__call__(buf)
+                    at = end + 2
+                # Enough of the trailer section to find its end or pass the limit.
+                take_trailers(data[at:at + self._max_trailer_bytes + 4], self._max_trailer_bytes)
+        return super().__call__(buf)
+
 
 class _Peer:
     """What both roles share: head scanning, h11 cycles, event translation."""
@@ -102,9 +149,8 @@ class _Peer:
             event = conn.next_event()
         except h11.RemoteProtocolError as exc:
             raise ProtocolError(str(exc), exc.error_status_hint) from None
-        # h11 keeps the current chunk's size private; read it defensively.
-        if getattr(getattr(conn, "_reader", None), "_bytes_in_chunk", 0) >= MAX_CHUNK:
-            raise ProtocolError("chunk size too large")
+        if type(conn._reader) is ChunkedReader:  # a head just chose chunked framing
+            conn._reader = _ChunkedReader(self.max_head_bytes)
         return self._translate(event)
 
     def _closed_at_boundary(self):
@@ -188,7 +234,7 @@ class ServerConnection(_Peer):
         fields = list(event.headers)
         target = check_request(event.method, event.target, event.http_version, fields,
                                self.max_header_count)
-        content_length = canonical_length(fields)
+        content_length = canonical_framing(fields)
         has_body = bool(content_length) or (
             content_length is None and any(n == b"transfer-encoding" for n, _ in fields)
         )
@@ -277,9 +323,11 @@ class ClientConnection(_Peer):
         )
 
     def _translate_head(self, event):
+        check_response_line(event.http_version, event.status_code)
         fields = list(event.headers)
         if len(fields) > self.max_header_count:
             raise ProtocolError("too many header fields in response")
+        canonical_framing(fields)
         response = Response(
             status=event.status_code,
             headers=Headers._trusted(fields),

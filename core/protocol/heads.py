@@ -8,8 +8,9 @@ two codecs take the same decisions (``tests/test_codec_differential.py``
 holds them to it):
 
 ====================================================  ======  =============
-what the head contains                                status  why
+what the head contains, in the order it is checked    status  why
 ====================================================  ======  =============
+more bytes than ``max_head_bytes``                    431     limit
 a bare LF (a line ending without CR)                  400     RFC 9112 2.2
 a bare CR not followed by LF                          400     RFC 9112 2.2
 a line starting with SP or HTAB (obs-fold)            400     RFC 9112 5.2
@@ -21,17 +22,47 @@ Transfer-Encoding whose last coding is not chunked    400     RFC 9112 6.3
 a Transfer-Encoding value that is not a token list    400     obfuscation
 well-formed codings before chunked (gzip, chunked)    501     not supported
 more than one Content-Length field, or a list         400     RFC 9110 8.6
-a Content-Length that is not digits, or >= 2**63      400     overflow
-more bytes than ``max_head_bytes``                    431     limit
+  (even ``5, 5``, which h11 alone would merge)
+a Content-Length not 1 to 20 digits, or >= 2**63      400     overflow (20:
+                                                              as h11)
+a start line or field line the grammar refuses        400     the parser
+more than one Host field                              400     RFC 9112 3.2
+an HTTP/1.1 request without Host (absolute form too)  400     RFC 9112 3.2
 more fields than ``max_header_count``                 431     limit
-a request line not ``token SP target SP HTTP/d.d``    400     (HTTP/0.9 too)
 an HTTP version other than 1.0 and 1.1                505
 CONNECT                                               501     not supported
-an HTTP/1.1 request without Host                      400     RFC 9112 3.2
+a target not in origin, absolute (http/s) or * form   400     RFC 9112 3.2
 ====================================================  ======  =============
 
+A head that breaks several rules gets the status of the first: the order is
+part of the contract, since the two codecs must answer alike. The Host rows
+come before the count because h11 checks Host while it builds its event,
+before sluice sees the fields.
+
+The body's framing lines follow the same rules, for both codecs:
+
+====================================================  ======  =============
+what a chunked body contains                          status  why
+====================================================  ======  =============
+a chunk-size line longer than 64 KiB                  431     limit (h11's)
+a bare LF in a chunk-size line                        400     RFC 9112 2.2
+a chunk-size line not ``1*20HEXDIG [; ext] OWS CRLF`` 400     h11's grammar
+  with no CR in the extension (h11 alone allows one)
+a chunk size >= 2**63                                 400     overflow
+chunk data not followed by CRLF                       400     RFC 9112 7.1
+a trailer section breaking a head's scan rules        400     as heads
+  (bare CR/LF, obs-fold, control characters)
+a trailer section longer than ``max_head_bytes``      431     limit
+a Content-Length or Transfer-Encoding trailer field   400     RFC 9110 6.5.1
+====================================================  ======  =============
+
+A response (the upstream's) goes through the same scan, framing and grammar
+rules; besides, one whose version is not 1.0 or 1.1, whose status is below
+100, or that is a 101 (sluice never proposes an upgrade) is refused.
+
 A Content-Length that passes is forwarded in its canonical decimal form
-(``0010`` leaves as ``10``), never as the client's bytes.
+(``0010`` leaves as ``10``), and a Transfer-Encoding as ``chunked``
+(``Chunked`` is the same coding), never as the peer's bytes.
 """
 
 from __future__ import annotations
@@ -43,12 +74,16 @@ from .events import ProtocolError
 __all__ = [
     "HEAD_END",
     "MAX_CHUNK",
-    "canonical_length",
+    "canonical_framing",
     "check_request",
+    "check_response_line",
     "content_length",
+    "expects_continue",
     "normalize_path",
     "take_block",
+    "take_chunk_line",
     "take_head",
+    "take_trailers",
     "wants_close",
 ]
 
@@ -76,8 +111,12 @@ def _bad_block(block: bytes) -> bool:
 
 # Chunk sizes past 63 bits are an overflow attack on whoever parses them next.
 MAX_CHUNK = 2**63
+MAX_CHUNK_LINE = 64 * 1024  # h11's limit on an incomplete event
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_DIGITS = re.compile(rb"[0-9]+")
+_DIGITS = re.compile(rb"[0-9]{1,20}")  # h11 refuses more digits, even leading zeros
+# h11's chunk-size line, except that a CR may not hide in the extension
+# (h11's ``;.*`` lets one through, llhttp and the line rule do not).
+_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;[^\r\n]*)?[ \t]*")
 _KNOWN_CODINGS = {b"gzip", b"x-gzip", b"deflate", b"compress", b"x-compress"}
 
 
@@ -93,8 +132,8 @@ def take_head(buf: bytearray, max_head_bytes: int) -> bytes | None:
     if head[:2] == b"\r\n":
         raise ProtocolError("empty line before the start line")
     lowered = head.lower()
-    # One Content-Length alone needs no more here: the codecs check its value.
-    if b"transfer-encoding" in lowered or lowered.count(b"content-length") > 1:
+    # Checked here, not after the parser: h11 would merge "5, 5" into 5.
+    if b"transfer-encoding" in lowered or b"content-length" in lowered:
         _check_framing(head)
     return head
 
@@ -119,6 +158,51 @@ def take_block(buf: bytearray, max_bytes: int) -> bytes | None:
     if _bad_block(block):
         raise ProtocolError("bare CR or LF, obs-fold or a control character in message head")
     return block
+
+
+def take_trailers(buf: bytearray, max_bytes: int) -> bytes | None:
+    """Cut a trailer section (after the last chunk) off ``buf``, scanned as a
+    head is; ProtocolError if it carries a framing field.
+
+    A recipient may merge trailers into the header section (RFC 9110 6.5.1):
+    a Content-Length or Transfer-Encoding there would reframe a message
+    already framed.
+    """
+    if buf[:2] == b"\r\n":
+        del buf[:2]
+        return b"\r\n"
+    block = take_block(buf, max_bytes)
+    if block is not None:
+        for line in block.split(b"\r\n"):
+            name = line.partition(b":")[0].strip(b" \t").lower()
+            if name == b"content-length" or name == b"transfer-encoding":
+                raise ProtocolError("a framing field in a trailer section")
+    return block
+
+
+def take_chunk_line(buf: bytearray, start: int = 0) -> int | None:
+    """Cut the chunk-size line at ``buf[start:]`` off ``buf`` and return the
+    size it announces; None while the line is incomplete."""
+    end = buf.find(b"\r\n", start)
+    if end < 0:
+        if len(buf) - start > MAX_CHUNK_LINE:
+            raise ProtocolError("chunk-size line too long", 431)
+        if buf.find(b"\n", start) >= 0:  # the line would never end: fail now
+            raise ProtocolError("bare LF in a chunk-size line")
+        return None
+    size = _chunk_size(bytes(buf[start:end]))
+    del buf[start:end + 2]
+    return size
+
+
+def _chunk_size(line: bytes) -> int:
+    match = _CHUNK_LINE.fullmatch(line)
+    if match is None:
+        raise ProtocolError("malformed chunk-size line")
+    size = int(match[1], 16)
+    if size >= MAX_CHUNK:
+        raise ProtocolError("chunk size too large")
+    return size
 
 
 def _check_framing(head: bytes) -> None:
@@ -161,7 +245,7 @@ def _check_framing(head: bytes) -> None:
 
 
 def content_length(value: bytes) -> int:
-    """A Content-Length value as a number; ProtocolError unless plain digits below 2**63."""
+    """A Content-Length value as a number; ProtocolError unless 1 to 20 digits below 2**63."""
     if not _DIGITS.fullmatch(value):
         raise ProtocolError("malformed Content-Length")
     n = int(value)
@@ -170,12 +254,23 @@ def content_length(value: bytes) -> int:
     return n
 
 
-def wants_close(fields: list[tuple[bytes, bytes]]) -> bool:
-    """Whether a ``Connection`` field (names lower-case) carries the ``close`` option."""
+def _has_option(fields: list[tuple[bytes, bytes]], name: bytes, option: bytes) -> bool:
+    """Whether a list field ``name`` (names lower-case) carries ``option``, in any case."""
     for n, v in fields:
-        if n == b"connection" and any(t.strip(b" \t") == b"close" for t in v.lower().split(b",")):
+        if n == name and any(t.strip(b" \t") == option for t in v.lower().split(b",")):
             return True
     return False
+
+
+def wants_close(fields: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a ``Connection`` field carries the ``close`` option."""
+    return _has_option(fields, b"connection", b"close")
+
+
+def expects_continue(version: bytes, fields: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a request waits for ``100 Continue``: an HTTP/1.1 one whose
+    ``Expect`` fields list ``100-continue`` (h11 reads them as a list too)."""
+    return version == b"1.1" and _has_option(fields, b"expect", b"100-continue")
 
 
 def check_request(method: bytes, target: bytes, version: bytes, fields: list[tuple[bytes, bytes]],
@@ -183,8 +278,13 @@ def check_request(method: bytes, target: bytes, version: bytes, fields: list[tup
     """The semantic checks on a parsed request head; returns the target to route.
 
     ``fields`` (lower-case names) may be rewritten in place: an absolute-form
-    target moves its authority into Host, a Content-Length becomes canonical.
+    target moves its authority into Host. The checks run in the table's order.
     """
+    hosts = sum(1 for n, _ in fields if n == b"host")
+    if hosts > 1:
+        raise ProtocolError("more than one Host field")
+    if hosts == 0 and version == b"1.1":
+        raise ProtocolError("an HTTP/1.1 request needs a Host field")  # RFC 9112 3.2
     if len(fields) > max_header_count:
         raise ProtocolError("too many header fields", 431)
     if version != b"1.1" and version != b"1.0":
@@ -193,23 +293,34 @@ def check_request(method: bytes, target: bytes, version: bytes, fields: list[tup
         raise ProtocolError("CONNECT is not supported", 501)
     if target[:1] != b"/" and target != b"*":
         target = _origin_form(target, fields)
-    elif version == b"1.1" and not any(n == b"host" for n, _ in fields):
-        raise ProtocolError("an HTTP/1.1 request needs a Host field")  # RFC 9112 3.2
     if b"/." in target or b"%2" in target:
         target = normalize_path(target)
     return target
 
 
-def canonical_length(fields: list[tuple[bytes, bytes]]) -> int | None:
-    """The Content-Length of checked fields (None if absent), made canonical in place."""
+def check_response_line(version: bytes, status: int) -> None:
+    """The rules for a status line beyond its grammar (see above)."""
+    if version != b"1.1" and version != b"1.0":
+        raise ProtocolError("unsupported HTTP version in response")
+    if status < 100:
+        raise ProtocolError("malformed status code")
+    if status == 101:
+        raise ProtocolError("101 Switching Protocols, though no upgrade was proposed")
+
+
+def canonical_framing(fields: list[tuple[bytes, bytes]]) -> int | None:
+    """The Content-Length of checked fields (None if absent); Content-Length
+    and Transfer-Encoding are made canonical in place."""
+    length = None
     for i, (n, v) in enumerate(fields):
         if n == b"content-length":
             length = content_length(v)
             canonical = b"%d" % length
             if v != canonical:
                 fields[i] = (n, canonical)
-            return length
-    return None
+        elif n == b"transfer-encoding" and v != b"chunked":
+            fields[i] = (n, b"chunked")  # take_head let it through as chunked only
+    return length
 
 
 def _origin_form(target: bytes, fields: list[tuple[bytes, bytes]]) -> bytes:

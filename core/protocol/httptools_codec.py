@@ -37,7 +37,16 @@ from .events import (
     RequestHead,
     ResponseHead,
 )
-from .heads import MAX_CHUNK, canonical_length, check_request, take_block, take_head, wants_close
+from .heads import (
+    canonical_framing,
+    check_request,
+    check_response_line,
+    expects_continue,
+    take_chunk_line,
+    take_head,
+    take_trailers,
+    wants_close,
+)
 from .wire import chunk, last_chunk, request_head, response_head
 
 __all__ = ["ClientConnection", "ServerConnection"]
@@ -45,9 +54,7 @@ __all__ = ["ClientConnection", "ServerConnection"]
 # h11's grammar for start lines (h11/_abnf.py), anchored by fullmatch.
 _REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) HTTP/([0-9]\.[0-9])")
 _STATUS_LINE = re.compile(rb"HTTP/([0-9]\.[0-9]) ([0-9]{3})(?: ([\t \x21-\x7e\x80-\xff]*))?")
-_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;[^\r\n]*)?[ \t]*")
 _FIELDS_PREFIX = b"HTTP/1.1 204 No Content\r\n"  # a head llhttp expects no body after
-_MAX_LINE = 64 * 1024  # a chunk-size line, as h11's incomplete-event limit
 
 # Body framing modes, in and out.
 _NONE, _LENGTH, _CHUNKED, _UNTIL_CLOSE = range(4)
@@ -133,7 +140,7 @@ class _Peer:
 
     def _fields(self, block: bytes, start: int) -> list[tuple[bytes, bytes]]:
         """The fields of a head or trailer section from ``start`` on, parsed by llhttp."""
-        if len(block) - start == 2:  # no fields at all
+        if len(block) - start == 2:  # no fields at all (or an empty trailer section)
             return []
         sink = self._sink
         sink.fields = fields = []
@@ -218,37 +225,21 @@ class _Peer:
                 self._chunk_crlf = not self._in_left
                 return Body(data)
             if self._chunk_crlf:
-                if len(buf) < 2:
-                    break
                 if buf[:2] != b"\r\n":
+                    if b"\r\n".startswith(buf):  # b"" or b"\r": the rest is due
+                        break
                     raise ProtocolError("malformed chunk: data not followed by CRLF")
                 del buf[:2]
                 self._chunk_crlf = False
             if self._trailers:
-                if len(buf) < 2:
-                    break
-                if buf[:2] == b"\r\n":
-                    del buf[:2]
-                    return self._end(None)
-                block = take_block(buf, self.max_head_bytes)
+                block = take_trailers(buf, self.max_head_bytes)
                 if block is None:
                     break
                 fields = self._fields(block, 0)
-                return self._end(Headers._trusted(fields))
-            idx = buf.find(b"\r\n")
-            if idx < 0:
-                if len(buf) > _MAX_LINE:
-                    raise ProtocolError("chunk-size line too long", 431)
-                if b"\n" in buf:
-                    raise ProtocolError("bare LF in a chunk-size line")
+                return self._end(Headers._trusted(fields) if fields else None)
+            size = take_chunk_line(buf)
+            if size is None:
                 break
-            match = _CHUNK_LINE.fullmatch(buf, 0, idx)
-            if match is None:
-                raise ProtocolError("malformed chunk-size line")
-            size = int(match[1], 16)
-            if size >= MAX_CHUNK:
-                raise ProtocolError("chunk size too large")
-            del buf[: idx + 2]
             if size:
                 self._in_left = size
             else:
@@ -330,20 +321,18 @@ class ServerConnection(_Peer):
             raise ProtocolError("malformed request line")
         method, target, version = match.groups()
         target = check_request(method, target, version, fields, self.max_header_count)
-        content_length = canonical_length(fields)
-        # take_head let Transfer-Encoding through only as exactly "chunked".
-        chunked = content_length is None and any(n == b"transfer-encoding" for n, _ in fields)
+        length = canonical_framing(fields)
+        # take_head let Transfer-Encoding through only as chunked, and alone.
+        chunked = length is None and any(n == b"transfer-encoding" for n, _ in fields)
         self._version = version
         self._method = method
         self._in_keep_alive = version == b"1.1" and not wants_close(fields)
-        self._expect = version == b"1.1" and any(
-            n == b"expect" and v.lower() == b"100-continue" for n, v in fields
-        )
+        self._expect = expects_continue(version, fields)
         self._started = False
         if chunked:
             self._start_body(_CHUNKED)
         else:
-            self._start_body(_LENGTH, content_length or 0)
+            self._start_body(_LENGTH, length or 0)
         request = Request(
             method=method.decode("ascii"),
             target=target.decode("latin-1"),
@@ -353,14 +342,14 @@ class ServerConnection(_Peer):
         return RequestHead(
             request,
             expect_continue=self._expect,
-            has_body=chunked or bool(content_length),
-            content_length=content_length,
+            has_body=chunked or bool(length),
+            content_length=length,
         )
 
     def next_event(self):
         event = super().next_event()
-        if self._expect and type(event) is Body:
-            self._expect = False  # the client did not wait
+        if self._expect and (type(event) is Body or type(event) is End):
+            self._expect = False  # the client did not wait, or sent no body
         return event
 
     @property
@@ -456,27 +445,24 @@ class ClientConnection(_Peer):
         if match is None:
             raise ProtocolError("malformed status line")
         version, status, reason = match.groups()
-        if version != b"1.1" and version != b"1.0":
-            raise ProtocolError("unsupported HTTP version in response")
+        status = int(status)
+        check_response_line(version, status)
         if len(fields) > self.max_header_count:
             raise ProtocolError("too many header fields in response")
-        status = int(status)
-        if status < 100:
-            raise ProtocolError("malformed status code")
         response = Response(
             status=status,
             headers=Headers._trusted(fields),
             reason=(reason or b"").decode("latin-1"),
             http_version=version.decode("ascii"),
         )
+        length = canonical_framing(fields)
         if status < 200:
             return Informational(response)  # the final head is still to come
-        content_length = canonical_length(fields)
         self._in_keep_alive = version == b"1.1" and not wants_close(fields)
         if self._method == b"HEAD" or status in (204, 304):
             self._start_body(_NONE)
-        elif content_length is not None:
-            self._start_body(_LENGTH, content_length)
+        elif length is not None:
+            self._start_body(_LENGTH, length)
         elif any(n == b"transfer-encoding" for n, _ in fields):
             self._start_body(_CHUNKED)
         else:
