@@ -13,13 +13,15 @@ trailer section up to its own 64 KiB). So its chunked reader is swapped for
 ``_ChunkedReader``, which puts each chunk-size line and the trailer section
 through ``heads.py`` before h11 reads them. That, and the current chunk's
 size, are the h11 internals used here (``_reader``, the receive buffer's
-``_data``, ``ChunkedReader``'s fields), pinned by h11>=0.16.
+``_data``, ``ChunkedReader``'s fields), with ``_writer`` to know whether
+trailers can be sent; pinned by h11>=0.16.
 """
 
 from __future__ import annotations
 
 import h11
 from h11._readers import ChunkedReader
+from h11._writers import ChunkedWriter
 
 from ..messages import Headers, Request, Response
 from .events import (
@@ -28,6 +30,7 @@ from .events import (
     Closed,
     End,
     Informational,
+    LocalProtocolError,
     ProtocolError,
     RequestHead,
     ResponseHead,
@@ -178,14 +181,29 @@ class _Peer:
 
     # -- output -----------------------------------------------------------
 
+    def _send(self, event) -> bytes:
+        """h11's bytes for ``event``; its refusals become sluice's LocalProtocolError."""
+        try:
+            return self._h11.send(event)
+        except h11.LocalProtocolError as exc:
+            raise LocalProtocolError(str(exc)) from None
+
+    def _send_head(self, event) -> bytes:
+        """As ``_send``, for a head: it also decides whether trailers can go out."""
+        data = self._send(event)
+        # h11 picked the body's writer from the head: chunked only to an
+        # HTTP/1.1 peer, and only where the message has a body at all.
+        self._out_chunked = type(self._h11._writer) is ChunkedWriter
+        return data
+
     def data(self, chunk: bytes) -> bytes:
-        return self._h11.send(h11.Data(data=chunk)) if chunk else b""
+        return self._send(h11.Data(data=chunk)) if chunk else b""
 
     def end(self, trailers: Headers | None = None) -> bytes:
         fields = trailers.raw() if trailers else []
         if fields and not self._out_chunked:
-            fields = []  # a Content-Length body cannot carry trailers
-        return self._h11.send(h11.EndOfMessage(headers=fields))
+            fields = []  # only a chunked body can carry trailers
+        return self._send(h11.EndOfMessage(headers=fields))
 
     _out_chunked = False
 
@@ -208,16 +226,6 @@ class _Peer:
         self._h11 = None
         self._out_chunked = False
         self._eof_fed = False
-
-
-def _is_chunked(fields: list[tuple[bytes, bytes]]) -> bool:
-    """Whether a response with these fields goes out chunked (no Content-Length)."""
-    for n, _ in fields:
-        if n == b"transfer-encoding":
-            return True
-        if n == b"content-length":
-            return False
-    return True
 
 
 _STARTED = (h11.SEND_BODY, h11.DONE, h11.MUST_CLOSE, h11.CLOSED, h11.ERROR)
@@ -265,22 +273,26 @@ class ServerConnection(_Peer):
         return self._h11 is not None and self._h11.our_state in _STARTED
 
     def informational(self, response: Response) -> bytes:
-        return self._h11.send(
-            h11.InformationalResponse(
-                status_code=response.status, headers=response.headers.raw()
-            )
-        )
+        return self._send_response(h11.InformationalResponse, response, response.headers.raw())
 
     def respond(self, response: Response) -> bytes:
         fields = response.headers.raw()
-        self._out_chunked = _is_chunked(fields)
-        return self._h11.send(
-            h11.Response(
+        if any(n == b"transfer-encoding" for n, _ in fields):
+            # h11 drops a Content-Length beside Transfer-Encoding only when it
+            # frames a body; drop it always, as the httptools codec does.
+            fields = [f for f in fields if f[0] != b"content-length"]
+        return self._send_response(h11.Response, response, fields)
+
+    def _send_response(self, kind, response: Response, fields: list[tuple[bytes, bytes]]) -> bytes:
+        try:
+            event = kind(
                 status_code=response.status,
                 headers=fields,
                 reason=(response.reason or reason_phrase(response.status)).encode("latin-1"),
             )
-        )
+        except h11.LocalProtocolError as exc:  # a status or field h11 will not send
+            raise LocalProtocolError(str(exc)) from None
+        return self._send_head(event)
 
 
 class ClientConnection(_Peer):
@@ -308,19 +320,24 @@ class ClientConnection(_Peer):
 
     def request(self, request: Request, *, chunked: bool) -> bytes:
         """Start a cycle by serialising a request head."""
-        conn = self._new_cycle()
+        self._new_cycle()
         self.response_bytes_seen = False
         fields = request.headers.raw()
         if chunked:
             fields = [*fields, (b"transfer-encoding", b"chunked")]
-        self._out_chunked = chunked
-        return conn.send(
-            h11.Request(
+        if any(n == b"transfer-encoding" for n, _ in fields):
+            # h11 frames by Transfer-Encoding but would write a Content-Length
+            # beside it, the smuggling shape: drop it, as the httptools codec does.
+            fields = [f for f in fields if f[0] != b"content-length"]
+        try:
+            event = h11.Request(
                 method=request.method.encode("ascii"),
                 target=request.target.encode("latin-1"),
                 headers=fields,
             )
-        )
+        except h11.LocalProtocolError as exc:
+            raise LocalProtocolError(str(exc)) from None
+        return self._send_head(event)
 
     def _translate_head(self, event):
         check_response_line(event.http_version, event.status_code)

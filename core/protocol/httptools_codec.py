@@ -41,6 +41,7 @@ from .heads import (
     canonical_framing,
     check_request,
     check_response_line,
+    content_length,
     expects_continue,
     take_chunk_line,
     take_head,
@@ -274,13 +275,43 @@ class _Peer:
             raise LocalProtocolError("body shorter than its Content-Length")
         return b""  # a Content-Length body cannot carry trailers
 
-    def _out_length(self, fields: list[tuple[bytes, bytes]]) -> None:
+    def _out_framing(self, fields: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """Set the outgoing framing from ``fields`` by h11's rules, and return
+        the fields to write.
+
+        Transfer-Encoding (``chunked``, nothing else) wins over Content-Length,
+        which is then dropped: a head with both is the classic smuggling shape.
+        Repeated equal Content-Lengths become one. Neither field: ``_NONE``.
+        """
+        length = None
+        chunked = False
+        lengths = 0
         for n, v in fields:
             if n == b"content-length":
-                self._out_mode = _LENGTH
-                self._out_left = int(v)
-                return
-        self._out_mode = _NONE
+                try:
+                    value = content_length(v)
+                except ProtocolError:
+                    raise LocalProtocolError(f"malformed Content-Length {v!r}") from None
+                if length is not None and value != length:
+                    raise LocalProtocolError("conflicting Content-Length fields")
+                length = value
+                lengths += 1
+            elif n == b"transfer-encoding":
+                if chunked or v.lower() != b"chunked":
+                    raise LocalProtocolError("only one Transfer-Encoding: chunked can be sent")
+                chunked = True
+        if chunked:
+            self._out_mode = _CHUNKED
+        elif length is not None:
+            self._out_mode = _LENGTH
+            self._out_left = length
+        else:
+            self._out_mode = _NONE
+        if chunked and lengths or lengths > 1:
+            fields = [f for f in fields if f[0] != b"content-length"]
+            if not chunked:
+                fields.append((b"content-length", b"%d" % length))
+        return fields
 
     @property
     def cycle_done(self) -> bool:
@@ -366,28 +397,33 @@ class ServerConnection(_Peer):
         return self._started
 
     def informational(self, response: Response) -> bytes:
+        # As h11: a 1xx, and not 101 (sluice never accepts an upgrade).
+        if not 100 <= response.status < 200 or response.status == 101:
+            raise LocalProtocolError(f"{response.status} is not an informational response sluice sends")
         self._expect = False
         return response_head(response.status, response.reason.encode("latin-1"), response.headers.raw())
 
     def respond(self, response: Response) -> bytes:
         """The response head, with the framing fields h11 would write."""
+        status = response.status
+        if not 200 <= status < 1000:  # as h11
+            raise LocalProtocolError(f"{status} is not a final status")
+        fields = self._out_framing(response.headers.raw())
         self._expect = False
         self._started = True
-        status = response.status
-        fields = response.headers.raw()
         keep_alive = self._in_keep_alive and not wants_close(fields)
-        if status < 200 or status in (204, 304):
+        if status in (204, 304):
             self._out_mode = _NONE
-        else:
-            self._out_length(fields)
-            if self._out_mode == _NONE:  # no length: chunked to HTTP/1.1, else until close
-                fields = [f for f in fields if f[0] != b"transfer-encoding"]
-                if self._version == b"1.1":
-                    fields.append((b"transfer-encoding", b"chunked"))
-                    self._out_mode = _CHUNKED
-                else:
-                    self._out_mode = _UNTIL_CLOSE
-                    keep_alive = False
+        elif self._out_mode == _NONE or self._version != b"1.1" and self._out_mode == _CHUNKED:
+            # No length: chunked to HTTP/1.1, else until close (chunked is
+            # only for HTTP/1.1 peers, RFC 9112 6.1).
+            fields = [f for f in fields if f[0] != b"transfer-encoding"]
+            if self._version == b"1.1":
+                fields.append((b"transfer-encoding", b"chunked"))
+                self._out_mode = _CHUNKED
+            else:
+                self._out_mode = _UNTIL_CLOSE
+                keep_alive = False
         if self._method == b"HEAD":
             self._out_mode = _NONE  # the fields describe the GET's body
         self._out_keep_alive = keep_alive
@@ -426,9 +462,7 @@ class ClientConnection(_Peer):
         fields = request.headers.raw()
         if chunked:
             fields = [*fields, (b"transfer-encoding", b"chunked")]
-            self._out_mode = _CHUNKED
-        else:
-            self._out_length(fields)
+        fields = self._out_framing(fields)
         self._method = method
         self._requested = True
         self._out_done = False
