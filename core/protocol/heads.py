@@ -16,6 +16,7 @@ a bare CR not followed by LF                          400     RFC 9112 2.2
 a line starting with SP or HTAB (obs-fold)            400     RFC 9112 5.2
 a control character (other than HTAB) anywhere        400     RFC 9110 5.5
 an empty line before the start line                   400     as h11
+a framing field name with whitespace before ':'      400     RFC 9112 5.1
 Transfer-Encoding together with Content-Length        400     RFC 9112 6.1
 more than one Transfer-Encoding field                 400     ambiguity
 Transfer-Encoding whose last coding is not chunked    400     RFC 9112 6.3
@@ -132,8 +133,11 @@ def take_head(buf: bytearray, max_head_bytes: int) -> bytes | None:
     if head[:2] == b"\r\n":
         raise ProtocolError("empty line before the start line")
     lowered = head.lower()
-    # Checked here, not after the parser: h11 would merge "5, 5" into 5.
-    if b"transfer-encoding" in lowered or b"content-length" in lowered:
+    if b"transfer-encoding" in lowered or lowered.count(b"content-length") > 1:
+        _check_framing(head)
+    elif (at := lowered.find(b"content-length")) >= 0 and b"," in head[at:head.find(b"\r\n", at)]:
+        # A list must be refused here, before a parser: h11 would merge
+        # "5, 5" into 5. A lone plain Content-Length the codecs check later.
         _check_framing(head)
     return head
 
