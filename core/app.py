@@ -23,6 +23,7 @@ from .protocol.http1 import select
 from .registry import Plugins
 from .server import Listener, bind
 from .upstream import Pool
+from .watchdog import Watchdog
 
 __all__ = ["App"]
 
@@ -56,7 +57,8 @@ class App:
             self.codec = select(config.server.http1_codec)
         except ImportError as exc:
             raise ConfigError(f"server.http1_codec: httptools does not import here: {exc}") from None
-        self.pool = Pool(self.codec)
+        self.watchdog = Watchdog()
+        self.pool = Pool(self.codec, self.watchdog)
         self.listeners = [self._listener(i, lc) for i, lc in enumerate(config.listeners)]
         for name in config.filters:  # settings for a filter no chain uses
             if name not in plugins.filters:
@@ -125,6 +127,7 @@ class App:
             chain=chain,
             pool=self.pool,
             codec=self.codec,
+            watchdog=self.watchdog,
             route_overrides=any(r.disabled_filters for r in routes),
             transport=transport,
         )
@@ -151,6 +154,7 @@ class App:
                 await maybe_await(result)
             for f in self.filters.values():
                 await f.open(nursery)
+            nursery.start_soon(self.watchdog.run)
             nursery.start_soon(self.pool.reap)
             async with trio.open_nursery() as serving:
                 for listener, sock in zip(self.listeners, sockets, strict=True):

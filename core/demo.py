@@ -8,6 +8,7 @@ layer; it is a demo, not a web server.
 
 from __future__ import annotations
 
+import functools
 import json
 
 import trio
@@ -19,12 +20,13 @@ from .protocol.events import Body, ProtocolError
 from .protocol.http1 import select
 from .server import bind
 from .streams import socket_io
+from .watchdog import Watchdog
 
 __all__ = ["serve_demo"]
 
 
-async def _handle(stream: trio.SocketStream) -> None:
-    io = socket_io(stream)
+async def _handle(watchdog: Watchdog, stream: trio.SocketStream) -> None:
+    io = socket_io(stream, watchdog)
     down = H1Downstream(io, select(), max_head_bytes=32768, max_header_count=100,
                         header_timeout=10, idle_timeout=60)
     try:
@@ -65,4 +67,7 @@ async def serve_demo(*, task_status=trio.TASK_STATUS_IGNORED) -> None:
     sock = bind("127.0.0.1:0", reuse_port=False)
     host, port = sock.socket.getsockname()[:2]
     task_status.started(f"{host}:{port}")
-    await trio.serve_listeners(_handle, [sock])
+    watchdog = Watchdog()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watchdog.run)
+        await trio.serve_listeners(functools.partial(_handle, watchdog), [sock])

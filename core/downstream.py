@@ -40,6 +40,7 @@ class H1Downstream:
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
         self.close_after = False  # the exchange wants the connection closed
+        self.idle_waiting = False  # waiting for the first byte of a next request
         self.body_done = True  # the request body has been read to its end
         self.expects_100 = False
         self._eof = False
@@ -48,10 +49,10 @@ class H1Downstream:
         self._out: list[bytes] = []
         self._out_size = 0
 
-    async def _receive(self, timeout: float, scope: trio.CancelScope | None = None) -> bool:
-        """Feed the next bytes to the protocol; False on timeout (or ``scope`` cancelled)."""
+    async def _receive(self, timeout: float) -> bool:
+        """Feed the next bytes to the protocol; False on timeout (or interrupted)."""
         try:
-            data = await self.io.receive(trio.current_time() + timeout, scope)
+            data = await self.io.receive(trio.current_time() + timeout)
         except trio.BrokenResourceError:
             data = b""
         if data is None:
@@ -60,19 +61,24 @@ class H1Downstream:
         self.proto.feed(data)
         return True
 
-    async def next_request(self, idle_scope: trio.CancelScope | None = None) -> RequestHead | None:
+    async def next_request(self) -> RequestHead | None:
         """The next request head, or None if the client closed or idled out.
 
-        ``idle_scope`` is cancelled by a draining server to end the wait for
-        a next request (it never interrupts a head already arriving).
+        While it waits for a next request, ``idle_waiting`` is true and a
+        draining server may end the wait with ``io.interrupt()`` (it never
+        interrupts a head already arriving).
         Raises ProtocolError for a bad head and HeadTimeout for a slow one.
         """
         self.close_after = False
         proto = self.proto
         event = proto.next_event()
         if event is NEED_DATA and not proto.has_buffered:
-            if not await self._receive(self.idle_timeout, idle_scope):
-                return None  # idle too long, or the server is draining
+            self.idle_waiting = True
+            try:
+                if not await self._receive(self.idle_timeout):
+                    return None  # idle too long, or the server is draining
+            finally:
+                self.idle_waiting = False
             event = proto.next_event()
         deadline = trio.current_time() + self.header_timeout
         while event is NEED_DATA:

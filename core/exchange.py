@@ -62,7 +62,6 @@ log = structlog.get_logger("sluice.exchange")
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _COMPLETE_TIMEOUT = 5.0  # seconds on_complete phases get, even when cancelled
-_WATCH_AFTER = 0.05  # watch for client aborts once the upstream takes this long
 
 
 class _Reply(Exception):
@@ -307,18 +306,13 @@ async def _whole_request_body(listener, chain, down, head, ctx) -> bytes:
 async def _ask(down, conn, ctx, timeout: float, body: bytes = b"") -> Response:
     """Send a request with its whole body; wait for its final head; 504 past ``timeout``.
 
-    An upstream slower than a moment also has the client watched, so a
-    client that leaves ends the wait; most answers come sooner, and then no
-    watcher task is started at all.
+    An upstream slower than a moment also has the client watched (by the
+    edge's watchdog, see ``watchdog.py``), so a client that leaves ends the
+    wait with ClientGone.
     """
     deadline = trio.current_time() + timeout
     await conn.send_whole(ctx.request, body, deadline)
-    event = await conn.next_event(min(deadline, trio.current_time() + _WATCH_AFTER))
-    if event is None and trio.current_time() < deadline:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(down.watch_disconnect)
-            event = await conn.next_event(deadline)
-            nursery.cancel_scope.cancel()
+    event = await conn.next_event(deadline, watch=down.io)
     return await _final_head(down, conn, ctx, event, deadline)
 
 
@@ -484,8 +478,7 @@ async def _complete(chain: Chain, ctx: Context) -> None:
     """Run every on_complete, shielded and bounded, each isolated from the others."""
     if not chain.complete:
         return
-    with trio.CancelScope(shield=True) as scope:
-        scope.deadline = trio.current_time() + _COMPLETE_TIMEOUT
+    with trio.CancelScope(shield=True, deadline=trio.current_time() + _COMPLETE_TIMEOUT):
         for fn in chain.complete:
             try:
                 await fn(ctx)

@@ -28,6 +28,7 @@ from .protocol.events import ProtocolError
 from .protocol.http1 import Codec, reason_phrase, simple_response
 from .streams import StreamIO, socket_io
 from .upstream import Pool
+from .watchdog import Watchdog
 
 __all__ = ["Listener", "bind"]
 
@@ -61,11 +62,11 @@ class Listener:
     chain: Chain
     pool: Pool
     codec: Codec
+    watchdog: Watchdog
     route_overrides: bool = False
     transport: Any = None  # a ServerTransport (TLS) or None
     draining: bool = False
     active: int = 0
-    _idle_waits: set[trio.CancelScope] = field(default_factory=set)
     _downstreams: set[H1Downstream] = field(default_factory=set)
     _accepting: trio.CancelScope = field(default_factory=trio.CancelScope)
 
@@ -114,10 +115,10 @@ class Listener:
         """Stop accepting; idle keep-alive connections close now."""
         self.draining = True
         self._accepting.cancel()
-        for scope in self._idle_waits:
-            scope.cancel()
         for down in self._downstreams:
             down.close_after = True  # responses not yet started say Connection: close
+            if down.idle_waiting:
+                down.io.interrupt()
 
     async def _connection(self, stream: trio.SocketStream, slots: trio.Semaphore) -> None:
         self.active += 1
@@ -131,9 +132,9 @@ class Listener:
                     stream, tls_peer = await self.transport.wrap_server(stream)
                 if handshake.cancelled_caught:
                     return
-                io = StreamIO(stream)
+                io = StreamIO(stream, self.watchdog)
             else:
-                io = socket_io(stream)
+                io = socket_io(stream, self.watchdog)
             await self._exchanges(io, peer, tls_peer)
         except _EXPECTED as exc:  # resets, TLS handshake failures: routine
             log.debug("connection ended", error=repr(exc))
@@ -166,10 +167,8 @@ class Listener:
 
     async def _serve_connection(self, down: H1Downstream, client, tls_peer) -> None:
         while not self.draining:
-            idle = trio.CancelScope()
-            self._idle_waits.add(idle)
             try:
-                head = await down.next_request(idle)
+                head = await down.next_request()
             except ProtocolError as exc:
                 # The detail may quote what the client sent: log it, never echo it.
                 log.info("bad request head", client=client[0], status=exc.status, error=str(exc))
@@ -178,8 +177,6 @@ class Listener:
             except HeadTimeout:
                 await _refuse(down, 408)
                 return
-            finally:
-                self._idle_waits.discard(idle)
             if head is None:
                 return
             if self.draining:

@@ -21,6 +21,7 @@ from .messages import Headers, Request
 from .protocol.events import NEED_DATA, ProtocolError
 from .protocol.http1 import Codec
 from .streams import SocketIO, StreamIO, socket_io
+from .watchdog import Watchdog
 
 __all__ = ["Pool", "UpstreamConnection"]
 
@@ -94,12 +95,13 @@ class UpstreamConnection:
         except ProtocolError as exc:
             raise self._failed(f"upstream protocol error: {exc}", "UPE") from None
 
-    async def next_event(self, deadline: float = float("inf")):
+    async def next_event(self, deadline: float = float("inf"), watch=None):
         """The next response event, or None past ``deadline``; raises
-        UpstreamError on reset or bad bytes."""
+        UpstreamError on reset or bad bytes, ClientGone when the client
+        whose I/O is ``watch`` leaves first."""
         while (event := self.poll()) is NEED_DATA:
             try:
-                data = await self.io.receive(deadline)
+                data = await self.io.receive(deadline, watch)
             except trio.BrokenResourceError as exc:
                 raise self._failed(f"upstream read failed: {exc!r}", "UC") from None
             if data is None:
@@ -119,9 +121,10 @@ class UpstreamConnection:
 class Pool:
     """Idle upstream connections per endpoint, and how new ones are opened."""
 
-    def __init__(self, codec: Codec, *, max_head_bytes: int = 64 * 1024,
+    def __init__(self, codec: Codec, watchdog: Watchdog, *, max_head_bytes: int = 64 * 1024,
                  max_header_count: int = 200) -> None:
         self.codec = codec
+        self.watchdog = watchdog
         self._idle: dict[int, deque[UpstreamConnection]] = {}
         self._limits = {"max_head_bytes": max_head_bytes, "max_header_count": max_header_count}
         self.closed = False
@@ -149,12 +152,12 @@ class Pool:
                     status=503, flag="UF",
                 ) from None
             if cluster.transport is None:
-                io = socket_io(stream)
+                io = socket_io(stream, self.watchdog)
             else:
                 try:
                     io = StreamIO(await cluster.transport.wrap_client(
                         stream, cluster.tls_server_name or endpoint.host
-                    ))
+                    ), self.watchdog)
                 except Exception as exc:
                     await trio.aclose_forcefully(stream)
                     raise UpstreamError(

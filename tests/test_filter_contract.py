@@ -168,6 +168,36 @@ async def test_complete_runs_when_cancelled_by_shutdown(start_origin):
     assert seen == ["Cancelled"]
 
 
+async def test_complete_that_suspends_is_shielded_and_its_errors_logged(start_origin):
+    """An on_complete that awaits runs to its end even when shutdown cancels
+    the connection while it waits; one that raises after a wait is logged,
+    never the connection's end."""
+    origin = await start_origin()
+    seen: list = []
+
+    class Slow(Filter):
+        name = "slow"
+
+        async def on_complete(self, ctx):
+            await trio.sleep(0.6)  # shutdown cancels the connection meanwhile
+            seen.append("slow finished")
+
+    class Broken(Filter):
+        name = "broken"
+
+        async def on_complete(self, ctx):
+            await trio.sleep(0)
+            raise RuntimeError("a bug in a plugin")
+
+    cfg = config(origin.address, filters=["slow", "broken", "router"], server={"drain_timeout": 0.2})
+    with trio.fail_after(10):
+        async with serve(cfg, plugins=["router", "balancer"],
+                         extra={"rec": InProcess(Slow, Broken)}) as proxy:
+            async with httpx.AsyncClient() as client:
+                assert (await client.get(proxy.url + "/")).status_code == 200
+    assert seen == ["slow finished"]
+
+
 async def test_filter_exception_is_500_without_traceback(start_origin):
     origin = await start_origin()
     log: list = []

@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""What one proxied exchange costs in sluice's own Python, without sockets.
+
+A real listener (built from a real config and the installed plugins) serves
+one keep-alive connection whose bytes come from memory, and its upstream
+connection answers from memory too; everything between (codec, chain,
+forwarding, pool, exchange, the edge's waits) is the code that runs in
+production. What is left out is the kernel: no system calls, so the figure
+is stable on a busy machine where wrk's req/s is not. Use it to see what a
+change to the hot path buys, then confirm with ``run.py``.
+
+    .venv/bin/python benchmarks/exchange_cost.py                    # router only
+    .venv/bin/python benchmarks/exchange_cost.py --filters access_log,router
+    .venv/bin/python benchmarks/exchange_cost.py --codec h11 --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import statistics
+import tempfile
+import time
+from collections import deque
+
+import trio
+
+from sluice.app import App
+from sluice.config import parse
+from sluice.registry import Plugins
+from sluice.upstream import UpstreamConnection
+
+REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n"
+RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Wed, 25 Nov 2026 19:20:00 GMT\r\n"
+    b"Content-Type: text/plain\r\nContent-Length: 31\r\nConnection: keep-alive\r\n\r\n"
+    b"hello from upstream 32 bytes!!\n"
+)
+
+
+class _MemoryIO:
+    """The edge's byte I/O interface over memory. Each receive parks the task
+    once, as a real wait does (its deadline is the watchdog's: free here)."""
+
+    def __init__(self, chunks: list[bytes], reply: bytes | None = None) -> None:
+        self._chunks = chunks  # what receive() hands out, in order
+        self._reply = reply  # an upstream: every completed write queues this answer
+
+    async def receive(self, deadline: float, watch=None) -> bytes | None:
+        await trio.lowlevel.checkpoint()
+        return self._chunks.pop(0) if self._chunks else b""
+
+    async def send_all(self, data: bytes, deadline: float) -> bool:
+        if self._reply is not None:
+            self._chunks.append(self._reply)
+        return True
+
+    def readable_now(self) -> bool:
+        return False
+
+    async def aclose(self) -> None:
+        pass
+
+
+def _app(filters: list[str], codec: str, log_dir: str) -> App:
+    config = parse({
+        "server": {"http1_codec": codec},
+        "listeners": [{"address": "127.0.0.1:0", "filters": filters}],
+        "clusters": {"up": {"endpoints": ["127.0.0.1:9"]}},
+        "routes": [{"match": {"prefix": "/"}, "cluster": "up"}],
+        "filters": {"access_log": {"path": f"{log_dir}/access.jsonl"}} if "access_log" in filters else {},
+    })
+    return App(config, Plugins(None))
+
+
+async def _serve(app: App, n: int) -> float:
+    """Serve ``n`` requests on one connection; CPU seconds per request."""
+    listener = app.listeners[0]
+    cluster = app.clusters["up"]
+    endpoint = cluster.endpoints[0]
+    upstream = UpstreamConnection(_MemoryIO([], RESPONSE), endpoint, app.codec, io_timeout=30,
+                                  max_head_bytes=65536, max_header_count=200)
+    upstream.idle_deadline = float("inf")
+    app.pool._idle[id(endpoint)] = deque([upstream])  # pooled, as a warm connection is
+    async with trio.open_nursery() as nursery:
+        for f in app.filters.values():
+            await f.open(nursery)
+        down = _MemoryIO([REQUEST] * n)
+        start = time.process_time()
+        await listener._exchanges(down, ("127.0.0.1", 40000), None)
+        elapsed = time.process_time() - start
+        for f in app.filters.values():
+            await f.close()
+        nursery.cancel_scope.cancel()
+    return elapsed / n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--filters", default="router", help="the chain (default: router)")
+    parser.add_argument("--codec", default="auto", choices=["auto", "h11", "httptools"])
+    parser.add_argument("-n", type=int, default=20000, help="requests per repeat")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--profile", action="store_true", help="print the top functions by own time")
+    args = parser.parse_args()
+    filters = args.filters.split(",")
+    with tempfile.TemporaryDirectory() as log_dir:
+        app = _app(filters, args.codec, log_dir)
+        trio.run(_serve, app, 2000)  # warm-up
+        samples = [trio.run(_serve, _app(filters, args.codec, log_dir), args.n) * 1e6
+                   for _ in range(args.repeats)]
+        print(f"sluice's Python per proxied request ({app.codec.name}, chain {','.join(filters)}): "
+              f"median {statistics.median(samples):.1f} us (min {min(samples):.1f}, "
+              f"max {max(samples):.1f}, {args.repeats} x {args.n})")
+        if args.profile:
+            profile = cProfile.Profile()
+            profile.runcall(trio.run, _serve, _app(filters, args.codec, log_dir), 5000)
+            pstats.Stats(profile).sort_stats("tottime").print_stats(25)
+
+
+if __name__ == "__main__":
+    main()
