@@ -35,7 +35,7 @@ import trio
 from .chain import Chain
 from .errors import ClientGone, UpstreamError
 from .filters import LocalReply
-from .forwarding import add_forwarded, add_via, ensure_request_id, strip_hop_by_hop
+from .forwarding import add_via, forward_request, strip_hop_by_hop
 from .messages import Headers, Response
 from .protocol.events import NEED_DATA, Body, End, Informational, ProtocolError, RequestHead
 from .protocol.http1 import reason_phrase
@@ -138,16 +138,12 @@ def _prepare(listener: Site, head: RequestHead, ctx: Context) -> Chain:
     """Apply the proxy's own header rules; return the chain for this request."""
     request = head.request
     ctx.request = request
-    headers = request.headers
-    strip_hop_by_hop(headers)
-    if head.expect_continue:
-        headers.remove(b"expect")  # we answer 100-continue ourselves
-    ctx.request_id = ensure_request_id(headers)
-    add_forwarded(
-        headers,
+    ctx.request_id = forward_request(
+        request.headers,
         client_ip=ctx.client[0],
         scheme=ctx.scheme,
         trusted=listener.trust_forwarded,
+        drop_expect=head.expect_continue,  # we answer 100-continue ourselves
     )
     chain = listener.chain
     ctx._resolver = chain.resolver

@@ -97,3 +97,15 @@ def test_response_end_to_end_fields_unchanged(target, recorder):
     recorder.queue(respond(headers=END_TO_END))
     _, response = forward(target.address, recorder, request())
     _assert_end_to_end(response, f"client got {response.raw_head!r}")
+
+
+@pytest.mark.parametrize("named", ["host", "Host, keep-alive", "content-length"])
+def test_connection_cannot_remove_what_frames_or_routes_the_request(target, recorder, named):
+    """A Connection field naming Host or Content-Length must not take them away: the
+    request would lose its route or its framing (RFC 9110 7.6.1 lists what a proxy
+    removes; nothing says a client may strip the fields the proxy needs)."""
+    sent = request("POST", headers=(("Connection", named),), body=b"hello")
+    forwarded, response = forward(target.address, recorder, sent, method="POST")
+    assert response.status == 200
+    assert forwarded.get_all("host"), f"Host was removed: {forwarded.raw_head!r}"
+    assert forwarded.body == b"hello"
