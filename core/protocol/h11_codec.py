@@ -37,9 +37,9 @@ from .events import (
 )
 from .heads import (
     MAX_CHUNK_LINE,
-    canonical_framing,
     check_request,
     check_response_line,
+    facts,
     take_chunk_line,
     take_head,
     take_trailers,
@@ -240,12 +240,11 @@ class ServerConnection(_Peer):
         if type(event) is not h11.Request:
             raise ProtocolError(f"unexpected {type(event).__name__}")
         fields = list(event.headers)
+        known = facts(fields)
         target = check_request(event.method, event.target, event.http_version, fields,
-                               self.max_header_count)
-        content_length = canonical_framing(fields)
-        has_body = bool(content_length) or (
-            content_length is None and any(n == b"transfer-encoding" for n, _ in fields)
-        )
+                               known.hosts, self.max_header_count)
+        content_length = known.length
+        has_body = bool(content_length) or known.chunked
         request = Request(
             method=event.method.decode("ascii"),
             target=target.decode("latin-1"),
@@ -344,7 +343,7 @@ class ClientConnection(_Peer):
         fields = list(event.headers)
         if len(fields) > self.max_header_count:
             raise ProtocolError("too many header fields in response")
-        canonical_framing(fields)
+        facts(fields)  # canonical framing fields
         response = Response(
             status=event.status_code,
             headers=Headers._trusted(fields),

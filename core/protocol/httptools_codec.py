@@ -38,11 +38,11 @@ from .events import (
     ResponseHead,
 )
 from .heads import (
-    canonical_framing,
+    NOTED,
     check_request,
     check_response_line,
     content_length,
-    expects_continue,
+    facts,
     take_chunk_line,
     take_head,
     take_trailers,
@@ -66,16 +66,20 @@ _HEAD, _BODY, _DONE = range(3)
 class _FieldSink:
     """Collects the fields llhttp reports, names lower-cased, values OWS-trimmed."""
 
-    __slots__ = ("fields", "complete")
+    __slots__ = ("fields", "noted", "complete")
 
     def __init__(self) -> None:
         self.fields: list[tuple[bytes, bytes]] = []
+        self.noted: list[tuple[int, bytes, bytes]] = []  # the fields heads.NOTED names
         self.complete = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if value and value[-1] in (32, 9):  # llhttp trims leading OWS only
             value = value.rstrip(b" \t")
-        self.fields.append((name.lower(), value))
+        name = name.lower()
+        if name in NOTED:
+            self.noted.append((len(self.fields), name, value))
+        self.fields.append((name, value))
 
     def on_message_complete(self) -> None:
         self.complete = True
@@ -142,9 +146,11 @@ class _Peer:
     def _fields(self, block: bytes, start: int) -> list[tuple[bytes, bytes]]:
         """The fields of a head or trailer section from ``start`` on, parsed by llhttp."""
         if len(block) - start == 2:  # no fields at all (or an empty trailer section)
+            self._sink.noted = []
             return []
         sink = self._sink
         sink.fields = fields = []
+        sink.noted = []
         sink.complete = False
         parser = self._parser
         if parser is None:
@@ -159,7 +165,7 @@ class _Peer:
         else:
             # After ``Connection: close`` llhttp refuses all further bytes
             # (and should_keep_alive() no longer says so once complete).
-            if not sink.complete or any(n == b"connection" for n, _ in fields):
+            if not sink.complete or any(n == b"connection" for _, n, _ in sink.noted):
                 self._parser = None
         return fields
 
@@ -351,14 +357,14 @@ class ServerConnection(_Peer):
         if match is None:
             raise ProtocolError("malformed request line")
         method, target, version = match.groups()
-        target = check_request(method, target, version, fields, self.max_header_count)
-        length = canonical_framing(fields)
-        # take_head let Transfer-Encoding through only as chunked, and alone.
-        chunked = length is None and any(n == b"transfer-encoding" for n, _ in fields)
+        known = facts(fields, self._sink.noted)
+        target = check_request(method, target, version, fields, known.hosts, self.max_header_count)
+        length = known.length
+        chunked = known.chunked  # take_head let it through as chunked only, and alone
         self._version = version
         self._method = method
-        self._in_keep_alive = version == b"1.1" and not wants_close(fields)
-        self._expect = expects_continue(version, fields)
+        self._in_keep_alive = version == b"1.1" and not known.close
+        self._expect = version == b"1.1" and known.expect
         self._started = False
         if chunked:
             self._start_body(_CHUNKED)
@@ -489,15 +495,16 @@ class ClientConnection(_Peer):
             reason=(reason or b"").decode("latin-1"),
             http_version=version.decode("ascii"),
         )
-        length = canonical_framing(fields)
+        known = facts(fields, self._sink.noted)
+        length = known.length
         if status < 200:
             return Informational(response)  # the final head is still to come
-        self._in_keep_alive = version == b"1.1" and not wants_close(fields)
+        self._in_keep_alive = version == b"1.1" and not known.close
         if self._method == b"HEAD" or status in (204, 304):
             self._start_body(_NONE)
         elif length is not None:
             self._start_body(_LENGTH, length)
-        elif any(n == b"transfer-encoding" for n, _ in fields):
+        elif known.chunked:
             self._start_body(_CHUNKED)
         else:
             self._start_body(_UNTIL_CLOSE)
