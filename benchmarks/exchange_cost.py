@@ -31,6 +31,7 @@ from sluice.config import parse
 from sluice.registry import Plugins
 from sluice.upstream import UpstreamConnection
 
+FLUSH = 0.2  # the access log's flush interval, as configured by default
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n"
 RESPONSE = (
     b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Wed, 25 Nov 2026 19:20:00 GMT\r\n"
@@ -69,7 +70,7 @@ def _app(filters: list[str], codec: str, log_dir: str) -> App:
         "listeners": [{"address": "127.0.0.1:0", "filters": filters}],
         "clusters": {"up": {"endpoints": ["127.0.0.1:9"]}},
         "routes": [{"match": {"prefix": "/"}, "cluster": "up"}],
-        "filters": {"access_log": {"path": f"{log_dir}/access.jsonl"}} if "access_log" in filters else {},
+        "filters": {"access_log": {"path": f"{log_dir}/access.jsonl", "flush_interval": FLUSH}} if "access_log" in filters else {},
     })
     return App(config, Plugins(None))
 

@@ -471,8 +471,25 @@ async def _answer(chain: Chain, down: Any, ctx: Context, reply: LocalReply, limi
 
 
 async def _complete(chain: Chain, ctx: Context) -> None:
-    """Run every on_complete, shielded and bounded, each isolated from the others."""
+    """Run every on_complete, shielded and bounded, each isolated from the others.
+
+    When no on_complete of the chain can suspend (Chain.complete_never_suspends)
+    there is nothing to shield or bound: each runs to its end in one step.
+    """
     if not chain.complete:
+        return
+    if chain.complete_never_suspends:
+        for fn in chain.complete:
+            coro = fn(ctx)
+            try:
+                coro.send(None)
+            except StopIteration:
+                continue
+            except Exception as exc:
+                log.error("on_complete failed", request_id=ctx.request_id, exc_info=exc)
+                continue
+            coro.close()  # cannot happen (no await in it), but never leave one half-run
+            log.error("on_complete suspended", request_id=ctx.request_id)
         return
     with trio.CancelScope(shield=True, deadline=trio.current_time() + _COMPLETE_TIMEOUT):
         for fn in chain.complete:

@@ -361,3 +361,32 @@ async def test_a_filter_cannot_inject_header_lines(start_origin):
     for r in (forwarded, replied):
         assert r.status_code == 500
         assert "set-cookie" not in r.headers and "x-evil" not in r.headers
+
+
+def test_never_suspends_tells_await_free_phases_apart():
+    """The exchange runs await-free on_complete phases without a shielded
+    scope; anything that might suspend must be recognised as such."""
+    from sluice.chain import never_suspends
+
+    async def plain(ctx):
+        return None
+
+    async def awaits(ctx):
+        await trio.sleep(0)
+
+    async def with_async_with(ctx):
+        async with trio.open_nursery():
+            pass
+
+    async def async_for(ctx):
+        return [x async for x in ctx]
+
+    def returns_a_coroutine(ctx):  # a sync wrapper: its coroutine may suspend
+        return awaits(ctx)
+
+    class Phase:
+        async def on_complete(self, ctx):
+            return None
+
+    assert never_suspends(plain) and never_suspends(Phase().on_complete)
+    assert not any(never_suspends(f) for f in (awaits, with_async_with, async_for, returns_a_coroutine))
