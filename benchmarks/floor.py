@@ -23,6 +23,9 @@ Rules, so that it is a real proxy and not a fixed-string relay:
 - Upstream connections go back to one shared pool when a response ended
   cleanly (as sluice's per-endpoint pool does), so a new client connection
   does not cost a new upstream connection.
+- Plain TCP goes through non-blocking sockets with trio waiting only when
+  the kernel cannot complete a call at once, as sluice's edge does; TLS
+  through trio's SSLStream, as sluice's does.
 - Requests on a connection go upstream one at a time, each after the answer
   to the one before, so pipelined requests work. A response to HEAD ends
   with its head.
@@ -38,7 +41,10 @@ that answers before it has read the whole request body.
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
+import os
+import socket
 import ssl
 from collections import deque
 from dataclasses import dataclass, field
@@ -52,20 +58,99 @@ BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: clo
 BAD_GATEWAY = b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 
 
+class RawSocket:
+    """Plain TCP the cheapest way trio allows, as sluice's edge does it: a
+    non-blocking stdlib socket, where a receive or send the kernel can do at
+    once is one system call, and only a real wait goes through trio. Same
+    calls as a trio stream, so TLS uses trio's SSLStream in its place."""
+
+    __slots__ = ("sock",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+
+    async def receive_some(self) -> bytes:
+        while True:
+            try:
+                return self.sock.recv(RECEIVE_SIZE)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.sock)
+            except OSError as exc:
+                raise trio.BrokenResourceError(exc) from None
+
+    async def send_all(self, data: bytes) -> None:
+        try:
+            sent = self.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            raise trio.BrokenResourceError(exc) from None
+        view = memoryview(data)[sent:]
+        while view:
+            await trio.lowlevel.wait_writable(self.sock)
+            try:
+                view = view[self.sock.send(view):]
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                raise trio.BrokenResourceError(exc) from None
+
+    async def aclose(self) -> None:
+        if self.sock.fileno() >= 0:
+            trio.lowlevel.notify_closing(self.sock)
+            self.sock.close()
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+
+Client = RawSocket | trio.SSLStream
+
+
+async def connect(address: tuple[str, int]) -> RawSocket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    error = sock.connect_ex(address)
+    if error == errno.EINPROGRESS:
+        await trio.lowlevel.wait_writable(sock)
+        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if error:
+        sock.close()
+        raise OSError(error, os.strerror(error))
+    return RawSocket(sock)
+
+
+async def serve_tcp(handler, host: str, port: int) -> None:
+    """Accept connections on host:port, each served by ``handler(RawSocket)`` in its own task."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, port))
+    listener.listen(4096)
+    listener.setblocking(False)
+    async with trio.open_nursery() as nursery:
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(listener)
+                continue
+            nursery.start_soon(handler, RawSocket(sock))
+
+
 class Pool:
     """Idle keep-alive connections to the one upstream, most recently used first."""
 
     def __init__(self, host: str, port: int) -> None:
         self.address = (host, port)
-        self.idle: list[trio.SocketStream] = []
+        self.idle: list[RawSocket] = []
 
-    async def acquire(self) -> trio.SocketStream:
+    async def acquire(self) -> RawSocket:
         if self.idle:
             return self.idle.pop()
-        return await trio.open_tcp_stream(*self.address)
+        return await connect(self.address)
 
-    def release(self, stream: trio.SocketStream) -> None:
-        self.idle.append(stream)
+    def release(self, upstream: RawSocket) -> None:
+        self.idle.append(upstream)
 
 
 class Framer:
@@ -178,11 +263,11 @@ class ResponseReader(Framer):
         self.done = True
 
 
-async def relay_response(upstream: trio.abc.Stream, client: trio.abc.Stream, request: Request) -> bool:
+async def relay_response(upstream: RawSocket, client: Client, request: Request) -> bool:
     """Copy one response from upstream to client; True if the upstream connection is reusable."""
     response = ResponseReader(request)
     while not response.done:
-        data = await upstream.receive_some(RECEIVE_SIZE)
+        data = await upstream.receive_some()
         if not data:  # closed: the end of a read-until-close body, or a truncated response
             return False
         response.feed(data)
@@ -191,13 +276,13 @@ async def relay_response(upstream: trio.abc.Stream, client: trio.abc.Stream, req
     return response.keep_alive
 
 
-async def proxy_connection(pool: Pool, client: trio.abc.Stream) -> None:
+async def proxy_connection(pool: Pool, client: Client) -> None:
     """Serve one client connection until it closes or asks to close."""
     reader = RequestReader()
-    upstream: trio.abc.Stream | None = None
+    upstream: RawSocket | None = None
     try:
         while True:
-            data = await client.receive_some(RECEIVE_SIZE)
+            data = await client.receive_some()
             if not data:
                 return
             try:
@@ -231,7 +316,7 @@ async def proxy_connection(pool: Pool, client: trio.abc.Stream) -> None:
         await client.aclose()
 
 
-async def send_quietly(stream: trio.abc.Stream, data: bytes) -> None:
+async def send_quietly(stream: Client, data: bytes) -> None:
     try:
         await stream.send_all(data)
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -252,7 +337,7 @@ async def serve(args: argparse.Namespace) -> None:
         context = tls_context(args.cert, args.key)
         await trio.serve_ssl_over_tcp(handler, int(port), context, host=host, https_compatible=True)
     else:
-        await trio.serve_tcp(handler, int(port), host=host)
+        await serve_tcp(handler, host, int(port))
 
 
 def main() -> None:
