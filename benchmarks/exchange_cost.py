@@ -26,10 +26,10 @@ from collections import deque
 
 import trio
 
-from sluice.app import App
-from sluice.config import parse
-from sluice.registry import Plugins
-from sluice.upstream import UpstreamConnection
+from sluice.control.app import App
+from sluice.control.config import parse
+from sluice.control.registry import Plugins
+from sluice.edge.pool import UpstreamConnection
 
 FLUSH = 0.2  # the access log's flush interval, as configured by default
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n"

@@ -17,8 +17,8 @@ import pstats
 import statistics
 import time
 
-from sluice.forwarding import add_forwarded, add_via, ensure_request_id, strip_hop_by_hop
 from sluice.protocol.http1 import CODECS, select
+from sluice.proxy.forwarding import add_forwarded, add_via, ensure_request_id, strip_hop_by_hop
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n"
 RESPONSE = (

@@ -6,14 +6,14 @@ with ``@hookimpl def sluice_filters(): return [MyFilter]``, and declare the
 module as an entry point in the ``sluice`` group.
 """
 
-from .cluster import Balancer, Cluster, Endpoint
-from .context import Context
+from .edge.transport import ClientTransport, ServerTransport, Transport
 from .errors import ConfigError
-from .filters import CONTINUE, Continue, Filter, FilterConfig, LocalReply
 from .hookspecs import hookimpl
 from .messages import Headers, Request, Response
-from .routes import Route
-from .transport import ClientTransport, ServerTransport, Transport
+from .proxy.context import Context
+from .proxy.filters import CONTINUE, Continue, Filter, FilterConfig, LocalReply
+from .proxy.routes import Route
+from .upstream.cluster import Balancer, Cluster, Endpoint
 
 __version__ = "0.1.0"
 

@@ -23,14 +23,14 @@ from urllib.parse import urlsplit
 
 import trio
 
-from .app import App
-from .config import Config, load, parse
+from .control.app import App
+from .control.config import Config, load, parse
+from .control.registry import Plugins
+from .edge.workers import run_workers
 from .errors import ConfigError
-from .filters import PHASES, overrides
 from .logs import configure
 from .protocol.http1 import CODECS
-from .registry import Plugins
-from .workers import run_workers
+from .proxy.filters import PHASES, overrides
 
 __all__ = ["main"]
 
@@ -147,7 +147,7 @@ class _Demo:
 async def _serve(target: App | _Demo, reuse_port: bool, ready) -> None:
     async with trio.open_nursery() as nursery:
         if isinstance(target, _Demo):
-            from .demo import serve_demo
+            from .control.demo import serve_demo
 
             upstream = await nursery.start(serve_demo)
             print(f"sluice: demo upstream on http://{upstream}", file=sys.stderr, flush=True)

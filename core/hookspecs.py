@@ -20,10 +20,10 @@ import pluggy
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Iterable
 
-    from .app import App
-    from .cluster import Balancer
-    from .filters import Filter
-    from .transport import Transport
+    from .control.app import App
+    from .edge.transport import Transport
+    from .proxy.filters import Filter
+    from .upstream.cluster import Balancer
 
 hookspec = pluggy.HookspecMarker("sluice")
 hookimpl = pluggy.HookimplMarker("sluice")

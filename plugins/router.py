@@ -34,7 +34,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sluice import CONTINUE, ConfigError, Filter, FilterConfig, LocalReply, Route, hookimpl
-from sluice.config import format_errors
+from sluice.control.config import format_errors
 
 __all__ = ["Router"]
 

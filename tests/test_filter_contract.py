@@ -366,7 +366,7 @@ async def test_a_filter_cannot_inject_header_lines(start_origin):
 def test_never_suspends_tells_await_free_phases_apart():
     """The exchange runs await-free on_complete phases without a shielded
     scope; anything that might suspend must be recognised as such."""
-    from sluice.chain import never_suspends
+    from sluice.proxy.chain import never_suspends
 
     async def plain(ctx):
         return None

@@ -8,8 +8,8 @@ import pytest
 import trio
 
 from sluice import Balancer, ConfigError, Filter, hookimpl
-from sluice.chain import Chain
-from sluice.registry import Plugins
+from sluice.control.registry import Plugins
+from sluice.proxy.chain import Chain
 from sluice.testing import serve
 
 from .conftest import InProcess, config

@@ -3,7 +3,7 @@
 Validation happens before any socket opens. Every error names its key path,
 e.g. ``clusters.api.endpoints[1]: not a host:port``. This module checks the
 shape; what depends on plugins (filter names and settings, policies,
-transports, routes) is checked by ``sluice.app`` with the same path style.
+transports, routes) is checked by ``sluice.control.app`` with the same path style.
 
 Defaults are chosen for a proxy facing the internet:
 
@@ -36,24 +36,10 @@ from pydantic import (
     ValidationError,
 )
 
-from .errors import ConfigError
+from ..addresses import parse_hostport
+from ..errors import ConfigError
 
 __all__ = ["Config", "format_errors", "load", "parse", "parse_hostport"]
-
-
-def parse_hostport(value: str, *, allow_zero: bool = True) -> tuple[str, int]:
-    """Split ``host:port`` (``[v6]:port`` for IPv6); ValueError if malformed.
-
-    Port 0 (any free port) makes sense for a listener, not for an endpoint.
-    """
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not int(port) < 65536:
-        raise ValueError("not a host:port")
-    if int(port) == 0 and not allow_zero:
-        raise ValueError("port 0 is not an upstream port")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
 
 
 def _hostport(value: str) -> str:

@@ -13,22 +13,25 @@ from __future__ import annotations
 import contextlib
 import socket
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
 
-from .chain import Chain
-from .config import ListenerConfig, parse_hostport
-from .context import Context
+from ..addresses import parse_hostport
+from ..errors import ClientGone
+from ..protocol.events import ProtocolError
+from ..protocol.http1 import Codec, reason_phrase, simple_response
+from ..proxy.chain import Chain
+from ..proxy.context import Context
+from ..proxy.exchange import run_exchange
+from .byteio import StreamIO, socket_io
 from .downstream import H1Downstream, HeadTimeout
-from .errors import ClientGone
-from .exchange import run_exchange
-from .protocol.events import ProtocolError
-from .protocol.http1 import Codec, reason_phrase, simple_response
-from .streams import StreamIO, socket_io
-from .upstream import Pool
+from .pool import Pool
 from .watchdog import Watchdog
+
+if TYPE_CHECKING:
+    from ..control.config import ListenerConfig
 
 __all__ = ["Listener", "bind"]
 

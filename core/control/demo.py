@@ -13,14 +13,14 @@ import json
 
 import trio
 
-from .downstream import H1Downstream, HeadTimeout
-from .errors import ClientGone
-from .messages import Headers, Response
-from .protocol.events import Body, ProtocolError
-from .protocol.http1 import select
-from .server import bind
-from .streams import socket_io
-from .watchdog import Watchdog
+from ..edge.byteio import socket_io
+from ..edge.downstream import H1Downstream, HeadTimeout
+from ..edge.listener import bind
+from ..edge.watchdog import Watchdog
+from ..errors import ClientGone
+from ..messages import Headers, Response
+from ..protocol.events import Body, ProtocolError
+from ..protocol.http1 import select
 
 __all__ = ["serve_demo"]
 

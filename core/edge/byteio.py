@@ -38,7 +38,7 @@ import socket
 
 import trio
 
-from .errors import ClientGone
+from ..errors import ClientGone
 from .watchdog import Wait, Watchdog
 
 __all__ = ["SocketIO", "StreamIO", "socket_io"]

@@ -4,7 +4,7 @@ It reads request heads and bodies and writes responses, with every wait
 bounded: the first byte of a request within ``idle``, the whole head within
 ``header_read`` (slowloris), each body read and each write within ``idle``.
 The exchange talks to it through the methods below only, so an HTTP/2
-stream can stand in for it later. Bytes move through a ``streams`` I/O
+stream can stand in for it later. Bytes move through a ``byteio``
 object, so a read or write the kernel can do at once costs no wait.
 """
 
@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import trio
 
-from .errors import ClientGone
-from .messages import Response
-from .protocol.events import NEED_DATA, Closed, End, ProtocolError, RequestHead
-from .protocol.http1 import Codec
-from .streams import SocketIO, StreamIO
+from ..errors import ClientGone
+from ..messages import Response
+from ..protocol.events import NEED_DATA, Closed, End, ProtocolError, RequestHead
+from ..protocol.http1 import Codec
+from .byteio import SocketIO, StreamIO
 
 __all__ = ["H1Downstream", "HeadTimeout"]
 

@@ -32,17 +32,17 @@ from typing import TYPE_CHECKING, Any, Protocol
 import structlog
 import trio
 
+from ..errors import ClientGone, UpstreamError
+from ..messages import Headers, Response
+from ..protocol.events import NEED_DATA, Body, End, Informational, ProtocolError, RequestHead
+from ..protocol.http1 import reason_phrase
 from .chain import Chain
-from .errors import ClientGone, UpstreamError
 from .filters import LocalReply
 from .forwarding import add_via, forward_request, strip_hop_by_hop
-from .messages import Headers, Response
-from .protocol.events import NEED_DATA, Body, End, Informational, ProtocolError, RequestHead
-from .protocol.http1 import reason_phrase
 
 if TYPE_CHECKING:
+    from ..edge.pool import Pool
     from .context import Context
-    from .upstream import Pool
 
 
 class Site(Protocol):

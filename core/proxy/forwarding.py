@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import random
 
-from .messages import Headers
+from ..messages import Headers
 
 __all__ = ["VIA", "add_forwarded", "add_via", "ensure_request_id", "forward_request", "strip_hop_by_hop"]
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import pluggy
 
-from . import hookspecs
-from .errors import ConfigError
+from .. import hookspecs
+from ..errors import ConfigError
 
 __all__ = ["GROUP", "PluginInfo", "Plugins", "discover"]
 

@@ -12,9 +12,9 @@ import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .cluster import Cluster, Endpoint
+    from ..messages import Request, Response
+    from ..upstream.cluster import Cluster, Endpoint
     from .filters import Filter
-    from .messages import Request, Response
     from .routes import Route
 
 __all__ = ["Context"]

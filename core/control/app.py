@@ -14,16 +14,16 @@ import structlog
 import trio
 from pydantic import ValidationError
 
-from .chain import Chain
-from .cluster import Cluster, Endpoint
+from ..edge.listener import Listener, bind
+from ..edge.pool import Pool
+from ..edge.watchdog import Watchdog
+from ..errors import ConfigError
+from ..protocol.http1 import select
+from ..proxy.chain import Chain
+from ..proxy.filters import Filter
+from ..upstream.cluster import Cluster, Endpoint
 from .config import Config, format_errors, parse_hostport
-from .errors import ConfigError
-from .filters import Filter
-from .protocol.http1 import select
 from .registry import Plugins
-from .server import Listener, bind
-from .upstream import Pool
-from .watchdog import Watchdog
 
 __all__ = ["App"]
 

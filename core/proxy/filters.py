@@ -51,8 +51,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
+    from ..messages import Headers, Request, Response
     from .context import Context
-    from .messages import Headers, Request, Response
 
 __all__ = ["CONTINUE", "Continue", "Filter", "FilterConfig", "LocalReply", "PHASES"]
 

@@ -15,12 +15,12 @@ from collections import deque
 
 import trio
 
-from .cluster import Cluster, Endpoint
-from .errors import UpstreamError
-from .messages import Headers, Request
-from .protocol.events import NEED_DATA, ProtocolError
-from .protocol.http1 import Codec
-from .streams import SocketIO, StreamIO, socket_io
+from ..errors import UpstreamError
+from ..messages import Headers, Request
+from ..protocol.events import NEED_DATA, ProtocolError
+from ..protocol.http1 import Codec
+from ..upstream.cluster import Cluster, Endpoint
+from .byteio import SocketIO, StreamIO, socket_io
 from .watchdog import Watchdog
 
 __all__ = ["Pool", "UpstreamConnection"]

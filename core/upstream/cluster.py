@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
-    from .context import Context
+    from ..proxy.context import Context
 
 __all__ = ["Balancer", "Cluster", "Endpoint"]
 

@@ -1,0 +1,1 @@
+"""One exchange: the chain of filters, the per-request context, forwarding rules, routes."""

@@ -1,0 +1,1 @@
+"""Upstream clusters, endpoints and the Balancer interface."""
