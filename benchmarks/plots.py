@@ -97,7 +97,7 @@ def idle_rss(scenario: Scenario, outcomes: dict[str, dict], footer: str, out_dir
                   color=[_color(t) for t in targets])
     ax.bar_label(bars, [f"{measured[t]['rss_held_mib']:.0f}" for t in targets], fontsize=8)
     ax.axhline(IDLE_GOAL_MIB, color="#b22222", linestyle="--", linewidth=1)
-    ax.text(len(targets) - 0.5, IDLE_GOAL_MIB, f"goal for sluice: {IDLE_GOAL_MIB} MiB", ha="right",
+    ax.text(-0.4, IDLE_GOAL_MIB, f"goal for sluice: {IDLE_GOAL_MIB} MiB", ha="left",
             va="bottom", fontsize=8, color="#b22222")
     ax.set_ylabel("MiB (process tree)")
     ax.tick_params(axis="x", labelsize=8, rotation=20)

@@ -239,11 +239,25 @@ def raise_open_files_limit(need: int) -> None:
         log(f"WARNING: open files limited to {hard}; idle10k needs about {need}")
 
 
-def warn_if_busy() -> None:
-    load = float(Path("/proc/loadavg").read_text().split()[0])
-    if load > 0.5:
-        log(f"WARNING: the machine is busy before the run (load average {load:.2f}): the "
-            "benchmark shares the CPUs with other processes, expect noisy numbers")
+def cpu_busy(interval_s: float = 1.0) -> float:
+    """The share of all CPUs that was busy over the interval, from /proc/stat
+    (unlike the load average, not raised by a benchmark that just ended)."""
+    def sample() -> tuple[int, int]:
+        ticks = [int(n) for n in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return ticks[3] + ticks[4], sum(ticks)  # idle + iowait, all
+
+    idle0, total0 = sample()
+    time.sleep(interval_s)
+    idle1, total1 = sample()
+    return 1 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+def warn_if_busy() -> float:
+    busy = cpu_busy()
+    if busy > 0.25:
+        log(f"WARNING: {busy:.0%} of the CPUs were busy before the run: the benchmark shares "
+            "them with other processes, expect noisy numbers")
+    return busy
 
 
 def missing_tools() -> list[str]:
@@ -259,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         return 2
     raise_open_files_limit(args.idle_connections + 2000)
-    warn_if_busy()
+    busy_before = warn_if_busy()
     targets, skipped = available_targets(args)
     started = time.monotonic()
     try:
@@ -270,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     found, start_failed = problems(results)
     goal_list = goals(results)
     settings = settings_of(args)
-    machine = machine_facts()
+    machine = {**machine_facts(), "cpu_busy_before": round(busy_before, 2)}
     report = {
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
