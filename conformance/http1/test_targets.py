@@ -36,3 +36,12 @@ def test_dot_segments_are_removed_before_forwarding(target, recorder, sent_targe
 
 def test_unsupported_http_version_is_505(target, recorder):
     assert_rejected(target.address, recorder, request(version="HTTP/2.0"), 505)
+
+
+def test_http10_request_without_host_gets_the_upstream_as_host(target, recorder):
+    """HTTP/1.0 allows a request without Host; the upstream is spoken to in HTTP/1.1, which
+    requires one, so the proxy supplies the upstream's own authority (never a 500)."""
+    sent = request(version="HTTP/1.0", host=None)
+    forwarded, response = forward(target.address, recorder, sent)
+    assert response.status == 200
+    assert forwarded.get_all("host") == [f"127.0.0.1:{recorder.port}"], forwarded.raw_head

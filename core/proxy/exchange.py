@@ -172,6 +172,9 @@ async def _proxy(listener: Site, chain: Chain, down: Any, head: RequestHead, ctx
         raise _Reply(LocalReply(503, "no healthy upstream\n", flag="UH"))
     ctx.endpoint = endpoint
     add_via(request.headers)
+    if request.http_version == "1.0" and request.headers.get_raw(b"host") is None:
+        # HTTP/1.0 may omit Host; the upstream hears HTTP/1.1, which may not.
+        request.headers.raw().append((b"host", endpoint.address.encode("ascii")))
 
     pool = listener.pool
     route = ctx.route
