@@ -63,6 +63,17 @@ _NONE, _LENGTH, _CHUNKED, _UNTIL_CLOSE = range(4)
 _HEAD, _BODY, _DONE = range(3)
 
 
+def _take(buf: bytearray, n: int) -> bytes:
+    """Up to ``n`` bytes off the front of ``buf``."""
+    if len(buf) <= n:
+        data = bytes(buf)
+        buf.clear()
+        return data
+    data = bytes(buf[:n])
+    del buf[:n]
+    return data
+
+
 class _FieldSink:
     """Collects the fields llhttp reports, names lower-cased, values OWS-trimmed."""
 
@@ -206,12 +217,7 @@ class _Peer:
             if self._eof:
                 raise ProtocolError("peer closed the connection mid-body")
             return NEED_DATA
-        if len(buf) <= left:
-            data = bytes(buf)
-            buf.clear()
-        else:
-            data = bytes(buf[:left])
-            del buf[:left]
+        data = _take(buf, left)
         self._in_left = left - len(data)
         return Body(data)
 
@@ -222,12 +228,7 @@ class _Peer:
             if left:
                 if not buf:
                     break
-                if len(buf) <= left:
-                    data = bytes(buf)
-                    buf.clear()
-                else:
-                    data = bytes(buf[:left])
-                    del buf[:left]
+                data = _take(buf, left)
                 self._in_left = left - len(data)
                 self._chunk_crlf = not self._in_left
                 return Body(data)
