@@ -114,6 +114,29 @@ def _trailers(end: End):
     return None if end.trailers is None else list(end.trailers.raw())
 
 
+def _drive(conn, data: bytes, cuts, on_event) -> list:
+    """Feed ``data`` in pieces, then EOF, tracing each event; ``on_event``
+    traces the role's own events and says whether the trace is complete."""
+    trace = _Trace()
+    for piece in _pieces(data, cuts):
+        conn.feed(piece)
+        while True:
+            try:
+                event = conn.next_event()
+            except ProtocolError as exc:
+                trace.add("refused", exc.status)
+                return trace
+            if event is NEED_DATA:
+                trace.add("need data")
+                break
+            if type(event) is Body:
+                trace.body(event.data)
+            elif on_event(trace, event):
+                return trace
+    trace.add("stuck")  # NEED_DATA after EOF: a codec would hang
+    return trace
+
+
 def server_trace(codec, data: bytes, cuts: list[int] = ()) -> list:
     """What a codec's ServerConnection makes of ``data`` fed in pieces, then EOF.
 
@@ -121,39 +144,28 @@ def server_trace(codec, data: bytes, cuts: list[int] = ()) -> list:
     pipelined request is read only if the connection is ``reusable()``.
     """
     conn = codec.server(**LIMITS)
-    trace = _Trace()
-    for piece in _pieces(data, cuts):
-        conn.feed(piece)
-        while True:
-            try:
-                event = conn.next_event()
-            except ProtocolError as exc:
-                trace.add("refused", exc.status)
-                return trace
-            if event is NEED_DATA:
-                trace.add("need data")
-                break
-            kind = type(event)
-            if kind is Body:
-                trace.body(event.data)
-            elif kind is RequestHead:
-                r = event.request
-                trace.add("request", r.method, r.target, r.http_version, list(r.headers.raw()),
-                          event.has_body, event.content_length, event.expect_continue,
-                          conn.peer_http_version, conn.waiting_for_100_continue)
-            elif kind is End:
-                trace.add("end", _trailers(event), conn.waiting_for_100_continue)
-                conn.respond(Response(200, Headers([(b"content-length", b"0")])))
-                conn.end()
-                trace.add("reusable", conn.reusable(), conn.has_buffered)
-                if not conn.reusable():
-                    return trace
-                conn.next_cycle()
-            else:
-                trace.add(kind.__name__)  # Closed, or a codec broke the interface
-                return trace
-    trace.add("stuck")  # NEED_DATA after EOF: a codec would hang
-    return trace
+
+    def on_event(trace, event) -> bool:
+        kind = type(event)
+        if kind is RequestHead:
+            r = event.request
+            trace.add("request", r.method, r.target, r.http_version, list(r.headers.raw()),
+                      event.has_body, event.content_length, event.expect_continue,
+                      conn.peer_http_version, conn.waiting_for_100_continue)
+            return False
+        if kind is End:
+            trace.add("end", _trailers(event), conn.waiting_for_100_continue)
+            conn.respond(Response(200, Headers([(b"content-length", b"0")])))
+            conn.end()
+            trace.add("reusable", conn.reusable(), conn.has_buffered)
+            if not conn.reusable():
+                return True
+            conn.next_cycle()
+            return False
+        trace.add(kind.__name__)  # Closed, or a codec broke the interface
+        return True
+
+    return _drive(conn, data, cuts, on_event)
 
 
 def client_trace(codec, method: str, data: bytes, cuts: list[int] = ()) -> list:
@@ -161,33 +173,21 @@ def client_trace(codec, method: str, data: bytes, cuts: list[int] = ()) -> list:
     conn = codec.client(**LIMITS)
     conn.request(Request(method, "/", Headers([(b"host", b"a.test")])), chunked=False)
     conn.end()
-    trace = _Trace()
-    for piece in _pieces(data, cuts):
-        conn.feed(piece)
-        while True:
-            try:
-                event = conn.next_event()
-            except ProtocolError as exc:
-                trace.add("refused", exc.status)
-                return trace
-            if event is NEED_DATA:
-                trace.add("need data")
-                break
-            kind = type(event)
-            if kind is Body:
-                trace.body(event.data)
-            elif kind in (Informational, ResponseHead):
-                r = event.response
-                trace.add(kind.__name__, r.status, r.reason, list(r.headers.raw()), r.http_version)
-            elif kind is End:
-                trace.add("end", _trailers(event))
-                trace.add("reusable", conn.reusable(), conn.has_buffered)
-                return trace
-            else:
-                trace.add(kind.__name__)
-                return trace
-    trace.add("stuck")
-    return trace
+
+    def on_event(trace, event) -> bool:
+        kind = type(event)
+        if kind in (Informational, ResponseHead):
+            r = event.response
+            trace.add(kind.__name__, r.status, r.reason, list(r.headers.raw()), r.http_version)
+            return False
+        if kind is End:
+            trace.add("end", _trailers(event))
+            trace.add("reusable", conn.reusable(), conn.has_buffered)
+        else:
+            trace.add(kind.__name__)
+        return True
+
+    return _drive(conn, data, cuts, on_event)
 
 
 def _every_byte(data: bytes) -> list[int]:
