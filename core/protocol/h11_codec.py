@@ -44,6 +44,7 @@ from .heads import (
     take_head,
     take_trailers,
 )
+from .http1 import UpstreamSide
 from .wire import reason_phrase
 
 __all__ = ["ClientConnection", "ServerConnection"]
@@ -294,28 +295,13 @@ class ServerConnection(_Peer):
         return self._send_head(event)
 
 
-class ClientConnection(_Peer):
+class ClientConnection(UpstreamSide, _Peer):
     """The upstream side: serialises requests, parses responses."""
 
     _role = h11.CLIENT
 
-    def __init__(self, **limits: int) -> None:
-        super().__init__(**limits)
-        self.response_bytes_seen = False  # for the safe-retry decision
-
-    def feed(self, data: bytes) -> None:
-        if data:
-            self.response_bytes_seen = True
-        super().feed(data)
-
-    def reusable(self) -> bool:
-        # Bytes after a complete response are a broken upstream.
-        return super().reusable() and not self._buf
-
-    def _closed_at_boundary(self):
-        if self._h11 is not None and self._h11.our_state is not h11.IDLE:
-            raise ProtocolError("upstream closed the connection before responding")
-        return Closed()
+    def _awaiting_response(self) -> bool:
+        return self._h11 is not None and self._h11.our_state is not h11.IDLE
 
     def request(self, request: Request, *, chunked: bool) -> bytes:
         """Start a cycle by serialising a request head."""

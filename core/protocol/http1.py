@@ -37,12 +37,38 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .events import Closed, ProtocolError
 from .heads import normalize_path
 from .wire import reason_phrase, simple_response
 
-__all__ = ["CODECS", "Codec", "normalize_path", "reason_phrase", "select", "simple_response"]
+__all__ = ["CODECS", "Codec", "UpstreamSide", "normalize_path", "reason_phrase", "select",
+           "simple_response"]
 
 CODECS = ("auto", "h11", "httptools")
+
+
+class UpstreamSide:
+    """What both codecs' ClientConnection add to their peer class (mixed in
+    before it): the signal for a safe retry, and the upstream's rules that
+    bytes after a complete response, or a close before one, are broken."""
+
+    response_bytes_seen = False  # any byte of a response arrived (request() resets it)
+
+    def feed(self, data: bytes) -> None:
+        if data:
+            self.response_bytes_seen = True
+        super().feed(data)
+
+    def reusable(self) -> bool:
+        return super().reusable() and not self._buf
+
+    def _closed_at_boundary(self):
+        if self._awaiting_response():
+            raise ProtocolError("upstream closed the connection before responding")
+        return Closed()
+
+    def _awaiting_response(self) -> bool:  # pragma: no cover - per codec
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)

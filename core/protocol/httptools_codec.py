@@ -48,6 +48,7 @@ from .heads import (
     take_trailers,
     wants_close,
 )
+from .http1 import UpstreamSide
 from .wire import chunk, last_chunk, request_head, response_head
 
 __all__ = ["ClientConnection", "ServerConnection"]
@@ -440,28 +441,16 @@ class ServerConnection(_Peer):
         return response_head(status, response.reason.encode("latin-1"), fields)
 
 
-class ClientConnection(_Peer):
+class ClientConnection(UpstreamSide, _Peer):
     """The upstream side: serialises requests, parses responses."""
 
     def __init__(self, **limits: int) -> None:
         super().__init__(**limits)
         self._method = b""
         self._requested = False
-        self.response_bytes_seen = False  # for the safe-retry decision
 
-    def feed(self, data: bytes) -> None:
-        if data:
-            self.response_bytes_seen = True
-        super().feed(data)
-
-    def reusable(self) -> bool:
-        # Bytes after a complete response are a broken upstream.
-        return super().reusable() and not self._buf
-
-    def _closed_at_boundary(self):
-        if self._requested:
-            raise ProtocolError("upstream closed the connection before responding")
-        return Closed()
+    def _awaiting_response(self) -> bool:
+        return self._requested
 
     def request(self, request: Request, *, chunked: bool) -> bytes:
         """Start a cycle by serialising a request head."""
