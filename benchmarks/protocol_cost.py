@@ -18,7 +18,7 @@ import statistics
 import time
 
 from sluice.protocol.http1 import CODECS, select
-from sluice.proxy.forwarding import add_forwarded, add_via, ensure_request_id, strip_hop_by_hop
+from sluice.proxy.forwarding import add_via, forward_request, strip_hop_by_hop
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n"
 RESPONSE = (
@@ -35,9 +35,7 @@ def one_exchange(codec) -> None:
     head = down.next_event()
     down.next_event()  # End
     headers = head.request.headers
-    strip_hop_by_hop(headers)
-    ensure_request_id(headers)
-    add_forwarded(headers, client_ip="127.0.0.1", scheme="http", trusted=False)
+    forward_request(headers, client_ip="127.0.0.1", scheme="http", trusted=False, drop_expect=False)
     add_via(headers)
     up = codec.client(**LIMITS)
     up.request(head.request, chunked=False)

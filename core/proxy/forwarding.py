@@ -9,7 +9,7 @@ import random
 
 from ..messages import Headers
 
-__all__ = ["VIA", "add_forwarded", "add_via", "ensure_request_id", "forward_request", "strip_hop_by_hop"]
+__all__ = ["VIA", "add_via", "forward_request", "strip_hop_by_hop"]
 
 VIA = b"1.1 sluice"
 
@@ -63,8 +63,10 @@ def forward_request(headers: Headers, *, client_ip: str, scheme: str, trusted: b
 
     Hop-by-hop fields go, and those Connection names; ``Expect`` goes when
     sluice answered it; ``x-request-id`` is kept or made; X-Forwarded-For,
-    -Proto and -Host are set (see ``add_forwarded``). The same rules as the
-    separate functions here, at a third of their cost on a plain GET.
+    -Proto and -Host are set. ``trusted`` says whether the downstream peer is
+    a proxy whose X-Forwarded-* we believe: then we append to its XFF and keep
+    its Proto and Host; otherwise whatever the client claimed is replaced.
+    One pass costs a third of what a pass per rule did on a plain GET.
     """
     fields = headers.raw()
     kept = []
@@ -120,42 +122,6 @@ def add_via(headers: Headers) -> None:
             fields[i] = (n, v + b", " + VIA)
             return
     fields.append((b"via", VIA))
-
-
-def add_forwarded(
-    headers: Headers, *, client_ip: str, scheme: str, trusted: bool
-) -> None:
-    """Set X-Forwarded-For/-Proto/-Host.
-
-    ``trusted`` says whether the downstream peer is a proxy whose
-    X-Forwarded-* we believe: then we append to XFF and keep its Proto/Host;
-    otherwise whatever the client claimed is replaced.
-    """
-    fields = headers.raw()
-    xff = headers.get_raw(b"x-forwarded-for") if trusted else None
-    proto = headers.get_raw(b"x-forwarded-proto") if trusted else None
-    fhost = headers.get_raw(b"x-forwarded-host") if trusted else None
-    host = headers.get_raw(b"host")
-    fields[:] = [
-        (n, v)
-        for n, v in fields
-        if n not in (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host")
-    ]
-    ip = client_ip.encode("ascii")
-    fields.append((b"x-forwarded-for", xff + b", " + ip if xff else ip))
-    fields.append((b"x-forwarded-proto", proto or scheme.encode("ascii")))
-    if fhost or host:
-        fields.append((b"x-forwarded-host", fhost or host))
-
-
-def ensure_request_id(headers: Headers) -> str:
-    """Return the request's x-request-id, generating one when absent."""
-    rid = headers.get_raw(b"x-request-id")
-    if rid:
-        return rid.decode("latin-1")
-    new = _new_request_id()
-    headers.raw().append((b"x-request-id", new.encode("ascii")))
-    return new
 
 
 def _new_request_id() -> str:
