@@ -33,7 +33,6 @@ request from the server loop.
 
 from __future__ import annotations
 
-import os
 import socket
 
 import trio
@@ -179,14 +178,12 @@ def _raw_socket(stream: trio.abc.Stream):
 class StreamIO(_Waits):
     """Any trio stream (TLS over TCP), through the stream's own calls."""
 
-    __slots__ = ("stream", "_peek")
+    __slots__ = ("stream", "_raw")
 
     def __init__(self, stream: trio.abc.Stream, watchdog: Watchdog) -> None:
-        raw = _raw_socket(stream)
-        super().__init__(watchdog, raw)
+        self._raw = _raw_socket(stream)
+        super().__init__(watchdog, self._raw)
         self.stream = stream
-        # A second handle on the TCP socket, to peek under the TLS layer.
-        self._peek = socket.socket(fileno=os.dup(raw.fileno()))
 
     async def receive(self, deadline: float, watch=None) -> bytes | None:
         wait = self._read
@@ -214,13 +211,25 @@ class StreamIO(_Waits):
         return True
 
     def readable_now(self) -> bool:
-        return _readable(self._peek)
+        return self._peek(_readable)
 
     def peer_closed(self) -> bool:
-        return _peek_closed(self._peek)
+        return self._peek(_peek_closed)
+
+    def _peek(self, check) -> bool:
+        """``check`` the TCP socket under the TLS layer, through a stdlib
+        socket object borrowing its descriptor (no second descriptor kept:
+        these checks are rare, a descriptor per TLS connection is not)."""
+        fd = self._raw.fileno()
+        if fd < 0:
+            return True
+        borrowed = socket.socket(fileno=fd)
+        try:
+            return check(borrowed)
+        finally:
+            borrowed.detach()
 
     async def aclose(self) -> None:
-        self._peek.close()
         with trio.CancelScope(shield=True), trio.move_on_after(1):
             await trio.aclose_forcefully(self.stream)
 
