@@ -32,7 +32,7 @@ an HTTP/1.1 request without Host (absolute form too)  400     RFC 9112 3.2
 more fields than ``max_header_count``                 431     limit
 an HTTP version other than 1.0 and 1.1                505
 CONNECT                                               501     not supported
-a target not in origin, absolute (http/s) or * form   400     RFC 9112 3.2
+a target not in origin, absolute (http/s) or * form   400     targets.py
 ====================================================  ======  =============
 
 A head that breaks several rules gets the status of the first: the order is
@@ -71,6 +71,7 @@ from __future__ import annotations
 import re
 
 from .events import ProtocolError
+from .targets import request_target
 
 __all__ = [
     "HEAD_END",
@@ -81,7 +82,6 @@ __all__ = [
     "check_response_line",
     "content_length",
     "facts",
-    "normalize_path",
     "take_block",
     "take_chunk_line",
     "take_head",
@@ -281,11 +281,7 @@ def check_request(method: bytes, target: bytes, version: bytes, fields: list[tup
         raise ProtocolError("HTTP version not supported", 505)
     if method == b"CONNECT":
         raise ProtocolError("CONNECT is not supported", 501)
-    if target[:1] != b"/" and target != b"*":
-        target = _origin_form(target, fields)
-    if b"/." in target or b"%2" in target:
-        target = normalize_path(target)
-    return target
+    return request_target(target, fields)
 
 
 def check_response_line(version: bytes, status: int) -> None:
@@ -346,48 +342,3 @@ def facts(fields: list[tuple[bytes, bytes]],
 def _lists(value: bytes, option: bytes) -> bool:
     """Whether a list field's value carries ``option``, in any case."""
     return option in value.lower() and any(t.strip(b" \t") == option for t in value.lower().split(b","))
-
-
-def _origin_form(target: bytes, fields: list[tuple[bytes, bytes]]) -> bytes:
-    """Rewrite an absolute-form target to origin form (RFC 9112 3.2.2).
-
-    The target's authority replaces the Host field, as the RFC requires of
-    a server receiving absolute form.
-    """
-    scheme, sep, rest = target.partition(b"://")
-    if not sep or scheme.lower() not in (b"http", b"https"):
-        raise ProtocolError("request target is neither origin nor absolute form")
-    authority, slash, path = rest.partition(b"/")
-    if not authority or b"@" in authority:
-        raise ProtocolError("bad authority in request target")
-    fields[:] = [(n, v) for n, v in fields if n != b"host"]
-    fields.insert(0, (b"host", authority))
-    return slash + path if slash else b"/"
-
-
-_ENCODED_DOT = re.compile(rb"%2[eE]")
-
-
-def normalize_path(target: bytes) -> bytes:
-    """Remove dot-segments from a target's path (RFC 3986 5.2.4).
-
-    ``/public/../admin`` must route (and reach the upstream) as ``/admin``,
-    or a route that exempts ``/public`` from authentication exempts
-    everything. ``%2e`` is a dot in disguise (RFC 3986 2.3) and counts too.
-    The query is left alone.
-    """
-    path, sep, query = target.partition(b"?")
-    path = _ENCODED_DOT.sub(b".", path)
-    if b"/." not in path:
-        return target if path == target.partition(b"?")[0] else path + sep + query
-    segments = path.split(b"/")[1:]
-    out: list[bytes] = []
-    for segment in segments:
-        if segment == b"..":
-            if out:
-                out.pop()
-        elif segment != b".":
-            out.append(segment)
-    if segments and segments[-1] in (b".", b".."):
-        out.append(b"")  # "/a/b/.." names the directory "/a/"
-    return b"/" + b"/".join(out) + sep + query

@@ -38,7 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .events import Closed, ProtocolError
-from .heads import normalize_path
+from .targets import normalize_path
 from .wire import reason_phrase, simple_response
 
 __all__ = ["CODECS", "Codec", "UpstreamSide", "normalize_path", "reason_phrase", "select",
