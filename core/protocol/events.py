@@ -27,12 +27,17 @@ class ProtocolError(Exception):
     """The peer broke the protocol.
 
     ``status`` is the answer a server should send before closing (400, 413,
-    431, 501); on the upstream side every ProtocolError becomes a 502.
+    414, 431, 501, 505); on the upstream side every ProtocolError becomes a
+    502. ``method`` and ``target`` are the request line's, when it was read
+    before the error (for the access log); else None.
     """
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(self, message: str, status: int = 400, *, method: str | None = None,
+                 target: str | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.method = method
+        self.target = target
 
 
 class LocalProtocolError(Exception):
