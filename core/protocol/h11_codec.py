@@ -14,7 +14,9 @@ trailer section up to its own 64 KiB). So its chunked reader is swapped for
 through ``heads.py`` before h11 reads them. That, and the current chunk's
 size, are the h11 internals used here (``_reader``, the receive buffer's
 ``_data``, ``ChunkedReader``'s fields), with ``_writer`` to know whether
-trailers can be sent; pinned by h11>=0.16.
+trailers can be sent, and ``_cstate.keep_alive`` to keep an HTTP/1.0
+connection that asked for keep-alive (h11 closes every HTTP/1.0 one); pinned
+by h11>=0.16.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from .events import (
 )
 from .heads import (
     MAX_CHUNK_LINE,
+    annotate,
     check_request,
     check_response_line,
     facts,
@@ -63,9 +66,10 @@ class _ChunkedReader(ChunkedReader):
     h11 unchanged.
     """
 
-    def __init__(self, max_trailer_bytes: int) -> None:
+    def __init__(self, max_trailer_bytes: int, max_trailer_count: int) -> None:
         super().__init__()
         self._max_trailer_bytes = max_trailer_bytes
+        self._max_trailer_count = max_trailer_count
 
     def __call__(self, buf):
         if self._bytes_in_chunk == 0:  # a line is next, after any CRLF still due
@@ -79,7 +83,8 @@ class _ChunkedReader(ChunkedReader):
                         return super().__call__(buf)
                     at = end + 2
                 # Enough of the trailer section to find its end or pass the limit.
-                take_trailers(data[at:at + self._max_trailer_bytes + 4], self._max_trailer_bytes)
+                take_trailers(data[at:at + self._max_trailer_bytes + 4], self._max_trailer_bytes,
+                              self._max_trailer_count)
         return super().__call__(buf)
 
 
@@ -87,6 +92,7 @@ class _Peer:
     """What both roles share: head scanning, h11 cycles, event translation."""
 
     _role: type[h11.Sentinel]
+    _REQUEST = False  # the heads read are requests (the server role)
     # The peer's h11 states in which its next bytes are not part of the
     # current message: a head to scan, or (once DONE) the next cycle's bytes.
     _HEAD_STATES = (h11.IDLE, h11.SEND_RESPONSE)
@@ -97,6 +103,7 @@ class _Peer:
         self.max_header_count = max_header_count
         self._h11: h11.Connection | None = None
         self._buf = bytearray()  # bytes not yet handed to h11
+        self._last_head = b""  # the head being read (for the log of a refused one)
         self._eof = False
         self._eof_fed = False  # h11 of this cycle has been told of the close
 
@@ -132,7 +139,7 @@ class _Peer:
         if conn is not None and conn.their_state in self._AFTER_STATES:
             return NEED_DATA  # the caller must start the next cycle first
         if conn is None or conn.their_state in self._HEAD_STATES:
-            head = take_head(self._buf, self.max_head_bytes)
+            head = take_head(self._buf, self.max_head_bytes, request=self._REQUEST)
             if head is None:
                 if self._eof:
                     if self._buf:
@@ -141,6 +148,7 @@ class _Peer:
                 return NEED_DATA
             if conn is None:
                 conn = self._new_cycle()
+            self._last_head = head
             conn.receive_data(head)
         elif self._buf or (self._eof and not self._eof_fed):
             if self._buf:
@@ -154,7 +162,7 @@ class _Peer:
         except h11.RemoteProtocolError as exc:
             raise ProtocolError(str(exc), exc.error_status_hint) from None
         if type(conn._reader) is ChunkedReader:  # a head just chose chunked framing
-            conn._reader = _ChunkedReader(self.max_head_bytes)
+            conn._reader = _ChunkedReader(self.max_head_bytes, self.max_header_count)
         return self._translate(event)
 
     def _closed_at_boundary(self):
@@ -225,6 +233,7 @@ class _Peer:
     def next_cycle(self) -> None:
         """Forget the finished cycle; the next head starts a new one."""
         self._h11 = None
+        self._keep_alive_10 = False
         self._out_chunked = False
         self._eof_fed = False
 
@@ -236,21 +245,40 @@ class ServerConnection(_Peer):
     """The downstream side: parses requests, serialises responses."""
 
     _role = h11.SERVER
+    _REQUEST = True
+    _version = b"1.1"  # the version served (check_request's)
+    _keep_alive_10 = False  # an HTTP/1.0 client asked to keep the connection
+
+    def next_event(self):
+        conn = self._h11
+        if conn is not None and conn.their_state not in self._HEAD_STATES:
+            return super().next_event()
+        self._last_head = b""
+        try:
+            return super().next_event()
+        except ProtocolError as exc:
+            # A head refused while cut stays in the buffer.
+            annotate(exc, self._last_head or self._buf)
+            raise
 
     def _translate_head(self, event):
         if type(event) is not h11.Request:
             raise ProtocolError(f"unexpected {type(event).__name__}")
         fields = list(event.headers)
         known = facts(fields)
-        target = check_request(event.method, event.target, event.http_version, fields,
-                               known.hosts, self.max_header_count)
+        target, version = check_request(event.method, event.target, event.http_version, fields,
+                                        known.hosts, self.max_header_count)
+        self._version = version
+        self._keep_alive_10 = version == b"1.0" and known.keep_alive and not known.close
+        if self._keep_alive_10:
+            self._h11._cstate.keep_alive = True  # h11 would close it (RFC 9112 9.3 allows it)
         content_length = known.length
         has_body = bool(content_length) or known.chunked
         request = Request(
             method=event.method.decode("ascii"),
             target=target.decode("latin-1"),
             headers=Headers._trusted(fields),
-            http_version=event.http_version.decode("ascii"),
+            http_version=version.decode("ascii"),
         )
         return RequestHead(
             request,
@@ -261,7 +289,7 @@ class ServerConnection(_Peer):
 
     @property
     def peer_http_version(self) -> bytes:
-        return self._h11.their_http_version if self._h11 is not None else b"1.1"
+        return self._version
 
     @property
     def waiting_for_100_continue(self) -> bool:
@@ -281,6 +309,10 @@ class ServerConnection(_Peer):
             # h11 drops a Content-Length beside Transfer-Encoding only when it
             # frames a body; drop it always, as the httptools codec does.
             fields = [f for f in fields if f[0] != b"content-length"]
+        if self._keep_alive_10 and self._h11._cstate.keep_alive:
+            # HTTP/1.0 closes unless told; h11 turns this into close itself
+            # when the body has no length and must end with the connection.
+            fields = [*fields, (b"connection", b"keep-alive")]
         return self._send_response(h11.Response, response, fields)
 
     def _send_response(self, kind, response: Response, fields: list[tuple[bytes, bytes]]) -> bytes:

@@ -10,12 +10,15 @@ holds them to it):
 ====================================================  ======  =============
 what the head contains, in the order it is checked    status  why
 ====================================================  ======  =============
+empty lines (CRLF) before a request line              --      ignored, RFC
+                                                              9112 2.2
+a request line longer than ``max_head_bytes``         414     limit
 more bytes than ``max_head_bytes``                    431     limit
 a bare LF (a line ending without CR)                  400     RFC 9112 2.2
 a bare CR not followed by LF                          400     RFC 9112 2.2
 a line starting with SP or HTAB (obs-fold)            400     RFC 9112 5.2
 a control character (other than HTAB) anywhere        400     RFC 9110 5.5
-an empty line before the start line                   400     as h11
+an empty line before a status line (upstream)         400     as h11
 a framing field name with whitespace before ':'      400     RFC 9112 5.1
 Transfer-Encoding together with Content-Length        400     RFC 9112 6.1
 more than one Transfer-Encoding field                 400     ambiguity
@@ -30,7 +33,10 @@ a start line or field line the grammar refuses        400     the parser
 more than one Host field                              400     RFC 9112 3.2
 an HTTP/1.1 request without Host (absolute form too)  400     RFC 9112 3.2
 more fields than ``max_header_count``                 431     limit
-an HTTP version other than 1.0 and 1.1                505
+an HTTP version other than 1.x                        505     (1.2 and up
+                                                              are served as
+                                                              1.1, RFC 9110
+                                                              2.5)
 CONNECT                                               501     not supported
 a target not in origin, absolute (http/s) or * form   400     targets.py
 ====================================================  ======  =============
@@ -54,6 +60,7 @@ chunk data not followed by CRLF                       400     RFC 9112 7.1
 a trailer section breaking a head's scan rules        400     as heads
   (bare CR/LF, obs-fold, control characters)
 a trailer section longer than ``max_head_bytes``      431     limit
+more trailer fields than ``max_header_count``         431     limit
 a Content-Length or Transfer-Encoding trailer field   400     RFC 9110 6.5.1
 ====================================================  ======  =============
 
@@ -78,6 +85,7 @@ __all__ = [
     "MAX_CHUNK",
     "NOTED",
     "Facts",
+    "annotate",
     "check_request",
     "check_response_line",
     "content_length",
@@ -122,13 +130,23 @@ _CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;[^\r\n]*)?[ \t]*")
 _KNOWN_CODINGS = {b"gzip", b"x-gzip", b"deflate", b"compress", b"x-compress"}
 
 
-def take_head(buf: bytearray, max_head_bytes: int) -> bytes | None:
+def take_head(buf: bytearray, max_head_bytes: int, *, request: bool = False) -> bytes | None:
     """Cut one scanned head (start line to the empty line) off ``buf``.
 
     None while it is incomplete; ProtocolError when it breaks a rule of the
-    table above that can be seen on the raw bytes.
+    table above that can be seen on the raw bytes. ``request``: empty lines
+    before the start line are dropped (a client may send a CRLF after a
+    body, RFC 9112 2.2), and a start line that alone passes the limit is 414.
     """
-    head = take_block(buf, max_head_bytes)
+    if request and buf[:2] == b"\r\n":
+        while buf[:2] == b"\r\n":
+            del buf[:2]
+    try:
+        head = take_block(buf, max_head_bytes)
+    except ProtocolError as exc:
+        if request and exc.status == 431 and buf.find(b"\r\n", 0, max_head_bytes) < 0:
+            raise ProtocolError("request line too long", 414) from None
+        raise
     if head is None:
         return None
     if head[:2] == b"\r\n":
@@ -159,15 +177,16 @@ def take_block(buf: bytearray, max_bytes: int) -> bytes | None:
     if end > max_bytes:
         raise ProtocolError("message head too large", 431)
     block = bytes(buf[:end])
-    del buf[:end]
     if _bad_block(block):
         raise ProtocolError("bare CR or LF, obs-fold or a control character in message head")
+    del buf[:end]
     return block
 
 
-def take_trailers(buf: bytearray, max_bytes: int) -> bytes | None:
+def take_trailers(buf: bytearray, max_bytes: int, max_count: int) -> bytes | None:
     """Cut a trailer section (after the last chunk) off ``buf``, scanned as a
-    head is; ProtocolError if it carries a framing field.
+    head is; ProtocolError if it carries a framing field, or more than
+    ``max_count`` fields (431).
 
     A recipient may merge trailers into the header section (RFC 9110 6.5.1):
     a Content-Length or Transfer-Encoding there would reframe a message
@@ -178,6 +197,8 @@ def take_trailers(buf: bytearray, max_bytes: int) -> bytes | None:
         return b"\r\n"
     block = take_block(buf, max_bytes)
     if block is not None:
+        if block.count(b"\r\n") - 1 > max_count:
+            raise ProtocolError("too many trailer fields", 431)
         for line in block.split(b"\r\n"):
             name = line.partition(b":")[0].strip(b" \t").lower()
             if name == b"content-length" or name == b"transfer-encoding":
@@ -265,12 +286,16 @@ def wants_close(fields: list[tuple[bytes, bytes]]) -> bool:
 
 
 def check_request(method: bytes, target: bytes, version: bytes, fields: list[tuple[bytes, bytes]],
-                  hosts: int, max_header_count: int) -> bytes:
-    """The semantic checks on a parsed request head; returns the target to route.
+                  hosts: int, max_header_count: int) -> tuple[bytes, bytes]:
+    """The semantic checks on a parsed request head; returns the target to
+    route and the version to serve (``1.0`` or ``1.1``).
 
     ``fields`` (lower-case names) may be rewritten in place: an absolute-form
     target moves its authority into Host. The checks run in the table's order.
     """
+    if version != b"1.1" and version != b"1.0":
+        # A later minor version is served as the highest we speak (RFC 9110 2.5).
+        version = b"1.1" if version[:2] == b"1." else version
     if hosts > 1:
         raise ProtocolError("more than one Host field")
     if hosts == 0 and version == b"1.1":
@@ -281,7 +306,25 @@ def check_request(method: bytes, target: bytes, version: bytes, fields: list[tup
         raise ProtocolError("HTTP version not supported", 505)
     if method == b"CONNECT":
         raise ProtocolError("CONNECT is not supported", 501)
-    return request_target(target, fields)
+    return request_target(target, fields), version
+
+
+# The request line's method and target, for the access log of a refused head
+# (the target's grammar is h11's, as the codecs match it).
+_METHOD_START = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]{1,32}) ")
+_REQUEST_START = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]{1,32}) ([\x21-\x7e]{1,4096})[ \r]")
+
+
+def annotate(exc: ProtocolError, head: bytes | bytearray) -> None:
+    """Note on ``exc`` the method and target of the request line starting
+    ``head``, when there is one to read (a target over 4 KiB is left out)."""
+    if exc.method is None:
+        match = _REQUEST_START.match(head)
+        if match is not None:
+            exc.method = match[1].decode("ascii")
+            exc.target = match[2].decode("ascii")
+        elif (m := _METHOD_START.match(head)) is not None:
+            exc.method = m[1].decode("ascii")
 
 
 def check_response_line(version: bytes, status: int) -> None:
@@ -301,13 +344,14 @@ NOTED = frozenset({b"host", b"content-length", b"transfer-encoding", b"connectio
 class Facts:
     """What the core needs of a head's fields, read in one pass."""
 
-    __slots__ = ("hosts", "length", "chunked", "close", "expect")
+    __slots__ = ("hosts", "length", "chunked", "close", "keep_alive", "expect")
 
     def __init__(self) -> None:
         self.hosts = 0  # Host fields
         self.length: int | None = None  # the Content-Length
         self.chunked = False  # Transfer-Encoding (take_head let it through as chunked only)
         self.close = False  # Connection lists close
+        self.keep_alive = False  # Connection lists keep-alive (HTTP/1.0's opt-in)
         self.expect = False  # Expect lists 100-continue
 
 
@@ -334,6 +378,7 @@ def facts(fields: list[tuple[bytes, bytes]],
                 fields[i] = (n, b"chunked")
         elif n == b"connection":
             result.close = result.close or _lists(v, b"close")
+            result.keep_alive = result.keep_alive or _lists(v, b"keep-alive")
         else:
             result.expect = result.expect or _lists(v, b"100-continue")
     return result

@@ -39,6 +39,7 @@ from .events import (
 )
 from .heads import (
     NOTED,
+    annotate,
     check_request,
     check_response_line,
     content_length,
@@ -100,10 +101,13 @@ class _FieldSink:
 class _Peer:
     """What both roles share: head cutting, body framing in and out."""
 
+    _REQUEST = False  # the heads read are requests (the server role)
+
     def __init__(self, *, max_head_bytes: int, max_header_count: int) -> None:
         self.max_head_bytes = max_head_bytes
         self.max_header_count = max_header_count
         self._buf = bytearray()
+        self._last_head = b""  # the head being read (for the log of a refused one)
         self._eof = False
         self._sink = _FieldSink()
         self._parser: httptools.HttpResponseParser | None = None
@@ -139,13 +143,14 @@ class _Peer:
             return self._body_event()
         if state == _DONE:
             return NEED_DATA  # the caller must start the next cycle first
-        head = take_head(self._buf, self.max_head_bytes)
+        head = take_head(self._buf, self.max_head_bytes, request=self._REQUEST)
         if head is None:
             if self._eof:
                 if self._buf:
                     raise ProtocolError("connection closed inside a message head")
                 return self._closed_at_boundary()
             return NEED_DATA
+        self._last_head = head
         line_end = head.find(b"\r\n")
         return self._head(head[:line_end], self._fields(head, line_end + 2))
 
@@ -241,7 +246,7 @@ class _Peer:
                 del buf[:2]
                 self._chunk_crlf = False
             if self._trailers:
-                block = take_trailers(buf, self.max_head_bytes)
+                block = take_trailers(buf, self.max_head_bytes, self.max_header_count)
                 if block is None:
                     break
                 fields = self._fields(block, 0)
@@ -347,6 +352,8 @@ class _Peer:
 class ServerConnection(_Peer):
     """The downstream side: parses requests, serialises responses."""
 
+    _REQUEST = True
+
     def __init__(self, **limits: int) -> None:
         super().__init__(**limits)
         self._version = b"1.1"
@@ -360,12 +367,14 @@ class ServerConnection(_Peer):
             raise ProtocolError("malformed request line")
         method, target, version = match.groups()
         known = facts(fields, self._sink.noted)
-        target = check_request(method, target, version, fields, known.hosts, self.max_header_count)
+        target, version = check_request(method, target, version, fields, known.hosts,
+                                        self.max_header_count)
         length = known.length
         chunked = known.chunked  # take_head let it through as chunked only, and alone
         self._version = version
         self._method = method
-        self._in_keep_alive = version == b"1.1" and not known.close
+        # HTTP/1.0 keeps the connection only when it asks to (RFC 9112 9.3).
+        self._in_keep_alive = not known.close and (version == b"1.1" or known.keep_alive)
         self._expect = version == b"1.1" and known.expect
         self._started = False
         if chunked:
@@ -386,6 +395,14 @@ class ServerConnection(_Peer):
         )
 
     def next_event(self):
+        if self._state == _HEAD:
+            self._last_head = b""
+            try:
+                return super().next_event()
+            except ProtocolError as exc:
+                # A head refused while cut stays in the buffer.
+                annotate(exc, self._last_head or self._buf)
+                raise
         event = super().next_event()
         if self._expect and (type(event) is Body or type(event) is End):
             self._expect = False  # the client did not wait, or sent no body
@@ -438,6 +455,8 @@ class ServerConnection(_Peer):
         if not keep_alive and not wants_close(fields):
             fields = [f for f in fields if f[0] != b"connection"]
             fields.append((b"connection", b"close"))
+        elif keep_alive and self._version == b"1.0":
+            fields = [*fields, (b"connection", b"keep-alive")]  # 1.0 closes unless told
         return response_head(status, response.reason.encode("latin-1"), fields)
 
 
