@@ -45,6 +45,7 @@ class Context:
         "_states",
         "_route",
         "_resolver",
+        "_drainable",
     )
 
     def __init__(
@@ -76,6 +77,7 @@ class Context:
         self._states: dict[int, Any] | None = None
         self._route: Route | None | bool = False  # False: not resolved yet
         self._resolver = None
+        self._drainable = True  # an unread request body is small enough to drain
 
     def buffer_request_body(self) -> None:
         """Ask for the whole request body (call from ``on_request_headers``).

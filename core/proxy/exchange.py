@@ -21,8 +21,19 @@ the client went away                        (nothing)    DC
 ==========================================  ===========  ====
 
 Once response bytes have gone downstream no status can change: the
-downstream connection is closed instead, and the log says why.
+downstream connection is closed instead, and the log says why. Once the
+upstream's answer has arrived, it is what the client gets, whole: a request
+body that turns out malformed or too large after it only ends the
+connection when the answer is done.
 ``on_complete`` of every filter runs exactly once, whatever happened.
+
+An answer that comes before the request body was read (a filter's, or the
+upstream's early one) keeps the connection when the rest of the body is
+small: sluice reads and drops up to ``DRAIN_LIMIT`` bytes of it within
+``DRAIN_TIME`` seconds, so a request pipelined behind it is served. A body
+known to be larger, a 413, a broken body, or a client still waiting for
+``100 Continue`` (it may never send the body) close the connection instead,
+and the answer says ``Connection: close``.
 """
 
 from __future__ import annotations
@@ -38,7 +49,7 @@ from ..protocol.events import NEED_DATA, Body, End, Informational, ProtocolError
 from ..protocol.http1 import reason_phrase
 from .chain import Chain
 from .filters import LocalReply
-from .forwarding import add_via, forward_request, strip_hop_by_hop
+from .forwarding import add_via, forward_request, strip_hop_by_hop, strip_trailers
 
 if TYPE_CHECKING:
     from ..edge.pool import Pool
@@ -56,12 +67,17 @@ class Site(Protocol):
     max_body_bytes: int  # 0: unlimited
     max_buffered: int
 
-__all__ = ["Site", "run_exchange"]
+__all__ = ["DRAIN_LIMIT", "DRAIN_TIME", "Site", "run_exchange"]
 
 log = structlog.get_logger("sluice.exchange")
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _COMPLETE_TIMEOUT = 5.0  # seconds on_complete phases get, even when cancelled
+# The rest of a request body read and dropped after an early answer, to keep
+# the connection (nginx discards an unread body the same way): past these,
+# closing is cheaper than reading.
+DRAIN_LIMIT = 1024 * 1024
+DRAIN_TIME = 5.0
 
 
 class _Reply(Exception):
@@ -108,11 +124,13 @@ async def run_exchange(listener: Site, down: Any, head: RequestHead, ctx: Contex
         ctx.error = exc
         ctx.flags.append("DPE")
         log.info("bad request body", request_id=ctx.request_id, error=str(exc))
+        down.close_after = True  # the body's framing is lost
         await _answer(chain, down, ctx, LocalReply(exc.status, _reason(exc.status), flag=""), 0)
     except ClientGone as exc:
         ctx.error = exc
         if exc.timed_out:
             ctx.flags.append("DT")
+            down.close_after = True
             await _answer(chain, down, ctx, LocalReply(408, "request body timed out\n", flag=""), 0)
         else:
             ctx.flags.append("DC")
@@ -128,6 +146,32 @@ async def run_exchange(listener: Site, down: Any, head: RequestHead, ctx: Contex
         await _answer(chain, down, ctx, LocalReply(500, _reason(500), flag=""), 0)
     finally:
         await _complete(chain, ctx)
+    if not down.body_done and not down.close_after:
+        await _drain_body(down, ctx)
+
+
+def _keeps_open(down: Any, ctx: Context) -> bool:
+    """Whether a response head going out before the request body was read
+    may promise to keep the connection (the body is then drained)."""
+    return down.body_done or (ctx._drainable and not down.waiting_for_100_continue)
+
+
+async def _drain_body(down: Any, ctx: Context) -> None:
+    """Read and drop the rest of a request body answered early; the
+    connection closes (at the next check) unless it ends within bounds."""
+    left = DRAIN_LIMIT
+    with trio.move_on_after(DRAIN_TIME):
+        try:
+            while type(event := await down.read_body_event()) is Body:
+                left -= len(event.data)
+                if left < 0:
+                    break
+            else:
+                return
+        except (ProtocolError, ClientGone):
+            pass
+    log.info("request body not drained; closing", request_id=ctx.request_id)
+    down.close_after = True
 
 
 def _reason(status: int) -> str:
@@ -147,6 +191,7 @@ def _prepare(listener: Site, head: RequestHead, ctx: Context) -> Chain:
     )
     chain = listener.chain
     ctx._resolver = chain.resolver
+    ctx._drainable = not head.has_body or (head.content_length or 0) <= DRAIN_LIMIT
     if listener.route_overrides:
         route = ctx.route
         if route is not None:
@@ -203,8 +248,6 @@ async def _proxy(listener: Site, chain: Chain, down: Any, head: RequestHead, ctx
             body = await _whole_request_body(listener, chain, down, head, ctx) if head.has_body else b""
             conn, response = await _send_whole(pool, cluster, endpoint, conn, down, ctx, timeout, body)
             await _relay_response(listener, chain, down, conn, ctx, response, timeout)
-        if not down.body_done:
-            down.close_after = True
     finally:
         endpoint.active -= 1
         if conn is not None:
@@ -236,12 +279,23 @@ async def _pump_request(listener, chain, down, conn, ctx, deadline, timeout) -> 
     total = 0
     try:
         while True:
-            event = await down.read_body_event()
+            try:
+                event = await down.read_body_event()
+            except ProtocolError as exc:
+                if ctx.response is None:
+                    raise
+                # The upstream has answered: the client gets that answer
+                # whole, and the connection ends after it.
+                _stop_reading(down, ctx, exc, "DPE")
+                return
             if type(event) is Body:
                 data = event.data
                 total += len(data)
                 if limit and total > limit:
-                    raise _Reply(LocalReply(413, "request body too large\n"))
+                    if ctx.response is None:
+                        raise _Reply(LocalReply(413, "request body too large\n"))
+                    _stop_reading(down, ctx, None, "")
+                    return
                 ctx.bytes_in += len(data)
                 if phases:
                     data = await chain.run_body(phases, ctx, data, False, full)
@@ -256,7 +310,7 @@ async def _pump_request(listener, chain, down, conn, ctx, deadline, timeout) -> 
                         raise _Reply(data)
                     if data:
                         await conn.send_data(data)
-                trailers = event.trailers
+                trailers = _trailers(ctx, event.trailers)
                 if trailers is not None and chain.request_trailers:
                     replied = await chain.run_heads(chain.request_trailers, ctx, trailers, full)
                     if replied is not None:
@@ -269,6 +323,27 @@ async def _pump_request(listener, chain, down, conn, ctx, deadline, timeout) -> 
         if down.response_started:
             return  # the upstream answered early and stopped reading: fine
         raise
+
+
+def _stop_reading(down: Any, ctx: Context, exc: BaseException | None, flag: str) -> None:
+    """The request body goes no further once the upstream has answered."""
+    if exc is not None:
+        ctx.error = exc
+        log.info("bad request body after the upstream answered", request_id=ctx.request_id,
+                 error=str(exc))
+    if flag:
+        ctx.flags.append(flag)
+    down.close_after = True
+
+
+def _trailers(ctx: Context, trailers: Headers | None) -> Headers | None:
+    """A trailer section without the fields trailers may not carry (logged)."""
+    if trailers is None:
+        return None
+    dropped = strip_trailers(trailers)
+    if dropped:
+        log.info("trailer fields dropped", request_id=ctx.request_id, fields=dropped)
+    return trailers if trailers.raw() else None
 
 
 async def _whole_request_body(listener, chain, down, head, ctx) -> bytes:
@@ -294,8 +369,9 @@ async def _whole_request_body(listener, chain, down, head, ctx) -> bytes:
         if type(data) is LocalReply:
             raise _Reply(data)
         body = data
-    if event.trailers is not None and chain.request_trailers:  # dropped after: the length frames it
-        replied = await chain.run_heads(chain.request_trailers, ctx, event.trailers, full)
+    trailers = _trailers(ctx, event.trailers)
+    if trailers is not None and chain.request_trailers:  # dropped after: the length frames it
+        replied = await chain.run_heads(chain.request_trailers, ctx, trailers, full)
         if replied is not None:
             raise _Reply(replied[1], replied[0])
     ctx.request.headers.set(b"content-length", str(len(body)).encode())
@@ -364,9 +440,9 @@ async def _relay_response(listener, chain, down, conn, ctx, response: Response, 
     if replied is not None:
         conn.discard = True  # its unread body makes the connection unusable
         raise _Reply(replied[1], replied[0])
-    if not down.body_done:
-        # The upstream answers before the upload ended: if the response ends
-        # first, the rest of the upload is not read, so the connection closes;
+    if not _keeps_open(down, ctx):
+        # The upstream answers before the upload ended, and what is left of
+        # it is too much to drain: the connection closes after the answer;
         # say so now, while the head can still carry it.
         down.close_after = True
     if ctx.buffer_response:
@@ -390,7 +466,7 @@ async def _relay_response(listener, chain, down, conn, ctx, response: Response, 
                 if type(data) is bytes and data:
                     ctx.bytes_out += len(data)
                     await down.send_body(data)
-            trailers = event.trailers
+            trailers = _trailers(ctx, event.trailers)
             if trailers is not None and chain.response_trailers:
                 await chain.run_heads(chain.response_trailers, ctx, trailers, full)
             await down.send_end(trailers)
@@ -417,8 +493,9 @@ async def _relay_whole(listener, chain, down, conn, ctx, response: Response, tim
         if type(data) is LocalReply:
             raise _Reply(data)
         body = data
-    if event.trailers is not None and chain.response_trailers:
-        await chain.run_heads(chain.response_trailers, ctx, event.trailers, full)
+    trailers = _trailers(ctx, event.trailers)
+    if trailers is not None and chain.response_trailers:
+        await chain.run_heads(chain.response_trailers, ctx, trailers, full)
     if not bodiless:  # a HEAD keeps the upstream's length: it is the GET's
         response.headers.set(b"content-length", str(len(body)).encode())
     await down.send_response(response)
@@ -460,8 +537,8 @@ async def _answer(chain: Chain, down: Any, ctx: Context, reply: LocalReply, limi
         response.headers.set(b"content-length", str(len(body)).encode())
     if ctx.request is not None and ctx.request.method == "HEAD":
         body = b""  # the length stays: it is the GET's (RFC 9110 9.3.2)
-    if status >= 400 and not down.body_done:
-        down.close_after = True
+    if status == 413 or not _keeps_open(down, ctx):
+        down.close_after = True  # the unread body is too much to drain
     try:
         await down.send_response(response)
         if body:

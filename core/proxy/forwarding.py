@@ -9,7 +9,7 @@ import random
 
 from ..messages import Headers
 
-__all__ = ["VIA", "add_via", "forward_request", "strip_hop_by_hop"]
+__all__ = ["VIA", "add_via", "forward_request", "strip_hop_by_hop", "strip_trailers"]
 
 VIA = b"1.1 sluice"
 
@@ -112,6 +112,42 @@ def forward_request(headers: Headers, *, client_ip: str, scheme: str, trusted: b
         kept.append((b"x-forwarded-host", fhost or host))
     fields[:] = kept
     return request_id
+
+
+# Fields a trailer section may not carry (RFC 9110 6.5.1): a recipient that
+# merges trailers into the head would let them reframe, reroute or
+# re-authenticate a message already checked. Framing fields never get here
+# (a trailer section with one is refused, heads.py); the proxy's own
+# forwarding fields are in the list so a trailer cannot spoof them.
+_NOT_TRAILERS = frozenset(
+    {
+        # framing and routing
+        b"content-length", b"transfer-encoding", b"host", b"trailer",
+        # request modifiers: controls and conditionals
+        b"cache-control", b"expect", b"max-forwards", b"pragma", b"range", b"te",
+        b"if-match", b"if-none-match", b"if-modified-since", b"if-unmodified-since", b"if-range",
+        # authentication and state
+        b"authorization", b"proxy-authorization", b"www-authenticate", b"proxy-authenticate",
+        b"cookie", b"set-cookie",
+        # response control data
+        b"age", b"expires", b"date", b"location", b"retry-after", b"vary", b"warning",
+        # how to process the content
+        b"content-encoding", b"content-type", b"content-range",
+        # connection-specific, and the proxy's own
+        b"connection", b"keep-alive", b"proxy-connection", b"upgrade",
+        b"via", b"forwarded", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
+        b"x-request-id",
+    }
+)
+
+
+def strip_trailers(trailers: Headers) -> list[str]:
+    """Remove the fields a trailer section may not carry; return their names."""
+    fields = trailers.raw()
+    dropped = [n.decode("latin-1") for n, _ in fields if n in _NOT_TRAILERS]
+    if dropped:
+        fields[:] = [f for f in fields if f[0] not in _NOT_TRAILERS]
+    return dropped
 
 
 def add_via(headers: Headers) -> None:
