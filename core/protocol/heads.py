@@ -38,7 +38,9 @@ an HTTP version other than 1.x                        505     (1.2 and up
                                                               1.1, RFC 9110
                                                               2.5)
 CONNECT                                               501     not supported
-a target not in origin, absolute (http/s) or * form   400     targets.py
+a target not in origin, absolute (http/s) or *        400     targets.py
+  form; a bad authority; a path that climbs above
+  / or that the next hop could read otherwise
 ====================================================  ======  =============
 
 A head that breaks several rules gets the status of the first: the order is
