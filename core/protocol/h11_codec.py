@@ -103,7 +103,6 @@ class _Peer:
         self.max_header_count = max_header_count
         self._h11: h11.Connection | None = None
         self._buf = bytearray()  # bytes not yet handed to h11
-        self._last_head = b""  # the head being read (for the log of a refused one)
         self._eof = False
         self._eof_fed = False  # h11 of this cycle has been told of the close
 
@@ -139,24 +138,33 @@ class _Peer:
         if conn is not None and conn.their_state in self._AFTER_STATES:
             return NEED_DATA  # the caller must start the next cycle first
         if conn is None or conn.their_state in self._HEAD_STATES:
-            head = take_head(self._buf, self.max_head_bytes, request=self._REQUEST)
-            if head is None:
-                if self._eof:
-                    if self._buf:
-                        raise ProtocolError("connection closed inside a message head")
-                    return self._closed_at_boundary()
-                return NEED_DATA
-            if conn is None:
-                conn = self._new_cycle()
-            self._last_head = head
-            conn.receive_data(head)
-        elif self._buf or (self._eof and not self._eof_fed):
+            head = None
+            try:
+                head = take_head(self._buf, self.max_head_bytes, request=self._REQUEST)
+                if head is None:
+                    if self._eof:
+                        if self._buf:
+                            raise ProtocolError("connection closed inside a message head")
+                        return self._closed_at_boundary()
+                    return NEED_DATA
+                if conn is None:
+                    conn = self._new_cycle()
+                conn.receive_data(head)
+                return self._read_event(conn)
+            except ProtocolError as exc:
+                if self._REQUEST:  # a head refused while cut stays in the buffer
+                    annotate(exc, head or self._buf)
+                raise
+        if self._buf or (self._eof and not self._eof_fed):
             if self._buf:
                 conn.receive_data(bytes(self._buf))
                 self._buf.clear()
             if self._eof:
                 conn.receive_data(b"")
                 self._eof_fed = True
+        return self._read_event(conn)
+
+    def _read_event(self, conn: h11.Connection):
         try:
             event = conn.next_event()
         except h11.RemoteProtocolError as exc:
@@ -248,18 +256,6 @@ class ServerConnection(_Peer):
     _REQUEST = True
     _version = b"1.1"  # the version served (check_request's)
     _keep_alive_10 = False  # an HTTP/1.0 client asked to keep the connection
-
-    def next_event(self):
-        conn = self._h11
-        if conn is not None and conn.their_state not in self._HEAD_STATES:
-            return super().next_event()
-        self._last_head = b""
-        try:
-            return super().next_event()
-        except ProtocolError as exc:
-            # A head refused while cut stays in the buffer.
-            annotate(exc, self._last_head or self._buf)
-            raise
 
     def _translate_head(self, event):
         if type(event) is not h11.Request:

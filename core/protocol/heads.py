@@ -379,8 +379,14 @@ def facts(fields: list[tuple[bytes, bytes]],
             if v != b"chunked":
                 fields[i] = (n, b"chunked")
         elif n == b"connection":
-            result.close = result.close or _lists(v, b"close")
-            result.keep_alive = result.keep_alive or _lists(v, b"keep-alive")
+            low = v.lower()
+            if low == b"keep-alive":  # the common case, without a split
+                result.keep_alive = True
+            elif low == b"close":
+                result.close = True
+            else:
+                result.close = result.close or b"close" in low and _has_token(low, b"close")
+                result.keep_alive = result.keep_alive or b"keep-alive" in low and _has_token(low, b"keep-alive")
         else:
             result.expect = result.expect or _lists(v, b"100-continue")
     return result
@@ -388,4 +394,10 @@ def facts(fields: list[tuple[bytes, bytes]],
 
 def _lists(value: bytes, option: bytes) -> bool:
     """Whether a list field's value carries ``option``, in any case."""
-    return option in value.lower() and any(t.strip(b" \t") == option for t in value.lower().split(b","))
+    low = value.lower()
+    return option in low and _has_token(low, option)
+
+
+def _has_token(low: bytes, option: bytes) -> bool:
+    """Whether a lower-cased list value has ``option`` as one of its members."""
+    return any(t.strip(b" \t") == option for t in low.split(b","))

@@ -107,7 +107,6 @@ class _Peer:
         self.max_head_bytes = max_head_bytes
         self.max_header_count = max_header_count
         self._buf = bytearray()
-        self._last_head = b""  # the head being read (for the log of a refused one)
         self._eof = False
         self._sink = _FieldSink()
         self._parser: httptools.HttpResponseParser | None = None
@@ -143,16 +142,21 @@ class _Peer:
             return self._body_event()
         if state == _DONE:
             return NEED_DATA  # the caller must start the next cycle first
-        head = take_head(self._buf, self.max_head_bytes, request=self._REQUEST)
-        if head is None:
-            if self._eof:
-                if self._buf:
-                    raise ProtocolError("connection closed inside a message head")
-                return self._closed_at_boundary()
-            return NEED_DATA
-        self._last_head = head
-        line_end = head.find(b"\r\n")
-        return self._head(head[:line_end], self._fields(head, line_end + 2))
+        head = None
+        try:
+            head = take_head(self._buf, self.max_head_bytes, request=self._REQUEST)
+            if head is None:
+                if self._eof:
+                    if self._buf:
+                        raise ProtocolError("connection closed inside a message head")
+                    return self._closed_at_boundary()
+                return NEED_DATA
+            line_end = head.find(b"\r\n")
+            return self._head(head[:line_end], self._fields(head, line_end + 2))
+        except ProtocolError as exc:
+            if self._REQUEST:  # a head refused while cut stays in the buffer
+                annotate(exc, head or self._buf)
+            raise
 
     def _closed_at_boundary(self):
         return Closed()
@@ -395,14 +399,6 @@ class ServerConnection(_Peer):
         )
 
     def next_event(self):
-        if self._state == _HEAD:
-            self._last_head = b""
-            try:
-                return super().next_event()
-            except ProtocolError as exc:
-                # A head refused while cut stays in the buffer.
-                annotate(exc, self._last_head or self._buf)
-                raise
         event = super().next_event()
         if self._expect and (type(event) is Body or type(event) is End):
             self._expect = False  # the client did not wait, or sent no body
