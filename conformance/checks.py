@@ -6,12 +6,17 @@ import time
 
 from .client import RawClient, Response
 from .recorder import Recorder, Request
+from .wire import PeerClosed
 
 _GRACE = 0.3
+_QUOTED = 600  # longer inputs are quoted by their ends
 
 
 def describe(sent: bytes, response: Response | None = None) -> str:
-    text = f"\nsent:     {sent!r}"
+    shown = repr(sent) if len(sent) <= _QUOTED else (
+        f"{sent[:400]!r} ... ({len(sent)} bytes) ... {sent[-100:]!r}"
+    )
+    text = f"\nsent:     {shown}"
     if response is not None:
         text += f"\nreceived: {response.raw_head!r} + body {response.body[:300]!r}"
     return text
@@ -61,3 +66,46 @@ def forward(
     forwarded = recorder.wait_for(1)
     assert len(forwarded) == 1, f"upstream got {len(forwarded)} requests{describe(sent, response)}"
     return forwarded[0], response
+
+
+def answered_on_one_connection(address, sent: bytes, times: int = 2) -> list[Response]:
+    """Sends `sent` `times` times on one connection, each after the previous answer; every
+    answer must be the recorder's default 200 "ok". Returns the responses."""
+    responses = []
+    with RawClient(address) as client:
+        for _ in range(times):
+            client.send(sent)
+            response = client.read_response()
+            assert (response.status, response.body) == (200, b"ok"), describe(sent, response)
+            responses.append(response)
+    return responses
+
+
+def assert_refused_mid_body(
+    address, recorder: Recorder, sent: bytes, statuses: tuple[int, ...] = (400,)
+) -> tuple[Response, float]:
+    """`sent` is a request with a valid head and a body the proxy must refuse (chunk framing,
+    trailers). A streaming proxy may have forwarded the head already; still the client gets
+    one of `statuses`, never a bare close, the connection closes, and the upstream never sees
+    a complete request. Returns the response and the seconds it took to arrive."""
+    with RawClient(address) as client:
+        start = time.monotonic()
+        sending = client.send_in_background(sent)  # the proxy may stop reading mid-way
+        try:
+            response = client.read_response("POST")
+        except PeerClosed:
+            raise AssertionError(
+                f"closed without a response ({sending.finish(0)}){describe(sent)}"
+            ) from None
+        elapsed = time.monotonic() - start
+        assert response.status in statuses, (
+            f"expected one of {statuses}, got {response.status}{describe(sent, response)}"
+        )
+        assert b"Traceback" not in response.body, describe(sent, response)
+        client.wait_closed()
+    settle()
+    complete = [r for r in recorder.requests if r.complete]
+    assert not complete, (
+        f"upstream got complete requests {[r.raw_head for r in complete]}{describe(sent)}"
+    )
+    return response, elapsed

@@ -6,6 +6,7 @@ Every receive is bounded by the socket timeout, so no test can hang on a silent 
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from dataclasses import dataclass
 
@@ -30,8 +31,18 @@ class Response(HeaderAccess):
 class RawClient:
     """One client connection to `address`; use as a context manager."""
 
-    def __init__(self, address: tuple[str, int], timeout: float = TIMEOUT):
-        self.sock = socket.create_connection(address, timeout=timeout)
+    def __init__(
+        self, address: tuple[str, int], timeout: float = TIMEOUT, send_buffer: int | None = None
+    ):
+        """`send_buffer` caps the kernel's send buffer (SO_SNDBUF), so that what a test sends
+        must be read by the peer, not merely queued, before `send` returns."""
+        if send_buffer is None:
+            self.sock = socket.create_connection(address, timeout=timeout)
+        else:
+            self.sock = socket.socket()
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+            self.sock.settimeout(timeout)
+            self.sock.connect(address)
         self.stream = BufferedSocket(self.sock)
 
     def __enter__(self) -> RawClient:
@@ -42,6 +53,11 @@ class RawClient:
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
+
+    def send_in_background(self, data: bytes) -> Sending:
+        """Starts sending `data` from a thread, for inputs too large to send before reading:
+        a proxy that stops reading would otherwise block the test in `send`."""
+        return Sending(self.sock, data)
 
     def read_response(self, method: str = "GET", interim: bool = False) -> Response:
         """Reads the next response; 1xx responses are skipped unless `interim` is set."""
@@ -73,6 +89,28 @@ class RawClient:
         except TimeoutError:
             raise AssertionError(f"connection still open after {timeout}s") from None
         return data, time.monotonic() - start
+
+
+class Sending:
+    """Bytes being sent from a background thread; `finish()` says how that ended."""
+
+    def __init__(self, sock: socket.socket, data: bytes):
+        self.error: OSError | None = None
+        self._thread = threading.Thread(target=self._run, args=(sock, data), daemon=True)
+        self._thread.start()
+
+    def _run(self, sock: socket.socket, data: bytes) -> None:
+        try:
+            sock.sendall(data)
+        except OSError as exc:  # a reset, or the timeout of a proxy that stopped reading
+            self.error = exc
+
+    def finish(self, timeout: float = TIMEOUT) -> str:
+        """Waits up to `timeout` for the send to end; returns how it went, for messages."""
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            return f"still sending after {timeout}s"
+        return "sent everything" if self.error is None else f"sending failed: {self.error!r}"
 
 
 def request(

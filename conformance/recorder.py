@@ -30,11 +30,17 @@ _HANG_LIMIT = 60.0  # a hung reply ends at reset() or after this, whichever is f
 
 @dataclass(frozen=True)
 class Reply:
-    """What the upstream does after reading a request: send `data`, then maybe close or hang."""
+    """What the upstream does after reading a request: send `data`, then maybe close or hang.
+
+    With `early`, `data` goes out as soon as the head is read, before the body (as a server
+    refusing an upload does); the body is then still read and recorded, and `close` and
+    `hang` apply once it has arrived.
+    """
 
     data: bytes = b""
     close: bool = False  # close the connection after sending `data`
     hang: bool = False  # then send nothing more until reset()
+    early: bool = False  # send `data` before reading the body
 
 
 def respond(
@@ -191,7 +197,10 @@ class Recorder:
             return False
         request = Request(conn_id, head.start_line, head.headers, head.raw)
         self._record(request)
-        if "100-continue" in head.tokens("expect") and not stream.buffer:
+        early = self._next_reply(early=True)
+        if early is not None:
+            stream.sock.sendall(early[0].data)
+        elif "100-continue" in head.tokens("expect") and not stream.buffer:
             stream.sock.sendall(_CONTINUE)  # as a real server would, unless the body is here
         try:
             body: Body = read_request_body(stream, head)
@@ -201,8 +210,8 @@ class Recorder:
         request.body, request.framing, request.trailers = body.data, body.framing, body.trailers
         request.complete = True
 
-        reply, release = self._next_reply()
-        if reply.data:
+        reply, release = early or self._next_reply()
+        if reply.data and early is None:
             stream.sock.sendall(reply.data)
         if reply.hang:
             release.wait(_HANG_LIMIT)
@@ -213,9 +222,15 @@ class Recorder:
         with self._lock:
             self.requests.append(request)
 
-    def _next_reply(self) -> tuple[Reply, threading.Event]:
+    def _next_reply(self, early: bool = False) -> tuple[Reply, threading.Event] | None:
+        """The reply to the request being read; with `early`, only an early one (else None),
+        so that a request that never completes leaves the queue as it was."""
         with self._lock:
-            reply = self._queue.pop(0) if self._queue else self.default
+            reply = self._queue[0] if self._queue else self.default
+            if early and not reply.early:
+                return None
+            if self._queue:
+                self._queue.pop(0)
             return reply, self._release
 
 
