@@ -278,3 +278,40 @@ def test_trailer_fields_count_against_the_field_limit(codec):
     with pytest.raises(ProtocolError) as refused:
         events(conn)
     assert refused.value.status == 431
+
+
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [
+        pytest.param(b"a.test", None, id="name"),
+        pytest.param(b"a.test:8080", None, id="port"),
+        pytest.param(b"[::1]:8080", None, id="ipv6"),
+        pytest.param(b"", None, id="empty"),  # RFC 9110 7.2: a target without authority
+        pytest.param(b"u@a.test", 400, id="userinfo"),
+        pytest.param(b"a.test?x", 400, id="query"),
+        pytest.param(b"a.test/x", 400, id="path"),
+        pytest.param(b"a b", 400, id="space"),
+        pytest.param(b"a.test:99999", 400, id="port-range"),
+        pytest.param(b"[::1", 400, id="open-bracket"),
+        pytest.param(b"a%2etest", 400, id="percent"),
+    ],
+)
+def test_a_host_field_must_be_an_authority(codec, host, status):
+    conn = server(codec, b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+    if status is None:
+        assert conn.next_event().request.headers.get("host") == host.decode()
+    else:
+        with pytest.raises(ProtocolError) as refused:
+            conn.next_event()
+        assert refused.value.status == status
+
+
+@pytest.mark.parametrize(("method", "status"), [(b"OPTIONS", None), (b"GET", 400), (b"POST", 400)])
+def test_the_asterisk_form_is_for_options_only(codec, method, status):
+    conn = server(codec, method + b" * HTTP/1.1\r\nHost: a\r\n\r\n")
+    if status is None:
+        assert conn.next_event().request.target == "*"
+    else:
+        with pytest.raises(ProtocolError) as refused:
+            conn.next_event()
+        assert refused.value.status == status

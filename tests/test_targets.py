@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sluice.protocol.events import ProtocolError, RequestHead
+from sluice.protocol import targets
 from sluice.protocol.targets import normalize_path, request_target
 from sluice.testing import serve
 
@@ -331,3 +332,12 @@ async def test_no_spelling_of_admin_reaches_the_upstream_without_the_key(codec, 
         for target, status, forwarded in BYPASSES
     }
     assert outcomes == expected
+
+
+def test_the_memo_of_valid_hosts_stays_bounded_and_never_holds_a_bad_one():
+    for i in range(3 * targets._HOSTS_KEPT):
+        targets.check_host(b"h%d.test" % i)
+        assert len(targets._HOSTS_SEEN) <= targets._HOSTS_KEPT
+    with pytest.raises(ProtocolError):
+        targets.check_host(b"u@h1.test")
+    assert b"u@h1.test" not in targets._HOSTS_SEEN

@@ -263,7 +263,7 @@ class ServerConnection(_Peer):
         fields = list(event.headers)
         known = facts(fields)
         target, version = check_request(event.method, event.target, event.http_version, fields,
-                                        known.hosts, self.max_header_count)
+                                        known, self.max_header_count)
         self._version = version
         self._keep_alive_10 = version == b"1.0" and known.keep_alive and not known.close
         if self._keep_alive_10:

@@ -32,12 +32,14 @@ a Content-Length not 1 to 20 digits, or >= 2**63      400     overflow (20:
 a start line or field line the grammar refuses        400     the parser
 more than one Host field                              400     RFC 9112 3.2
 an HTTP/1.1 request without Host (absolute form too)  400     RFC 9112 3.2
+a Host value that is not an authority (targets.py)    400     RFC 9112 3.2
 more fields than ``max_header_count``                 431     limit
 an HTTP version other than 1.x                        505     (1.2 and up
                                                               are served as
                                                               1.1, RFC 9110
                                                               2.5)
 CONNECT                                               501     not supported
+the asterisk form (``*``) with a method not OPTIONS   400     RFC 9112 3.2.4
 a target not in origin, absolute (http/s) or *        400     targets.py
   form; a bad authority; a path that climbs above
   / or that the next hop could read otherwise
@@ -80,7 +82,7 @@ from __future__ import annotations
 import re
 
 from .events import ProtocolError
-from .targets import request_target
+from .targets import check_host, request_target
 
 __all__ = [
     "HEAD_END",
@@ -288,7 +290,7 @@ def wants_close(fields: list[tuple[bytes, bytes]]) -> bool:
 
 
 def check_request(method: bytes, target: bytes, version: bytes, fields: list[tuple[bytes, bytes]],
-                  hosts: int, max_header_count: int) -> tuple[bytes, bytes]:
+                  known: Facts, max_header_count: int) -> tuple[bytes, bytes]:
     """The semantic checks on a parsed request head; returns the target to
     route and the version to serve (``1.0`` or ``1.1``).
 
@@ -298,16 +300,21 @@ def check_request(method: bytes, target: bytes, version: bytes, fields: list[tup
     if version != b"1.1" and version != b"1.0":
         # A later minor version is served as the highest we speak (RFC 9110 2.5).
         version = b"1.1" if version[:2] == b"1." else version
+    hosts = known.hosts
     if hosts > 1:
         raise ProtocolError("more than one Host field")
     if hosts == 0 and version == b"1.1":
         raise ProtocolError("an HTTP/1.1 request needs a Host field")  # RFC 9112 3.2
+    if hosts:
+        check_host(known.host)
     if len(fields) > max_header_count:
         raise ProtocolError("too many header fields", 431)
     if version != b"1.1" and version != b"1.0":
         raise ProtocolError("HTTP version not supported", 505)
     if method == b"CONNECT":
         raise ProtocolError("CONNECT is not supported", 501)
+    if target == b"*" and method != b"OPTIONS":
+        raise ProtocolError("the asterisk form is for OPTIONS only")  # RFC 9112 3.2.4
     return request_target(target, fields), version
 
 
@@ -346,10 +353,11 @@ NOTED = frozenset({b"host", b"content-length", b"transfer-encoding", b"connectio
 class Facts:
     """What the core needs of a head's fields, read in one pass."""
 
-    __slots__ = ("hosts", "length", "chunked", "close", "keep_alive", "expect")
+    __slots__ = ("hosts", "host", "length", "chunked", "close", "keep_alive", "expect")
 
     def __init__(self) -> None:
         self.hosts = 0  # Host fields
+        self.host = b""  # the (last) Host field's value
         self.length: int | None = None  # the Content-Length
         self.chunked = False  # Transfer-Encoding (take_head let it through as chunked only)
         self.close = False  # Connection lists close
@@ -369,6 +377,7 @@ def facts(fields: list[tuple[bytes, bytes]],
     for i, n, v in noted:
         if n == b"host":
             result.hosts += 1
+            result.host = v
         elif n == b"content-length":
             length = result.length = content_length(v)
             canonical = b"%d" % length

@@ -371,7 +371,7 @@ class ServerConnection(_Peer):
             raise ProtocolError("malformed request line")
         method, target, version = match.groups()
         known = facts(fields, self._sink.noted)
-        target, version = check_request(method, target, version, fields, known.hosts,
+        target, version = check_request(method, target, version, fields, known,
                                         self.max_header_count)
         length = known.length
         chunked = known.chunked  # take_head let it through as chunked only, and alone
