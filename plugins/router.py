@@ -24,6 +24,16 @@ subdomain, or ``*``. Path: ``prefix``, exact ``path``, or ``regex`` (full
 match of the path, without the query). Headers: a table of exact values, or a
 list of ``{ name, exact | regex | present }``. Every route resolves once per
 request; filters before the router read it as ``ctx.route``.
+
+Routes match the target after the core normalised it (``sluice.protocol.
+targets``: dot-segments resolved, ``//`` merged, ``%61`` decoded; paths it
+cannot give one meaning are 400 before any filter runs), and the upstream
+receives exactly that target. ``prefix`` is a plain string prefix of it:
+``prefix = "/admin"`` also covers ``/admin;x=1`` and ``/administrator``. To
+guard a tree, guard ``/admin``, not ``/admin/``: the latter leaves ``/admin``
+and ``/admin;x=1`` (which some servers read as ``/admin``) to the next route.
+Matching is case-sensitive, as paths are (RFC 3986 6.2.2.1); in front of a
+case-insensitive upstream, guard with a ``regex`` such as ``(?i)/admin.*``.
 """
 
 from __future__ import annotations
