@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from ..edge.listener import Listener, bind
 from ..edge.pool import Pool
+from ..edge.slots import connection_budget, raise_fd_limit
 from ..edge.watchdog import Watchdog
 from ..errors import ConfigError
 from ..protocol.http1 import select
@@ -137,6 +138,7 @@ class App:
     async def run(self, *, reuse_port: bool = False, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve until ``stop()``; then drain and shut down. Reports bound addresses."""
         self._stop = trio.Event()
+        self._size_listeners()
         sockets = []
         for i, listener in enumerate(self.listeners):
             address = listener.config.address
@@ -167,6 +169,27 @@ class App:
                 await self._drain(serving)
             await self._shutdown()
             nursery.cancel_scope.cancel()
+
+    def _size_listeners(self) -> None:
+        """Raise the descriptor limit as far as it goes, and give each
+        listener its ``max_connections``: the configured value, else what
+        the limit carries (``connection_budget``)."""
+        before, fd_limit = raise_fd_limit()
+        if fd_limit > before:
+            log.info("file descriptor limit raised", soft=fd_limit, was=before)
+        else:
+            log.info("file descriptor limit", soft=fd_limit)
+        pooled = sum(c.max_idle * len(c.endpoints) for c in self.config.clusters.values())
+        budget = connection_budget(fd_limit, len(self.listeners), pooled)
+        for i, listener in enumerate(self.listeners):
+            wanted = listener.config.limits.max_connections
+            listener.slots.limit = budget if wanted is None else wanted
+            if wanted is not None and wanted > budget:
+                log.warning("max_connections is more than the file descriptor limit carries; "
+                            "accepts may fail with EMFILE", key=f"listeners[{i}].limits.max_connections",
+                            max_connections=wanted, carried=budget, fd_limit=fd_limit)
+            log.info("connection slots", listener=listener.name, max_connections=listener.slots.limit,
+                     configured=wanted is not None)
 
     def stop(self) -> None:
         """Begin a graceful stop (safe to call from a signal handler task)."""

@@ -9,8 +9,17 @@ Defaults are chosen for a proxy facing the internet:
 
 - ``max_header_bytes`` 32 KiB: above nginx's 8 KiB buffers, well below what
   lets a client pin much memory per connection.
-- ``header_read`` 10 s for a whole request head (slowloris), ``idle`` 60 s
-  between requests and between body bytes.
+- ``header_read`` 10 s for a whole request head (slowloris), and for a
+  connection's first head from the moment it is accepted (TLS handshake
+  included), so a client that connects and sends nothing holds its slot
+  10 s, not 60; ``idle`` 60 s between requests and between body bytes.
+- ``max_connections`` per listener: by default what the process's
+  descriptor limit carries (raised to its hard limit at startup), two
+  descriptors per client connection (its own and an upstream's) after the
+  pools' idle connections and a reserve (``sluice.edge.slots``). A value
+  set here wins; one above what the limit carries is warned about at
+  startup. At the limit the connection waiting longest for a request gives
+  its slot up to a new client.
 - ``max_body_bytes`` 0 (unlimited): bodies stream, they are never buffered,
   unless a filter asks (``ctx.buffer_request_body()``), and then up to
   ``max_buffered_body_bytes`` (1 MiB, as Envoy's default buffer limit):
@@ -65,7 +74,7 @@ class Limits(_Model):
     max_header_count: PositiveInt = 100
     max_body_bytes: Annotated[int, Field(ge=0)] = 0
     max_buffered_body_bytes: PositiveInt = 1024 * 1024
-    max_connections: PositiveInt = 1024
+    max_connections: PositiveInt | None = None  # None: from the descriptor limit
 
 
 class Timeouts(_Model):

@@ -34,13 +34,15 @@ request from the server loop.
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import trio
 
 from ..errors import ClientGone
 from .watchdog import Wait, Watchdog
 
-__all__ = ["SocketIO", "StreamIO", "socket_io"]
+__all__ = ["SocketIO", "StreamIO", "borrowed", "peek_eof", "socket_io"]
 
 RECEIVE_SIZE = 64 * 1024
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
@@ -65,6 +67,25 @@ def _peek_closed(sock: socket.socket) -> bool:
         return False
     except OSError:
         return True
+
+
+@contextmanager
+def borrowed(fd: int) -> Iterator[socket.socket]:
+    """A stdlib socket object over a descriptor someone else owns, for
+    calls trio's sockets do not offer without a wait (a peek, a shutdown, a
+    read that must not block); it never closes the descriptor."""
+    sock = socket.socket(fileno=fd)
+    try:
+        yield sock
+    finally:
+        sock.detach()
+
+
+def peek_eof(fd: int) -> bool:
+    """The peer of this (non-blocking) socket closed, or it broke, with
+    nothing before the close left to read."""
+    with borrowed(fd) as sock:
+        return _peek_closed(sock)
 
 
 class _Waits:
@@ -223,11 +244,8 @@ class StreamIO(_Waits):
         fd = self._raw.fileno()
         if fd < 0:
             return True
-        borrowed = socket.socket(fileno=fd)
-        try:
-            return check(borrowed)
-        finally:
-            borrowed.detach()
+        with borrowed(fd) as sock:
+            return check(sock)
 
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(1):

@@ -1,8 +1,17 @@
 """The downstream side of one HTTP/1.1 connection: the trio edge over the protocol.
 
 It reads request heads and bodies and writes responses, with every wait
-bounded: the first byte of a request within ``idle``, the whole head within
-``header_read`` (slowloris), each body read and each write within ``idle``.
+bounded: a connection's first request head, from its first byte to its
+end, within ``header_read`` of the connection being accepted (slowloris;
+the wait for the first byte is no idle wait); the first byte of each later
+request within ``idle``, then its head within ``header_read``; each body
+read and each write within ``idle``.
+
+While it waits for the first byte of a request, and only then, the
+connection is in its listener's ``idle`` dict: the listener may ``evict()``
+it to free a slot for a new client (``slots.py``), which ends the wait as
+a timeout would.
+
 The exchange talks to it through the methods below only, so an HTTP/2
 stream can stand in for it later. Bytes move through a ``byteio``
 object, so a read or write the kernel can do at once costs no wait.
@@ -32,7 +41,11 @@ class H1Downstream:
     """One client connection, one exchange at a time."""
 
     def __init__(self, io: SocketIO | StreamIO, codec: Codec, *, max_head_bytes: int,
-                 max_header_count: int, header_timeout: float, idle_timeout: float) -> None:
+                 max_header_count: int, header_timeout: float, idle_timeout: float,
+                 idle: dict | None = None, first_deadline: float | None = None) -> None:
+        """``idle``: the listener's dict of evictable connections (a private
+        one by default); ``first_deadline``: when the first head must be in
+        (trio time; default: ``header_timeout`` after it is first asked for)."""
         self.io = io
         self.proto = codec.server(
             max_head_bytes=max_head_bytes, max_header_count=max_header_count
@@ -40,47 +53,76 @@ class H1Downstream:
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
         self.close_after = False  # the exchange wants the connection closed
-        self.idle_waiting = False  # waiting for the first byte of a next request
+        self.idle_waiting = False  # waiting for the first byte of a request
         self.body_done = True  # the request body has been read to its end
         self.expects_100 = False
         self._eof = False
+        self._idle = {} if idle is None else idle
+        self._first = True  # no request head read yet
+        self._first_deadline = first_deadline
         # Response bytes are queued and written together: a small response
         # (head, body, end) goes out in one send instead of three.
         self._out: list[bytes] = []
         self._out_size = 0
 
+    async def _read(self, timeout: float) -> bytes | None:
+        """The next bytes (b"" when the client closed or broke the
+        connection), or None on timeout or interruption."""
+        try:
+            return await self.io.receive(trio.current_time() + timeout)
+        except trio.BrokenResourceError:
+            return b""
+
     async def _receive(self, timeout: float) -> bool:
         """Feed the next bytes to the protocol; False on timeout (or interrupted)."""
-        try:
-            data = await self.io.receive(trio.current_time() + timeout)
-        except trio.BrokenResourceError:
-            data = b""
+        data = await self._read(timeout)
         if data is None:
             return False
         self._eof = not data
         self.proto.feed(data)
         return True
 
-    async def next_request(self) -> RequestHead | None:
-        """The next request head, or None if the client closed or idled out.
+    def evict(self) -> None:
+        """End the wait for a next request now (the listener needs the slot)."""
+        self.io.interrupt()
 
-        While it waits for a next request, ``idle_waiting`` is true and a
-        draining server may end the wait with ``io.interrupt()`` (it never
+    async def next_request(self) -> RequestHead | None:
+        """The next request head, or None if the client closed, sent nothing
+        in time, or the wait was ended (evicted, or the server is draining).
+
+        While it waits for the first byte, ``idle_waiting`` is true, the
+        connection is in ``idle``, and ``evict()`` ends the wait (it never
         interrupts a head already arriving).
         Raises ProtocolError for a bad head and HeadTimeout for a slow one.
         """
         self.close_after = False
         proto = self.proto
         event = proto.next_event()
+        deadline = None
+        if self._first:
+            self._first = False
+            deadline = self._first_deadline
+            if deadline is None:
+                deadline = trio.current_time() + self.header_timeout
         if event is NEED_DATA and not proto.has_buffered:
+            idle = self._idle
+            idle[self] = None
             self.idle_waiting = True
             try:
-                if not await self._receive(self.idle_timeout):
-                    return None  # idle too long, or the server is draining
+                if deadline is not None:  # the first byte of the connection
+                    data = await self._read(deadline - trio.current_time())
+                else:
+                    data = await self._read(self.idle_timeout)
             finally:
                 self.idle_waiting = False
+                idle.pop(self, None)
+            if data is None:
+                return None  # nothing came in time, evicted, or draining
+            self._eof = not data
+            proto.feed(data)
             event = proto.next_event()
-        deadline = trio.current_time() + self.header_timeout
+        if deadline is None:
+            deadline = trio.current_time() + self.header_timeout
         while event is NEED_DATA:
             if not await self._receive(deadline - trio.current_time()):
                 raise HeadTimeout()

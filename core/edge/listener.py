@@ -1,16 +1,19 @@
 """The trio edge: a listener's sockets, its accept loop, its connections, its drain.
 
 One task per connection runs exchanges one after another (HTTP/1.1
-keep-alive). At most ``max_connections`` are open per listener: past that,
-accepting pauses and the kernel's backlog holds new clients. Draining stops
-accepting, ends connections waiting for a next request, lets exchanges in
-flight finish (their responses say ``Connection: close``), and after the
-drain timeout cancels what is left.
+keep-alive). Each connection holds one of the listener's slots
+(``slots.py``): at ``max_connections`` a new client takes the slot of the
+connection that has waited longest for a request, or is refused (503) when
+every slot has a request in flight. Draining stops accepting, ends
+connections waiting for a request, lets exchanges in flight finish (their
+responses say ``Connection: close``), and after the drain timeout cancels
+what is left.
 """
 
 from __future__ import annotations
 
 import contextlib
+import resource
 import socket
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -25,9 +28,10 @@ from ..protocol.http1 import Codec, reason_phrase, simple_response
 from ..proxy.chain import Chain
 from ..proxy.context import Context
 from ..proxy.exchange import run_exchange
-from .byteio import StreamIO, socket_io
+from .byteio import StreamIO, borrowed, peek_eof, socket_io
 from .downstream import H1Downstream, HeadTimeout
 from .pool import Pool
+from .slots import Slots, Waiting, connection_budget
 from .watchdog import Watchdog
 
 if TYPE_CHECKING:
@@ -38,6 +42,7 @@ __all__ = ["Listener", "bind"]
 log = structlog.get_logger("sluice.server")
 
 _EXPECTED = (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ClientGone)
+_BUSY = simple_response(503, b"service unavailable\n", [(b"content-type", b"text/plain; charset=utf-8")])
 
 
 def bind(address: str, *, reuse_port: bool, backlog: int = 1024) -> trio.SocketListener:
@@ -69,13 +74,24 @@ class Listener:
     route_overrides: bool = False
     transport: Any = None  # a ServerTransport (TLS) or None
     draining: bool = False
-    active: int = 0
+    slots: Slots = field(init=False)
     _downstreams: set[H1Downstream] = field(default_factory=set)
     _accepting: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    def __post_init__(self) -> None:
+        limit = self.config.limits.max_connections
+        if limit is None:  # the app sizes it at startup; this is for a listener run alone
+            limit = connection_budget(resource.getrlimit(resource.RLIMIT_NOFILE)[0], 1, 0)
+        self.slots = Slots(limit, self.name)
 
     @property
     def name(self) -> str:
         return self.config.name or self.config.address
+
+    @property
+    def active(self) -> int:
+        """Connections open (each holds a slot)."""
+        return self.slots.active
 
     @property
     def trust_forwarded(self) -> bool:
@@ -95,63 +111,101 @@ class Listener:
 
     async def serve(self, sock: trio.SocketListener, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Accept until drained; returns when the last connection has ended."""
-        slots = trio.Semaphore(self.config.limits.max_connections)
         async with trio.open_nursery() as nursery:
             task_status.started()
             with self._accepting:
-                await self._accept(sock, nursery, slots)
+                await self._accept(sock, nursery)
+        self.slots.report()
 
-    async def _accept(self, sock, nursery: trio.Nursery, slots: trio.Semaphore) -> None:
+    async def _accept(self, sock, nursery: trio.Nursery) -> None:
+        slots = self.slots
         async with sock:
             while True:
-                await slots.acquire()
                 try:
                     stream = await sock.accept()
                 except OSError as exc:  # EMFILE and friends: back off, keep serving
-                    slots.release()
                     log.warning("accept failed", error=str(exc))
                     await trio.sleep(0.1)
                     continue
-                nursery.start_soon(self._connection, stream, slots)
+                if slots.admit():
+                    nursery.start_soon(self._connection, stream, trio.current_time())
+                else:
+                    nursery.start_soon(self._overloaded, stream)
 
     def drain(self) -> None:
-        """Stop accepting; idle keep-alive connections close now."""
+        """Stop accepting; connections waiting for a request close now."""
         self.draining = True
         self._accepting.cancel()
         for down in self._downstreams:
             down.close_after = True  # responses not yet started say Connection: close
-            if down.idle_waiting:
-                down.io.interrupt()
+        self.slots.evict_all()
 
-    async def _connection(self, stream: trio.SocketStream, slots: trio.Semaphore) -> None:
-        self.active += 1
+    async def _connection(self, stream: trio.SocketStream, accepted: float) -> None:
         io = None
         try:
             peer = stream.socket.getpeername()
+            client = (peer[0], peer[1])
+            # The first head, and under TLS the handshake before it, must be
+            # in within header_read of the accept.
+            first_deadline = accepted + self.config.timeouts.header_read
             tls_peer = None
             if self.transport is not None:
-                # The handshake counts as part of reading the first head.
-                with trio.move_on_after(self.config.timeouts.header_read) as handshake:
-                    stream, tls_peer = await self.transport.wrap_server(stream)
-                if handshake.cancelled_caught:
+                wrapped = await self._handshake(stream, client, first_deadline)
+                if wrapped is None:
                     return
+                stream, tls_peer = wrapped
                 io = StreamIO(stream, self.watchdog)
             else:
                 io = socket_io(stream, self.watchdog)
-            await self._exchanges(io, peer, tls_peer)
-        except _EXPECTED as exc:  # resets, TLS handshake failures: routine
+            await self._exchanges(io, client, tls_peer, first_deadline)
+        except _EXPECTED as exc:  # resets, broken connections: routine
             log.debug("connection ended", error=repr(exc))
         except Exception as exc:  # a bug: log it loudly, but the worker lives on
             log.error("connection failed", exc_info=exc)
         finally:
-            self.active -= 1
-            slots.release()
+            self.slots.release()
             if io is not None:
                 await io.aclose()
             else:
                 await trio.aclose_forcefully(stream)
 
-    async def _exchanges(self, io, peer, tls_peer) -> None:
+    async def _handshake(self, stream: trio.SocketStream, client, deadline: float):
+        """TLS: wait for the client's first byte (evictable, like any wait for
+        a request), then the handshake, all by ``deadline``. Returns the
+        protected stream and the peer's identity, or None: the connection is done."""
+        waiting = Waiting(trio.CancelScope(deadline=deadline))
+        idle = self.slots.idle
+        idle[waiting] = None
+        try:
+            with waiting.scope:
+                await trio.lowlevel.wait_readable(stream.socket)
+        finally:
+            idle.pop(waiting, None)
+        if waiting.scope.cancelled_caught or peek_eof(stream.socket.fileno()):
+            return None  # it sent nothing (a port probe, an idle client), or was evicted
+        try:
+            with trio.move_on_at(deadline):
+                return await self.transport.wrap_server(stream)
+        except Exception as exc:  # a refused protocol version, garbage, a reset
+            if isinstance(exc, _EXPECTED):
+                log.debug("TLS handshake failed", client=client[0], error=repr(exc))
+            else:
+                log.error("TLS handshake failed", client=client[0], exc_info=exc)
+            return None
+        log.debug("TLS handshake timed out", client=client[0])
+        return None
+
+    async def _overloaded(self, stream: trio.SocketStream) -> None:
+        """A client no slot could be found for: refused at once (a 503 on a
+        plain listener; on TLS a close: a 503 would need a handshake first)."""
+        try:
+            if self.transport is None:
+                with borrowed(stream.socket.fileno()) as sock, contextlib.suppress(OSError):
+                    sock.send(_BUSY)  # a fresh socket's buffer takes it at once
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _exchanges(self, io, peer, tls_peer, first_deadline: float | None = None) -> None:
         cfg = self.config
         down = H1Downstream(
             io,
@@ -160,6 +214,8 @@ class Listener:
             max_header_count=cfg.limits.max_header_count,
             header_timeout=cfg.timeouts.header_read,
             idle_timeout=cfg.timeouts.idle,
+            idle=self.slots.idle,
+            first_deadline=first_deadline,
         )
         client = (peer[0], peer[1])
         self._downstreams.add(down)
