@@ -160,7 +160,8 @@ async def test_nothing_of_a_closed_connection_stays_behind(start_origin):
     """Bookkeeping, not RSS: after connections of every kind closed, the
     listener's and the watchdog's tables are empty."""
     origin = await start_origin()
-    cfg = config(origin.address, listener={"limits": {"max_connections": 20}})
+    cfg = config(origin.address, listener={"limits": {"max_connections": 20},
+                                           "timeouts": {"lingering_timeout": 0.2}})
     async with serve(cfg, plugins=PLUGINS) as proxy:
         listener, watchdog = proxy.app.listeners[0], proxy.app.watchdog
         streams = await connections(proxy.address, 15, get)
@@ -168,7 +169,7 @@ async def test_nothing_of_a_closed_connection_stays_behind(start_origin):
         bad = await trio.open_tcp_stream(*proxy.address)
         await bad.send_all(b"GET / HTTP/1.1\r\nhost: a\r\nbad field\r\n\r\n")
         with trio.fail_after(5):
-            assert (await bad.receive_some(4096)).startswith(b"HTTP/1.1 400 ")
+            assert (await bad.receive_some(4096)).startswith(b"HTTP/1.1 400 ")  # then it lingers
         streams.append(bad)
         assert listener.slots.counts["evicted"] == 6
         await close_all(streams)

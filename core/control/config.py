@@ -20,6 +20,10 @@ Defaults are chosen for a proxy facing the internet:
   set here wins; one above what the limit carries is warned about at
   startup. At the limit the connection waiting longest for a request gives
   its slot up to a new client.
+- ``lingering_time`` 30 s in all and ``lingering_timeout`` 5 s of silence
+  for a lingering close (nginx's defaults, see ``sluice.edge.lingering``):
+  how long a connection closing with request bytes unread keeps reading
+  and dropping them, so that its client reads the answer, not a reset.
 - ``max_body_bytes`` 0 (unlimited): bodies stream, they are never buffered,
   unless a filter asks (``ctx.buffer_request_body()``), and then up to
   ``max_buffered_body_bytes`` (1 MiB, as Envoy's default buffer limit):
@@ -80,6 +84,8 @@ class Limits(_Model):
 class Timeouts(_Model):
     header_read: PositiveFloat = 10.0
     idle: PositiveFloat = 60.0
+    lingering_time: PositiveFloat = 30.0
+    lingering_timeout: PositiveFloat = 5.0
 
 
 class ListenerConfig(_Model):

@@ -13,6 +13,9 @@ Both offer the same calls, with absolute trio deadlines:
     end a receive in progress now (it returns None); the connection is done.
 ``readable_now()`` / ``peer_closed()``
     bytes or an EOF are waiting / the peer has closed (peeking, no reading).
+``fileno()``
+    the TCP socket's descriptor (under TLS too), -1 once closed; what a
+    lingering close works on (``lingering.py``).
 ``await aclose()``
 
 A connection that breaks raises ``trio.BrokenResourceError`` from either call.
@@ -183,6 +186,9 @@ class SocketIO(_Waits):
     def peer_closed(self) -> bool:
         return _peek_closed(self.sock)
 
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
     async def aclose(self) -> None:
         if self.sock.fileno() >= 0:
             trio.lowlevel.notify_closing(self.sock)
@@ -236,6 +242,9 @@ class StreamIO(_Waits):
 
     def peer_closed(self) -> bool:
         return self._peek(_peek_closed)
+
+    def fileno(self) -> int:
+        return self._raw.fileno()
 
     def _peek(self, check) -> bool:
         """``check`` the TCP socket under the TLS layer, through a stdlib

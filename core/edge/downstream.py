@@ -224,3 +224,17 @@ class H1Downstream:
 
     def reusable(self) -> bool:
         return not self.close_after and not self._eof and self.proto.reusable()
+
+    @property
+    def client_closed(self) -> bool:
+        """The client closed its side (or broke the connection)."""
+        return self._eof
+
+    def may_have_unread(self) -> bool:
+        """Request bytes may be left unread as the connection closes, and
+        closing now could reset it under the answer (see ``lingering.py``):
+        the body was not read to its end, or bytes wait in the codec or the
+        socket. Never once the client closed its side."""
+        if self._eof:
+            return False
+        return not self.body_done or self.proto.has_buffered or self.io.readable_now()

@@ -4,10 +4,12 @@ One task per connection runs exchanges one after another (HTTP/1.1
 keep-alive). Each connection holds one of the listener's slots
 (``slots.py``): at ``max_connections`` a new client takes the slot of the
 connection that has waited longest for a request, or is refused (503) when
-every slot has a request in flight. Draining stops accepting, ends
-connections waiting for a request, lets exchanges in flight finish (their
-responses say ``Connection: close``), and after the drain timeout cancels
-what is left.
+every slot has a request in flight. A connection that closes while
+request bytes may still be arriving closes lingering (``lingering.py``), so
+the client reads its answer instead of a reset. Draining stops accepting,
+ends connections waiting for a request (and lingering ones), lets exchanges
+in flight finish (their responses say ``Connection: close``), and after the
+drain timeout cancels what is left.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from ..proxy.context import Context
 from ..proxy.exchange import run_exchange
 from .byteio import StreamIO, borrowed, peek_eof, socket_io
 from .downstream import H1Downstream, HeadTimeout
+from .lingering import linger, shut_now
 from .pool import Pool
 from .slots import Slots, Waiting, connection_budget
 from .watchdog import Watchdog
@@ -197,11 +200,14 @@ class Listener:
 
     async def _overloaded(self, stream: trio.SocketStream) -> None:
         """A client no slot could be found for: refused at once (a 503 on a
-        plain listener; on TLS a close: a 503 would need a handshake first)."""
+        plain listener; on TLS a close: a 503 would need a handshake first),
+        without lingering (that would hold the descriptor there was no room for)."""
         try:
             if self.transport is None:
-                with borrowed(stream.socket.fileno()) as sock, contextlib.suppress(OSError):
+                fd = stream.socket.fileno()
+                with borrowed(fd) as sock, contextlib.suppress(OSError):
                     sock.send(_BUSY)  # a fresh socket's buffer takes it at once
+                shut_now(fd)
         finally:
             await trio.aclose_forcefully(stream)
 
@@ -220,11 +226,18 @@ class Listener:
         client = (peer[0], peer[1])
         self._downstreams.add(down)
         try:
-            await self._serve_connection(down, client, tls_peer)
+            refused = await self._serve_connection(down, client, tls_peer)
         finally:
             self._downstreams.discard(down)
+        if (refused and not down.client_closed) or down.may_have_unread():
+            timeouts = cfg.timeouts
+            quiet = timeouts.lingering_timeout
+            total = quiet if self.draining else timeouts.lingering_time
+            await linger(io, self.slots.idle, total=total, quiet=quiet)
 
-    async def _serve_connection(self, down: H1Downstream, client, tls_peer) -> None:
+    async def _serve_connection(self, down: H1Downstream, client, tls_peer) -> bool:
+        """Serve requests until the connection should close. True when it
+        ends on a refused head (the rest of it may still be arriving)."""
         while not self.draining:
             try:
                 head = await down.next_request()
@@ -232,23 +245,24 @@ class Listener:
                 # The detail may quote what the client sent: log it, never echo it.
                 log.info("bad request head", client=client[0], status=exc.status, error=str(exc))
                 await _refuse(down, exc.status)
-                return
+                return True
             except HeadTimeout:
                 await _refuse(down, 408)
-                return
+                return True
             if head is None:
-                return
+                return False
             if self.draining:
                 down.close_after = True
             ctx = Context(client=client, scheme=self.scheme, listener=self.name, tls_peer=tls_peer)
             await run_exchange(self, down, head, ctx)
             if not down.reusable():
-                return
+                return False
             down.proto.next_cycle()
             if down.proto.has_buffered:
                 # A pipelined request is already here: let other connections
                 # run first (the I/O fast path itself never yields).
                 await trio.lowlevel.checkpoint()
+        return False
 
 
 async def _refuse(down: H1Downstream, status: int) -> None:

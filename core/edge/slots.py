@@ -3,8 +3,8 @@
 A listener holds at most ``limit`` connections. When a new client arrives
 and every slot is taken, the connection that has waited longest for a
 request gives its slot up, as nginx reuses its connections when they run
-out: a keep-alive connection between requests, or a fresh one still
-waiting for its first byte.
+out: a keep-alive connection between requests, a fresh one still waiting
+for its first byte, or one lingering after its answer (``lingering.py``).
 A connection with a request in flight is never evicted; if every slot holds
 one, the new client is refused (a 503 on a plain listener, a close on TLS).
 
@@ -46,7 +46,7 @@ _MIN_CONNECTIONS = 16
 
 class Waiting:
     """An evictable wait that is not a downstream's (a TLS connection before
-    its handshake): evicting it cancels its scope."""
+    its handshake, a lingering close): evicting it cancels its scope."""
 
     __slots__ = ("scope",)
 
