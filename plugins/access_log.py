@@ -8,7 +8,15 @@ Fields: ``time`` (UTC, ISO 8601), ``client``, ``method``, ``path``,
 upstream timeout, UC upstream connection error, UPE upstream protocol error,
 UBL upstream body over the buffer limit,
 LR local reply by a filter, FE filter error, DC client disconnected,
-DT client timed out, DPE client protocol error).
+DT client timed out, DPE client protocol error, DO refused because every
+connection slot had a request in flight (503), DTLS TLS handshake failed
+(with DT: not done within ``header_read``), TLSP a TLS handshake on a
+plain listener).
+
+Requests the core refused before they became requests (a bad head: DPE;
+an unfinished head: DT; DTLS, TLSP, DO) have a line too, with no upstream,
+no host or user agent, and a method and path only when the head got that
+far. A connection that never sent a byte has none.
 
 ``on_complete`` renders the line and appends it to a buffer; a background
 task writes the buffer every ``flush_interval``:

@@ -27,7 +27,7 @@ from ..protocol.events import NEED_DATA, Closed, End, ProtocolError, RequestHead
 from ..protocol.http1 import Codec
 from .byteio import SocketIO, StreamIO
 
-__all__ = ["H1Downstream", "HeadTimeout"]
+__all__ = ["H1Downstream", "HeadTimeout", "TlsOnPlain"]
 
 _CONTINUE = Response(100)
 _FLUSH_SIZE = 64 * 1024
@@ -37,15 +37,28 @@ class HeadTimeout(Exception):
     """The client did not finish a request head in time."""
 
 
+class TlsOnPlain(Exception):
+    """A connection on a plain listener opened with a TLS record (a
+    ClientHello, ``\\x16\\x03...``): its client waits for a handshake, not
+    for an HTTP answer, and would otherwise hold on until ``header_read``."""
+
+
+# The first byte of a TLS record that opens a handshake. No request line
+# can start with it (a method is a token), so one byte decides.
+_TLS_HANDSHAKE = 0x16
+
+
 class H1Downstream:
     """One client connection, one exchange at a time."""
 
     def __init__(self, io: SocketIO | StreamIO, codec: Codec, *, max_head_bytes: int,
                  max_header_count: int, header_timeout: float, idle_timeout: float,
-                 idle: dict | None = None, first_deadline: float | None = None) -> None:
+                 idle: dict | None = None, first_deadline: float | None = None,
+                 plain: bool = False) -> None:
         """``idle``: the listener's dict of evictable connections (a private
         one by default); ``first_deadline``: when the first head must be in
-        (trio time; default: ``header_timeout`` after it is first asked for)."""
+        (trio time; default: ``header_timeout`` after it is first asked for);
+        ``plain``: no TLS below, so a TLS record first is refused."""
         self.io = io
         self.proto = codec.server(
             max_head_bytes=max_head_bytes, max_header_count=max_header_count
@@ -60,6 +73,7 @@ class H1Downstream:
         self._idle = {} if idle is None else idle
         self._first = True  # no request head read yet
         self._first_deadline = first_deadline
+        self._plain = plain
         # Response bytes are queued and written together: a small response
         # (head, body, end) goes out in one send instead of three.
         self._out: list[bytes] = []
@@ -93,7 +107,8 @@ class H1Downstream:
         While it waits for the first byte, ``idle_waiting`` is true, the
         connection is in ``idle``, and ``evict()`` ends the wait (it never
         interrupts a head already arriving).
-        Raises ProtocolError for a bad head and HeadTimeout for a slow one.
+        Raises ProtocolError for a bad head, HeadTimeout for a slow one and
+        TlsOnPlain for a TLS handshake on a plain listener.
         """
         self.close_after = False
         proto = self.proto
@@ -111,6 +126,8 @@ class H1Downstream:
             try:
                 if deadline is not None:  # the first byte of the connection
                     data = await self._read(deadline - trio.current_time())
+                    if data and data[0] == _TLS_HANDSHAKE and self._plain:
+                        raise TlsOnPlain()
                 else:
                     data = await self._read(self.idle_timeout)
             finally:

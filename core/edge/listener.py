@@ -3,13 +3,34 @@
 One task per connection runs exchanges one after another (HTTP/1.1
 keep-alive). Each connection holds one of the listener's slots
 (``slots.py``): at ``max_connections`` a new client takes the slot of the
-connection that has waited longest for a request, or is refused (503) when
-every slot has a request in flight. A connection that closes while
-request bytes may still be arriving closes lingering (``lingering.py``), so
-the client reads its answer instead of a reset. Draining stops accepting,
-ends connections waiting for a request (and lingering ones), lets exchanges
-in flight finish (their responses say ``Connection: close``), and after the
+connection that has waited longest for a request, or is refused when every
+slot has a request in flight. A connection that closes while request bytes
+may still be arriving closes lingering (``lingering.py``), so the client
+reads its answer instead of a reset. Draining stops accepting, ends
+connections waiting for a request (and lingering ones), lets exchanges in
+flight finish (their responses say ``Connection: close``), and after the
 drain timeout cancels what is left.
+
+What the core refuses before it becomes a request still reaches the
+chain's ``on_complete`` (the access log), with a flag that says why and,
+when the head got that far, the method and target:
+
+=================================================  ===========  =======
+refused                                            client gets  flags
+=================================================  ===========  =======
+a bad request head (the codec's ProtocolError)     its status   DPE
+a head not complete within ``header_read``         408          DT
+a TLS handshake that failed                        (a close)    DTLS
+a TLS handshake not done within ``header_read``    (a close)    DTLS,DT
+a TLS ClientHello on a plain listener              (a close)    TLSP
+every slot has a request in flight                 503 [#]_     DO
+=================================================  ===========  =======
+
+.. [#] On a TLS listener, a close: a 503 would need a handshake first.
+
+A connection that sends nothing at all, idles out or is evicted made no
+request and is not logged (nor by nginx); evictions and refusals are
+counted in sluice's own log instead, one line per ``slots.REPORT_EVERY``.
 """
 
 from __future__ import annotations
@@ -17,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import resource
 import socket
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -25,13 +47,14 @@ import trio
 
 from ..addresses import parse_hostport
 from ..errors import ClientGone
+from ..messages import Headers, Request, Response
 from ..protocol.events import ProtocolError
 from ..protocol.http1 import Codec, reason_phrase, simple_response
 from ..proxy.chain import Chain
 from ..proxy.context import Context
-from ..proxy.exchange import run_exchange
+from ..proxy.exchange import _complete, run_exchange
 from .byteio import StreamIO, borrowed, peek_eof, socket_io
-from .downstream import H1Downstream, HeadTimeout
+from .downstream import H1Downstream, HeadTimeout, TlsOnPlain
 from .lingering import linger, shut_now
 from .pool import Pool
 from .slots import Slots, Waiting, connection_budget
@@ -144,6 +167,7 @@ class Listener:
         self.slots.evict_all()
 
     async def _connection(self, stream: trio.SocketStream, accepted: float) -> None:
+        opened = time.monotonic()
         io = None
         try:
             peer = stream.socket.getpeername()
@@ -153,14 +177,14 @@ class Listener:
             first_deadline = accepted + self.config.timeouts.header_read
             tls_peer = None
             if self.transport is not None:
-                wrapped = await self._handshake(stream, client, first_deadline)
+                wrapped = await self._handshake(stream, client, first_deadline, opened)
                 if wrapped is None:
                     return
                 stream, tls_peer = wrapped
                 io = StreamIO(stream, self.watchdog)
             else:
                 io = socket_io(stream, self.watchdog)
-            await self._exchanges(io, client, tls_peer, first_deadline)
+            await self._exchanges(io, client, tls_peer, first_deadline, opened)
         except _EXPECTED as exc:  # resets, broken connections: routine
             log.debug("connection ended", error=repr(exc))
         except Exception as exc:  # a bug: log it loudly, but the worker lives on
@@ -172,7 +196,7 @@ class Listener:
             else:
                 await trio.aclose_forcefully(stream)
 
-    async def _handshake(self, stream: trio.SocketStream, client, deadline: float):
+    async def _handshake(self, stream: trio.SocketStream, client, deadline: float, opened: float):
         """TLS: wait for the client's first byte (evictable, like any wait for
         a request), then the handshake, all by ``deadline``. Returns the
         protected stream and the peer's identity, or None: the connection is done."""
@@ -194,24 +218,34 @@ class Listener:
                 log.debug("TLS handshake failed", client=client[0], error=repr(exc))
             else:
                 log.error("TLS handshake failed", client=client[0], exc_info=exc)
+            await self._refused(client, None, ("DTLS",), None, exc, opened)
             return None
         log.debug("TLS handshake timed out", client=client[0])
+        await self._refused(client, None, ("DTLS", "DT"), None, None, opened)
         return None
 
     async def _overloaded(self, stream: trio.SocketStream) -> None:
         """A client no slot could be found for: refused at once (a 503 on a
         plain listener; on TLS a close: a 503 would need a handshake first),
         without lingering (that would hold the descriptor there was no room for)."""
+        opened = time.monotonic()
+        status = None
         try:
+            peer = stream.socket.getpeername()
             if self.transport is None:
                 fd = stream.socket.fileno()
                 with borrowed(fd) as sock, contextlib.suppress(OSError):
                     sock.send(_BUSY)  # a fresh socket's buffer takes it at once
+                    status = 503
                 shut_now(fd)
+        except OSError:  # already gone
+            return
         finally:
             await trio.aclose_forcefully(stream)
+        await self._refused((peer[0], peer[1]), None, ("DO",), status, None, opened)
 
-    async def _exchanges(self, io, peer, tls_peer, first_deadline: float | None = None) -> None:
+    async def _exchanges(self, io, peer, tls_peer, first_deadline: float | None = None,
+                         opened: float | None = None) -> None:
         cfg = self.config
         down = H1Downstream(
             io,
@@ -222,11 +256,12 @@ class Listener:
             idle_timeout=cfg.timeouts.idle,
             idle=self.slots.idle,
             first_deadline=first_deadline,
+            plain=self.transport is None,
         )
         client = (peer[0], peer[1])
         self._downstreams.add(down)
         try:
-            refused = await self._serve_connection(down, client, tls_peer)
+            refused = await self._serve_connection(down, client, tls_peer, opened)
         finally:
             self._downstreams.discard(down)
         if (refused and not down.client_closed) or down.may_have_unread():
@@ -235,9 +270,12 @@ class Listener:
             total = quiet if self.draining else timeouts.lingering_time
             await linger(io, self.slots.idle, total=total, quiet=quiet)
 
-    async def _serve_connection(self, down: H1Downstream, client, tls_peer) -> bool:
+    async def _serve_connection(self, down: H1Downstream, client, tls_peer,
+                                since: float | None = None) -> bool:
         """Serve requests until the connection should close. True when it
         ends on a refused head (the rest of it may still be arriving)."""
+        if since is None:
+            since = time.monotonic()
         while not self.draining:
             try:
                 head = await down.next_request()
@@ -245,10 +283,17 @@ class Listener:
                 # The detail may quote what the client sent: log it, never echo it.
                 log.info("bad request head", client=client[0], status=exc.status, error=str(exc))
                 await _refuse(down, exc.status)
+                await self._refused(client, tls_peer, ("DPE",), exc.status, exc, since)
                 return True
-            except HeadTimeout:
+            except HeadTimeout as exc:
                 await _refuse(down, 408)
+                await self._refused(client, tls_peer, ("DT",), 408, exc, since)
                 return True
+            except TlsOnPlain as exc:
+                # Its client waits for a ServerHello: no answer it could read.
+                self.slots.note("tls_on_plain")
+                await self._refused(client, tls_peer, ("TLSP",), None, exc, since)
+                return False
             if head is None:
                 return False
             if self.draining:
@@ -258,11 +303,31 @@ class Listener:
             if not down.reusable():
                 return False
             down.proto.next_cycle()
+            since = time.monotonic()
             if down.proto.has_buffered:
                 # A pipelined request is already here: let other connections
                 # run first (the I/O fast path itself never yields).
                 await trio.lowlevel.checkpoint()
         return False
+
+    async def _refused(self, client, tls_peer, flags: tuple[str, ...], status: int | None,
+                       error: BaseException | None, since: float) -> None:
+        """Run the chain's on_complete (the access log) for what the core
+        refused before it became a request: no other phase ran, and
+        ``ctx.request`` has the method and target only, when the refused
+        head got that far (target "" when it was too long to keep)."""
+        chain = self.chain
+        if not chain.complete:
+            return
+        ctx = Context(client=client, scheme=self.scheme, listener=self.name, tls_peer=tls_peer)
+        ctx.start = since
+        ctx.flags.extend(flags)
+        ctx.error = error
+        if isinstance(error, ProtocolError) and error.method is not None:
+            ctx.request = Request(error.method, error.target or "", Headers())
+        if status is not None:
+            ctx.response = Response(status)
+        await _complete(chain, ctx)
 
 
 async def _refuse(down: H1Downstream, status: int) -> None:

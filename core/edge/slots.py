@@ -95,7 +95,7 @@ class Slots:
             victim.evict()
 
     def note(self, what: str) -> None:
-        """Count an event (``evicted``, ``refused`` ...) and
+        """Count an event (``evicted``, ``refused``, ``tls_on_plain`` ...) and
         report the tally when the last report is old enough."""
         self.counts[what] += 1
         self._unreported[what] += 1
