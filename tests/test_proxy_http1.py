@@ -228,24 +228,6 @@ async def test_trusted_forwarding_appends_to_what_the_previous_proxy_said(start_
         assert {k: seen[k] for k in expected} == expected, trusted
 
 
-async def test_max_connections_holds_new_clients_in_the_backlog(start_origin):
-    origin = await start_origin()
-    cfg = config(origin.address, listener={"limits": {"max_connections": 1}})
-    async with serve(cfg, plugins=PLUGINS) as proxy:
-        first = await trio.open_tcp_stream(*proxy.address)
-        await first.send_all(b"GET /1 HTTP/1.1\r\nhost: a\r\n\r\n")
-        assert (await first.receive_some(4096)).startswith(b"HTTP/1.1 200 ")
-        second = await trio.open_tcp_stream(*proxy.address)  # the kernel accepts it ...
-        await second.send_all(b"GET /2 HTTP/1.1\r\nhost: a\r\n\r\n")
-        with trio.move_on_after(0.3) as waited:  # ... but sluice does not serve it yet
-            await second.receive_some(4096)
-        assert waited.cancelled_caught
-        await first.aclose()  # a slot frees: the waiting client is served
-        with trio.fail_after(5):
-            assert (await second.receive_some(4096)).startswith(b"HTTP/1.1 200 ")
-        await second.aclose()
-
-
 async def test_an_upstream_answering_before_the_upload_ends_is_relayed(start_origin):
     async def refuse_early(stream: trio.SocketStream) -> None:
         data = b""
