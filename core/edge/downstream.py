@@ -79,17 +79,12 @@ class H1Downstream:
         self._out: list[bytes] = []
         self._out_size = 0
 
-    async def _read(self, timeout: float) -> bytes | None:
-        """The next bytes (b"" when the client closed or broke the
-        connection), or None on timeout or interruption."""
-        try:
-            return await self.io.receive(trio.current_time() + timeout)
-        except trio.BrokenResourceError:
-            return b""
-
     async def _receive(self, timeout: float) -> bool:
         """Feed the next bytes to the protocol; False on timeout (or interrupted)."""
-        data = await self._read(timeout)
+        try:
+            data = await self.io.receive(trio.current_time() + timeout)
+        except trio.BrokenResourceError:
+            data = b""
         if data is None:
             return False
         self._eof = not data
@@ -124,17 +119,18 @@ class H1Downstream:
             idle[self] = None
             self.idle_waiting = True
             try:
-                if deadline is not None:  # the first byte of the connection
-                    data = await self._read(deadline - trio.current_time())
-                    if data and data[0] == _TLS_HANDSHAKE and self._plain:
-                        raise TlsOnPlain()
-                else:
-                    data = await self._read(self.idle_timeout)
+                data = await self.io.receive(
+                    trio.current_time() + self.idle_timeout if deadline is None else deadline
+                )
+            except trio.BrokenResourceError:
+                data = b""
             finally:
                 self.idle_waiting = False
                 idle.pop(self, None)
             if data is None:
                 return None  # nothing came in time, evicted, or draining
+            if deadline is not None and data and data[0] == _TLS_HANDSHAKE and self._plain:
+                raise TlsOnPlain()  # the first bytes of a connection
             self._eof = not data
             proto.feed(data)
             event = proto.next_event()
