@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import resource
 import socket
+import ssl
 
 import pytest
 import trio
@@ -16,6 +17,7 @@ from sluice.testing import serve
 
 from .conftest import config
 from .origin import Reply
+from .test_tls import ca, cert_files  # noqa: F401 - fixtures
 
 PLUGINS = ["router", "balancer"]
 GET = b"GET / HTTP/1.1\r\nhost: a\r\n\r\n"
@@ -34,7 +36,7 @@ def closed_by_peer(stream: trio.SocketStream) -> bool:
         sock.detach()
 
 
-async def get(stream: trio.SocketStream) -> bytes:
+async def get(stream: trio.abc.Stream) -> bytes:
     """One keep-alive request on ``stream``; its response head and body (echo: "/")."""
     await stream.send_all(GET)
     received = b""
@@ -205,3 +207,31 @@ async def test_startup_raises_the_fd_limit_and_sizes_listeners_from_it(start_ori
     events = {e["event"] for e in logs}
     assert any(e.startswith("max_connections is more than") for e in events), events
     assert any(e.startswith("file descriptor limit") for e in events), events
+
+
+async def test_tls_connections_give_their_slots_up_too(start_origin, cert_files):  # noqa: F811
+    """Before its handshake (nothing sent yet) and between requests alike."""
+    origin = await start_origin()
+    cert, key, ca_path = cert_files
+    cfg = config(origin.address, listener={"tls": {"cert": str(cert), "key": str(key)},
+                                           "limits": {"max_connections": 2}})
+    client_tls = ssl.create_default_context(cafile=str(ca_path))
+
+    async with serve(cfg, plugins=[*PLUGINS, "tls"]) as proxy:
+        listener = proxy.app.listeners[0]
+        silent = await trio.open_tcp_stream(*proxy.address)  # not even a ClientHello
+        kept = trio.SSLStream(await trio.open_tcp_stream(*proxy.address), client_tls,
+                              server_hostname="localhost", https_compatible=True)
+        assert (await get(kept)).startswith(b"HTTP/1.1 200 ")
+        await until(lambda: len(listener.slots.idle) == 2)
+        newcomers = []
+        for _ in range(2):  # each takes the slot of the longest waiting: silent, then kept
+            newcomer = trio.SSLStream(await trio.open_tcp_stream(*proxy.address), client_tls,
+                                      server_hostname="localhost", https_compatible=True)
+            newcomers.append(newcomer.transport_stream)
+            assert (await get(newcomer)).startswith(b"HTTP/1.1 200 ")
+        await until(lambda: closed_by_peer(silent))
+        with trio.fail_after(5):
+            assert await kept.receive_some(65536) == b""  # evicted: closed
+        assert listener.slots.counts["evicted"] == 2
+        await close_all([silent, kept.transport_stream, *newcomers])
