@@ -87,7 +87,7 @@ async def test_lingering_ends_when_the_client_goes_quiet(start_origin):
             start = trio.current_time()
             assert listener.active == 1  # lingering, reading what we might still send
             await until(lambda: listener.active == 0)
-            assert 0.25 < trio.current_time() - start < 2
+            assert 0.1 < trio.current_time() - start < 2  # the 0.3 s began before the read
 
 
 async def test_lingering_ends_after_lingering_time_whatever_the_client_does(start_origin):
