@@ -20,6 +20,10 @@ a filter raised                             500          FE
 the client went away                        (nothing)    DC
 ==========================================  ===========  ====
 
+What is refused before it becomes a request (a bad or slow head, TLS
+failures, no free slot: DPE, DT, DTLS, TLSP, DO) is the edge's, in the
+table of ``sluice.edge.listener``.
+
 Once response bytes have gone downstream no status can change: the
 downstream connection is closed instead, and the log says why. Once the
 upstream's answer has arrived, it is what the client gets, whole: a request

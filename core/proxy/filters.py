@@ -32,6 +32,14 @@ the chunk (adjust Content-Length in the headers phase if you change sizes).
 happened: normal end, local reply, upstream failure, client abort or
 cancellation. ``ctx.error`` holds the exception that ended the exchange
 early, if any; ``ctx.flags`` says how sluice answered (see access_log).
+It also runs, with no other phase before it, for what the core refused
+before it became a request (a bad or unfinished head, a failed TLS
+handshake, a TLS hello on a plain listener, a client refused for want of a
+slot; the flags are in ``sluice.edge.listener``): ``ctx.request`` is then
+None, or holds only the method and target (``""`` when too long to keep)
+with empty headers; ``ctx.response`` is what was sent, or None for a bare
+close. A filter pairing work in a request phase with ``on_complete`` must
+therefore find its own state there (``ctx.state(self)``), not assume it.
 
 Two optional roles:
 
