@@ -11,8 +11,9 @@ Both offer the same calls, with absolute trio deadlines:
     True once all is written, False when ``deadline`` passed first.
 ``interrupt()``
     end a receive in progress now (it returns None); the connection is done.
-``readable_now()`` / ``peer_closed()``
-    bytes or an EOF are waiting / the peer has closed (peeking, no reading).
+``readable_now()`` / ``data_waiting()`` / ``peer_closed()``
+    bytes or an EOF are waiting / bytes are / the peer has closed (peeking,
+    no reading).
 ``fileno()``
     the TCP socket's descriptor (under TLS too), -1 once closed; what a
     lingering close works on (``lingering.py``).
@@ -60,6 +61,15 @@ def _readable(sock: socket.socket) -> bool:
     except OSError:
         pass
     return True
+
+
+def _data_waiting(sock: socket.socket) -> bool:
+    """Bytes (not just an EOF) wait on a non-blocking socket: closing it now
+    would answer them with a reset."""
+    try:
+        return len(sock.recv(1, socket.MSG_PEEK)) == 1
+    except OSError:  # nothing yet (BlockingIOError), or broken: nothing to protect
+        return False
 
 
 def _peek_closed(sock: socket.socket) -> bool:
@@ -183,6 +193,9 @@ class SocketIO(_Waits):
     def readable_now(self) -> bool:
         return _readable(self.sock)
 
+    def data_waiting(self) -> bool:
+        return _data_waiting(self.sock)
+
     def peer_closed(self) -> bool:
         return _peek_closed(self.sock)
 
@@ -239,6 +252,9 @@ class StreamIO(_Waits):
 
     def readable_now(self) -> bool:
         return self._peek(_readable)
+
+    def data_waiting(self) -> bool:
+        return self._peek(_data_waiting)
 
     def peer_closed(self) -> bool:
         return self._peek(_peek_closed)

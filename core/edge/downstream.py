@@ -247,7 +247,8 @@ class H1Downstream:
         """Request bytes may be left unread as the connection closes, and
         closing now could reset it under the answer (see ``lingering.py``):
         the body was not read to its end, or bytes wait in the codec or the
-        socket. Never once the client closed its side."""
+        socket. Never once the client closed its side, nor for an EOF alone
+        (a client that asked to close often closes first: nothing to protect)."""
         if self._eof:
             return False
-        return not self.body_done or self.proto.has_buffered or self.io.readable_now()
+        return not self.body_done or self.proto.has_buffered or self.io.data_waiting()
