@@ -44,7 +44,7 @@ from .heads import (
     check_response_line,
     facts,
     take_chunk_line,
-    take_head,
+    take_next_head,
     take_trailers,
 )
 from .http1 import UpstreamSide
@@ -140,13 +140,9 @@ class _Peer:
         if conn is None or conn.their_state in self._HEAD_STATES:
             head = None
             try:
-                head = take_head(self._buf, self.max_head_bytes, request=self._REQUEST)
-                if head is None:
-                    if self._eof:
-                        if self._buf:
-                            raise ProtocolError("connection closed inside a message head")
-                        return self._closed_at_boundary()
-                    return NEED_DATA
+                head = take_next_head(self._buf, self.max_head_bytes, self._eof, self._REQUEST)
+                if not head:
+                    return NEED_DATA if head is None else self._closed_at_boundary()
                 if conn is None:
                     conn = self._new_cycle()
                 conn.receive_data(head)

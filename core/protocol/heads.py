@@ -97,6 +97,7 @@ __all__ = [
     "take_block",
     "take_chunk_line",
     "take_head",
+    "take_next_head",
     "take_trailers",
     "wants_close",
 ]
@@ -162,6 +163,18 @@ def take_head(buf: bytearray, max_head_bytes: int, *, request: bool = False) -> 
         # A list must be refused here, before a parser: h11 would merge
         # "5, 5" into 5. A lone plain Content-Length the codecs check later.
         _check_framing(head)
+    return head
+
+
+def take_next_head(buf: bytearray, max_head_bytes: int, eof: bool, request: bool) -> bytes | None:
+    """``take_head`` knowing whether the peer closed: None while the head is
+    incomplete and more may come, ``b""`` when the peer closed between
+    messages, ProtocolError when it closed inside a head."""
+    head = take_head(buf, max_head_bytes, request=request)
+    if head is None and eof:
+        if buf:
+            raise ProtocolError("connection closed inside a message head")
+        return b""
     return head
 
 

@@ -45,7 +45,7 @@ from .heads import (
     content_length,
     facts,
     take_chunk_line,
-    take_head,
+    take_next_head,
     take_trailers,
     wants_close,
 )
@@ -144,13 +144,9 @@ class _Peer:
             return NEED_DATA  # the caller must start the next cycle first
         head = None
         try:
-            head = take_head(self._buf, self.max_head_bytes, request=self._REQUEST)
-            if head is None:
-                if self._eof:
-                    if self._buf:
-                        raise ProtocolError("connection closed inside a message head")
-                    return self._closed_at_boundary()
-                return NEED_DATA
+            head = take_next_head(self._buf, self.max_head_bytes, self._eof, self._REQUEST)
+            if not head:
+                return NEED_DATA if head is None else self._closed_at_boundary()
             line_end = head.find(b"\r\n")
             return self._head(head[:line_end], self._fields(head, line_end + 2))
         except ProtocolError as exc:
