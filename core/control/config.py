@@ -88,12 +88,35 @@ class Timeouts(_Model):
     lingering_timeout: PositiveFloat = 5.0
 
 
+class Http2(_Model):
+    """HTTP/2 on a listener (``[listeners.http2]``). ``max_concurrent_streams``
+    is what the client is told it may open at once (RFC 9113 6.5.2; 100 as
+    nginx and Envoy); ``initial_window`` the flow-control window each stream
+    starts with, and so the request-body bytes a stream may have in flight
+    before the exchange reads them; ``max_header_list_size`` caps a
+    decompressed header block (HPACK bombs, CONTINUATION floods)."""
+
+    enabled: bool = False
+    max_concurrent_streams: Annotated[int, Field(ge=1, le=2**31 - 1)] = 100
+    initial_window: Annotated[int, Field(ge=65535, le=2**31 - 1)] = 256 * 1024
+    max_header_list_size: Annotated[int, Field(ge=1024)] = 64 * 1024
+
+
+def _http2(value: Any) -> Any:
+    """``http2 = true`` is short for ``http2 = { enabled = true }``."""
+    return {"enabled": value} if isinstance(value, bool) else value
+
+
 class ListenerConfig(_Model):
     name: str | None = None
     address: HostPort
     filters: list[str] = []
     tls: dict[str, Any] | None = None
     trust_forwarded: bool = False
+    # HTTP/2: on a TLS listener offered by ALPN (h2 before http/1.1); on a
+    # plain one, h2c with prior knowledge (a connection opening with the
+    # HTTP/2 preface). Off by default while the HTTP/2 hardening lands.
+    http2: Annotated[Http2, BeforeValidator(_http2)] = Http2()
     limits: Limits = Limits()
     timeouts: Timeouts = Timeouts()
 
