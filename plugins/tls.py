@@ -62,6 +62,9 @@ class _Server(ServerTransport):
         ctx.set_alpn_protocols(["http/1.1"])
         self.context = ctx
 
+    def offer(self, protocols: list[str]) -> None:
+        self.context.set_alpn_protocols(protocols)
+
     async def wrap_server(self, stream):
         tls = trio.SSLStream(stream, self.context, server_side=True, https_compatible=True)
         await tls.do_handshake()

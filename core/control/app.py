@@ -122,6 +122,8 @@ class App:
                 raise ConfigError(f"{where}.filters[{j}]: {name!r} is already in this chain")
         chain = Chain([self.filter(n, f"{where}.filters[{j}]") for j, n in enumerate(cfg.filters)])
         transport = None if cfg.tls is None else self._transport("server", cfg.tls, f"{where}.tls")
+        if transport is not None and cfg.http2.enabled:
+            transport.offer(["h2", "http/1.1"])  # ALPN: h2 first (RFC 9113 3.2)
         routes = getattr(chain.resolver.__self__, "routes", ()) if chain.resolver else ()
         return Listener(
             config=cfg,

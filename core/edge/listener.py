@@ -49,12 +49,14 @@ from ..addresses import parse_hostport
 from ..errors import ClientGone
 from ..messages import Headers, Request, Response
 from ..protocol.events import ProtocolError
+from ..protocol.h2_codec import PREFACE
 from ..protocol.http1 import Codec, reason_phrase, simple_response
 from ..proxy.chain import Chain
 from ..proxy.context import Context
 from ..proxy.exchange import _complete, run_exchange
 from .byteio import StreamIO, borrowed, peek_eof, socket_io
 from .downstream import H1Downstream, HeadTimeout, TlsOnPlain
+from .http2 import H2Connection
 from .lingering import linger, shut_now
 from .pool import Pool
 from .slots import Slots, Waiting, connection_budget
@@ -102,6 +104,7 @@ class Listener:
     draining: bool = False
     slots: Slots = field(init=False)
     _downstreams: set[H1Downstream] = field(default_factory=set)
+    _h2: set[H2Connection] = field(default_factory=set)
     _accepting: trio.CancelScope = field(default_factory=trio.CancelScope)
 
     def __post_init__(self) -> None:
@@ -164,6 +167,8 @@ class Listener:
         self._accepting.cancel()
         for down in self._downstreams:
             down.close_after = True  # responses not yet started say Connection: close
+        for conn in self._h2:
+            conn.drain()  # GOAWAY: its streams in flight finish
         self.slots.evict_all()
 
     async def _connection(self, stream: trio.SocketStream, accepted: float) -> None:
@@ -182,8 +187,17 @@ class Listener:
                     return
                 stream, tls_peer = wrapped
                 io = StreamIO(stream, self.watchdog)
+                if _alpn(stream) == "h2":
+                    await self._http2(io, client, tls_peer)
+                    return
             else:
+                h2c = self.config.http2.enabled and await self._preface(stream, first_deadline)
+                if h2c is None:
+                    return  # nothing came in time, or evicted
                 io = socket_io(stream, self.watchdog)
+                if h2c:
+                    await self._http2(io, client, None)
+                    return
             await self._exchanges(io, client, tls_peer, first_deadline, opened)
         except _EXPECTED as exc:  # resets, broken connections: routine
             log.debug("connection ended", error=repr(exc))
@@ -196,10 +210,10 @@ class Listener:
             else:
                 await trio.aclose_forcefully(stream)
 
-    async def _handshake(self, stream: trio.SocketStream, client, deadline: float, opened: float):
-        """TLS: wait for the client's first byte (evictable, like any wait for
-        a request), then the handshake, all by ``deadline``. Returns the
-        protected stream and the peer's identity, or None: the connection is done."""
+    async def _first_byte(self, stream: trio.SocketStream, deadline: float) -> bool:
+        """Wait for the client's first byte (evictable, like any wait for a
+        request) until ``deadline``; False if it sent nothing (a port probe,
+        an idle client), closed, or was evicted."""
         waiting = Waiting(trio.CancelScope(deadline=deadline))
         idle = self.slots.idle
         idle[waiting] = None
@@ -208,8 +222,45 @@ class Listener:
                 await trio.lowlevel.wait_readable(stream.socket)
         finally:
             idle.pop(waiting, None)
-        if waiting.scope.cancelled_caught or peek_eof(stream.socket.fileno()):
-            return None  # it sent nothing (a port probe, an idle client), or was evicted
+        return not waiting.scope.cancelled_caught and not peek_eof(stream.socket.fileno())
+
+    async def _preface(self, stream: trio.SocketStream, deadline: float) -> bool | None:
+        """On a plain listener with HTTP/2: whether the client opens with the
+        HTTP/2 preface (h2c with prior knowledge, RFC 9113 3.3), judged on the
+        bytes without taking them; None if it sent nothing in time."""
+        if not await self._first_byte(stream, deadline):
+            return None
+        fd = stream.socket.fileno()
+        while True:
+            with borrowed(fd) as sock:
+                try:
+                    seen = sock.recv(len(PREFACE), socket.MSG_PEEK)
+                except OSError:
+                    return False  # let the HTTP/1.1 path meet the error
+            if len(seen) == len(PREFACE) or not seen or not PREFACE.startswith(seen):
+                return seen == PREFACE
+            # A prefix of the preface so far: the rest is on its way.
+            with trio.move_on_at(deadline) as late:
+                await trio.sleep(0.005)
+            if late.cancelled_caught:
+                return False
+
+    async def _http2(self, io, client, tls_peer) -> None:
+        conn = H2Connection(self, io, client, tls_peer)
+        self._h2.add(conn)
+        try:
+            if self.draining:
+                conn.drain()
+            await conn.serve()
+        finally:
+            self._h2.discard(conn)
+
+    async def _handshake(self, stream: trio.SocketStream, client, deadline: float, opened: float):
+        """TLS: wait for the client's first byte (evictable, like any wait for
+        a request), then the handshake, all by ``deadline``. Returns the
+        protected stream and the peer's identity, or None: the connection is done."""
+        if not await self._first_byte(stream, deadline):
+            return None
         try:
             with trio.move_on_at(deadline):
                 return await self.transport.wrap_server(stream)
@@ -328,6 +379,12 @@ class Listener:
         if status is not None:
             ctx.response = Response(status)
         await _complete(chain, ctx)
+
+
+def _alpn(stream: trio.abc.Stream) -> str | None:
+    """The protocol ALPN chose on a TLS stream (trio.SSLStream says), else None."""
+    selected = getattr(stream, "selected_alpn_protocol", None)
+    return selected() if selected is not None else None
 
 
 async def _refuse(down: H1Downstream, status: int) -> None:

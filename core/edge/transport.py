@@ -17,7 +17,18 @@ __all__ = ["ClientTransport", "ServerTransport", "Transport"]
 
 
 class ServerTransport:
-    """Wraps accepted connections (e.g. TLS termination)."""
+    """Wraps accepted connections (e.g. TLS termination).
+
+    A transport that negotiates the application protocol (TLS ALPN) offers
+    what ``offer`` was given, and its wrapped stream tells the outcome by
+    ``selected_alpn_protocol()`` (as ``trio.SSLStream`` does); a listener
+    with HTTP/2 enabled offers ``["h2", "http/1.1"]`` and serves HTTP/2 when
+    ``h2`` was selected.
+    """
+
+    def offer(self, protocols: list[str]) -> None:
+        """The protocols to offer by ALPN, in order of preference (the
+        default ignores them: such a transport carries HTTP/1.1 only)."""
 
     async def wrap_server(self, stream: trio.abc.Stream) -> tuple[trio.abc.Stream, dict[str, Any] | None]:
         """Return the protected stream and the peer's identity (or None)."""

@@ -1,0 +1,349 @@
+"""The HTTP/2 downstream: one connection, many streams, each its own exchange.
+
+``H2Connection`` owns the socket: one task reads it and feeds the protocol
+(``protocol/h2_codec.py``), and each request stream runs ``run_exchange``
+in a task of its own, through an ``H2Stream``, which offers the exchange
+the same methods ``H1Downstream`` does. So every filter, route and limit
+applies per stream, as it does per HTTP/1.1 request.
+
+Writes from all streams go through ``flush()``, which takes the protocol's
+pending bytes and writes them under one lock: HPACK state and frame order
+are the connection's, so the bytes must leave in the order they were made.
+
+Backpressure both ways is HTTP/2's own flow control: a request body's DATA
+is acknowledged only when the exchange takes it (the client can have at
+most a stream window in flight per stream), and a response body is sent no
+faster than the client's windows open (``H2Stream.send_body`` waits).
+
+Timeouts: the connection closes after ``idle`` with no stream open and
+nothing received; a stream's body read or window wait ends after ``idle``
+(the exchange answers 408 or gives up). These are cancel scopes, not the
+watchdog's deadlines: a watchdog expiry wakes every wait on the socket, and
+here one socket has a reader and many writers at once.
+
+Draining sends GOAWAY (the last stream id sluice will serve), lets the
+streams in flight finish, then closes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import h2.errors
+import h2.exceptions
+import structlog
+import trio
+
+from ..errors import ClientGone
+from ..messages import Headers, Response
+from ..protocol.events import Body, End, RequestHead
+from ..protocol.h2_codec import Data, H2Server, Refused, StreamReset, Terminated, WindowOpen
+from ..protocol.http1 import reason_phrase
+from ..proxy.context import Context
+from ..proxy.exchange import run_exchange
+
+if TYPE_CHECKING:
+    from .listener import Listener
+
+__all__ = ["H2Connection", "H2Stream"]
+
+log = structlog.get_logger("sluice.http2")
+
+_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, h2.exceptions.StreamClosedError)
+
+
+class H2Stream:
+    """One request stream, as the exchange sees its downstream."""
+
+    def __init__(self, conn: H2Connection, stream_id: int, *, has_body: bool) -> None:
+        self.conn = conn
+        self.stream_id = stream_id
+        self.io = self  # what the watchdog peeks while the upstream is slow
+        self.close_after = False  # a connection matter; streams end on their own
+        self.body_done = not has_body
+        self.expects_100 = False  # (no 100-continue on HTTP/2 streams yet)
+        self.waiting_for_100_continue = False
+        self.response_started = False
+        self.ended = False  # our side of the stream is over
+        self.reset = False  # the client reset it, or the connection is gone
+        self._events: deque = deque()
+        self._wake = trio.Event()
+        self._head: Response | None = None
+
+    # -- what the connection's reader calls --------------------------------
+
+    def arrived(self, event: object) -> None:
+        self._events.append(event)
+        self._wake.set()
+
+    def poke(self) -> None:
+        """Something changed (a window opened, a reset): waiters look again."""
+        self._wake.set()
+
+    def peer_closed(self) -> bool:
+        return self.reset
+
+    # -- the downstream interface -------------------------------------------
+
+    async def _wait(self, what: str) -> None:
+        if self.reset:
+            raise ClientGone(f"stream reset while {what}")
+        self._wake = trio.Event()
+        with trio.move_on_after(self.conn.idle_timeout) as waited:
+            await self._wake.wait()
+        if waited.cancelled_caught:
+            raise ClientGone(f"client stalled while {what}", timed_out=True)
+
+    async def read_body_event(self):
+        """The next Body or End of the request; ClientGone on reset or stall."""
+        while not self._events:
+            await self._wait("sending the body")
+        event = self._events.popleft()
+        if type(event) is Data:
+            self.conn.proto.acknowledge(self.stream_id, event.size)
+            await self.conn.flush()
+            return Body(event.data)
+        self.body_done = True
+        return event
+
+    async def watch_disconnect(self) -> None:
+        """Wait, while the upstream works, for the client to reset the stream."""
+        while not self.reset:
+            self._wake = trio.Event()
+            await self._wake.wait()
+        raise ClientGone("stream reset before the response")
+
+    async def flush(self) -> None:
+        await self.conn.flush()
+
+    async def send_continue(self) -> None:
+        return None
+
+    async def send_informational(self, response: Response) -> None:
+        self._send(lambda p: p.respond(self.stream_id, response))
+        await self.conn.flush()
+
+    async def send_response(self, response: Response) -> None:
+        # Held until the body or the end: a bodiless answer is one HEADERS
+        # frame with END_STREAM.
+        self._head = response
+        self.response_started = True
+
+    async def send_body(self, chunk: bytes) -> None:
+        self._send_head(False)
+        proto = self.conn.proto
+        sid = self.stream_id
+        start = 0
+        while start < len(chunk):
+            room = proto.window(sid)
+            if room <= 0:
+                await self.conn.flush()
+                await self._wait("opening its window")
+                continue
+            piece = chunk[start:start + room]
+            self._send(lambda p: p.send_data(sid, piece))
+            start += len(piece)
+        await self.conn.flush()
+
+    async def send_end(self, trailers: Headers | None) -> None:
+        sid = self.stream_id
+        if self._head is not None:
+            self._send_head(trailers is None)
+            if trailers is not None:
+                self._send(lambda p: p.trailers(sid, trailers))
+        elif trailers is not None:
+            self._send(lambda p: p.trailers(sid, trailers))
+        else:
+            self._send(lambda p: p.send_data(sid, b"", end=True))
+        self.ended = True
+        await self.conn.flush()
+
+    def _send_head(self, end: bool) -> None:
+        head = self._head
+        if head is not None:
+            self._head = None
+            self._send(lambda p: p.respond(self.stream_id, head, end=end))
+            if end:
+                self.ended = True
+
+    def _send(self, act) -> None:
+        if self.reset:
+            raise ClientGone("stream reset")
+        try:
+            act(self.conn.proto)
+        except h2.exceptions.StreamClosedError:
+            self.reset = True
+            raise ClientGone("stream closed by the client") from None
+        except h2.exceptions.ProtocolError as exc:  # e.g. a header h2 will not send
+            raise ClientGone(f"cannot send on the stream: {exc}") from None
+
+
+class H2Connection:
+    """One HTTP/2 client connection of a listener."""
+
+    def __init__(self, listener: Listener, io: Any, client: tuple[str, int],
+                 tls_peer: dict | None) -> None:
+        cfg = listener.config
+        settings = cfg.http2
+        self.listener = listener
+        self.io = io
+        self.client = client
+        self.tls_peer = tls_peer
+        self.idle_timeout = cfg.timeouts.idle
+        self.proto = H2Server(
+            max_concurrent_streams=settings.max_concurrent_streams,
+            initial_window=settings.initial_window,
+            max_header_list_size=settings.max_header_list_size,
+            max_header_count=cfg.limits.max_header_count,
+        )
+        self.streams: dict[int, H2Stream] = {}
+        self.draining = False
+        self._lock = trio.Lock()
+        self._reading = trio.CancelScope()
+        self._look_again = False  # the reader must not wait (a drain, a last stream)
+        self._broken = False
+
+    async def serve(self) -> None:
+        """Serve streams until the client leaves, idles out, or a drain ends."""
+        try:
+            await self.flush()  # our SETTINGS
+            async with trio.open_nursery() as nursery:
+                await self._read(nursery)
+                # Nothing more will be read: streams still running finish
+                # (or are reset, if the connection is gone).
+                if self._broken:
+                    for stream in self.streams.values():
+                        stream.reset = True
+                        stream.poke()
+        finally:
+            with trio.CancelScope(shield=True), contextlib.suppress(*_GONE, ClientGone):
+                await self.flush()
+
+    def drain(self) -> None:
+        """GOAWAY: streams in flight finish, no new one is served."""
+        if not self.draining:
+            self.draining = True
+            self.proto.goaway()
+            self._wake_reader()  # it flushes the GOAWAY and waits for the streams
+
+    def _wake_reader(self) -> None:
+        self._look_again = True
+        self._reading.cancel()
+
+    async def _read(self, nursery: trio.Nursery) -> None:
+        io = self.io
+        while True:
+            if self.draining:
+                await self.flush()
+                if not self.streams:
+                    self.proto.close()
+                    return
+            self._reading = trio.CancelScope()
+            if self._look_again:  # asked while the reader was not waiting
+                self._look_again = False
+                self._reading.cancel()
+            with self._reading:
+                with trio.move_on_after(self.idle_timeout) as idle:
+                    try:
+                        data = await io.receive(math.inf)
+                    except trio.BrokenResourceError:
+                        data = b""
+            if self._reading.cancelled_caught:
+                continue  # drained, or the last stream of a drain ended: look again
+            if idle.cancelled_caught:
+                if not self.streams:
+                    self.proto.close()
+                    return
+                continue
+            if not data:
+                self._broken = True
+                return
+            for stream_id, event in self.proto.feed(data):
+                if not self._dispatch(nursery, stream_id, event):
+                    await self.flush()
+                    return
+            await self.flush()
+
+    def _dispatch(self, nursery: trio.Nursery, stream_id: int, event: object) -> bool:
+        """Route one event; False when the connection is over."""
+        kind = type(event)
+        stream = self.streams.get(stream_id)
+        if kind is Data or kind is End:
+            if stream is not None:
+                stream.arrived(event)
+            elif kind is Data:
+                self.proto.acknowledge(stream_id, event.size)  # a stream we no longer serve
+        elif kind is RequestHead:
+            stream = self.streams[stream_id] = H2Stream(self, stream_id, has_body=event.has_body)
+            nursery.start_soon(self._exchange, stream, event)
+        elif kind is Refused:
+            nursery.start_soon(self._refuse, stream_id, event)
+        elif kind is WindowOpen:
+            if stream_id == 0:
+                for s in self.streams.values():
+                    s.poke()
+            elif stream is not None:
+                stream.poke()
+        elif kind is StreamReset:
+            if stream is not None:
+                stream.reset = True
+                stream.poke()
+        elif kind is Terminated:
+            if event.error_code:
+                log.info("HTTP/2 connection error", client=self.client[0], code=event.error_code,
+                         reason=event.reason)
+                self._broken = True
+                return False
+            self.draining = True  # the client's GOAWAY: its open streams finish
+        return True
+
+    async def _exchange(self, stream: H2Stream, head: RequestHead) -> None:
+        listener = self.listener
+        ctx = Context(client=self.client, scheme=listener.scheme, listener=listener.name,
+                      tls_peer=self.tls_peer)
+        sid = stream.stream_id
+        try:
+            await run_exchange(listener, stream, head, ctx)
+        finally:
+            proto = self.proto
+            if not stream.ended and not stream.reset:
+                # The answer could not be finished (an upstream broke mid-body):
+                # the client must not take what came for the whole.
+                proto.reset(sid, h2.errors.ErrorCodes.INTERNAL_ERROR)
+            elif proto.remote_open(sid):
+                # Answered before the body ended: it may stop sending (RFC 9113 8.1).
+                proto.reset(sid, h2.errors.ErrorCodes.NO_ERROR)
+            self.streams.pop(sid, None)
+            with trio.CancelScope(shield=True), contextlib.suppress(*_GONE, ClientGone):
+                await self.flush()
+            if self.draining and not self.streams:
+                self._wake_reader()
+
+    async def _refuse(self, stream_id: int, refused: Refused) -> None:
+        """Answer a request sluice will not forward (its status), and log it."""
+        status = refused.status
+        body = f"{reason_phrase(status).lower()}\n".encode()
+        response = Response(status, Headers([(b"content-type", b"text/plain; charset=utf-8"),
+                                             (b"content-length", b"%d" % len(body))]))
+        try:
+            self.proto.respond(stream_id, response)
+            self.proto.send_data(stream_id, body, end=True)
+        except h2.exceptions.H2Error:
+            return
+        log.info("bad request head", client=self.client[0], status=status, error=str(refused.error))
+        with contextlib.suppress(*_GONE, ClientGone):
+            await self.flush()
+        await self.listener._refused(self.client, self.tls_peer, ("DPE",), status, refused.error,
+                                     time.monotonic())
+
+    async def flush(self) -> None:
+        """Write what the protocol has pending, in order (one writer at a time)."""
+        async with self._lock:
+            data = self.proto.pending()
+            if data and not await self.io.send_all(data, trio.current_time() + self.idle_timeout):
+                raise ClientGone("client stopped reading")
+

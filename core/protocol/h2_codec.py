@@ -1,0 +1,308 @@
+"""The HTTP/2 server side: the h2 library behind sluice's events. No I/O.
+
+One ``H2Server`` is one HTTP/2 connection. The edge feeds it bytes and gets
+back ``(stream_id, event)`` pairs, using the events the HTTP/1.1 codecs
+produce (``RequestHead``, ``Body``, ``End``) plus the few HTTP/2 adds
+(``Data``, ``StreamReset``, ``WindowOpen``, ``Refused``, ``Terminated``); what the
+edge asks for (a response head, data, trailers, a reset) becomes bytes in
+``pending()``. h2 validates frames, HPACK and pseudo-headers itself; this
+module adds sluice's own request rules, so a request reaches the exchange
+the same whatever protocol carried it:
+
+=====================================================  ==================  =============
+what a request stream carries                          becomes             why
+=====================================================  ==================  =============
+a frame or sequence h2 refuses (a connection error)    GOAWAY, the         RFC 9113 5.4.1
+                                                         connection ends
+a malformed header block (uppercase name, a            RST_STREAM          RFC 9113 8.1.1
+  connection-specific field, bad pseudo-headers)         PROTOCOL_ERROR
+  that h2 finds
+CONNECT (plain or extended)                            501 on the stream   not yet
+no ``:authority`` and no Host, or a Host that is not   400 on the stream   RFC 9113 8.3.1
+  an authority
+a target ``targets.py`` refuses                        400 on the stream   as HTTP/1.1
+more fields than ``max_header_count``                  431 on the stream   as HTTP/1.1
+=====================================================  ==================  =============
+
+``:authority`` becomes Host (replacing one that was sent too: RFC 9113
+8.3.1 makes them the same), the cookie crumbs of RFC 9113 8.2.3 are joined
+with ``; `` (an HTTP/1.1 upstream expects one field), and the request's
+``http_version`` is ``"2"``.
+
+Flow control is the edge's backpressure: received DATA is acknowledged
+(``acknowledge``) only when the exchange has taken it, so a client can
+have at most the stream's window of request body in flight; ``send_data``
+sends no more than the peer's windows allow and says how much it took.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+import h2.stream
+from hyperframe.frame import GoAwayFrame
+
+from ..messages import Headers, Request, Response
+from .events import End, ProtocolError, RequestHead
+from .heads import content_length
+from .targets import check_host, request_target
+
+__all__ = ["PREFACE", "Data", "H2Server", "Refused", "StreamReset", "Terminated", "WindowOpen"]
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+# Fields an HTTP/2 message may not carry (RFC 9113 8.2.2); what a response
+# from an HTTP/1.1 upstream may still have is dropped on the way out.
+_CONNECTION_SPECIFIC = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
+)
+
+
+@dataclass(slots=True)
+class Data:
+    """Request body bytes, with the flow-controlled size to acknowledge once
+    the exchange took them (padding included, RFC 9113 6.9.1)."""
+
+    data: bytes
+    size: int
+
+
+@dataclass(slots=True)
+class StreamReset:
+    """The client reset the stream (or h2 did, for a stream error)."""
+
+    code: int
+
+
+@dataclass(slots=True)
+class WindowOpen:
+    """The peer opened a flow-control window (stream 0: the connection's,
+    or every stream's, after a SETTINGS change): sends waiting may go on."""
+
+
+@dataclass(slots=True)
+class Refused:
+    """A request sluice answers itself, never forwards: ``status`` and why."""
+
+    status: int
+    error: ProtocolError
+
+
+@dataclass(slots=True)
+class Terminated:
+    """The connection is over: the client sent GOAWAY, or broke the protocol
+    (then ``pending()`` holds our GOAWAY)."""
+
+    error_code: int
+    last_stream_id: int
+    reason: str = ""
+
+
+class H2Server:
+    """One HTTP/2 server connection's protocol state."""
+
+    def __init__(self, *, max_concurrent_streams: int, initial_window: int,
+                 max_header_list_size: int, max_header_count: int) -> None:
+        config = h2.config.H2Configuration(
+            client_side=False,
+            header_encoding=None,  # names and values stay bytes, as in Headers
+            validate_inbound_headers=True,
+            normalize_inbound_headers=True,
+            validate_outbound_headers=True,
+        )
+        self._h2 = h2.connection.H2Connection(config=config)
+        self._h2.local_settings = h2.settings.Settings(
+            client=False,
+            initial_values={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: initial_window,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: max_header_list_size,
+            },
+        )
+        self.max_header_count = max_header_count
+        self._out = b""  # bytes to write before h2's own (a graceful GOAWAY)
+        self._last_served: int | None = None  # once a GOAWAY went out: the last stream served
+        self._h2.initiate_connection()
+        # The connection's window starts at 65,535 whatever SETTINGS say
+        # (RFC 9113 6.9.2): open it to as many streams' worth as allowed.
+        grow = min(initial_window * max_concurrent_streams, 2**31 - 1) - 65535
+        if grow > 0:
+            self._h2.increment_flow_control_window(grow)
+
+    # -- input ------------------------------------------------------------
+
+    def feed(self, data: bytes) -> list[tuple[int, object]]:
+        """The events in ``data``; a connection error gives ``Terminated``
+        last, and our GOAWAY in ``pending()``."""
+        try:
+            events = self._h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            code = getattr(exc, "error_code", h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            return [(0, Terminated(int(code), self._h2.highest_inbound_stream_id, str(exc)))]
+        out: list[tuple[int, object]] = []
+        for event in events:
+            kind = type(event)
+            if kind is h2.events.DataReceived:
+                out.append((event.stream_id, Data(event.data, event.flow_controlled_length)))
+                if event.stream_ended is not None:
+                    out.append((event.stream_id, End(None)))
+            elif kind is h2.events.RequestReceived:
+                last = self._last_served
+                if last is not None and event.stream_id > last:
+                    # Opened after our GOAWAY: never served, safe to retry.
+                    self.reset(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                    continue
+                out.append((event.stream_id, self._request(event)))
+                if event.stream_ended is not None and not isinstance(out[-1][1], Refused):
+                    out.append((event.stream_id, End(None)))
+            elif kind is h2.events.TrailersReceived:
+                fields = [(n, v) for n, v in event.headers if n[:1] != b":"]
+                out.append((event.stream_id, End(Headers._trusted(fields) if fields else None)))
+            elif kind is h2.events.StreamEnded:
+                pass  # reported with the DATA or HEADERS that ended it
+            elif kind is h2.events.StreamReset:
+                out.append((event.stream_id, StreamReset(int(event.error_code))))
+            elif kind is h2.events.WindowUpdated or kind is h2.events.RemoteSettingsChanged:
+                out.append((getattr(event, "stream_id", 0), WindowOpen()))
+            elif kind is h2.events.ConnectionTerminated:
+                out.append((0, Terminated(int(event.error_code), event.last_stream_id or 0,
+                                          (event.additional_data or b"").decode("latin-1"))))
+        return out
+
+    def _request(self, event: h2.events.RequestReceived):
+        method = target = authority = scheme = None
+        fields: list[tuple[bytes, bytes]] = []
+        cookies: list[bytes] = []
+        host = None
+        for name, value in event.headers:
+            if name[:1] == b":":
+                if name == b":method":
+                    method = value
+                elif name == b":path":
+                    target = value
+                elif name == b":authority":
+                    authority = value
+                elif name == b":scheme":
+                    scheme = value
+                else:  # :protocol (extended CONNECT)
+                    method = b"CONNECT"
+            elif name == b"cookie":
+                cookies.append(value)
+            elif name == b"host":
+                host = value
+            else:
+                fields.append((name, value))
+        try:
+            if method == b"CONNECT":
+                raise ProtocolError("CONNECT is not supported", 501)
+            authority = authority if authority is not None else host
+            if not authority:
+                raise ProtocolError("a request needs :authority or Host")
+            check_host(authority)
+            fields.insert(0, (b"host", authority))
+            if cookies:
+                fields.append((b"cookie", b"; ".join(cookies)))
+            if len(fields) > self.max_header_count:
+                raise ProtocolError("too many header fields", 431)
+            length = None
+            for n, v in fields:
+                if n == b"content-length":
+                    length = content_length(v)
+            target = request_target(target, fields)
+        except ProtocolError as exc:
+            if method is not None:
+                exc.method = method.decode("latin-1")
+                exc.target = None if target is None else target.decode("latin-1")
+            return Refused(exc.status, exc)
+        request = Request(
+            method=method.decode("ascii"),
+            target=target.decode("latin-1"),
+            headers=Headers._trusted(fields),
+            http_version="2",
+            scheme=(scheme or b"https").decode("ascii"),
+        )
+        ended = event.stream_ended is not None
+        return RequestHead(request, has_body=not ended and length != 0, content_length=length)
+
+    def acknowledge(self, stream_id: int, size: int) -> None:
+        """The exchange took ``size`` flow-controlled bytes of ``stream_id``:
+        let the client send as much again."""
+        if size:
+            try:
+                self._h2.acknowledge_received_data(size, stream_id)
+            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                # The stream is gone: still give the connection's window back.
+                self._h2.increment_flow_control_window(size)
+
+    # -- output -----------------------------------------------------------
+
+    def pending(self) -> bytes:
+        """The bytes to write now (possibly empty)."""
+        if self._out:
+            data, self._out = self._out + self._h2.data_to_send(), b""
+            return data
+        return self._h2.data_to_send()
+
+    def respond(self, stream_id: int, response: Response, *, end: bool = False) -> None:
+        """Send a response head (informational or final)."""
+        fields = [(b":status", b"%d" % response.status)]
+        fields.extend(f for f in response.headers.raw() if f[0] not in _CONNECTION_SPECIFIC)
+        self._h2.send_headers(stream_id, fields, end_stream=end)
+
+    def window(self, stream_id: int) -> int:
+        """How many body bytes ``send_data`` may take now."""
+        try:
+            return min(self._h2.local_flow_control_window(stream_id), self._h2.max_outbound_frame_size)
+        except h2.exceptions.StreamClosedError:
+            return 0
+
+    def send_data(self, stream_id: int, data: bytes | memoryview, *, end: bool = False) -> None:
+        self._h2.send_data(stream_id, data, end_stream=end)
+
+    def trailers(self, stream_id: int, trailers: Headers) -> None:
+        fields = [f for f in trailers.raw() if f[0] not in _CONNECTION_SPECIFIC]
+        self._h2.send_headers(stream_id, fields, end_stream=True)
+
+    def reset(self, stream_id: int, code: int = h2.errors.ErrorCodes.INTERNAL_ERROR) -> None:
+        try:
+            self._h2.reset_stream(stream_id, code)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            pass  # already over, or the whole connection is
+
+    def goaway(self, code: int = h2.errors.ErrorCodes.NO_ERROR) -> None:
+        """Tell the client no new stream will be served; those opened finish.
+
+        h2's own ``close_connection`` would also stop every stream in flight
+        (it refuses to send after it), so the frame is made here and queued
+        after what h2 has pending; streams the client opens after it are
+        refused (REFUSED_STREAM: safe to retry elsewhere).
+        """
+        if self._last_served is None:
+            last = self._last_served = self._h2.highest_inbound_stream_id
+            frame = GoAwayFrame(0)
+            frame.last_stream_id = last
+            frame.error_code = code
+            self._out += self._h2.data_to_send() + frame.serialize()
+
+    def close(self) -> None:
+        """The final GOAWAY: nothing is in flight, the connection ends."""
+        try:
+            self._h2.close_connection(last_stream_id=self._h2.highest_inbound_stream_id)
+        except h2.exceptions.ProtocolError:
+            pass
+
+    def remote_open(self, stream_id: int) -> bool:
+        """Whether the client may still send on ``stream_id``."""
+        try:
+            return self._h2.streams[stream_id].state_machine.state in _INBOUND_OPEN
+        except KeyError:
+            return False
+
+
+_INBOUND_OPEN = frozenset({h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_LOCAL})
