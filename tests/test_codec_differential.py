@@ -692,3 +692,127 @@ def test_server_side_codecs_agree(data, cuts):
 @given(method=st.sampled_from(["GET", "HEAD"]), data=mutated(responses()), cuts=_cuts)
 def test_client_side_codecs_agree(method, data, cuts):
     assert_same(client_trace(H11, method, data, cuts), client_trace(FAST, method, data, cuts))
+
+
+# -- protocol upgrades ----------------------------------------------------------
+# A proposal (heads.py's upgrade table) is read alike; a server that switches
+# writes the same 101 and hands back the same tunnel bytes, however the
+# bytes were cut; a client takes a 101 only after proposing, alike.
+
+_SWITCH = Response(101, Headers([(b"connection", b"upgrade"), (b"upgrade", b"websocket")]))
+
+
+def upgrade_trace(codec, data: bytes, cuts: list[int], switch: bool) -> list:
+    """Read the first request; then switch (and trace the tunnel's bytes) or
+    answer plainly (and trace the next request)."""
+    conn = codec.server(**LIMITS)
+    trace = _Trace()
+    pieces = _pieces(data, cuts)[:-1]  # a tunnel's peer has not closed
+    while pieces:
+        conn.feed(pieces.pop(0))
+        try:
+            while (event := conn.next_event()) is not NEED_DATA:
+                if type(event) is RequestHead:
+                    trace.add("request", event.request.target, conn.upgrade)
+                elif type(event) is End:
+                    break
+            else:
+                continue
+        except ProtocolError as exc:
+            trace.add("refused", exc.status)
+            return trace
+        break
+    else:
+        trace.add("incomplete")
+        return trace
+    if switch and conn.upgrade is not None:
+        trace.add("switched", conn.switch(_SWITCH), conn.response_started)
+        for piece in pieces:
+            conn.feed(piece)
+        trace.add("tunnel", conn.take_buffered(), conn.next_event() is NEED_DATA, conn.reusable())
+        return trace
+    conn.respond(Response(200, Headers([(b"content-length", b"0")])))
+    conn.end()
+    trace.add("reusable", conn.reusable())
+    for piece in pieces:
+        conn.feed(piece)
+    if conn.reusable():
+        conn.next_cycle()
+        try:
+            event = conn.next_event()
+        except ProtocolError as exc:
+            trace.add("next refused", exc.status)
+        else:
+            trace.add("next", event.request.target if type(event) is RequestHead else repr(event))
+    return trace
+
+
+_WS = b"Upgrade: websocket"
+UPGRADES = [
+    _case("websocket", _get(b"Host: a", b"Connection: Upgrade", _WS), b"websocket"),
+    _case("keep-alive-and-upgrade", _get(b"Host: a", b"Connection: keep-alive, Upgrade", _WS), b"websocket"),
+    _case("connection-twice", _get(b"Host: a", b"Connection: keep-alive", b"connection: UPGRADE", _WS),
+          b"websocket"),
+    _case("two-upgrade-fields", _get(b"Host: a", b"Connection: upgrade", b"Upgrade: foo/1", _WS),
+          b"foo/1, websocket"),
+    _case("h2c", _get(b"Host: a", b"Connection: Upgrade, HTTP2-Settings", b"Upgrade: h2c",
+                      b"HTTP2-Settings: AAMAAABkAAQAAP__"), b"h2c"),
+    _case("no-connection-option", _get(b"Host: a", b"Connection: keep-alive", _WS), None),
+    _case("connection-upgrades", _get(b"Host: a", b"Connection: upgrades", _WS), None),
+    _case("http/1.0", _get(b"Host: a", b"Connection: upgrade", _WS, start=b"GET / HTTP/1.0"), None),
+    _case("with-a-body", _request(b"Host: a", b"Connection: upgrade", _WS, b"Content-Length: 2", body=b"hi"),
+          None),
+    _case("chunked-body", _request(b"Host: a", b"Connection: upgrade", _WS, b"Transfer-Encoding: chunked")
+          + b"0\r\n\r\n", None),
+    _case("empty-body", _request(b"Host: a", b"Connection: upgrade", _WS, b"Content-Length: 0"), b"websocket"),
+]
+
+
+@pytest.mark.parametrize("switch", [True, False])
+@pytest.mark.parametrize(("raw", "expected"), UPGRADES)
+def test_upgrade_proposals_are_read_and_switched_alike(raw, expected, switch):
+    data = raw + b"\x81\x05hello" if switch else raw + _get(b"Host: a", start=b"GET /next HTTP/1.1")
+    for cuts in ([], _every_byte(data)):
+        h11_trace = upgrade_trace(H11, data, cuts, switch)
+        assert_same(h11_trace, upgrade_trace(FAST, data, cuts, switch))
+        assert h11_trace[0][2] == expected
+
+
+def upgrade_client_trace(codec, proposed: bool, data: bytes, cuts: list[int]) -> list:
+    conn = codec.client(**LIMITS)
+    fields = [(b"host", b"a"), (b"connection", b"upgrade"), (b"upgrade", b"websocket")]
+    conn.request(Request("GET", "/", Headers(fields if proposed else fields[:1])), chunked=False)
+    conn.end()
+
+    def on_event(trace, event) -> bool:
+        if type(event) in (Informational, ResponseHead):
+            trace.add(type(event).__name__, event.response.status)
+            if event.response.status == 101:
+                trace.add("tunnel", conn.take_buffered(), conn.reusable())
+                return True
+            return False
+        trace.add(type(event).__name__)
+        return True
+
+    return _drive(conn, data, cuts, on_event)
+
+
+_101 = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+
+
+@pytest.mark.parametrize("proposed", [True, False])
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(_101, id="101"),
+        pytest.param(_101 + b"\x81\x02hi", id="101-and-frame"),
+        pytest.param(_response(b"HTTP/1.1 103 Early Hints", b"Link: </a>") + _101 + b"x", id="103-then-101"),
+        pytest.param(_response(b"HTTP/1.1 426 Upgrade Required", b"Content-Length: 2", body=b"no"), id="426"),
+    ],
+)
+def test_upgrade_answers_are_read_alike(proposed, data):
+    for cuts in ([], _every_byte(data)):
+        h11_trace = upgrade_client_trace(H11, proposed, data, cuts)
+        assert_same(h11_trace, upgrade_client_trace(FAST, proposed, data, cuts))
+        if b" 101 " in data:
+            assert (h11_trace[-1][0] == "refused") is not proposed

@@ -5,7 +5,17 @@ from __future__ import annotations
 import pytest
 
 from sluice.messages import Headers, Request, Response
-from sluice.protocol.events import NEED_DATA, Body, Closed, End, Informational, ProtocolError, RequestHead, ResponseHead
+from sluice.protocol.events import (
+    NEED_DATA,
+    Body,
+    Closed,
+    End,
+    Informational,
+    LocalProtocolError,
+    ProtocolError,
+    RequestHead,
+    ResponseHead,
+)
 from sluice.protocol.http1 import simple_response
 
 LIMITS = {"max_head_bytes": 1024, "max_header_count": 10}
@@ -315,3 +325,86 @@ def test_the_asterisk_form_is_for_options_only(codec, method, status):
         with pytest.raises(ProtocolError) as refused:
             conn.next_event()
         assert refused.value.status == status
+
+
+# -- protocol upgrades (heads.py's table) ---------------------------------------
+
+_UPGRADE = b"GET /chat HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n"
+_SWITCH = Response(101, Headers([(b"connection", b"upgrade"), (b"upgrade", b"websocket")]))
+
+
+def test_a_switch_writes_the_101_and_hands_back_the_tunnels_first_bytes(codec):
+    conn = server(codec, _UPGRADE + b"\x81\x05hello")
+    head, end = events(conn)
+    assert conn.upgrade == b"websocket" and type(end) is End
+    assert conn.next_event() is NEED_DATA  # the tunnel's bytes are no request
+    assert conn.switch(_SWITCH) == (b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\n"
+                                    b"upgrade: websocket\r\n\r\n")
+    assert conn.response_started and not conn.reusable()
+    conn.feed(b"more")
+    assert conn.take_buffered() == b"\x81\x05hellomore"
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        pytest.param(b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n", id="no-connection-upgrade"),
+        pytest.param(b"GET / HTTP/1.0\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n", id="http/1.0"),
+        pytest.param(b"POST / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n"
+                     b"Content-Length: 2\r\n\r\nhi", id="with-a-body"),
+        pytest.param(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\n\r\n", id="no-upgrade-field"),
+    ],
+)
+def test_what_proposes_no_upgrade_cannot_be_switched(codec, head):
+    conn = server(codec, head)
+    events(conn)
+    assert conn.upgrade is None
+    with pytest.raises(LocalProtocolError):
+        conn.switch(_SWITCH)
+
+
+def test_an_upgrade_answered_plainly_keeps_the_connection(codec):
+    conn = server(codec, _UPGRADE + b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n")
+    events(conn)
+    conn.respond(Response(200, Headers([(b"content-length", b"0")])))
+    conn.end()
+    assert conn.reusable()
+    conn.next_cycle()
+    assert conn.next_event().request.target == "/next"
+
+
+def test_a_101_is_sent_through_switch_only(codec):
+    conn = server(codec, _UPGRADE)
+    events(conn)
+    with pytest.raises(LocalProtocolError):
+        conn.informational(_SWITCH)
+
+
+def _upgrade_client(codec, fields):
+    conn = codec.client(**LIMITS)
+    conn.request(Request("GET", "/chat", Headers([(b"host", b"a"), *fields])), chunked=False)
+    conn.end()
+    return conn
+
+
+def test_a_client_accepts_the_101_it_asked_for_and_hands_back_what_followed(codec):
+    conn = _upgrade_client(codec, [(b"connection", b"upgrade"), (b"upgrade", b"websocket")])
+    conn.feed(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n\x81\x02hi")
+    event = conn.next_event()
+    assert type(event) is Informational and event.response.status == 101
+    assert conn.next_event() is NEED_DATA
+    assert conn.take_buffered() == b"\x81\x02hi" and not conn.reusable()
+
+
+def test_a_client_refuses_a_101_it_did_not_ask_for(codec):
+    conn = _upgrade_client(codec, [])
+    conn.feed(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+    with pytest.raises(ProtocolError):
+        conn.next_event()
+
+
+def test_a_client_that_asked_takes_a_plain_answer_too(codec):
+    conn = _upgrade_client(codec, [(b"connection", b"upgrade"), (b"upgrade", b"websocket")])
+    conn.feed(b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 2\r\n\r\nno")
+    assert [type(e) for e in events(conn)] == [ResponseHead, Body, End]
+    assert conn.reusable()

@@ -43,6 +43,7 @@ from .heads import (
     check_request,
     check_response_line,
     facts,
+    proposed_upgrade,
     take_chunk_line,
     take_next_head,
     take_trailers,
@@ -94,9 +95,11 @@ class _Peer:
     _role: type[h11.Sentinel]
     _REQUEST = False  # the heads read are requests (the server role)
     # The peer's h11 states in which its next bytes are not part of the
-    # current message: a head to scan, or (once DONE) the next cycle's bytes.
+    # current message: a head to scan, or (once DONE) the next cycle's bytes,
+    # or (an upgrade proposed or accepted) what may become a tunnel's.
     _HEAD_STATES = (h11.IDLE, h11.SEND_RESPONSE)
-    _AFTER_STATES = (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
+    _AFTER_STATES = (h11.DONE, h11.MUST_CLOSE, h11.CLOSED, h11.MIGHT_SWITCH_PROTOCOL,
+                     h11.SWITCHED_PROTOCOL)
 
     def __init__(self, *, max_head_bytes: int, max_header_count: int) -> None:
         self.max_head_bytes = max_head_bytes
@@ -122,6 +125,13 @@ class _Peer:
     def has_buffered(self) -> bool:
         """Bytes of a next message are already here (pipelining)."""
         return bool(self._buf)
+
+    def take_buffered(self) -> bytes:
+        """The bytes received after the switch's head (the tunnel's first);
+        the connection is the tunnel's from here on."""
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
 
     def _buffering(self) -> bool:
         """Bytes go to our buffer (a head to scan, or the next cycle's)."""
@@ -237,12 +247,13 @@ class _Peer:
     def next_cycle(self) -> None:
         """Forget the finished cycle; the next head starts a new one."""
         self._h11 = None
+        self.upgrade = None
         self._keep_alive_10 = False
         self._out_chunked = False
         self._eof_fed = False
 
 
-_STARTED = (h11.SEND_BODY, h11.DONE, h11.MUST_CLOSE, h11.CLOSED, h11.ERROR)
+_STARTED = (h11.SEND_BODY, h11.DONE, h11.MUST_CLOSE, h11.CLOSED, h11.ERROR, h11.SWITCHED_PROTOCOL)
 
 
 class ServerConnection(_Peer):
@@ -252,6 +263,7 @@ class ServerConnection(_Peer):
     _REQUEST = True
     _version = b"1.1"  # the version served (check_request's)
     _keep_alive_10 = False  # an HTTP/1.0 client asked to keep the connection
+    upgrade: bytes | None = None  # the Upgrade value the request proposes (heads.py)
 
     def _translate_head(self, event):
         if type(event) is not h11.Request:
@@ -266,6 +278,7 @@ class ServerConnection(_Peer):
             self._h11._cstate.keep_alive = True  # h11 would close it (RFC 9112 9.3 allows it)
         content_length = known.length
         has_body = bool(content_length) or known.chunked
+        self.upgrade = proposed_upgrade(known, version, has_body) if known.upgrade else None
         request = Request(
             method=event.method.decode("ascii"),
             target=target.decode("latin-1"),
@@ -293,6 +306,17 @@ class ServerConnection(_Peer):
         return self._h11 is not None and self._h11.our_state in _STARTED
 
     def informational(self, response: Response) -> bytes:
+        if response.status == 101:  # as the httptools codec: switch() is the way
+            raise LocalProtocolError("a 101 goes out through switch()")
+        return self._send_response(h11.InformationalResponse, response, response.headers.raw())
+
+    def switch(self, response: Response) -> bytes:
+        """The 101 accepting the proposed upgrade; the connection is then a
+        tunnel (``take_buffered()`` has its first bytes). LocalProtocolError
+        unless the request proposed one (h11 alone would take an Upgrade
+        without ``Connection: upgrade``)."""
+        if self.upgrade is None or response.status != 101:
+            raise LocalProtocolError("no upgrade to switch to")
         return self._send_response(h11.InformationalResponse, response, response.headers.raw())
 
     def respond(self, response: Response) -> bytes:
@@ -323,6 +347,7 @@ class ClientConnection(UpstreamSide, _Peer):
     """The upstream side: serialises requests, parses responses."""
 
     _role = h11.CLIENT
+    _proposed = False  # the request carried an Upgrade field (h11 reads it so too)
 
     def _awaiting_response(self) -> bool:
         return self._h11 is not None and self._h11.our_state is not h11.IDLE
@@ -334,6 +359,7 @@ class ClientConnection(UpstreamSide, _Peer):
         fields = request.headers.raw()
         if chunked:
             fields = [*fields, (b"transfer-encoding", b"chunked")]
+        self._proposed = any(n == b"upgrade" for n, _ in fields)
         if any(n == b"transfer-encoding" for n, _ in fields):
             # h11 frames by Transfer-Encoding but would write a Content-Length
             # beside it, the smuggling shape: drop it, as the httptools codec does.
@@ -349,7 +375,7 @@ class ClientConnection(UpstreamSide, _Peer):
         return self._send_head(event)
 
     def _translate_head(self, event):
-        check_response_line(event.http_version, event.status_code)
+        check_response_line(event.http_version, event.status_code, self._proposed)
         fields = list(event.headers)
         if len(fields) > self.max_header_count:
             raise ProtocolError("too many header fields in response")

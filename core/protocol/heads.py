@@ -70,7 +70,26 @@ a Content-Length or Transfer-Encoding trailer field   400     RFC 9110 6.5.1
 
 A response (the upstream's) goes through the same scan, framing and grammar
 rules; besides, one whose version is not 1.0 or 1.1, whose status is below
-100, or that is a 101 (sluice never proposes an upgrade) is refused.
+100, or that is a 101 to a request that proposed no upgrade is refused.
+
+Protocol upgrades (RFC 9110 7.8), the same in both codecs:
+
+====================================================  =====================
+a request                                             proposes an upgrade
+====================================================  =====================
+HTTP/1.1, no body, ``Connection`` lists ``upgrade``   yes: the ``Upgrade``
+  and an ``Upgrade`` field is present                 value (fields joined)
+HTTP/1.0 (RFC 9110 7.8: ignore its Upgrade)           no
+with a body (Content-Length > 0 or chunked)           no: served as plain
+``Upgrade`` without ``Connection: upgrade``           no (7.8: the sender
+                                                      must list it)
+====================================================  =====================
+
+A server connection answers a proposal with ``switch()`` (a 101, then the
+connection is a tunnel) or an ordinary response (the proposal lapses). A
+client connection whose request carried an ``Upgrade`` field accepts a 101
+and is then a tunnel; ``take_buffered()`` on either hands back the bytes
+that followed the head, the tunnel's first.
 
 A Content-Length that passes is forwarded in its canonical decimal form
 (``0010`` leaves as ``10``), and a Transfer-Encoding as ``chunked``
@@ -92,6 +111,7 @@ __all__ = [
     "annotate",
     "check_request",
     "check_response_line",
+    "proposed_upgrade",
     "content_length",
     "facts",
     "take_block",
@@ -349,24 +369,34 @@ def annotate(exc: ProtocolError, head: bytes | bytearray) -> None:
             exc.method = m[1].decode("ascii")
 
 
-def check_response_line(version: bytes, status: int) -> None:
-    """The rules for a status line beyond its grammar (see above)."""
+def check_response_line(version: bytes, status: int, proposed: bool = False) -> None:
+    """The rules for a status line beyond its grammar (see above);
+    ``proposed``: the request carried an ``Upgrade`` field."""
     if version != b"1.1" and version != b"1.0":
         raise ProtocolError("unsupported HTTP version in response")
     if status < 100:
         raise ProtocolError("malformed status code")
-    if status == 101:
+    if status == 101 and not proposed:
         raise ProtocolError("101 Switching Protocols, though no upgrade was proposed")
 
 
+def proposed_upgrade(known: Facts, version: bytes, has_body: bool) -> bytes | None:
+    """The ``Upgrade`` value a request head proposes, or None (the table above)."""
+    if known.upgrade and known.protocols and version == b"1.1" and not has_body:
+        return known.protocols
+    return None
+
+
 # The fields the core must read on every head; a parser notes them as it goes.
-NOTED = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection", b"expect"})
+NOTED = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection", b"expect",
+                   b"upgrade"})
 
 
 class Facts:
     """What the core needs of a head's fields, read in one pass."""
 
-    __slots__ = ("hosts", "host", "length", "chunked", "close", "keep_alive", "expect")
+    __slots__ = ("hosts", "host", "length", "chunked", "close", "keep_alive", "expect", "upgrade",
+                 "protocols")
 
     def __init__(self) -> None:
         self.hosts = 0  # Host fields
@@ -376,6 +406,8 @@ class Facts:
         self.close = False  # Connection lists close
         self.keep_alive = False  # Connection lists keep-alive (HTTP/1.0's opt-in)
         self.expect = False  # Expect lists 100-continue
+        self.upgrade = False  # Connection lists upgrade
+        self.protocols: bytes | None = None  # the Upgrade field's value (several: joined)
 
 
 def facts(fields: list[tuple[bytes, bytes]],
@@ -409,8 +441,11 @@ def facts(fields: list[tuple[bytes, bytes]],
             else:
                 result.close = result.close or b"close" in low and _has_token(low, b"close")
                 result.keep_alive = result.keep_alive or b"keep-alive" in low and _has_token(low, b"keep-alive")
-        else:
+                result.upgrade = result.upgrade or b"upgrade" in low and _has_token(low, b"upgrade")
+        elif n == b"expect":
             result.expect = result.expect or _lists(v, b"100-continue")
+        else:
+            result.protocols = v if result.protocols is None else result.protocols + b", " + v
     return result
 
 

@@ -21,13 +21,21 @@ each connection object carrying one HTTP/1.1 connection's protocol state:
     ``has_buffered``; ``waiting_for_100_continue``; ``peer_http_version``;
     ``informational(response)``, ``respond(response)``, ``data(chunk)``,
     ``end(trailers)`` -> the bytes to write (LocalProtocolError when the
-    framing forbids it); ``response_started``; ``reusable()``; ``next_cycle()``.
+    framing forbids it); ``response_started``; ``reusable()``; ``next_cycle()``;
+    ``upgrade``: the ``Upgrade`` value the last request proposes (None when
+    it proposes none, by the table in ``heads.py``); ``switch(response)`` ->
+    the 101's bytes, after which the connection is a tunnel and
+    ``take_buffered()`` hands back the bytes already received past the
+    request head (LocalProtocolError when no upgrade was proposed).
 
 ``ClientConnection(max_head_bytes=, max_header_count=)``, the upstream side
     ``request(request, chunked=)`` -> bytes, starting a cycle; ``data``,
     ``end`` as above; ``feed``; ``next_event()`` -> Informational |
     ResponseHead | Body | End | NEED_DATA; ``response_bytes_seen``;
-    ``reusable()``; ``next_cycle()``.
+    ``reusable()``; ``next_cycle()``. A 101 is an Informational accepted
+    only when the request carried an ``Upgrade`` field (else ProtocolError);
+    the connection is then a tunnel, and ``take_buffered()`` hands back the
+    bytes that followed the 101's head.
 
 ``reusable()`` speaks of the protocol only: whether the bytes *handed out*
 finished a message. Whether they reached the wire is the edge's to know.

@@ -44,6 +44,7 @@ from .heads import (
     check_response_line,
     content_length,
     facts,
+    proposed_upgrade,
     take_chunk_line,
     take_next_head,
     take_trailers,
@@ -61,8 +62,8 @@ _FIELDS_PREFIX = b"HTTP/1.1 204 No Content\r\n"  # a head llhttp expects no body
 
 # Body framing modes, in and out.
 _NONE, _LENGTH, _CHUNKED, _UNTIL_CLOSE = range(4)
-# Input states.
-_HEAD, _BODY, _DONE = range(3)
+# Input states (_SWITCHED: a 101 went out or came in; the bytes are a tunnel's).
+_HEAD, _BODY, _DONE, _SWITCHED = range(4)
 
 
 def _take(buf: bytearray, n: int) -> bytes:
@@ -135,13 +136,20 @@ class _Peer:
         """Bytes of a next message are already here (pipelining)."""
         return bool(self._buf)
 
+    def take_buffered(self) -> bytes:
+        """The bytes received after the switch's head (the tunnel's first);
+        the connection is the tunnel's from here on."""
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
     def next_event(self):
         """The next event, ``NEED_DATA``, or raises ``ProtocolError``."""
         state = self._state
         if state == _BODY:
             return self._body_event()
-        if state == _DONE:
-            return NEED_DATA  # the caller must start the next cycle first
+        if state >= _DONE:
+            return NEED_DATA  # the caller must start the next cycle first (or tunnel)
         head = None
         try:
             head = take_next_head(self._buf, self.max_head_bytes, self._eof, self._REQUEST)
@@ -299,6 +307,7 @@ class _Peer:
         length = None
         chunked = False
         lengths = 0
+        upgrade = False
         for n, v in fields:
             if n == b"content-length":
                 try:
@@ -313,6 +322,9 @@ class _Peer:
                 if chunked or v.lower() != b"chunked":
                     raise LocalProtocolError("only one Transfer-Encoding: chunked can be sent")
                 chunked = True
+            elif n == b"upgrade":
+                upgrade = True
+        self._out_upgrade = upgrade
         if chunked:
             self._out_mode = _CHUNKED
         elif length is not None:
@@ -342,6 +354,8 @@ class _Peer:
             and not self._eof
         )
 
+    _out_upgrade = False  # the last head written carried an Upgrade field
+
     def next_cycle(self) -> None:
         """Forget the finished cycle; the next head starts a new one."""
         self._state = _HEAD
@@ -360,6 +374,7 @@ class ServerConnection(_Peer):
         self._method = b""
         self._expect = False
         self._started = False
+        self.upgrade: bytes | None = None  # the Upgrade value the request proposes (heads.py)
 
     def _head(self, line, fields):
         match = _REQUEST_LINE.fullmatch(line)
@@ -377,6 +392,7 @@ class ServerConnection(_Peer):
         self._in_keep_alive = not known.close and (version == b"1.1" or known.keep_alive)
         self._expect = version == b"1.1" and known.expect
         self._started = False
+        self.upgrade = proposed_upgrade(known, version, chunked or bool(length)) if known.upgrade else None
         if chunked:
             self._start_body(_CHUNKED)
         else:
@@ -414,11 +430,23 @@ class ServerConnection(_Peer):
         return self._started
 
     def informational(self, response: Response) -> bytes:
-        # As h11: a 1xx, and not 101 (sluice never accepts an upgrade).
+        # As h11: a 1xx; a 101 goes out through switch().
         if not 100 <= response.status < 200 or response.status == 101:
             raise LocalProtocolError(f"{response.status} is not an informational response sluice sends")
         self._expect = False
         return response_head(response.status, response.reason.encode("latin-1"), response.headers.raw())
+
+    def switch(self, response: Response) -> bytes:
+        """The 101 accepting the proposed upgrade; the connection is then a
+        tunnel (``take_buffered()`` has its first bytes). LocalProtocolError
+        unless the request proposed one and is complete."""
+        if self.upgrade is None or response.status != 101 or self._state != _DONE or self._started:
+            raise LocalProtocolError("no upgrade to switch to")
+        self._state = _SWITCHED
+        self._started = True
+        self._out_done = True
+        self._in_keep_alive = False
+        return response_head(101, response.reason.encode("latin-1"), response.headers.raw())
 
     def respond(self, response: Response) -> bytes:
         """The response head, with the framing fields h11 would write."""
@@ -487,7 +515,7 @@ class ClientConnection(UpstreamSide, _Peer):
             raise ProtocolError("malformed status line")
         version, status, reason = match.groups()
         status = int(status)
-        check_response_line(version, status)
+        check_response_line(version, status, self._out_upgrade)
         if len(fields) > self.max_header_count:
             raise ProtocolError("too many header fields in response")
         response = Response(
@@ -499,7 +527,10 @@ class ClientConnection(UpstreamSide, _Peer):
         known = facts(fields, self._sink.noted)
         length = known.length
         if status < 200:
-            return Informational(response)  # the final head is still to come
+            if status == 101:  # check_response_line let it through: the request proposed it
+                self._state = _SWITCHED
+                self._in_keep_alive = False
+            return Informational(response)  # the final head is still to come (or a tunnel)
         self._in_keep_alive = version == b"1.1" and not known.close
         if self._method == b"HEAD" or status in (204, 304):
             self._start_body(_NONE)
