@@ -232,3 +232,57 @@ def test_upload_1gib_streams_with_flat_memory(proxy, origin, tmp_path, framing):
     assert (count, status) == (str(SIZE), "200") and int(sent) >= SIZE
     assert origin.uploads[before:] == [SIZE]
     assert rss.peak < baseline + HEADROOM, f"RSS peaked at {rss.peak / MiB:.1f} MiB"
+
+
+@pytest.fixture(scope="module")
+def h2proxy(origin, tmp_path_factory):
+    """A proxy serving h2c (prior knowledge) to the same HTTP/1.1 origin."""
+    port = free_port()
+    config = tmp_path_factory.mktemp("h2") / "sluice.toml"
+    config.write_text(
+        f'[[listeners]]\naddress = "127.0.0.1:{port}"\nfilters = ["router"]\nhttp2 = true\n'
+        f'[clusters.origin]\nendpoints = ["127.0.0.1:{origin.port}"]\n'
+        '[[routes]]\nmatch = { prefix = "/" }\ncluster = "origin"\n'
+    )
+    with Running("-c", str(config), "--plugins", "router,balancer") as p:
+        p.base_url = f"http://127.0.0.1:{port}"
+        for _ in range(3):
+            r = curl("--http2-prior-knowledge", "-o", "/dev/null", "-w", "%{http_code}", f"{p.base_url}/warm-up")
+            assert r.stdout == "200", (r.stdout, r.stderr, "".join(p.stderr))
+        yield p
+
+
+def test_h2_download_1gib_streams_with_flat_memory(h2proxy):
+    """HTTP/2 flow control is the backpressure: the proxy sends no faster
+    than the client's windows open, and reads the origin no faster."""
+    baseline = _baseline(h2proxy.pid)
+    with PeakRSS(h2proxy.pid) as rss:
+        start = time.monotonic()
+        r = curl("--http2-prior-knowledge", "-o", "/dev/null", "-w", "%{size_download} %{http_code} %{http_version}",
+                 f"{h2proxy.base_url}/download", timeout=CURL_TIMEOUT)
+        seconds = time.monotonic() - start
+    _report("h2 download", seconds, baseline, rss)
+    assert r.returncode == 0, (r.stderr, "".join(h2proxy.stderr[-20:]))
+    assert r.stdout == f"{SIZE} 200 2"
+    assert rss.peak < baseline + HEADROOM, f"RSS peaked at {rss.peak / MiB:.1f} MiB"
+
+
+def test_h2_upload_1gib_streams_with_flat_memory(h2proxy, origin, tmp_path):
+    """Request DATA is acknowledged only as the exchange forwards it, so the
+    client has at most a stream window in flight."""
+    body = tmp_path / "upload.bin"
+    body.touch()
+    os.truncate(body, SIZE)
+    before = len(origin.uploads)
+    baseline = _baseline(h2proxy.pid)
+    with PeakRSS(h2proxy.pid) as rss:
+        start = time.monotonic()
+        r = curl("--http2-prior-knowledge", "-T", str(body), "-w", " %{size_upload} %{http_code}",
+                 f"{h2proxy.base_url}/upload", timeout=CURL_TIMEOUT)
+        seconds = time.monotonic() - start
+    _report("h2 upload", seconds, baseline, rss)
+    assert r.returncode == 0, (r.stderr, "".join(h2proxy.stderr[-20:]))
+    count, sent, status = r.stdout.split()
+    assert (count, status) == (str(SIZE), "200") and int(sent) == SIZE
+    assert origin.uploads[before:] == [SIZE]
+    assert rss.peak < baseline + HEADROOM, f"RSS peaked at {rss.peak / MiB:.1f} MiB"

@@ -67,12 +67,14 @@ class H2Stream:
         self.body_done = not has_body
         self.expects_100 = False  # (no 100-continue on HTTP/2 streams yet)
         self.waiting_for_100_continue = False
+        self.upgrade = None  # (no HTTP/1.1 Upgrade on HTTP/2; RFC 8441 is to come)
         self.response_started = False
         self.ended = False  # our side of the stream is over
         self.reset = False  # the client reset it, or the connection is gone
         self._events: deque = deque()
         self._wake = trio.Event()
         self._head: Response | None = None
+        self._unacked = 0  # body bytes taken but not yet given back to the window
 
     # -- what the connection's reader calls --------------------------------
 
@@ -104,8 +106,13 @@ class H2Stream:
             await self._wait("sending the body")
         event = self._events.popleft()
         if type(event) is Data:
-            self.conn.proto.acknowledge(self.stream_id, event.size)
-            await self.conn.flush()
+            # Windows are given back in quarters, not per frame: one
+            # WINDOW_UPDATE (and one write) per quarter window taken.
+            self._unacked += event.size
+            if self._unacked >= self.conn.ack_every:
+                self.conn.proto.acknowledge(self.stream_id, self._unacked)
+                self._unacked = 0
+                await self.conn.flush()
             return Body(event.data)
         self.body_done = True
         return event
@@ -194,6 +201,7 @@ class H2Connection:
         self.client = client
         self.tls_peer = tls_peer
         self.idle_timeout = cfg.timeouts.idle
+        self.ack_every = settings.initial_window // 4
         self.proto = H2Server(
             max_concurrent_streams=settings.max_concurrent_streams,
             initial_window=settings.initial_window,
@@ -310,6 +318,10 @@ class H2Connection:
             await run_exchange(listener, stream, head, ctx)
         finally:
             proto = self.proto
+            # Body bytes never taken still count against the connection's
+            # window: give them back, or it shrinks with every such stream.
+            untaken = stream._unacked + sum(e.size for e in stream._events if type(e) is Data)
+            proto.acknowledge(sid, untaken)
             if not stream.ended and not stream.reset:
                 # The answer could not be finished (an upstream broke mid-body):
                 # the client must not take what came for the whole.
