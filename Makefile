@@ -14,9 +14,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# Debian tools the tests drive as real clients/servers (curl).
+# Debian tools the tests drive as real clients/servers (curl; h2load from
+# nghttp2-client for HTTP/2).
 test-deps:
 	@command -v curl >/dev/null || (apt-get update -qq && apt-get install -y -qq curl)
+	@command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
 
 run: venv
 	$(VENV)/bin/sluice run

@@ -269,3 +269,17 @@ async def _raw_h2(address, extra, *, path: bytes = b"/x", reset_first: bool = Fa
                 await stream.send_all(conn.data_to_send())
     return events, data
 
+
+
+async def test_h2load_gets_every_answer_over_many_streams(start_origin):
+    """nghttp2's load tool: 4 connections, 20 streams at once on each."""
+    origin = await start_origin()
+    async with serve(h2_config(origin), plugins=PLUGINS) as proxy:
+        done = await trio.run_process(
+            ["h2load", "-n", "2000", "-c", "4", "-m", "20", f"http://127.0.0.1:{proxy.address[1]}/load"],
+            capture_stdout=True, capture_stderr=True, check=False)
+    out = done.stdout.decode()
+    assert done.returncode == 0, out + done.stderr.decode()
+    assert "2000 total, 2000 started, 2000 done, 2000 succeeded, 0 failed, 0 errored" in out, out
+    assert "status codes: 2000 2xx" in out, out
+    assert len(origin.requests) == 2000
