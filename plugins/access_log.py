@@ -11,7 +11,13 @@ LR local reply by a filter, FE filter error, DC client disconnected,
 DT client timed out, DPE client protocol error, DO refused because every
 connection slot had a request in flight (503), DTLS TLS handshake failed
 (with DT: not done within ``header_read``), TLSP a TLS handshake on a
-plain listener).
+plain listener, TI a tunnel closed after ``tunnel_idle`` without a byte,
+TM a tunnel closed at ``tunnel_max``).
+
+An upgraded exchange (a WebSocket) logs one line when its tunnel ends, with
+``status`` 101, an extra ``upgraded`` field (the protocol, ``"websocket"``),
+the tunnel's bytes each way in ``bytes_in``/``bytes_out`` and its whole
+life in ``duration_ms``.
 
 Requests the core refused before they became requests (a bad head: DPE;
 an unfinished head: DT; DTLS, TLSP, DO) have a line too, with no upstream,
@@ -144,6 +150,7 @@ class AccessLog(Filter):
             ', "request_id": ', _quote(ctx.request_id),
             ', "user_agent": ', _json(headers.get("user-agent") if headers is not None else None),
             ', "flags": ', _json(",".join(ctx.flags) or None),
+            ', "upgraded": ' + _quote(ctx.upgraded) if ctx.upgraded else "",
             "}",
         )))
 

@@ -10,6 +10,7 @@ whose every condition holds wins, and no match answers 404 (flag NR)::
     cluster = "api"                      # forward ...
     timeout = 10.0                       # ... with this response timeout
     filters = { api_key = { disabled = true } }   # per-route filter settings
+    upgrades = ["websocket"]             # protocols a request may switch to
 
     [[routes]]
     match = { path = "/healthz" }
@@ -24,6 +25,17 @@ subdomain, or ``*``. Path: ``prefix``, exact ``path``, or ``regex`` (full
 match of the path, without the query). Headers: a table of exact values, or a
 list of ``{ name, exact | regex | present }``. Every route resolves once per
 request; filters before the router read it as ``ctx.route``.
+
+``upgrades`` (default ``["websocket"]``; ``[]`` for none) lists the
+``Upgrade`` tokens (RFC 9110 7.8) a request on the route may switch to: such
+a handshake is forwarded with its ``Upgrade`` and ``Connection: upgrade``,
+and on the upstream's 101 the connection becomes a byte tunnel (timeouts
+``tunnel_idle`` and ``tunnel_max`` of the listener). Any other token is
+dropped and the request forwarded as plain HTTP, as nginx does: a client
+offering an upgrade opportunistically (curl offers ``h2c``) still gets its
+answer. ``h2c`` is refused here and never forwarded: an upstream that
+switched to it would take the connection's later requests unseen by
+sluice's rules (h2c smuggling).
 
 Routes match the target after the core normalised it (``sluice.protocol.
 targets``: dot-segments resolved, ``//`` merged, ``%61`` decoded; paths it
@@ -112,6 +124,13 @@ class RouteConfig(_Model):
     redirect: Redirect | None = None
     timeout: Annotated[float, Field(gt=0)] | None = None
     filters: dict[str, dict[str, Any]] = {}
+    upgrades: list[Annotated[str, Field(pattern=r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")]] = ["websocket"]
+
+    @model_validator(mode="after")
+    def _no_h2c(self) -> RouteConfig:
+        if any(t.lower() == "h2c" for t in self.upgrades):
+            raise ValueError("upgrades: h2c is never forwarded (h2c smuggling)")
+        return self
 
     @model_validator(mode="after")
     def _one_action(self) -> RouteConfig:
@@ -227,6 +246,7 @@ class Router(Filter):
                 filters=rc.filters,
                 action=action,
                 summary=_summary(rc),
+                upgrades=frozenset(t.lower() for t in rc.upgrades),
             )
             table.append((_compile(rc), route))
         return cls(config, table, app.clusters)

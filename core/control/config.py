@@ -30,6 +30,11 @@ Defaults are chosen for a proxy facing the internet:
   413 past it for a request, 502 for a response.
 - upstream ``connect_timeout`` 5 s, ``response_timeout`` 30 s (from the end
   of the request to the response head, and between response body bytes).
+- ``tunnel_idle`` 300 s with no byte either way ends an upgraded connection
+  (a WebSocket; nginx's 60 s ``proxy_read_timeout`` cuts quiet WebSockets
+  that ping every minute or two, and a tunnel idles more than a request);
+  ``tunnel_max`` 86400 s (a day) ends any tunnel, so none is held forever
+  and clients that reconnect are rebalanced. Both under ``[listeners.timeouts]``.
 """
 
 from __future__ import annotations
@@ -86,6 +91,8 @@ class Timeouts(_Model):
     idle: PositiveFloat = 60.0
     lingering_time: PositiveFloat = 30.0
     lingering_timeout: PositiveFloat = 5.0
+    tunnel_idle: PositiveFloat = 300.0
+    tunnel_max: PositiveFloat = 86400.0
 
 
 class Http2(_Model):

@@ -13,7 +13,10 @@ it to free a slot for a new client (``slots.py``), which ends the wait as
 a timeout would.
 
 The exchange talks to it through the methods below only, so an HTTP/2
-stream can stand in for it later. Bytes move through a ``byteio``
+stream can stand in for it later. ``upgrade`` is what the current request
+proposes to switch to (by ``heads.py``'s rules); ``tunnel()`` accepts it and
+carries the connection's bytes to and from the upstream's (``tunnel.py``)
+until the tunnel ends, and the connection with it. Bytes move through a ``byteio``
 object, so a read or write the kernel can do at once costs no wait.
 """
 
@@ -26,6 +29,7 @@ from ..messages import Response
 from ..protocol.events import NEED_DATA, Closed, End, ProtocolError, RequestHead
 from ..protocol.http1 import Codec
 from .byteio import SocketIO, StreamIO
+from .tunnel import pump
 
 __all__ = ["H1Downstream", "HeadTimeout", "TlsOnPlain"]
 
@@ -74,6 +78,7 @@ class H1Downstream:
         self._first = True  # no request head read yet
         self._first_deadline = first_deadline
         self._plain = plain
+        self._tunneled = False  # the connection became a tunnel (it ends with it)
         # Response bytes are queued and written together: a small response
         # (head, body, end) goes out in one send instead of three.
         self._out: list[bytes] = []
@@ -235,6 +240,25 @@ class H1Downstream:
         self._queue(self.proto.end(trailers))
         await self.flush()
 
+    @property
+    def upgrade(self) -> bytes | None:
+        """The ``Upgrade`` value the current request proposes, or None."""
+        return self.proto.upgrade
+
+    async def tunnel(self, response: Response, upstream: SocketIO | StreamIO, early: bytes, *,
+                     idle: float, limit: float, stats) -> str:
+        """Send the 101 ``response``, then pump bytes between the client and
+        ``upstream`` (``early``: upstream bytes that followed its 101) until
+        the tunnel ends; returns how (``tunnel.CLOSED``, ``IDLE``, ``LIMIT``).
+        ClientGone when the 101 cannot be written. The connection is done
+        after it, whatever happened."""
+        self.close_after = True
+        self._tunneled = True
+        self._queue(self.proto.switch(response))
+        await self.flush()
+        return await pump(self.io, upstream, to_up=self.proto.take_buffered(), to_down=early,
+                          idle=idle, limit=limit, stats=stats)
+
     def reusable(self) -> bool:
         return not self.close_after and not self._eof and self.proto.reusable()
 
@@ -249,6 +273,6 @@ class H1Downstream:
         the body was not read to its end, or bytes wait in the codec or the
         socket. Never once the client closed its side, nor for an EOF alone
         (a client that asked to close often closes first: nothing to protect)."""
-        if self._eof:
+        if self._eof or self._tunneled:  # a tunnel's bytes were all its own
             return False
         return not self.body_done or self.proto.has_buffered or self.io.data_waiting()

@@ -109,6 +109,12 @@ class UpstreamConnection:
             self.proto.feed(data)
         return event
 
+    def switched(self) -> bytes:
+        """The upstream accepted an upgrade: the connection is a tunnel's
+        from now on (never pooled); returns the bytes that followed the 101."""
+        self.discard = True
+        return self.proto.take_buffered()
+
     def looks_stale(self) -> bool:
         """An idle connection with something to read has been closed or broken."""
         return self.io.readable_now()

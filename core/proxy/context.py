@@ -4,6 +4,17 @@ It carries what the exchange learns as it goes (route, cluster, endpoint,
 timings, response flags) and what the connection knows (client address,
 TLS peer identity). ``vars`` is free-form state filters share with each other
 (e.g. ``auth.user``); ``state(filter)`` is one filter's private state.
+
+Upgrades (WebSocket): ``upgrade`` is what the request proposes to switch to
+(its ``Upgrade`` value, by the rules of ``sluice.protocol.heads``), None when
+nothing; once the request phases have run and the route is known, it holds
+only the tokens the route allows (``h2c`` never), and those are forwarded.
+A request filter may set it to None to forward a plain request.
+``upgraded`` is the protocol the exchange switched to (``"websocket"``)
+once the upstream's 101 arrived, before ``on_response_headers``; the
+exchange is then a byte tunnel: no body phase sees its bytes, which are
+counted in ``bytes_in``/``bytes_out``, and ``on_complete`` runs when the
+tunnel has ended (``duration`` covers it).
 """
 
 from __future__ import annotations
@@ -42,6 +53,8 @@ class Context:
         "vars",
         "buffer_request",
         "buffer_response",
+        "upgrade",
+        "upgraded",
         "_states",
         "_route",
         "_resolver",
@@ -74,6 +87,8 @@ class Context:
         self.vars: dict[str, Any] = {}
         self.buffer_request = False
         self.buffer_response = False
+        self.upgrade: str | None = None
+        self.upgraded: str | None = None
         self._states: dict[int, Any] | None = None
         self._route: Route | None | bool = False  # False: not resolved yet
         self._resolver = None

@@ -18,6 +18,9 @@ the client sent a bad body                  400          DPE
 the client stalled mid-body                 408          DT
 a filter raised                             500          FE
 the client went away                        (nothing)    DC
+an upstream 101 to no (or another) upgrade  502          UPE
+a tunnel idle for ``tunnel_idle``           (a close)    TI
+a tunnel open for ``tunnel_max``            (a close)    TM
 ==========================================  ===========  ====
 
 What is refused before it becomes a request (a bad or slow head, TLS
@@ -30,6 +33,13 @@ upstream's answer has arrived, it is what the client gets, whole: a request
 body that turns out malformed or too large after it only ends the
 connection when the answer is done.
 ``on_complete`` of every filter runs exactly once, whatever happened.
+
+An upgrade proposal (``ctx.upgrade``, see ``context.py``) is forwarded
+with the tokens the route allows, never ``h2c``; an upstream 101 naming one
+of them turns the exchange into a byte tunnel, which the downstream carries
+(``down.tunnel()``, by the listener's ``tunnel_idle`` and ``tunnel_max``);
+the upstream connection is never pooled after it. Any other answer to the
+proposal is relayed as usual.
 
 An answer that comes before the request body was read (a filter's, or the
 upstream's early one) keeps the connection when the rest of the body is
@@ -53,7 +63,14 @@ from ..protocol.events import NEED_DATA, Body, End, Informational, ProtocolError
 from ..protocol.http1 import reason_phrase
 from .chain import Chain
 from .filters import LocalReply
-from .forwarding import add_via, forward_request, strip_hop_by_hop, strip_trailers
+from .forwarding import (
+    add_via,
+    forward_request,
+    offer_upgrade,
+    strip_hop_by_hop,
+    strip_trailers,
+    switched_protocol,
+)
 
 if TYPE_CHECKING:
     from ..edge.pool import Pool
@@ -70,12 +87,14 @@ class Site(Protocol):
     trust_forwarded: bool
     max_body_bytes: int  # 0: unlimited
     max_buffered: int
+    config: Any  # the listener's config; a tunnel reads timeouts.tunnel_idle and tunnel_max
 
 __all__ = ["DRAIN_LIMIT", "DRAIN_TIME", "Site", "run_exchange"]
 
 log = structlog.get_logger("sluice.exchange")
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+_UPGRADES = frozenset({"websocket"})  # when no route says (Route.upgrades' default)
 _COMPLETE_TIMEOUT = 5.0  # seconds on_complete phases get, even when cancelled
 # The rest of a request body read and dropped after an early answer, to keep
 # the connection (nginx discards an unread body the same way): past these,
@@ -112,7 +131,7 @@ async def run_exchange(listener: Site, down: Any, head: RequestHead, ctx: Contex
     chain = listener.chain
     try:
         try:
-            chain = _prepare(listener, head, ctx)
+            chain = _prepare(listener, down, head, ctx)
             await _proxy(listener, chain, down, head, ctx)
         except BaseExceptionGroup as group:
             raise _collapse(group) from None
@@ -182,7 +201,7 @@ def _reason(status: int) -> str:
     return f"{reason_phrase(status).lower()}\n"
 
 
-def _prepare(listener: Site, head: RequestHead, ctx: Context) -> Chain:
+def _prepare(listener: Site, down: Any, head: RequestHead, ctx: Context) -> Chain:
     """Apply the proxy's own header rules; return the chain for this request."""
     request = head.request
     ctx.request = request
@@ -193,6 +212,9 @@ def _prepare(listener: Site, head: RequestHead, ctx: Context) -> Chain:
         trusted=listener.trust_forwarded,
         drop_expect=head.expect_continue,  # we answer 100-continue ourselves
     )
+    upgrade = down.upgrade
+    if upgrade is not None:
+        ctx.upgrade = upgrade.decode("latin-1")
     chain = listener.chain
     ctx._resolver = chain.resolver
     ctx._drainable = not head.has_body or (head.content_length or 0) <= DRAIN_LIMIT
@@ -220,6 +242,10 @@ async def _proxy(listener: Site, chain: Chain, down: Any, head: RequestHead, ctx
     if endpoint is None:
         raise _Reply(LocalReply(503, "no healthy upstream\n", flag="UH"))
     ctx.endpoint = endpoint
+    if ctx.upgrade is not None:
+        route = ctx.route
+        ctx.upgrade = offer_upgrade(request.headers, ctx.upgrade,
+                                    _UPGRADES if route is None else route.upgrades)
     add_via(request.headers)
     if request.http_version == "1.0" and request.headers.get_raw(b"host") is None:
         # HTTP/1.0 may omit Host; the upstream hears HTTP/1.1, which may not.
@@ -251,7 +277,10 @@ async def _proxy(listener: Site, chain: Chain, down: Any, head: RequestHead, ctx
         else:
             body = await _whole_request_body(listener, chain, down, head, ctx) if head.has_body else b""
             conn, response = await _send_whole(pool, cluster, endpoint, conn, down, ctx, timeout, body)
-            await _relay_response(listener, chain, down, conn, ctx, response, timeout)
+            if response.status == 101:
+                await _tunnel(listener, chain, down, conn, ctx, response)
+            else:
+                await _relay_response(listener, chain, down, conn, ctx, response, timeout)
     finally:
         endpoint.active -= 1
         if conn is not None:
@@ -411,7 +440,9 @@ async def _final_head(down, conn, ctx, event, deadline: float) -> Response:
     while type(event) is Informational:
         status = event.response.status
         if status == 101:
-            raise UpstreamError("upstream switched protocols unasked", status=502, flag="UPE")
+            if ctx.upgrade is None:
+                raise UpstreamError("upstream switched protocols unasked", status=502, flag="UPE")
+            break  # the final head of an upgrade: the tunnel's
         if status != 100 or down.expects_100:  # an unasked-for 100 is dropped (RFC 9110 15.2.1)
             await down.send_informational(event.response)
         event = await conn.next_event(deadline)
@@ -419,6 +450,31 @@ async def _final_head(down, conn, ctx, event, deadline: float) -> Response:
         raise _timed_out()
     ctx.response = event.response
     return event.response
+
+
+async def _tunnel(listener: Site, chain: Chain, down: Any, conn: Any, ctx: Context,
+                  response: Response) -> None:
+    """The upstream accepted the upgrade: its 101 goes through the response
+    header phases to the client, then the downstream carries bytes both ways
+    until the tunnel ends (the upstream connection is never pooled again)."""
+    protocol = switched_protocol(response.headers, ctx.upgrade)
+    if protocol is None:
+        raise UpstreamError("upstream switched to a protocol not offered", status=502, flag="UPE")
+    add_via(response.headers)
+    ctx.upgraded = protocol
+    replied = await chain.run_heads(chain.response_headers, ctx, response, len(chain.filters))
+    if replied is not None:  # a filter refused the switch: the client gets its reply
+        ctx.upgraded = None
+        conn.discard = True
+        down.close_after = True  # the client may already be sending the new protocol
+        raise _Reply(replied[1], replied[0])
+    timeouts = listener.config.timeouts
+    ended = await down.tunnel(response, conn.io, conn.switched(), idle=timeouts.tunnel_idle,
+                              limit=timeouts.tunnel_max, stats=ctx)
+    if ended == "idle":
+        ctx.flags.append("TI")
+    elif ended == "limit":
+        ctx.flags.append("TM")
 
 
 async def _upstream_body_event(conn, down, timeout: float):

@@ -32,7 +32,15 @@ the chunk (adjust Content-Length in the headers phase if you change sizes).
 happened: normal end, local reply, upstream failure, client abort or
 cancellation. ``ctx.error`` holds the exception that ended the exchange
 early, if any; ``ctx.flags`` says how sluice answered (see access_log).
-It also runs, with no other phase before it, for what the core refused
+
+An upgraded exchange (a WebSocket, see ``Context.upgrade``/``upgraded``)
+meets the request phases on its handshake, so auth and routing apply, and
+``on_response_headers`` on the upstream's 101 with ``ctx.upgraded`` set (a
+LocalReply there refuses the switch: the client gets the reply); then it is
+a byte tunnel that no body or trailer phase sees, and ``on_complete`` runs
+when the tunnel ends.
+
+``on_complete`` also runs, with no other phase before it, for what the core refused
 before it became a request (a bad or unfinished head, a failed TLS
 handshake, a TLS hello on a plain listener, a client refused for want of a
 slot; the flags are in ``sluice.edge.listener``): ``ctx.request`` is then

@@ -9,7 +9,8 @@ import random
 
 from ..messages import Headers
 
-__all__ = ["VIA", "add_via", "forward_request", "strip_hop_by_hop", "strip_trailers"]
+__all__ = ["VIA", "add_via", "forward_request", "offer_upgrade", "strip_hop_by_hop", "strip_trailers",
+           "switched_protocol"]
 
 VIA = b"1.1 sluice"
 
@@ -148,6 +149,50 @@ def strip_trailers(trailers: Headers) -> list[str]:
     if dropped:
         fields[:] = [f for f in fields if f[0] not in _NOT_TRAILERS]
     return dropped
+
+
+# Upgrades (RFC 9110 7.8). Upgrade and Connection are hop-by-hop, so
+# forward_request drops them like any other; a proposal the route allows is
+# offered again, as this hop's own. h2c never is: an upstream that switched
+# to it would read the connection's later requests as HTTP/2, past every
+# rule sluice applies to HTTP/1.1 (h2c smuggling).
+_NEVER_OFFERED = "h2c"
+
+
+def _protocol_name(token: str) -> str:
+    """``WebSocket`` -> ``websocket``, ``foo/2`` -> ``foo``: a token as routes name it."""
+    return token.strip(" \t").partition("/")[0].lower()
+
+
+def offer_upgrade(headers: Headers, offered: str, allowed: frozenset[str]) -> str | None:
+    """Add ``Connection: upgrade`` and an ``Upgrade`` field with the tokens of
+    ``offered`` (the client's Upgrade value) that ``allowed`` names, never
+    h2c; return the value offered, or None (and add nothing) when no token is
+    left: the request then goes as plain HTTP, as nginx sends it (curl offers
+    h2c to every http:// URL and must still get its answer)."""
+    kept = [t.strip(" \t") for t in offered.split(",")
+            if (name := _protocol_name(t)) in allowed and name != _NEVER_OFFERED]
+    if not kept:
+        return None
+    value = ", ".join(kept)
+    headers.raw().extend(((b"connection", b"upgrade"), (b"upgrade", value.encode("latin-1"))))
+    return value
+
+
+def switched_protocol(headers: Headers, offered: str) -> str | None:
+    """The protocol a 101's ``headers`` switch to (by name, lower-case) when it
+    is one of those ``offered``, else None. Then, as for any response, the
+    hop-by-hop fields go and this hop's ``Connection: upgrade`` and
+    ``Upgrade`` (the upstream's value) are set."""
+    value = headers.get_raw(b"upgrade")
+    if value is None or b"," in value:
+        return None
+    name = _protocol_name(value.decode("latin-1"))
+    if name not in {_protocol_name(t) for t in offered.split(",")}:
+        return None
+    strip_hop_by_hop(headers)
+    headers.raw().extend(((b"connection", b"upgrade"), (b"upgrade", value)))
+    return name
 
 
 def add_via(headers: Headers) -> None:

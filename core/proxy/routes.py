@@ -21,7 +21,10 @@ class Route:
     ``{"disabled": true}`` itself and skips that filter for the request.
     ``action`` is the router's own (forward, direct response, redirect);
     ``summary`` says in one line what the route matches and does (for
-    ``sluice check``).
+    ``sluice check``). ``upgrades`` are the protocols (``Upgrade`` tokens,
+    lower-case, without version) a request on this route may switch to;
+    anything else is forwarded as a plain request without its ``Upgrade``,
+    and ``h2c`` never goes upstream, whatever this says (the exchange).
     """
 
     name: str
@@ -30,6 +33,7 @@ class Route:
     filters: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     action: Any = None
     summary: str = ""
+    upgrades: frozenset[str] = frozenset({"websocket"})
 
     def filter_settings(self, filter_name: str) -> Mapping[str, Any]:
         """Per-route settings for one filter (empty when none)."""
