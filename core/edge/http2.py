@@ -336,8 +336,16 @@ class H2Connection:
                 self._wake_reader()
 
     async def _refuse(self, stream_id: int, refused: Refused) -> None:
-        """Answer a request sluice will not forward (its status), and log it."""
+        """Answer a request sluice will not forward (its status), and log it;
+        a malformed one (status 0) was reset already."""
         status = refused.status
+        if not status:
+            log.info("malformed request", client=self.client[0], error=str(refused.error))
+            with contextlib.suppress(*_GONE, ClientGone):
+                await self.flush()
+            await self.listener._refused(self.client, self.tls_peer, ("DPE",), None, refused.error,
+                                         time.monotonic())
+            return
         body = f"{reason_phrase(status).lower()}\n".encode()
         response = Response(status, Headers([(b"content-type", b"text/plain; charset=utf-8"),
                                              (b"content-length", b"%d" % len(body))]))

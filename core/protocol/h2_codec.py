@@ -37,6 +37,8 @@ sends no more than the peer's windows allow and says how much it took.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import h2.config
@@ -88,7 +90,8 @@ class WindowOpen:
 
 @dataclass(slots=True)
 class Refused:
-    """A request sluice answers itself, never forwards: ``status`` and why."""
+    """A request sluice answers itself, never forwards: ``status`` and why
+    (status 0: a malformed one, already reset with PROTOCOL_ERROR)."""
 
     status: int
     error: ProtocolError
@@ -108,27 +111,42 @@ class H2Server:
     """One HTTP/2 server connection's protocol state."""
 
     def __init__(self, *, max_concurrent_streams: int, initial_window: int,
-                 max_header_list_size: int, max_header_count: int) -> None:
+                 max_header_list_size: int, max_header_count: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         config = h2.config.H2Configuration(
             client_side=False,
             header_encoding=None,  # names and values stay bytes, as in Headers
-            validate_inbound_headers=True,
+            # Header blocks are checked here (``_malformed``): h2 would make
+            # every malformed one a connection error, and RFC 9113 8.1.1
+            # makes it a stream error, which spares the client's other streams.
+            validate_inbound_headers=False,
             normalize_inbound_headers=True,
             validate_outbound_headers=True,
         )
         self._h2 = h2.connection.H2Connection(config=config)
-        self._h2.local_settings = h2.settings.Settings(
-            client=False,
-            initial_values={
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: initial_window,
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: max_header_list_size,
-            },
-        )
+        codes = h2.settings.SettingCodes
+        advertised = {
+            codes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
+            codes.INITIAL_WINDOW_SIZE: initial_window,
+            codes.MAX_HEADER_LIST_SIZE: max_header_list_size,
+        }
+        self._h2.local_settings = h2.settings.Settings(client=False, initial_values=advertised)
+        self.max_concurrent_streams = max_concurrent_streams
         self.max_header_count = max_header_count
+        self._clock = clock
+        self._opened = 0  # streams the client opened
+        self._resets = 0  # streams the client reset
+        self._control = _Bucket(_CONTROL_BURST, _CONTROL_RATE, clock())
         self._out = b""  # bytes to write before h2's own (a graceful GOAWAY)
         self._last_served: int | None = None  # once a GOAWAY went out: the last stream served
         self._h2.initiate_connection()
+        # h2 enforces the settings it holds as a connection error. It is
+        # given a looser stream cap than the client was told, so that streams
+        # past ours are refused one at a time (REFUSED_STREAM) and the others
+        # go on; only a client far past it loses the connection.
+        self._h2.local_settings = h2.settings.Settings(client=False, initial_values={
+            **advertised, codes.MAX_CONCURRENT_STREAMS: 2 * max_concurrent_streams + 100})
+        self._h2.decoder.max_header_list_size = max_header_list_size
         # The connection's window starts at 65,535 whatever SETTINGS say
         # (RFC 9113 6.9.2): open it to as many streams' worth as allowed.
         grow = min(initial_window * max_concurrent_streams, 2**31 - 1) - 65535
@@ -148,26 +166,46 @@ class H2Server:
         out: list[tuple[int, object]] = []
         for event in events:
             kind = type(event)
+            if kind in _CONTROL and not self._control.take(self._clock()):
+                return out + [self._calm("SETTINGS, PING or PRIORITY flood")]
             if kind is h2.events.DataReceived:
                 out.append((event.stream_id, Data(event.data, event.flow_controlled_length)))
                 if event.stream_ended is not None:
                     out.append((event.stream_id, End(None)))
             elif kind is h2.events.RequestReceived:
                 last = self._last_served
-                if last is not None and event.stream_id > last:
-                    # Opened after our GOAWAY: never served, safe to retry.
+                if (last is not None and event.stream_id > last
+                        or self._h2.open_inbound_streams > self.max_concurrent_streams):
+                    # Opened after our GOAWAY, or past the streams allowed at
+                    # once: never served, so safe for the client to retry.
                     self.reset(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                    continue
+                self._opened += 1
+                why = _malformed(event.headers, request=True)
+                if why is not None:
+                    self.reset(event.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+                    out.append((event.stream_id, Refused(0, ProtocolError(why))))
                     continue
                 out.append((event.stream_id, self._request(event)))
                 if event.stream_ended is not None and not isinstance(out[-1][1], Refused):
                     out.append((event.stream_id, End(None)))
             elif kind is h2.events.TrailersReceived:
-                fields = [(n, v) for n, v in event.headers if n[:1] != b":"]
-                out.append((event.stream_id, End(Headers._trusted(fields) if fields else None)))
+                if _malformed(event.headers, request=False) is not None:
+                    self.reset(event.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+                    out.append((event.stream_id, StreamReset(int(h2.errors.ErrorCodes.PROTOCOL_ERROR))))
+                    continue
+                out.append((event.stream_id, End(Headers._trusted(list(event.headers)) or None)))
             elif kind is h2.events.StreamEnded:
                 pass  # reported with the DATA or HEADERS that ended it
             elif kind is h2.events.StreamReset:
                 out.append((event.stream_id, StreamReset(int(event.error_code))))
+                if event.remote_reset:
+                    self._resets += 1
+                    if self._resets > _RESETS_ALLOWED and 2 * self._resets > self._opened:
+                        # Rapid reset (CVE-2023-44487): each stream opened and
+                        # reset costs an exchange, and a client may open
+                        # without end if it resets as fast.
+                        return out + [self._calm("rapid reset")]
             elif kind is h2.events.WindowUpdated or kind is h2.events.RemoteSettingsChanged:
                 out.append((getattr(event, "stream_id", 0), WindowOpen()))
             elif kind is h2.events.ConnectionTerminated:
@@ -229,6 +267,15 @@ class H2Server:
         )
         ended = event.stream_ended is not None
         return RequestHead(request, has_body=not ended and length != 0, content_length=length)
+
+    def _calm(self, why: str) -> tuple[int, Terminated]:
+        """Drop the connection of a client abusing it (GOAWAY ENHANCE_YOUR_CALM)."""
+        code = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+        try:
+            self._h2.close_connection(code, additional_data=why.encode())
+        except h2.exceptions.ProtocolError:
+            pass
+        return (0, Terminated(int(code), self._h2.highest_inbound_stream_id, why))
 
     def acknowledge(self, stream_id: int, size: int) -> None:
         """The exchange took ``size`` flow-controlled bytes of ``stream_id``:
@@ -305,4 +352,74 @@ class H2Server:
             return False
 
 
+_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path", b":protocol"})
+_REQUIRED = (b":method", b":scheme", b":path")
+_BAD_NAME = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ\x00\r\n :")  # ':' only as a pseudo's first byte
+_BAD_VALUE = frozenset(b"\x00\r\n")
+
+
+def _malformed(headers, *, request: bool) -> str | None:
+    """Why a header block is malformed (RFC 9113 8.1.1, 8.2, 8.3), or None."""
+    seen: set[bytes] = set()
+    regular = False
+    for name, value in headers:
+        if name[:1] == b":":
+            if not request:
+                return "a pseudo-header in trailers"
+            if regular:
+                return "a pseudo-header after a regular field"
+            if name not in _PSEUDO or name in seen:
+                return f"unknown or repeated pseudo-header {name!r}"
+            seen.add(name)
+            body = name[1:]
+        else:
+            regular = True
+            body = name
+            if name in _CONNECTION_SPECIFIC:
+                return f"connection-specific field {name!r}"
+            if name == b"te" and value.lower() != b"trailers":
+                return "TE other than trailers"
+        if not body or any(c in _BAD_NAME or c < 0x21 or c == 0x7F for c in body):
+            return f"invalid field name {name!r}"
+        if value and (value[0] in b" \t" or value[-1] in b" \t" or any(c in _BAD_VALUE for c in value)):
+            return f"invalid value for {name!r}"
+    if request:
+        method = next((v for n, v in headers if n == b":method"), None)
+        if method != b"CONNECT" and any(p not in seen for p in _REQUIRED):
+            return "a missing pseudo-header"
+        if next((v for n, v in headers if n == b":path"), b"x") == b"":
+            return "an empty :path"
+    return None
+
+
 _INBOUND_OPEN = frozenset({h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_LOCAL})
+
+# Frames that cost work and answer nothing. h2 acknowledges each SETTINGS
+# and PING itself; past a burst of 1,000 and 100 a second after it, the
+# client is flooding (nginx and Envoy cap these too).
+_CONTROL = frozenset({h2.events.PingReceived, h2.events.RemoteSettingsChanged, h2.events.PriorityUpdated})
+_CONTROL_BURST = 1000
+_CONTROL_RATE = 100.0
+# Client resets tolerated before the rapid-reset rule (more resets than half
+# the streams opened) applies: a client cancelling now and then is normal.
+_RESETS_ALLOWED = 200
+
+
+class _Bucket:
+    """A token bucket: ``take`` is False once the burst is spent faster than the rate refills it."""
+
+    __slots__ = ("tokens", "burst", "rate", "at")
+
+    def __init__(self, burst: int, rate: float, now: float) -> None:
+        self.tokens = float(burst)
+        self.burst = burst
+        self.rate = rate
+        self.at = now
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True

@@ -1,0 +1,227 @@
+"""The sans-I/O HTTP/2 server (``sluice.protocol.h2_codec``) against h2's own
+client, frame by frame, with no sockets: translation, stream errors, the
+limits that keep one client from taking a connection (or the proxy) down."""
+
+from __future__ import annotations
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.settings
+import pytest
+from hyperframe.frame import ContinuationFrame, Frame, GoAwayFrame, HeadersFrame, RstStreamFrame
+
+from sluice.messages import Headers, Response
+from sluice.protocol.events import End, RequestHead
+from sluice.protocol.h2_codec import Data, H2Server, Refused, StreamReset, Terminated
+
+BASE = [(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http"), (b":authority", b"a.test")]
+MAX_STREAMS = 10
+
+
+class Clock:
+    now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def pair(clock=None):
+    server = H2Server(max_concurrent_streams=MAX_STREAMS, initial_window=65535, max_header_list_size=16384,
+                      max_header_count=20, **({"clock": clock} if clock else {}))
+    client = h2.connection.H2Connection(h2.config.H2Configuration(
+        client_side=True, header_encoding=None, validate_outbound_headers=False,
+        normalize_outbound_headers=False, validate_inbound_headers=False))
+    client.initiate_connection()
+    client.receive_data(server.pending())
+    server.feed(client.data_to_send())
+    client.receive_data(server.pending())
+    return server, client
+
+
+def frames(data: bytes) -> list:
+    out = []
+    while len(data) >= 9:
+        frame, length = Frame.parse_frame_header(memoryview(data[:9]))
+        frame.parse_body(memoryview(data[9:9 + length]))
+        out.append(frame)
+        data = data[9 + length:]
+    return out
+
+
+def test_a_request_becomes_the_events_the_http1_codecs_make():
+    server, client = pair()
+    client.send_headers(1, [(b":method", b"POST"), (b":path", b"/a/../b?q"), (b":scheme", b"https"),
+                            (b":authority", b"a.test:8443"), (b"cookie", b"a=1"), (b"cookie", b"b=2"),
+                            (b"content-length", b"5")])
+    client.send_data(1, b"hello", end_stream=True)
+    (_, head), (_, data), (_, end) = server.feed(client.data_to_send())
+    assert type(head) is RequestHead and head.has_body and head.content_length == 5
+    request = head.request
+    assert (request.method, request.target, request.http_version, request.scheme) == ("POST", "/b?q", "2", "https")
+    assert request.headers.raw() == [(b"host", b"a.test:8443"), (b"content-length", b"5"), (b"cookie", b"a=1; b=2")]
+    assert data == Data(b"hello", 5) and end == End(None)
+
+
+@pytest.mark.parametrize(
+    ("extra", "why"),
+    [
+        ([(b"X-Upper", b"1")], "invalid field name"),
+        ([(b"connection", b"close")], "connection-specific"),
+        ([(b"transfer-encoding", b"chunked")], "connection-specific"),
+        ([(b"te", b"gzip")], "TE other than trailers"),
+        ([(b"x", b"a\r\nb")], "invalid value"),
+        ([(b":foo", b"x")], "pseudo-header"),
+    ],
+)
+def test_a_malformed_request_is_a_stream_error_and_the_connection_goes_on(extra, why):
+    server, client = pair()
+    client.send_headers(1, BASE + extra, end_stream=True)
+    [(sid, refused)] = server.feed(client.data_to_send())
+    assert sid == 1 and type(refused) is Refused and refused.status == 0 and why in str(refused.error)
+    [reset] = [f for f in frames(server.pending()) if isinstance(f, RstStreamFrame)]
+    assert reset.stream_id == 1 and reset.error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
+    client.send_headers(3, BASE, end_stream=True)
+    assert [type(e) for _, e in server.feed(client.data_to_send())] == [RequestHead, End]
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ([(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http")], 400),  # no authority, no Host
+        (BASE[:1] + [(b":path", b"/../x")] + BASE[2:], 400),
+        ([(b":method", b"CONNECT"), (b":authority", b"a.test:443")], 501),
+        (BASE + [(b"x-%d" % i, b"v") for i in range(25)], 431),
+    ],
+)
+def test_requests_sluice_refuses_get_a_status_on_their_stream(headers, status):
+    server, client = pair()
+    client.send_headers(1, headers, end_stream=True)
+    [(_, refused)] = server.feed(client.data_to_send())
+    assert type(refused) is Refused and refused.status == status
+
+
+def test_streams_past_the_limit_are_refused_one_by_one():
+    """RFC 9113 5.1.2: REFUSED_STREAM, and the streams allowed go on (nginx
+    and nghttpx drop the whole connection here)."""
+    server, client = pair()
+    client.remote_settings[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] = 1000  # a client ignoring ours
+    client.remote_settings.acknowledge()
+    heads = []
+    for i in range(MAX_STREAMS + 3):
+        client.send_headers(1 + 2 * i, BASE, end_stream=False)  # open: bodies still to come
+        heads += [s for s, e in server.feed(client.data_to_send()) if type(e) is RequestHead]
+    assert heads == [1 + 2 * i for i in range(MAX_STREAMS)]
+    resets = [f for f in frames(server.pending()) if isinstance(f, RstStreamFrame)]
+    assert [(f.stream_id, f.error_code) for f in resets] == [
+        (1 + 2 * i, h2.errors.ErrorCodes.REFUSED_STREAM) for i in range(MAX_STREAMS, MAX_STREAMS + 3)]
+    server.respond(1, Response(200, Headers([(b"content-length", b"0")])), end=True)
+    assert any(type(e) is h2.events.ResponseReceived for e in client.receive_data(server.pending()))
+
+
+def test_rapid_reset_ends_the_connection():
+    """CVE-2023-44487: streams opened and reset at once, without end."""
+    server, client = pair()
+    last = []
+    for i in range(300):
+        sid = 1 + 2 * i
+        client.send_headers(sid, BASE, end_stream=True)
+        client.reset_stream(sid)
+        last = server.feed(client.data_to_send())
+        if last and type(last[-1][1]) is Terminated:
+            break
+    assert type(last[-1][1]) is Terminated and last[-1][1].error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    assert any(isinstance(f, GoAwayFrame) and f.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+               for f in frames(server.pending()))
+
+
+def test_a_client_cancelling_now_and_then_keeps_its_connection():
+    server, client = pair()
+    for i in range(400):
+        sid = 1 + 2 * i
+        client.send_headers(sid, BASE, end_stream=True)
+        if i % 3 == 0:
+            client.reset_stream(sid)
+        events = server.feed(client.data_to_send())
+        assert not any(type(e) is Terminated for _, e in events)
+        reset = {s for s, e in events if type(e) is StreamReset}
+        for s, e in events:
+            if type(e) is End and s not in reset:
+                server.respond(s, Response(204), end=True)
+        client.receive_data(server.pending())
+
+
+def test_a_ping_flood_ends_the_connection_but_a_steady_ping_does_not():
+    clock = Clock()
+    server, client = pair(clock)
+    for i in range(3000):  # 100 a second for 30 s: within the rate
+        clock.now = i / 100
+        client.ping(b"%08d" % i)
+        assert not any(type(e) is Terminated for _, e in server.feed(client.data_to_send()))
+    for i in range(1200):  # then a burst
+        client.ping(b"%08d" % i)
+    events = server.feed(client.data_to_send())
+    assert type(events[-1][1]) is Terminated and events[-1][1].error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+
+
+def test_a_header_block_past_the_list_size_ends_the_connection():
+    """HPACK bombs and CONTINUATION floods both make a header block past
+    MAX_HEADER_LIST_SIZE; it cannot be decoded partly, so the connection goes."""
+    server, client = pair()
+    client.send_headers(1, BASE + [(b"x-big", b"a" * 20000)], end_stream=True)
+    [(_, terminated)] = server.feed(client.data_to_send())
+    assert type(terminated) is Terminated and terminated.error_code
+
+
+def test_a_continuation_flood_ends_the_connection():
+    """CVE-2024-27316: HEADERS without END_HEADERS, then CONTINUATION frames without end."""
+    server, _ = pair()
+    headers = HeadersFrame(1)
+    headers.data = b"\x82"  # :method GET, indexed
+    data = headers.serialize()
+    for _ in range(200):
+        continuation = ContinuationFrame(1)
+        continuation.data = b"\x00\x01a\x01b"  # literal x: b, again and again
+        data += continuation.serialize()
+    [(_, terminated)] = server.feed(data)
+    assert type(terminated) is Terminated and terminated.error_code
+
+
+def test_after_a_graceful_goaway_new_streams_are_refused_and_old_ones_answered():
+    server, client = pair()
+    client.send_headers(1, BASE, end_stream=True)
+    server.feed(client.data_to_send())
+    server.goaway()
+    client.send_headers(3, BASE, end_stream=True)
+    assert not any(type(e) is RequestHead for _, e in server.feed(client.data_to_send()))
+    server.respond(1, Response(200, Headers([(b"content-length", b"2")])))
+    server.send_data(1, b"ok", end=True)
+    sent = frames(server.pending())
+    goaway = next(f for f in sent if isinstance(f, GoAwayFrame))
+    assert goaway.last_stream_id == 1 and goaway.error_code == 0
+    assert any(isinstance(f, RstStreamFrame) and f.stream_id == 3
+               and f.error_code == h2.errors.ErrorCodes.REFUSED_STREAM for f in sent)
+    assert sent.index(goaway) < max(i for i, f in enumerate(sent) if f.stream_id == 1)
+
+
+def test_request_data_is_acknowledged_only_when_taken():
+    server, client = pair()
+    client.send_headers(1, BASE, end_stream=False)
+    for _ in range(4):
+        client.send_data(1, b"x" * 15000)
+    server.feed(client.data_to_send())
+    assert client.local_flow_control_window(1) == 65535 - 60000
+    client.receive_data(server.pending())
+    assert client.local_flow_control_window(1) == 65535 - 60000  # nothing given back yet
+    server.acknowledge(1, 60000)
+    client.receive_data(server.pending())
+    assert client.local_flow_control_window(1) == 65535
+
+
+def test_a_client_reset_reaches_its_stream():
+    server, client = pair()
+    client.send_headers(1, BASE, end_stream=False)
+    server.feed(client.data_to_send())
+    client.reset_stream(1, h2.errors.ErrorCodes.CANCEL)
+    assert server.feed(client.data_to_send()) == [(1, StreamReset(h2.errors.ErrorCodes.CANCEL))]
