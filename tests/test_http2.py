@@ -16,6 +16,7 @@ import subprocess
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 import httpx
 import pytest
 import trio
@@ -283,3 +284,34 @@ async def test_h2load_gets_every_answer_over_many_streams(start_origin):
     assert "2000 total, 2000 started, 2000 done, 2000 succeeded, 0 failed, 0 errored" in out, out
     assert "status codes: 2000 2xx" in out, out
     assert len(origin.requests) == 2000
+
+
+async def test_a_client_that_never_opens_its_window_loses_the_stream_not_the_connection(start_origin):
+    """It can hold a stream's answer forever: after ``idle`` the stream is
+    reset, and the connection still serves the client's next stream."""
+    origin = await start_origin()
+    async with serve(h2_config(origin, timeouts={"idle": 1}), plugins=PLUGINS) as proxy:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        conn.local_settings = h2.settings.Settings(
+            client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+        conn.initiate_connection()
+        stream = await trio.open_tcp_stream(*proxy.address)
+        async with stream:
+            head = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"a.test")]
+            conn.send_headers(1, [*head, (b":path", b"/stuck")], end_stream=True)
+            await stream.send_all(conn.data_to_send())
+            events = []
+            with trio.fail_after(5):
+                while not any(type(e) is h2.events.StreamReset for e in events):
+                    events += conn.receive_data(await stream.receive_some(65536))
+                    await stream.send_all(conn.data_to_send())
+            reset = next(e for e in events if type(e) is h2.events.StreamReset)
+            assert reset.stream_id == 1
+            # The same connection, a bodiless answer: no window needed.
+            conn.send_headers(3, [(b":method", b"HEAD"), (b":scheme", b"http"), (b":authority", b"a.test"),
+                                  (b":path", b"/next")], end_stream=True)
+            await stream.send_all(conn.data_to_send())
+            with trio.fail_after(5):
+                while not any(type(e) is h2.events.StreamEnded and e.stream_id == 3 for e in events):
+                    events += conn.receive_data(await stream.receive_some(65536))
+    assert [r.target for r, _ in origin.requests] == [b"/stuck", b"/next"]
