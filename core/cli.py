@@ -195,6 +195,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"{args.config}: ok (http1 codec: {app.codec.name})")
     for listener in app.listeners:
         tls = " tls" if listener.transport is not None else ""
+        if listener.config.http2.enabled:
+            tls += " +h2 (ALPN)" if tls else " +h2c (prior knowledge)"
         print(f"listener {listener.name}{tls}:")
         if not listener.chain.filters:
             print("  (no filters: every request gets 404)")

@@ -200,6 +200,31 @@ def test_python_dash_m_works():
     assert r.returncode == 0 and "run" in r.stdout and "plugins" in r.stdout
 
 
+def test_check_says_which_listeners_speak_http2(tmp_path):
+    path = write(tmp_path, """
+        [[listeners]]
+        name = "h2c"
+        address = "127.0.0.1:8080"
+        filters = ["router"]
+        http2 = true
+
+        [[listeners]]
+        name = "plain"
+        address = "127.0.0.1:8081"
+        filters = ["router"]
+
+        [clusters.api]
+        endpoints = ["127.0.0.1:9000"]
+
+        [[routes]]
+        match = { prefix = "/" }
+        cluster = "api"
+    """)
+    r = sluice("check", str(path))
+    assert r.returncode == 0, r.stderr
+    assert "listener h2c +h2c (prior knowledge):" in r.stdout and "listener plain:" in r.stdout
+
+
 def test_embedded_default_checks_its_plugins_before_listening():
     r = sluice("run", "--plugins", "access_log,router")  # no balancer for the demo cluster
     assert r.returncode == 2
