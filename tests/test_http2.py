@@ -315,3 +315,32 @@ async def test_a_client_that_never_opens_its_window_loses_the_stream_not_the_con
                 while not any(type(e) is h2.events.StreamEnded and e.stream_id == 3 for e in events):
                     events += conn.receive_data(await stream.receive_some(65536))
     assert [r.target for r, _ in origin.requests] == [b"/stuck", b"/next"]
+
+
+async def test_an_upstream_breaking_the_protocol_costs_only_its_stream(start_origin):
+    async def picky(stream: trio.SocketStream) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                return
+            data += chunk
+        if b" /bad " in data:
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!")
+        else:
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+
+    origin = await start_origin(raw=picky)
+    async with serve(h2_config(origin), plugins=PLUGINS) as proxy:
+        base = f"http://127.0.0.1:{proxy.address[1]}"
+        async with httpx.AsyncClient(http1=False, http2=True, base_url=base) as client:
+            results = {}
+
+            async def get(path: str) -> None:
+                results[path] = (await client.get(path)).status_code
+
+            async with trio.open_nursery() as nursery:
+                for path in ("/bad", "/good", "/bad", "/good2"):
+                    nursery.start_soon(get, path)
+            assert (await client.get("/after")).status_code == 200  # the connection lives on
+    assert results == {"/bad": 502, "/good": 200, "/good2": 200}
