@@ -1,5 +1,5 @@
-"""The client side of the benchmark: wrk runs and their parsing, answer checks,
-and a holder of idle keep-alive connections.
+"""The client side of the benchmark: wrk and h2load runs and their parsing,
+answer checks, and a holder of idle keep-alive connections.
 
 Nothing here starts a server; it only talks to URLs it is given.
 """
@@ -10,6 +10,7 @@ import http.client
 import re
 import ssl
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +31,7 @@ IDLE_TIMEOUT_S = 180
 
 
 class ParseError(Exception):
-    """wrk's output did not have the expected shape."""
+    """wrk's or h2load's output did not have the expected shape."""
 
 
 # ------------------------------------------------------------------------ wrk
@@ -107,6 +108,115 @@ def run_wrk(url: str, scenario, threads: int, duration_s: int, script: Path | No
         return failed_run(str(exc))
 
 
+# --------------------------------------------------------------------- h2load
+
+
+def h2load_argv(url: str, scenario, threads: int, duration_s: int, log_file: Path) -> list[str]:
+    """h2c with prior knowledge (an http:// URL), for a duration; every request's
+    latency goes to ``log_file``, as h2load prints no percentiles of its own."""
+    argv = ["h2load", f"-t{min(threads, scenario.connections)}", f"-c{scenario.connections}",
+            f"-m{scenario.streams}", f"-D{duration_s}", "--log-file", str(log_file)]
+    for header in scenario.headers:
+        argv += ["-H", header]
+    return argv + [url + scenario.path]
+
+
+def _h2load_counts(output: str) -> dict:
+    """The request and status counts of an h2load summary. ``failed`` includes
+    answers that are not 2xx or 3xx; ``errored`` and ``timeout`` are the
+    requests lost to the connection (reset, refused, closed, timed out)."""
+    requests = re.search(r"^requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
+                         r"(\d+) failed, (\d+) errored, (\d+) timeout", output, re.MULTILINE)
+    statuses = re.search(r"^status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx",
+                         output, re.MULTILINE)
+    data = re.search(r"^traffic: .*\((\d+)\) data", output, re.MULTILINE)
+    if not requests or not statuses or not data:
+        raise ParseError(f"could not find the request, status and traffic counts in h2load output:\n"
+                         f"{output}")
+    keys = ("total", "started", "done", "succeeded", "failed", "errored", "timeout")
+    counts = dict(zip(keys, map(int, requests.groups()), strict=True))
+    counts["status"] = dict(zip(("2xx", "3xx", "4xx", "5xx"), map(int, statuses.groups()), strict=True))
+    counts["data_bytes"] = int(data[1])
+    return counts
+
+
+def _percentile_ms(ordered_us: list[int], percent: float) -> float:
+    """Nearest-rank percentile of sorted microseconds, in ms."""
+    rank = max(0, min(len(ordered_us) - 1, round(percent / 100 * len(ordered_us)) - 1))
+    return round(ordered_us[rank] / 1000, 4)
+
+
+def parse_h2load(output: str, log_text: str) -> dict:
+    """The same figures as parse_wrk from h2load's summary and its ``--log-file``
+    (one line per request: start time, status, duration in microseconds).
+    Errors are the failed requests (including non-2xx/3xx answers) and the
+    connections lost."""
+    counts = _h2load_counts(output)
+    finished = re.search(r"^finished in \S+, ([\d.]+) req/s, ([\d.]+)(B|KB|MB|GB|TB)/s", output,
+                         re.MULTILINE)
+    if not finished:
+        raise ParseError(f"could not find 'finished in' in h2load output:\n{output}")
+    durations = sorted(int(line.split("\t")[2]) for line in log_text.splitlines() if line.count("\t") == 2)
+    if not durations:
+        raise ParseError(f"h2load logged no requests:\n{output}")
+    # A connection the server closed: h2load -D does not open another, so that
+    # client sends nothing more for the rest of the run. Not always in `failed`.
+    lost = len(re.findall(r"^Process Request Failure:", output, re.MULTILINE))
+    return {
+        "requests": counts["done"],
+        "rps": float(finished[1]),
+        "transfer_bytes_s": float(finished[2]) * BYTES_PER_UNIT[finished[3]],
+        **{f"p{p}_ms": _percentile_ms(durations, float(p)) for p in PERCENTILES},
+        "h2load": counts,
+        "connections_lost": lost,
+        "errors": counts["failed"] + lost,
+    }
+
+
+def run_h2load(url: str, scenario, threads: int, duration_s: int) -> dict:
+    """One h2load run, recorded like a wrk run (a failure message if h2load fails)."""
+    with tempfile.TemporaryDirectory(prefix="sluice-h2load-") as tmp:
+        log_file = Path(tmp) / "requests.log"
+        argv = h2load_argv(url, scenario, threads, duration_s, log_file)
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=duration_s + 60)
+        except subprocess.TimeoutExpired:
+            return failed_run(f"h2load did not finish within {duration_s + 60}s")
+        if proc.returncode != 0:
+            return failed_run(f"h2load exited {proc.returncode}: {(proc.stdout + proc.stderr).strip()}")
+        try:
+            return parse_h2load(proc.stdout, log_file.read_text() if log_file.exists() else "")
+        except ParseError as exc:
+            return failed_run(str(exc))
+
+
+def h2_fetch(url: str, headers: tuple[str, ...] = (), timeout: float = 5.0) -> tuple[str, int]:
+    """One GET over h2c with prior knowledge (h2load -n1): (status class, body
+    bytes), e.g. ("2xx", 32). OSError if no answer came."""
+    argv = ["h2load", "-n1", "-c1", "-m1"]
+    for header in headers:
+        argv += ["-H", header]
+    try:
+        proc = subprocess.run(argv + [url], capture_output=True, text=True, timeout=timeout)
+        counts = _h2load_counts(proc.stdout)
+    except subprocess.TimeoutExpired as exc:
+        raise OSError(f"h2load got no answer within {timeout}s") from exc
+    except ParseError as exc:
+        raise OSError(f"h2load failed: {(proc.stdout + proc.stderr).strip()[-500:]}") from exc
+    answered = [code for code, count in counts["status"].items() if count]
+    if counts["done"] != 1 or not answered:
+        raise OSError(f"no HTTP/2 answer (h2load: {counts['errored']} errored, "
+                      f"{counts['timeout']} timeout); its output: {proc.stdout.strip()[-500:]}")
+    return answered[0], counts["data_bytes"]
+
+
+def run_load(url: str, scenario, threads: int, duration_s: int, script: Path | None) -> dict:
+    """One measured run of the scenario's load generator: h2load for h2, else wrk."""
+    if scenario.h2:
+        return run_h2load(url, scenario, threads, duration_s)
+    return run_wrk(url, scenario, threads, duration_s, script)
+
+
 # --------------------------------------------------------------------- checks
 
 
@@ -134,6 +244,8 @@ def fetch(url: str, method: str = "GET", body: bytes | None = None, headers: tup
 
 def wrong_answer(url: str, scenario) -> str | None:
     """What is wrong with the target's answer to the scenario's request, or None."""
+    if scenario.h2:
+        return _wrong_h2_answer(url, scenario)
     body = b"x" * scenario.request_bytes if scenario.request_bytes else None
     method = "POST" if body else "GET"
     try:
@@ -143,6 +255,18 @@ def wrong_answer(url: str, scenario) -> str | None:
     if status != 200 or len(answer) != scenario.answer_bytes:
         return (f"{method} {scenario.path} answered {status} with {len(answer)} body bytes, "
                 f"expected 200 with {scenario.answer_bytes}")
+    return None
+
+
+def _wrong_h2_answer(url: str, scenario) -> str | None:
+    """h2load counts statuses only by class: a 2xx with the right body length passes."""
+    try:
+        status, body_bytes = h2_fetch(url + scenario.path, scenario.headers, timeout=10.0)
+    except OSError as exc:
+        return f"GET {scenario.path} over h2c failed: {exc}"
+    if status != "2xx" or body_bytes != scenario.answer_bytes:
+        return (f"GET {scenario.path} over h2c answered {status} with {body_bytes} body bytes, "
+                f"expected 2xx with {scenario.answer_bytes}")
     return None
 
 

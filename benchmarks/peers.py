@@ -4,7 +4,9 @@ A target is what wrk talks to: a proxy in front of the upstream, or nothing
 (``direct``). For each scenario every target gets its own directory under the
 run's temp dir, writes its config there, listens on a free 127.0.0.1 port and
 proxies to the one upstream. Each proxy runs 1 worker (process or thread),
-except ``sluice-w2``.
+except ``sluice-w2``. In the h2 scenarios the targets that speak h2c with prior
+knowledge listen for it (nginx and haproxy then only for it); the upstream
+stays HTTP/1.1.
 
 Starting and stopping them is procs.py's business.
 """
@@ -24,7 +26,8 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from procs import Command, Server, StartError, free_port, running
+from load import h2_fetch
+from procs import Command, Server, StartError, free_port, http1_probe, running
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -92,7 +95,7 @@ NGINX_PROXY_SERVERS = """\
         keepalive_requests 1000000;
     }}
     server {{
-        listen 127.0.0.1:{port}{ssl} backlog=4096;
+        listen 127.0.0.1:{port}{ssl}{http2} backlog=4096;
         {tls}
         location / {{
             proxy_pass http://backend;
@@ -128,6 +131,7 @@ CADDYFILE = """\
 {{
     admin off
     auto_https off
+    {servers}
 }}
 {scheme}://:{port} {{
     bind 127.0.0.1
@@ -171,6 +175,7 @@ class Site:
     upstream: str  # host:port
     tls: TlsFiles | None = None
     max_connections: int | None = None  # raise the proxy's limit to this, if it has one
+    h2: bool = False  # listen for h2c with prior knowledge
 
     @property
     def url(self) -> str:
@@ -188,6 +193,7 @@ class Target:
     executable: str | None = None  # must be on PATH, else the target is skipped
     install: str = ""
     tls: bool = True
+    h2: bool = False  # can listen for h2c with prior knowledge (the h2 scenarios)
 
 
 def open_files_limit() -> int:
@@ -206,13 +212,17 @@ def nginx_command(site: Site, servers: str) -> Command:
 def nginx_proxy(site: Site) -> Command:
     tls = (f"ssl_certificate {site.tls.cert}; ssl_certificate_key {site.tls.key};"
            if site.tls else "")
+    # nginx 1.22: `listen ... http2` on a plain port is h2c with prior knowledge, and only that.
+    # Its keepalive_requests (raised above) also bounds the streams of an h2 connection.
     return nginx_command(site, NGINX_PROXY_SERVERS.format(
-        port=site.port, upstream=site.upstream, ssl=" ssl" if site.tls else "", tls=tls))
+        port=site.port, upstream=site.upstream, ssl=" ssl" if site.tls else "",
+        http2=" http2" if site.h2 else "", tls=tls))
 
 
 def haproxy(site: Site) -> Command:
     conf = site.dir / "haproxy.cfg"
     tls = f" ssl crt {site.tls.pem}" if site.tls else ""
+    tls += " proto h2" if site.h2 else ""  # h2c with prior knowledge, and only that
     # haproxy counts 2 fds per connection of maxconn and, by default
     # (strict-limits), refuses to start if it cannot raise its open files
     # limit that far; with `no strict-limits` it warns and runs within the
@@ -225,8 +235,9 @@ def haproxy(site: Site) -> Command:
 def caddy(site: Site) -> Command:
     conf = site.dir / "Caddyfile"
     tls = f"tls {site.tls.cert} {site.tls.key}" if site.tls else ""
+    servers = "servers {\n        protocols h1 h2 h2c\n    }" if site.h2 else ""
     conf.write_text(CADDYFILE.format(scheme="https" if site.tls else "http", port=site.port,
-                                     tls=tls, upstream=site.upstream))
+                                     tls=tls, upstream=site.upstream, servers=servers))
     home = str(site.dir)  # caddy keeps state under $HOME / XDG dirs: keep it in the temp dir
     env = {"GOMAXPROCS": "1", "HOME": home, "XDG_DATA_HOME": home, "XDG_CONFIG_HOME": home}
     return Command(["caddy", "run", "--config", str(conf), "--adapter", "caddyfile"], env)
@@ -268,8 +279,11 @@ def _toml_value(value: object) -> str:
 
 
 def bench_listener(site: Site, listener: dict) -> dict:
-    """The listener as the benchmark needs it: its port, its TLS, its connection limit."""
+    """The listener as the benchmark needs it: its port, its TLS, its connection limit,
+    HTTP/2 in the h2 scenarios (the listener's own http2 table if it has one)."""
     listener = {**listener, "address": f"127.0.0.1:{site.port}"}
+    if site.h2 and not listener.get("http2"):
+        listener["http2"] = True
     listener.pop("tls", None)
     if site.tls:
         listener["tls"] = {"cert": str(site.tls.cert), "key": str(site.tls.key)}
@@ -315,8 +329,8 @@ def sluice(site: Site, make_config: Callable[[Site], dict]) -> Command:
     return Command([PYTHON, "-m", "sluice", "run", "-c", str(conf)])
 
 
-def sluice_target(name: str, summary: str, **config) -> Target:
-    return Target(name, summary, partial(sluice, make_config=partial(sluice_config, **config)))
+def sluice_target(name: str, summary: str, h2: bool = True, **config) -> Target:
+    return Target(name, summary, partial(sluice, make_config=partial(sluice_config, **config)), h2=h2)
 
 
 DEFAULT_CHAIN = ["access_log", "router"]
@@ -324,13 +338,14 @@ APT = "apt-get install {}  (or: bash benchmarks/setup.sh)"
 TARGETS = {t.name: t for t in (
     Target("direct", "no proxy: wrk straight to the upstream", None, tls=False),
     Target("nginx", "nginx, 1 worker, keepalive upstream block", nginx_proxy, "nginx",
-           APT.format("nginx")),
+           APT.format("nginx"), h2=True),
     Target("haproxy", "haproxy, nbthread 1, http mode, keep-alive to upstream", haproxy, "haproxy",
-           APT.format("haproxy")),
-    Target("caddy", "caddy reverse_proxy, GOMAXPROCS=1", caddy, "caddy", APT.format("caddy")),
+           APT.format("haproxy"), h2=True),
+    Target("caddy", "caddy reverse_proxy, GOMAXPROCS=1", caddy, "caddy", APT.format("caddy"), h2=True),
     Target("floor", "benchmarks/floor.py: trio + httptools, no filters, no checks", floor),
+    # its point is the HTTP/1.1 codec: in h2 it would be sluice again
     sluice_target("sluice-h11", "sluice, h11 codec, chain access_log, router", filters=DEFAULT_CHAIN,
-                  codec="h11"),
+                  codec="h11", h2=False),
     sluice_target("sluice", "sluice, codec auto, chain access_log, router", filters=DEFAULT_CHAIN),
     sluice_target("sluice-bare", "sluice, no filters (router only)", filters=["router"]),
     sluice_target("sluice-w2", "sluice, chain access_log, router, 2 workers", filters=DEFAULT_CHAIN,
@@ -343,7 +358,7 @@ def custom_target(config: dict | None, plugins: list[str] | None) -> Target:
     """``sluice-custom``: the user's config file, or the default config with their chain."""
     if config is not None:
         return Target("sluice-custom", "sluice, your config file",
-                      partial(sluice, make_config=partial(user_config, config=config)))
+                      partial(sluice, make_config=partial(user_config, config=config)), h2=True)
     chain = [name for name in plugins if name not in NOT_FILTERS]
     return sluice_target("sluice-custom", f"sluice, chain {', '.join(chain)}", filters=chain)
 
@@ -365,7 +380,8 @@ def run_target(target: Target, site: Site) -> Iterator[Server]:
         command = target.command(site)
     except (OSError, TypeError, ValueError, subprocess.CalledProcessError) as exc:
         raise StartError(f"{target.name}: could not write its config: {exc}") from exc
-    with running(target.name, command, site.url, site.dir / "output.log") as server:
+    probe = partial(h2_fetch, timeout=1.0) if site.h2 else http1_probe
+    with running(target.name, command, site.url, site.dir / "output.log", probe) as server:
         yield server
 
 

@@ -1,6 +1,7 @@
 """Server processes: started in their own session, checked, stopped by PID, measured.
 
-A server is ready once it answers ``GET /`` with any HTTP response. Stopping sends
+A server is ready once it answers ``GET /`` with any HTTP response (over h2c
+for a port that speaks only HTTP/2). Stopping sends
 SIGTERM to its PID, then, if it has not exited after STOP_TIMEOUT_S,
 SIGKILL to its process group, so that the workers of a multi-process
 server go too (the group is the server's own: it was started in a new
@@ -16,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,14 +84,18 @@ def stop_process(name: str, proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def wait_until_ready(server: Server, url: str) -> None:
+def http1_probe(url: str) -> None:
+    fetch(url + "/", timeout=1.0)
+
+
+def wait_until_ready(server: Server, url: str, probe: Callable[[str], object] = http1_probe) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if server.exit_code() is not None:
             raise StartError(f"{server.name} exited with code {server.exit_code()} before serving\n"
                              f"--- {server.name} output ---\n{server.output()}")
         with contextlib.suppress(OSError, ValueError):
-            fetch(url + "/", timeout=1.0)  # any HTTP answer: whether it is right is checked later
+            probe(url)  # any HTTP answer: whether it is right is checked later
             return
         time.sleep(0.1)
     raise StartError(f"{server.name} did not answer GET / at {url} within "
@@ -98,15 +103,16 @@ def wait_until_ready(server: Server, url: str) -> None:
 
 
 @contextlib.contextmanager
-def running(name: str, command: Command, url: str, log_path: Path) -> Iterator[Server]:
-    """Run a command until the block ends; yields once it answers HTTP."""
+def running(name: str, command: Command, url: str, log_path: Path,
+            probe: Callable[[str], object] = http1_probe) -> Iterator[Server]:
+    """Run a command until the block ends; yields once ``probe(url)`` gets an HTTP answer."""
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(command.argv, cwd=REPO, env={**os.environ, **command.env},
                                 stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     server = Server(name, url, proc, log_path)
     try:
-        wait_until_ready(server, url)
+        wait_until_ready(server, url, probe)
         log(f"{name} ready at {url} (pid {proc.pid})")
         yield server
     finally:

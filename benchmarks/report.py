@@ -81,12 +81,16 @@ def goals(results: dict) -> list[dict]:
     tail = {"goal": "sluice p99 <= 3x its p50 (small)",
             "measured": f"p99/p50 = {p99 / p50:.1f}" if p50 and p99 else None,
             "met": p99 <= 3 * p50 if p50 and p99 else None}
+    h2_share = _summary(results, "h2", "sluice").get("x_nginx")
+    h2 = {"goal": "sluice h2c >= 0.10x nginx h2c (h2 req/s)",
+          "measured": None if h2_share is None else f"{h2_share:.3f}x",
+          "met": None if h2_share is None else h2_share >= 0.10}
     measured = "rss_held_mib" in idle and idle["requested"] >= 10_000
     memory = {"goal": "sluice holding 10k idle connections <= 200 MiB RSS (idle10k)",
               "measured": f"{idle['rss_held_mib']:.0f} MiB with {idle['held']:,} held" if measured else None,
               "met": idle["rss_held_mib"] <= 200 and idle["held"] >= 10_000 if measured else None}
     return [share(small_sluice, 0.5, "sluice (default chain)"),
-            share(small_bare, 0.7, "sluice-bare (no filters)"), tail, memory]
+            share(small_bare, 0.7, "sluice-bare (no filters)"), tail, memory, h2]
 
 
 def problems(results: dict) -> tuple[list[str], bool]:
@@ -220,6 +224,7 @@ def machine_facts() -> dict:
         "haproxy": _first_line(["haproxy", "-v"]),
         "caddy": _first_line(["caddy", "version"]),
         "wrk": _first_line(["wrk", "-v"]),
+        "h2load": _first_line(["h2load", "--version"]),
         "openssl": _first_line(["openssl", "version"]),
         "trio": _version("trio"),
         "httptools": _version("httptools"),

@@ -2,7 +2,7 @@
 """Benchmark sluice against nginx, haproxy, caddy and a bare trio + httptools floor.
 
 Every target proxies the same upstream (a separate nginx, 1 worker) and runs
-1 worker; wrk drives each scenario against every target, a warm-up each,
+1 worker; wrk (h2load for the h2 scenarios) drives each scenario against every target, a warm-up each,
 then interleaved rounds (A, B, C, A, B, C, ...) so that they share the
 machine's noise. Prints a table of medians with ratios to nginx and to the
 floor and whether the issue's goals are met, writes every run as JSON to
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import peers
-from load import WRK_TIMEOUT_S, hold_idle, run_wrk, still_held, wrong_answer
+from load import WRK_TIMEOUT_S, hold_idle, run_load, still_held, wrong_answer
 from options import parse_args
 from peers import Site, Target, run_target
 from procs import Server, StartError, free_port, log, tree_rss_bytes
@@ -51,10 +51,10 @@ class Bench:
 
     def site(self, target: Target, scenario: Scenario) -> Site:
         return Site(self.workdir / scenario.name / target.name, free_port(), self.upstream,
-                    self.tls if scenario.tls else None, scenario.max_connections)
+                    self.tls if scenario.tls else None, scenario.max_connections, scenario.h2)
 
 
-# ------------------------------------------------------------ wrk scenarios
+# ----------------------------------------------------------- load scenarios
 
 
 def start_all(bench: Bench, scenario: Scenario, targets: list[Target], stack: contextlib.ExitStack,
@@ -112,13 +112,13 @@ def measure_load(bench: Bench, scenario: Scenario, targets: list[Target]) -> dic
         servers = start_all(bench, scenario, targets, stack, outcomes)
         for name, server in servers.items() if args.warmup else ():
             log(f"{scenario.name}: warm-up {name} ({args.warmup} s)")
-            run_wrk(server.url, scenario, args.threads, args.warmup, script)
+            run_load(server.url, scenario, args.threads, args.warmup, script)
         for round_no in range(1, args.repeats + 1):
             for name, server in list(servers.items()):
                 if died(server, outcomes[name]):
                     del servers[name]
                     continue
-                run = run_wrk(server.url, scenario, args.threads, args.duration, script)
+                run = run_load(server.url, scenario, args.threads, args.duration, script)
                 outcomes[name]["runs"].append(run)
                 log(f"{scenario.name} round {round_no}/{args.repeats} {name}: {describe(run)}")
         for name, server in servers.items():
@@ -174,9 +174,12 @@ def measure_idle(bench: Bench, scenario: Scenario, targets: list[Target]) -> dic
 
 
 def applicable(target: Target, scenario: Scenario) -> bool:
-    """direct has no process to hold connections, and no TLS listener."""
+    """direct has no process to hold connections, and no TLS listener; only
+    the targets that speak h2c are in the h2 scenarios."""
     if scenario.idle:
         return target.command is not None
+    if scenario.h2 and not target.h2:
+        return False
     return target.tls or not scenario.tls
 
 
@@ -190,6 +193,10 @@ def run_scenarios(args: argparse.Namespace, targets: list[Target]) -> dict:
             bench = Bench(workdir, upstream, tls_files(workdir, args.scenarios), args)
             for scenario in args.scenarios:
                 if scenario.tls and bench.tls is None:
+                    continue
+                if scenario.h2 and not shutil.which("h2load"):
+                    log(f"skipping {scenario.name}: h2load is not installed; to install: "
+                        "apt-get install nghttp2-client  (or: bash benchmarks/setup.sh)")
                     continue
                 results[scenario.name] = run_scenario(bench, scenario, targets)
     return results

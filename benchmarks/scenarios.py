@@ -1,9 +1,11 @@
 """What the benchmark asks of every target: one Scenario per kind of traffic.
 
-Each wrk scenario is one wrk command line (path, method, connections, extra
-headers, Lua script, TLS) and the answer every target must give to it, which
-is checked once per target before it is measured. ``idle10k`` is not a wrk
-run: it holds idle connections open and reads the proxies' memory.
+Each load scenario is one wrk command line (path, method, connections, extra
+headers, Lua script, TLS), or for the ``h2`` ones one h2load command line (h2c
+with prior knowledge, streams per connection), and the answer every target
+must give to it, which is checked once per target before it is measured.
+``idle10k`` is not a load run: it holds idle connections open and reads the
+proxies' memory.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class Scenario:
     tls: bool = False
     idle: bool = False  # hold connections and read memory instead of running wrk
     max_connections: int | None = None  # what a proxy with a connection limit must allow
+    h2: bool = False  # h2c with prior knowledge, driven by h2load; only targets that speak it
+    streams: int = 1  # (h2) requests in flight per connection: h2load -m
 
     @property
     def payload_bytes(self) -> int:
@@ -55,5 +59,11 @@ SCENARIOS = {s.name: s for s in (
     Scenario("c1000", "GET /, keep-alive, 1000 connections", connections=1000, max_connections=2000),
     Scenario("idle10k", f"{IDLE_CONNECTIONS:,} idle keep-alive connections: RSS of the proxy",
              connections=IDLE_CONNECTIONS, idle=True, max_connections=IDLE_CONNECTIONS + 2000),
+    # The same 50 requests in flight as `small`, one per connection: what HTTP/2's
+    # framing costs per request against HTTP/1.1's.
+    Scenario("h2", "GET / over h2c (prior knowledge), 50 connections x 1 stream", h2=True),
+    # What HTTP/2 is for: many streams on few connections.
+    Scenario("h2-many", "GET / over h2c (prior knowledge), 10 connections x 10 streams", h2=True,
+             connections=10, streams=10),
 )}
 QUICK = ("small", "newconn", "1m", "upload")

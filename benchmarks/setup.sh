@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Install the benchmark's external tools with apt when they are missing:
 # nginx and wrk (required: the upstream and the load generator), haproxy and
-# caddy (peers; run.py skips a peer that is not installed).
+# caddy (peers; run.py skips a peer that is not installed), h2load from
+# nghttp2-client (the h2 scenarios; run.py skips them without it).
 # Idempotent: does nothing when all are on PATH. Installing needs root; without
 # it, or when apt has no candidate for a package, it says so and carries on.
 set -euo pipefail
 
-packages=(nginx wrk haproxy caddy)
+# command=package: what must be on PATH, and the Debian package that puts it there
+tools=(nginx=nginx wrk=wrk haproxy=haproxy caddy=caddy h2load=nghttp2-client)
 missing=()
-for pkg in "${packages[@]}"; do
-    command -v "$pkg" >/dev/null || missing+=("$pkg")
+for tool in "${tools[@]}"; do
+    command -v "${tool%%=*}" >/dev/null || missing+=("${tool#*=}")
 done
 ((${#missing[@]} == 0)) && exit 0
 
