@@ -22,6 +22,8 @@ from websockets.sync.client import connect
 from websockets.sync.server import serve as ws_serve
 
 from sluice import ConfigError, Filter, LocalReply
+from sluice.messages import Headers
+from sluice.proxy.forwarding import offer_upgrade, switched_protocol
 from sluice.testing import serve
 
 from .conftest import InProcess, config, raw_request
@@ -258,12 +260,12 @@ async def test_a_slow_reader_upstream_holds_the_sender_back(start_origin, codec)
             head, _ = await read_head(stream)
             assert head.startswith(b"HTTP/1.1 101 ")
             sent = 0
-            block = b"\x00" * (1024 * 1024)
+            block = b"\x00" * (64 * 1024)
             with trio.move_on_after(1.5):
                 while sent < offered:
                     await stream.send_all(block)
                     sent += len(block)
-    assert sent < 64 * 1024 * 1024
+    assert sent < 16 * 1024 * 1024  # about 320 KiB on loopback; unbounded, it would be all 256 MiB
 
 
 async def test_an_upstream_that_answers_200_is_relayed_as_a_response(start_origin, codec):
@@ -389,3 +391,39 @@ async def test_filters_learn_of_the_tunnel_and_never_see_its_bytes(echo_server):
         ("response", 101, "websocket"),  # its reply skips it: it answered (filters.py)
         ("complete", None, 403),
     ]
+
+
+@pytest.mark.parametrize(
+    ("offered", "allowed", "forwarded"),
+    [
+        ("websocket", {"websocket"}, "websocket"),
+        ("WebSocket", {"websocket"}, "WebSocket"),  # tokens compare case-insensitively
+        ("h2c", {"websocket", "h2c"}, None),  # never, whatever a route says
+        ("h2c, websocket", {"websocket"}, "websocket"),
+        ("foo/2, bar", {"foo"}, "foo/2"),  # a version rides along with its name
+        ("websocket", set(), None),
+    ],
+)
+def test_only_allowed_tokens_are_offered_upstream(offered, allowed, forwarded):
+    headers = Headers([(b"host", b"a")])
+    assert offer_upgrade(headers, offered, frozenset(allowed)) == forwarded
+    if forwarded is None:
+        assert headers.raw() == [(b"host", b"a")]
+    else:
+        assert headers.raw()[1:] == [(b"connection", b"upgrade"), (b"upgrade", forwarded.encode())]
+
+
+@pytest.mark.parametrize(
+    ("fields", "protocol"),
+    [
+        ([(b"upgrade", b"WebSocket"), (b"connection", b"Upgrade, x-private"), (b"x-private", b"1")], "websocket"),
+        ([(b"upgrade", b"h2c"), (b"connection", b"upgrade")], None),  # not what was offered
+        ([(b"upgrade", b"websocket, h2c")], None),  # a 101 switches to one protocol
+        ([(b"connection", b"upgrade")], None),
+    ],
+)
+def test_a_101_must_name_an_offered_protocol(fields, protocol):
+    headers = Headers(fields)
+    assert switched_protocol(headers, "websocket") == protocol
+    if protocol is not None:  # the upstream's hop-by-hop fields go, this hop's are set
+        assert headers.raw() == [(b"connection", b"upgrade"), (b"upgrade", b"WebSocket")]
