@@ -12,9 +12,9 @@ import h2.settings
 import pytest
 from hyperframe.frame import ContinuationFrame, Frame, GoAwayFrame, HeadersFrame, RstStreamFrame
 
-from sluice.messages import Headers, Response
-from sluice.protocol.events import End, RequestHead
-from sluice.protocol.h2_codec import Data, H2Server, Refused, StreamReset, Terminated
+from sluice.messages import Headers, Request, Response
+from sluice.protocol.events import End, RequestHead, ResponseHead
+from sluice.protocol.h2_codec import Data, H2Client, H2Server, Refused, StreamReset, Terminated
 
 BASE = [(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http"), (b":authority", b"a.test")]
 MAX_STREAMS = 10
@@ -225,3 +225,83 @@ def test_a_client_reset_reaches_its_stream():
     server.feed(client.data_to_send())
     client.reset_stream(1, h2.errors.ErrorCodes.CANCEL)
     assert server.feed(client.data_to_send()) == [(1, StreamReset(h2.errors.ErrorCodes.CANCEL))]
+
+
+# -- the client side (an upstream speaking HTTP/2) ------------------------------
+
+
+def upstream(max_streams: int = 100):
+    """sluice's H2Client against h2's own server, settings exchanged."""
+    server = h2.connection.H2Connection(h2.config.H2Configuration(
+        client_side=False, header_encoding=None, validate_outbound_headers=False,
+        normalize_outbound_headers=False))
+    server.local_settings = h2.settings.Settings(
+        client=False, initial_values={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_streams})
+    server.initiate_connection()
+    client = H2Client(initial_window=65535, max_header_list_size=16384, max_header_count=20)
+    server.receive_data(client.pending())
+    client.feed(server.data_to_send())
+    server.receive_data(client.pending())
+    client.feed(server.data_to_send())
+    return client, server
+
+
+def test_a_request_goes_upstream_with_authority_and_without_connection_fields():
+    client, server = upstream()
+    request = Request("POST", "/up?x", Headers([(b"host", b"api.test:8080"), (b"te", b"trailers"),
+                                               (b"content-length", b"2"), (b"keep-alive", b"5")]))
+    sid = client.request(request, end=False)
+    client.send_data(sid, b"hi", end=True)
+    received = server.receive_data(client.pending())
+    [head] = [e for e in received if type(e) is h2.events.RequestReceived]
+    assert head.headers == [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"api.test:8080"),
+                            (b":path", b"/up?x"), (b"te", b"trailers"), (b"content-length", b"2")]
+    assert any(type(e) is h2.events.DataReceived and e.data == b"hi" for e in received)
+
+
+def test_a_response_becomes_head_data_and_end_with_trailers():
+    client, server = upstream()
+    sid = client.request(Request("GET", "/", Headers([(b"host", b"a")])), end=True)
+    server.receive_data(client.pending())
+    server.send_headers(sid, [(b":status", b"200"), (b"content-type", b"text/plain")])
+    server.send_data(sid, b"ok")
+    server.send_headers(sid, [(b"grpc-status", b"0")], end_stream=True)
+    events = [e for s, e in client.feed(server.data_to_send()) if s == sid]
+    head, data, end = events
+    assert type(head) is ResponseHead and head.response.status == 200
+    assert head.response.headers.raw() == [(b"content-type", b"text/plain")]
+    assert data == Data(b"ok", 2) and end.trailers.raw() == [(b"grpc-status", b"0")]
+
+
+@pytest.mark.parametrize("bad", [[(b":status", b"200"), (b"X-Upper", b"1")],
+                                 [(b":status", b"200"), (b"connection", b"close")],
+                                 [(b"content-type", b"x")],
+                                 [(b":status", b"101")]])
+def test_a_malformed_response_resets_its_stream_only(bad):
+    client, server = upstream()
+    first = client.request(Request("GET", "/a", Headers([(b"host", b"a")])), end=True)
+    second = client.request(Request("GET", "/b", Headers([(b"host", b"a")])), end=True)
+    server.receive_data(client.pending())
+    server.send_headers(first, bad, end_stream=False)  # open still: a reset must go out
+    server.send_headers(second, [(b":status", b"204")], end_stream=True)
+    events = client.feed(server.data_to_send())
+    assert [type(e) for s, e in events if s == first] == [StreamReset]
+    assert [type(e) for s, e in events if s == second] == [ResponseHead, End]
+    resets = [f for f in frames(client.pending()) if isinstance(f, RstStreamFrame)]
+    assert [(f.stream_id, f.error_code) for f in resets] == [(first, h2.errors.ErrorCodes.PROTOCOL_ERROR)]
+
+
+def test_the_peers_stream_limit_and_goaway_say_when_a_new_connection_is_needed():
+    client, server = upstream(max_streams=2)
+    assert client.can_open()
+    for path in ("/1", "/2"):
+        client.request(Request("GET", path, Headers([(b"host", b"a")])), end=True)
+    assert not client.can_open()  # full: the pool opens another connection
+    server.receive_data(client.pending())
+    server.send_headers(1, [(b":status", b"204")], end_stream=True)
+    client.feed(server.data_to_send())
+    assert client.can_open()
+    server.close_connection(last_stream_id=3)
+    [(_, terminated)] = client.feed(server.data_to_send())
+    assert type(terminated) is Terminated and terminated.last_stream_id == 3
+    assert not client.can_open()  # streams up to 3 still finish; new ones go elsewhere

@@ -51,11 +51,11 @@ import h2.stream
 from hyperframe.frame import GoAwayFrame
 
 from ..messages import Headers, Request, Response
-from .events import End, ProtocolError, RequestHead
+from .events import End, Informational, ProtocolError, RequestHead, ResponseHead
 from .heads import content_length
 from .targets import check_host, request_target
 
-__all__ = ["PREFACE", "Data", "H2Server", "Refused", "StreamReset", "Terminated", "WindowOpen"]
+__all__ = ["PREFACE", "Data", "H2Client", "H2Server", "Refused", "StreamReset", "Terminated", "WindowOpen"]
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -107,7 +107,58 @@ class Terminated:
     reason: str = ""
 
 
-class H2Server:
+class _Peer:
+    """What both roles share: flow control, body and trailer sending, resets."""
+
+    _h2: h2.connection.H2Connection
+    _out = b""  # bytes to write before h2's own
+
+    def pending(self) -> bytes:
+        """The bytes to write now (possibly empty)."""
+        if self._out:
+            data, self._out = self._out + self._h2.data_to_send(), b""
+            return data
+        return self._h2.data_to_send()
+
+    def acknowledge(self, stream_id: int, size: int) -> None:
+        """The exchange took ``size`` flow-controlled bytes of ``stream_id``:
+        let the peer send as much again."""
+        if size:
+            try:
+                self._h2.acknowledge_received_data(size, stream_id)
+            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                # The stream is gone: still give the connection's window back.
+                self._h2.increment_flow_control_window(size)
+
+    def window(self, stream_id: int) -> int:
+        """How many body bytes ``send_data`` may take now."""
+        try:
+            return min(self._h2.local_flow_control_window(stream_id), self._h2.max_outbound_frame_size)
+        except h2.exceptions.StreamClosedError:
+            return 0
+
+    def send_data(self, stream_id: int, data: bytes | memoryview, *, end: bool = False) -> None:
+        self._h2.send_data(stream_id, data, end_stream=end)
+
+    def trailers(self, stream_id: int, trailers: Headers) -> None:
+        fields = [f for f in trailers.raw() if f[0] not in _CONNECTION_SPECIFIC]
+        self._h2.send_headers(stream_id, fields, end_stream=True)
+
+    def reset(self, stream_id: int, code: int = h2.errors.ErrorCodes.INTERNAL_ERROR) -> None:
+        try:
+            self._h2.reset_stream(stream_id, code)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            pass  # already over, or the whole connection is
+
+    def remote_open(self, stream_id: int) -> bool:
+        """Whether the peer may still send on ``stream_id``."""
+        try:
+            return self._h2.streams[stream_id].state_machine.state in _INBOUND_OPEN
+        except KeyError:
+            return False
+
+
+class H2Server(_Peer):
     """One HTTP/2 server connection's protocol state."""
 
     def __init__(self, *, max_concurrent_streams: int, initial_window: int,
@@ -277,50 +328,13 @@ class H2Server:
             pass
         return (0, Terminated(int(code), self._h2.highest_inbound_stream_id, why))
 
-    def acknowledge(self, stream_id: int, size: int) -> None:
-        """The exchange took ``size`` flow-controlled bytes of ``stream_id``:
-        let the client send as much again."""
-        if size:
-            try:
-                self._h2.acknowledge_received_data(size, stream_id)
-            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-                # The stream is gone: still give the connection's window back.
-                self._h2.increment_flow_control_window(size)
-
     # -- output -----------------------------------------------------------
-
-    def pending(self) -> bytes:
-        """The bytes to write now (possibly empty)."""
-        if self._out:
-            data, self._out = self._out + self._h2.data_to_send(), b""
-            return data
-        return self._h2.data_to_send()
 
     def respond(self, stream_id: int, response: Response, *, end: bool = False) -> None:
         """Send a response head (informational or final)."""
         fields = [(b":status", b"%d" % response.status)]
         fields.extend(f for f in response.headers.raw() if f[0] not in _CONNECTION_SPECIFIC)
         self._h2.send_headers(stream_id, fields, end_stream=end)
-
-    def window(self, stream_id: int) -> int:
-        """How many body bytes ``send_data`` may take now."""
-        try:
-            return min(self._h2.local_flow_control_window(stream_id), self._h2.max_outbound_frame_size)
-        except h2.exceptions.StreamClosedError:
-            return 0
-
-    def send_data(self, stream_id: int, data: bytes | memoryview, *, end: bool = False) -> None:
-        self._h2.send_data(stream_id, data, end_stream=end)
-
-    def trailers(self, stream_id: int, trailers: Headers) -> None:
-        fields = [f for f in trailers.raw() if f[0] not in _CONNECTION_SPECIFIC]
-        self._h2.send_headers(stream_id, fields, end_stream=True)
-
-    def reset(self, stream_id: int, code: int = h2.errors.ErrorCodes.INTERNAL_ERROR) -> None:
-        try:
-            self._h2.reset_stream(stream_id, code)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            pass  # already over, or the whole connection is
 
     def goaway(self, code: int = h2.errors.ErrorCodes.NO_ERROR) -> None:
         """Tell the client no new stream will be served; those opened finish.
@@ -344,31 +358,147 @@ class H2Server:
         except h2.exceptions.ProtocolError:
             pass
 
-    def remote_open(self, stream_id: int) -> bool:
-        """Whether the client may still send on ``stream_id``."""
+
+class H2Client(_Peer):
+    """One HTTP/2 connection to an upstream: many requests, one stream each.
+
+    ``request()`` opens a stream (the id is its handle) while ``can_open()``
+    says the peer's MAX_CONCURRENT_STREAMS leaves room; ``feed()`` gives
+    ``Informational``, ``ResponseHead``, ``Data``, ``End``, ``StreamReset``,
+    ``WindowOpen`` and ``Terminated`` (a GOAWAY: streams up to its
+    ``last_stream_id`` still finish, later ones were never processed and may
+    be retried). A malformed response head is a stream error: the stream is
+    reset and reported as ``StreamReset`` (the exchange answers 502), the
+    connection's other streams go on.
+    """
+
+    def __init__(self, *, initial_window: int, max_header_list_size: int, max_header_count: int,
+                 tls: bool = False) -> None:
+        config = h2.config.H2Configuration(
+            client_side=True,
+            header_encoding=None,
+            validate_inbound_headers=False,  # _malformed: stream errors, not connection errors
+            normalize_inbound_headers=True,
+            validate_outbound_headers=True,
+        )
+        self._h2 = h2.connection.H2Connection(config=config)
+        codes = h2.settings.SettingCodes
+        self._h2.local_settings = h2.settings.Settings(client=True, initial_values={
+            codes.ENABLE_PUSH: 0,
+            codes.INITIAL_WINDOW_SIZE: initial_window,
+            codes.MAX_HEADER_LIST_SIZE: max_header_list_size,
+        })
+        self._h2.initiate_connection()
+        self._h2.decoder.max_header_list_size = max_header_list_size
+        grow = min(initial_window * 100, 2**31 - 1) - 65535
+        if grow > 0:
+            self._h2.increment_flow_control_window(grow)
+        self.max_header_count = max_header_count
+        self.scheme = b"https" if tls else b"http"
+        self.going_away: int | None = None  # the peer's GOAWAY last_stream_id, once received
+        self._trailers_seen: set[int] = set()
+
+    def can_open(self) -> bool:
+        """Whether a new stream may open now (the peer's limit, no GOAWAY)."""
+        h2c = self._h2
+        return (self.going_away is None
+                and h2c.open_outbound_streams < h2c.remote_settings.max_concurrent_streams
+                and h2c.state_machine.state is not h2.connection.ConnectionState.CLOSED)
+
+    def request(self, request: Request, *, end: bool) -> int:
+        """Open a stream with ``request``'s head; returns its id. HTTP/1.1's
+        Host becomes ``:authority``; connection-specific fields stay behind."""
+        fields = request.headers.raw()
+        authority = next((v for n, v in fields if n == b"host"), b"")
+        head = [(b":method", request.method.encode("ascii")), (b":scheme", self.scheme),
+                (b":authority", authority), (b":path", request.target.encode("latin-1"))]
+        for name, value in fields:
+            if name == b"host" or name in _CONNECTION_SPECIFIC:
+                continue
+            if name == b"te" and value.lower() != b"trailers":
+                continue
+            head.append((name, value))
+        stream_id = self._h2.get_next_available_stream_id()
+        self._h2.send_headers(stream_id, head, end_stream=end)
+        return stream_id
+
+    def feed(self, data: bytes) -> list[tuple[int, object]]:
+        """The events in ``data``; a connection error gives ``Terminated``
+        last (with our GOAWAY in ``pending()``)."""
         try:
-            return self._h2.streams[stream_id].state_machine.state in _INBOUND_OPEN
-        except KeyError:
-            return False
+            events = self._h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            code = getattr(exc, "error_code", h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            return [(0, Terminated(int(code), 0, str(exc)))]
+        out: list[tuple[int, object]] = []
+        for event in events:
+            kind = type(event)
+            if kind is h2.events.ResponseReceived or kind is h2.events.InformationalResponseReceived:
+                head = self._response(event)
+                if head is None:
+                    out.append((event.stream_id, StreamReset(int(h2.errors.ErrorCodes.PROTOCOL_ERROR))))
+                    continue
+                out.append((event.stream_id, head))
+                if event.stream_ended is not None:
+                    out.append((event.stream_id, End(None)))
+            elif kind is h2.events.DataReceived:
+                out.append((event.stream_id, Data(event.data, event.flow_controlled_length)))
+                if event.stream_ended is not None:
+                    out.append((event.stream_id, End(None)))
+            elif kind is h2.events.TrailersReceived:
+                if _malformed(event.headers, request=False) is not None:
+                    self.reset(event.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+                    out.append((event.stream_id, StreamReset(int(h2.errors.ErrorCodes.PROTOCOL_ERROR))))
+                    continue
+                out.append((event.stream_id, End(Headers._trusted(list(event.headers)) or None)))
+            elif kind is h2.events.StreamReset:
+                out.append((event.stream_id, StreamReset(int(event.error_code))))
+            elif kind is h2.events.WindowUpdated or kind is h2.events.RemoteSettingsChanged:
+                out.append((getattr(event, "stream_id", 0), WindowOpen()))
+            elif kind is h2.events.ConnectionTerminated:
+                self.going_away = event.last_stream_id or 0
+                out.append((0, Terminated(int(event.error_code), self.going_away,
+                                          (event.additional_data or b"").decode("latin-1"))))
+        return out
+
+    def _response(self, event) -> Informational | ResponseHead | None:
+        """The response head, or None (the stream reset) when it is malformed."""
+        status = None
+        fields = []
+        if _malformed(event.headers, request=False, response=True) is None:
+            for name, value in event.headers:
+                if name == b":status":
+                    status = value
+                else:
+                    fields.append((name, value))
+        if (status is None or len(status) != 3 or not status.isdigit() or status == b"101"
+                or len(fields) > self.max_header_count):
+            self.reset(event.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            return None
+        response = Response(int(status), Headers._trusted(fields), http_version="2")
+        return Informational(response) if response.status < 200 else ResponseHead(response)
 
 
 _PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path", b":protocol"})
 _REQUIRED = (b":method", b":scheme", b":path")
+_RESPONSE_PSEUDO = frozenset({b":status"})
 _BAD_NAME = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ\x00\r\n :")  # ':' only as a pseudo's first byte
 _BAD_VALUE = frozenset(b"\x00\r\n")
 
 
-def _malformed(headers, *, request: bool) -> str | None:
-    """Why a header block is malformed (RFC 9113 8.1.1, 8.2, 8.3), or None."""
+def _malformed(headers, *, request: bool, response: bool = False) -> str | None:
+    """Why a header block is malformed (RFC 9113 8.1.1, 8.2, 8.3), or None;
+    a request's, a response's, or (neither) a trailer section's."""
     seen: set[bytes] = set()
     regular = False
+    pseudo = _PSEUDO if request else _RESPONSE_PSEUDO
     for name, value in headers:
         if name[:1] == b":":
-            if not request:
+            if not request and not response:
                 return "a pseudo-header in trailers"
             if regular:
                 return "a pseudo-header after a regular field"
-            if name not in _PSEUDO or name in seen:
+            if name not in pseudo or name in seen:
                 return f"unknown or repeated pseudo-header {name!r}"
             seen.add(name)
             body = name[1:]
@@ -389,6 +519,8 @@ def _malformed(headers, *, request: bool) -> str | None:
             return "a missing pseudo-header"
         if next((v for n, v in headers if n == b":path"), b"x") == b"":
             return "an empty :path"
+    elif response and b":status" not in seen:
+        return "no :status"
     return None
 
 
