@@ -15,6 +15,7 @@ import subprocess
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.settings
 import httpx
@@ -23,6 +24,7 @@ import trio
 import trustme
 from hyperframe.frame import DataFrame, Frame, GoAwayFrame
 
+from sluice.protocol.h2_codec import PREFACE
 from sluice.testing import serve
 
 from .conftest import config
@@ -344,3 +346,25 @@ async def test_an_upstream_breaking_the_protocol_costs_only_its_stream(start_ori
                     nursery.start_soon(get, path)
             assert (await client.get("/after")).status_code == 200  # the connection lives on
     assert results == {"/bad": 502, "/good": 200, "/good2": 200}
+
+
+async def test_a_connection_error_reaches_the_access_log(start_origin, tmp_path):
+    origin = await start_origin()
+    log_path = tmp_path / "access.jsonl"
+    cfg = config(origin.address, filters=["access_log", "router"], listener={"http2": True},
+                 filter_settings={"access_log": {"path": str(log_path), "flush_interval": 0.05}})
+    async with serve(cfg, plugins=PLUGINS) as proxy:
+        stream = await trio.open_tcp_stream(*proxy.address)
+        async with stream:
+            # The preface, then a DATA frame on stream 0: a connection error (RFC 9113 6.1).
+            await stream.send_all(PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+                                  + b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x")
+            with trio.fail_after(5):
+                received = b""
+                while chunk := await stream.receive_some(65536):
+                    received += chunk
+        await trio.sleep(0.2)
+    goaway = [f for f in _frames(received) if isinstance(f, GoAwayFrame)]
+    assert goaway and goaway[-1].error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
+    line = json.loads(log_path.read_text().splitlines()[0])
+    assert line["flags"] == "DPE" and line["status"] is None

@@ -40,7 +40,7 @@ import trio
 
 from ..errors import ClientGone
 from ..messages import Headers, Response
-from ..protocol.events import Body, End, RequestHead
+from ..protocol.events import Body, End, ProtocolError, RequestHead
 from ..protocol.h2_codec import Data, H2Server, Refused, StreamReset, Terminated, WindowOpen
 from ..protocol.http1 import reason_phrase
 from ..proxy.context import Context
@@ -214,6 +214,8 @@ class H2Connection:
         self._reading = trio.CancelScope()
         self._look_again = False  # the reader must not wait (a drain, a last stream)
         self._broken = False
+        self._error: Terminated | None = None  # a connection error (ours to log)
+        self._opened = time.monotonic()
 
     async def serve(self) -> None:
         """Serve streams until the client leaves, idles out, or a drain ends."""
@@ -230,6 +232,9 @@ class H2Connection:
         finally:
             with trio.CancelScope(shield=True), contextlib.suppress(*_GONE, ClientGone):
                 await self.flush()
+        if self._error is not None:  # the access log hears of it, as of a refused head
+            error = ProtocolError(f"HTTP/2 connection error {self._error.error_code}: {self._error.reason}")
+            await self.listener._refused(self.client, self.tls_peer, ("DPE",), None, error, self._opened)
 
     def drain(self) -> None:
         """GOAWAY: streams in flight finish, no new one is served."""
@@ -305,6 +310,7 @@ class H2Connection:
                 log.info("HTTP/2 connection error", client=self.client[0], code=event.error_code,
                          reason=event.reason)
                 self._broken = True
+                self._error = event
                 return False
             self.draining = True  # the client's GOAWAY: its open streams finish
         return True
