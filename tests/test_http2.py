@@ -10,6 +10,7 @@ backpressure, streams that end early, and a graceful drain.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 
@@ -368,3 +369,50 @@ async def test_a_connection_error_reaches_the_access_log(start_origin, tmp_path)
     assert goaway and goaway[-1].error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
     line = json.loads(log_path.read_text().splitlines()[0])
     assert line["flags"] == "DPE" and line["status"] is None
+
+
+GRPC = {"content-type": "application/grpc", "te": "trailers"}
+
+
+async def test_sluice_answers_grpc_calls_the_grpc_way(start_origin, tmp_path):
+    """Trailers-only: HTTP 200, the outcome in grpc-status, no body."""
+    async def slow(request, body):
+        await trio.sleep(3)
+        return Reply(200, [(b"content-type", b"application/grpc")], b"")
+
+    origin = await start_origin(slow)
+    cfg = config(origin.address, listener={"http2": True}, filters=["api_key", "router"],
+                 routes=[{"match": {"prefix": "/svc.Open/"}, "cluster": "backend",
+                          "filters": {"api_key": {"disabled": True}}},
+                         {"match": {"prefix": "/svc.Locked/"}, "cluster": "backend"},
+                         {"match": {"prefix": "/svc.Gone/"}, "direct_response": {"status": 503}}],
+                 filter_settings={"api_key": {"keys": {"k": hashlib.sha256(b"secret").hexdigest()}}})
+    async with serve(cfg, plugins=[*PLUGINS, "auth"]) as proxy:
+        base = f"http://127.0.0.1:{proxy.address[1]}"
+        async with httpx.AsyncClient(http1=False, http2=True, base_url=base, timeout=10) as client:
+            answers = {}
+            key = {"x-api-key": "secret"}
+            for path, extra in [("/nowhere/Call", key), ("/svc.Locked/Call", {}),
+                                ("/svc.Open/Call", {"grpc-timeout": "200m"}), ("/svc.Gone/Call", key)]:
+                start = trio.current_time()
+                r = await client.post(path, content=b"\x00\x00\x00\x00\x00", headers={**GRPC, **extra})
+                answers[path] = (r.status_code, r.headers.get("content-type"), r.headers.get("grpc-status"),
+                                 r.content, trio.current_time() - start)
+    assert {p: a[:4] for p, a in answers.items()} == {
+        "/nowhere/Call": (200, "application/grpc", "12", b""),  # no route: UNIMPLEMENTED
+        "/svc.Locked/Call": (200, "application/grpc", "16", b""),  # no key: UNAUTHENTICATED
+        "/svc.Open/Call": (200, "application/grpc", "4", b""),  # DEADLINE_EXCEEDED
+        "/svc.Gone/Call": (200, "application/grpc", "14", b""),  # UNAVAILABLE
+    }
+    assert answers["/svc.Open/Call"][4] < 1.5  # grpc-timeout, not the 30 s response timeout
+
+
+async def test_a_local_reply_to_a_plain_request_stays_http(start_origin):
+    origin = await start_origin()
+    cfg = config(origin.address, listener={"http2": True},
+                 routes=[{"match": {"prefix": "/only"}, "cluster": "backend"}])
+    async with serve(cfg, plugins=PLUGINS) as proxy:
+        base = f"http://127.0.0.1:{proxy.address[1]}"
+        async with httpx.AsyncClient(http1=False, http2=True, base_url=base) as client:
+            r = await client.post("/x", content=b"{}", headers={"content-type": "application/json"})
+    assert r.status_code == 404 and "grpc-status" not in r.headers and r.text == "no route\n"

@@ -63,6 +63,7 @@ from ..protocol.events import NEED_DATA, Body, End, Informational, ProtocolError
 from ..protocol.http1 import reason_phrase
 from .chain import Chain
 from .filters import LocalReply
+from .grpc import grpc_reply, grpc_timeout, is_grpc
 from .forwarding import (
     add_via,
     forward_request,
@@ -254,6 +255,9 @@ async def _proxy(listener: Site, chain: Chain, down: Any, head: RequestHead, ctx
     pool = listener.pool
     route = ctx.route
     timeout = (route.timeout if route is not None and route.timeout else None) or cluster.response_timeout
+    if request.http_version == "2" and (deadline := grpc_timeout(request)) is not None \
+            and deadline < timeout:
+        timeout = max(deadline, 0.001)  # a gRPC call's own deadline, capped by the route's
     endpoint.active += 1
     conn = None
     try:
@@ -589,8 +593,12 @@ async def _answer(chain: Chain, down: Any, ctx: Context, reply: LocalReply, limi
         response = Response(500, Headers([(b"content-type", b"text/plain; charset=utf-8")]))
         body = _reason(500).encode()
         ctx.response = response
+    if is_grpc(ctx.request):
+        # A gRPC client reads the outcome from grpc-status (see grpc.py).
+        response = ctx.response = grpc_reply(response, body, ctx.flags)
+        body = b""
     status = response.status
-    if status in (204, 304):  # no body, and no length to announce (RFC 9110 8.6)
+    if status in (204, 304) or is_grpc(ctx.request):  # no body, no length (RFC 9110 8.6)
         body = b""
         response.headers.remove(b"content-length")
     else:
