@@ -322,8 +322,9 @@ def draw(results: dict, scenarios: dict[str, Scenario], settings: dict, machine:
     except ImportError as exc:
         log(f"no plots: {exc}; to install: .venv/bin/python -m pip install matplotlib")
         return
+    clients = "/".join(sorted({"h2load" if s.h2 else "wrk" for s in scenarios.values() if not s.idle}))
     footer = (f"sluice {machine['sluice_commit']} · {time.strftime('%Y-%m-%d')} · "
-              f"{machine['cpu_model']} x{machine['nproc']} · wrk -t{settings['threads']}, "
+              f"{machine['cpu_model']} x{machine['nproc']} · {clients or 'wrk'} -t{settings['threads']}, "
               f"medians of {settings['repeats']} x {settings['duration']} s")
     try:
         paths = plot_all(results, scenarios, footer, plots_dir)
