@@ -347,7 +347,6 @@ class ClientConnection(UpstreamSide, _Peer):
     """The upstream side: serialises requests, parses responses."""
 
     _role = h11.CLIENT
-    _proposed = False  # the request carried an Upgrade field (h11 reads it so too)
 
     def _awaiting_response(self) -> bool:
         return self._h11 is not None and self._h11.our_state is not h11.IDLE
@@ -359,7 +358,7 @@ class ClientConnection(UpstreamSide, _Peer):
         fields = request.headers.raw()
         if chunked:
             fields = [*fields, (b"transfer-encoding", b"chunked")]
-        self._proposed = any(n == b"upgrade" for n, _ in fields)
+        self._request_fields = fields  # h11 reads a proposal from its Upgrade field too
         if any(n == b"transfer-encoding" for n, _ in fields):
             # h11 frames by Transfer-Encoding but would write a Content-Length
             # beside it, the smuggling shape: drop it, as the httptools codec does.
@@ -375,7 +374,8 @@ class ClientConnection(UpstreamSide, _Peer):
         return self._send_head(event)
 
     def _translate_head(self, event):
-        check_response_line(event.http_version, event.status_code, self._proposed)
+        status = event.status_code
+        check_response_line(event.http_version, status, status == 101 and self._proposed())
         fields = list(event.headers)
         if len(fields) > self.max_header_count:
             raise ProtocolError("too many header fields in response")

@@ -61,6 +61,12 @@ class UpstreamSide:
     bytes after a complete response, or a close before one, are broken."""
 
     response_bytes_seen = False  # any byte of a response arrived (request() resets it)
+    _request_fields: list[tuple[bytes, bytes]] = []  # the fields of the request written last
+
+    def _proposed(self) -> bool:
+        """The request carried an ``Upgrade`` field, so a 101 may answer it
+        (asked only of a 101: no per-request scan for the rare case)."""
+        return any(n == b"upgrade" for n, _ in self._request_fields)
 
     def feed(self, data: bytes) -> None:
         if data:

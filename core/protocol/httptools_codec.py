@@ -307,7 +307,6 @@ class _Peer:
         length = None
         chunked = False
         lengths = 0
-        upgrade = False
         for n, v in fields:
             if n == b"content-length":
                 try:
@@ -322,9 +321,6 @@ class _Peer:
                 if chunked or v.lower() != b"chunked":
                     raise LocalProtocolError("only one Transfer-Encoding: chunked can be sent")
                 chunked = True
-            elif n == b"upgrade":
-                upgrade = True
-        self._out_upgrade = upgrade
         if chunked:
             self._out_mode = _CHUNKED
         elif length is not None:
@@ -353,8 +349,6 @@ class _Peer:
             and self._out_keep_alive
             and not self._eof
         )
-
-    _out_upgrade = False  # the last head written carried an Upgrade field
 
     def next_cycle(self) -> None:
         """Forget the finished cycle; the next head starts a new one."""
@@ -502,6 +496,7 @@ class ClientConnection(UpstreamSide, _Peer):
         self._requested = True
         self._out_done = False
         self._out_keep_alive = not wants_close(fields)
+        self._request_fields = fields
         self.response_bytes_seen = False
         return request_head(method, request.target.encode("latin-1"), fields)
 
@@ -515,7 +510,7 @@ class ClientConnection(UpstreamSide, _Peer):
             raise ProtocolError("malformed status line")
         version, status, reason = match.groups()
         status = int(status)
-        check_response_line(version, status, self._out_upgrade)
+        check_response_line(version, status, status == 101 and self._proposed())
         if len(fields) > self.max_header_count:
             raise ProtocolError("too many header fields in response")
         response = Response(
