@@ -53,6 +53,7 @@ __all__ = ["H2Connection", "H2Stream"]
 
 log = structlog.get_logger("sluice.http2")
 
+_FLUSH_SIZE = 64 * 1024
 _GONE = (trio.BrokenResourceError, trio.ClosedResourceError, h2.exceptions.StreamClosedError)
 
 
@@ -75,6 +76,7 @@ class H2Stream:
         self._wake = trio.Event()
         self._head: Response | None = None
         self._unacked = 0  # body bytes taken but not yet given back to the window
+        self._unflushed = 0  # body bytes given to the protocol since the last write
 
     # -- what the connection's reader calls --------------------------------
 
@@ -149,12 +151,19 @@ class H2Stream:
             room = proto.window(sid)
             if room <= 0:
                 await self.conn.flush()
+                self._unflushed = 0
                 await self._wait("opening its window")
                 continue
             piece = chunk[start:start + room]
             self._send(lambda p: p.send_data(sid, piece))
             start += len(piece)
-        await self.conn.flush()
+        # As H1Downstream does: small pieces wait for the end (one write for
+        # a small answer's head, body and end), large ones go now; the
+        # exchange flushes before it waits on the upstream.
+        self._unflushed += len(chunk)
+        if self._unflushed >= _FLUSH_SIZE:
+            self._unflushed = 0
+            await self.conn.flush()
 
     async def send_end(self, trailers: Headers | None) -> None:
         sid = self.stream_id
