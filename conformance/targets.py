@@ -7,6 +7,12 @@ Every target gets the same deployment, so the suite can compare them:
 - path prefix "/dead" -> a port that is bound but never listens (connect is refused);
 - anything else matches no route (the suite sends "/nowhere" for the 404 check).
 
+A second listener on its own port speaks HTTP/2 over cleartext with prior knowledge (h2c),
+for `http2/`: `http2 = true` for sluice, `listen ... http2` for nginx. It is a port of its
+own so that the HTTP/1 listener is the same whatever a proxy does with a client preface.
+sluice gets it only when `sluice check` accepts `http2 = true`; until it does,
+`Target.h2_port` is None and `h2_missing` says why.
+
 Routing is by path prefix only, so the 404 check does not depend on host matching.
 """
 
@@ -45,17 +51,26 @@ class Target:
         self.workdir = workdir
         self.upstream_port = upstream_port
         self.process: subprocess.Popen | None = None
+        self.h2_port: int | None = None
+        self.h2_missing: str | None = None  # why there is no h2 listener
 
     def start(self) -> None:
         """Starts the proxy on a fresh port and waits until it accepts connections."""
         self.port = _free_port()
+        self.h2_port, self.h2_missing = _free_port(), None
         # Bound but not listening: connecting is refused, and nobody else can take the port.
         self._dead = socket.socket()
         self._dead.bind(("127.0.0.1", 0))
         dead_port = self._dead.getsockname()[1]
-        command = _LAUNCHERS[self.name](self.workdir, self.port, self.upstream_port, dead_port)
+        command = _LAUNCHERS[self.name](
+            self.workdir, self.port, self.upstream_port, dead_port, self.h2_port
+        )
         if self.codec is not None:
             command += ["--http1-codec", self.codec]
+        if self.name == "sluice" and (refusal := _sluice_refuses(self.workdir / "sluice.toml")):
+            self.h2_port, self.h2_missing = None, refusal
+            command = _sluice(self.workdir, self.port, self.upstream_port, dead_port, None)
+            command += ["--http1-codec", self.codec] if self.codec is not None else []
         self._stdout = open(self.workdir / "stdout.log", "wb")
         self._stderr = open(self.workdir / "stderr.log", "wb")
         self.process = subprocess.Popen(
@@ -70,6 +85,10 @@ class Target:
     @property
     def address(self) -> tuple[str, int]:
         return ("127.0.0.1", self.port)
+
+    @property
+    def h2_address(self) -> tuple[str, int] | None:
+        return None if self.h2_port is None else ("127.0.0.1", self.h2_port)
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -108,7 +127,8 @@ class Target:
                     pytrace=False,
                 )
             try:
-                socket.create_connection(self.address, timeout=0.5).close()
+                for port in filter(None, (self.port, self.h2_port)):
+                    socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
                 return
             except OSError:
                 time.sleep(0.05)
@@ -126,12 +146,21 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _sluice(workdir: Path, port: int, upstream_port: int, dead_port: int) -> list[str]:
-    config = workdir / "sluice.toml"
-    config.write_text(f"""\
+def _sluice_refuses(config: Path) -> str | None:
+    """What `sluice check` says about `config`, if it refuses it."""
+    check = [sys.executable, "-m", "sluice", "check", str(config)]
+    result = subprocess.run(check, capture_output=True, text=True, timeout=_STARTUP_TIMEOUT)
+    if result.returncode == 0:
+        return None
+    return " ".join((result.stderr or result.stdout).split())[:300]
+
+
+def _sluice_listener(port: int, http2: bool) -> str:
+    return f"""\
 [[listeners]]
 address = "127.0.0.1:{port}"
 filters = ["router"]
+{"http2 = true" if http2 else ""}
 [listeners.limits]
 max_header_bytes = {MAX_HEADER_BYTES}
 max_header_count = {MAX_HEADER_COUNT}
@@ -139,6 +168,18 @@ max_body_bytes = {MAX_BODY_BYTES}
 [listeners.timeouts]
 header_read = {HEADER_READ}
 idle = {IDLE}
+"""
+
+
+def _sluice(
+    workdir: Path, port: int, upstream_port: int, dead_port: int, h2_port: int | None
+) -> list[str]:
+    config = workdir / "sluice.toml"
+    listeners = _sluice_listener(port, http2=False)
+    if h2_port is not None:
+        listeners += "\n" + _sluice_listener(h2_port, http2=True)
+    config.write_text(f"""\
+{listeners}
 
 [clusters.backend]
 endpoints = ["127.0.0.1:{upstream_port}"]
@@ -160,10 +201,14 @@ cluster = "backend"
     return [sys.executable, "-m", "sluice", "run", "-c", str(config)]
 
 
-def _nginx(workdir: Path, port: int, upstream_port: int, dead_port: int) -> list[str]:
+def _nginx(
+    workdir: Path, port: int, upstream_port: int, dead_port: int, h2_port: int | None
+) -> list[str]:
     """nginx configured to match sluice's promises wherever a directive can express them
     (Via, X-Forwarded-*, request id, hop-by-hop fields), so the remaining differences are
-    nginx's own protocol handling."""
+    nginx's own protocol handling. Its h2c server (`listen ... http2` without ssl: prior
+    knowledge on nginx 1.22) stops sending to a client whose window stays shut after
+    `IDLE`, as sluice's idle timeout does."""
     (workdir / "temp").mkdir(exist_ok=True)
     user = "user root;" if os.geteuid() == 0 else ""
     hop_by_hop = (
@@ -177,6 +222,10 @@ def _nginx(workdir: Path, port: int, upstream_port: int, dead_port: int) -> list
     )
     clear_request = "\n".join(f'    proxy_set_header {h} "";' for h in hop_by_hop)
     hide_response = "\n".join(f"    proxy_hide_header {h};" for h in hop_by_hop)
+    locations = """\
+        location /app { proxy_pass http://backend; }
+        location /dead { proxy_pass http://dead; }
+        location / { return 404; }"""
     config = workdir / "nginx.conf"
     config.write_text(f"""\
 {user}
@@ -227,9 +276,12 @@ http {{
 
     server {{
         listen 127.0.0.1:{port};
-        location /app {{ proxy_pass http://backend; }}
-        location /dead {{ proxy_pass http://dead; }}
-        location / {{ return 404; }}
+{locations}
+    }}
+    server {{
+        listen 127.0.0.1:{h2_port} http2;
+        send_timeout {int(IDLE * 1000)}ms;
+{locations}
     }}
 }}
 """)
