@@ -102,16 +102,20 @@ def test_requests_sluice_refuses_get_a_status_on_their_stream(headers, status):
     assert type(refused) is Refused and refused.status == status
 
 
-def test_streams_past_the_limit_are_refused_one_by_one():
-    """RFC 9113 5.1.2: REFUSED_STREAM, and the streams allowed go on (nginx
-    and nghttpx drop the whole connection here)."""
+@pytest.mark.parametrize("one_write", [False, True], ids=["a-write-each", "one-write"])
+def test_streams_past_the_limit_are_refused_one_by_one(one_write):
+    """RFC 9113 5.1.2: REFUSED_STREAM for the streams opened last, and the
+    streams allowed go on (nginx and nghttpx drop the whole connection here)."""
     server, client = pair()
     client.remote_settings[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] = 1000  # a client ignoring ours
     client.remote_settings.acknowledge()
     heads = []
     for i in range(MAX_STREAMS + 3):
         client.send_headers(1 + 2 * i, BASE, end_stream=False)  # open: bodies still to come
-        heads += [s for s, e in server.feed(client.data_to_send()) if type(e) is RequestHead]
+        if not one_write:
+            heads += [s for s, e in server.feed(client.data_to_send()) if type(e) is RequestHead]
+    if one_write:
+        heads = [s for s, e in server.feed(client.data_to_send()) if type(e) is RequestHead]
     assert heads == [1 + 2 * i for i in range(MAX_STREAMS)]
     resets = [f for f in frames(server.pending()) if isinstance(f, RstStreamFrame)]
     assert [(f.stream_id, f.error_code) for f in resets] == [

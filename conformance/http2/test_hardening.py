@@ -101,7 +101,6 @@ def test_settings_and_ping_floods_are_bounded(client, target, frame):
     _ended(client)
 
 
-@pytest.mark.quirk("sluice", "h2 downstream in progress: refuses 10 early streams, not the 10 opened last")
 def test_streams_over_the_limit_are_refused_and_the_others_answered(client, recorder):
     """RFC 9113 5.1.2: streams past SETTINGS_MAX_CONCURRENT_STREAMS are refused with
     RST_STREAM REFUSED_STREAM, and the allowed ones are answered on the same connection."""

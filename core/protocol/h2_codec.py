@@ -215,6 +215,11 @@ class H2Server(_Peer):
             code = getattr(exc, "error_code", h2.errors.ErrorCodes.PROTOCOL_ERROR)
             return [(0, Terminated(int(code), self._h2.highest_inbound_stream_id, str(exc)))]
         out: list[tuple[int, object]] = []
+        # h2 opened every stream of ``data`` before these events are seen:
+        # count them back one by one, so that the streams refused past the
+        # limit are the last ones opened, not the first.
+        opening = self._h2.open_inbound_streams - sum(
+            1 for e in events if type(e) is h2.events.RequestReceived)
         for event in events:
             kind = type(event)
             if kind in _CONTROL and not self._control.take(self._clock()):
@@ -225,8 +230,10 @@ class H2Server(_Peer):
                     out.append((event.stream_id, End(None)))
             elif kind is h2.events.RequestReceived:
                 last = self._last_served
+                opening += 1
                 if (last is not None and event.stream_id > last
-                        or self._h2.open_inbound_streams > self.max_concurrent_streams):
+                        or opening > self.max_concurrent_streams):
+                    opening -= 1
                     # Opened after our GOAWAY, or past the streams allowed at
                     # once: never served, so safe for the client to retry.
                     self.reset(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
