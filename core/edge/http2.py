@@ -54,6 +54,7 @@ __all__ = ["H2Connection", "H2Stream"]
 log = structlog.get_logger("sluice.http2")
 
 _FLUSH_SIZE = 64 * 1024
+_LAST_WORDS = 1.0  # seconds a broken or abusive connection's last bytes may take
 _GONE = (trio.BrokenResourceError, trio.ClosedResourceError, h2.exceptions.StreamClosedError)
 
 
@@ -239,7 +240,9 @@ class H2Connection:
                         stream.reset = True
                         stream.poke()
         finally:
-            with trio.CancelScope(shield=True), contextlib.suppress(*_GONE, ClientGone):
+            wait = _LAST_WORDS if self._broken else self.idle_timeout
+            with trio.CancelScope(shield=True), contextlib.suppress(*_GONE, ClientGone), \
+                    trio.move_on_after(wait):
                 await self.flush()
         if self._error is not None:  # the access log hears of it, as of a refused head
             error = ProtocolError(f"HTTP/2 connection error {self._error.error_code}: {self._error.reason}")
@@ -286,7 +289,11 @@ class H2Connection:
                 return
             for stream_id, event in self.proto.feed(data):
                 if not self._dispatch(nursery, stream_id, event):
-                    await self.flush()
+                    # Our GOAWAY, as far as it goes at once: a client flooding
+                    # us may not be reading, and waiting for it to would let
+                    # it hold the connection (both sides blocked in send).
+                    with trio.move_on_after(_LAST_WORDS):
+                        await self.flush()
                     return
             await self.flush()
 
