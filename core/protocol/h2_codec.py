@@ -113,6 +113,25 @@ class _Peer:
     _h2: h2.connection.H2Connection
     _out = b""  # bytes to write before h2's own
 
+    def _shared(self, event: h2.events.Event, out: list[tuple[int, object]]) -> None:
+        """Translate into ``out`` the events both roles read alike (body,
+        trailers, resets, windows); others (StreamEnded, PINGs, ...) need no event."""
+        kind = type(event)
+        if kind is h2.events.DataReceived:
+            out.append((event.stream_id, Data(event.data, event.flow_controlled_length)))
+            if event.stream_ended is not None:
+                out.append((event.stream_id, End(None)))
+        elif kind is h2.events.TrailersReceived:
+            if _malformed(event.headers, request=False) is not None:
+                self.reset(event.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+                out.append((event.stream_id, StreamReset(int(h2.errors.ErrorCodes.PROTOCOL_ERROR))))
+            else:
+                out.append((event.stream_id, End(Headers._trusted(list(event.headers)) or None)))
+        elif kind is h2.events.StreamReset:
+            out.append((event.stream_id, StreamReset(int(event.error_code))))
+        elif kind is h2.events.WindowUpdated or kind is h2.events.RemoteSettingsChanged:
+            out.append((getattr(event, "stream_id", 0), WindowOpen()))
+
     def pending(self) -> bytes:
         """The bytes to write now (possibly empty)."""
         if self._out:
@@ -224,11 +243,7 @@ class H2Server(_Peer):
             kind = type(event)
             if kind in _CONTROL and not self._control.take(self._clock()):
                 return out + [self._calm("SETTINGS, PING or PRIORITY flood")]
-            if kind is h2.events.DataReceived:
-                out.append((event.stream_id, Data(event.data, event.flow_controlled_length)))
-                if event.stream_ended is not None:
-                    out.append((event.stream_id, End(None)))
-            elif kind is h2.events.RequestReceived:
+            if kind is h2.events.RequestReceived:
                 last = self._last_served
                 opening += 1
                 if (last is not None and event.stream_id > last
@@ -247,14 +262,6 @@ class H2Server(_Peer):
                 out.append((event.stream_id, self._request(event)))
                 if event.stream_ended is not None and not isinstance(out[-1][1], Refused):
                     out.append((event.stream_id, End(None)))
-            elif kind is h2.events.TrailersReceived:
-                if _malformed(event.headers, request=False) is not None:
-                    self.reset(event.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
-                    out.append((event.stream_id, StreamReset(int(h2.errors.ErrorCodes.PROTOCOL_ERROR))))
-                    continue
-                out.append((event.stream_id, End(Headers._trusted(list(event.headers)) or None)))
-            elif kind is h2.events.StreamEnded:
-                pass  # reported with the DATA or HEADERS that ended it
             elif kind is h2.events.StreamReset:
                 out.append((event.stream_id, StreamReset(int(event.error_code))))
                 if event.remote_reset:
@@ -264,11 +271,11 @@ class H2Server(_Peer):
                         # reset costs an exchange, and a client may open
                         # without end if it resets as fast.
                         return out + [self._calm("rapid reset")]
-            elif kind is h2.events.WindowUpdated or kind is h2.events.RemoteSettingsChanged:
-                out.append((getattr(event, "stream_id", 0), WindowOpen()))
             elif kind is h2.events.ConnectionTerminated:
                 out.append((0, Terminated(int(event.error_code), event.last_stream_id or 0,
                                           (event.additional_data or b"").decode("latin-1"))))
+            else:
+                self._shared(event, out)
         return out
 
     def _request(self, event: h2.events.RequestReceived):
@@ -448,24 +455,12 @@ class H2Client(_Peer):
                 out.append((event.stream_id, head))
                 if event.stream_ended is not None:
                     out.append((event.stream_id, End(None)))
-            elif kind is h2.events.DataReceived:
-                out.append((event.stream_id, Data(event.data, event.flow_controlled_length)))
-                if event.stream_ended is not None:
-                    out.append((event.stream_id, End(None)))
-            elif kind is h2.events.TrailersReceived:
-                if _malformed(event.headers, request=False) is not None:
-                    self.reset(event.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
-                    out.append((event.stream_id, StreamReset(int(h2.errors.ErrorCodes.PROTOCOL_ERROR))))
-                    continue
-                out.append((event.stream_id, End(Headers._trusted(list(event.headers)) or None)))
-            elif kind is h2.events.StreamReset:
-                out.append((event.stream_id, StreamReset(int(event.error_code))))
-            elif kind is h2.events.WindowUpdated or kind is h2.events.RemoteSettingsChanged:
-                out.append((getattr(event, "stream_id", 0), WindowOpen()))
             elif kind is h2.events.ConnectionTerminated:
                 self.going_away = event.last_stream_id or 0
                 out.append((0, Terminated(int(event.error_code), self.going_away,
                                           (event.additional_data or b"").decode("latin-1"))))
+            else:
+                self._shared(event, out)
         return out
 
     def _response(self, event) -> Informational | ResponseHead | None:
