@@ -309,3 +309,16 @@ def test_the_peers_stream_limit_and_goaway_say_when_a_new_connection_is_needed()
     [(_, terminated)] = client.feed(server.data_to_send())
     assert type(terminated) is Terminated and terminated.last_stream_id == 3
     assert not client.can_open()  # streams up to 3 still finish; new ones go elsewhere
+
+
+def test_a_field_block_that_does_not_decode_is_a_compression_error():
+    """RFC 9113 4.3; h2 says PROTOCOL_ERROR, the GOAWAY goes out with the right code."""
+    server, _ = pair()
+    headers = HeadersFrame(1)
+    headers.data = b"\x82\x80"  # :method GET, then index 0: no such entry (RFC 7541 6.1)
+    headers.flags.add("END_HEADERS")
+    headers.flags.add("END_STREAM")
+    [(_, terminated)] = server.feed(headers.serialize())
+    assert terminated.error_code == h2.errors.ErrorCodes.COMPRESSION_ERROR
+    [goaway] = [f for f in frames(server.pending()) if isinstance(f, GoAwayFrame)]
+    assert goaway.error_code == h2.errors.ErrorCodes.COMPRESSION_ERROR

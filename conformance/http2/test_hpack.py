@@ -25,7 +25,6 @@ _BASE = bytes([0x82, 0x86, 0x84])  # :method GET, :scheme http, :path / (static 
                      marks=pytest.mark.quirk("nginx", "GOAWAY FRAME_SIZE_ERROR")),
     ],
 )
-@pytest.mark.quirk("sluice", "h2 downstream in progress: GOAWAY PROTOCOL_ERROR (h2's mapping)")
 def test_an_undecodable_block_is_a_compression_error(client, recorder, block):
     """RFC 9113 4.3: a decoding error in a field block is a connection error COMPRESSION_ERROR."""
     client.send(raw_frame(HEADERS, END_HEADERS | END_STREAM, 1, block))

@@ -48,6 +48,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import h2.stream
+import hpack.exceptions
 from hyperframe.frame import GoAwayFrame
 
 from ..messages import Headers, Request, Response
@@ -112,6 +113,24 @@ class _Peer:
 
     _h2: h2.connection.H2Connection
     _out = b""  # bytes to write before h2's own
+
+    def _connection_error(self, exc: h2.exceptions.ProtocolError) -> int:
+        """The code of a connection error h2 raised (it queued its GOAWAY).
+
+        A field block that does not decode is COMPRESSION_ERROR (RFC 9113
+        4.3), which h2 reports as PROTOCOL_ERROR: its GOAWAY, the last frame
+        it queued, is rewritten with the right code.
+        """
+        code = int(getattr(exc, "error_code", h2.errors.ErrorCodes.PROTOCOL_ERROR))
+        if isinstance(exc.__cause__, _DECODING_ERRORS):
+            data = self._h2.data_to_send()
+            if len(data) >= 17 and data[-14] == 0x07:  # a GOAWAY with no debug data, last
+                frame = GoAwayFrame(0)
+                frame.last_stream_id = int.from_bytes(data[-8:-4], "big") & 0x7FFFFFFF
+                frame.error_code = code = h2.errors.ErrorCodes.COMPRESSION_ERROR
+                data = data[:-17] + frame.serialize()
+            self._out += data
+        return int(code)
 
     def _shared(self, event: h2.events.Event, out: list[tuple[int, object]]) -> None:
         """Translate into ``out`` the events both roles read alike (body,
@@ -231,8 +250,7 @@ class H2Server(_Peer):
         try:
             events = self._h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
-            code = getattr(exc, "error_code", h2.errors.ErrorCodes.PROTOCOL_ERROR)
-            return [(0, Terminated(int(code), self._h2.highest_inbound_stream_id, str(exc)))]
+            return [(0, Terminated(self._connection_error(exc), self._h2.highest_inbound_stream_id, str(exc)))]
         out: list[tuple[int, object]] = []
         # h2 opened every stream of ``data`` before these events are seen:
         # count them back one by one, so that the streams refused past the
@@ -442,8 +460,7 @@ class H2Client(_Peer):
         try:
             events = self._h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
-            code = getattr(exc, "error_code", h2.errors.ErrorCodes.PROTOCOL_ERROR)
-            return [(0, Terminated(int(code), 0, str(exc)))]
+            return [(0, Terminated(self._connection_error(exc), 0, str(exc)))]
         out: list[tuple[int, object]] = []
         for event in events:
             kind = type(event)
@@ -525,6 +542,9 @@ def _malformed(headers, *, request: bool, response: bool = False) -> str | None:
         return "no :status"
     return None
 
+
+# What h2 turns into "Error decoding header block" (h2.connection._decode_headers).
+_DECODING_ERRORS = (hpack.exceptions.HPACKError, IndexError, TypeError, UnicodeDecodeError)
 
 _INBOUND_OPEN = frozenset({h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_LOCAL})
 
