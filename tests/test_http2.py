@@ -416,3 +416,28 @@ async def test_a_local_reply_to_a_plain_request_stays_http(start_origin):
         async with httpx.AsyncClient(http1=False, http2=True, base_url=base) as client:
             r = await client.post("/x", content=b"{}", headers={"content-type": "application/json"})
     assert r.status_code == 404 and "grpc-status" not in r.headers and r.text == "no route\n"
+
+
+async def test_an_idle_h2_connection_gives_its_slot_up_at_the_limit(start_origin):
+    """As an idle HTTP/1.1 one does: a new client is served, not refused."""
+    origin = await start_origin()
+    async with serve(h2_config(origin, limits={"max_connections": 2}), plugins=PLUGINS) as proxy:
+        idle = []
+        for _ in range(2):
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+            conn.initiate_connection()
+            stream = await trio.open_tcp_stream(*proxy.address)
+            await stream.send_all(conn.data_to_send())
+            conn.receive_data(await stream.receive_some(65536))  # its SETTINGS: it is served
+            idle.append(stream)
+            await trio.sleep(0.05)
+        done = await _curl("--http2-prior-knowledge", "-w", "%{http_code}", "-o", "/dev/null",
+                           f"http://127.0.0.1:{proxy.address[1]}/fresh")
+        with trio.fail_after(5):  # the longest idle one was told GOAWAY and closed
+            received = b""
+            while chunk := await idle[0].receive_some(65536):
+                received += chunk
+        for stream in idle:
+            await stream.aclose()
+    assert done.stdout == b"200", done.stderr
+    assert any(isinstance(f, GoAwayFrame) for f in _frames(received))

@@ -22,7 +22,9 @@ watchdog's deadlines: a watchdog expiry wakes every wait on the socket, and
 here one socket has a reader and many writers at once.
 
 Draining sends GOAWAY (the last stream id sluice will serve), lets the
-streams in flight finish, then closes.
+streams in flight finish, then closes. A connection with no stream open is
+evictable, like an idle HTTP/1.1 one (``slots.py``): at max_connections it
+gives its slot up to a new client, with GOAWAY.
 """
 
 from __future__ import annotations
@@ -224,6 +226,7 @@ class H2Connection:
         self._reading = trio.CancelScope()
         self._look_again = False  # the reader must not wait (a drain, a last stream)
         self._broken = False
+        self._evicted = False
         self._error: Terminated | None = None  # a connection error (ours to log)
         self._opened = time.monotonic()
 
@@ -255,14 +258,21 @@ class H2Connection:
             self.proto.goaway()
             self._wake_reader()  # it flushes the GOAWAY and waits for the streams
 
+    def evict(self) -> None:
+        """Give the slot up (the listener needs it): GOAWAY and close, once
+        the streams in flight, if any, are done."""
+        self._evicted = True
+        self._wake_reader()
+
     def _wake_reader(self) -> None:
         self._look_again = True
         self._reading.cancel()
 
     async def _read(self, nursery: trio.Nursery) -> None:
         io = self.io
+        evictable = self.listener.slots.idle
         while True:
-            if self.draining:
+            if self.draining or self._evicted:
                 await self.flush()
                 if not self.streams:
                     self.proto.close()
@@ -271,12 +281,21 @@ class H2Connection:
             if self._look_again:  # asked while the reader was not waiting
                 self._look_again = False
                 self._reading.cancel()
-            with self._reading:
-                with trio.move_on_after(self.idle_timeout) as idle:
-                    try:
-                        data = await io.receive(math.inf)
-                    except trio.BrokenResourceError:
-                        data = b""
+            # With no stream open the connection only waits, as an idle
+            # HTTP/1.1 one does: at max_connections it gives its slot up.
+            waiting = not self.streams
+            if waiting:
+                evictable[self] = None
+            try:
+                with self._reading:
+                    with trio.move_on_after(self.idle_timeout) as idle:
+                        try:
+                            data = await io.receive(math.inf)
+                        except trio.BrokenResourceError:
+                            data = b""
+            finally:
+                if waiting:
+                    evictable.pop(self, None)
             if self._reading.cancelled_caught:
                 continue  # drained, or the last stream of a drain ended: look again
             if idle.cancelled_caught:
