@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
                      f" (default {DEFAULT_PLUGINS})")
     run.add_argument("--workers", type=_positive, help="worker processes sharing the port (SO_REUSEPORT)")
     run.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
+    run.add_argument("--http2", action="store_true",
+                     help="one-line mode: also serve HTTP/2 (h2c with prior knowledge on the plain listener)")
     run.add_argument("--http1-codec", choices=CODECS,
                      help="HTTP/1.1 codec (overrides server.http1_codec; default auto: httptools, else h11)")
 
@@ -90,8 +92,9 @@ def _upstream_endpoint(url: str) -> tuple[str, bool]:
     return f"{host}:{port}", tls
 
 
-def one_line_config(listen: str, upstreams: list[str], plugins: Plugins, order: list[str]) -> Config:
-    """The config ``--listen/--upstream/--plugins`` stand for."""
+def one_line_config(listen: str, upstreams: list[str], plugins: Plugins, order: list[str],
+                    http2: bool = False) -> Config:
+    """The config ``--listen/--upstream/--plugins`` (and ``--http2``) stand for."""
     endpoints = [_upstream_endpoint(u) for u in upstreams]
     if len({tls for _, tls in endpoints}) > 1:
         raise ConfigError("--upstream: mix of http:// and https:// upstreams in one cluster")
@@ -101,7 +104,7 @@ def one_line_config(listen: str, upstreams: list[str], plugins: Plugins, order: 
     filters = [f for name in order for f in plugins.loaded[name].filters]
     return parse(
         {
-            "listeners": [{"address": listen, "filters": filters}],
+            "listeners": [{"address": listen, "filters": filters, "http2": http2}],
             "clusters": {"default": cluster},
             "routes": [{"match": {"prefix": "/"}, "cluster": "default"}],
         }
@@ -110,8 +113,8 @@ def one_line_config(listen: str, upstreams: list[str], plugins: Plugins, order: 
 
 def _build_run(args: argparse.Namespace) -> tuple[Any, int, str]:
     """What `run` serves (an App, or the demo to build in each worker), workers, log level."""
-    if args.config and (args.listen or args.upstream):
-        raise ConfigError("-c cannot be combined with --listen/--upstream")
+    if args.config and (args.listen or args.upstream or args.http2):
+        raise ConfigError("-c cannot be combined with --listen/--upstream/--http2 (set http2 in the file)")
     if args.config:
         config = _with_codec(load(args.config), args.http1_codec)
         app = App(config, Plugins(_plugin_list(args.plugins)))
@@ -120,13 +123,16 @@ def _build_run(args: argparse.Namespace) -> tuple[Any, int, str]:
     plugins = Plugins(order)
     listen = args.listen or DEFAULT_LISTEN
     if args.upstream:
-        config = _with_codec(one_line_config(listen, args.upstream, plugins, order), args.http1_codec)
+        config = _with_codec(one_line_config(listen, args.upstream, plugins, order, args.http2),
+                             args.http1_codec)
         return App(config, plugins), args.workers or 1, args.log_level or "info"
     # The embedded default: validated now with a placeholder endpoint so a
     # plugin problem fails before anything listens; each worker then starts
     # the demo origin and points the cluster at it.
-    App(_with_codec(one_line_config(listen, ["127.0.0.1:9"], plugins, order), args.http1_codec), plugins)
-    return _Demo(listen, plugins, order, args.http1_codec), args.workers or 1, args.log_level or "info"
+    App(_with_codec(one_line_config(listen, ["127.0.0.1:9"], plugins, order, args.http2), args.http1_codec),
+        plugins)
+    demo = _Demo(listen, plugins, order, args.http1_codec, args.http2)
+    return demo, args.workers or 1, args.log_level or "info"
 
 
 def _with_codec(config: Config, codec: str | None) -> Config:
@@ -142,6 +148,7 @@ class _Demo:
     plugins: Plugins
     order: list[str]
     codec: str | None = None
+    http2: bool = False
 
 
 async def _serve(target: App | _Demo, reuse_port: bool, ready) -> None:
@@ -151,7 +158,7 @@ async def _serve(target: App | _Demo, reuse_port: bool, ready) -> None:
 
             upstream = await nursery.start(serve_demo)
             print(f"sluice: demo upstream on http://{upstream}", file=sys.stderr, flush=True)
-            config = one_line_config(target.listen, [upstream], target.plugins, target.order)
+            config = one_line_config(target.listen, [upstream], target.plugins, target.order, target.http2)
             target = App(_with_codec(config, target.codec), target.plugins)
         app = target
 

@@ -257,3 +257,11 @@ def test_a_file_that_is_not_toml_is_a_clear_error(tmp_path):
         r = sluice("check", str(path))
         assert r.returncode == 2 and f"{path}: not valid TOML" in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
+
+
+def test_one_line_mode_serves_http2_with_a_flag():
+    port = free_port()
+    with Running("--listen", f"127.0.0.1:{port}", "--http2") as proxy:  # the embedded demo behind it
+        r = curl("--http2-prior-knowledge", "-w", "\n%{http_version} %{http_code}", f"{proxy.url}/hello")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.endswith("\n2 200"), r.stdout
