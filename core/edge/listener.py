@@ -51,9 +51,10 @@ from ..messages import Headers, Request, Response
 from ..protocol.events import ProtocolError
 from ..protocol.h2_codec import PREFACE
 from ..protocol.http1 import Codec, reason_phrase, simple_response
+from ..proxy.answers import complete
 from ..proxy.chain import Chain
 from ..proxy.context import Context
-from ..proxy.exchange import _complete, run_exchange
+from ..proxy.exchange import run_exchange
 from .byteio import StreamIO, borrowed, peek_eof, socket_io
 from .downstream import H1Downstream, HeadTimeout, TlsOnPlain
 from .http2 import H2Connection
@@ -378,7 +379,7 @@ class Listener:
             ctx.request = Request(error.method, error.target or "", Headers())
         if status is not None:
             ctx.response = Response(status)
-        await _complete(chain, ctx)
+        await complete(chain, ctx)
 
 
 def _alpn(stream: trio.abc.Stream) -> str | None:

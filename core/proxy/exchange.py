@@ -44,7 +44,7 @@ proposal is relayed as usual.
 An answer that comes before the request body was read (a filter's, or the
 upstream's early one) keeps the connection when the rest of the body is
 small: sluice reads and drops up to ``DRAIN_LIMIT`` bytes of it within
-``DRAIN_TIME`` seconds, so a request pipelined behind it is served. A body
+``DRAIN_TIME`` seconds (``answers.py``, with the local replies and ``on_complete``), so a request pipelined behind it is served. A body
 known to be larger, a 413, a broken body, or a client still waiting for
 ``100 Continue`` (it may never send the body) close the connection instead,
 and the answer says ``Connection: close``.
@@ -60,10 +60,9 @@ import trio
 from ..errors import ClientGone, UpstreamError
 from ..messages import Headers, Response
 from ..protocol.events import NEED_DATA, Body, End, Informational, ProtocolError, RequestHead
-from ..protocol.http1 import reason_phrase
+from .answers import DRAIN_LIMIT, answer, complete, drain_body, keeps_open, reason
 from .chain import Chain
 from .filters import LocalReply
-from .grpc import grpc_reply, grpc_timeout, is_grpc
 from .forwarding import (
     add_via,
     forward_request,
@@ -72,6 +71,7 @@ from .forwarding import (
     strip_trailers,
     switched_protocol,
 )
+from .grpc import grpc_timeout
 
 if TYPE_CHECKING:
     from ..edge.pool import Pool
@@ -90,18 +90,12 @@ class Site(Protocol):
     max_buffered: int
     config: Any  # the listener's config; a tunnel reads timeouts.tunnel_idle and tunnel_max
 
-__all__ = ["DRAIN_LIMIT", "DRAIN_TIME", "Site", "run_exchange"]
+__all__ = ["Site", "run_exchange"]
 
 log = structlog.get_logger("sluice.exchange")
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _UPGRADES = frozenset({"websocket"})  # when no route says (Route.upgrades' default)
-_COMPLETE_TIMEOUT = 5.0  # seconds on_complete phases get, even when cancelled
-# The rest of a request body read and dropped after an early answer, to keep
-# the connection (nginx discards an unread body the same way): past these,
-# closing is cheaper than reading.
-DRAIN_LIMIT = 1024 * 1024
-DRAIN_TIME = 5.0
 
 
 class _Reply(Exception):
@@ -137,25 +131,25 @@ async def run_exchange(listener: Site, down: Any, head: RequestHead, ctx: Contex
         except BaseExceptionGroup as group:
             raise _collapse(group) from None
     except _Reply as r:
-        await _answer(chain, down, ctx, r.reply, len(chain.filters) if r.limit is None else r.limit)
+        await answer(chain, down, ctx, r.reply, len(chain.filters) if r.limit is None else r.limit)
     except UpstreamError as exc:
         ctx.error = exc
         ctx.flags.append(exc.flag)
         log.info("upstream failed", request_id=ctx.request_id, error=str(exc))
-        await _answer(chain, down, ctx, LocalReply(exc.status, _reason(exc.status), flag=""),
+        await answer(chain, down, ctx, LocalReply(exc.status, reason(exc.status), flag=""),
                       len(chain.filters))
     except ProtocolError as exc:
         ctx.error = exc
         ctx.flags.append("DPE")
         log.info("bad request body", request_id=ctx.request_id, error=str(exc))
         down.close_after = True  # the body's framing is lost
-        await _answer(chain, down, ctx, LocalReply(exc.status, _reason(exc.status), flag=""), 0)
+        await answer(chain, down, ctx, LocalReply(exc.status, reason(exc.status), flag=""), 0)
     except ClientGone as exc:
         ctx.error = exc
         if exc.timed_out:
             ctx.flags.append("DT")
             down.close_after = True
-            await _answer(chain, down, ctx, LocalReply(408, "request body timed out\n", flag=""), 0)
+            await answer(chain, down, ctx, LocalReply(408, "request body timed out\n", flag=""), 0)
         else:
             ctx.flags.append("DC")
             down.close_after = True
@@ -167,39 +161,11 @@ async def run_exchange(listener: Site, down: Any, head: RequestHead, ctx: Contex
         ctx.error = exc
         ctx.flags.append("FE")
         log.error("exchange failed", request_id=ctx.request_id, exc_info=exc)
-        await _answer(chain, down, ctx, LocalReply(500, _reason(500), flag=""), 0)
+        await answer(chain, down, ctx, LocalReply(500, reason(500), flag=""), 0)
     finally:
-        await _complete(chain, ctx)
+        await complete(chain, ctx)
     if not down.body_done and not down.close_after:
-        await _drain_body(down, ctx)
-
-
-def _keeps_open(down: Any, ctx: Context) -> bool:
-    """Whether a response head going out before the request body was read
-    may promise to keep the connection (the body is then drained)."""
-    return down.body_done or (ctx._drainable and not down.waiting_for_100_continue)
-
-
-async def _drain_body(down: Any, ctx: Context) -> None:
-    """Read and drop the rest of a request body answered early; the
-    connection closes (at the next check) unless it ends within bounds."""
-    left = DRAIN_LIMIT
-    with trio.move_on_after(DRAIN_TIME):
-        try:
-            while type(event := await down.read_body_event()) is Body:
-                left -= len(event.data)
-                if left < 0:
-                    break
-            else:
-                return
-        except (ProtocolError, ClientGone):
-            pass
-    log.info("request body not drained; closing", request_id=ctx.request_id)
-    down.close_after = True
-
-
-def _reason(status: int) -> str:
-    return f"{reason_phrase(status).lower()}\n"
+        await drain_body(down, ctx)
 
 
 def _prepare(listener: Site, down: Any, head: RequestHead, ctx: Context) -> Chain:
@@ -504,7 +470,7 @@ async def _relay_response(listener, chain, down, conn, ctx, response: Response, 
     if replied is not None:
         conn.discard = True  # its unread body makes the connection unusable
         raise _Reply(replied[1], replied[0])
-    if not _keeps_open(down, ctx):
+    if not keeps_open(down, ctx):
         # The upstream answers before the upload ended, and what is left of
         # it is too much to drain: the connection closes after the answer;
         # say so now, while the head can still carry it.
@@ -569,79 +535,3 @@ async def _relay_whole(listener, chain, down, conn, ctx, response: Response, tim
     await down.send_end(None)  # trailers cannot follow a Content-Length body
 
 
-async def _answer(chain: Chain, down: Any, ctx: Context, reply: LocalReply, limit: int) -> None:
-    """Send a local reply, through the response phases of filters before ``limit``."""
-    if reply.flag:
-        ctx.flags.append(reply.flag)
-    if down.response_started:
-        down.close_after = True  # too late for a status: cut the connection
-        return
-    try:
-        body = reply.body.encode() if isinstance(reply.body, str) else bytes(reply.body)
-        fields = reply.headers
-        headers = Headers(fields.items() if isinstance(fields, dict) else fields)
-        if body and b"content-type" not in headers:
-            headers.add(b"content-type", b"text/plain; charset=utf-8")
-        response = Response(reply.status, headers)  # no Via: sluice is this response's origin
-        ctx.response = response
-        await chain.run_heads(chain.response_headers, ctx, response, limit)
-        if chain.response_body:
-            data = await chain.run_body(chain.response_body, ctx, body, True, limit)
-            body = data if type(data) is bytes else body
-    except Exception as exc:  # a bad reply, or a filter failing on it: plain 500
-        log.error("local reply failed", request_id=ctx.request_id, exc_info=exc)
-        response = Response(500, Headers([(b"content-type", b"text/plain; charset=utf-8")]))
-        body = _reason(500).encode()
-        ctx.response = response
-    if is_grpc(ctx.request):
-        # A gRPC client reads the outcome from grpc-status (see grpc.py).
-        response = ctx.response = grpc_reply(response, body, ctx.flags)
-        body = b""
-    status = response.status
-    if status in (204, 304) or is_grpc(ctx.request):  # no body, no length (RFC 9110 8.6)
-        body = b""
-        response.headers.remove(b"content-length")
-    else:
-        response.headers.set(b"content-length", str(len(body)).encode())
-    if ctx.request is not None and ctx.request.method == "HEAD":
-        body = b""  # the length stays: it is the GET's (RFC 9110 9.3.2)
-    if status == 413 or not _keeps_open(down, ctx):
-        down.close_after = True  # the unread body is too much to drain
-    try:
-        await down.send_response(response)
-        if body:
-            ctx.bytes_out += len(body)
-            await down.send_body(body)
-        await down.send_end(None)
-    except ClientGone:
-        ctx.flags.append("DC")
-        down.close_after = True
-
-
-async def _complete(chain: Chain, ctx: Context) -> None:
-    """Run every on_complete, shielded and bounded, each isolated from the others.
-
-    When no on_complete of the chain can suspend (Chain.complete_never_suspends)
-    there is nothing to shield or bound: each runs to its end in one step.
-    """
-    if not chain.complete:
-        return
-    if chain.complete_never_suspends:
-        for fn in chain.complete:
-            coro = fn(ctx)
-            try:
-                coro.send(None)
-            except StopIteration:
-                continue
-            except Exception as exc:
-                log.error("on_complete failed", request_id=ctx.request_id, exc_info=exc)
-                continue
-            coro.close()  # cannot happen (no await in it), but never leave one half-run
-            log.error("on_complete suspended", request_id=ctx.request_id)
-        return
-    with trio.CancelScope(shield=True, deadline=trio.current_time() + _COMPLETE_TIMEOUT):
-        for fn in chain.complete:
-            try:
-                await fn(ctx)
-            except Exception as exc:
-                log.error("on_complete failed", request_id=ctx.request_id, exc_info=exc)
