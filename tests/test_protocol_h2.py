@@ -14,7 +14,8 @@ from hyperframe.frame import ContinuationFrame, Frame, GoAwayFrame, HeadersFrame
 
 from sluice.messages import Headers, Request, Response
 from sluice.protocol.events import End, RequestHead, ResponseHead
-from sluice.protocol.h2_codec import Data, H2Client, H2Server, Refused, StreamReset, Terminated
+from sluice.protocol.h2_client import H2Client
+from sluice.protocol.h2_codec import Data, H2Server, Refused, StreamReset, Terminated
 
 BASE = [(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http"), (b":authority", b"a.test")]
 MAX_STREAMS = 10

@@ -17,8 +17,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sluice.protocol.events import ProtocolError, RequestHead
 from sluice.protocol import targets
+from sluice.protocol.events import ProtocolError, RequestHead
 from sluice.protocol.targets import normalize_path, request_target
 from sluice.testing import serve
 

@@ -158,7 +158,7 @@ class H2Stream:
                 await self._wait("opening its window")
                 continue
             piece = chunk[start:start + room]
-            self._send(lambda p: p.send_data(sid, piece))
+            self._send(lambda p, piece=piece: p.send_data(sid, piece))
             start += len(piece)
         # As H1Downstream does: small pieces wait for the end (one write for
         # a small answer's head, body and end), large ones go now; the

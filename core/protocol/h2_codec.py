@@ -52,11 +52,11 @@ import hpack.exceptions
 from hyperframe.frame import GoAwayFrame
 
 from ..messages import Headers, Request, Response
-from .events import End, Informational, ProtocolError, RequestHead, ResponseHead
+from .events import End, ProtocolError, RequestHead
 from .heads import content_length
 from .targets import check_host, request_target
 
-__all__ = ["PREFACE", "Data", "H2Client", "H2Server", "Refused", "StreamReset", "Terminated", "WindowOpen"]
+__all__ = ["PREFACE", "Data", "H2Server", "Refused", "StreamReset", "Terminated", "WindowOpen"]
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -389,113 +389,6 @@ class H2Server(_Peer):
             self._h2.close_connection(last_stream_id=self._h2.highest_inbound_stream_id)
         except h2.exceptions.ProtocolError:
             pass
-
-
-class H2Client(_Peer):
-    """One HTTP/2 connection to an upstream: many requests, one stream each.
-
-    ``request()`` opens a stream (the id is its handle) while ``can_open()``
-    says the peer's MAX_CONCURRENT_STREAMS leaves room; ``feed()`` gives
-    ``Informational``, ``ResponseHead``, ``Data``, ``End``, ``StreamReset``,
-    ``WindowOpen`` and ``Terminated`` (a GOAWAY: streams up to its
-    ``last_stream_id`` still finish, later ones were never processed and may
-    be retried). A malformed response head is a stream error: the stream is
-    reset and reported as ``StreamReset`` (the exchange answers 502), the
-    connection's other streams go on.
-    """
-
-    def __init__(self, *, initial_window: int, max_header_list_size: int, max_header_count: int,
-                 tls: bool = False) -> None:
-        config = h2.config.H2Configuration(
-            client_side=True,
-            header_encoding=None,
-            validate_inbound_headers=False,  # _malformed: stream errors, not connection errors
-            normalize_inbound_headers=True,
-            validate_outbound_headers=True,
-        )
-        self._h2 = h2.connection.H2Connection(config=config)
-        codes = h2.settings.SettingCodes
-        self._h2.local_settings = h2.settings.Settings(client=True, initial_values={
-            codes.ENABLE_PUSH: 0,
-            codes.INITIAL_WINDOW_SIZE: initial_window,
-            codes.MAX_HEADER_LIST_SIZE: max_header_list_size,
-        })
-        self._h2.initiate_connection()
-        self._h2.decoder.max_header_list_size = max_header_list_size
-        grow = min(initial_window * 100, 2**31 - 1) - 65535
-        if grow > 0:
-            self._h2.increment_flow_control_window(grow)
-        self.max_header_count = max_header_count
-        self.scheme = b"https" if tls else b"http"
-        self.going_away: int | None = None  # the peer's GOAWAY last_stream_id, once received
-        self._trailers_seen: set[int] = set()
-
-    def can_open(self) -> bool:
-        """Whether a new stream may open now (the peer's limit, no GOAWAY)."""
-        h2c = self._h2
-        return (self.going_away is None
-                and h2c.open_outbound_streams < h2c.remote_settings.max_concurrent_streams
-                and h2c.state_machine.state is not h2.connection.ConnectionState.CLOSED)
-
-    def request(self, request: Request, *, end: bool) -> int:
-        """Open a stream with ``request``'s head; returns its id. HTTP/1.1's
-        Host becomes ``:authority``; connection-specific fields stay behind."""
-        fields = request.headers.raw()
-        authority = next((v for n, v in fields if n == b"host"), b"")
-        head = [(b":method", request.method.encode("ascii")), (b":scheme", self.scheme),
-                (b":authority", authority), (b":path", request.target.encode("latin-1"))]
-        for name, value in fields:
-            if name == b"host" or name in _CONNECTION_SPECIFIC:
-                continue
-            if name == b"te" and value.lower() != b"trailers":
-                continue
-            head.append((name, value))
-        stream_id = self._h2.get_next_available_stream_id()
-        self._h2.send_headers(stream_id, head, end_stream=end)
-        return stream_id
-
-    def feed(self, data: bytes) -> list[tuple[int, object]]:
-        """The events in ``data``; a connection error gives ``Terminated``
-        last (with our GOAWAY in ``pending()``)."""
-        try:
-            events = self._h2.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
-            return [(0, Terminated(self._connection_error(exc), 0, str(exc)))]
-        out: list[tuple[int, object]] = []
-        for event in events:
-            kind = type(event)
-            if kind is h2.events.ResponseReceived or kind is h2.events.InformationalResponseReceived:
-                head = self._response(event)
-                if head is None:
-                    out.append((event.stream_id, StreamReset(int(h2.errors.ErrorCodes.PROTOCOL_ERROR))))
-                    continue
-                out.append((event.stream_id, head))
-                if event.stream_ended is not None:
-                    out.append((event.stream_id, End(None)))
-            elif kind is h2.events.ConnectionTerminated:
-                self.going_away = event.last_stream_id or 0
-                out.append((0, Terminated(int(event.error_code), self.going_away,
-                                          (event.additional_data or b"").decode("latin-1"))))
-            else:
-                self._shared(event, out)
-        return out
-
-    def _response(self, event) -> Informational | ResponseHead | None:
-        """The response head, or None (the stream reset) when it is malformed."""
-        status = None
-        fields = []
-        if _malformed(event.headers, request=False, response=True) is None:
-            for name, value in event.headers:
-                if name == b":status":
-                    status = value
-                else:
-                    fields.append((name, value))
-        if (status is None or len(status) != 3 or not status.isdigit() or status == b"101"
-                or len(fields) > self.max_header_count):
-            self.reset(event.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
-            return None
-        response = Response(int(status), Headers._trusted(fields), http_version="2")
-        return Informational(response) if response.status < 200 else ResponseHead(response)
 
 
 _PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path", b":protocol"})
