@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import resource
 import shutil
 import subprocess
@@ -198,6 +199,10 @@ def run_scenarios(args: argparse.Namespace, targets: list[Target]) -> dict:
                     log(f"skipping {scenario.name}: h2load is not installed; to install: "
                         "apt-get install nghttp2-client  (or: bash benchmarks/setup.sh)")
                     continue
+                if scenario.grpc and importlib.util.find_spec("grpc") is None:
+                    log(f"skipping {scenario.name}: grpcio is not installed; to install: "
+                        ".venv/bin/python -m pip install -e '.[test]'")
+                    continue
                 results[scenario.name] = run_scenario(bench, scenario, targets)
     return results
 
@@ -214,10 +219,23 @@ def tls_files(workdir: Path, scenarios: list[Scenario]) -> peers.TlsFiles | None
 
 
 def run_scenario(bench: Bench, scenario: Scenario, targets: list[Target]) -> dict[str, dict]:
+    if scenario.grpc:  # its own targets: a grpcio server, direct and through sluice
+        return measure_grpc(bench, scenario)
     chosen = [t for t in targets if applicable(t, scenario)]
     log(f"=== {scenario.name}: {scenario.title} ({', '.join(t.name for t in chosen)})")
     measure = measure_idle if scenario.idle else measure_load
     return measure(bench, scenario, chosen)
+
+
+def measure_grpc(bench: Bench, scenario: Scenario) -> dict[str, dict]:
+    import grpc_unary  # needs grpcio (the test extra); only this scenario does
+
+    log(f"=== {scenario.name}: {scenario.title} (direct, sluice)")
+    args = bench.args
+    outcomes = grpc_unary.measure(bench.workdir / scenario.name, scenario.connections, args.duration,
+                                  args.repeats, args.warmup)
+    log(f"{scenario.name}:\n{grpc_unary.table(outcomes)}")  # with sluice's share of direct
+    return outcomes
 
 
 def available_targets(args: argparse.Namespace) -> tuple[list[Target], dict[str, str]]:

@@ -37,6 +37,7 @@ class Scenario:
     max_connections: int | None = None  # what a proxy with a connection limit must allow
     h2: bool = False  # h2c with prior knowledge, driven by h2load; only targets that speak it
     streams: int = 1  # (h2) requests in flight per connection: h2load -m
+    grpc: bool = False  # grpc_unary.py's own targets and client instead of wrk (connections: calls in flight)
 
     @property
     def payload_bytes(self) -> int:
@@ -65,5 +66,8 @@ SCENARIOS = {s.name: s for s in (
     # What HTTP/2 is for: many streams on few connections.
     Scenario("h2-many", "GET / over h2c (prior knowledge), 10 connections x 10 streams", h2=True,
              connections=10, streams=10),
+    # gRPC through sluice, HTTP/2 both sides, against the same grpcio server called directly.
+    Scenario("grpc-unary", "gRPC unary calls (grpcio asyncio client), 50 in flight on one channel: "
+             "direct vs sluice h2c -> h2c", grpc=True),
 )}
 QUICK = ("small", "newconn", "1m", "upload")
