@@ -77,6 +77,7 @@ class H2Stream:
         self.reset = False  # the client reset it, or the connection is gone
         self._events: deque = deque()
         self._wake = trio.Event()
+        self._gone = trio.Event()  # set once reset: what watch_disconnect waits for
         self._head: Response | None = None
         self._unacked = 0  # body bytes taken but not yet given back to the window
         self._unflushed = 0  # body bytes given to the protocol since the last write
@@ -90,6 +91,8 @@ class H2Stream:
     def poke(self) -> None:
         """Something changed (a window opened, a reset): waiters look again."""
         self._wake.set()
+        if self.reset:
+            self._gone.set()
 
     def peer_closed(self) -> bool:
         return self.reset
@@ -124,9 +127,10 @@ class H2Stream:
 
     async def watch_disconnect(self) -> None:
         """Wait, while the upstream works, for the client to reset the stream."""
-        while not self.reset:
-            self._wake = trio.Event()
-            await self._wake.wait()
+        # Its own event: the relay may be waiting on ``_wake`` for a window
+        # at the same time, and one replacing the other's event strands it.
+        if not self.reset:
+            await self._gone.wait()
         raise ClientGone("stream reset before the response")
 
     async def flush(self) -> None:
@@ -155,7 +159,8 @@ class H2Stream:
             if room <= 0:
                 await self.conn.flush()
                 self._unflushed = 0
-                await self._wait("opening its window")
+                if proto.window(sid) <= 0:  # (it may have opened during the flush)
+                    await self._wait("opening its window")
                 continue
             piece = chunk[start:start + room]
             self._send(lambda p, piece=piece: p.send_data(sid, piece))
