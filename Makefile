@@ -15,10 +15,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Debian tools the tests drive as real clients/servers (curl; h2load from
-# nghttp2-client for HTTP/2).
+# nghttp2-client for HTTP/2; nginx as an HTTP/2 upstream, started per test
+# on a free port; its packaged service is not needed and may fail to start).
 test-deps:
 	@command -v curl >/dev/null || (apt-get update -qq && apt-get install -y -qq curl)
 	@command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
+	@command -v nginx >/dev/null || (apt-get update -qq && apt-get install -y -qq nginx || command -v nginx)
 
 run: venv
 	$(VENV)/bin/sluice run

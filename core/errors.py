@@ -28,10 +28,15 @@ class UpstreamError(Exception):
     is the access-log response flag.
     """
 
-    def __init__(self, message: str, *, status: int, flag: str, retryable: bool = False):
+    def __init__(self, message: str, *, status: int, flag: str, retryable: bool = False,
+                 unprocessed: bool = False):
         super().__init__(message)
         self.status = status
         self.flag = flag
         # True when nothing of the response arrived on a reused connection:
         # an idempotent request may be replayed once on a fresh one.
         self.retryable = retryable
+        # True when the upstream says it never processed the request (an
+        # HTTP/2 REFUSED_STREAM, or a GOAWAY below the stream, RFC 9113
+        # 8.7): any method may be replayed.
+        self.unprocessed = unprocessed

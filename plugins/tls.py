@@ -83,6 +83,9 @@ class _Client(ClientTransport):
         self.context = ctx
         self.server_name = cfg.server_name
 
+    def offer(self, protocols: list[str]) -> None:
+        self.context.set_alpn_protocols(protocols)
+
     async def wrap_client(self, stream, server_name: str):
         tls = trio.SSLStream(stream, self.context, server_hostname=server_name, https_compatible=True)
         await tls.do_handshake()

@@ -38,6 +38,7 @@ class Origin:
         self.raw = raw
         self.connections = 0
         self.requests: list[tuple[h11.Request, bytes]] = []
+        self.trailers: list[list[tuple[bytes, bytes]]] = []  # each request's (maybe empty)
         self.port = 0
 
     @property
@@ -82,6 +83,7 @@ class Origin:
             if isinstance(event, h11.Data):
                 body += event.data
             elif isinstance(event, h11.EndOfMessage):
+                self.trailers.append(list(event.headers))
                 break
         self.requests.append((request, bytes(body)))
         reply = await self.handler(request, bytes(body))

@@ -74,6 +74,14 @@ class App:
         endpoints = [Endpoint(*parse_hostport(e.address), weight=e.weight) for e in cfg.endpoints]
         policy = self.plugins.balancers[cfg.policy][0]
         transport = None if cfg.tls is None else self._transport("client", cfg.tls, f"{where}.tls")
+        if cfg.protocol == "h2":
+            if transport is None:
+                raise ConfigError(f"{where}.protocol: \"h2\" is HTTP/2 over TLS and needs a tls table "
+                                  "(\"h2c\" is HTTP/2 without TLS)")
+            transport.offer(["h2"])
+        elif cfg.protocol == "h2c" and transport is not None:
+            raise ConfigError(f"{where}.protocol: \"h2c\" is HTTP/2 without TLS; with a tls table "
+                              "use \"h2\"")
         return Cluster(
             name=name,
             endpoints=endpoints,
@@ -84,6 +92,7 @@ class App:
             max_idle=cfg.max_idle,
             transport=transport,
             tls_server_name=getattr(transport, "server_name", None),
+            protocol=cfg.protocol,
         )
 
     def _transport(self, side: str, settings: dict, where: str) -> Any:
@@ -159,7 +168,7 @@ class App:
             for f in self.filters.values():
                 await f.open(nursery)
             nursery.start_soon(self.watchdog.run)
-            nursery.start_soon(self.pool.reap)
+            await nursery.start(self.pool.run)
             async with trio.open_nursery() as serving:
                 for listener, sock in zip(self.listeners, sockets, strict=True):
                     host, port = sock.socket.getsockname()[:2]

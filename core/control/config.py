@@ -152,6 +152,9 @@ class ClusterConfig(_Model):
     idle_timeout: PositiveFloat = 60.0
     max_idle: Annotated[int, Field(ge=0)] = 64
     tls: dict[str, Any] | None = None
+    # How endpoints are spoken to: HTTP/1.1, HTTP/2 over TLS (ALPN "h2"; needs
+    # ``tls``), or HTTP/2 over plain TCP with prior knowledge ("h2c").
+    protocol: Literal["h1", "h2", "h2c"] = "h1"
 
 
 class ServerConfig(_Model):

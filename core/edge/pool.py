@@ -1,6 +1,15 @@
-"""Upstream HTTP/1.1 connections and the per-endpoint keep-alive pool.
+"""Upstream connections and the per-endpoint pool, for HTTP/1.1 and HTTP/2.
 
-The pool keeps at most ``max_idle`` idle connections per endpoint, drops those
+A cluster's ``protocol`` says how its endpoints are spoken to: ``h1``
+(HTTP/1.1, one exchange per connection at a time), ``h2`` (HTTP/2 over TLS,
+negotiated by ALPN) or ``h2c`` (HTTP/2 over TCP, prior knowledge). For
+HTTP/2 ``acquire`` gives a stream (``upstream_http2.py``) on a connection
+with room under the peer's MAX_CONCURRENT_STREAMS, and opens another
+connection when every one is full; one dial per endpoint at a time, which
+the exchanges waiting for it share. A connection that goes away (GOAWAY)
+takes no new stream and closes once its last one ends.
+
+For HTTP/1.1 the pool keeps at most ``max_idle`` idle connections per endpoint, drops those
 idle longer than ``idle_timeout``, and never hands out one the upstream has
 already closed: an idle HTTP/1.1 connection that has become readable is
 either closed (EOF) or carrying bytes nobody asked for, so it is discarded.
@@ -21,9 +30,20 @@ from ..protocol.events import NEED_DATA, ProtocolError
 from ..protocol.http1 import Codec
 from ..upstream.cluster import Cluster, Endpoint
 from .byteio import SocketIO, StreamIO, socket_io
+from .upstream_http2 import H2Upstream, H2UpstreamStream
 from .watchdog import Watchdog
 
 __all__ = ["Pool", "UpstreamConnection"]
+
+H2_WINDOW = 256 * 1024  # each upstream stream's receive window: its most unread response bytes
+
+
+class _Dial:
+    """An HTTP/2 connection being opened; others wanting one wait for it."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.error: UpstreamError | None = None
 
 class UpstreamConnection:
     """One connection to an endpoint, carrying one exchange at a time."""
@@ -125,17 +145,29 @@ class UpstreamConnection:
 
 
 class Pool:
-    """Idle upstream connections per endpoint, and how new ones are opened."""
+    """Upstream connections per endpoint, and how new ones are opened."""
 
     def __init__(self, codec: Codec, watchdog: Watchdog, *, max_head_bytes: int = 64 * 1024,
                  max_header_count: int = 200) -> None:
         self.codec = codec
         self.watchdog = watchdog
         self._idle: dict[int, deque[UpstreamConnection]] = {}
+        self._h2: dict[int, list[H2Upstream]] = {}
+        self._dials: dict[int, _Dial] = {}
         self._limits = {"max_head_bytes": max_head_bytes, "max_header_count": max_header_count}
+        self._nursery: trio.Nursery | None = None
         self.closed = False
 
-    async def acquire(self, cluster: Cluster, endpoint: Endpoint) -> UpstreamConnection:
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """The pool's tasks: HTTP/2 connection readers, and the reaper."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await self.reap()
+
+    async def acquire(self, cluster: Cluster, endpoint: Endpoint) -> UpstreamConnection | H2UpstreamStream:
+        if cluster.protocol != "h1":
+            return await self._stream(cluster, endpoint)
         idle = self._idle.get(id(endpoint))
         now = time.monotonic()
         while idle:
@@ -148,7 +180,15 @@ class Pool:
             return conn
         return await self.connect(cluster, endpoint)
 
-    async def connect(self, cluster: Cluster, endpoint: Endpoint) -> UpstreamConnection:
+    async def connect(self, cluster: Cluster, endpoint: Endpoint) -> UpstreamConnection | H2UpstreamStream:
+        """A fresh HTTP/1.1 connection; for HTTP/2 a stream on a live one."""
+        if cluster.protocol != "h1":
+            return await self._stream(cluster, endpoint)
+        return UpstreamConnection(await self._open(cluster, endpoint), endpoint, self.codec,
+                                  io_timeout=cluster.response_timeout, **self._limits)
+
+    async def _open(self, cluster: Cluster, endpoint: Endpoint) -> SocketIO | StreamIO:
+        """A connected (and, with a transport, protected) socket, within connect_timeout."""
         with trio.move_on_after(cluster.connect_timeout) as scope:
             try:
                 stream = await trio.open_tcp_stream(endpoint.host, endpoint.port)
@@ -158,35 +198,93 @@ class Pool:
                     status=503, flag="UF",
                 ) from None
             if cluster.transport is None:
-                io = socket_io(stream, self.watchdog)
-            else:
-                try:
-                    io = StreamIO(await cluster.transport.wrap_client(
-                        stream, cluster.tls_server_name or endpoint.host
-                    ), self.watchdog)
-                except Exception as exc:
-                    await trio.aclose_forcefully(stream)
-                    raise UpstreamError(
-                        f"TLS to {endpoint.address} failed: {exc.__cause__ or exc!r}",
-                        status=503, flag="UF",
-                    ) from None
-        if scope.cancelled_caught:
-            raise UpstreamError(
-                f"connect to {endpoint.address} timed out after {cluster.connect_timeout}s",
-                status=503, flag="UF",
-            )
-        return UpstreamConnection(io, endpoint, self.codec, io_timeout=cluster.response_timeout,
-                                  **self._limits)
+                return socket_io(stream, self.watchdog)
+            try:
+                tls = await cluster.transport.wrap_client(stream, cluster.tls_server_name or endpoint.host)
+            except Exception as exc:
+                await trio.aclose_forcefully(stream)
+                raise UpstreamError(
+                    f"TLS to {endpoint.address} failed: {exc.__cause__ or exc!r}",
+                    status=503, flag="UF",
+                ) from None
+            if cluster.protocol == "h2" and getattr(tls, "selected_alpn_protocol", lambda: None)() != "h2":
+                await trio.aclose_forcefully(tls)
+                raise UpstreamError(f"{endpoint.address} did not negotiate h2 by ALPN", status=503, flag="UF")
+            return StreamIO(tls, self.watchdog)
+        assert scope.cancelled_caught
+        raise UpstreamError(
+            f"connect to {endpoint.address} timed out after {cluster.connect_timeout}s",
+            status=503, flag="UF",
+        )
 
-    async def release(self, cluster: Cluster, conn: UpstreamConnection) -> None:
-        """Return a connection after an exchange: pooled if reusable, else closed."""
+    # -- HTTP/2 ------------------------------------------------------------------
+
+    async def _stream(self, cluster: Cluster, endpoint: Endpoint) -> H2UpstreamStream:
+        """A stream on a connection with room; dial one when none has any."""
+        key = id(endpoint)
+        while True:
+            for conn in self._h2.get(key, ()):
+                if conn.has_room():
+                    return conn.stream()
+            dial = self._dials.get(key)
+            if dial is not None:  # another exchange is opening one: share it
+                await dial.done.wait()
+                if dial.error is not None:
+                    raise dial.error
+                continue
+            dial = self._dials[key] = _Dial()
+            try:
+                conn = await self._dial_h2(cluster, endpoint)
+            except UpstreamError as exc:
+                dial.error = exc
+                raise
+            finally:
+                del self._dials[key]
+                dial.done.set()
+            return conn.stream()
+
+    async def _dial_h2(self, cluster: Cluster, endpoint: Endpoint) -> H2Upstream:
+        if self.closed or self._nursery is None:
+            raise UpstreamError("the pool is closed", status=503, flag="UF")
+        conn = H2Upstream(await self._open(cluster, endpoint), endpoint,
+                          io_timeout=cluster.response_timeout, idle_timeout=cluster.idle_timeout,
+                          initial_window=H2_WINDOW, tls=cluster.protocol == "h2", **self._limits)
+        self._nursery.start_soon(self._read_h2, conn)
+        try:
+            await conn.handshake(cluster.connect_timeout)
+        except UpstreamError:
+            await conn.aclose()
+            raise
+        if conn.broken:
+            raise UpstreamError(f"{endpoint.address} closed the connection in the HTTP/2 handshake",
+                                status=503, flag="UF")
+        self._h2.setdefault(id(endpoint), []).append(conn)
+        return conn
+
+    async def _read_h2(self, conn: H2Upstream) -> None:
+        try:
+            await conn.run()
+        finally:
+            self._forget(conn)
+
+    def _forget(self, conn: H2Upstream) -> None:
+        conns = self._h2.get(id(conn.endpoint))
+        if conns is not None and conn in conns:
+            conns.remove(conn)
+
+    # -- returning ---------------------------------------------------------------
+
+    async def release(self, cluster: Cluster, conn: UpstreamConnection | H2UpstreamStream) -> None:
+        """Return a connection after an exchange: pooled if reusable, else
+        closed; an HTTP/2 stream ends (reset if unfinished)."""
         if not self._keep(cluster, conn):
             await conn.aclose()
 
-    def _keep(self, cluster: Cluster, conn: UpstreamConnection) -> bool:
+    def _keep(self, cluster: Cluster, conn) -> bool:
         """Pool a connection only when both messages were fully written and
         read on the wire, and both sides will keep it alive."""
-        if self.closed or conn.discard or not conn.request_written or not conn.proto.reusable():
+        if (cluster.protocol != "h1" or self.closed or conn.discard or not conn.request_written
+                or not conn.proto.reusable()):
             return False
         idle = self._idle.setdefault(id(conn.endpoint), deque())
         if len(idle) >= cluster.max_idle:
@@ -197,18 +295,24 @@ class Pool:
         return True
 
     async def reap(self, interval: float = 1.0) -> None:
-        """Background task: close idle connections expired or closed by the upstream."""
+        """Background task: close idle connections expired or closed by the
+        upstream, and HTTP/2 ones gone away with no stream left."""
         while True:
             await trio.sleep(interval)
             now = time.monotonic()
             # Take every victim out first, without awaiting: exchanges may
             # take from or add to the pool while the closes below are awaited.
-            victims = []
+            victims: list = []
             for idle in self._idle.values():
                 expired = [c for c in idle if now > c.idle_deadline or c.looks_stale()]
                 for conn in expired:
                     idle.remove(conn)
                 victims += expired
+            for conns in self._h2.values():
+                over = [c for c in conns if c.done or (not c.active and now > c.idle_deadline)]
+                for conn in over:
+                    conns.remove(conn)
+                victims += over
             for conn in victims:
                 await conn.aclose()
 
@@ -217,3 +321,6 @@ class Pool:
         for idle in list(self._idle.values()):
             while idle:
                 await idle.popleft().aclose()
+        for conns in list(self._h2.values()):
+            while conns:
+                await conns.pop().aclose()

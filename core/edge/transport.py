@@ -36,7 +36,16 @@ class ServerTransport:
 
 
 class ClientTransport:
-    """Wraps upstream connections (e.g. TLS origination)."""
+    """Wraps upstream connections (e.g. TLS origination).
+
+    A cluster with ``protocol = "h2"`` offers ``["h2"]`` by ``offer``, and
+    its wrapped streams must say what was selected by
+    ``selected_alpn_protocol()``; anything but ``h2`` fails the connect.
+    """
+
+    def offer(self, protocols: list[str]) -> None:
+        """The protocols to offer by ALPN, in order of preference (the
+        default ignores them: such a transport carries HTTP/1.1 only)."""
 
     async def wrap_client(self, stream: trio.abc.Stream, server_name: str) -> trio.abc.Stream:
         raise NotImplementedError

@@ -59,6 +59,10 @@ class H2Client(_Peer):
         self.max_header_count = max_header_count
         self.scheme = b"https" if tls else b"http"
         self.going_away: int | None = None  # the peer's GOAWAY last_stream_id, once received
+        self.settled = False  # the peer's first SETTINGS arrived (its limits are known)
+        self.local_resets: set[int] = set()  # streams we reset (a malformed response)
+        self._held = b""  # the start of a frame header, or of a GOAWAY frame, not yet whole
+        self._frame_left = 0  # payload bytes of the frame being passed to h2
         self._trailers_seen: set[int] = set()
 
     def can_open(self) -> bool:
@@ -68,11 +72,35 @@ class H2Client(_Peer):
                 and h2c.open_outbound_streams < h2c.remote_settings.max_concurrent_streams
                 and h2c.state_machine.state is not h2.connection.ConnectionState.CLOSED)
 
-    def request(self, request: Request, *, end: bool) -> int:
+    def reset(self, stream_id: int, code: int = h2.errors.ErrorCodes.INTERNAL_ERROR) -> None:
+        if code == h2.errors.ErrorCodes.PROTOCOL_ERROR:
+            self.local_resets.add(stream_id)  # our verdict on its response, not the peer's
+        super().reset(stream_id, code)
+
+    def close(self) -> None:
+        """GOAWAY (NO_ERROR): we open no more streams; ``pending()`` has it."""
+        try:
+            self._h2.close_connection()
+        except h2.exceptions.ProtocolError:
+            pass  # closed already
+
+    @property
+    def max_streams(self) -> int:
+        """The peer's MAX_CONCURRENT_STREAMS (unbounded until it says)."""
+        return self._h2.remote_settings.max_concurrent_streams
+
+    @property
+    def closed(self) -> bool:
+        """No stream may open again: a GOAWAY either way, or a connection error."""
+        return (self.going_away is not None
+                or self._h2.state_machine.state is h2.connection.ConnectionState.CLOSED)
+
+    def request(self, request: Request, *, end: bool, authority: bytes = b"") -> int:
         """Open a stream with ``request``'s head; returns its id. HTTP/1.1's
-        Host becomes ``:authority``; connection-specific fields stay behind."""
+        Host becomes ``:authority`` (``authority`` when there is none);
+        connection-specific fields stay behind."""
         fields = request.headers.raw()
-        authority = next((v for n, v in fields if n == b"host"), b"")
+        authority = next((v for n, v in fields if n == b"host"), authority)
         head = [(b":method", request.method.encode("ascii")), (b":scheme", self.scheme),
                 (b":authority", authority), (b":path", request.target.encode("latin-1"))]
         for name, value in fields:
@@ -88,11 +116,24 @@ class H2Client(_Peer):
     def feed(self, data: bytes) -> list[tuple[int, object]]:
         """The events in ``data``; a connection error gives ``Terminated``
         last (with our GOAWAY in ``pending()``)."""
-        try:
-            events = self._h2.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
-            return [(0, Terminated(self._connection_error(exc), 0, str(exc)))]
         out: list[tuple[int, object]] = []
+        for part in self._split_goaways(data):
+            if type(part) is Terminated:
+                self.going_away = part.last_stream_id if self.going_away is None \
+                    else min(self.going_away, part.last_stream_id)
+                out.append((0, part))
+                if part.error_code:
+                    break
+            elif part:
+                try:
+                    events = self._h2.receive_data(part)
+                except h2.exceptions.ProtocolError as exc:
+                    out.append((0, Terminated(self._connection_error(exc), 0, str(exc))))
+                    break
+                self._events(events, out)
+        return out
+
+    def _events(self, events: list, out: list[tuple[int, object]]) -> None:
         for event in events:
             kind = type(event)
             if kind is h2.events.ResponseReceived or kind is h2.events.InformationalResponseReceived:
@@ -103,13 +144,59 @@ class H2Client(_Peer):
                 out.append((event.stream_id, head))
                 if event.stream_ended is not None:
                     out.append((event.stream_id, End(None)))
-            elif kind is h2.events.ConnectionTerminated:
+            elif kind is h2.events.RemoteSettingsChanged:
+                self.settled = True
+                self._shared(event, out)
+            elif kind is h2.events.ConnectionTerminated:  # (GOAWAYs h2 itself saw: see below)
                 self.going_away = event.last_stream_id or 0
                 out.append((0, Terminated(int(event.error_code), self.going_away,
                                           (event.additional_data or b"").decode("latin-1"))))
             else:
                 self._shared(event, out)
-        return out
+
+    def _split_goaways(self, data: bytes) -> list[bytes | Terminated]:
+        """``data`` cut around the well-formed GOAWAY frames in it, each
+        replaced by its ``Terminated``.
+
+        h2 closes its whole connection on a GOAWAY (python-hyper/h2#1181):
+        every later frame is a protocol error to it, so the responses still
+        due on streams up to the GOAWAY's last stream id (RFC 9113 6.8) could
+        never arrive. So h2 never sees one: the frame headers are scanned
+        (9 bytes per frame, payloads skipped) and GOAWAYs taken out here. A
+        GOAWAY h2 must refuse (on a stream, too short, too long) goes to it.
+        """
+        if self._held:
+            data = self._held + data
+            self._held = b""
+        parts: list[bytes | Terminated] = []
+        size = len(data)
+        start = pos = 0
+        while pos < size:
+            left = self._frame_left
+            if left:
+                step = min(left, size - pos)
+                pos += step
+                self._frame_left = left - step
+                continue
+            if size - pos < 9:
+                break
+            length = int.from_bytes(data[pos:pos + 3], "big")
+            if data[pos + 3] == 0x7 and 8 <= length <= self._h2.max_inbound_frame_size \
+                    and not int.from_bytes(data[pos + 5:pos + 9], "big") & 0x7FFFFFFF:
+                if size - pos < 9 + length:
+                    break
+                parts.append(data[start:pos])
+                payload = data[pos + 9:pos + 9 + length]
+                parts.append(Terminated(int.from_bytes(payload[4:8], "big"),
+                                        int.from_bytes(payload[:4], "big") & 0x7FFFFFFF,
+                                        payload[8:].decode("latin-1")))
+                pos = start = pos + 9 + length
+                continue
+            pos += 9
+            self._frame_left = length
+        parts.append(data[start:pos])
+        self._held = data[pos:]
+        return parts
 
     def _response(self, event) -> Informational | ResponseHead | None:
         """The response head, or None (the stream reset) when it is malformed."""

@@ -95,6 +95,7 @@ __all__ = ["Site", "run_exchange"]
 log = structlog.get_logger("sluice.exchange")
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+_UNPROCESSED_REPLAYS = 5  # a peer that keeps going away (GOAWAY after N requests) gets this many
 _UPGRADES = frozenset({"websocket"})  # when no route says (Route.upgrades' default)
 
 
@@ -259,19 +260,27 @@ async def _proxy(listener: Site, chain: Chain, down: Any, head: RequestHead, ctx
 
 async def _send_whole(pool, cluster, endpoint, conn, down, ctx, timeout, body: bytes):
     """Send a request whose body (maybe none) is all in hand and wait for its
-    head, replaying it once on a fresh connection if a reused one died before
-    answering (idempotent methods only). Returns the connection and response."""
+    head. It is sent again on a fresh connection once if a reused one died
+    before answering (idempotent methods only), and up to
+    ``_UNPROCESSED_REPLAYS`` times, whatever the method, when the upstream
+    says it never processed it (HTTP/2 REFUSED_STREAM or GOAWAY, RFC 9113
+    8.7). Returns the connection and response."""
     request = ctx.request
-    for attempt in (1, 2):
+    retried = False
+    replays = 0
+    while True:
         try:
             return conn, await _ask(down, conn, ctx, timeout, body)
         except UpstreamError as exc:
-            if attempt == 2 or not exc.retryable or request.method not in _IDEMPOTENT:
+            if exc.unprocessed and replays < _UNPROCESSED_REPLAYS:
+                replays += 1
+            elif exc.retryable and not retried and request.method in _IDEMPOTENT:
+                retried = True
+            else:
                 raise
             log.info("retrying on a fresh connection", request_id=ctx.request_id, error=str(exc))
             await conn.aclose()
             conn = await pool.connect(cluster, endpoint)
-    raise AssertionError("unreachable")
 
 
 async def _pump_request(listener, chain, down, conn, ctx, deadline, timeout) -> None:

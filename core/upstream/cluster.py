@@ -69,6 +69,7 @@ class Cluster:
     max_idle: int
     transport: Any = None  # a client transport (TLS) or None for plain TCP
     tls_server_name: str | None = None
+    protocol: str = "h1"  # "h1", "h2" (TLS, ALPN) or "h2c"
     pools: dict[int, Any] = field(default_factory=dict)
 
     def pick(self, ctx: Context) -> Endpoint | None:
