@@ -150,6 +150,41 @@ async def test_streams_past_the_peers_limit_open_more_connections(start_origin):
     assert len(origin.requests) == 40
 
 
+async def test_a_client_leaving_mid_response_resets_only_its_stream(start_origin):
+    """The client goes after the first chunk of an endless answer: its
+    upstream stream is reset, and the connection serves the next request."""
+    async def endless(request, body):
+        if request.target != b"/endless":
+            return Reply(200, [], b"fine")
+
+        async def chunks():
+            try:
+                while True:
+                    yield b"x" * 16384
+                    await trio.sleep(0.01)
+            finally:
+                stopped.set()
+
+        return Reply(200, [(b"transfer-encoding", b"chunked")], chunks())
+
+    stopped = trio.Event()
+    origin = await start_origin(endless)
+    async with await _back(origin) as back, \
+            serve(_front(f"127.0.0.1:{back.address[1]}"), plugins=PLUGINS) as front:
+        base = f"http://127.0.0.1:{front.address[1]}"
+        with trio.fail_after(10):
+            async with httpx.AsyncClient(base_url=base) as client:
+                async with client.stream("GET", "/endless") as response:
+                    async for chunk in response.aiter_raw():
+                        assert chunk
+                        break
+            async with httpx.AsyncClient(base_url=base) as client:
+                after = await client.get("/after")
+            await stopped.wait()  # the reset reached the back, which let the origin go
+        assert (after.status_code, after.text) == (200, "fine")
+        assert _pool_connections(front) == 1
+
+
 async def test_many_requests_share_one_connection_when_the_limit_allows(start_origin):
     origin = await start_origin()
     async with await _back(origin) as back, \

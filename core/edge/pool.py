@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 from collections import deque
 
+import structlog
 import trio
 
 from ..errors import UpstreamError
@@ -34,6 +35,8 @@ from .upstream_http2 import H2Upstream, H2UpstreamStream
 from .watchdog import Watchdog
 
 __all__ = ["Pool", "UpstreamConnection"]
+
+log = structlog.get_logger("sluice.upstream")
 
 H2_WINDOW = 256 * 1024  # each upstream stream's receive window: its most unread response bytes
 
@@ -264,6 +267,8 @@ class Pool:
     async def _read_h2(self, conn: H2Upstream) -> None:
         try:
             await conn.run()
+        except Exception as exc:  # a bug of ours must cost this connection, not the pool
+            log.error("HTTP/2 upstream reader failed", endpoint=conn.endpoint.address, exc_info=exc)
         finally:
             self._forget(conn)
 
