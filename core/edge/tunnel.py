@@ -12,6 +12,13 @@ Once a 101 has gone to the client, the two connections carry opaque bytes.
 - Half-close: an EOF from one side shuts down writing towards the other and
   the other direction goes on; the tunnel ends when both are done. Under
   TLS, where a stream cannot half-close, an EOF ends the tunnel.
+- Breakage: a side that breaks (a reset) ends the tunnel at once.
+
+Each end is a ``byteio`` object (``SocketIO``, ``StreamIO``) or anything
+with their ``receive(deadline)`` and ``send_all(data, deadline)`` and an
+``async send_eof() -> bool`` that half-closes it (False: it cannot): an
+HTTP/2 stream carrying a WebSocket (``http2.py``) is one, so both kinds of
+downstream share this pump.
 
 It never closes either connection: their owners do (the upstream one is
 never pooled again).
@@ -25,15 +32,16 @@ import trio
 
 from .byteio import SocketIO, StreamIO
 
-__all__ = ["CLOSED", "IDLE", "LIMIT", "pump"]
+__all__ = ["BROKEN", "CLOSED", "IDLE", "LIMIT", "pump"]
 
-CLOSED = "closed"  # both sides finished, or one broke
+CLOSED = "closed"  # both sides finished (or one did, and the other cannot half-close)
+BROKEN = "broken"  # one side broke
 IDLE = "idle"  # no byte either way for ``idle`` seconds
 LIMIT = "limit"  # the tunnel lived ``limit`` seconds
 
 
 class _Tunnel:
-    __slots__ = ("idle", "stats", "scope", "quiet", "open")
+    __slots__ = ("idle", "stats", "scope", "quiet", "open", "broken")
 
     def __init__(self, idle: float, stats) -> None:
         self.idle = idle
@@ -45,9 +53,9 @@ class _Tunnel:
         # end the other's write (the tunnel is no hot path).
         self.quiet = trio.CancelScope(deadline=trio.current_time() + idle)
         self.open = 2  # directions still running
+        self.broken = False
 
-    async def direction(self, src: SocketIO | StreamIO, dst: SocketIO | StreamIO, first: bytes,
-                        counter: str) -> None:
+    async def direction(self, src, dst, first: bytes, counter: str) -> None:
         data = first
         stats = self.stats
         try:
@@ -61,20 +69,24 @@ class _Tunnel:
                 if not data:
                     break
         except trio.BrokenResourceError:
+            self.broken = True
             self.scope.cancel()
             return
         self.open -= 1
-        if not self.open or not _shutdown_write(dst):
+        if not self.open or not await _shutdown_write(dst):
             self.scope.cancel()
 
 
 _NEVER = float("inf")  # the byteio deadline: the tunnel's cancel scopes bound every wait
 
 
-def _shutdown_write(io: SocketIO | StreamIO) -> bool:
+async def _shutdown_write(io) -> bool:
     """Send an EOF on ``io``, keeping its read side; False when it cannot half-close."""
-    if type(io) is not SocketIO:
+    kind = type(io)
+    if kind is StreamIO:
         return False  # TLS: no half-close for a stream that has no send_eof
+    if kind is not SocketIO:
+        return await io.send_eof()
     try:
         io.sock.shutdown(socket.SHUT_WR)
     except OSError:
@@ -82,10 +94,10 @@ def _shutdown_write(io: SocketIO | StreamIO) -> bool:
     return True
 
 
-async def pump(down: SocketIO | StreamIO, up: SocketIO | StreamIO, *, to_up: bytes = b"",
-               to_down: bytes = b"", idle: float, limit: float, stats) -> str:
-    """Move bytes between ``down`` (the client) and ``up`` until the tunnel
-    ends; return how it ended (CLOSED, IDLE or LIMIT). ``to_up`` and
+async def pump(down, up: SocketIO | StreamIO, *, to_up: bytes = b"", to_down: bytes = b"",
+               idle: float, limit: float, stats) -> str:
+    """Move bytes between ``down`` (the client's end) and ``up`` until the
+    tunnel ends; return how it ended (CLOSED, BROKEN, IDLE or LIMIT). ``to_up`` and
     ``to_down`` were received before the switch and go first. Bytes are
     added to ``stats.bytes_in`` (client to upstream) and ``stats.bytes_out``."""
     tunnel = _Tunnel(idle, stats)
@@ -98,4 +110,4 @@ async def pump(down: SocketIO | StreamIO, up: SocketIO | StreamIO, *, to_up: byt
         return LIMIT
     if tunnel.quiet.cancelled_caught:
         return IDLE
-    return CLOSED
+    return BROKEN if tunnel.broken else CLOSED
