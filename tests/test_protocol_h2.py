@@ -4,6 +4,9 @@ limits that keep one client from taking a connection (or the proxy) down."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+
 import h2.config
 import h2.connection
 import h2.errors
@@ -15,7 +18,16 @@ from hyperframe.frame import ContinuationFrame, Frame, GoAwayFrame, HeadersFrame
 from sluice.messages import Headers, Request, Response
 from sluice.protocol.events import End, RequestHead, ResponseHead
 from sluice.protocol.h2_client import H2Client
-from sluice.protocol.h2_codec import Data, H2Server, Refused, StreamReset, Terminated
+from sluice.protocol.h2_codec import (
+    Data,
+    H2Server,
+    Refused,
+    StreamReset,
+    Terminated,
+    WebSocketHead,
+    WindowOpen,
+    websocket_accept,
+)
 
 BASE = [(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http"), (b":authority", b"a.test")]
 MAX_STREAMS = 10
@@ -323,3 +335,100 @@ def test_a_field_block_that_does_not_decode_is_a_compression_error():
     assert terminated.error_code == h2.errors.ErrorCodes.COMPRESSION_ERROR
     [goaway] = [f for f in frames(server.pending()) if isinstance(f, GoAwayFrame)]
     assert goaway.error_code == h2.errors.ErrorCodes.COMPRESSION_ERROR
+
+
+# -- WebSockets over HTTP/2 (RFC 8441) ----------------------------------------------
+
+WEBSOCKET = [(b":method", b"CONNECT"), (b":protocol", b"websocket"), (b":scheme", b"https"),
+             (b":path", b"/chat?room=1"), (b":authority", b"a.test")]
+
+
+def test_extended_connect_is_offered_in_the_settings():
+    server, client = pair()
+    assert client.remote_settings[h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL] == 1
+    quiet = H2Server(max_concurrent_streams=1, initial_window=65535, max_header_list_size=16384,
+                     max_header_count=20, extended_connect=False)
+    peer = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    peer.receive_data(quiet.pending())
+    assert peer.remote_settings[h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL] == 0
+
+
+def test_a_websocket_connect_becomes_the_http1_handshake():
+    """RFC 8441 5 and RFC 6455 4.1: a GET with Upgrade, a fresh 16-byte key,
+    version 13, the client's other fields kept and its own key dropped."""
+    server, client = pair()
+    client.send_headers(1, WEBSOCKET + [(b"sec-websocket-protocol", b"chat"), (b"origin", b"https://a.test"),
+                                        (b"sec-websocket-key", b"bm90IG91cnM=")])
+    [(sid, event)] = server.feed(client.data_to_send())
+    assert sid == 1 and type(event) is WebSocketHead
+    request = event.head.request
+    assert (request.method, request.target, request.scheme) == ("GET", "/chat?room=1", "https")
+    assert not event.head.has_body  # the stream's DATA are the tunnel's
+    assert request.headers.raw() == [
+        (b"host", b"a.test"), (b"sec-websocket-protocol", b"chat"), (b"origin", b"https://a.test"),
+        (b"connection", b"upgrade"), (b"upgrade", b"websocket"), (b"sec-websocket-key", event.key),
+        (b"sec-websocket-version", b"13")]
+    assert len(base64.b64decode(event.key, validate=True)) == 16
+    client.send_headers(3, WEBSOCKET)
+    [(_, again)] = server.feed(client.data_to_send())
+    assert again.key != event.key
+
+
+def test_the_101_becomes_a_200_only_when_it_answers_the_key():
+    server, client = pair()
+    client.send_headers(1, WEBSOCKET)
+    client.send_headers(3, WEBSOCKET)
+    [(_, first), (_, second)] = server.feed(client.data_to_send())
+    good = base64.b64encode(hashlib.sha1(first.key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+    assert websocket_accept(first.key) == good
+    switched = Headers([(b"upgrade", b"websocket"), (b"connection", b"upgrade"),
+                        (b"sec-websocket-accept", good), (b"sec-websocket-protocol", b"chat")])
+    assert not server.open_tunnel(3, Response(101, switched), second.key)  # another stream's key
+    assert server.open_tunnel(1, Response(101, switched), first.key)
+    [response] = [e for e in client.receive_data(server.pending()) if type(e) is h2.events.ResponseReceived]
+    assert response.stream_id == 1
+    assert response.headers == [(b":status", b"200"), (b"sec-websocket-protocol", b"chat")]
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        (WEBSOCKET[:1] + [(b":authority", b"a.test:443")], 501),  # plain CONNECT
+        ([(n, b"connect-udp" if n == b":protocol" else v) for n, v in WEBSOCKET], 501),
+        ([(n, v) for n, v in WEBSOCKET if n != b":authority"], 400),
+    ],
+    ids=["plain-connect", "another-protocol", "no-authority"],
+)
+def test_connect_sluice_cannot_carry_gets_a_status(headers, status):
+    server, client = pair()
+    client.send_headers(1, headers, end_stream=True)
+    [(_, refused)] = server.feed(client.data_to_send())
+    assert type(refused) is Refused and refused.status == status
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        BASE + [(b":protocol", b"websocket")],  # outside a CONNECT
+        [(n, v) for n, v in WEBSOCKET if n != b":path"],  # RFC 8441 4: :scheme and :path too
+        [(n, v) for n, v in WEBSOCKET if n != b":scheme"],
+    ],
+    ids=["protocol-on-get", "no-path", "no-scheme"],
+)
+def test_a_malformed_extended_connect_is_a_stream_error(headers):
+    server, client = pair()
+    client.send_headers(1, headers, end_stream=True)
+    [(_, refused)] = server.feed(client.data_to_send())
+    assert type(refused) is Refused and refused.status == 0
+    [reset] = [f for f in frames(server.pending()) if isinstance(f, RstStreamFrame)]
+    assert reset.error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
+
+
+def test_protocol_is_malformed_when_extended_connect_was_not_offered():
+    server = H2Server(max_concurrent_streams=1, initial_window=65535, max_header_list_size=16384,
+                      max_header_count=20, extended_connect=False)
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    client.initiate_connection()
+    client.send_headers(1, WEBSOCKET)
+    [refused] = [e for _, e in server.feed(client.data_to_send()) if type(e) is not WindowOpen]
+    assert type(refused) is Refused and refused.status == 0 and ":protocol" in str(refused.error)

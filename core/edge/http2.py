@@ -21,6 +21,19 @@ nothing received; a stream's body read or window wait ends after ``idle``
 watchdog's deadlines: a watchdog expiry wakes every wait on the socket, and
 here one socket has a reader and many writers at once.
 
+WebSockets (RFC 8441): an extended CONNECT reaches the exchange as the
+HTTP/1.1 handshake it stands for (``WebSocketHead``), and its ``H2Stream``
+proposes the upgrade (``upgrade``) as an ``H1Downstream`` does, so routes,
+filters and the upgrade rules apply unchanged. On the upstream's 101,
+``tunnel()`` checks its Sec-WebSocket-Accept (a wrong one: 502), answers
+``:status 200`` and lends ``tunnel.pump`` the stream as one end
+(``_TunnelEnd``): DATA to the upstream, acknowledged only once written
+there, its bytes back as DATA as the client's windows allow; END_STREAM
+and the upstream's EOF are each other's half-close; the upstream breaking
+resets the stream (CONNECT_ERROR, RFC 9113 8.5), the client's reset ends
+the tunnel. Any other answer is relayed, but a 2xx: on an extended CONNECT
+it would tell the client the tunnel is open (RFC 8441 5), so it is a 502.
+
 Draining sends GOAWAY (the last stream id sluice will serve), lets the
 streams in flight finish, then closes. A connection with no stream open is
 evictable, like an idle HTTP/1.1 one (``slots.py``): at max_connections it
@@ -40,13 +53,14 @@ import h2.exceptions
 import structlog
 import trio
 
-from ..errors import ClientGone
+from ..errors import ClientGone, UpstreamError
 from ..messages import Headers, Response
 from ..protocol.events import Body, End, ProtocolError, RequestHead
-from ..protocol.h2_codec import Data, H2Server, Refused, StreamReset, Terminated, WindowOpen
+from ..protocol.h2_codec import Data, H2Server, Refused, StreamReset, Terminated, WebSocketHead, WindowOpen
 from ..protocol.http1 import reason_phrase
 from ..proxy.context import Context
 from ..proxy.exchange import run_exchange
+from .tunnel import BROKEN, pump
 
 if TYPE_CHECKING:
     from .listener import Listener
@@ -63,7 +77,10 @@ _GONE = (trio.BrokenResourceError, trio.ClosedResourceError, h2.exceptions.Strea
 class H2Stream:
     """One request stream, as the exchange sees its downstream."""
 
-    def __init__(self, conn: H2Connection, stream_id: int, *, has_body: bool) -> None:
+    def __init__(self, conn: H2Connection, stream_id: int, *, has_body: bool,
+                 websocket_key: bytes | None = None) -> None:
+        """``websocket_key``: the stream is an extended CONNECT for a
+        WebSocket, whose handshake upstream carries this key."""
         self.conn = conn
         self.stream_id = stream_id
         self.io = self  # what the watchdog peeks while the upstream is slow
@@ -71,7 +88,11 @@ class H2Stream:
         self.body_done = not has_body
         self.expects_100 = False  # (no 100-continue on HTTP/2 streams yet)
         self.waiting_for_100_continue = False
-        self.upgrade = None  # (no HTTP/1.1 Upgrade on HTTP/2; RFC 8441 is to come)
+        # What the request proposes to switch to, as H1Downstream.upgrade says.
+        self.upgrade = None if websocket_key is None else b"websocket"
+        self.ctx: Context | None = None  # set by the exchange's task
+        self._key = websocket_key
+        self._not_a_switch: bytes | None = None  # the body of the 502 a 2xx became
         self.response_started = False
         self.ended = False  # our side of the stream is over
         self.reset = False  # the client reset it, or the connection is gone
@@ -125,6 +146,14 @@ class H2Stream:
         self.body_done = True
         return event
 
+    async def _nudged(self) -> None:
+        """Wait for the next event or ``poke``. Unlike ``_wait`` it shares the
+        wake-up with any task already waiting (a tunnel has two), and has no
+        timeout of its own (the tunnel's cancel scopes bound it)."""
+        if self._wake.is_set():
+            self._wake = trio.Event()
+        await self._wake.wait()
+
     async def watch_disconnect(self) -> None:
         """Wait, while the upstream works, for the client to reset the stream."""
         # Its own event: the relay may be waiting on ``_wake`` for a window
@@ -146,10 +175,29 @@ class H2Stream:
     async def send_response(self, response: Response) -> None:
         # Held until the body or the end: a bodiless answer is one HEADERS
         # frame with END_STREAM.
+        if self._key is not None and 200 <= response.status < 300:
+            response = self._no_switch(response)
         self._head = response
         self.response_started = True
 
+    def _no_switch(self, response: Response) -> Response:
+        """A 2xx that is not the upstream's 101, to a WebSocket stream: a 200
+        would tell the client its tunnel is open (RFC 8441 5), and the body
+        would be read as WebSocket frames. It becomes a 502 (its body dropped)."""
+        body = self._not_a_switch = b"upstream did not switch to websocket\n"
+        answer = Response(502, Headers([(b"content-type", b"text/plain; charset=utf-8"),
+                                        (b"content-length", b"%d" % len(body))]))
+        ctx = self.ctx
+        if ctx is not None:
+            ctx.response = answer
+            ctx.flags.append("UPE")
+        log.info("a 2xx to a websocket handshake is no switch", status=response.status,
+                 request_id=None if ctx is None else ctx.request_id)
+        return answer
+
     async def send_body(self, chunk: bytes) -> None:
+        if self._not_a_switch is not None:
+            return  # the dropped body of a 2xx that became a 502
         self._send_head(False)
         proto = self.conn.proto
         sid = self.stream_id
@@ -175,6 +223,10 @@ class H2Stream:
 
     async def send_end(self, trailers: Headers | None) -> None:
         sid = self.stream_id
+        if self._not_a_switch is not None:
+            body, self._not_a_switch = self._not_a_switch, None
+            await self.send_body(body)
+            trailers = None
         if self._head is not None:
             self._send_head(trailers is None)
             if trailers is not None:
@@ -186,6 +238,39 @@ class H2Stream:
         self.ended = True
         await self.conn.flush()
 
+    async def tunnel(self, response: Response, upstream, early: bytes, *, idle: float, limit: float,
+                     stats) -> str:
+        """Answer the upstream's 101 ``response`` with ``:status 200``, then pump
+        bytes between the stream and ``upstream`` (``early``: bytes that
+        followed its 101) until the tunnel ends; returns how (``tunnel.pump``).
+        UpstreamError (502) when the 101 does not answer our key; ClientGone
+        when the stream is gone."""
+        sid = self.stream_id
+        key = self._key
+        if key is None:  # the exchange tunnels only what ``upgrade`` proposed
+            raise UpstreamError("a switch on a stream that proposed none", status=502, flag="UPE")
+        if not self._send(lambda p: p.open_tunnel(sid, response, key)):
+            raise UpstreamError("upstream's Sec-WebSocket-Accept does not answer the key",
+                                status=502, flag="UPE")
+        self.response_started = True
+        end = _TunnelEnd(self)
+        try:
+            await end.flush()
+        except trio.BrokenResourceError as exc:
+            raise ClientGone(str(exc)) from None
+        ended = await pump(end, upstream, to_down=early, idle=idle, limit=limit, stats=stats)
+        with contextlib.suppress(trio.BrokenResourceError):
+            if not self.reset and not self.ended:
+                if ended == BROKEN:
+                    # The upstream broke: a TCP reset, which RFC 9113 8.5
+                    # says a CONNECT stream reports as CONNECT_ERROR.
+                    self.conn.proto.reset(sid, h2.errors.ErrorCodes.CONNECT_ERROR)
+                    self.ended = True
+                else:
+                    await end.send_eof()  # idle or over time: as a FIN would end it
+            await end.flush()
+        return ended
+
     def _send_head(self, end: bool) -> None:
         head = self._head
         if head is not None:
@@ -194,16 +279,101 @@ class H2Stream:
             if end:
                 self.ended = True
 
-    def _send(self, act) -> None:
+    def _send(self, act):
+        """``act(protocol)``'s result; ClientGone when the stream is gone."""
         if self.reset:
             raise ClientGone("stream reset")
         try:
-            act(self.conn.proto)
+            return act(self.conn.proto)
         except h2.exceptions.StreamClosedError:
             self.reset = True
             raise ClientGone("stream closed by the client") from None
         except h2.exceptions.ProtocolError as exc:  # e.g. a header h2 will not send
             raise ClientGone(f"cannot send on the stream: {exc}") from None
+
+
+class _TunnelEnd:
+    """A WebSocket stream as ``tunnel.pump`` sees the client's end: the
+    stream's DATA, read and written as a byte stream.
+
+    Data read is acknowledged (its window given back) only on the next
+    read, once ``pump`` has written it upstream: a client can have at most a
+    stream window in flight. Writes go no faster than the client's windows
+    open. Each write of the connection is shielded: ``pump`` ends a tunnel
+    by cancelling it, and a write cut short would cut a frame of the
+    connection's other streams too.
+    """
+
+    __slots__ = ("stream",)
+
+    def __init__(self, stream: H2Stream) -> None:
+        self.stream = stream
+
+    async def flush(self) -> None:
+        try:
+            with trio.CancelScope(shield=True):
+                await self.stream.conn.flush()
+        except (*_GONE, ClientGone) as exc:
+            raise trio.BrokenResourceError(f"client connection: {exc!r}") from None
+
+    async def receive(self, deadline: float) -> bytes:
+        """The next bytes of the client; b"" at its END_STREAM."""
+        stream = self.stream
+        conn = stream.conn
+        if stream._unacked >= conn.ack_every:
+            conn.proto.acknowledge(stream.stream_id, stream._unacked)
+            stream._unacked = 0
+            await self.flush()
+        while True:
+            if stream.reset:
+                raise trio.BrokenResourceError("stream reset by the client")
+            if stream._events:
+                event = stream._events.popleft()
+                if type(event) is not Data:
+                    return b""  # End (trailers on a tunnel mean nothing)
+                stream._unacked += event.size
+                if event.data:
+                    return event.data
+                continue  # padding alone, or an empty frame
+            await stream._nudged()
+
+    async def send_all(self, data: bytes, deadline: float) -> bool:
+        stream = self.stream
+        proto = stream.conn.proto
+        sid = stream.stream_id
+        start = 0
+        while start < len(data):
+            if stream.reset:
+                raise trio.BrokenResourceError("stream reset by the client")
+            room = proto.window(sid)
+            if room <= 0:
+                await self.flush()
+                # Look again before waiting: a window may have opened
+                # during the write, and its poke would be lost.
+                if proto.window(sid) <= 0 and not stream.reset:
+                    await stream._nudged()
+                continue
+            piece = data[start:start + room]
+            try:
+                proto.send_data(sid, piece)
+            except h2.exceptions.H2Error as exc:
+                raise trio.BrokenResourceError(f"stream closed: {exc!r}") from None
+            start += len(piece)
+        await self.flush()
+        return True
+
+    async def send_eof(self) -> bool:
+        """END_STREAM: the upstream's EOF, passed on (RFC 8441 5)."""
+        stream = self.stream
+        if stream.ended or stream.reset:
+            return False
+        try:
+            stream.conn.proto.send_data(stream.stream_id, b"", end=True)
+        except h2.exceptions.H2Error:
+            return False
+        stream.ended = True
+        await self.flush()
+        return True
 
 
 class H2Connection:
@@ -333,6 +503,10 @@ class H2Connection:
         elif kind is RequestHead:
             stream = self.streams[stream_id] = H2Stream(self, stream_id, has_body=event.has_body)
             nursery.start_soon(self._exchange, stream, event)
+        elif kind is WebSocketHead:
+            stream = self.streams[stream_id] = H2Stream(self, stream_id, has_body=False,
+                                                        websocket_key=event.key)
+            nursery.start_soon(self._exchange, stream, event.head)
         elif kind is Refused:
             nursery.start_soon(self._refuse, stream_id, event)
         elif kind is WindowOpen:
@@ -359,6 +533,7 @@ class H2Connection:
         listener = self.listener
         ctx = Context(client=self.client, scheme=listener.scheme, listener=listener.name,
                       tls_peer=self.tls_peer)
+        stream.ctx = ctx
         sid = stream.stream_id
         try:
             await run_exchange(listener, stream, head, ctx)

@@ -17,7 +17,11 @@ a frame or sequence h2 refuses (a connection error)    GOAWAY, the         RFC 9
 a malformed header block (uppercase name, a            RST_STREAM          RFC 9113 8.1.1
   connection-specific field, bad pseudo-headers)         PROTOCOL_ERROR
   that h2 finds
-CONNECT (plain or extended)                            501 on the stream   not yet
+a plain CONNECT (no ``:protocol``)                     501 on the stream   no forward proxy
+an extended CONNECT for another protocol than          501 on the stream   RFC 9110 15.6.2:
+  ``websocket`` (``connect-udp``, ...)                                      not implemented
+``:protocol`` outside a CONNECT, or an extended        RST_STREAM          RFC 8441 4
+  CONNECT without ``:scheme`` or ``:path``               PROTOCOL_ERROR
 no ``:authority`` and no Host, or a Host that is not   400 on the stream   RFC 9113 8.3.1
   an authority
 a target ``targets.py`` refuses                        400 on the stream   as HTTP/1.1
@@ -29,6 +33,19 @@ more fields than ``max_header_count``                  431 on the stream   as HT
 with ``; `` (an HTTP/1.1 upstream expects one field), and the request's
 ``http_version`` is ``"2"``.
 
+WebSocket over HTTP/2 (RFC 8441). With ``extended_connect`` (the default:
+a listener that speaks HTTP/2 offers it, and a route that allows no
+``websocket`` upgrade still decides, as for HTTP/1.1) the SETTINGS say
+ENABLE_CONNECT_PROTOCOL = 1, and an extended CONNECT with ``:protocol
+websocket`` becomes a ``WebSocketHead``: the HTTP/1.1 handshake an upstream
+expects (RFC 6455 4.1), a GET of ``:path`` with ``Upgrade: websocket``,
+``Connection: upgrade``, ``Sec-WebSocket-Version: 13`` (unless the client
+named one) and a fresh ``Sec-WebSocket-Key``, the client's other fields
+(Sec-WebSocket-Protocol, -Extensions, Origin, ...) kept. The upstream's 101
+goes back as ``open_tunnel()`` says: a ``:status 200`` without the fields
+only a 101 has, once its Sec-WebSocket-Accept answers our key; the stream's
+DATA are then the tunnel's bytes, END_STREAM its half-close.
+
 Flow control is the edge's backpressure: received DATA is acknowledged
 (``acknowledge``) only when the exchange has taken it, so a client can
 have at most the stream's window of request body in flight; ``send_data``
@@ -37,6 +54,9 @@ sends no more than the peer's windows allow and says how much it took.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,7 +76,8 @@ from .events import End, ProtocolError, RequestHead
 from .heads import content_length
 from .targets import check_host, request_target
 
-__all__ = ["PREFACE", "Data", "H2Server", "Refused", "StreamReset", "Terminated", "WindowOpen"]
+__all__ = ["PREFACE", "Data", "H2Server", "Refused", "StreamReset", "Terminated", "WebSocketHead",
+           "WindowOpen", "websocket_accept"]
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -74,6 +95,17 @@ class Data:
 
     data: bytes
     size: int
+
+
+@dataclass(slots=True)
+class WebSocketHead:
+    """An extended CONNECT for a WebSocket (RFC 8441), as the HTTP/1.1
+    handshake it becomes: ``head`` is its GET with ``Upgrade: websocket``,
+    ``key`` the Sec-WebSocket-Key in it, which the upstream's 101 must answer
+    (``open_tunnel``)."""
+
+    head: RequestHead
+    key: bytes
 
 
 @dataclass(slots=True)
@@ -200,8 +232,9 @@ class H2Server(_Peer):
     """One HTTP/2 server connection's protocol state."""
 
     def __init__(self, *, max_concurrent_streams: int, initial_window: int,
-                 max_header_list_size: int, max_header_count: int,
+                 max_header_list_size: int, max_header_count: int, extended_connect: bool = True,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        """``extended_connect``: offer RFC 8441's extended CONNECT (WebSockets)."""
         config = h2.config.H2Configuration(
             client_side=False,
             header_encoding=None,  # names and values stay bytes, as in Headers
@@ -219,6 +252,9 @@ class H2Server(_Peer):
             codes.INITIAL_WINDOW_SIZE: initial_window,
             codes.MAX_HEADER_LIST_SIZE: max_header_list_size,
         }
+        if extended_connect:
+            advertised[codes.ENABLE_CONNECT_PROTOCOL] = 1
+        self.extended_connect = extended_connect
         self._h2.local_settings = h2.settings.Settings(client=False, initial_values=advertised)
         self.max_concurrent_streams = max_concurrent_streams
         self.max_header_count = max_header_count
@@ -272,7 +308,7 @@ class H2Server(_Peer):
                     self.reset(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
                     continue
                 self._opened += 1
-                why = _malformed(event.headers, request=True)
+                why = _malformed(event.headers, request=True, protocol=self.extended_connect)
                 if why is not None:
                     self.reset(event.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
                     out.append((event.stream_id, Refused(0, ProtocolError(why))))
@@ -297,7 +333,7 @@ class H2Server(_Peer):
         return out
 
     def _request(self, event: h2.events.RequestReceived):
-        method = target = authority = scheme = None
+        method = target = authority = scheme = protocol = None
         fields: list[tuple[bytes, bytes]] = []
         cookies: list[bytes] = []
         host = None
@@ -311,17 +347,23 @@ class H2Server(_Peer):
                     authority = value
                 elif name == b":scheme":
                     scheme = value
-                else:  # :protocol (extended CONNECT)
-                    method = b"CONNECT"
+                else:  # :protocol, on a CONNECT (``_malformed`` saw to it)
+                    protocol = value
             elif name == b"cookie":
                 cookies.append(value)
             elif name == b"host":
                 host = value
             else:
                 fields.append((name, value))
+        websocket = False
         try:
             if method == b"CONNECT":
-                raise ProtocolError("CONNECT is not supported", 501)
+                if protocol is None:
+                    raise ProtocolError("CONNECT is not supported", 501)
+                if protocol.lower() != b"websocket":
+                    raise ProtocolError(f"extended CONNECT for {protocol.decode('latin-1')!r} "
+                                        "is not supported", 501)
+                websocket = True
             authority = authority if authority is not None else host
             if not authority:
                 raise ProtocolError("a request needs :authority or Host")
@@ -341,6 +383,10 @@ class H2Server(_Peer):
                 exc.method = method.decode("latin-1")
                 exc.target = None if target is None else target.decode("latin-1")
             return Refused(exc.status, exc)
+        if websocket:
+            key = base64.b64encode(os.urandom(16))  # RFC 6455 4.1: a fresh nonce per handshake
+            fields = _websocket_fields(fields, key)
+            method = b"GET"
         request = Request(
             method=method.decode("ascii"),
             target=target.decode("latin-1"),
@@ -348,6 +394,10 @@ class H2Server(_Peer):
             http_version="2",
             scheme=(scheme or b"https").decode("ascii"),
         )
+        if websocket:
+            # The stream's DATA are the tunnel's, never a body: the
+            # exchange sends the handshake alone and waits for its 101.
+            return WebSocketHead(RequestHead(request), key)
         ended = event.stream_ended is not None
         return RequestHead(request, has_body=not ended and length != 0, content_length=length)
 
@@ -367,6 +417,19 @@ class H2Server(_Peer):
         fields = [(b":status", b"%d" % response.status)]
         fields.extend(f for f in response.headers.raw() if f[0] not in _CONNECTION_SPECIFIC)
         self._h2.send_headers(stream_id, fields, end_stream=end)
+
+    def open_tunnel(self, stream_id: int, response: Response, key: bytes) -> bool:
+        """Answer a WebSocket stream with the upstream's 101 ``response``: when
+        its Sec-WebSocket-Accept answers ``key`` (RFC 6455 4.2.2), send the
+        client ``:status 200`` (RFC 8441 5) with the 101's fields but those
+        only a 101 has, and return True; else send nothing and return False."""
+        if response.headers.get_raw(b"sec-websocket-accept") != websocket_accept(key):
+            return False
+        fields = [(b":status", b"200")]
+        fields.extend(f for f in response.headers.raw()
+                      if f[0] not in _CONNECTION_SPECIFIC and f[0] != b"sec-websocket-accept")
+        self._h2.send_headers(stream_id, fields)
+        return True
 
     def goaway(self, code: int = h2.errors.ErrorCodes.NO_ERROR) -> None:
         """Tell the client no new stream will be served; those opened finish.
@@ -398,9 +461,10 @@ _BAD_NAME = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ\x00\r\n :")  # ':' only as a 
 _BAD_VALUE = frozenset(b"\x00\r\n")
 
 
-def _malformed(headers, *, request: bool, response: bool = False) -> str | None:
+def _malformed(headers, *, request: bool, response: bool = False, protocol: bool = False) -> str | None:
     """Why a header block is malformed (RFC 9113 8.1.1, 8.2, 8.3), or None;
-    a request's, a response's, or (neither) a trailer section's."""
+    a request's, a response's, or (neither) a trailer section's. ``protocol``:
+    a request may be an extended CONNECT (RFC 8441 4, we offered it)."""
     seen: set[bytes] = set()
     regular = False
     pseudo = _PSEUDO if request else _RESPONSE_PSEUDO
@@ -427,13 +491,40 @@ def _malformed(headers, *, request: bool, response: bool = False) -> str | None:
             return f"invalid value for {name!r}"
     if request:
         method = next((v for n, v in headers if n == b":method"), None)
-        if method != b"CONNECT" and any(p not in seen for p in _REQUIRED):
+        if b":protocol" in seen:
+            if not protocol:
+                return ":protocol, though extended CONNECT was not offered"
+            if method != b"CONNECT":
+                return ":protocol outside a CONNECT"
+        if (method != b"CONNECT" or b":protocol" in seen) and any(p not in seen for p in _REQUIRED):
             return "a missing pseudo-header"
         if next((v for n, v in headers if n == b":path"), b"x") == b"":
             return "an empty :path"
     elif response and b":status" not in seen:
         return "no :status"
     return None
+
+
+# RFC 6455 1.3: what a server appends to the key before hashing it.
+_WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+# The client's fields an HTTP/1.1 handshake carries otherwise (or never: a
+# CONNECT has no body to frame; RFC 8441 4 leaves the key and accept out).
+_HANDSHAKE_OWN = frozenset({b"sec-websocket-key", b"sec-websocket-accept", b"content-length"})
+
+
+def websocket_accept(key: bytes) -> bytes:
+    """The Sec-WebSocket-Accept that answers ``key`` (RFC 6455 4.2.2)."""
+    return base64.b64encode(hashlib.sha1(key + _WEBSOCKET_GUID).digest())
+
+
+def _websocket_fields(fields: list[tuple[bytes, bytes]], key: bytes) -> list[tuple[bytes, bytes]]:
+    """The fields of the HTTP/1.1 handshake (RFC 6455 4.1) an extended CONNECT
+    becomes: the client's, with our ``key``; version 13 unless it named one."""
+    out = [f for f in fields if f[0] not in _HANDSHAKE_OWN]
+    out += [(b"connection", b"upgrade"), (b"upgrade", b"websocket"), (b"sec-websocket-key", key)]
+    if not any(n == b"sec-websocket-version" for n, _ in out):
+        out.append((b"sec-websocket-version", b"13"))
+    return out
 
 
 # What h2 turns into "Error decoding header block" (h2.connection._decode_headers).
