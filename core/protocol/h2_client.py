@@ -98,15 +98,20 @@ class H2Client(_Peer):
     def request(self, request: Request, *, end: bool, authority: bytes = b"") -> int:
         """Open a stream with ``request``'s head; returns its id. HTTP/1.1's
         Host becomes ``:authority`` (``authority`` when there is none);
-        connection-specific fields stay behind."""
+        connection-specific fields stay behind.
+
+        TE is hop-by-hop: what the client sent said what *it* accepts on its
+        hop, and was dropped there. On this hop sluice is the client, and it
+        takes trailers, so every request says ``te: trailers`` (the one value
+        HTTP/2 allows, RFC 9113 8.2.2); gRPC servers refuse a call without it.
+        """
         fields = request.headers.raw()
         authority = next((v for n, v in fields if n == b"host"), authority)
         head = [(b":method", request.method.encode("ascii")), (b":scheme", self.scheme),
-                (b":authority", authority), (b":path", request.target.encode("latin-1"))]
+                (b":authority", authority), (b":path", request.target.encode("latin-1")),
+                (b"te", b"trailers")]
         for name, value in fields:
-            if name == b"host" or name in _CONNECTION_SPECIFIC:
-                continue
-            if name == b"te" and value.lower() != b"trailers":
+            if name == b"host" or name == b"te" or name in _CONNECTION_SPECIFIC:
                 continue
             head.append((name, value))
         stream_id = self._h2.get_next_available_stream_id()
