@@ -432,3 +432,129 @@ def test_protocol_is_malformed_when_extended_connect_was_not_offered():
     client.send_headers(1, WEBSOCKET)
     [refused] = [e for _, e in server.feed(client.data_to_send()) if type(e) is not WindowOpen]
     assert type(refused) is Refused and refused.status == 0 and ":protocol" in str(refused.error)
+
+
+# -- errors RFC 9113 names and h2 would make others ----------------------------------
+
+POST = [(b":method", b"POST"), (b":path", b"/"), (b":scheme", b"http"), (b":authority", b"a.test")]
+
+
+def raw(kind: int, flags: int, stream_id: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream_id.to_bytes(4, "big") + payload
+
+
+def still_serves(server, client, stream_id: int = 5) -> None:
+    """The connection goes on: a request after the error is read whole."""
+    client.send_headers(stream_id, POST + [(b"content-length", b"2")])
+    client.send_data(stream_id, b"ok", end_stream=True)
+    events = [e for _, e in server.feed(client.data_to_send()) if type(e) is not WindowOpen]
+    assert [type(e) for e in events] == [RequestHead, Data, End]
+
+
+def test_a_settings_ack_with_a_payload_is_a_frame_size_error():
+    """RFC 9113 6.5 (h2 says PROTOCOL_ERROR)."""
+    server, _ = pair()
+    [(_, terminated)] = server.feed(raw(0x4, 0x1, 0, b"\x00\x04\x00\x00\x00\x01"))
+    assert terminated.error_code == h2.errors.ErrorCodes.FRAME_SIZE_ERROR
+    [goaway] = [f for f in frames(server.pending()) if isinstance(f, GoAwayFrame)]
+    assert goaway.error_code == h2.errors.ErrorCodes.FRAME_SIZE_ERROR
+
+
+@pytest.mark.parametrize(("stream_id", "connection_error"), [(1, False), (0, True), (9, True)],
+                         ids=["open-stream", "connection", "idle-stream"])
+def test_a_window_update_of_0_is_an_error_of_its_stream_or_connection(stream_id, connection_error):
+    """RFC 9113 6.9: of the stream it names (5.1: an idle one is the connection's)."""
+    server, client = pair()
+    client.send_headers(1, POST)
+    server.feed(client.data_to_send())
+    events = server.feed(raw(0x8, 0, stream_id, b"\x00\x00\x00\x00"))
+    if connection_error:
+        assert events[-1][1].error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
+        assert type(events[-1][1]) is Terminated
+        return
+    assert events == [(1, StreamReset(h2.errors.ErrorCodes.PROTOCOL_ERROR))]
+    [reset] = frames(server.pending())
+    assert isinstance(reset, RstStreamFrame) and reset.error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
+    client.receive_data(reset.serialize())
+    still_serves(server, client)
+
+
+@pytest.mark.parametrize(("length", "body"), [(b"10", b"12345"), (b"3", b"12345")], ids=["short", "long"])
+def test_data_that_breaks_the_content_length_resets_its_stream(length, body):
+    """RFC 9113 8.1.1: a malformed request, a stream error (h2: a connection
+    error); its DATA still counts against the connection's window."""
+    server, client = pair()
+    client.send_headers(1, POST + [(b"content-length", length)])
+    client.send_data(1, body, end_stream=True)
+    events = server.feed(client.data_to_send())
+    assert (1, StreamReset(h2.errors.ErrorCodes.PROTOCOL_ERROR)) in events
+    assert not any(type(e) in (End, Data) for _, e in events)
+    sent = frames(server.pending())
+    assert [f.error_code for f in sent if isinstance(f, RstStreamFrame)][0] == h2.errors.ErrorCodes.PROTOCOL_ERROR
+    assert not any(isinstance(f, GoAwayFrame) for f in sent)
+    client.receive_data(b"".join(f.serialize() for f in sent))
+    still_serves(server, client)
+
+
+def test_a_content_length_with_no_body_is_malformed():
+    server, client = pair()
+    client.send_headers(1, POST + [(b"content-length", b"5")], end_stream=True)
+    [(_, refused)] = server.feed(client.data_to_send())
+    assert type(refused) is Refused and refused.status == 0 and "no body" in str(refused.error)
+
+
+def test_a_head_with_data_resets_its_stream():
+    """h2 counts a HEAD's body as 0 whatever its content-length; so does sluice."""
+    server, client = pair()
+    client.send_headers(1, [(b":method", b"HEAD")] + POST[1:] + [(b"content-length", b"3")])
+    client.send_data(1, b"abc", end_stream=True)
+    assert (1, StreamReset(h2.errors.ErrorCodes.PROTOCOL_ERROR)) in server.feed(client.data_to_send())
+
+
+@pytest.mark.parametrize(("end", "body"), [(False, b"hello"), (True, b"hel")], ids=["no-end-stream", "short-body"])
+def test_bad_trailers_reset_their_stream_and_the_hpack_state_holds(end, body):
+    """RFC 9113 8.1: trailers end the stream, and the body before them is
+    whole; otherwise a stream error (h2: a connection error). h2 still
+    decodes the block, so the next request's fields, which index the
+    dynamic table, come out right."""
+    server, client = pair()
+    client.send_headers(1, POST + [(b"content-length", b"5"), (b"x-custom", b"kept in the table")])
+    client.send_data(1, body)
+    trailers = HeadersFrame(1, data=client.encoder.encode([(b"x-checksum", b"abc")]),
+                            flags=["END_HEADERS"] + (["END_STREAM"] if end else []))
+    events = server.feed(client.data_to_send() + trailers.serialize())
+    assert events[-1] == (1, StreamReset(h2.errors.ErrorCodes.PROTOCOL_ERROR))
+    assert not any(type(e) is End for _, e in events)
+    client.send_headers(3, POST + [(b"content-length", b"0"), (b"x-custom", b"kept in the table")],
+                        end_stream=True)
+    [(_, head), _] = [(s, e) for s, e in server.feed(client.data_to_send()) if s == 3]
+    assert head.request.headers.get_raw(b"x-custom") == b"kept in the table"
+
+
+def test_good_trailers_still_end_the_request():
+    server, client = pair()
+    client.send_headers(1, POST + [(b"content-length", b"5")])
+    client.send_data(1, b"hello")
+    client.send_headers(1, [(b"x-checksum", b"abc")], end_stream=True)
+    events = [e for _, e in server.feed(client.data_to_send())]
+    assert [type(e) for e in events] == [RequestHead, Data, End]
+    assert events[-1].trailers.raw() == [(b"x-checksum", b"abc")]
+
+
+def test_frames_split_anywhere_read_the_same():
+    """The look before h2 holds a header cut between reads."""
+    conversation = []
+    for one_byte in (False, True):
+        server, client = pair()
+        client.send_headers(1, POST + [(b"content-length", b"10")])
+        client.send_data(1, b"12345", pad_length=3)
+        client.send_data(1, b"67890", end_stream=True)
+        client.send_headers(3, POST + [(b"content-length", b"2")])
+        data = client.data_to_send() + raw(0x8, 0, 3, b"\x00\x00\x00\x00")
+        events = []
+        for chunk in ([data[i:i + 1] for i in range(len(data))] if one_byte else [data]):
+            events += [(s, e) for s, e in server.feed(chunk) if type(e) is not WindowOpen]
+        conversation.append([(s, type(e).__name__, getattr(e, "data", None)) for s, e in events])
+    assert conversation[0] == conversation[1]
+    assert [kind for _, kind, _ in conversation[0]] == ["RequestHead", "Data", "Data", "End", "RequestHead",
+                                                        "StreamReset"]
