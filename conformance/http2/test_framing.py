@@ -63,8 +63,7 @@ def test_frames_of_an_unknown_type_are_ignored(client, recorder):
         pytest.param(raw_frame(SETTINGS, 0, 1, b""), ErrorCodes.PROTOCOL_ERROR,
                      id="settings-on-a-stream"),  # 6.5
         pytest.param(raw_frame(SETTINGS, 1, 0, b"\x00\x04\x00\x00\x00\x01"), ErrorCodes.FRAME_SIZE_ERROR,
-                     id="settings-ack-with-payload",  # 6.5
-                     marks=pytest.mark.quirk("sluice", "h2 downstream in progress: PROTOCOL_ERROR")),
+                     id="settings-ack-with-payload"),  # 6.5
         pytest.param(raw_frame(SETTINGS, 0, 0, b"\x00\x02\x00\x00\x00\x02"), ErrorCodes.PROTOCOL_ERROR,
                      id="enable-push-2"),  # 6.5.2
         pytest.param(raw_frame(SETTINGS, 0, 0, b"\x00\x04\x80\x00\x00\x00"), ErrorCodes.FLOW_CONTROL_ERROR,

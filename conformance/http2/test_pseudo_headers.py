@@ -47,7 +47,6 @@ def test_a_malformed_request_is_refused_on_its_stream(client, recorder, fields):
     assert_malformed(client, stream_id, recorder)
 
 
-@pytest.mark.quirk("sluice", "h2 downstream in progress: a connection error (GOAWAY PROTOCOL_ERROR)")
 def test_content_length_that_disagrees_with_the_data_is_malformed(client, recorder):
     """RFC 9113 8.1.1: a content-length that is not the sum of the DATA payloads makes the
     request malformed; the upstream never sees a complete request."""

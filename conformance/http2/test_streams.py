@@ -83,7 +83,6 @@ def test_a_client_reset_leaves_the_connection_usable(client, recorder):
 
 
 @pytest.mark.quirk("nginx", "makes it a connection error (GOAWAY PROTOCOL_ERROR)")
-@pytest.mark.quirk("sluice", "h2 downstream in progress: GOAWAY PROTOCOL_ERROR, as nginx")
 def test_a_window_update_of_0_on_a_stream_is_a_stream_error(client, recorder):
     """RFC 9113 6.9: a WINDOW_UPDATE of 0 on a stream is a stream error PROTOCOL_ERROR."""
     stream_id = client.request("/app/zero", method="POST", end_stream=False)

@@ -44,10 +44,7 @@ def test_trailers_that_route_or_authenticate_are_not_forwarded(client, recorder,
     ("trailers", "end_stream"),
     [
         pytest.param([(":path", "/app/other")], True, id="pseudo-header", marks=_NGINX_REFUSES),
-        pytest.param([("x-checksum", "abc")], False, id="without-end-stream", marks=[
-            _NGINX_REFUSES,
-            pytest.mark.quirk("sluice", "h2 downstream in progress: GOAWAY PROTOCOL_ERROR"),
-        ]),
+        pytest.param([("x-checksum", "abc")], False, id="without-end-stream", marks=_NGINX_REFUSES),
     ],
 )
 def test_a_bad_trailer_section_is_malformed(client, recorder, trailers, end_stream):
