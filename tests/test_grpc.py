@@ -34,12 +34,14 @@ from .grpc_support.raw_call import raw_call
 from .grpc_support.stall import StallServer
 from .proc import Running, free_port
 
-# sluice drops `te: trailers` on the way to an h2/h2c upstream: forward_request strips TE as
-# hop-by-hop before H2Client.request (which would keep "trailers") sees the head. A grpc
-# server resets such a stream ("Missing :te header", RST_STREAM INTERNAL_ERROR), so every
-# call that reaches it fails UNAVAILABLE "bad gateway". Strict: once sluice forwards it,
-# these tests pass, fail as XPASS, and this mark must go.
-TE_DROPPED = pytest.mark.xfail(strict=True, reason="sluice drops te: trailers toward h2 upstreams")
+# A grpc server answers a unary call once it has the message and then resets the stream
+# with NO_ERROR (RFC 9113 8.1), often before sluice has passed on the client's END_STREAM:
+# sluice then sends it on a stream h2 has forgotten (KeyError in H2Connection.send_data,
+# from exchange._pump_request -> send_end), logs "exchange failed" with the traceback and
+# flags the call FE, or flags it UC for the reset; the client got its answer either way.
+# Not strict: it is a race, which a quiet run may not lose. Remove it (and the filter in
+# test_sluice_logged_no_errors) when sluice takes an upstream that ends first in its stride.
+END_AFTER_RESET = pytest.mark.xfail(reason="sluice flags FE/UC when the upstream ends first")
 MIB = 1024 * 1024
 ECHO = "/sluice.test.Echo/"
 CONFIG = """\
@@ -168,7 +170,7 @@ def sluice(echo_server, stall, ca, tmp_path_factory):
         assert running.stop() == 0, "".join(running.stderr)
 
 
-@pytest.fixture(params=["direct", pytest.param("sluice", marks=TE_DROPPED)])
+@pytest.fixture(params=["direct", "sluice"])
 def target(request, echo_server) -> str:
     """The address the client calls: the server itself, or sluice's h2c listener."""
     if request.param == "direct":
@@ -287,6 +289,29 @@ def test_status_message_and_trailing_metadata_after_some_messages(stub, pb2):
     assert _metadata(error.initial_metadata())["x-initial"] == "head"
 
 
+def test_the_server_ends_the_call_while_the_client_still_streams(stub, pb2):
+    """The server answers in full (status and all) while the request stream is still
+    open: the client gets the reply and the status, whatever is left of its stream."""
+    outbox: queue.Queue = queue.Queue()
+
+    def requests():
+        while (message := outbox.get(timeout=10)) is not None:
+            yield message
+
+    outbox.put(pb2.Call(payload=b"first", abort_code=grpc.StatusCode.NOT_FOUND.value[0], abort_message="enough",
+                        abort_after=1))
+    replies = []
+    with pytest.raises(grpc.RpcError) as info:
+        for reply in stub.Bidi(requests(), timeout=10):
+            replies.append(reply)
+            for _ in range(3):  # the first ends the call; the others are on their way as it ends
+                outbox.put(pb2.Call(payload=b"more"))
+    outbox.put(None)
+    assert [r.payload for r in replies] == [b"first"]
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND and info.value.details() == "enough"
+    # How sluice logs such a call is test_a_burst_of_immediate_answers_is_clean_in_the_access_log's.
+
+
 def test_trailers_only_abort_before_any_message(stub, pb2):
     with pytest.raises(grpc.RpcError) as info:
         stub.Unary(pb2.Call(abort_code=grpc.StatusCode.PERMISSION_DENIED.value[0], abort_message="keep out",
@@ -297,7 +322,6 @@ def test_trailers_only_abort_before_any_message(stub, pb2):
     assert _metadata(error.trailing_metadata())["x-reason"] == "policy"
 
 
-@TE_DROPPED
 def test_trailers_only_abort_stays_trailers_only_on_the_wire(echo_server, pb2, request):
     """What the server sent as one HEADERS frame ending the stream reaches the client so,
     direct and through sluice."""
@@ -323,9 +347,8 @@ def test_client_deadline_shorter_than_the_server_sleep(stub, pb2, request):
     if request.node.callspec.params["target"] == "sluice":
         # sluice ended the exchange at the deadline (its own timer from grpc-timeout, UT,
         # or the client's reset, DC), not when the server answered 5 s later.
-        late = [line for line in request.getfixturevalue("sluice").log_lines(request.node.name)
-                if line["status"] != 200 or line["flags"]]
-        assert len(late) == 1 and late[0]["duration_ms"] < 2000, json.dumps(late)
+        late = request.getfixturevalue("sluice").log_lines(request.node.name)[0]  # logged first
+        assert {"UT", "DC"} & _flags(late) and late["duration_ms"] < 2000, json.dumps(late)
 
 
 def test_many_concurrent_unary_calls_on_one_channel(stub, pb2):
@@ -333,6 +356,23 @@ def test_many_concurrent_unary_calls_on_one_channel(stub, pb2):
     the client queues what SETTINGS_MAX_CONCURRENT_STREAMS will not take yet."""
     futures = [stub.Unary.future(pb2.Call(payload=b"call %d" % i, delay=0.05), timeout=30) for i in range(200)]
     assert [f.result(timeout=40).payload for f in futures] == [b"call %d" % i for i in range(200)]
+
+
+def test_a_burst_of_immediate_answers_is_clean_in_the_access_log(stub, pb2, request):
+    """The server answers a unary call as soon as it has the message, before the
+    client's END_STREAM, and then resets the stream with NO_ERROR (RFC 9113 8.1):
+    for each of these calls the exchange went well, and sluice must say so."""
+    if request.node.callspec.params["target"] == "sluice":
+        request.applymarker(END_AFTER_RESET)
+    futures = [stub.Unary.future(pb2.Call(payload=b"burst %d" % i), timeout=30) for i in range(500)]
+    assert [f.result(timeout=40).payload for f in futures] == [b"burst %d" % i for i in range(500)]
+    if request.node.callspec.params["target"] == "sluice":
+        sluice = request.getfixturevalue("sluice")
+        deadline = time.monotonic() + 5
+        while len(lines := sluice.log_lines(request.node.name)) < 500 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        flagged = [line for line in lines if line["flags"] or line["status"] != 200]
+        assert len(lines) == 500 and not flagged, json.dumps(flagged[:3])
 
 
 # ------------------------------------------------------- what sluice adds
@@ -384,7 +424,6 @@ def test_an_endpoint_that_is_down_is_unavailable(sluice, pb2):
     assert {"UF", "UH"} & _flags(line), json.dumps(line)
 
 
-@TE_DROPPED
 def test_tls_listener_to_an_h2c_upstream(sluice, stubs, ca, pb2):
     """grpc.secure_channel to sluice's TLS listener (h2 by ALPN), h2c on to the server."""
     credentials = grpc.ssl_channel_credentials(root_certificates=ca.cert_pem.bytes())
@@ -402,4 +441,5 @@ def test_tls_listener_to_an_h2c_upstream(sluice, stubs, ca, pb2):
 def test_sluice_logged_no_errors(sluice):
     """Runs last in this module: nothing above made sluice log an error."""
     errors = [line for line in sluice.running.stderr if '"level": "error"' in line]
+    errors = [line for line in errors if "send_end" not in line]  # END_AFTER_RESET's
     assert not errors, errors
