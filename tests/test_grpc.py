@@ -34,14 +34,6 @@ from .grpc_support.raw_call import raw_call
 from .grpc_support.stall import StallServer
 from .proc import Running, free_port
 
-# A grpc server answers a unary call once it has the message and then resets the stream
-# with NO_ERROR (RFC 9113 8.1), often before sluice has passed on the client's END_STREAM:
-# sluice then sends it on a stream h2 has forgotten (KeyError in H2Connection.send_data,
-# from exchange._pump_request -> send_end), logs "exchange failed" with the traceback and
-# flags the call FE, or flags it UC for the reset; the client got its answer either way.
-# Not strict: it is a race, which a quiet run may not lose. Remove it (and the filter in
-# test_sluice_logged_no_errors) when sluice takes an upstream that ends first in its stride.
-END_AFTER_RESET = pytest.mark.xfail(reason="sluice flags FE/UC when the upstream ends first")
 MIB = 1024 * 1024
 ECHO = "/sluice.test.Echo/"
 CONFIG = """\
@@ -362,8 +354,6 @@ def test_a_burst_of_immediate_answers_is_clean_in_the_access_log(stub, pb2, requ
     """The server answers a unary call as soon as it has the message, before the
     client's END_STREAM, and then resets the stream with NO_ERROR (RFC 9113 8.1):
     for each of these calls the exchange went well, and sluice must say so."""
-    if request.node.callspec.params["target"] == "sluice":
-        request.applymarker(END_AFTER_RESET)
     futures = [stub.Unary.future(pb2.Call(payload=b"burst %d" % i), timeout=30) for i in range(500)]
     assert [f.result(timeout=40).payload for f in futures] == [b"burst %d" % i for i in range(500)]
     if request.node.callspec.params["target"] == "sluice":
@@ -441,5 +431,4 @@ def test_tls_listener_to_an_h2c_upstream(sluice, stubs, ca, pb2):
 def test_sluice_logged_no_errors(sluice):
     """Runs last in this module: nothing above made sluice log an error."""
     errors = [line for line in sluice.running.stderr if '"level": "error"' in line]
-    errors = [line for line in errors if "send_end" not in line]  # END_AFTER_RESET's
     assert not errors, errors

@@ -59,6 +59,7 @@ log = structlog.get_logger("sluice.upstream")
 
 _FLUSH_SIZE = 64 * 1024
 _REFUSED = int(h2.errors.ErrorCodes.REFUSED_STREAM)
+_NO_ERROR = int(h2.errors.ErrorCodes.NO_ERROR)
 _GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 
@@ -79,13 +80,28 @@ class H2UpstreamStream:
         self._wake = trio.Event()  # the reader: an event arrived (or the stream failed)
         self._window = trio.Event()  # the sender: a window opened (or the stream failed)
         self._failure: UpstreamError | None = None
+        self._answered = False  # the whole response has arrived (End queued or taken)
+        self._upload_over = False  # the upstream wants no more of the request (see stop_upload)
         self._unacked = 0
 
     # -- what the connection's reader calls ---------------------------------
 
     def arrived(self, event: object) -> None:
         self._events.append(event)
+        if type(event) is End:
+            self._answered = True
         self._wake.set()
+
+    def stop_upload(self) -> bool:
+        """The upstream reset the stream with NO_ERROR: after a complete
+        response that is RFC 9113 8.1's "send no more of the request" (grpcio
+        does it after every unary answer), and what is left of the request
+        body is dropped quietly. Before one it is a failure: returns False."""
+        if not self._answered:
+            return False
+        self._upload_over = True
+        self._window.set()
+        return True
 
     def fail(self, error: UpstreamError) -> None:
         """The stream is over without a (whole) response."""
@@ -101,8 +117,17 @@ class H2UpstreamStream:
     # -- sending ---------------------------------------------------------------
 
     def _check(self) -> None:
-        if self._failure is not None and not self.response_ended:
+        if self._failure is not None and not self._answered:
             raise self._failure
+
+    def _closed(self) -> None:
+        """h2 says the stream is closed to our sending: fine once the answer
+        is whole (the rest of the request is not wanted), else a 502."""
+        if self._answered:
+            self._upload_over = True
+            return
+        self._check()
+        raise UpstreamError("upstream closed the stream", status=502, flag="UC")
 
     def _open(self, request: Request, *, end: bool) -> None:
         self._check()
@@ -131,6 +156,8 @@ class H2UpstreamStream:
         if deadline is None:
             deadline = trio.current_time() + conn.io_timeout
         while start < len(view) or end:
+            if self._upload_over:
+                return
             self._check()
             room = proto.window(sid)
             if room <= 0 and start < len(view):
@@ -144,9 +171,9 @@ class H2UpstreamStream:
             last = end and start >= len(view)
             try:
                 proto.send_data(sid, piece, end=last)
-            except h2.exceptions.StreamClosedError:
-                self._check()
-                raise UpstreamError("upstream closed the stream", status=502, flag="UC") from None
+            except (h2.exceptions.StreamClosedError, KeyError):  # (h2 forgets closed streams)
+                self._closed()
+                return
             if last:
                 break
         await conn.flush()
@@ -159,13 +186,14 @@ class H2UpstreamStream:
                             status=504, flag="UT")
 
     async def send_end(self, trailers: Headers | None) -> None:
-        if trailers is not None:
+        if self._upload_over:
+            pass
+        elif trailers is not None:
             self._check()
             try:
                 self.conn.proto.trailers(self.stream_id, trailers)
-            except h2.exceptions.StreamClosedError:
-                self._check()
-                raise UpstreamError("upstream closed the stream", status=502, flag="UC") from None
+            except (h2.exceptions.StreamClosedError, KeyError):
+                self._closed()
             await self.conn.flush()
         else:
             await self.send_data(b"", end=True)
@@ -244,7 +272,8 @@ class H2UpstreamStream:
         untaken = self._unacked + sum(e.size for e in self._events if type(e) is Data)
         self._events.clear()
         proto.acknowledge(sid, untaken)
-        if not (self.response_ended and self.request_written) and self._failure is None:
+        if not (self.response_ended and self.request_written) and self._failure is None \
+                and not self._upload_over:
             proto.reset(sid, h2.errors.ErrorCodes.CANCEL)
         proto.local_resets.discard(sid)
         with trio.CancelScope(shield=True):
@@ -355,7 +384,9 @@ class H2Upstream:
                 continue
             if kind is StreamReset:
                 code = event.code
-                if code == _REFUSED:
+                if code == _NO_ERROR and stream.stop_upload():
+                    pass
+                elif code == _REFUSED:
                     stream.fail(UpstreamError("upstream refused the stream", status=502, flag="UC",
                                               retryable=True, unprocessed=True))
                 elif stream_id in self.proto.local_resets:
