@@ -13,6 +13,7 @@ import base64
 import hashlib
 import os
 import socket
+import ssl
 import struct
 import threading
 from collections import defaultdict
@@ -25,14 +26,15 @@ import h2.events
 import h2.settings
 import pytest
 import trio
+import trustme
 from websockets.frames import Close, Opcode
 from websockets.protocol import Protocol, Side, State
 from websockets.sync.server import serve as ws_serve
 
 from sluice.testing import serve
 
-from .conftest import config
-from .test_websocket import EchoServer, read_head, read_lines
+from .conftest import InProcess, config
+from .test_websocket import EchoServer, Watcher, read_head, read_lines
 
 pytestmark = pytest.mark.trio
 
@@ -91,7 +93,7 @@ class Client:
     bytes go through its own ``websockets`` protocol (client side, no handshake:
     RFC 8441 has the extended CONNECT instead)."""
 
-    def __init__(self, sock: trio.SocketStream) -> None:
+    def __init__(self, sock: trio.abc.Stream) -> None:
         self.sock = sock
         self.conn = h2.connection.H2Connection(
             h2.config.H2Configuration(client_side=True, header_encoding=None))
@@ -252,10 +254,16 @@ class Client:
 
 
 @asynccontextmanager
-async def h2_client(proxy):
-    """A client connected to ``proxy``, past its SETTINGS; closed after."""
+async def h2_client(proxy, ssl_context: ssl.SSLContext | None = None):
+    """A client connected to ``proxy`` (over TLS, ``h2`` by ALPN, with
+    ``ssl_context``), past its SETTINGS; closed after."""
     async with trio.open_nursery() as nursery:
-        client = Client(await trio.open_tcp_stream(*proxy.address))
+        sock = await trio.open_tcp_stream(*proxy.address)
+        if ssl_context is not None:
+            sock = trio.SSLStream(sock, ssl_context, server_hostname="127.0.0.1")
+            await sock.do_handshake()
+            assert sock.selected_alpn_protocol() == "h2"
+        client = Client(sock)
         await nursery.start(client.run)
         try:
             await client.until(lambda: client.settings is not None)
@@ -504,6 +512,50 @@ async def test_an_idle_tunnel_ends_and_is_logged(echo_server, tmp_path):
             await client.until(lambda: client.ended(sid))
         line = (await read_lines(log, 1))[0]
     assert line["flags"] == "TI" and line["upgraded"] == "websocket"
+
+
+async def test_filters_see_an_upgrade_as_over_http1(echo_server):
+    """The extended CONNECT reaches the chain as the HTTP/1.1 handshake:
+    ``ctx.upgrade`` on the request, ``upgraded`` on the 101, and a filter's
+    reply to the 101 is what the client gets."""
+    Watcher.seen = []
+    cfg = h2_config(echo_server.address)
+    cfg["listeners"][0]["filters"] = ["watcher", "router"]
+    async with serve(cfg, plugins=PLUGINS, extra={"watch": InProcess(Watcher)}) as proxy, \
+            h2_client(proxy) as client:
+        sid = client.websocket("/ws/chat")
+        assert await client.answered(sid) == 200
+        await client.send_message(sid, "hello")
+        assert await client.receive_message(sid) == "hello"
+        refused = client.websocket("/ws/refuse")
+        assert await client.answered(refused) == 403
+        await client.send(sid, b"", end=True)
+        await client.until(lambda: client.ended(sid) and client.ended(refused))
+        with trio.fail_after(5):
+            while len(Watcher.seen) < 6:
+                await trio.sleep(0.02)
+    assert sorted(Watcher.seen, key=str) == sorted([
+        ("request", "websocket", None), ("response", 101, "websocket"), ("complete", "websocket", 101),
+        ("request", "websocket", None), ("response", 101, "websocket"), ("complete", None, 403),
+    ], key=str)
+
+
+async def test_over_tls_by_alpn(echo_server, tmp_path):
+    """Browsers speak RFC 8441 over TLS only: the same tunnel, h2 chosen by ALPN."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert_file, key_file = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    cert.private_key_and_cert_chain_pem.write_to_path(cert_file)
+    cert.private_key_pem.write_to_path(key_file)
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    context.set_alpn_protocols(["h2"])
+    cfg = h2_config(echo_server.address, tls={"cert": cert_file, "key": key_file})
+    async with serve(cfg, plugins=PLUGINS) as proxy, h2_client(proxy, context) as client:
+        sid = client.websocket("/ws/secure")
+        assert await client.answered(sid) == 200
+        await client.send_message(sid, b"x" * 300_000)
+        assert await client.receive_message(sid) == b"x" * 300_000
 
 
 @pytest.mark.parametrize(
