@@ -344,9 +344,11 @@ class H2Server(_Peer):
             return False
         # h2 opened every stream of ``data`` before these events are seen:
         # count them back one by one, so that the streams refused past the
-        # limit are the last ones opened, not the first.
+        # limit are the last ones opened, not the first. (h2 counts by
+        # walking all its streams: skipped when there are too few to matter.)
+        crowded = len(self._h2.streams) > self.max_concurrent_streams
         opening = self._h2.open_inbound_streams - sum(
-            1 for e in events if type(e) is h2.events.RequestReceived)
+            1 for e in events if type(e) is h2.events.RequestReceived) if crowded else 0
         for event in events:
             kind = type(event)
             if kind in _CONTROL and not self._control.take(self._clock()):
@@ -356,7 +358,7 @@ class H2Server(_Peer):
                 last = self._last_served
                 opening += 1
                 if (last is not None and event.stream_id > last
-                        or opening > self.max_concurrent_streams):
+                        or crowded and opening > self.max_concurrent_streams):
                     opening -= 1
                     # Opened after our GOAWAY, or past the streams allowed at
                     # once: never served, so safe for the client to retry.
