@@ -72,10 +72,6 @@ def test_data_after_end_stream_is_stream_closed(client, recorder):
     assert code == ErrorCodes.STREAM_CLOSED, client.describe()
 
 
-@pytest.mark.quirk("sluice", "now and then 504: the GET of the test before, whose stream was reset, is "
-                  "replayed upstream when its hung connection closes before the watchdog sees the "
-                  "reset (exchange._send_whole retries without asking if the client is still there), "
-                  "and the replay takes this test's HANG")
 def test_a_client_reset_leaves_the_connection_usable(client, recorder):
     """RFC 9113 6.4, 8.1: the client may cancel a request; the connection carries on."""
     recorder.queue(HANG)

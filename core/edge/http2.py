@@ -585,6 +585,12 @@ class H2Connection:
         """Write what the protocol has pending, in order (one writer at a time)."""
         async with self._lock:
             data = self.proto.pending()
-            if data and not await self.io.send_all(data, trio.current_time() + self.idle_timeout):
+            if not data:
+                return
+            # Shielded: a frame cut short by one stream's cancellation would
+            # garble the connection for all; the watchdog's deadline bounds it.
+            with trio.CancelScope(shield=True):
+                sent = await self.io.send_all(data, trio.current_time() + self.idle_timeout)
+            if not sent:
                 raise ClientGone("client stopped reading")
 

@@ -171,7 +171,7 @@ class H2UpstreamStream:
             last = end and start >= len(view)
             try:
                 proto.send_data(sid, piece, end=last)
-            except (h2.exceptions.StreamClosedError, KeyError):  # (h2 forgets closed streams)
+            except h2.exceptions.StreamClosedError:
                 self._closed()
                 return
             if last:
@@ -192,7 +192,7 @@ class H2UpstreamStream:
             self._check()
             try:
                 self.conn.proto.trailers(self.stream_id, trailers)
-            except (h2.exceptions.StreamClosedError, KeyError):
+            except h2.exceptions.StreamClosedError:
                 self._closed()
             await self.conn.flush()
         else:

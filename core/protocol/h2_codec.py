@@ -211,7 +211,13 @@ class _Peer:
             return 0
 
     def send_data(self, stream_id: int, data: bytes | memoryview, *, end: bool = False) -> None:
-        self._h2.send_data(stream_id, data, end_stream=end)
+        """Raises h2's StreamClosedError when the stream is closed to us."""
+        try:
+            self._h2.send_data(stream_id, data, end_stream=end)
+        except KeyError:
+            # An empty frame skips the window check that would have raised
+            # StreamClosedError, and h2 looks a forgotten stream up directly.
+            raise h2.exceptions.StreamClosedError(stream_id) from None
 
     def trailers(self, stream_id: int, trailers: Headers) -> None:
         fields = [f for f in trailers.raw() if f[0] not in _CONNECTION_SPECIFIC]

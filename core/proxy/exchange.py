@@ -278,6 +278,11 @@ async def _send_whole(pool, cluster, endpoint, conn, down, ctx, timeout, body: b
                 retried = True
             else:
                 raise
+            if down.io.peer_closed():
+                # Nobody is waiting for the answer: sending the request again
+                # would only do its work twice (and take the answer another
+                # request was due).
+                raise ClientGone("client left before the upstream answered") from None
             log.info("retrying on a fresh connection", request_id=ctx.request_id, error=str(exc))
             await conn.aclose()
             conn = await pool.connect(cluster, endpoint)
