@@ -3,7 +3,7 @@ error stays on its stream. An upstream that fails gives a 502 on that stream onl
 """
 
 import pytest
-from hyperframe.frame import RstStreamFrame
+from hyperframe.frame import GoAwayFrame, RstStreamFrame
 
 from ..h2client import ErrorCodes, fetch, raw_frame, request_fields
 from ..recorder import GARBAGE, HANG, respond
@@ -111,3 +111,16 @@ def test_a_refused_upstream_gives_503_on_that_stream_only(client, recorder):
     assert client.response(dead).status == 503, client.describe()
     assert client.response(fine).status == 200, client.describe()
     assert client.response(client.request("/nowhere")).status == 404, client.describe()
+
+
+def test_a_clients_goaway_lets_its_streams_in_flight_finish(client, recorder):
+    """RFC 9113 6.8: a GOAWAY stops new streams, and the ones open carry on both ways: the
+    body still being sent arrives, and the answer comes back."""
+    recorder.queue(respond(body=b"answered after goaway"))
+    stream_id = client.request("/app/goaway", method="POST", extra=(("content-length", "4"),),
+                               end_stream=False)
+    client.send(GoAwayFrame(0, last_stream_id=0, error_code=ErrorCodes.NO_ERROR))
+    client.send(*client.data_frames(stream_id, b"body"))
+    stream = client.response(stream_id)
+    assert stream.status == 200 and stream.body == b"answered after goaway", client.describe()
+    assert [r.body for r in recorder.wait_for(1)] == [b"body"]

@@ -542,7 +542,7 @@ class H2Server(_Peer):
 
 # -- what is looked at before h2 --------------------------------------------
 
-_DATA, _HEADERS, _SETTINGS, _WINDOW_UPDATE = 0x0, 0x1, 0x4, 0x8
+_DATA, _HEADERS, _SETTINGS, _GOAWAY, _WINDOW_UPDATE = 0x0, 0x1, 0x4, 0x7, 0x8
 _END_STREAM, _ACK, _PADDED = 0x1, 0x1, 0x8
 
 # ``_FrameGate.look``'s verdicts (``decide`` may also return a rewritten header).
@@ -574,6 +574,10 @@ class _FrameGate:
                                                                           PROTOCOL_ERROR
     a request with END_STREAM on its        8.1.1: malformed            RST_STREAM PROTOCOL_ERROR
       HEADERS and a content-length above 0    (h2 lets it through)
+    the client's GOAWAY with NO_ERROR       6.8: the streams open       ``Terminated``; the frame
+                                              carry on                    dropped (h2 would close its
+                                                                          whole state machine,
+                                                                          python-hyper/h2#1181)
     ======================================  ==========================  ==========================
 
     Only headers are read (and 4 bytes of a WINDOW_UPDATE, 1 of a padded
@@ -648,6 +652,12 @@ class _FrameGate:
             return _LOOK if not int.from_bytes(data[pos + 9:pos + 13], "big") & 0x7FFFFFFF else _PASS
         if kind == _SETTINGS and flags & _ACK and sid == 0 and data[pos:pos + 3] != b"\0\0\0":
             return _LOOK
+        if kind == _GOAWAY and sid == 0:
+            size = int.from_bytes(data[pos:pos + 3], "big")
+            if 8 <= size <= server._h2.max_inbound_frame_size:  # else h2's connection error
+                if len(data) - pos < 9 + size:
+                    return _WAIT
+                return _LOOK if not int.from_bytes(data[pos + 13:pos + 17], "big") else _PASS
         return _PASS
 
     def decide(self, data: bytes, pos: int, server: H2Server, out: list) -> object:
@@ -655,6 +665,12 @@ class _FrameGate:
         kind = data[pos + 3]
         flags = data[pos + 4]
         sid = int.from_bytes(data[pos + 5:pos + 9], "big") & 0x7FFFFFFF
+        if kind == _GOAWAY:
+            size = int.from_bytes(data[pos:pos + 3], "big")
+            last = int.from_bytes(data[pos + 9:pos + 13], "big") & 0x7FFFFFFF
+            out.append((0, Terminated(0, last, data[pos + 17:pos + 9 + size].decode("latin-1"))))
+            self.dropped = size
+            return _DROP
         if kind == _SETTINGS:
             code = h2.errors.ErrorCodes.FRAME_SIZE_ERROR
             server._h2.close_connection(code, additional_data=b"SETTINGS ACK with a payload")
