@@ -85,6 +85,11 @@ def test_a_request_becomes_the_events_the_http1_codecs_make():
         ([(b"transfer-encoding", b"chunked")], "connection-specific"),
         ([(b"te", b"gzip")], "TE other than trailers"),
         ([(b"x", b"a\r\nb")], "invalid value"),
+        ([(b"x", b" leading")], "invalid value"),
+        ([(b"x", b"trailing\t")], "invalid value"),
+        ([(b"caf\xc3\xa9", b"1")], "invalid field name"),  # 0x80-0xff (RFC 9113 8.2.1)
+        ([(b"a:b", b"1")], "invalid field name"),
+        ([(b"a b", b"1")], "invalid field name"),
         ([(b":foo", b"x")], "pseudo-header"),
     ],
 )

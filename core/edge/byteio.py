@@ -7,8 +7,11 @@ Both offer the same calls, with absolute trio deadlines:
     passed first, or the wait was interrupted (a draining listener).
     ``watch``: another I/O (the client's) whose peer closing ends this wait
     with ``ClientGone`` (see ``watchdog.py``).
-``await send_all(data, deadline)``
+``await send_all(data, deadline, whole=False)``
     True once all is written, False when ``deadline`` passed first.
+    ``whole``: a cancellation never cuts the write short (a frame cut in
+    two garbles a connection that many streams share); the deadline still
+    bounds it. Free when the kernel takes it all at once.
 ``interrupt()``
     end a receive in progress now (it returns None); the connection is done.
 ``readable_now()`` / ``data_waiting()`` / ``peer_closed()``
@@ -160,7 +163,7 @@ class SocketIO(_Waits):
         finally:
             self.watchdog.disarm(wait)
 
-    async def send_all(self, data: bytes, deadline: float) -> bool:
+    async def send_all(self, data: bytes, deadline: float, whole: bool = False) -> bool:
         sock = self.sock
         try:
             sent = sock.send(data)
@@ -170,7 +173,13 @@ class SocketIO(_Waits):
             raise trio.BrokenResourceError(exc) from None
         if sent == len(data):
             return True
-        view = memoryview(data)[sent:]
+        if whole:
+            with trio.CancelScope(shield=True):
+                return await self._send_rest(memoryview(data)[sent:], deadline)
+        return await self._send_rest(memoryview(data)[sent:], deadline)
+
+    async def _send_rest(self, view: memoryview, deadline: float) -> bool:
+        sock = self.sock
         wait = self._write
         self.watchdog.arm(wait, deadline)
         try:
@@ -237,11 +246,12 @@ class StreamIO(_Waits):
         finally:
             self.watchdog.disarm(wait)
 
-    async def send_all(self, data: bytes, deadline: float) -> bool:
+    async def send_all(self, data: bytes, deadline: float, whole: bool = False) -> bool:
         wait = self._write
         self.watchdog.arm(wait, deadline)
         try:
-            await self.stream.send_all(data)
+            with trio.CancelScope(shield=whole):
+                await self.stream.send_all(data)
         except _BROKEN as exc:
             if wait.expired is not None:
                 return False

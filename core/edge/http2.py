@@ -452,28 +452,31 @@ class H2Connection:
                 if not self.streams:
                     self.proto.close()
                     return
-            self._reading = trio.CancelScope()
+            # With no stream open the connection only waits, as an idle
+            # HTTP/1.1 one does: at max_connections it gives its slot up,
+            # and after the idle timeout it closes. One scope for both ends
+            # of the wait (a wake-up and the timeout): they cost per read.
+            waiting = not self.streams
+            idle_at = trio.current_time() + self.idle_timeout if waiting else math.inf
+            reading = self._reading = trio.CancelScope(deadline=idle_at)
             if self._look_again:  # asked while the reader was not waiting
                 self._look_again = False
-                self._reading.cancel()
-            # With no stream open the connection only waits, as an idle
-            # HTTP/1.1 one does: at max_connections it gives its slot up.
-            waiting = not self.streams
+                reading.cancel()
             if waiting:
                 evictable[self] = None
             try:
-                with self._reading:
-                    with trio.move_on_after(self.idle_timeout) as idle:
-                        try:
-                            data = await io.receive(math.inf)
-                        except trio.BrokenResourceError:
-                            data = b""
+                with reading:
+                    try:
+                        data = await io.receive(math.inf)
+                    except trio.BrokenResourceError:
+                        data = b""
             finally:
                 if waiting:
                     evictable.pop(self, None)
-            if self._reading.cancelled_caught:
-                continue  # drained, or the last stream of a drain ended: look again
-            if idle.cancelled_caught:
+            if reading.cancelled_caught:
+                if self._look_again or trio.current_time() < idle_at:
+                    self._look_again = False
+                    continue  # drained, or the last stream of a drain ended: look again
                 if not self.streams:
                     self.proto.close()
                     return
@@ -490,6 +493,9 @@ class H2Connection:
                         await self.flush()
                     return
             await self.flush()
+            # A read and a write the kernel completes at once never yield:
+            # the streams just started get to run before the next read.
+            await trio.lowlevel.cancel_shielded_checkpoint()
 
     def _dispatch(self, nursery: trio.Nursery, stream_id: int, event: object) -> bool:
         """Route one event; False when the connection is over."""
@@ -551,8 +557,9 @@ class H2Connection:
                 # Answered before the body ended: it may stop sending (RFC 9113 8.1).
                 proto.reset(sid, h2.errors.ErrorCodes.NO_ERROR)
             self.streams.pop(sid, None)
-            with trio.CancelScope(shield=True), contextlib.suppress(*_GONE, ClientGone):
-                await self.flush()
+            if proto.has_pending():  # (a scope costs; most answers are out already)
+                with trio.CancelScope(shield=True), contextlib.suppress(*_GONE, ClientGone):
+                    await self.flush()
             if self.draining and not self.streams:
                 self._wake_reader()
 
@@ -582,15 +589,22 @@ class H2Connection:
                                      time.monotonic())
 
     async def flush(self) -> None:
-        """Write what the protocol has pending, in order (one writer at a time)."""
-        async with self._lock:
-            data = self.proto.pending()
-            if not data:
-                return
-            # Shielded: a frame cut short by one stream's cancellation would
-            # garble the connection for all; the watchdog's deadline bounds it.
-            with trio.CancelScope(shield=True):
-                sent = await self.io.send_all(data, trio.current_time() + self.idle_timeout)
-            if not sent:
-                raise ClientGone("client stopped reading")
+        """Write what the protocol has pending, in order (one writer at a
+        time); whole (see ``byteio``): a frame cut short would garble the
+        connection for every stream."""
+        lock = self._lock
+        if lock.locked():
+            async with lock:
+                await self._write()
+            return
+        lock.acquire_nowait()  # uncontended: no trip through the scheduler
+        try:
+            await self._write()
+        finally:
+            lock.release()
+
+    async def _write(self) -> None:
+        data = self.proto.pending()
+        if data and not await self.io.send_all(data, trio.current_time() + self.idle_timeout, whole=True):
+            raise ClientGone("client stopped reading")
 
