@@ -422,11 +422,9 @@ class H2Upstream:
             if not data:
                 return
             try:
-                # Shielded: a frame cut short by one exchange's cancellation
-                # would garble the connection for every stream on it; the
-                # watchdog's deadline still bounds the write.
-                with trio.CancelScope(shield=True):
-                    sent = await self.io.send_all(data, trio.current_time() + self.io_timeout)
+                # Whole: a frame cut short by one exchange's cancellation
+                # would garble the connection for every stream on it.
+                sent = await self.io.send_all(data, trio.current_time() + self.io_timeout, whole=True)
             except _GONE as exc:
                 self.broken = True
                 raise UpstreamError(f"upstream write failed: {exc!r}", status=502, flag="UC") from None
