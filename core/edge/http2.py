@@ -70,6 +70,7 @@ __all__ = ["H2Connection", "H2Stream"]
 log = structlog.get_logger("sluice.http2")
 
 _FLUSH_SIZE = 64 * 1024
+_HOLD_SIZE = 16 * 1024  # a body piece this small may wait for the end (one DATA frame)
 _LAST_WORDS = 1.0  # seconds a broken or abusive connection's last bytes may take
 _GONE = (trio.BrokenResourceError, trio.ClosedResourceError, h2.exceptions.StreamClosedError)
 
@@ -100,6 +101,7 @@ class H2Stream:
         self._wake = trio.Event()
         self._gone = trio.Event()  # set once reset: what watch_disconnect waits for
         self._head: Response | None = None
+        self._held: bytes | None = None  # a small first piece of body, held with the head
         self._unacked = 0  # body bytes taken but not yet given back to the window
         self._unflushed = 0  # body bytes given to the protocol since the last write
 
@@ -163,6 +165,8 @@ class H2Stream:
         raise ClientGone("stream reset before the response")
 
     async def flush(self) -> None:
+        if self._held is not None:
+            await self._put(b"")
         await self.conn.flush()
 
     async def send_continue(self) -> None:
@@ -198,7 +202,21 @@ class H2Stream:
     async def send_body(self, chunk: bytes) -> None:
         if self._not_a_switch is not None:
             return  # the dropped body of a 2xx that became a 502
+        if self._head is not None and self._held is None and len(chunk) <= _HOLD_SIZE:
+            # The first small piece waits with the head: if the end comes
+            # next, it carries END_STREAM itself (HEADERS and one DATA frame,
+            # not an empty DATA frame more).
+            self._held = chunk
+            return
+        await self._put(chunk)
+
+    async def _put(self, chunk: bytes) -> None:
+        """Send ``chunk`` (after the head and a held piece) as the windows allow."""
         self._send_head(False)
+        held = self._held
+        if held is not None:
+            self._held = None
+            chunk = held + chunk
         proto = self.conn.proto
         sid = self.stream_id
         start = 0
@@ -227,6 +245,16 @@ class H2Stream:
             body, self._not_a_switch = self._not_a_switch, None
             await self.send_body(body)
             trailers = None
+        held = self._held
+        if held is not None:
+            if trailers is None and self.conn.proto.window(sid) >= len(held):
+                self._held = None
+                self._send_head(False)
+                self._send(lambda p: p.send_data(sid, held, end=True))
+                self.ended = True
+                await self.conn.flush()
+                return
+            await self._put(b"")
         if self._head is not None:
             self._send_head(trailers is None)
             if trailers is not None:

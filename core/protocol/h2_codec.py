@@ -259,7 +259,7 @@ class H2Server(_Peer):
             # every malformed one a connection error, and RFC 9113 8.1.1
             # makes it a stream error, which spares the client's other streams.
             validate_inbound_headers=False,
-            normalize_inbound_headers=True,
+            normalize_inbound_headers=False,  # (cookie crumbs: ``_request`` joins them)
             # What goes out is sluice's own ``Headers``: names already lower
             # case, connection-specific fields and pseudo-header look-alikes
             # dropped by ``respond``/``trailers``. h2's checks and
