@@ -5,7 +5,9 @@ Stdlib ``ssl`` over ``trio.SSLStream``, TLS 1.2 at the least.
 Listener (``[listeners.tls]``): ``cert`` and ``key`` (PEM files),
 ``min_version``. The handshake must finish within the listener's
 ``header_read`` timeout. The peer identity in ``ctx.tls_peer`` carries the
-negotiated version and cipher (client certificates come with mTLS later).
+negotiated version and cipher, and ``server_name``: the SNI the client sent,
+lower-cased, or None (routes match it with ``sni``). Client certificates
+come with mTLS later.
 
 Cluster (``[clusters.NAME.tls]``): certificates are verified against the
 system store or ``ca``, with hostname checking; ``server_name`` overrides the
@@ -16,6 +18,7 @@ exists for test rigs and is loudly named.
 from __future__ import annotations
 
 import ssl
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Literal
 
@@ -54,12 +57,25 @@ def _password(cfg: ListenerTls) -> str:
     return cfg.key_password
 
 
+# The SNI callback runs inside do_handshake, in the task that called it: it
+# hands the name to that task through this holder (ssl gives the server side
+# no other way to read the name the client sent).
+_SNI: ContextVar[list[str | None]] = ContextVar("sluice_tls_sni")
+
+
+def _remember_sni(ssl_object, server_name: str | None, context) -> None:
+    holder = _SNI.get(None)
+    if holder is not None:
+        holder.append(server_name)
+
+
 class _Server(ServerTransport):
     def __init__(self, cfg: ListenerTls) -> None:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.minimum_version = _VERSIONS[cfg.min_version]
         ctx.load_cert_chain(Path(cfg.cert), Path(cfg.key), password=lambda: _password(cfg))
         ctx.set_alpn_protocols(["http/1.1"])
+        ctx.sni_callback = _remember_sni
         self.context = ctx
 
     def offer(self, protocols: list[str]) -> None:
@@ -67,9 +83,15 @@ class _Server(ServerTransport):
 
     async def wrap_server(self, stream):
         tls = trio.SSLStream(stream, self.context, server_side=True, https_compatible=True)
-        await tls.do_handshake()
+        sni: list[str | None] = []
+        token = _SNI.set(sni)
+        try:
+            await tls.do_handshake()
+        finally:
+            _SNI.reset(token)
         cipher = tls.cipher()
-        return tls, {"version": tls.version(), "cipher": cipher[0] if cipher else None}
+        name = sni[0].lower() if sni and sni[0] else None
+        return tls, {"version": tls.version(), "cipher": cipher[0] if cipher else None, "server_name": name}
 
 
 class _Client(ClientTransport):
