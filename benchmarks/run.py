@@ -221,6 +221,8 @@ def tls_files(workdir: Path, scenarios: list[Scenario]) -> peers.TlsFiles | None
 def run_scenario(bench: Bench, scenario: Scenario, targets: list[Target]) -> dict[str, dict]:
     if scenario.grpc:  # its own targets: a grpcio server, direct and through sluice
         return measure_grpc(bench, scenario)
+    if scenario.route_scale:
+        return measure_route_scale(scenario)
     chosen = [t for t in targets if applicable(t, scenario)]
     log(f"=== {scenario.name}: {scenario.title} ({', '.join(t.name for t in chosen)})")
     measure = measure_idle if scenario.idle else measure_load
@@ -236,6 +238,19 @@ def measure_grpc(bench: Bench, scenario: Scenario) -> dict[str, dict]:
                                   args.repeats, args.warmup)
     log(f"{scenario.name}:\n{grpc_unary.table(outcomes)}")  # with sluice's share of direct
     return outcomes
+
+
+def measure_route_scale(scenario: Scenario) -> dict[str, dict]:
+    import route_scale  # the router plugin timed in this process: no servers
+
+    log(f"=== {scenario.name}: {scenario.title}")
+    measured = route_scale.measure([10, 1_000, 10_000])
+    log(f"{scenario.name}:\n{measured['table']}")
+    base = measured["rows"][10]["indexed_ns"]
+    return {f"{size:,} routes": {"status": "ok" if row["indexed_ns"] <= route_scale.GOAL * base
+                                 else f"{row['indexed_ns'] / base:.2f}x the cost at 10",
+                                 "summary": {"rps": 1e9 / row["indexed_ns"], "errors": 0}}
+            for size, row in measured["rows"].items()}
 
 
 def available_targets(args: argparse.Namespace) -> tuple[list[Target], dict[str, str]]:

@@ -38,6 +38,7 @@ class Scenario:
     h2: bool = False  # h2c with prior knowledge, driven by h2load; only targets that speak it
     streams: int = 1  # (h2) requests in flight per connection: h2load -m
     grpc: bool = False  # grpc_unary.py's own targets and client instead of wrk (connections: calls in flight)
+    route_scale: bool = False  # route_scale.py's pure-Python timing of route matching: no targets, no traffic
 
     @property
     def payload_bytes(self) -> int:
@@ -69,5 +70,8 @@ SCENARIOS = {s.name: s for s in (
     # gRPC through sluice, HTTP/2 both sides, against the same grpcio server called directly.
     Scenario("grpc-unary", "gRPC unary calls (grpcio asyncio client), 50 in flight on one channel: "
              "direct vs sluice h2c -> h2c", grpc=True),
+    # Route matching at scale (issue 8): the req/s column is matches/s of the router alone.
+    Scenario("route-scale", "the router's match at 10, 1,000 and 10,000 routes, pure Python "
+             "(req/s: matches/s; goal <= 2x the cost at 10)", route_scale=True),
 )}
 QUICK = ("small", "newconn", "1m", "upload")
