@@ -277,11 +277,12 @@ class _PathIndex:
             else:
                 self.rest.append(i)
 
-    def collect(self, target: str, path: str, out: list[list[int]]) -> None:
+    def collect(self, target: str, out: list[list[int]]) -> None:
         if self.rest:
             out.append(self.rest)
         if self.exact:
-            hit = self.exact.get(path)
+            q = target.find("?")
+            hit = self.exact.get(target if q < 0 else target[:q])
             if hit is not None:
                 out.append(hit)
         node = self.trie
@@ -322,6 +323,8 @@ class RouteIndex:
         # An exact host's groups are known now: its own, the suffixes it ends with, any.
         self._exact = {h: (_PathIndex(ix, self.matches), *self._groups(h)) for h, ix in exact.items()}
         self._unknown: dict[str, tuple[_PathIndex, ...]] = {}
+        # No route names a host: skip reading it (most single-site configs).
+        self._hostless = () if exact or suffix else self._groups("")
 
     def _groups(self, host: str) -> tuple[_PathIndex, ...]:
         """The groups of routes (beyond its exact ones) a host may match."""
@@ -338,20 +341,20 @@ class RouteIndex:
         return tuple(groups)
 
     def first(self, request, ctx) -> int | None:
-        host = request.host
-        groups = self._exact.get(host)
-        if groups is None:
-            groups = self._unknown.get(host)
+        groups = self._hostless
+        if not groups:
+            host = request.host
+            groups = self._exact.get(host)
             if groups is None:
-                if len(self._unknown) >= _HOST_CACHE:
-                    self._unknown.clear()
-                groups = self._unknown[host] = self._groups(host)
+                groups = self._unknown.get(host)
+                if groups is None:
+                    if len(self._unknown) >= _HOST_CACHE:
+                        self._unknown.clear()
+                    groups = self._unknown[host] = self._groups(host)
         target = request.target
-        q = target.find("?")
-        path = target if q < 0 else target[:q]
         found: list[list[int]] = []
         for group in groups:
-            group.collect(target, path, found)
+            group.collect(target, found)
         if not found:
             return None
         candidates = found[0] if len(found) == 1 else sorted([i for ix in found for i in ix])
