@@ -71,6 +71,8 @@ When forwarding, a route may also rewrite what goes upstream:
   set = {...}, add = {...} }``, applied in that order; values may use
   ``${client_ip}``, ``${request_id}`` and ``${route}``; ``$$`` is a ``$``.
   Framing and hop-by-hop fields cannot be touched (nor Host: host_rewrite).
+  Response edits apply to the upstream's answer and to sluice's own on the
+  route (a 502, a 504), not to the router's replies (404, redirects).
 
 Every route resolves once per request; filters before the router read it as
 ``ctx.route``. Rewrites and header changes happen in the router's own phase,
@@ -157,7 +159,19 @@ def _network(value: str) -> str:
     return value
 
 
-_NAME = r"^(\*|(\*\.)?[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?)$"
+def _matches(pattern: str, message: str) -> Callable[[str], str]:
+    """A validator that says what a value should be, not which regex it failed."""
+    rx = re.compile(pattern)
+
+    def check(value: str) -> str:
+        if not rx.fullmatch(value):
+            raise ValueError(message)
+        return value
+
+    return check
+
+
+_NAME = r"\*|(\*\.)?[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?"
 
 
 class HeaderMatch(_Model):
@@ -187,7 +201,7 @@ class Match(_Model):
     query: Annotated[list[HeaderMatch], BeforeValidator(_listify)] = []
     source: Annotated[list[Annotated[str, AfterValidator(_network)]], BeforeValidator(_listify)] | None = None
     port: Annotated[list[Annotated[int, Field(ge=1, le=65535)]], BeforeValidator(_listify)] | None = None
-    sni: Annotated[str, Field(pattern=_NAME)] | None = None
+    sni: Annotated[str, AfterValidator(_matches(_NAME, "not a server name, *.suffix or *"))] | None = None
 
     @model_validator(mode="after")
     def _one_path_rule(self) -> Match:
@@ -221,18 +235,20 @@ class RegexRewrite(_Model):
         return self
 
 
-_PATH = r"^/[^\x00-\x20\x7f#]*$"
-_HOSTPORT = r"^[A-Za-z0-9_.\-\[\]:]+$"
+_Path = Annotated[str, AfterValidator(_matches(r"/[^\x00-\x20\x7f#]*",
+                                               "a path starts with '/' and has no spaces, controls or '#'"))]
+_HostPort = Annotated[str, AfterValidator(_matches(r"[A-Za-z0-9_.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?",
+                                                   "not a host or host:port"))]
 
 
 class Redirect(_Model):
     status: Literal[301, 302, 303, 307, 308] = 302
     location: str | None = None  # absolute; otherwise built from the parts below
     scheme: Literal["http", "https"] | None = None
-    host: Annotated[str, Field(pattern=_HOSTPORT)] | None = None
+    host: _HostPort | None = None
     port: Annotated[int, Field(ge=1, le=65535)] | None = None
-    path: Annotated[str, Field(pattern=_PATH)] | None = None
-    prefix_rewrite: Annotated[str, Field(pattern=_PATH)] | None = None
+    path: _Path | None = None
+    prefix_rewrite: _Path | None = None
     regex_rewrite: RegexRewrite | None = None
     keep_query: bool = True
 
@@ -256,12 +272,12 @@ class WeightedCluster(_Model):
 class ClusterFromHost(_Model):
     """``Host: <service>[<suffix>][:port]`` -> cluster ``<service>``."""
 
-    suffix: Annotated[str, Field(pattern=r"^\.[A-Za-z0-9_.-]+$")] | None = None
+    suffix: Annotated[str, AfterValidator(_matches(r"\.[A-Za-z0-9_.-]+", "a suffix starts with '.'"))] | None = None
 
 
 _VARIABLES = ("client_ip", "request_id", "route")
 _TEMPLATE = re.compile(r"\$\$|\$\{([^}]*)\}")
-_TOKEN = r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$"
+_TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 # Fields the framing or the hop needs; a route may not add, set or remove them.
 _FRAMING = frozenset({"content-length", "transfer-encoding", "connection", "upgrade", "te",
                       "trailer", "keep-alive", "proxy-connection"})
@@ -277,7 +293,7 @@ def _template(value: str) -> str:
     return value
 
 
-_HeaderName = Annotated[str, Field(pattern=_TOKEN)]
+_HeaderName = Annotated[str, AfterValidator(_matches(_TOKEN, "not a header name (a token)"))]
 _HeaderValue = Annotated[str, AfterValidator(_template)]
 
 
@@ -299,9 +315,9 @@ class RouteConfig(_Model):
     direct_response: DirectResponse | None = None
     redirect: Redirect | None = None
     timeout: Annotated[float, Field(gt=0)] | None = None
-    prefix_rewrite: Annotated[str, Field(pattern=_PATH)] | None = None
+    prefix_rewrite: _Path | None = None
     regex_rewrite: RegexRewrite | None = None
-    host_rewrite: Annotated[str, Field(pattern=_HOSTPORT)] | None = None
+    host_rewrite: _HostPort | None = None
     request_headers: HeaderOps | None = None
     response_headers: HeaderOps | None = None
     filters: dict[str, dict[str, Any]] = {}

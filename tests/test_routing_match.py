@@ -149,7 +149,7 @@ async def test_query_parameters_match_exact_regex_or_presence():
         ({"source": "nonsense"}, "routes[0].match.source[0]: not an address or CIDR block"),
         ({"port": 0}, "routes[0].match.port[0]: Input should be greater than or equal to 1"),
         ({"port": [80, 70000]}, "routes[0].match.port[1]"),
-        ({"sni": "a b"}, "routes[0].match.sni"),
+        ({"sni": "a b"}, "routes[0].match.sni: not a server name, *.suffix or *"),
         ({"query": {"name": "v"}}, "routes[0].match.query[0]: give exactly one of exact, regex, present"),
         ({"query": [{"name": "v", "regex": "("}]}, "routes[0].match.query[0].regex: bad regex"),
         ({"query": {"v": "1"}}, "routes[0].match.query[0].v: unknown key"),
