@@ -197,3 +197,19 @@ async def test_bad_actions_are_config_errors_with_key_paths(route, message):
         async with serve(cfg, plugins=PLUGINS):
             pass
     assert message in str(info.value)
+
+
+async def test_response_edits_reach_sluices_own_answers_on_the_route_but_not_the_routers():
+    routes = [
+        {"match": {"prefix": "/dead"}, "cluster": "backend", "response_headers": {"set": {"x-route": "${route}"}},
+         "name": "dead"},
+        {"match": {"prefix": "/moved"}, "redirect": {"path": "/new"}},
+    ]
+    async with serve(config("127.0.0.1:9", routes=routes), plugins=PLUGINS) as proxy:  # nothing listens on 9
+        async with httpx.AsyncClient() as client:
+            failed = await client.get(proxy.url + "/dead")
+            moved = await client.get(proxy.url + "/moved")
+            missing = await client.get(proxy.url + "/nothing")
+    assert failed.status_code >= 500 and failed.headers["x-route"] == "dead"
+    assert moved.status_code == 302 and "x-route" not in moved.headers
+    assert missing.status_code == 404 and "x-route" not in missing.headers
