@@ -619,17 +619,15 @@ class H2Connection:
     async def flush(self) -> None:
         """Write what the protocol has pending, in order (one writer at a
         time); whole (see ``byteio``): a frame cut short would garble the
-        connection for every stream."""
-        lock = self._lock
-        if lock.locked():
-            async with lock:
-                await self._write()
-            return
-        lock.acquire_nowait()  # uncontended: no trip through the scheduler
-        try:
+        connection for every stream.
+
+        The lock is taken the usual way even when nobody holds it: its
+        acquire is a checkpoint, and without it a tunnel's pump could go
+        round (a read and a write the kernel completes at once) without
+        ever yielding; a WebSocket close over h2 then stalled now and then
+        until the upstream's own timeout."""
+        async with self._lock:
             await self._write()
-        finally:
-            lock.release()
 
     async def _write(self) -> None:
         data = self.proto.pending()
