@@ -11,8 +11,9 @@ least_request          the less busy of two random picks (power of two choices),
                        busy meaning requests in flight divided by weight
 =====================  ============================================================
 
-Every policy skips unhealthy endpoints and returns None when none is
-healthy, which the core answers with 503.
+Each picks among the endpoints the core found eligible (available, not yet
+tried by this request; see ``sluice.upstream.cluster``), so none of them
+looks at health itself.
 """
 
 from __future__ import annotations
@@ -25,23 +26,18 @@ __all__ = ["LeastRequest", "Random", "RoundRobin", "WeightedRoundRobin"]
 
 
 class RoundRobin(Balancer):
-    """Each healthy endpoint in turn, ignoring weights."""
+    """Each eligible endpoint in turn, ignoring weights."""
 
     name = "round_robin"
 
-    def __init__(self, endpoints) -> None:
-        super().__init__(endpoints)
+    def __init__(self, endpoints, config=None) -> None:
+        super().__init__(endpoints, config)
         self._next = 0
 
-    def pick(self, ctx) -> Endpoint | None:
-        endpoints = self.endpoints
-        n = len(endpoints)
-        for _ in range(n):
-            endpoint = endpoints[self._next % n]
-            self._next += 1
-            if endpoint.healthy:
-                return endpoint
-        return None
+    def pick(self, ctx, endpoints) -> Endpoint | None:
+        endpoint = endpoints[self._next % len(endpoints)]
+        self._next += 1
+        return endpoint
 
 
 class WeightedRoundRobin(Balancer):
@@ -49,41 +45,37 @@ class WeightedRoundRobin(Balancer):
 
     name = "weighted_round_robin"
 
-    def __init__(self, endpoints) -> None:
-        super().__init__(endpoints)
-        self._current = [0] * len(self.endpoints)
+    def __init__(self, endpoints, config=None) -> None:
+        super().__init__(endpoints, config)
+        self._current = {id(e): 0 for e in self.endpoints}
 
-    def pick(self, ctx) -> Endpoint | None:
+    def pick(self, ctx, endpoints) -> Endpoint | None:
         current = self._current
-        best = -1
+        best = None
         total = 0
-        for i, endpoint in enumerate(self.endpoints):
-            if not endpoint.healthy:
-                continue
-            current[i] += endpoint.weight
+        for endpoint in endpoints:
+            key = id(endpoint)
+            current[key] = weight = current.get(key, 0) + endpoint.weight
             total += endpoint.weight
-            if best < 0 or current[i] > current[best]:
-                best = i
-        if best < 0:
-            return None
-        current[best] -= total
-        return self.endpoints[best]
+            if best is None or weight > current[id(best)]:
+                best = endpoint
+        current[id(best)] -= total
+        return best
 
 
 class Random(Balancer):
-    """A random healthy endpoint, in proportion to weight."""
+    """A random eligible endpoint, in proportion to weight."""
 
     name = "random"
 
-    def __init__(self, endpoints, rng: random.Random | None = None) -> None:
-        super().__init__(endpoints)
+    def __init__(self, endpoints, config=None, rng: random.Random | None = None) -> None:
+        super().__init__(endpoints, config)
         self._rng = rng or random.Random()
 
-    def pick(self, ctx) -> Endpoint | None:
-        healthy = self.healthy()
-        if not healthy:
-            return None
-        return self._rng.choices(healthy, weights=[e.weight for e in healthy])[0]
+    def pick(self, ctx, endpoints) -> Endpoint | None:
+        if len(endpoints) == 1:
+            return endpoints[0]
+        return self._rng.choices(endpoints, weights=[e.weight for e in endpoints])[0]
 
 
 class LeastRequest(Balancer):
@@ -91,15 +83,14 @@ class LeastRequest(Balancer):
 
     name = "least_request"
 
-    def __init__(self, endpoints, rng: random.Random | None = None) -> None:
-        super().__init__(endpoints)
+    def __init__(self, endpoints, config=None, rng: random.Random | None = None) -> None:
+        super().__init__(endpoints, config)
         self._rng = rng or random.Random()
 
-    def pick(self, ctx) -> Endpoint | None:
-        healthy = self.healthy()
-        if len(healthy) < 2:
-            return healthy[0] if healthy else None
-        a, b = self._rng.sample(healthy, 2)
+    def pick(self, ctx, endpoints) -> Endpoint | None:
+        if len(endpoints) < 2:
+            return endpoints[0]
+        a, b = self._rng.sample(endpoints, 2)
         return a if a.active / a.weight <= b.active / b.weight else b
 
 

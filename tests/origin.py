@@ -46,7 +46,7 @@ class Origin:
         return f"127.0.0.1:{self.port}"
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        listeners = await trio.open_tcp_listeners(self.port, host="127.0.0.1")  # 0: a free one
         self.port = listeners[0].socket.getsockname()[1]
         task_status.started(self)
         await trio.serve_listeners(self._connection, listeners)

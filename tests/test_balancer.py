@@ -8,7 +8,7 @@ from collections import Counter
 import httpx
 import pytest
 
-from sluice import ConfigError, Endpoint
+from sluice import Cluster, ConfigError, Endpoint
 from sluice.plugins.balancer import LeastRequest, Random, RoundRobin, WeightedRoundRobin
 from sluice.testing import serve
 
@@ -19,25 +19,49 @@ def endpoints(*weights: int) -> list[Endpoint]:
     return [Endpoint("127.0.0.1", 1000 + i, weight=w) for i, w in enumerate(weights)]
 
 
-def picks(policy, n: int) -> list[int]:
-    return [policy.pick(None).port - 1000 for _ in range(n)]
+def picks(policy, n: int, eligible: list[Endpoint] | None = None) -> list[int]:
+    eligible = policy.endpoints if eligible is None else eligible
+    return [policy.pick(None, eligible).port - 1000 for _ in range(n)]
 
 
-def test_round_robin_cycles_and_skips_unhealthy():
+def cluster_of(policy, **settings) -> Cluster:
+    return Cluster("c", policy.endpoints, policy, connect_timeout=1, response_timeout=1,
+                   idle_timeout=1, max_idle=1, **settings)
+
+
+def test_round_robin_cycles_through_what_is_eligible():
     eps = endpoints(1, 1, 1)
     rr = RoundRobin(eps)
     assert picks(rr, 6) == [0, 1, 2, 0, 1, 2]
+    assert set(picks(rr, 6, [eps[0], eps[2]])) == {0, 2}
+
+
+def test_the_cluster_leaves_out_unhealthy_endpoints_and_panics_when_too_few_are_left():
+    eps = endpoints(1, 1, 1, 1)
+    cluster = cluster_of(RoundRobin(eps))
     eps[1].healthy = False
-    assert set(picks(rr, 6)) == {0, 2}
-    for e in eps:
-        e.healthy = False
-    assert rr.pick(None) is None
+    assert {cluster.pick(None).port - 1000 for _ in range(8)} == {0, 2, 3}
+    eps[0].healthy = eps[2].healthy = False  # 1 of 4 left: under 50%, panic
+    assert {cluster.pick(None).port - 1000 for _ in range(8)} == {0, 1, 2, 3}
+    assert [e.port - 1000 for e in cluster.eligible(tried=[eps[3]])] == [0, 1, 2]
+    strict = cluster_of(RoundRobin(eps), panic_threshold=0)
+    assert {strict.pick(None).port - 1000 for _ in range(8)} == {3}
+    eps[3].healthy = False
+    assert strict.pick(None) is None
 
 
 def test_weighted_round_robin_is_smooth_and_proportional():
     wrr = WeightedRoundRobin(endpoints(5, 1, 1))
     assert picks(wrr, 7) == [0, 0, 1, 0, 2, 0, 0]  # interleaved, not a burst of five
     assert Counter(picks(wrr, 700)) == {0: 500, 1: 100, 2: 100}
+
+
+def test_weighted_round_robin_stays_proportional_among_what_is_left():
+    eps = endpoints(5, 1, 2)
+    wrr = WeightedRoundRobin(eps)
+    picks(wrr, 3)
+    counts = Counter(picks(wrr, 300, [eps[1], eps[2]]))
+    assert abs(counts[1] - 100) <= 2 and abs(counts[2] - 200) <= 2, counts  # (state from before)
 
 
 def test_random_follows_weights():

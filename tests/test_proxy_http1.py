@@ -128,8 +128,10 @@ async def test_non_idempotent_request_is_not_replayed(start_origin):
 
 
 async def test_no_healthy_endpoint_is_503(start_origin):
+    """With panic mode off: by default (panic_threshold 50) a cluster with
+    no endpoint available tries them all (tests/test_health.py)."""
     origin = await start_origin()
-    async with serve(config(origin.address), plugins=PLUGINS) as proxy:
+    async with serve(config(origin.address, cluster={"panic_threshold": 0}), plugins=PLUGINS) as proxy:
         for endpoint in proxy.app.clusters["backend"].endpoints:
             endpoint.healthy = False
         async with httpx.AsyncClient() as client:

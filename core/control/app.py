@@ -22,7 +22,7 @@ from ..errors import ConfigError
 from ..protocol.http1 import select
 from ..proxy.chain import Chain
 from ..proxy.filters import Filter
-from ..upstream.cluster import Cluster, Endpoint
+from ..upstream.cluster import Cluster, Endpoint, Outlier
 from .config import Config, format_errors, parse_hostport
 from .registry import Plugins
 
@@ -69,10 +69,19 @@ class App:
 
     def _cluster(self, name: str, cfg) -> Cluster:
         where = f"clusters.{name}"
-        if cfg.policy not in self.plugins.balancers:
-            raise self.plugins.missing("balancers", cfg.policy, f"{where}.policy")
+        policy_name = cfg.policy.name
+        if policy_name not in self.plugins.balancers:
+            raise self.plugins.missing("balancers", policy_name, f"{where}.policy")
         endpoints = [Endpoint(*parse_hostport(e.address), weight=e.weight) for e in cfg.endpoints]
-        policy = self.plugins.balancers[cfg.policy][0]
+        policy, plugin = self.plugins.balancers[policy_name]
+        settings = validate(policy.Config, cfg.policy.settings, f"{where}.policy")
+        try:
+            balancer = policy(endpoints, settings)
+        except ConfigError:
+            raise
+        except Exception as exc:  # a plugin's bug: name it rather than dump its traceback
+            raise ConfigError(f"{where}.policy: policy {policy_name!r} of plugin {plugin!r} failed to "
+                              f"build: {exc!r}") from exc
         transport = None if cfg.tls is None else self._transport("client", cfg.tls, f"{where}.tls")
         if cfg.protocol == "h2":
             if transport is None:
@@ -85,7 +94,7 @@ class App:
         return Cluster(
             name=name,
             endpoints=endpoints,
-            balancer=policy(endpoints),
+            balancer=balancer,
             connect_timeout=cfg.connect_timeout,
             response_timeout=cfg.response_timeout,
             idle_timeout=cfg.idle_timeout,
@@ -93,6 +102,8 @@ class App:
             transport=transport,
             tls_server_name=getattr(transport, "server_name", None),
             protocol=cfg.protocol,
+            outlier=Outlier(**cfg.outlier.model_dump()),
+            panic_threshold=cfg.panic_threshold,
         )
 
     def _transport(self, side: str, settings: dict, where: str) -> Any:
@@ -169,6 +180,7 @@ class App:
                 await f.open(nursery)
             nursery.start_soon(self.watchdog.run)
             await nursery.start(self.pool.run)
+            nursery.start_soon(self._watch_ejections)
             async with trio.open_nursery() as serving:
                 for listener, sock in zip(self.listeners, sockets, strict=True):
                     host, port = sock.socket.getsockname()[:2]
@@ -180,6 +192,13 @@ class App:
                 await self._drain(serving)
             await self._shutdown()
             nursery.cancel_scope.cancel()
+
+    async def _watch_ejections(self, interval: float = 1.0) -> None:
+        """Log each endpoint's return from a passive ejection (once)."""
+        while True:
+            await trio.sleep(interval)
+            for cluster in self.clusters.values():
+                cluster.returned()
 
     def _size_listeners(self) -> None:
         """Raise the descriptor limit as far as it goes, and give each

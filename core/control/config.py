@@ -144,9 +144,39 @@ def _endpoint(value: Any) -> Any:
 Endpoint = Annotated[EndpointConfig, BeforeValidator(_endpoint)]
 
 
+class PolicyConfig(BaseModel):
+    """``policy = "name"`` or ``policy = { name = "name", ...settings }``: the
+    settings are the policy's own, checked against its ``Config`` at build."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+def _policy(value: Any) -> Any:
+    return {"name": value} if isinstance(value, str) else value
+
+
+class OutlierConfig(_Model):
+    """Passive outlier detection (``sluice.upstream.cluster``); 0 turns a rule off."""
+
+    consecutive_connect_failures: Annotated[int, Field(ge=0)] = 1
+    consecutive_5xx: Annotated[int, Field(ge=0)] = 5
+    base_ejection: PositiveFloat = 10.0
+    max_ejection: PositiveFloat = 300.0
+    max_ejection_percent: Annotated[int, Field(ge=0, le=100)] = 50
+
+
 class ClusterConfig(_Model):
     endpoints: Annotated[list[Endpoint], Field(min_length=1)]
-    policy: str = "round_robin"
+    policy: Annotated[PolicyConfig, BeforeValidator(_policy)] = PolicyConfig(name="round_robin")
+    outlier: OutlierConfig = OutlierConfig()
+    # Below this percentage of endpoints available, every endpoint is
+    # eligible (panic): better a try at one marked bad than a 503 for all.
+    panic_threshold: Annotated[int, Field(ge=0, le=100)] = 50
     connect_timeout: PositiveFloat = 5.0
     response_timeout: PositiveFloat = 30.0
     idle_timeout: PositiveFloat = 60.0

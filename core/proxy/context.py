@@ -44,6 +44,7 @@ class Context:
         "response",
         "cluster",
         "endpoint",
+        "tried",
         "start",
         "timings",
         "flags",
@@ -78,6 +79,7 @@ class Context:
         self.response: Response | None = None
         self.cluster: Cluster | None = None
         self.endpoint: Endpoint | None = None
+        self.tried: list[Endpoint] = []  # endpoints this request failed to reach before ``endpoint``
         self.start = time.monotonic()
         self.timings: dict[str, float] = {}
         self.flags: list[str] = []

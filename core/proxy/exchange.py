@@ -9,7 +9,8 @@ a filter answered                           its reply    LR
 no filter chose a cluster (no route)        404          NR
 request body over ``max_body_bytes``        413          LR
 no healthy endpoint                         503          UH
-connect failure / connect timeout           503          UF
+connect failure / connect timeout, on       503          UF
+  every eligible endpoint tried (up to 5)
 upstream reset, closed, or broke protocol   502          UC / UPE
 no response head within the timeout         504          UT
 a buffered response body over the limit     502          UBL
@@ -52,6 +53,7 @@ and the answer says ``Connection: close``.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
@@ -60,6 +62,7 @@ import trio
 from ..errors import ClientGone, UpstreamError
 from ..messages import Headers, Response
 from ..protocol.events import NEED_DATA, Body, End, Informational, ProtocolError, RequestHead
+from ..upstream.cluster import CONNECT_FAILURE, HTTP_5XX, PROTOCOL_ERROR, RESET, SUCCESS, TIMEOUT
 from .answers import DRAIN_LIMIT, answer, complete, drain_body, keeps_open, reason
 from .chain import Chain
 from .filters import LocalReply
@@ -215,9 +218,6 @@ async def _proxy(listener: Site, chain: Chain, down: Any, head: RequestHead, ctx
         ctx.upgrade = offer_upgrade(request.headers, ctx.upgrade,
                                     _UPGRADES if route is None else route.upgrades)
     add_via(request.headers)
-    if request.http_version == "1.0" and request.headers.get_raw(b"host") is None:
-        # HTTP/1.0 may omit Host; the upstream hears HTTP/1.1, which may not.
-        request.headers.raw().append((b"host", endpoint.address.encode("ascii")))
 
     pool = listener.pool
     route = ctx.route
@@ -227,9 +227,14 @@ async def _proxy(listener: Site, chain: Chain, down: Any, head: RequestHead, ctx
         timeout = max(deadline, 0.001)  # a gRPC call's own deadline, capped by the route's
     endpoint.active += 1
     conn = None
+    started = time.monotonic()
+    answered = False  # the try's outcome is counted (once)
     try:
-        conn = await pool.acquire(cluster, endpoint)
+        conn, endpoint = await _connect(pool, cluster, endpoint, ctx)
         ctx.mark("upstream_connected")
+        if request.http_version == "1.0" and request.headers.get_raw(b"host") is None:
+            # HTTP/1.0 may omit Host; the upstream hears HTTP/1.1, which may not.
+            request.headers.raw().append((b"host", endpoint.address.encode("ascii")))
         if head.has_body and not ctx.buffer_request:
             async with trio.open_nursery() as nursery:
                 # Framing follows the head as the filters left it: one that
@@ -243,19 +248,61 @@ async def _proxy(listener: Site, chain: Chain, down: Any, head: RequestHead, ctx
                 deadline = trio.CancelScope()  # armed when the body has been sent
                 nursery.start_soon(_pump_request, listener, chain, down, conn, ctx, deadline, timeout)
                 response = await _response_head(down, conn, deadline, ctx)
+                answered = True
+                cluster.report(endpoint, _answered(response), response.status, time.monotonic() - started)
                 await _relay_response(listener, chain, down, conn, ctx, response, timeout)
                 nursery.cancel_scope.cancel()  # an early response ends the upload
         else:
             body = await _whole_request_body(listener, chain, down, head, ctx) if head.has_body else b""
             conn, response = await _send_whole(pool, cluster, endpoint, conn, down, ctx, timeout, body)
+            endpoint = ctx.endpoint  # (a replay may have gone elsewhere)
+            answered = True
+            cluster.report(endpoint, _answered(response), response.status, time.monotonic() - started)
             if response.status == 101:
                 await _tunnel(listener, chain, down, conn, ctx, response)
             else:
                 await _relay_response(listener, chain, down, conn, ctx, response, timeout)
+    except UpstreamError as exc:
+        if not answered and exc.flag != "UF":  # (a failed connect was counted by _connect)
+            cluster.report(ctx.endpoint, _FAILURES.get(exc.flag, RESET), None, time.monotonic() - started)
+        raise
     finally:
-        endpoint.active -= 1
+        ctx.endpoint.active -= 1
         if conn is not None:
             await pool.release(cluster, conn)
+
+
+def _answered(response: Response) -> str:
+    return HTTP_5XX if response.status >= 500 else SUCCESS
+
+
+_FAILURES = {"UT": TIMEOUT, "UPE": PROTOCOL_ERROR, "UC": RESET}
+_CONNECT_TRIES = 5  # endpoints one request may try to connect to (never more than the eligible)
+
+
+async def _connect(pool, cluster, endpoint, ctx: Context, *, fresh: bool = False):
+    """A connection to ``endpoint`` (``fresh``: never a pooled one), or,
+    when it cannot be reached, to another eligible one (nothing was sent:
+    safe for any method). Each failed connect counts against its endpoint
+    (outlier detection)."""
+    tried = ctx.tried
+    while True:
+        started = time.monotonic()
+        try:
+            return await (pool.connect if fresh else pool.acquire)(cluster, endpoint), endpoint
+        except UpstreamError as exc:
+            if exc.flag != "UF":
+                raise
+            cluster.report(endpoint, CONNECT_FAILURE, None, time.monotonic() - started)
+            following = cluster.pick(ctx, [*tried, endpoint]) if len(tried) + 1 < _CONNECT_TRIES else None
+            if following is None:
+                raise
+            log.info("connect failed, trying another endpoint", request_id=ctx.request_id,
+                     endpoint=endpoint.address, next=following.address, error=str(exc))
+            ctx.tried.append(endpoint)
+            endpoint.active -= 1
+            following.active += 1
+            endpoint = ctx.endpoint = following
 
 
 async def _send_whole(pool, cluster, endpoint, conn, down, ctx, timeout, body: bytes):
@@ -266,6 +313,7 @@ async def _send_whole(pool, cluster, endpoint, conn, down, ctx, timeout, body: b
     says it never processed it (HTTP/2 REFUSED_STREAM or GOAWAY, RFC 9113
     8.7). Returns the connection and response."""
     request = ctx.request
+    original = conn
     retried = False
     replays = 0
     while True:
@@ -277,15 +325,20 @@ async def _send_whole(pool, cluster, endpoint, conn, down, ctx, timeout, body: b
             elif exc.retryable and not retried and request.method in _IDEMPOTENT:
                 retried = True
             else:
+                if conn is not original:  # (the caller releases only the one it gave)
+                    await conn.aclose()
                 raise
             if down.io.peer_closed():
                 # Nobody is waiting for the answer: sending the request again
                 # would only do its work twice (and take the answer another
                 # request was due).
+                if conn is not original:
+                    await conn.aclose()
                 raise ClientGone("client left before the upstream answered") from None
             log.info("retrying on a fresh connection", request_id=ctx.request_id, error=str(exc))
             await conn.aclose()
-            conn = await pool.connect(cluster, endpoint)
+            # A fresh one: the endpoint's pooled connections may be as dead.
+            conn, endpoint = await _connect(pool, cluster, endpoint, ctx, fresh=True)
 
 
 async def _pump_request(listener, chain, down, conn, ctx, deadline, timeout) -> None:

@@ -1,59 +1,142 @@
-"""Clusters, endpoints, their health state, and the Balancer interface.
+"""Clusters, endpoints, their health state, and the Balancer contract.
 
-A cluster is a named set of endpoints with a balancing policy, timeouts and
-an optional upstream transport (TLS). Policies come from plugins through the
-``sluice_balancers`` hook; the core only calls ``pick``.
+A cluster is a named set of endpoints with a balancing policy, timeouts, an
+optional upstream transport (TLS) and the state that keeps traffic away from
+failing endpoints. Policies come from plugins through the
+``sluice_balancers`` hook.
+
+**The balancer contract.** Per request the core works out which endpoints
+are *eligible*, then asks the cluster's policy to choose among them:
+
+1. An endpoint is *available* when it is ``healthy`` (active checks may
+   clear that) and not ejected by passive outlier detection.
+2. The eligible endpoints are the available ones, less those this request
+   already tried (a retry goes elsewhere when it can). When fewer than
+   ``panic_threshold`` percent of the cluster is available, the cluster is
+   *in panic* and every endpoint not yet tried is eligible: better to try
+   an endpoint marked bad than to answer 503 for all (Envoy's panic mode).
+3. ``Balancer.pick(ctx, endpoints)`` gets that list, never empty, in the
+   cluster's order, and returns one of them. It must not block, and should
+   not keep the list: it changes per request.
+4. ``Balancer.feedback(attempt)`` hears how each try went (``Attempt``:
+   outcome, status, latency), so that a policy can learn (EWMA); the core
+   calls it once per try, after the response head or the failure.
+
+A policy class has a ``name`` (what ``policy`` names), an optional
+``Config`` (a pydantic model: ``policy = { name = "ewma", decay = 10 }``
+is validated against it, errors by key path), and is built once per
+cluster as ``Policy(endpoints, config)``.
+
+**Passive outlier detection.** Each try's outcome counts against its
+endpoint: ``consecutive_connect_failures`` failed connects in a row (a
+refused or timed-out connect, a failed TLS handshake) or
+``consecutive_5xx`` 5xx answers or resets in a row eject it for
+``base_ejection`` seconds times the number of times it has been ejected (at
+most ``max_ejection``), while at most ``max_ejection_percent`` of the
+cluster is ejected at once (one endpoint always may be). A success resets
+the counts. Ejections and returns are logged as events.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import structlog
+from pydantic import BaseModel, ConfigDict
+
 if TYPE_CHECKING:
     from ..proxy.context import Context
 
-__all__ = ["Balancer", "Cluster", "Endpoint"]
+__all__ = ["Attempt", "Balancer", "Cluster", "Endpoint", "Outlier"]
+
+log = structlog.get_logger("sluice.upstream")
+
+# Attempt outcomes: what a try at an endpoint came to.
+SUCCESS = "success"  # a response head (any status below 500, or a 5xx told apart below)
+CONNECT_FAILURE = "connect_failure"  # refused, unreachable, timed out, TLS or h2 handshake failed
+RESET = "reset"  # the connection or stream broke before a whole response head
+TIMEOUT = "timeout"  # no response head in time
+HTTP_5XX = "http_5xx"  # a 5xx response head
+PROTOCOL_ERROR = "protocol_error"  # a malformed response
 
 
 @dataclass(eq=False, slots=True)
 class Endpoint:
-    """One upstream address. ``active`` counts requests in flight to it."""
+    """One upstream address and its state.
+
+    ``active``: requests in flight to it. ``healthy``: what active health
+    checks say (True until one says otherwise). ``ejected_until``: when a
+    passive ejection ends (``time.monotonic()``; 0 when not ejected).
+    """
 
     host: str
     port: int
     weight: int = 1
     healthy: bool = True
     active: int = 0
+    ejected_until: float = 0.0
+    ejections: int = 0  # times ejected so far (the next ejection lasts longer)
+    connect_failures: int = 0  # in a row
+    server_errors: int = 0  # 5xx answers and resets in a row
 
     @property
     def address(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 
+    def available(self, now: float) -> bool:
+        return self.healthy and now >= self.ejected_until
+
     def __repr__(self) -> str:
         return f"Endpoint({self.address}, weight={self.weight})"
 
 
-class Balancer:
-    """Base of balancing policies: picks one endpoint per request.
+@dataclass(slots=True)
+class Attempt:
+    """How one try at an endpoint went, as its balancer hears it."""
 
-    A policy is built once per cluster with its endpoints; ``pick`` runs on
-    the hot path and must not block. It should skip unhealthy endpoints and
-    return None when none is healthy (the client gets 503).
-    """
+    endpoint: Endpoint
+    outcome: str  # SUCCESS, CONNECT_FAILURE, RESET, TIMEOUT, HTTP_5XX or PROTOCOL_ERROR
+    status: int | None  # the response status, when there was one
+    latency: float  # seconds from the pick to the response head (or the failure)
+
+
+class NoSettings(BaseModel):
+    """A policy without settings: ``policy = "name"`` or ``{ name = "name" }``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Balancer:
+    """Base of balancing policies (see the module's contract)."""
 
     name: ClassVar[str] = ""
+    Config: ClassVar[type[BaseModel]] = NoSettings
 
-    def __init__(self, endpoints: Sequence[Endpoint]) -> None:
+    def __init__(self, endpoints: Sequence[Endpoint], config: BaseModel | None = None) -> None:
         self.endpoints = list(endpoints)
+        self.config = config if config is not None else self.Config()
 
-    def pick(self, ctx: Context) -> Endpoint | None:  # pragma: no cover - interface
+    def pick(self, ctx: Context | None, endpoints: Sequence[Endpoint]) -> Endpoint | None:  # pragma: no cover
+        """One of ``endpoints`` (the eligible ones, never empty)."""
         raise NotImplementedError
 
-    def healthy(self) -> list[Endpoint]:
-        return [e for e in self.endpoints if e.healthy]
+    def feedback(self, attempt: Attempt) -> None:
+        """How a try at one of this cluster's endpoints went (default: ignored)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outlier:
+    """Passive outlier detection settings (``clusters.<name>.outlier``)."""
+
+    consecutive_connect_failures: int = 1  # 0: off
+    consecutive_5xx: int = 5  # 0: off
+    base_ejection: float = 10.0
+    max_ejection: float = 300.0
+    max_ejection_percent: int = 50
 
 
 @dataclass(eq=False)
@@ -70,7 +153,75 @@ class Cluster:
     transport: Any = None  # a client transport (TLS) or None for plain TCP
     tls_server_name: str | None = None
     protocol: str = "h1"  # "h1", "h2" (TLS, ALPN) or "h2c"
+    outlier: Outlier = field(default_factory=Outlier)
+    panic_threshold: int = 50  # percent available below which every endpoint is eligible
     pools: dict[int, Any] = field(default_factory=dict)
 
-    def pick(self, ctx: Context) -> Endpoint | None:
-        return self.balancer.pick(ctx)
+    def eligible(self, tried: Sequence[Endpoint] = (), now: float | None = None) -> list[Endpoint]:
+        """The endpoints a pick may choose from (see the module's contract)."""
+        if now is None:
+            now = time.monotonic()
+        endpoints = self.endpoints
+        available = [e for e in endpoints if e.available(now)]
+        if len(available) * 100 < self.panic_threshold * len(endpoints):
+            available = endpoints  # panic: anything rather than nothing
+        if tried:
+            return [e for e in available if e not in tried]
+        return available
+
+    def pick(self, ctx: Context | None, tried: Sequence[Endpoint] = ()) -> Endpoint | None:
+        """The policy's choice among the eligible endpoints; None when there are none."""
+        eligible = self.eligible(tried)
+        if not eligible:
+            return None
+        return self.balancer.pick(ctx, eligible)
+
+    def report(self, endpoint: Endpoint, outcome: str, status: int | None, latency: float) -> None:
+        """Count a try's outcome for outlier detection, then tell the policy
+        (an ``Attempt``, built only for a policy that listens)."""
+        rules = self.outlier
+        if outcome == SUCCESS:
+            if endpoint.connect_failures or endpoint.server_errors:
+                endpoint.connect_failures = endpoint.server_errors = 0
+        elif outcome == CONNECT_FAILURE:
+            endpoint.connect_failures += 1
+            if rules.consecutive_connect_failures and endpoint.connect_failures >= rules.consecutive_connect_failures:
+                self._eject(endpoint, "connect failures", endpoint.connect_failures)
+        elif outcome == HTTP_5XX or outcome == RESET:
+            endpoint.connect_failures = 0
+            endpoint.server_errors += 1
+            if rules.consecutive_5xx and endpoint.server_errors >= rules.consecutive_5xx:
+                self._eject(endpoint, "5xx or resets", endpoint.server_errors)
+        if self._listening:
+            self.balancer.feedback(Attempt(endpoint, outcome, status, latency))
+
+    @property
+    def _listening(self) -> bool:
+        return type(self.balancer).feedback is not Balancer.feedback
+
+    def _eject(self, endpoint: Endpoint, why: str, count: int) -> None:
+        now = time.monotonic()
+        if not endpoint.available(now):
+            return  # ejected already (or down by the active checks)
+        ejected = sum(1 for e in self.endpoints if e.ejected_until > now)
+        if ejected and (ejected + 1) * 100 > self.outlier.max_ejection_percent * len(self.endpoints):
+            log.info("endpoint not ejected: too many are already", cluster=self.name,
+                     endpoint=endpoint.address, reason=why, ejected=ejected)
+            return
+        endpoint.ejections += 1
+        duration = min(self.outlier.base_ejection * endpoint.ejections, self.outlier.max_ejection)
+        endpoint.ejected_until = now + duration
+        endpoint.connect_failures = endpoint.server_errors = 0
+        log.warning("endpoint ejected", cluster=self.name, endpoint=endpoint.address, reason=why,
+                    in_a_row=count, seconds=duration, ejections=endpoint.ejections)
+
+    def returned(self, now: float | None = None) -> list[Endpoint]:
+        """Endpoints whose ejection ran out since last asked, logged once each."""
+        if now is None:
+            now = time.monotonic()
+        back = [e for e in self.endpoints if e.ejected_until and now >= e.ejected_until]
+        for endpoint in back:
+            endpoint.ejected_until = 0.0
+            log.info("endpoint returned", cluster=self.name, endpoint=endpoint.address,
+                     ejections=endpoint.ejections)
+        return back
