@@ -53,8 +53,34 @@ def sluice_filters() -> Iterable[type[Filter]]:
 def sluice_balancers() -> Iterable[type[Balancer]]:
     """Return the balancing policy classes this plugin provides.
 
-    Called once when plugins are loaded. Each class has a unique ``name``
-    that clusters name in ``policy``; one instance is built per cluster.
+    Called once when plugins are loaded. Each class (a ``sluice.Balancer``)
+    has a unique ``name`` that clusters name in ``policy``, and may have a
+    ``Config`` model for its settings (``policy = { name = "mine", k = 1 }``,
+    errors by key path); one instance is built per cluster, as
+    ``Policy(endpoints, config)``. Per request the core passes ``pick(ctx,
+    endpoints)`` the eligible endpoints (healthy, not ejected, not yet tried
+    by this request; every one in panic mode) and calls ``feedback(attempt)``
+    with each try's outcome, status and latency. The whole contract is in
+    ``sluice.upstream.cluster``.
+
+    Example::
+
+        class Fastest(Balancer):
+            name = "fastest"
+
+            def __init__(self, endpoints, config=None):
+                super().__init__(endpoints, config)
+                self.latency = {}
+
+            def pick(self, ctx, endpoints):
+                return min(endpoints, key=lambda e: self.latency.get(e.address, 0.0))
+
+            def feedback(self, attempt):
+                self.latency[attempt.endpoint.address] = attempt.latency
+
+        @hookimpl
+        def sluice_balancers():
+            return [Fastest]
     """
 
 

@@ -20,7 +20,7 @@ from sluice.upstream.cluster import CONNECT_FAILURE, HTTP_5XX, SUCCESS, Outlier
 
 from .conftest import config
 from .origin import Origin, Reply, echo
-from .proc import free_port
+from .proc import Running, free_port
 
 PLUGINS = ["router", "balancer", "access_log"]
 
@@ -226,3 +226,26 @@ async def test_health_settings_are_checked_by_key_path(cluster, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         async with serve(config("127.0.0.1:9", cluster=cluster), plugins=PLUGINS):
             pass
+
+
+def test_the_one_line_proxy_with_one_of_two_upstreams_dead_answers_every_request():
+    """What a new user tries first: ``sluice run`` with two ``--upstream``s,
+    one of them dead; 100 requests, every one a 200 from the live one."""
+    live_port, dead_port, port = free_port(), free_port(), free_port()
+    with Running("--listen", f"127.0.0.1:{live_port}") as origin:  # the demo as the live upstream
+        with Running("--listen", f"127.0.0.1:{port}", "--upstream", f"http://127.0.0.1:{dead_port}",
+                     "--upstream", origin.url):
+            with httpx.Client() as client:
+                statuses = [client.get(f"http://127.0.0.1:{port}/n/{i}").status_code for i in range(100)]
+    assert statuses == [200] * 100
+
+
+async def test_connect_tries_1_turns_failover_off(start_origin):
+    live = await start_origin()
+    dead = f"127.0.0.1:{free_port()}"
+    cfg = config(dead, live.address, cluster={"connect_tries": 1, "policy": "round_robin"})
+    async with serve(cfg, plugins=PLUGINS) as proxy:
+        async with httpx.AsyncClient() as client:
+            first = await client.get(proxy.url + "/")  # round robin: the dead one first
+    assert first.status_code == 503
+    assert live.requests == []

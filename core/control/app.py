@@ -104,6 +104,7 @@ class App:
             protocol=cfg.protocol,
             outlier=Outlier(**cfg.outlier.model_dump()),
             panic_threshold=cfg.panic_threshold,
+            connect_tries=cfg.connect_tries,
         )
 
     def _transport(self, side: str, settings: dict, where: str) -> Any:

@@ -177,6 +177,9 @@ class ClusterConfig(_Model):
     # Below this percentage of endpoints available, every endpoint is
     # eligible (panic): better a try at one marked bad than a 503 for all.
     panic_threshold: Annotated[int, Field(ge=0, le=100)] = 50
+    # Endpoints one request may try to connect to (a failed connect goes to
+    # another eligible one: nothing was sent); 1 turns that failover off.
+    connect_tries: Annotated[int, Field(ge=1, le=100)] = 5
     connect_timeout: PositiveFloat = 5.0
     response_timeout: PositiveFloat = 30.0
     idle_timeout: PositiveFloat = 60.0

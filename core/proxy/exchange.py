@@ -10,7 +10,7 @@ no filter chose a cluster (no route)        404          NR
 request body over ``max_body_bytes``        413          LR
 no healthy endpoint                         503          UH
 connect failure / connect timeout, on       503          UF
-  every eligible endpoint tried (up to 5)
+  every endpoint tried (``connect_tries``)
 upstream reset, closed, or broke protocol   502          UC / UPE
 no response head within the timeout         504          UT
 a buffered response body over the limit     502          UBL
@@ -277,7 +277,6 @@ def _answered(response: Response) -> str:
 
 
 _FAILURES = {"UT": TIMEOUT, "UPE": PROTOCOL_ERROR, "UC": RESET}
-_CONNECT_TRIES = 5  # endpoints one request may try to connect to (never more than the eligible)
 
 
 async def _connect(pool, cluster, endpoint, ctx: Context, *, fresh: bool = False):
@@ -294,7 +293,7 @@ async def _connect(pool, cluster, endpoint, ctx: Context, *, fresh: bool = False
             if exc.flag != "UF":
                 raise
             cluster.report(endpoint, CONNECT_FAILURE, None, time.monotonic() - started)
-            following = cluster.pick(ctx, [*tried, endpoint]) if len(tried) + 1 < _CONNECT_TRIES else None
+            following = cluster.pick(ctx, [*tried, endpoint]) if len(tried) + 1 < cluster.connect_tries else None
             if following is None:
                 raise
             log.info("connect failed, trying another endpoint", request_id=ctx.request_id,

@@ -155,6 +155,7 @@ class Cluster:
     protocol: str = "h1"  # "h1", "h2" (TLS, ALPN) or "h2c"
     outlier: Outlier = field(default_factory=Outlier)
     panic_threshold: int = 50  # percent available below which every endpoint is eligible
+    connect_tries: int = 5  # endpoints one request may try to connect to
     pools: dict[int, Any] = field(default_factory=dict)
 
     def eligible(self, tried: Sequence[Endpoint] = (), now: float | None = None) -> list[Endpoint]:
