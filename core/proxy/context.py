@@ -42,8 +42,11 @@ class Context:
         "listener",
         "request",
         "response",
-        "cluster",
-        "endpoint",
+        "_cluster",
+        "_endpoint",
+        "_pinned",
+        "_hash_key",
+        "_picked",
         "tried",
         "start",
         "timings",
@@ -77,8 +80,11 @@ class Context:
         self.listener = listener
         self.request: Request | None = None
         self.response: Response | None = None
-        self.cluster: Cluster | None = None
-        self.endpoint: Endpoint | None = None
+        self._cluster: Cluster | None = None
+        self._endpoint: Endpoint | None = None
+        self._pinned: str | None = None
+        self._hash_key: str | None = None
+        self._picked = False  # the upstream endpoint is chosen: selection is over
         self.tried: list[Endpoint] = []  # endpoints this request failed to reach before ``endpoint``
         self.start = time.monotonic()
         self.timings: dict[str, float] = {}
@@ -112,6 +118,63 @@ class Context:
         ``max_buffered_body_bytes``); the body phases see it in one call.
         """
         self.buffer_response = True
+
+    # -- upstream selection: what filters may steer, before the pick ----------------
+
+    @property
+    def cluster(self) -> Cluster | None:
+        """The cluster the request goes to: the router sets it when it
+        resolves the route; a request filter after the router in the chain
+        may replace it (a canary: ``app.clusters[name]``)."""
+        return self._cluster
+
+    @cluster.setter
+    def cluster(self, cluster: Cluster | None) -> None:
+        self._too_late("ctx.cluster")
+        self._cluster = cluster
+
+    @property
+    def endpoint(self) -> Endpoint | None:
+        """The endpoint chosen (the core's: see ``pin_endpoint``)."""
+        return self._endpoint
+
+    @endpoint.setter
+    def endpoint(self, endpoint: Endpoint | None) -> None:
+        raise AttributeError("ctx.endpoint is chosen by the core; to steer it, call "
+                             "ctx.pin_endpoint('host:port') or set ctx.hash_key in on_request_headers")
+
+    def pin_endpoint(self, address: str) -> None:
+        """Send the request to the cluster's endpoint at ``address``
+        ("host:port", as configured) when it is available; when it is not
+        (down, ejected, or not in the cluster) the policy picks as usual.
+        For sticky sessions: pin what a cookie names."""
+        self._too_late("ctx.pin_endpoint()")
+        self._pinned = address
+
+    @property
+    def pinned(self) -> str | None:
+        return self._pinned
+
+    @property
+    def hash_key(self) -> str | None:
+        """The key hash policies (ring_hash, maglev) use instead of the one
+        their settings name; None: theirs."""
+        return self._hash_key
+
+    @hash_key.setter
+    def hash_key(self, key: str | None) -> None:
+        self._too_late("ctx.hash_key")
+        self._hash_key = key
+
+    def _too_late(self, what: str) -> None:
+        if self._picked:
+            raise RuntimeError(f"{what} was written after the upstream endpoint was chosen; steer "
+                               "the selection in on_request_headers (or a request body phase)")
+
+    def _choose(self, endpoint: Endpoint) -> None:
+        """The core's: the endpoint is chosen (or changed by a failover)."""
+        self._endpoint = endpoint
+        self._picked = True
 
     def state(self, filter_: Filter) -> Any:
         """This filter's per-request state, created by ``filter_.new_state()``."""

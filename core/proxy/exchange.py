@@ -209,10 +209,12 @@ async def _proxy(listener: Site, chain: Chain, down: Any, head: RequestHead, ctx
     cluster = ctx.cluster
     if cluster is None:
         raise _Reply(LocalReply(404, "no route\n", flag="NR"))
-    endpoint = cluster.pick(ctx)
+    endpoint = _pinned(cluster, ctx.pinned) if ctx.pinned is not None else None
     if endpoint is None:
-        raise _Reply(LocalReply(503, "no healthy upstream\n", flag="UH"))
-    ctx.endpoint = endpoint
+        endpoint = cluster.pick(ctx)
+        if endpoint is None:
+            raise _Reply(LocalReply(503, "no healthy upstream\n", flag="UH"))
+    ctx._choose(endpoint)
     if ctx.upgrade is not None:
         route = ctx.route
         ctx.upgrade = offer_upgrade(request.headers, ctx.upgrade,
@@ -272,6 +274,15 @@ async def _proxy(listener: Site, chain: Chain, down: Any, head: RequestHead, ctx
             await pool.release(cluster, conn)
 
 
+def _pinned(cluster, address: str):
+    """The cluster's endpoint at ``address`` when it is available, else None."""
+    now = time.monotonic()
+    for endpoint in cluster.endpoints:
+        if endpoint.address == address:
+            return endpoint if endpoint.available(now) else None
+    return None
+
+
 def _answered(response: Response) -> str:
     return HTTP_5XX if response.status >= 500 else SUCCESS
 
@@ -301,7 +312,8 @@ async def _connect(pool, cluster, endpoint, ctx: Context, *, fresh: bool = False
             ctx.tried.append(endpoint)
             endpoint.active -= 1
             following.active += 1
-            endpoint = ctx.endpoint = following
+            endpoint = following
+            ctx._choose(following)
 
 
 async def _send_whole(pool, cluster, endpoint, conn, down, ctx, timeout, body: bytes):
