@@ -23,6 +23,7 @@ from ..protocol.http1 import select
 from ..proxy.chain import Chain
 from ..proxy.filters import Filter
 from ..upstream.cluster import Cluster, Endpoint, Outlier
+from ..upstream.health import HealthCheck, run_checks
 from .config import Config, format_errors, parse_hostport
 from .registry import Plugins
 
@@ -52,6 +53,7 @@ class App:
         self.nursery: trio.Nursery | None = None
         self.addresses: list[str] = []
         self._stop = None
+        self.health_checks: dict[str, HealthCheck] = {}
         self.clusters = {name: self._cluster(name, c) for name, c in config.clusters.items()}
         self.filters: dict[str, Filter] = {}
         try:
@@ -91,6 +93,14 @@ class App:
         elif cfg.protocol == "h2c" and transport is not None:
             raise ConfigError(f"{where}.protocol: \"h2c\" is HTTP/2 without TLS; with a tls table "
                               "use \"h2\"")
+        if cfg.health_check is not None:
+            if cfg.health_check.kind == "http" and cfg.protocol != "h1":
+                raise ConfigError(f"{where}.health_check.kind: \"http\" checks speak HTTP/1.1; "
+                                  f"use \"tcp\" for an {cfg.protocol} cluster")
+            if cfg.health_check.timeout >= cfg.health_check.interval:
+                raise ConfigError(f"{where}.health_check.timeout: must be less than the interval "
+                                  f"({cfg.health_check.interval}s)")
+            self.health_checks[name] = HealthCheck(**cfg.health_check.model_dump())
         return Cluster(
             name=name,
             endpoints=endpoints,
@@ -182,6 +192,8 @@ class App:
             nursery.start_soon(self.watchdog.run)
             await nursery.start(self.pool.run)
             nursery.start_soon(self._watch_ejections)
+            for name, check in self.health_checks.items():
+                nursery.start_soon(run_checks, self.clusters[name], check)
             async with trio.open_nursery() as serving:
                 for listener, sock in zip(self.listeners, sockets, strict=True):
                     host, port = sock.socket.getsockname()[:2]

@@ -170,6 +170,43 @@ class OutlierConfig(_Model):
     max_ejection_percent: Annotated[int, Field(ge=0, le=100)] = 50
 
 
+def _statuses(value: Any) -> Any:
+    """``[200, "300-399"]``: codes and inclusive ranges, as a set of codes."""
+    if not isinstance(value, list):
+        raise ValueError("a list of status codes and ranges (\"200-299\")")
+    codes: set[int] = set()
+    for item in value:
+        if isinstance(item, int) and not isinstance(item, bool):
+            low = high = item
+        elif isinstance(item, str) and "-" in item:
+            try:
+                low, high = (int(part) for part in item.split("-", 1))
+            except ValueError:
+                raise ValueError(f"{item!r} is not a range like \"200-299\"") from None
+        else:
+            raise ValueError(f"{item!r} is not a status code or a range like \"200-299\"")
+        if not 100 <= low <= high <= 599:
+            raise ValueError(f"{item!r}: status codes are 100-599")
+        codes.update(range(low, high + 1))
+    if not codes:
+        raise ValueError("no status code")
+    return frozenset(codes)
+
+
+class HealthCheckConfig(_Model):
+    """Active health checks (``sluice.upstream.health``)."""
+
+    kind: Literal["http", "tcp"] = "http"
+    path: Annotated[str, Field(pattern=r"^/[\x21-\x7e]*$")] = "/"
+    host: Annotated[str, Field(pattern=r"^[\x21-\x7e]+$")] | None = None
+    statuses: Annotated[frozenset[int], BeforeValidator(_statuses)] = frozenset(range(200, 400))
+    interval: PositiveFloat = 5.0
+    jitter: Annotated[float, Field(ge=0)] = 1.0
+    timeout: PositiveFloat = 2.0
+    healthy_threshold: PositiveInt = 2
+    unhealthy_threshold: PositiveInt = 3
+
+
 class ClusterConfig(_Model):
     endpoints: Annotated[list[Endpoint], Field(min_length=1)]
     policy: Annotated[PolicyConfig, BeforeValidator(_policy)] = PolicyConfig(name="round_robin")
@@ -180,6 +217,7 @@ class ClusterConfig(_Model):
     # Endpoints one request may try to connect to (a failed connect goes to
     # another eligible one: nothing was sent); 1 turns that failover off.
     connect_tries: Annotated[int, Field(ge=1, le=100)] = 5
+    health_check: HealthCheckConfig | None = None  # absent: no active checks
     connect_timeout: PositiveFloat = 5.0
     response_timeout: PositiveFloat = 30.0
     idle_timeout: PositiveFloat = 60.0
