@@ -9,6 +9,11 @@ weighted_round_robin   in proportion to weight, smoothly interleaved (no bursts:
 random                 at random, in proportion to weight
 least_request          the less busy of two random picks (power of two choices),
                        busy meaning requests in flight divided by weight
+ewma                   the cheaper of two random picks, cost being peak-EWMA
+                       response time x (requests in flight + 1) / weight
+ring_hash              by a key (header, cookie, source IP, path) on a ketama
+                       ring (``sluice.plugins.hashing``)
+maglev                 by a key, through a Maglev lookup table (same module)
 =====================  ============================================================
 
 Each picks among the endpoints the core found eligible (available, not yet
@@ -18,11 +23,21 @@ looks at health itself.
 
 from __future__ import annotations
 
+import math
 import random
+import time
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from sluice import Balancer, Endpoint, hookimpl
 
-__all__ = ["LeastRequest", "Random", "RoundRobin", "WeightedRoundRobin"]
+from .hashing import Maglev, RingHash
+
+__all__ = ["Ewma", "LeastRequest", "Maglev", "Random", "RingHash", "RoundRobin", "WeightedRoundRobin"]
+
+# Outcomes that say the endpoint failed the request (a protocol error is the
+# answer's fault as much as the endpoint's, and says nothing of its speed).
+_FAILURES = frozenset({"connect_failure", "reset", "timeout", "http_5xx"})
 
 
 class RoundRobin(Balancer):
@@ -94,6 +109,77 @@ class LeastRequest(Balancer):
         return a if a.active / a.weight <= b.active / b.weight else b
 
 
+class Ewma(Balancer):
+    """Peak-EWMA: the cheaper of two random picks, as Finagle and Linkerd balance.
+
+    Each endpoint has a cost, its response time smoothed so: a latency above
+    the cost replaces it at once (the *peak*: a slowdown shows at once), one
+    below pulls it down with weight ``1 - exp(-elapsed / decay)``, and with
+    no news the cost decays towards zero the same way, so a slow endpoint is
+    tried again now and then and a recovered one wins its traffic back. A
+    failed try (connect failure, reset, timeout, 5xx) counts as a latency of
+    ``penalty`` seconds. An endpoint not heard from yet costs the mean of
+    those that have been (neutral: neither favoured nor shunned). A pick
+    samples two eligible endpoints and takes the lower
+    ``cost * (in flight + 1) / weight``.
+
+    ``policy = { name = "ewma", decay = 10.0, penalty = 1.0 }``
+    """
+
+    name = "ewma"
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid", frozen=True)
+
+        decay: float = Field(10.0, gt=0, le=3600)  # seconds: the time constant (Linkerd's default)
+        penalty: float = Field(1.0, gt=0, le=3600)  # seconds: the latency a failed try counts as
+
+    def __init__(self, endpoints, config=None, rng: random.Random | None = None, clock=time.monotonic) -> None:
+        super().__init__(endpoints, config)
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self._cost: dict[int, float] = {}  # id(endpoint) -> seconds, as of _stamp
+        self._stamp: dict[int, float] = {}
+
+    def cost(self, endpoint: Endpoint, now: float | None = None) -> float:
+        """The endpoint's smoothed response time (seconds), decayed to ``now``."""
+        key = id(endpoint)
+        cost = self._cost.get(key)
+        if cost is None:
+            known = self._cost
+            return sum(known.values()) / len(known) if known else 0.0
+        if now is None:
+            now = self._clock()
+        elapsed = now - self._stamp[key]
+        return cost * math.exp(-elapsed / self.config.decay) if elapsed > 0 else cost
+
+    def _load(self, endpoint: Endpoint, now: float) -> float:
+        return self.cost(endpoint, now) * (endpoint.active + 1) / endpoint.weight
+
+    def pick(self, ctx, endpoints) -> Endpoint | None:
+        if len(endpoints) < 2:
+            return endpoints[0]
+        a, b = self._rng.sample(endpoints, 2)
+        now = self._clock()
+        return a if self._load(a, now) <= self._load(b, now) else b
+
+    def feedback(self, attempt) -> None:
+        latency = attempt.latency
+        if attempt.outcome in _FAILURES:
+            latency = max(latency, self.config.penalty)
+        key = id(attempt.endpoint)
+        now = self._clock()
+        if key in self._cost:
+            # Below the (decayed) cost: the time-weighted mean of the stored cost
+            # and this latency, stored * w + latency * (1 - w), w = exp(-elapsed / decay),
+            # where stored * w is that decayed cost. Above it: the peak, at once.
+            decayed = self.cost(attempt.endpoint, now)
+            if latency < decayed:
+                latency = decayed + latency * (1 - math.exp(-max(0.0, now - self._stamp[key]) / self.config.decay))
+        self._cost[key] = latency
+        self._stamp[key] = now
+
+
 @hookimpl
 def sluice_balancers():
-    return [RoundRobin, WeightedRoundRobin, Random, LeastRequest]
+    return [RoundRobin, WeightedRoundRobin, Random, LeastRequest, Ewma, RingHash, Maglev]
