@@ -223,6 +223,8 @@ def run_scenario(bench: Bench, scenario: Scenario, targets: list[Target]) -> dic
         return measure_grpc(bench, scenario)
     if scenario.route_scale:
         return measure_route_scale(scenario)
+    if scenario.policy_cost:
+        return measure_policy_cost(scenario)
     chosen = [t for t in targets if applicable(t, scenario)]
     log(f"=== {scenario.name}: {scenario.title} ({', '.join(t.name for t in chosen)})")
     measure = measure_idle if scenario.idle else measure_load
@@ -251,6 +253,16 @@ def measure_route_scale(scenario: Scenario) -> dict[str, dict]:
                                  else f"{row['indexed_ns'] / base:.2f}x the cost at 10",
                                  "summary": {"rps": 1e9 / row["indexed_ns"], "errors": 0}}
             for size, row in measured["rows"].items()}
+
+
+def measure_policy_cost(scenario: Scenario) -> dict[str, dict]:
+    import policy_cost  # the balancer plugin's policies timed in this process: no servers
+
+    log(f"=== {scenario.name}: {scenario.title}")
+    measured = policy_cost.measure([3, 10, 100])
+    log(f"{scenario.name}:\n{measured['table']}")
+    return {f"{name} @ {size}": {"status": "ok", "summary": {"rps": 1e9 / ns, "errors": 0}}
+            for name, row in measured["rows"].items() for size, ns in row.items()}
 
 
 def available_targets(args: argparse.Namespace) -> tuple[list[Target], dict[str, str]]:

@@ -39,6 +39,7 @@ class Scenario:
     streams: int = 1  # (h2) requests in flight per connection: h2load -m
     grpc: bool = False  # grpc_unary.py's own targets and client instead of wrk (connections: calls in flight)
     route_scale: bool = False  # route_scale.py's pure-Python timing of route matching: no targets, no traffic
+    policy_cost: bool = False  # policy_cost.py's pure-Python timing of one balancer pick: no targets, no traffic
 
     @property
     def payload_bytes(self) -> int:
@@ -73,5 +74,8 @@ SCENARIOS = {s.name: s for s in (
     # Route matching at scale (issue 8): the req/s column is matches/s of the router alone.
     Scenario("route-scale", "the router's match at 10, 1,000 and 10,000 routes, pure Python "
              "(req/s: matches/s; goal <= 2x the cost at 10)", route_scale=True),
+    # One balancer pick per policy (issue 8): the req/s column is picks/s of the policy alone.
+    Scenario("policy-cost", "one pick of each balancing policy at 3, 10 and 100 endpoints, pure Python "
+             "(req/s: picks/s)", policy_cost=True),
 )}
 QUICK = ("small", "newconn", "1m", "upload")

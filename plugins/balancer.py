@@ -159,7 +159,9 @@ class Ewma(Balancer):
     def pick(self, ctx, endpoints) -> Endpoint | None:
         if len(endpoints) < 2:
             return endpoints[0]
-        a, b = self._rng.sample(endpoints, 2)
+        n = len(endpoints)
+        i, j = self._rng.randrange(n), self._rng.randrange(n - 1)  # two distinct: cheaper than sample()
+        a, b = endpoints[i], endpoints[j + (j >= i)]
         now = self._clock()
         return a if self._load(a, now) <= self._load(b, now) else b
 
