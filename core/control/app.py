@@ -22,7 +22,7 @@ from ..errors import ConfigError
 from ..protocol.http1 import select
 from ..proxy.chain import Chain
 from ..proxy.filters import Filter
-from ..upstream.cluster import Cluster, Endpoint, Outlier
+from ..upstream.cluster import Breaker, Cluster, Endpoint, Outlier
 from ..upstream.health import HealthCheck, run_checks
 from .config import Config, format_errors, parse_hostport
 from .registry import Plugins
@@ -115,6 +115,7 @@ class App:
             outlier=Outlier(**cfg.outlier.model_dump()),
             panic_threshold=cfg.panic_threshold,
             connect_tries=cfg.connect_tries,
+            breaker=Breaker(**cfg.circuit_breakers.model_dump()),
         )
 
     def _transport(self, side: str, settings: dict, where: str) -> Any:

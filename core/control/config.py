@@ -207,6 +207,15 @@ class HealthCheckConfig(_Model):
     unhealthy_threshold: PositiveInt = 3
 
 
+class CircuitBreakersConfig(_Model):
+    """Per-cluster limits (``sluice.upstream.cluster.Breaker``); absent: none."""
+
+    max_requests: PositiveInt | None = None
+    max_connections: PositiveInt | None = None
+    max_pending: Annotated[int, Field(ge=0)] | None = None
+    max_retries: Annotated[int, Field(ge=0)] | None = None
+
+
 class ClusterConfig(_Model):
     endpoints: Annotated[list[Endpoint], Field(min_length=1)]
     policy: Annotated[PolicyConfig, BeforeValidator(_policy)] = PolicyConfig(name="round_robin")
@@ -218,6 +227,7 @@ class ClusterConfig(_Model):
     # another eligible one: nothing was sent); 1 turns that failover off.
     connect_tries: Annotated[int, Field(ge=1, le=100)] = 5
     health_check: HealthCheckConfig | None = None  # absent: no active checks
+    circuit_breakers: CircuitBreakersConfig = CircuitBreakersConfig()
     connect_timeout: PositiveFloat = 5.0
     response_timeout: PositiveFloat = 30.0
     idle_timeout: PositiveFloat = 60.0

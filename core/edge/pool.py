@@ -29,7 +29,7 @@ from ..errors import UpstreamError
 from ..messages import Headers, Request
 from ..protocol.events import NEED_DATA, ProtocolError
 from ..protocol.http1 import Codec
-from ..upstream.cluster import Cluster, Endpoint
+from ..upstream.cluster import Cluster, Endpoint, Overflow
 from .byteio import SocketIO, StreamIO, socket_io
 from .upstream_http2 import H2Upstream, H2UpstreamStream
 from .watchdog import Watchdog
@@ -52,8 +52,10 @@ class UpstreamConnection:
     """One connection to an endpoint, carrying one exchange at a time."""
 
     def __init__(self, io: SocketIO | StreamIO, endpoint: Endpoint, codec: Codec, *,
-                 io_timeout: float, max_head_bytes: int, max_header_count: int) -> None:
+                 io_timeout: float, max_head_bytes: int, max_header_count: int,
+                 on_close=None) -> None:
         self.io = io
+        self._on_close = on_close  # called once, when it closes (the cluster's breaker)
         self.io_timeout = io_timeout
         self.endpoint = endpoint
         self.proto = codec.client(
@@ -143,6 +145,9 @@ class UpstreamConnection:
         return self.io.readable_now()
 
     async def aclose(self) -> None:
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
         with trio.CancelScope(shield=True):
             await self.io.aclose()
 
@@ -188,10 +193,36 @@ class Pool:
         if cluster.protocol != "h1":
             return await self._stream(cluster, endpoint)
         return UpstreamConnection(await self._open(cluster, endpoint), endpoint, self.codec,
-                                  io_timeout=cluster.response_timeout, **self._limits)
+                                  io_timeout=cluster.response_timeout,
+                                  on_close=cluster.breaker.connection_closed, **self._limits)
 
     async def _open(self, cluster: Cluster, endpoint: Endpoint) -> SocketIO | StreamIO:
-        """A connected (and, with a transport, protected) socket, within connect_timeout."""
+        """A connected (and, with a transport, protected) socket, within
+        connect_timeout, counted by the cluster's breaker (the caller's
+        connection object gives the count back when it closes)."""
+        breaker = cluster.breaker
+        try:
+            await breaker.connection_slot(cluster.connect_timeout, lambda: self._drop_idle(cluster))
+        except Overflow as exc:
+            raise UpstreamError(f"cluster {cluster.name}: circuit breaker {exc} reached", status=503,
+                                flag="UO") from None
+        try:
+            return await self._connect(cluster, endpoint)
+        except BaseException:
+            breaker.connection_closed()
+            raise
+
+    async def _drop_idle(self, cluster: Cluster) -> bool:
+        """Close one idle HTTP/1.1 connection of ``cluster`` (to make room
+        under max_connections); False when it has none."""
+        for endpoint in cluster.endpoints:
+            idle = self._idle.get(id(endpoint))
+            if idle:
+                await idle.popleft().aclose()
+                return True
+        return False
+
+    async def _connect(self, cluster: Cluster, endpoint: Endpoint) -> SocketIO | StreamIO:
         with trio.move_on_after(cluster.connect_timeout) as scope:
             try:
                 stream = await trio.open_tcp_stream(endpoint.host, endpoint.port)
@@ -251,7 +282,8 @@ class Pool:
             raise UpstreamError("the pool is closed", status=503, flag="UF")
         conn = H2Upstream(await self._open(cluster, endpoint), endpoint,
                           io_timeout=cluster.response_timeout, idle_timeout=cluster.idle_timeout,
-                          initial_window=H2_WINDOW, tls=cluster.protocol == "h2", **self._limits)
+                          initial_window=H2_WINDOW, tls=cluster.protocol == "h2",
+                          on_close=cluster.breaker.connection_closed, **self._limits)
         self._nursery.start_soon(self._read_h2, conn)
         try:
             await conn.handshake(cluster.connect_timeout)
@@ -297,6 +329,7 @@ class Pool:
         conn.proto.next_cycle()
         conn.idle_deadline = time.monotonic() + cluster.idle_timeout
         idle.append(conn)
+        cluster.breaker.connection_idle()
         return True
 
     async def reap(self, interval: float = 1.0) -> None:

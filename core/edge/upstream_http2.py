@@ -284,8 +284,10 @@ class H2Upstream:
     """One HTTP/2 connection to an endpoint, shared by the streams on it."""
 
     def __init__(self, io: Any, endpoint: Endpoint, *, io_timeout: float, idle_timeout: float,
-                 initial_window: int, max_head_bytes: int, max_header_count: int, tls: bool) -> None:
+                 initial_window: int, max_head_bytes: int, max_header_count: int, tls: bool,
+                 on_close=None) -> None:
         self.io = io
+        self._on_close = on_close  # called once, when it closes (the cluster's breaker)
         self.endpoint = endpoint
         self.authority = endpoint.address.encode("ascii")
         self.io_timeout = io_timeout
@@ -355,7 +357,7 @@ class H2Upstream:
             self.settled.set()  # a handshake waiting finds it broken
             with trio.CancelScope(shield=True):
                 await self.flush_quietly(1.0)
-                await self.io.aclose()
+                await self._close_io()
 
     def _dispatch(self, events: list[tuple[int, object]]) -> bool:
         """Hand events to their streams; False when the connection is over."""
@@ -442,4 +444,10 @@ class H2Upstream:
         with trio.CancelScope(shield=True):
             self.proto.close()
             await self.flush_quietly(1.0)
-            await self.io.aclose()
+            await self._close_io()
+
+    async def _close_io(self) -> None:
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
+        await self.io.aclose()

@@ -209,6 +209,9 @@ async def _proxy(listener: Site, chain: Chain, down: Any, head: RequestHead, ctx
     cluster = ctx.cluster
     if cluster is None:
         raise _Reply(LocalReply(404, "no route\n", flag="NR"))
+    breaker = cluster.breaker
+    if not breaker.request_allowed():
+        raise _Reply(LocalReply(503, "upstream overloaded\n", flag="UO"))
     endpoint = _pinned(cluster, ctx.pinned) if ctx.pinned is not None else None
     if endpoint is None:
         endpoint = cluster.pick(ctx)
@@ -228,6 +231,7 @@ async def _proxy(listener: Site, chain: Chain, down: Any, head: RequestHead, ctx
             and deadline < timeout:
         timeout = max(deadline, 0.001)  # a gRPC call's own deadline, capped by the route's
     endpoint.active += 1
+    breaker.requests += 1
     conn = None
     started = time.monotonic()
     answered = False  # the try's outcome is counted (once)
@@ -265,11 +269,12 @@ async def _proxy(listener: Site, chain: Chain, down: Any, head: RequestHead, ctx
             else:
                 await _relay_response(listener, chain, down, conn, ctx, response, timeout)
     except UpstreamError as exc:
-        if not answered and exc.flag != "UF":  # (a failed connect was counted by _connect)
+        if not answered and exc.flag not in _NOT_THE_ENDPOINTS:
             cluster.report(ctx.endpoint, _FAILURES.get(exc.flag, RESET), None, time.monotonic() - started)
         raise
     finally:
         ctx.endpoint.active -= 1
+        breaker.requests -= 1
         if conn is not None:
             await pool.release(cluster, conn)
 
@@ -288,32 +293,50 @@ def _answered(response: Response) -> str:
 
 
 _FAILURES = {"UT": TIMEOUT, "UPE": PROTOCOL_ERROR, "UC": RESET}
+# Failures not counted against the endpoint here: a failed connect was
+# counted by _connect; a breaker's overflow is the cluster's, not its.
+_NOT_THE_ENDPOINTS = frozenset({"UF", "UO"})
 
 
 async def _connect(pool, cluster, endpoint, ctx: Context, *, fresh: bool = False):
     """A connection to ``endpoint`` (``fresh``: never a pooled one), or,
     when it cannot be reached, to another eligible one (nothing was sent:
-    safe for any method). Each failed connect counts against its endpoint
-    (outlier detection)."""
+    safe for any method), up to ``connect_tries`` endpoints and while the
+    cluster's ``max_retries`` allow. Each failed connect counts against its
+    endpoint (outlier detection)."""
     tried = ctx.tried
-    while True:
-        started = time.monotonic()
-        try:
-            return await (pool.connect if fresh else pool.acquire)(cluster, endpoint), endpoint
-        except UpstreamError as exc:
-            if exc.flag != "UF":
-                raise
-            cluster.report(endpoint, CONNECT_FAILURE, None, time.monotonic() - started)
-            following = cluster.pick(ctx, [*tried, endpoint]) if len(tried) + 1 < cluster.connect_tries else None
-            if following is None:
-                raise
-            log.info("connect failed, trying another endpoint", request_id=ctx.request_id,
-                     endpoint=endpoint.address, next=following.address, error=str(exc))
-            ctx.tried.append(endpoint)
-            endpoint.active -= 1
-            following.active += 1
-            endpoint = following
-            ctx._choose(following)
+    breaker = cluster.breaker
+    retrying = False
+    try:
+        while True:
+            started = time.monotonic()
+            try:
+                return await (pool.connect if fresh else pool.acquire)(cluster, endpoint), endpoint
+            except UpstreamError as exc:
+                if exc.flag != "UF":
+                    raise
+                cluster.report(endpoint, CONNECT_FAILURE, None, time.monotonic() - started)
+                following = (cluster.pick(ctx, [*tried, endpoint])
+                             if len(tried) + 1 < cluster.connect_tries else None)
+                if following is None:
+                    raise
+                if not retrying:
+                    if not breaker.retry_allowed():
+                        log.info("no failover: the cluster's max_retries are in flight",
+                                 request_id=ctx.request_id, cluster=cluster.name)
+                        raise
+                    breaker.retries += 1
+                    retrying = True
+                log.info("connect failed, trying another endpoint", request_id=ctx.request_id,
+                         endpoint=endpoint.address, next=following.address, error=str(exc))
+                tried.append(endpoint)
+                endpoint.active -= 1
+                following.active += 1
+                endpoint = following
+                ctx._choose(following)
+    finally:
+        if retrying:
+            breaker.retries -= 1
 
 
 async def _send_whole(pool, cluster, endpoint, conn, down, ctx, timeout, body: bytes):
@@ -322,34 +345,50 @@ async def _send_whole(pool, cluster, endpoint, conn, down, ctx, timeout, body: b
     before answering (idempotent methods only), and up to
     ``_UNPROCESSED_REPLAYS`` times, whatever the method, when the upstream
     says it never processed it (HTTP/2 REFUSED_STREAM or GOAWAY, RFC 9113
-    8.7). Returns the connection and response."""
+    8.7), while the cluster's ``max_retries`` allow. Returns the connection
+    and response."""
     request = ctx.request
     original = conn
     retried = False
     replays = 0
-    while True:
-        try:
-            return conn, await _ask(down, conn, ctx, timeout, body)
-        except UpstreamError as exc:
-            if exc.unprocessed and replays < _UNPROCESSED_REPLAYS:
-                replays += 1
-            elif exc.retryable and not retried and request.method in _IDEMPOTENT:
-                retried = True
-            else:
-                if conn is not original:  # (the caller releases only the one it gave)
-                    await conn.aclose()
-                raise
-            if down.io.peer_closed():
-                # Nobody is waiting for the answer: sending the request again
-                # would only do its work twice (and take the answer another
-                # request was due).
-                if conn is not original:
-                    await conn.aclose()
-                raise ClientGone("client left before the upstream answered") from None
-            log.info("retrying on a fresh connection", request_id=ctx.request_id, error=str(exc))
-            await conn.aclose()
-            # A fresh one: the endpoint's pooled connections may be as dead.
-            conn, endpoint = await _connect(pool, cluster, endpoint, ctx, fresh=True)
+    breaker = cluster.breaker
+    counted = False  # this request holds one of the cluster's retries in flight
+    try:
+        while True:
+            try:
+                return conn, await _ask(down, conn, ctx, timeout, body)
+            except UpstreamError as exc:
+                if exc.unprocessed and replays < _UNPROCESSED_REPLAYS:
+                    replays += 1
+                elif exc.retryable and not retried and request.method in _IDEMPOTENT:
+                    retried = True
+                else:
+                    if conn is not original:  # (the caller releases only the one it gave)
+                        await conn.aclose()
+                    raise
+                if not counted and not breaker.retry_allowed():
+                    if conn is not original:
+                        await conn.aclose()
+                    log.info("no replay: the cluster's max_retries are in flight",
+                             request_id=ctx.request_id, cluster=cluster.name)
+                    raise
+                if down.io.peer_closed():
+                    # Nobody is waiting for the answer: sending the request again
+                    # would only do its work twice (and take the answer another
+                    # request was due).
+                    if conn is not original:
+                        await conn.aclose()
+                    raise ClientGone("client left before the upstream answered") from None
+                if not counted:
+                    breaker.retries += 1
+                    counted = True
+                log.info("retrying on a fresh connection", request_id=ctx.request_id, error=str(exc))
+                await conn.aclose()
+                # A fresh one: the endpoint's pooled connections may be as dead.
+                conn, endpoint = await _connect(pool, cluster, endpoint, ctx, fresh=True)
+    finally:
+        if counted:
+            breaker.retries -= 1
 
 
 async def _pump_request(listener, chain, down, conn, ctx, deadline, timeout) -> None:

@@ -40,17 +40,18 @@ the counts. Ejections and returns are logged as events.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import structlog
+import trio
 from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
     from ..proxy.context import Context
 
-__all__ = ["Attempt", "Balancer", "Cluster", "Endpoint", "Outlier"]
+__all__ = ["Attempt", "Balancer", "Breaker", "Cluster", "Endpoint", "Outlier"]
 
 log = structlog.get_logger("sluice.upstream")
 
@@ -139,6 +140,74 @@ class Outlier:
     max_ejection_percent: int = 50
 
 
+class Breaker:
+    """A cluster's circuit breakers (``clusters.<name>.circuit_breakers``):
+    at most ``max_requests`` requests in flight, ``max_connections``
+    connections open (a request needing another waits for one to close,
+    ``max_pending`` of them at most, for ``connect_timeout`` at most), and
+    ``max_retries`` retries in flight (failovers and replays). Past a limit
+    the request is answered 503 at once, flag UO; a retry past its limit is
+    not made. None: no limit."""
+
+    def __init__(self, *, max_requests: int | None = None, max_connections: int | None = None,
+                 max_pending: int | None = None, max_retries: int | None = None) -> None:
+        self.max_requests = max_requests
+        self.max_connections = max_connections
+        self.max_pending = max_pending
+        self.max_retries = max_retries
+        self.requests = 0
+        self.connections = 0
+        self.pending = 0
+        self.retries = 0
+        self._freed = trio.Event()
+
+    def request_allowed(self) -> bool:
+        return self.max_requests is None or self.requests < self.max_requests
+
+    def retry_allowed(self) -> bool:
+        return self.max_retries is None or self.retries < self.max_retries
+
+    async def connection_slot(self, timeout: float, make_room: Callable[[], Awaitable[bool]]) -> None:
+        """Count a connection about to open, waiting while the cluster has
+        ``max_connections`` (``make_room()`` may close an idle one: True when
+        it did). Raises ``Overflow`` when the wait is not allowed or too long."""
+        limit = self.max_connections
+        if limit is not None:
+            deadline = trio.current_time() + timeout
+            while self.connections >= limit:
+                if await make_room():
+                    continue
+                if self.max_pending is not None and self.pending >= self.max_pending:
+                    raise Overflow("max_pending")
+                self.pending += 1
+                try:
+                    with trio.move_on_at(deadline) as waited:
+                        await self._freed.wait()
+                finally:
+                    self.pending -= 1
+                if waited.cancelled_caught:
+                    raise Overflow("max_connections")
+        self.connections += 1
+
+    def connection_closed(self) -> None:
+        self.connections -= 1
+        self._wake()
+
+    def connection_idle(self) -> None:
+        """A connection went back to the pool: a request waiting for room
+        may close it (``make_room``) and open its own."""
+        if self.pending:
+            self._wake()
+
+    def _wake(self) -> None:
+        self._freed.set()
+        self._freed = trio.Event()
+
+
+class Overflow(Exception):
+    """A circuit breaker's limit (its name) was reached."""
+
+
 @dataclass(eq=False)
 class Cluster:
     """A named group of endpoints behind one policy."""
@@ -156,6 +225,7 @@ class Cluster:
     outlier: Outlier = field(default_factory=Outlier)
     panic_threshold: int = 50  # percent available below which every endpoint is eligible
     connect_tries: int = 5  # endpoints one request may try to connect to
+    breaker: Breaker = field(default_factory=Breaker)
     pools: dict[int, Any] = field(default_factory=dict)
 
     def eligible(self, tried: Sequence[Endpoint] = (), now: float | None = None) -> list[Endpoint]:
