@@ -102,13 +102,38 @@ class _HashSettings(BaseModel):
 
 
 class _Hashing(Balancer):
-    """What both hash policies share: the key, and the pick without one."""
+    """What both hash policies share: the key, the walk to an eligible
+    endpoint, and the pick without a key. A subclass fills ``_owners`` (per
+    position of its ring or table, the index of an endpoint) and says where
+    a key lands (``position``)."""
+
+    _owners: list[int]
 
     def __init__(self, endpoints, config=None, rng: random.Random | None = None) -> None:
         super().__init__(endpoints, config)
         self._read = key_reader(self.config.key)
         self._rng = rng or random.Random()
         self._index = {id(e): i for i, e in enumerate(self.endpoints)}
+
+    def position(self, key: str) -> int:  # pragma: no cover
+        raise NotImplementedError
+
+    def pick(self, ctx, endpoints) -> Endpoint | None:
+        key = self.key(ctx)
+        owners = self._owners
+        if key is None or not owners:
+            return self._keyless(endpoints)
+        at = self.position(key)
+        eligible = self._eligible(endpoints)
+        if eligible is None:
+            return self.endpoints[owners[at]]
+        if eligible:
+            n = len(owners)
+            for step in range(n):
+                owner = owners[(at + step) % n]
+                if owner in eligible:
+                    return self.endpoints[owner]
+        return self._keyless(endpoints)  # none of the policy's own endpoints is eligible
 
     def key(self, ctx) -> str | None:
         if ctx is None:
@@ -167,27 +192,10 @@ class RingHash(_Hashing):
         self._points = [p for p, _ in ring]
         self._owners = [i for _, i in ring]
 
-    def lookup(self, key: str) -> int:
+    def position(self, key: str) -> int:
         """The ring position a key lands on (libketama's ``ketama_get_server``)."""
         at = bisect.bisect_left(self._points, ketama_hash(key))
         return 0 if at == len(self._points) else at
-
-    def pick(self, ctx, endpoints) -> Endpoint | None:
-        key = self.key(ctx)
-        if key is None or not self._points:
-            return self._keyless(endpoints)
-        at = self.lookup(key)
-        owners = self._owners
-        eligible = self._eligible(endpoints)
-        if eligible is None:
-            return self.endpoints[owners[at]]
-        if eligible:
-            n = len(owners)
-            for step in range(n):
-                owner = owners[(at + step) % n]
-                if owner in eligible:
-                    return self.endpoints[owner]
-        return self._keyless(endpoints)  # none of the ring's own endpoints is eligible
 
 
 # -- maglev ------------------------------------------------------------------------------------
@@ -261,25 +269,9 @@ class Maglev(_Hashing):
 
     def __init__(self, endpoints, config=None, rng: random.Random | None = None) -> None:
         super().__init__(endpoints, config, rng)
-        self._table = maglev_table([e.address for e in self.endpoints], [e.weight for e in self.endpoints],
-                                   self.config.table_size)
+        self._owners = maglev_table([e.address for e in self.endpoints], [e.weight for e in self.endpoints],
+                                    self.config.table_size)
 
-    def slot(self, key: str) -> int:
-        return _hash64(key) % len(self._table)
-
-    def pick(self, ctx, endpoints) -> Endpoint | None:
-        key = self.key(ctx)
-        if key is None or not self._table:
-            return self._keyless(endpoints)
-        table = self._table
-        at = self.slot(key)
-        eligible = self._eligible(endpoints)
-        if eligible is None:
-            return self.endpoints[table[at]]
-        if eligible:
-            size = len(table)
-            for step in range(size):
-                owner = table[(at + step) % size]
-                if owner in eligible:
-                    return self.endpoints[owner]
-        return self._keyless(endpoints)
+    def position(self, key: str) -> int:
+        """The table slot a key lands on."""
+        return _hash64(key) % len(self._owners)

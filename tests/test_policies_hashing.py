@@ -66,7 +66,7 @@ def test_the_ring_has_libketamas_number_of_points_and_lookup():
                    + ketama_points("10.0.1.3:11211", 40))
     assert ring._points == first
     # ketama_get_server: the first point >= the hash; past the last point, the first
-    assert ring.lookup("foo") == next(i for i, p in enumerate(first) if p >= 0xDB18BDAC)
+    assert ring.position("foo") == next(i for i, p in enumerate(first) if p >= 0xDB18BDAC)
     weighted = RingHash(endpoints(1, 2, 3))  # floor(w / 6 * 40 * 3) digests: 20, 40, 60
     assert Counter(weighted._owners) == {0: 80, 1: 160, 2: 240}
 
