@@ -12,7 +12,7 @@ from .hookspecs import hookimpl
 from .messages import Headers, Request, Response
 from .proxy.context import Context
 from .proxy.filters import CONTINUE, Continue, Filter, FilterConfig, LocalReply
-from .proxy.routes import Route
+from .proxy.routes import RetryPolicy, Route
 from .upstream.cluster import Balancer, Cluster, Endpoint
 
 __version__ = "0.1.0"
@@ -32,6 +32,7 @@ __all__ = [
     "LocalReply",
     "Request",
     "Response",
+    "RetryPolicy",
     "Route",
     "ServerTransport",
     "Transport",

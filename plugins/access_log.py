@@ -19,9 +19,9 @@ An upgraded exchange (a WebSocket) logs one line when its tunnel ends, with
 the tunnel's bytes each way in ``bytes_in``/``bytes_out`` and its whole
 life in ``duration_ms``.
 
-A request that could not reach its first endpoint and went to another has
-``tried``: the addresses it failed to connect to, in order (``upstream`` is
-the one that answered, or the last tried).
+A request that went to more than one endpoint (a connect failover, or a
+route's retry) has ``attempts`` and ``tried``: the addresses whose try
+failed, in order (``upstream`` is the one that answered, or the last tried).
 
 Requests the core refused before they became requests (a bad head: DPE;
 an unfinished head: DT; DTLS, TLSP, DO) have a line too, with no upstream,
@@ -155,7 +155,8 @@ class AccessLog(Filter):
             ', "user_agent": ', _json(headers.get("user-agent") if headers is not None else None),
             ', "flags": ', _json(",".join(ctx.flags) or None),
             ', "upgraded": ' + _quote(ctx.upgraded) if ctx.upgraded else "",
-            ', "tried": [' + ", ".join(_quote(e.address) for e in ctx.tried) + "]" if ctx.tried else "",
+            (', "attempts": ' + str(len(ctx.tried) + 1) + ', "tried": ['
+             + ", ".join(_quote(e.address) for e in ctx.tried) + "]") if ctx.tried else "",
             "}",
         )))
 

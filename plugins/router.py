@@ -241,6 +241,7 @@ class Router(Filter):
                 name=rc.name or where,
                 cluster=rc.cluster,
                 timeout=rc.timeout,
+                retry=None if rc.retry is None else rc.retry.policy(),
                 filters=rc.filters,
                 action=build_action(rc),
                 summary=_summary(rc),

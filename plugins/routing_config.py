@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from sluice import ConfigError
+from sluice.proxy.routes import RetryPolicy
 
 __all__ = ["FORWARD_ONLY", "TEMPLATE", "DirectResponse", "HeaderMatch", "HeaderOps", "Redirect", "RegexRewrite",
            "RouteConfig", "check_route"]
@@ -193,6 +194,35 @@ class HeaderOps(_Model):
         return [n.lower() for n in (*self.remove, *self.set, *self.add)]
 
 
+class RetryConfig(_Model):
+    """``retry = { attempts = 3, on = [...] }`` (``sluice.proxy.routes.RetryPolicy``)."""
+
+    attempts: Annotated[int, Field(ge=1, le=10)] = 2
+    on: list[Literal["reset", "timeout", "protocol_error", "5xx", "gateway_error", "retriable_status"]] = [
+        "reset", "gateway_error"]
+    statuses: list[Annotated[int, Field(ge=100, le=599)]] = []
+    per_try_timeout: Annotated[float, Field(gt=0)] | None = None
+    backoff: Annotated[float, Field(ge=0)] = 0.025
+    max_backoff: Annotated[float, Field(ge=0)] = 0.25
+    budget_percent: Annotated[float, Field(gt=0, le=100)] = 20.0
+    min_retries: Annotated[int, Field(ge=0)] = 3
+    max_body_bytes: Annotated[int, Field(ge=0)] = 64 * 1024
+
+    @model_validator(mode="after")
+    def _statuses_named(self) -> RetryConfig:
+        if self.statuses and "retriable_status" not in self.on:
+            raise ValueError("statuses: add \"retriable_status\" to on, or they are never retried")
+        if "retriable_status" in self.on and not self.statuses:
+            raise ValueError("on: \"retriable_status\" needs statuses")
+        return self
+
+    def policy(self) -> RetryPolicy:
+        return RetryPolicy(attempts=self.attempts, on=frozenset(self.on), statuses=frozenset(self.statuses),
+                           per_try_timeout=self.per_try_timeout, backoff=self.backoff,
+                           max_backoff=max(self.max_backoff, self.backoff), budget_percent=self.budget_percent,
+                           min_retries=self.min_retries, max_body_bytes=self.max_body_bytes)
+
+
 class RouteConfig(_Model):
     name: str | None = None
     match: Match = Match()
@@ -202,6 +232,7 @@ class RouteConfig(_Model):
     direct_response: DirectResponse | None = None
     redirect: Redirect | None = None
     timeout: Annotated[float, Field(gt=0)] | None = None
+    retry: RetryConfig | None = None
     prefix_rewrite: _Path | None = None
     regex_rewrite: RegexRewrite | None = None
     host_rewrite: _HostPort | None = None
@@ -231,7 +262,8 @@ class RouteConfig(_Model):
 
 
 _ACTIONS = ("cluster", "clusters", "cluster_from_host", "direct_response", "redirect")
-FORWARD_ONLY = ("prefix_rewrite", "regex_rewrite", "host_rewrite", "request_headers", "response_headers")
+FORWARD_ONLY = ("prefix_rewrite", "regex_rewrite", "host_rewrite", "request_headers", "response_headers",
+                "retry")
 
 
 def check_route(rc: RouteConfig, where: str, clusters) -> None:

@@ -70,6 +70,7 @@ class UpstreamConnection:
         # would read the next request as the rest of this one.
         self.request_written = False
         self.idle_deadline = 0.0  # when an idle connection expires
+        self.peer_closed = False  # the upstream's EOF was read
 
     def _failed(self, message: str, flag: str) -> UpstreamError:
         """A 502; replayable when a reused connection died before answering."""
@@ -118,6 +119,8 @@ class UpstreamConnection:
         try:
             return self.proto.next_event()
         except ProtocolError as exc:
+            if self.peer_closed:  # closed before (or in the middle of) its answer: a reset, not garbage
+                raise self._failed(f"upstream closed the connection: {exc}", "UC") from None
             raise self._failed(f"upstream protocol error: {exc}", "UPE") from None
 
     async def next_event(self, deadline: float = float("inf"), watch=None):
@@ -131,6 +134,8 @@ class UpstreamConnection:
                 raise self._failed(f"upstream read failed: {exc!r}", "UC") from None
             if data is None:
                 return None
+            if not data:
+                self.peer_closed = True
             self.proto.feed(data)
         return event
 

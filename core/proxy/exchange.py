@@ -53,6 +53,7 @@ and the answer says ``Connection: close``.
 
 from __future__ import annotations
 
+import random
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -241,7 +242,14 @@ async def _proxy(listener: Site, chain: Chain, down: Any, head: RequestHead, ctx
         if request.http_version == "1.0" and request.headers.get_raw(b"host") is None:
             # HTTP/1.0 may omit Host; the upstream hears HTTP/1.1, which may not.
             request.headers.raw().append((b"host", endpoint.address.encode("ascii")))
-        if head.has_body and not ctx.buffer_request:
+        policy = route.retry if route is not None else None
+        if policy is not None and policy.attempts < 2:
+            policy = None
+        # A body is kept for a replay only when it is small enough; a larger
+        # one streams, and that request is never retried.
+        keep = (policy is not None and head.content_length is not None
+                and head.content_length <= policy.max_body_bytes)
+        if head.has_body and not ctx.buffer_request and not keep:
             async with trio.open_nursery() as nursery:
                 # Framing follows the head as the filters left it: one that
                 # resized the body removed Content-Length, so it goes chunked.
@@ -260,8 +268,12 @@ async def _proxy(listener: Site, chain: Chain, down: Any, head: RequestHead, ctx
                 nursery.cancel_scope.cancel()  # an early response ends the upload
         else:
             body = await _whole_request_body(listener, chain, down, head, ctx) if head.has_body else b""
-            conn, response = await _send_whole(pool, cluster, endpoint, conn, down, ctx, timeout, body)
-            endpoint = ctx.endpoint  # (a replay may have gone elsewhere)
+            if policy is None:
+                conn, response = await _send_whole(pool, cluster, endpoint, conn, down, ctx, timeout, body)
+            else:
+                conn, response, started = await _retrying(pool, cluster, conn, down, ctx, timeout, body,
+                                                          policy)
+            endpoint = ctx.endpoint  # (a replay or a retry may have gone elsewhere)
             answered = True
             cluster.report(endpoint, _answered(response), response.status, time.monotonic() - started)
             if response.status == 101:
@@ -337,6 +349,81 @@ async def _connect(pool, cluster, endpoint, ctx: Context, *, fresh: bool = False
     finally:
         if retrying:
             breaker.retries -= 1
+
+
+async def _retrying(pool, cluster, conn, down, ctx, timeout: float, body: bytes, policy):
+    """``_send_whole`` under a route's retry policy (``routes.RetryPolicy``):
+    returns the connection, the response to relay and when its try began.
+    Every try but the last is counted against its endpoint here."""
+    request = ctx.request
+    idempotent = request.method in _IDEMPOTENT
+    deadline = trio.current_time() + timeout  # the route's timeout covers every try
+    breaker = cluster.breaker
+    original = conn
+    counted = False
+    tries = 1
+    try:
+        while True:
+            left = deadline - trio.current_time()
+            per_try = min(policy.per_try_timeout or left, left)
+            started = time.monotonic()
+            failure = response = None
+            try:
+                conn, response = await _send_whole(pool, cluster, ctx.endpoint, conn, down, ctx,
+                                                   max(per_try, 0.001), body)
+            except UpstreamError as exc:
+                if not (idempotent and policy.on_failure(exc.flag)):
+                    raise
+                failure = exc
+            else:
+                if not (idempotent and policy.on_status(response.status)):
+                    return conn, response, started
+            endpoint = ctx.endpoint
+            retry = (tries < policy.attempts and deadline - trio.current_time() > 0.001
+                     and not down.io.peer_closed()
+                     and (counted or _budget_allows(breaker, policy)))
+            if not retry:
+                if failure is not None:
+                    raise failure
+                return conn, response, started
+            if failure is not None:
+                cluster.report(endpoint, _FAILURES.get(failure.flag, RESET), None, time.monotonic() - started)
+                why = str(failure)
+            else:
+                cluster.report(endpoint, _answered(response), response.status, time.monotonic() - started)
+                conn.discard = True  # its body is never read
+                why = f"status {response.status}"
+            if not counted:
+                breaker.retries += 1
+                counted = True
+            await pool.release(cluster, conn)
+            conn = None
+            ctx.tried.append(endpoint)
+            following = cluster.pick(ctx, ctx.tried) or cluster.pick(ctx) or endpoint
+            log.info("retrying on another try", request_id=ctx.request_id, attempt=tries + 1,
+                     endpoint=endpoint.address, next=following.address, reason=why)
+            pause = random.uniform(0, min(policy.max_backoff, policy.backoff * 2 ** (tries - 1)))
+            await trio.sleep(min(pause, max(deadline - trio.current_time(), 0)))
+            endpoint.active -= 1
+            following.active += 1
+            ctx._choose(following)
+            tries += 1
+            conn, _ = await _connect(pool, cluster, following, ctx)
+    except BaseException:
+        if conn is not None and conn is not original:  # (the caller releases only the one it gave)
+            await conn.aclose()
+        raise
+    finally:
+        if counted:
+            breaker.retries -= 1
+
+
+def _budget_allows(breaker, policy) -> bool:
+    """A retry budget: retries in flight at most ``budget_percent`` of the
+    requests in flight (always ``min_retries``), and the max_retries breaker."""
+    if not breaker.retry_allowed():
+        return False
+    return breaker.retries < max(policy.min_retries, int(breaker.requests * policy.budget_percent / 100))
 
 
 async def _send_whole(pool, cluster, endpoint, conn, down, ctx, timeout, body: bytes):
