@@ -211,9 +211,10 @@ async def _proxy(listener: Site, chain: Chain, down: Any, head: RequestHead, ctx
     if cluster is None:
         raise _Reply(LocalReply(404, "no route\n", flag="NR"))
     breaker = cluster.breaker
-    if not breaker.request_allowed():
+    if breaker.max_requests is not None and not breaker.request_allowed():
         raise _Reply(LocalReply(503, "upstream overloaded\n", flag="UO"))
-    endpoint = _pinned(cluster, ctx.pinned) if ctx.pinned is not None else None
+    pinned = ctx._pinned
+    endpoint = _pinned(cluster, pinned) if pinned is not None else None
     if endpoint is None:
         endpoint = cluster.pick(ctx)
         if endpoint is None:

@@ -228,13 +228,17 @@ class Cluster:
     breaker: Breaker = field(default_factory=Breaker)
     pools: dict[int, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # Whether the policy listens to feedback: an Attempt is built only then.
+        self._listening = type(self.balancer).feedback is not Balancer.feedback
+
     def eligible(self, tried: Sequence[Endpoint] = (), now: float | None = None) -> list[Endpoint]:
         """The endpoints a pick may choose from (see the module's contract)."""
         if now is None:
             now = time.monotonic()
         endpoints = self.endpoints
-        available = [e for e in endpoints if e.available(now)]
-        if len(available) * 100 < self.panic_threshold * len(endpoints):
+        available = [e for e in endpoints if e.healthy and now >= e.ejected_until]  # (available(), inline)
+        if len(available) != len(endpoints) and len(available) * 100 < self.panic_threshold * len(endpoints):
             available = endpoints  # panic: anything rather than nothing
         if tried:
             return [e for e in available if e not in tried]
@@ -250,11 +254,14 @@ class Cluster:
     def report(self, endpoint: Endpoint, outcome: str, status: int | None, latency: float) -> None:
         """Count a try's outcome for outlier detection, then tell the policy
         (an ``Attempt``, built only for a policy that listens)."""
-        rules = self.outlier
         if outcome == SUCCESS:
             if endpoint.connect_failures or endpoint.server_errors:
                 endpoint.connect_failures = endpoint.server_errors = 0
-        elif outcome == CONNECT_FAILURE:
+            if self._listening:
+                self.balancer.feedback(Attempt(endpoint, outcome, status, latency))
+            return
+        rules = self.outlier
+        if outcome == CONNECT_FAILURE:
             endpoint.connect_failures += 1
             if rules.consecutive_connect_failures and endpoint.connect_failures >= rules.consecutive_connect_failures:
                 self._eject(endpoint, "connect failures", endpoint.connect_failures)
@@ -265,10 +272,6 @@ class Cluster:
                 self._eject(endpoint, "5xx or resets", endpoint.server_errors)
         if self._listening:
             self.balancer.feedback(Attempt(endpoint, outcome, status, latency))
-
-    @property
-    def _listening(self) -> bool:
-        return type(self.balancer).feedback is not Balancer.feedback
 
     def _eject(self, endpoint: Endpoint, why: str, count: int) -> None:
         now = time.monotonic()
