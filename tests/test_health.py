@@ -249,3 +249,36 @@ async def test_connect_tries_1_turns_failover_off(start_origin):
             first = await client.get(proxy.url + "/")  # round robin: the dead one first
     assert first.status_code == 503
     assert live.requests == []
+
+
+class Broken(Balancer):
+    """Raises on its first pick, then picks the first endpoint."""
+
+    name = "broken"
+    calls = 0
+
+    def pick(self, ctx, endpoints):
+        Broken.calls += 1
+        if Broken.calls == 1:
+            raise ValueError("boom")
+        return endpoints[0]
+
+
+class BrokenPolicies:
+    @hookimpl
+    def sluice_balancers(self):
+        return [Broken]
+
+
+async def test_a_policy_that_raises_costs_one_request_a_500_and_is_named(start_origin, capfd):
+    origin = await start_origin()
+    Broken.calls = 0
+    cfg = config(origin.address, cluster={"policy": "broken"})
+    async with serve(cfg, plugins=PLUGINS, extra={"broken": BrokenPolicies()}) as proxy:
+        async with httpx.AsyncClient() as client:
+            first = await client.get(proxy.url + "/1")
+            second = await client.get(proxy.url + "/2")
+    assert (first.status_code, second.status_code) == (500, 200)
+    assert "Traceback" not in first.text
+    logged = capfd.readouterr()
+    assert "balancing policy 'broken' (tests.test_health) of cluster 'backend' failed" in logged.out + logged.err

@@ -204,6 +204,10 @@ class Breaker:
         self._freed = trio.Event()
 
 
+class PolicyError(Exception):
+    """A balancing policy raised in ``pick`` (the client gets 500, flag FE)."""
+
+
 class Overflow(Exception):
     """A circuit breaker's limit (its name) was reached."""
 
@@ -249,7 +253,12 @@ class Cluster:
         eligible = self.eligible(tried)
         if not eligible:
             return None
-        return self.balancer.pick(ctx, eligible)
+        balancer = self.balancer
+        try:
+            return balancer.pick(ctx, eligible)
+        except Exception as exc:  # a policy's bug: a 500 for this request, naming it
+            raise PolicyError(f"balancing policy {balancer.name!r} ({type(balancer).__module__}) of "
+                              f"cluster {self.name!r} failed: {exc!r}") from exc
 
     def report(self, endpoint: Endpoint, outcome: str, status: int | None, latency: float) -> None:
         """Count a try's outcome for outlier detection, then tell the policy
