@@ -282,3 +282,19 @@ async def test_a_policy_that_raises_costs_one_request_a_500_and_is_named(start_o
     assert "Traceback" not in first.text
     logged = capfd.readouterr()
     assert "balancing policy 'broken' (tests.test_health) of cluster 'backend' failed" in logged.out + logged.err
+
+
+def test_the_ejection_count_starts_again_after_a_long_good_spell():
+    cluster = _cluster(2, base_ejection=10, max_ejection=25)
+    ep = cluster.endpoints[0]
+    cluster.report(ep, CONNECT_FAILURE, None, 0.01)
+    ep.ejected_until = time.monotonic() - 1
+    cluster.returned()
+    cluster.report(ep, CONNECT_FAILURE, None, 0.01)
+    assert ep.ejections == 2  # back a moment ago: the second ejection is longer
+    ep.ejected_until = time.monotonic() - 1
+    cluster.returned()
+    ep.returned_at -= 30  # in for longer than max_ejection
+    before = time.monotonic()
+    cluster.report(ep, CONNECT_FAILURE, None, 0.01)
+    assert ep.ejections == 1 and round(ep.ejected_until - before) == 10

@@ -115,6 +115,7 @@ class App:
             outlier=Outlier(**cfg.outlier.model_dump()),
             panic_threshold=cfg.panic_threshold,
             connect_tries=cfg.connect_tries,
+            max_connection_age=cfg.max_connection_age,
             breaker=Breaker(**cfg.circuit_breakers.model_dump()),
         )
 

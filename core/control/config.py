@@ -232,6 +232,9 @@ class ClusterConfig(_Model):
     response_timeout: PositiveFloat = 30.0
     idle_timeout: PositiveFloat = 60.0
     max_idle: Annotated[int, Field(ge=0)] = 64
+    # Seconds a connection serves before it is retired (after its exchange,
+    # or its last stream); None: no limit. Spreads load after scaling out.
+    max_connection_age: PositiveFloat | None = None
     tls: dict[str, Any] | None = None
     # How endpoints are spoken to: HTTP/1.1, HTTP/2 over TLS (ALPN "h2"; needs
     # ``tls``), or HTTP/2 over plain TCP with prior knowledge ("h2c").

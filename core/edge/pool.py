@@ -70,6 +70,7 @@ class UpstreamConnection:
         # would read the next request as the rest of this one.
         self.request_written = False
         self.idle_deadline = 0.0  # when an idle connection expires
+        self.opened = time.monotonic()
         self.peer_closed = False  # the upstream's EOF was read
 
     def _failed(self, message: str, flag: str) -> UpstreamError:
@@ -262,7 +263,10 @@ class Pool:
         """A stream on a connection with room; dial one when none has any."""
         key = id(endpoint)
         while True:
+            age = cluster.max_connection_age
             for conn in self._h2.get(key, ()):
+                if age is not None and not conn.retired and time.monotonic() - conn.opened > age:
+                    conn.retired = True  # no new stream; closed by the reaper once its last one ends
                 if conn.has_room():
                     return conn.stream()
             dial = self._dials.get(key)
@@ -328,6 +332,9 @@ class Pool:
         if (cluster.protocol != "h1" or self.closed or conn.discard or not conn.request_written
                 or not conn.proto.reusable()):
             return False
+        age = cluster.max_connection_age
+        if age is not None and time.monotonic() - conn.opened > age:
+            return False  # retired: the next exchange opens a fresh one
         idle = self._idle.setdefault(id(conn.endpoint), deque())
         if len(idle) >= cluster.max_idle:
             return False

@@ -300,6 +300,8 @@ class H2Upstream:
         self.streams_opened = 0
         self.broken = False
         self.idle_deadline = math.inf
+        self.opened = time.monotonic()
+        self.retired = False  # past max_connection_age: no new stream
         self.settled = trio.Event()  # the peer's SETTINGS arrived
         self._lock = trio.Lock()
 
@@ -310,12 +312,13 @@ class H2Upstream:
 
     def has_room(self) -> bool:
         proto = self.proto
-        return not self.broken and not proto.closed and self.active < proto.max_streams
+        return not self.broken and not self.retired and not proto.closed and self.active < proto.max_streams
 
     @property
     def done(self) -> bool:
-        """Nothing more will go over it: broken, or going away with no stream left."""
-        return self.broken or (self.proto.closed and not self.active)
+        """Nothing more will go over it: broken, or going away (or retired)
+        with no stream left."""
+        return self.broken or ((self.proto.closed or self.retired) and not self.active)
 
     def stream(self) -> H2UpstreamStream:
         self.active += 1

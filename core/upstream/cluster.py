@@ -32,7 +32,8 @@ endpoint: ``consecutive_connect_failures`` failed connects in a row (a
 refused or timed-out connect, a failed TLS handshake) or
 ``consecutive_5xx`` 5xx answers or resets in a row eject it for
 ``base_ejection`` seconds times the number of times it has been ejected (at
-most ``max_ejection``), while at most ``max_ejection_percent`` of the
+most ``max_ejection``; the count starts again once an endpoint has stayed
+in for ``max_ejection`` seconds), while at most ``max_ejection_percent`` of the
 cluster is ejected at once (one endpoint always may be). A success resets
 the counts. Ejections and returns are logged as events.
 """
@@ -80,6 +81,7 @@ class Endpoint:
     active: int = 0
     ejected_until: float = 0.0
     ejections: int = 0  # times ejected so far (the next ejection lasts longer)
+    returned_at: float = 0.0  # when its last ejection ended
     connect_failures: int = 0  # in a row
     server_errors: int = 0  # 5xx answers and resets in a row
 
@@ -229,6 +231,7 @@ class Cluster:
     outlier: Outlier = field(default_factory=Outlier)
     panic_threshold: int = 50  # percent available below which every endpoint is eligible
     connect_tries: int = 5  # endpoints one request may try to connect to
+    max_connection_age: float | None = None  # seconds; then a connection is retired
     breaker: Breaker = field(default_factory=Breaker)
     pools: dict[int, Any] = field(default_factory=dict)
 
@@ -291,6 +294,8 @@ class Cluster:
             log.info("endpoint not ejected: too many are already", cluster=self.name,
                      endpoint=endpoint.address, reason=why, ejected=ejected)
             return
+        if endpoint.ejections and now - endpoint.returned_at > self.outlier.max_ejection:
+            endpoint.ejections = 0  # well for a whole max_ejection since: a first offence again
         endpoint.ejections += 1
         duration = min(self.outlier.base_ejection * endpoint.ejections, self.outlier.max_ejection)
         endpoint.ejected_until = now + duration
@@ -305,6 +310,7 @@ class Cluster:
         back = [e for e in self.endpoints if e.ejected_until and now >= e.ejected_until]
         for endpoint in back:
             endpoint.ejected_until = 0.0
+            endpoint.returned_at = now
             log.info("endpoint returned", cluster=self.name, endpoint=endpoint.address,
                      ejections=endpoint.ejections)
         return back
