@@ -114,6 +114,7 @@ from pydantic import ValidationError
 
 from sluice import CONTINUE, ConfigError, Filter, FilterConfig, LocalReply, Route, hookimpl
 from sluice.control.config import format_errors
+from sluice.proxy.mirror import Mirror
 
 from .routing_actions import Forward, build_action, location, service_name, set_host
 from .routing_config import FORWARD_ONLY, DirectResponse, HeaderMatch, RouteConfig, check_route
@@ -242,6 +243,8 @@ class Router(Filter):
                 cluster=rc.cluster,
                 timeout=rc.timeout,
                 retry=None if rc.retry is None else rc.retry.policy(),
+                mirror=None if rc.mirror is None else Mirror(app.clusters[rc.mirror.cluster],
+                                                             rc.mirror.percent / 100),
                 filters=rc.filters,
                 action=build_action(rc),
                 summary=_summary(rc),

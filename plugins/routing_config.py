@@ -223,6 +223,13 @@ class RetryConfig(_Model):
                            min_retries=self.min_retries, max_body_bytes=self.max_body_bytes)
 
 
+class MirrorConfig(_Model):
+    """``mirror = { cluster = "shadow", percent = 10 }`` (``sluice.proxy.mirror``)."""
+
+    cluster: str
+    percent: Annotated[float, Field(gt=0, le=100)] = 100.0
+
+
 class RouteConfig(_Model):
     name: str | None = None
     match: Match = Match()
@@ -233,6 +240,7 @@ class RouteConfig(_Model):
     redirect: Redirect | None = None
     timeout: Annotated[float, Field(gt=0)] | None = None
     retry: RetryConfig | None = None
+    mirror: MirrorConfig | None = None
     prefix_rewrite: _Path | None = None
     regex_rewrite: RegexRewrite | None = None
     host_rewrite: _HostPort | None = None
@@ -263,7 +271,7 @@ class RouteConfig(_Model):
 
 _ACTIONS = ("cluster", "clusters", "cluster_from_host", "direct_response", "redirect")
 FORWARD_ONLY = ("prefix_rewrite", "regex_rewrite", "host_rewrite", "request_headers", "response_headers",
-                "retry")
+                "retry", "mirror")
 
 
 def check_route(rc: RouteConfig, where: str, clusters) -> None:
@@ -271,6 +279,8 @@ def check_route(rc: RouteConfig, where: str, clusters) -> None:
     known = ", ".join(sorted(clusters)) or "(none)"
     if rc.cluster is not None and rc.cluster not in clusters:
         raise ConfigError(f"{where}.cluster: unknown cluster {rc.cluster!r}; defined: {known}")
+    if rc.mirror is not None and rc.mirror.cluster not in clusters:
+        raise ConfigError(f"{where}.mirror.cluster: unknown cluster {rc.mirror.cluster!r}; defined: {known}")
     if rc.clusters is not None:
         if not rc.clusters:
             raise ConfigError(f"{where}.clusters: name at least one cluster")

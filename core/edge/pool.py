@@ -179,6 +179,14 @@ class Pool:
             task_status.started()
             await self.reap()
 
+    def spawn(self, fn, *args) -> bool:
+        """Run ``fn(*args)`` in the pool's nursery (work that outlives an
+        exchange: a mirrored request); False when the pool is closing."""
+        if self._nursery is None or self.closed:
+            return False
+        self._nursery.start_soon(fn, *args)
+        return True
+
     async def acquire(self, cluster: Cluster, endpoint: Endpoint) -> UpstreamConnection | H2UpstreamStream:
         if cluster.protocol != "h1":
             return await self._stream(cluster, endpoint)

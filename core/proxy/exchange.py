@@ -76,6 +76,7 @@ from .forwarding import (
     switched_protocol,
 )
 from .grpc import grpc_timeout
+from .mirror import mirror
 
 if TYPE_CHECKING:
     from ..edge.pool import Pool
@@ -246,10 +247,14 @@ async def _proxy(listener: Site, chain: Chain, down: Any, head: RequestHead, ctx
         policy = route.retry if route is not None else None
         if policy is not None and policy.attempts < 2:
             policy = None
-        # A body is kept for a replay only when it is small enough; a larger
-        # one streams, and that request is never retried.
-        keep = (policy is not None and head.content_length is not None
-                and head.content_length <= policy.max_body_bytes)
+        shadow = route.mirror if route is not None else None
+        if shadow is not None and not shadow.wanted():
+            shadow = None
+        # A body is kept for a replay (or a mirror's copy) only when it is
+        # small enough; a larger one streams, and that request is never
+        # retried or mirrored.
+        keep = ((policy is not None or shadow is not None) and head.content_length is not None
+                and head.content_length <= (policy.max_body_bytes if policy is not None else _MIRROR_BODY))
         if head.has_body and not ctx.buffer_request and not keep:
             async with trio.open_nursery() as nursery:
                 # Framing follows the head as the filters left it: one that
@@ -276,6 +281,8 @@ async def _proxy(listener: Site, chain: Chain, down: Any, head: RequestHead, ctx
                                                           policy)
             endpoint = ctx.endpoint  # (a replay or a retry may have gone elsewhere)
             answered = True
+            if shadow is not None:
+                mirror(pool, shadow, request, body, ctx.request_id)
             cluster.report(endpoint, _answered(response), response.status, time.monotonic() - started)
             if response.status == 101:
                 await _tunnel(listener, chain, down, conn, ctx, response)
@@ -306,6 +313,7 @@ def _answered(response: Response) -> str:
 
 
 _FAILURES = {"UT": TIMEOUT, "UPE": PROTOCOL_ERROR, "UC": RESET}
+_MIRROR_BODY = 64 * 1024  # the largest body a mirror's copy keeps (without a retry policy's own cap)
 # Failures not counted against the endpoint here: a failed connect was
 # counted by _connect; a breaker's overflow is the cluster's, not its.
 _NOT_THE_ENDPOINTS = frozenset({"UF", "UO"})

@@ -82,6 +82,7 @@ class Route:
     summary: str = ""
     upgrades: frozenset[str] = frozenset({"websocket"})
     retry: RetryPolicy | None = None
+    mirror: Any = None  # a ``sluice.proxy.mirror.Mirror``: a shadow cluster's copy
 
     def filter_settings(self, filter_name: str) -> Mapping[str, Any]:
         """Per-route settings for one filter (empty when none)."""
