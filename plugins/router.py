@@ -65,6 +65,8 @@ When forwarding, a route may also rewrite what goes upstream:
   ``regex_rewrite = { pattern, substitution }`` replaces every match of
   ``pattern`` in the path (``\\1``, ``\\g<name>`` for groups; not the query).
   Pair trailing slashes (``/api/`` to ``/v2/``) or the result may hold ``//``.
+- ``host_rewrite_to_endpoint = true``: the Host sent upstream is the
+  address of the endpoint chosen (for upstreams that check their own name).
 - ``host_rewrite = "backend.internal"``: the Host sent upstream
   (X-Forwarded-Host keeps the client's).
 - ``request_headers`` and ``response_headers``, each ``{ remove = [...],
@@ -114,9 +116,10 @@ from pydantic import ValidationError
 
 from sluice import CONTINUE, ConfigError, Filter, FilterConfig, LocalReply, Route, hookimpl
 from sluice.control.config import format_errors
+from sluice.proxy.forwarding import set_host
 from sluice.proxy.mirror import Mirror
 
-from .routing_actions import Forward, build_action, location, service_name, set_host
+from .routing_actions import Forward, build_action, location, service_name
 from .routing_config import FORWARD_ONLY, DirectResponse, HeaderMatch, RouteConfig, check_route
 from .routing_match import (
     Listeners,
@@ -245,6 +248,7 @@ class Router(Filter):
                 retry=None if rc.retry is None else rc.retry.policy(),
                 mirror=None if rc.mirror is None else Mirror(app.clusters[rc.mirror.cluster],
                                                              rc.mirror.percent / 100),
+                host_to_endpoint=rc.host_rewrite_to_endpoint,
                 filters=rc.filters,
                 action=build_action(rc),
                 summary=_summary(rc),

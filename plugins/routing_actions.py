@@ -12,7 +12,7 @@ from typing import Any
 
 from .routing_config import TEMPLATE, HeaderOps, Redirect, RegexRewrite, RouteConfig
 
-__all__ = ["Forward", "RedirectTo", "build_action", "location", "service_name", "set_host"]
+__all__ = ["Forward", "RedirectTo", "build_action", "location", "service_name"]
 
 
 def _path_rewrite(rc_prefix: str | None, prefix_rewrite: str | None,
@@ -127,15 +127,6 @@ def build_action(rc: RouteConfig) -> Any:
     )
 
 
-def set_host(headers, host: bytes) -> None:
-    """Replace the Host field in place (where it was: h2 makes it :authority)."""
-    fields = headers.raw()
-    for i, (n, _) in enumerate(fields):
-        if n == b"host":
-            fields[i] = (b"host", host)
-            fields[i + 1:] = [f for f in fields[i + 1:] if f[0] != b"host"]
-            return
-    fields.append((b"host", host))
 
 
 def _split_port(hostport: str) -> tuple[str, str | None]:

@@ -244,6 +244,7 @@ class RouteConfig(_Model):
     prefix_rewrite: _Path | None = None
     regex_rewrite: RegexRewrite | None = None
     host_rewrite: _HostPort | None = None
+    host_rewrite_to_endpoint: bool = False
     request_headers: HeaderOps | None = None
     response_headers: HeaderOps | None = None
     filters: dict[str, dict[str, Any]] = {}
@@ -264,6 +265,10 @@ class RouteConfig(_Model):
             extra = [k for k in FORWARD_ONLY if getattr(self, k) is not None]
             if extra:
                 raise ValueError(f"{', '.join(extra)}: only for a route that forwards")
+        if self.host_rewrite_to_endpoint and (self.direct_response is not None or self.redirect is not None):
+            raise ValueError("host_rewrite_to_endpoint: only for a route that forwards")
+        if self.host_rewrite_to_endpoint and self.host_rewrite is not None:
+            raise ValueError("give at most one of host_rewrite, host_rewrite_to_endpoint")
         if self.prefix_rewrite is not None and self.regex_rewrite is not None:
             raise ValueError("give at most one of prefix_rewrite, regex_rewrite")
         return self
@@ -272,6 +277,8 @@ class RouteConfig(_Model):
 _ACTIONS = ("cluster", "clusters", "cluster_from_host", "direct_response", "redirect")
 FORWARD_ONLY = ("prefix_rewrite", "regex_rewrite", "host_rewrite", "request_headers", "response_headers",
                 "retry", "mirror")
+
+# (a bool, so not in FORWARD_ONLY's None test: checked in _one_action)
 
 
 def check_route(rc: RouteConfig, where: str, clusters) -> None:

@@ -81,3 +81,4 @@ async def test_mirror_settings_are_checked_by_key_path(mirror, key):
     with pytest.raises(ConfigError, match=key):
         async with serve(cfg, plugins=PLUGINS):
             pass
+

@@ -213,3 +213,15 @@ async def test_response_edits_reach_sluices_own_answers_on_the_route_but_not_the
     assert failed.status_code >= 500 and failed.headers["x-route"] == "dead"
     assert moved.status_code == 302 and "x-route" not in moved.headers
     assert missing.status_code == 404 and "x-route" not in missing.headers
+
+
+async def test_host_rewrite_to_endpoint_names_the_endpoint_chosen(start_origin):
+    origin = await start_origin()
+    cfg = config(origin.address, routes=[{"match": {"prefix": "/"}, "cluster": "backend",
+                                          "host_rewrite_to_endpoint": True}])
+    async with serve(cfg, plugins=PLUGINS) as proxy:
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(proxy.url + "/h", headers={"host": "public.example"})).status_code == 200
+    request, _ = origin.requests[0]
+    assert dict(request.headers)[b"host"] == origin.address.encode()
+    assert dict(request.headers)[b"x-forwarded-host"] == b"public.example"

@@ -71,6 +71,7 @@ from .forwarding import (
     add_via,
     forward_request,
     offer_upgrade,
+    set_host,
     strip_hop_by_hop,
     strip_trailers,
     switched_protocol,
@@ -332,7 +333,7 @@ async def _connect(pool, cluster, endpoint, ctx: Context, *, fresh: bool = False
         while True:
             started = time.monotonic()
             try:
-                return await (pool.connect if fresh else pool.acquire)(cluster, endpoint), endpoint
+                conn = await (pool.connect if fresh else pool.acquire)(cluster, endpoint)
             except UpstreamError as exc:
                 if exc.flag != "UF":
                     raise
@@ -355,9 +356,15 @@ async def _connect(pool, cluster, endpoint, ctx: Context, *, fresh: bool = False
                 following.active += 1
                 endpoint = following
                 ctx._choose(following)
+                continue
+            route = ctx.matched_route
+            if route is not None and route.host_to_endpoint:
+                set_host(ctx.request.headers, endpoint.address.encode("ascii"))
+            return conn, endpoint
     finally:
         if retrying:
             breaker.retries -= 1
+
 
 
 async def _retrying(pool, cluster, conn, down, ctx, timeout: float, body: bytes, policy):

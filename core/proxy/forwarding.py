@@ -9,7 +9,7 @@ import random
 
 from ..messages import Headers
 
-__all__ = ["VIA", "add_via", "forward_request", "offer_upgrade", "strip_hop_by_hop", "strip_trailers",
+__all__ = ["VIA", "add_via", "forward_request", "offer_upgrade", "set_host", "strip_hop_by_hop", "strip_trailers",
            "switched_protocol"]
 
 VIA = b"1.1 sluice"
@@ -193,6 +193,17 @@ def switched_protocol(headers: Headers, offered: str) -> str | None:
     strip_hop_by_hop(headers)
     headers.raw().extend(((b"connection", b"upgrade"), (b"upgrade", value)))
     return name
+
+
+def set_host(headers: Headers, host: bytes) -> None:
+    """Replace the Host field in place (where it was: h2 makes it :authority)."""
+    fields = headers.raw()
+    for i, (n, _) in enumerate(fields):
+        if n == b"host":
+            fields[i] = (b"host", host)
+            fields[i + 1:] = [f for f in fields[i + 1:] if f[0] != b"host"]
+            return
+    fields.append((b"host", host))
 
 
 def add_via(headers: Headers) -> None:

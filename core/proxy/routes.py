@@ -83,6 +83,7 @@ class Route:
     upgrades: frozenset[str] = frozenset({"websocket"})
     retry: RetryPolicy | None = None
     mirror: Any = None  # a ``sluice.proxy.mirror.Mirror``: a shadow cluster's copy
+    host_to_endpoint: bool = False  # Host becomes the chosen endpoint's address
 
     def filter_settings(self, filter_name: str) -> Mapping[str, Any]:
         """Per-route settings for one filter (empty when none)."""
