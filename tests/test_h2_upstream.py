@@ -126,7 +126,7 @@ async def test_streams_past_the_peers_limit_open_more_connections(start_origin):
     """The back allows 4 streams per connection; 40 requests at once all
     succeed (none refused), over at least 10 connections."""
     async def slow(request, body):
-        await trio.sleep(0.2)
+        await trio.sleep(1.0)  # long enough that all 40 are in flight at once, even on a busy machine
         return Reply(200, [], request.target)
 
     origin = await start_origin(slow)
