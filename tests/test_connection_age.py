@@ -31,7 +31,7 @@ async def test_an_http1_connection_is_retired_after_its_age(start_origin):
     async with serve(config(aged.address, cluster={"max_connection_age": 0.2}), plugins=PLUGINS) as proxy:
         assert await _spread(proxy.url + "/", 10, 0.1) == [200] * 10
     assert young.connections == 1
-    assert 3 <= aged.connections <= 6, aged.connections  # about one per 0.3 s
+    assert 3 <= aged.connections <= 9, aged.connections  # about one per 0.3 s (more if slow)
 
 
 async def test_an_http2_connection_takes_no_new_stream_after_its_age(nursery):
@@ -46,7 +46,7 @@ async def test_an_http2_connection_takes_no_new_stream_after_its_age(nursery):
         with trio.fail_after(5):
             while sum(len(c) for c in proxy.app.pool._h2.values()) > 1:
                 await trio.sleep(0.1)  # the retired ones are closed by the reaper
-    assert 3 <= upstream.connections <= 5, upstream.connections
+    assert 3 <= upstream.connections <= 8, upstream.connections
 
 
 async def test_max_connection_age_is_checked_by_key_path():
