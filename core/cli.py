@@ -260,6 +260,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             print("\n".join(_describe_model(cls.Config, "    ")))
         for cls in info.balancers.values():
             print(f"  policy {cls.name}{_summary(cls)}")
+            print("\n".join(_describe_model(cls.Config, "    ")))
         for cls in info.transports.values():
             print(f"  transport {cls.name}{_summary(cls)}")
             print("    listener settings:")

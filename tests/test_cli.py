@@ -115,6 +115,8 @@ def test_plugins_lists_what_each_provides_with_settings():
     for name in ("router", "balancer", "auth", "tls", "access_log"):
         assert f"{name}  (sluice, sluice.plugins.{name})" in r.stdout
     assert "policy least_request" in r.stdout
+    assert "  policy round_robin: Each eligible endpoint in turn, ignoring weights.\n    (no settings)" in r.stdout
+    assert "    decay: float (default 10.0)" in r.stdout  # ewma's settings
     assert "transport tls" in r.stdout
     assert "    path: str | None (default None)" in r.stdout  # access_log's settings
     assert "    keys: dict[str, str] (required)" in r.stdout  # api_key's, without pydantic's metadata

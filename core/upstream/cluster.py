@@ -108,7 +108,7 @@ class Attempt:
 
 
 class NoSettings(BaseModel):
-    """A policy without settings: ``policy = "name"`` or ``{ name = "name" }``."""
+    """no settings"""  # (what ``sluice plugins`` prints for a policy without any)
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
