@@ -53,7 +53,6 @@ and the answer says ``Connection: close``.
 
 from __future__ import annotations
 
-import random
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -62,16 +61,26 @@ import trio
 
 from ..errors import ClientGone, UpstreamError
 from ..messages import Headers, Response
-from ..protocol.events import NEED_DATA, Body, End, Informational, ProtocolError, RequestHead
-from ..upstream.cluster import CONNECT_FAILURE, HTTP_5XX, PROTOCOL_ERROR, RESET, SUCCESS, TIMEOUT
+from ..protocol.events import NEED_DATA, Body, End, ProtocolError, RequestHead
+from ..upstream.cluster import RESET
 from .answers import DRAIN_LIMIT, answer, complete, drain_body, keeps_open, reason
+from .attempts import (
+    FAILURES,
+    NOT_THE_ENDPOINTS,
+    connect,
+    final_head,
+    outcome,
+    pinned,
+    retrying,
+    send_whole,
+    timed_out,
+)
 from .chain import Chain
 from .filters import LocalReply
 from .forwarding import (
     add_via,
     forward_request,
     offer_upgrade,
-    set_host,
     strip_hop_by_hop,
     strip_trailers,
     switched_protocol,
@@ -100,8 +109,7 @@ __all__ = ["Site", "run_exchange"]
 
 log = structlog.get_logger("sluice.exchange")
 
-_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-_UNPROCESSED_REPLAYS = 5  # a peer that keeps going away (GOAWAY after N requests) gets this many
+_MIRROR_BODY = 64 * 1024  # the largest body a mirror's copy keeps (without a retry policy's own cap)
 _UPGRADES = frozenset({"websocket"})  # when no route says (Route.upgrades' default)
 
 
@@ -215,8 +223,8 @@ async def _proxy(listener: Site, chain: Chain, down: Any, head: RequestHead, ctx
     breaker = cluster.breaker
     if breaker.max_requests is not None and not breaker.request_allowed():
         raise _Reply(LocalReply(503, "upstream overloaded\n", flag="UO"))
-    pinned = ctx._pinned
-    endpoint = _pinned(cluster, pinned) if pinned is not None else None
+    pin = ctx._pinned
+    endpoint = pinned(cluster, pin) if pin is not None else None
     if endpoint is None:
         endpoint = cluster.pick(ctx)
         if endpoint is None:
@@ -238,9 +246,9 @@ async def _proxy(listener: Site, chain: Chain, down: Any, head: RequestHead, ctx
     breaker.requests += 1
     conn = None
     started = time.monotonic()
-    answered = False  # the try's outcome is counted (once)
+    counted = False  # the try's outcome is counted (once)
     try:
-        conn, endpoint = await _connect(pool, cluster, endpoint, ctx)
+        conn, endpoint = await connect(pool, cluster, endpoint, ctx)
         ctx.mark("upstream_connected")
         if request.http_version == "1.0" and request.headers.get_raw(b"host") is None:
             # HTTP/1.0 may omit Host; the upstream hears HTTP/1.1, which may not.
@@ -269,229 +277,35 @@ async def _proxy(listener: Site, chain: Chain, down: Any, head: RequestHead, ctx
                 deadline = trio.CancelScope()  # armed when the body has been sent
                 nursery.start_soon(_pump_request, listener, chain, down, conn, ctx, deadline, timeout)
                 response = await _response_head(down, conn, deadline, ctx)
-                answered = True
-                cluster.report(endpoint, _answered(response), response.status, time.monotonic() - started)
+                counted = True
+                cluster.report(endpoint, outcome(response), response.status, time.monotonic() - started)
                 await _relay_response(listener, chain, down, conn, ctx, response, timeout)
                 nursery.cancel_scope.cancel()  # an early response ends the upload
         else:
             body = await _whole_request_body(listener, chain, down, head, ctx) if head.has_body else b""
             if policy is None:
-                conn, response = await _send_whole(pool, cluster, endpoint, conn, down, ctx, timeout, body)
+                conn, response = await send_whole(pool, cluster, endpoint, conn, down, ctx, timeout, body)
             else:
-                conn, response, started = await _retrying(pool, cluster, conn, down, ctx, timeout, body,
+                conn, response, started = await retrying(pool, cluster, conn, down, ctx, timeout, body,
                                                           policy)
             endpoint = ctx.endpoint  # (a replay or a retry may have gone elsewhere)
-            answered = True
+            counted = True
             if shadow is not None:
                 mirror(pool, shadow, request, body, ctx.request_id)
-            cluster.report(endpoint, _answered(response), response.status, time.monotonic() - started)
+            cluster.report(endpoint, outcome(response), response.status, time.monotonic() - started)
             if response.status == 101:
                 await _tunnel(listener, chain, down, conn, ctx, response)
             else:
                 await _relay_response(listener, chain, down, conn, ctx, response, timeout)
     except UpstreamError as exc:
-        if not answered and exc.flag not in _NOT_THE_ENDPOINTS:
-            cluster.report(ctx.endpoint, _FAILURES.get(exc.flag, RESET), None, time.monotonic() - started)
+        if not counted and exc.flag not in NOT_THE_ENDPOINTS:
+            cluster.report(ctx.endpoint, FAILURES.get(exc.flag, RESET), None, time.monotonic() - started)
         raise
     finally:
         ctx.endpoint.active -= 1
         breaker.requests -= 1
         if conn is not None:
             await pool.release(cluster, conn)
-
-
-def _pinned(cluster, address: str):
-    """The cluster's endpoint at ``address`` when it is available, else None."""
-    now = time.monotonic()
-    for endpoint in cluster.endpoints:
-        if endpoint.address == address:
-            return endpoint if endpoint.available(now) else None
-    return None
-
-
-def _answered(response: Response) -> str:
-    return HTTP_5XX if response.status >= 500 else SUCCESS
-
-
-_FAILURES = {"UT": TIMEOUT, "UPE": PROTOCOL_ERROR, "UC": RESET}
-_MIRROR_BODY = 64 * 1024  # the largest body a mirror's copy keeps (without a retry policy's own cap)
-# Failures not counted against the endpoint here: a failed connect was
-# counted by _connect; a breaker's overflow is the cluster's, not its.
-_NOT_THE_ENDPOINTS = frozenset({"UF", "UO"})
-
-
-async def _connect(pool, cluster, endpoint, ctx: Context, *, fresh: bool = False):
-    """A connection to ``endpoint`` (``fresh``: never a pooled one), or,
-    when it cannot be reached, to another eligible one (nothing was sent:
-    safe for any method), up to ``connect_tries`` endpoints and while the
-    cluster's ``max_retries`` allow. Each failed connect counts against its
-    endpoint (outlier detection)."""
-    tried = ctx.tried
-    breaker = cluster.breaker
-    retrying = False
-    try:
-        while True:
-            started = time.monotonic()
-            try:
-                conn = await (pool.connect if fresh else pool.acquire)(cluster, endpoint)
-            except UpstreamError as exc:
-                if exc.flag != "UF":
-                    raise
-                cluster.report(endpoint, CONNECT_FAILURE, None, time.monotonic() - started)
-                following = (cluster.pick(ctx, [*tried, endpoint])
-                             if len(tried) + 1 < cluster.connect_tries else None)
-                if following is None:
-                    raise
-                if not retrying:
-                    if not breaker.retry_allowed():
-                        log.info("no failover: the cluster's max_retries are in flight",
-                                 request_id=ctx.request_id, cluster=cluster.name)
-                        raise
-                    breaker.retries += 1
-                    retrying = True
-                log.info("connect failed, trying another endpoint", request_id=ctx.request_id,
-                         endpoint=endpoint.address, next=following.address, error=str(exc))
-                tried.append(endpoint)
-                endpoint.active -= 1
-                following.active += 1
-                endpoint = following
-                ctx._choose(following)
-                continue
-            route = ctx.matched_route
-            if route is not None and route.host_to_endpoint:
-                set_host(ctx.request.headers, endpoint.address.encode("ascii"))
-            return conn, endpoint
-    finally:
-        if retrying:
-            breaker.retries -= 1
-
-
-
-async def _retrying(pool, cluster, conn, down, ctx, timeout: float, body: bytes, policy):
-    """``_send_whole`` under a route's retry policy (``routes.RetryPolicy``):
-    returns the connection, the response to relay and when its try began.
-    Every try but the last is counted against its endpoint here."""
-    request = ctx.request
-    idempotent = request.method in _IDEMPOTENT
-    deadline = trio.current_time() + timeout  # the route's timeout covers every try
-    breaker = cluster.breaker
-    original = conn
-    counted = False
-    tries = 1
-    try:
-        while True:
-            left = deadline - trio.current_time()
-            per_try = min(policy.per_try_timeout or left, left)
-            started = time.monotonic()
-            failure = response = None
-            try:
-                conn, response = await _send_whole(pool, cluster, ctx.endpoint, conn, down, ctx,
-                                                   max(per_try, 0.001), body)
-            except UpstreamError as exc:
-                if not (idempotent and policy.on_failure(exc.flag)):
-                    raise
-                failure = exc
-            else:
-                if not (idempotent and policy.on_status(response.status)):
-                    return conn, response, started
-            endpoint = ctx.endpoint
-            retry = (tries < policy.attempts and deadline - trio.current_time() > 0.001
-                     and not down.io.peer_closed()
-                     and (counted or _budget_allows(breaker, policy)))
-            if not retry:
-                if failure is not None:
-                    raise failure
-                return conn, response, started
-            if failure is not None:
-                cluster.report(endpoint, _FAILURES.get(failure.flag, RESET), None, time.monotonic() - started)
-                why = str(failure)
-            else:
-                cluster.report(endpoint, _answered(response), response.status, time.monotonic() - started)
-                conn.discard = True  # its body is never read
-                why = f"status {response.status}"
-            if not counted:
-                breaker.retries += 1
-                counted = True
-            await pool.release(cluster, conn)
-            conn = None
-            ctx.tried.append(endpoint)
-            following = cluster.pick(ctx, ctx.tried) or cluster.pick(ctx) or endpoint
-            log.info("retrying on another try", request_id=ctx.request_id, attempt=tries + 1,
-                     endpoint=endpoint.address, next=following.address, reason=why)
-            pause = random.uniform(0, min(policy.max_backoff, policy.backoff * 2 ** (tries - 1)))
-            await trio.sleep(min(pause, max(deadline - trio.current_time(), 0)))
-            endpoint.active -= 1
-            following.active += 1
-            ctx._choose(following)
-            tries += 1
-            conn, _ = await _connect(pool, cluster, following, ctx)
-    except BaseException:
-        if conn is not None and conn is not original:  # (the caller releases only the one it gave)
-            await conn.aclose()
-        raise
-    finally:
-        if counted:
-            breaker.retries -= 1
-
-
-def _budget_allows(breaker, policy) -> bool:
-    """A retry budget: retries in flight at most ``budget_percent`` of the
-    requests in flight (always ``min_retries``), and the max_retries breaker."""
-    if not breaker.retry_allowed():
-        return False
-    return breaker.retries < max(policy.min_retries, int(breaker.requests * policy.budget_percent / 100))
-
-
-async def _send_whole(pool, cluster, endpoint, conn, down, ctx, timeout, body: bytes):
-    """Send a request whose body (maybe none) is all in hand and wait for its
-    head. It is sent again on a fresh connection once if a reused one died
-    before answering (idempotent methods only), and up to
-    ``_UNPROCESSED_REPLAYS`` times, whatever the method, when the upstream
-    says it never processed it (HTTP/2 REFUSED_STREAM or GOAWAY, RFC 9113
-    8.7), while the cluster's ``max_retries`` allow. Returns the connection
-    and response."""
-    request = ctx.request
-    original = conn
-    retried = False
-    replays = 0
-    breaker = cluster.breaker
-    counted = False  # this request holds one of the cluster's retries in flight
-    try:
-        while True:
-            try:
-                return conn, await _ask(down, conn, ctx, timeout, body)
-            except UpstreamError as exc:
-                if exc.unprocessed and replays < _UNPROCESSED_REPLAYS:
-                    replays += 1
-                elif exc.retryable and not retried and request.method in _IDEMPOTENT:
-                    retried = True
-                else:
-                    if conn is not original:  # (the caller releases only the one it gave)
-                        await conn.aclose()
-                    raise
-                if not counted and not breaker.retry_allowed():
-                    if conn is not original:
-                        await conn.aclose()
-                    log.info("no replay: the cluster's max_retries are in flight",
-                             request_id=ctx.request_id, cluster=cluster.name)
-                    raise
-                if down.io.peer_closed():
-                    # Nobody is waiting for the answer: sending the request again
-                    # would only do its work twice (and take the answer another
-                    # request was due).
-                    if conn is not original:
-                        await conn.aclose()
-                    raise ClientGone("client left before the upstream answered") from None
-                if not counted:
-                    breaker.retries += 1
-                    counted = True
-                log.info("retrying on a fresh connection", request_id=ctx.request_id, error=str(exc))
-                await conn.aclose()
-                # A fresh one: the endpoint's pooled connections may be as dead.
-                conn, endpoint = await _connect(pool, cluster, endpoint, ctx, fresh=True)
-    finally:
-        if counted:
-            breaker.retries -= 1
 
 
 async def _pump_request(listener, chain, down, conn, ctx, deadline, timeout) -> None:
@@ -601,45 +415,11 @@ async def _whole_request_body(listener, chain, down, head, ctx) -> bytes:
     return body
 
 
-async def _ask(down, conn, ctx, timeout: float, body: bytes = b"") -> Response:
-    """Send a request with its whole body; wait for its final head; 504 past ``timeout``.
-
-    An upstream slower than a moment also has the client watched (by the
-    edge's watchdog, see ``watchdog.py``), so a client that leaves ends the
-    wait with ClientGone.
-    """
-    deadline = trio.current_time() + timeout
-    await conn.send_whole(ctx.request, body, deadline)
-    event = await conn.next_event(deadline, watch=down.io)
-    return await _final_head(down, conn, ctx, event, deadline)
-
-
 async def _response_head(down, conn, deadline: trio.CancelScope, ctx) -> Response:
     """Wait for the final response head, relaying 1xx; 504 past the deadline."""
     with deadline:
-        return await _final_head(down, conn, ctx, await conn.next_event(), float("inf"))
-    raise _timed_out()
-
-
-def _timed_out() -> UpstreamError:
-    return UpstreamError("upstream response timed out", status=504, flag="UT")
-
-
-async def _final_head(down, conn, ctx, event, deadline: float) -> Response:
-    """Relay 1xx responses until the final head (None: the deadline passed)."""
-    while type(event) is Informational:
-        status = event.response.status
-        if status == 101:
-            if ctx.upgrade is None:
-                raise UpstreamError("upstream switched protocols unasked", status=502, flag="UPE")
-            break  # the final head of an upgrade: the tunnel's
-        if status != 100 or down.expects_100:  # an unasked-for 100 is dropped (RFC 9110 15.2.1)
-            await down.send_informational(event.response)
-        event = await conn.next_event(deadline)
-    if event is None:
-        raise _timed_out()
-    ctx.response = event.response
-    return event.response
+        return await final_head(down, conn, ctx, await conn.next_event(), float("inf"))
+    raise timed_out()
 
 
 async def _tunnel(listener: Site, chain: Chain, down: Any, conn: Any, ctx: Context,
