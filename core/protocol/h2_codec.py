@@ -16,7 +16,7 @@ a frame or sequence h2 refuses (a connection error)    GOAWAY, the         RFC 9
                                                          connection ends
 a WINDOW_UPDATE of 0 on a stream, a body that breaks   RST_STREAM          RFC 9113 6.9,
   its content-length, trailers without END_STREAM        PROTOCOL_ERROR      8.1, 8.1.1
-  (h2 would end the connection: ``_FrameGate``)
+  (h2 would end the connection: ``FrameGate``)
 a malformed header block (uppercase name, a            RST_STREAM          RFC 9113 8.1.1
   connection-specific field, bad pseudo-headers)         PROTOCOL_ERROR
   that h2 finds
@@ -63,7 +63,6 @@ import os
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import h2.config
 import h2.connection
@@ -77,13 +76,13 @@ from hyperframe.frame import GoAwayFrame
 
 from ..messages import Headers, Request, Response
 from .events import End, ProtocolError, RequestHead
+from .h2_events import PREFACE, Data, Refused, StreamReset, Terminated, WebSocketHead, WindowOpen
+from .h2_gate import DROP, OVER, PASS, WAIT, FrameGate
 from .heads import content_length
 from .targets import check_host, request_target
 
 __all__ = ["PREFACE", "Data", "H2Server", "Refused", "StreamReset", "Terminated", "WebSocketHead",
            "WindowOpen", "websocket_accept"]
-
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 # Fields an HTTP/2 message may not carry (RFC 9113 8.2.2); what a response
 # from an HTTP/1.1 upstream may still have is dropped on the way out.
@@ -93,58 +92,6 @@ _CONNECTION_SPECIFIC = frozenset(
 # What a response or trailer section never carries over HTTP/2: the above,
 # and TE (a request field, and then only "trailers").
 _NOT_SENT = _CONNECTION_SPECIFIC | {b"te"}
-
-
-@dataclass(slots=True)
-class Data:
-    """Request body bytes, with the flow-controlled size to acknowledge once
-    the exchange took them (padding included, RFC 9113 6.9.1)."""
-
-    data: bytes
-    size: int
-
-
-@dataclass(slots=True)
-class WebSocketHead:
-    """An extended CONNECT for a WebSocket (RFC 8441), as the HTTP/1.1
-    handshake it becomes: ``head`` is its GET with ``Upgrade: websocket``,
-    ``key`` the Sec-WebSocket-Key in it, which the upstream's 101 must answer
-    (``open_tunnel``)."""
-
-    head: RequestHead
-    key: bytes
-
-
-@dataclass(slots=True)
-class StreamReset:
-    """The client reset the stream (or h2 did, for a stream error)."""
-
-    code: int
-
-
-@dataclass(slots=True)
-class WindowOpen:
-    """The peer opened a flow-control window (stream 0: the connection's,
-    or every stream's, after a SETTINGS change): sends waiting may go on."""
-
-
-@dataclass(slots=True)
-class Refused:
-    """A request sluice answers itself, never forwards: ``status`` and why
-    (status 0: a malformed one, already reset with PROTOCOL_ERROR)."""
-
-    status: int
-    error: ProtocolError
-
-
-@dataclass(slots=True)
-class Terminated:
-    """The connection is over: the client sent GOAWAY, or broke the protocol
-    (then ``pending()`` holds our GOAWAY)."""
-
-    error_code: int
-    last_stream_id: int
-    reason: str = ""
 
 
 class _Peer:
@@ -286,7 +233,7 @@ class H2Server(_Peer):
         self._control = _Bucket(_CONTROL_BURST, _CONTROL_RATE, clock())
         self._out = b""  # bytes to write before h2's own (a graceful GOAWAY)
         self._last_served: int | None = None  # once a GOAWAY went out: the last stream served
-        self._gate = _FrameGate()
+        self._gate = FrameGate()
         self._held = b""  # the start of a frame header, until the rest comes
         self._h2.initiate_connection()
         # h2 enforces the settings it holds as a connection error. It is
@@ -311,7 +258,7 @@ class H2Server(_Peer):
         Frames are looked at (their 9-byte header, and at most 4 bytes of a
         payload) before h2 sees them, for the errors RFC 9113 makes
         stream errors and h2 connection errors, or gives another code
-        (``_FrameGate``'s table); runs of the others go to h2 whole.
+        (``FrameGate``'s table); runs of the others go to h2 whole.
         """
         if self._held:
             data, self._held = self._held + data, b""
@@ -327,18 +274,18 @@ class H2Server(_Peer):
                 pos += step
                 continue
             verdict = gate.look(data, pos, self)
-            if verdict is _WAIT:  # a header (or a peek) not all here yet
+            if verdict is WAIT:  # a header (or a peek) not all here yet
                 break
-            if verdict is not _PASS:
+            if verdict is not PASS:
                 # What came before goes first: the verdict may depend on
                 # the streams it opened, and events keep their order.
                 if given < pos and not self._give(data[given:pos], out):
                     return out
                 given = pos
                 verdict = gate.decide(data, pos, self, out)
-                if verdict is _OVER:
+                if verdict is OVER:
                     return out
-                if verdict is _DROP:
+                if verdict is DROP:
                     pos = given = pos + 9 + gate.dropped
                     continue
                 if type(verdict) is bytes:  # the header, rewritten
@@ -551,185 +498,6 @@ class H2Server(_Peer):
             self._h2.close_connection(last_stream_id=self._h2.highest_inbound_stream_id)
         except h2.exceptions.ProtocolError:
             pass
-
-
-# -- what is looked at before h2 --------------------------------------------
-
-_DATA, _HEADERS, _SETTINGS, _GOAWAY, _WINDOW_UPDATE = 0x0, 0x1, 0x4, 0x7, 0x8
-_END_STREAM, _ACK, _PADDED = 0x1, 0x1, 0x8
-
-# ``_FrameGate.look``'s verdicts (``decide`` may also return a rewritten header).
-_PASS = "pass"  # to h2 as it is
-_WAIT = "wait"  # more bytes needed to say
-_LOOK = "look"  # h2 must have what came before: ``decide`` then says
-_DROP = "drop"  # handled here; h2 never sees it
-_OVER = "over"  # a connection error: nothing more is read
-
-
-class _FrameGate:
-    """The frames ``H2Server`` answers itself, because h2 would answer them
-    otherwise (h2 4.x raises a connection error where RFC 9113 names a
-    stream error, or names another code):
-
-    ======================================  ==========================  ==========================
-    frame                                   RFC 9113                    done here
-    ======================================  ==========================  ==========================
-    SETTINGS with ACK and a payload         6.5: connection error       GOAWAY FRAME_SIZE_ERROR
-                                              FRAME_SIZE_ERROR            (h2: PROTOCOL_ERROR)
-    WINDOW_UPDATE of 0 on an open stream    6.9: stream error           RST_STREAM PROTOCOL_ERROR,
-                                              PROTOCOL_ERROR              the frame dropped
-    DATA past the content-length, or        8.1.1: malformed (a         RST_STREAM PROTOCOL_ERROR,
-      END_STREAM short of it                  stream error)               then h2 takes the frame
-                                                                          (its window is counted)
-    trailers without END_STREAM, or ending  8.1: malformed              END_STREAM set for h2 (its
-      the body short of the content-length                                HPACK state must see the
-                                                                          block), then RST_STREAM
-                                                                          PROTOCOL_ERROR
-    a request with END_STREAM on its        8.1.1: malformed            RST_STREAM PROTOCOL_ERROR
-      HEADERS and a content-length above 0    (h2 lets it through)
-    the client's GOAWAY with NO_ERROR       6.8: the streams open       ``Terminated``; the frame
-                                              carry on                    dropped (h2 would close its
-                                                                          whole state machine,
-                                                                          python-hyper/h2#1181)
-    ======================================  ==========================  ==========================
-
-    Only headers are read (and 4 bytes of a WINDOW_UPDATE, 1 of a padded
-    DATA); payloads stream through untouched. Body sizes are counted here
-    per stream with a content-length (a HEAD's is 0, as h2 counts it), so
-    h2's own count, which raises, never finds a mismatch first.
-    """
-
-    __slots__ = ("through", "dropped", "lengths", "bad_trailers", "newest", "_short", "_preface")
-
-    def __init__(self) -> None:
-        self.through = 0  # payload bytes of the current frame still to pass
-        self.dropped = 0  # payload size of the frame ``decide`` dropped
-        self.lengths: dict[int, list[int]] = {}  # stream -> [content-length, bytes so far]
-        self.bad_trailers: set[int] = set()  # streams whose trailers h2 gets with END_STREAM set
-        self.newest = 0  # the highest stream a HEADERS frame was seen on
-        self._short = 0  # the stream whose DATA ``look`` found breaking its content-length
-        self._preface = len(PREFACE)
-
-    def preface(self, size: int) -> int:
-        """How many of ``size`` new bytes belong to the client preface."""
-        take = min(self._preface, size)
-        self._preface -= take
-        return take
-
-    def opened(self, event: h2.events.RequestReceived) -> str | None:
-        """Note a new request's content-length; why it is malformed, if it is."""
-        length = None
-        method = None
-        for name, value in event.headers:
-            if name == b"content-length" and value.isdigit():
-                length = int(value)
-            elif name == b":method":
-                method = value
-        if method == b"HEAD":
-            length = 0
-        if event.stream_ended is not None:
-            if length:
-                return f"content-length {length}, but no body"
-        elif length is not None:
-            self.lengths[event.stream_id] = [length, 0]
-        return None
-
-    def forget(self, stream_id: int) -> None:
-        self.lengths.pop(stream_id, None)
-
-    def look(self, data: bytes, pos: int, server: H2Server) -> object:
-        """What to do with the frame at ``pos`` (a first look, no h2 state)."""
-        if len(data) - pos < 9:
-            return _WAIT
-        kind = data[pos + 3]
-        flags = data[pos + 4]
-        sid = int.from_bytes(data[pos + 5:pos + 9], "big") & 0x7FFFFFFF
-        if kind == _DATA:
-            if flags & _PADDED and len(data) - pos < 10:
-                return _WAIT
-            if sid in self.lengths:  # counted without h2: a mismatch only needs it
-                if self._body(data, pos):
-                    return _PASS
-                self._short = sid
-                return _LOOK
-            # The stream may be opened by bytes h2 has not had yet.
-            return _LOOK if sid > server._h2.highest_inbound_stream_id else _PASS
-        if kind == _HEADERS:
-            if sid > self.newest:
-                self.newest = sid
-                return _PASS  # a new stream
-            return _LOOK  # trailers, maybe
-        if kind == _WINDOW_UPDATE and sid and int.from_bytes(data[pos:pos + 3], "big") == 4:
-            if len(data) - pos < 13:
-                return _WAIT
-            return _LOOK if not int.from_bytes(data[pos + 9:pos + 13], "big") & 0x7FFFFFFF else _PASS
-        if kind == _SETTINGS and flags & _ACK and sid == 0 and data[pos:pos + 3] != b"\0\0\0":
-            return _LOOK
-        if kind == _GOAWAY and sid == 0:
-            size = int.from_bytes(data[pos:pos + 3], "big")
-            if 8 <= size <= server._h2.max_inbound_frame_size:  # else h2's connection error
-                if len(data) - pos < 9 + size:
-                    return _WAIT
-                return _LOOK if not int.from_bytes(data[pos + 13:pos + 17], "big") else _PASS
-        return _PASS
-
-    def decide(self, data: bytes, pos: int, server: H2Server, out: list) -> object:
-        """The verdict on the frame at ``pos``, h2 having had what came before."""
-        kind = data[pos + 3]
-        flags = data[pos + 4]
-        sid = int.from_bytes(data[pos + 5:pos + 9], "big") & 0x7FFFFFFF
-        if kind == _GOAWAY:
-            size = int.from_bytes(data[pos:pos + 3], "big")
-            last = int.from_bytes(data[pos + 9:pos + 13], "big") & 0x7FFFFFFF
-            out.append((0, Terminated(0, last, data[pos + 17:pos + 9 + size].decode("latin-1"))))
-            self.dropped = size
-            return _DROP
-        if kind == _SETTINGS:
-            code = h2.errors.ErrorCodes.FRAME_SIZE_ERROR
-            server._h2.close_connection(code, additional_data=b"SETTINGS ACK with a payload")
-            out.append((0, Terminated(int(code), server._h2.highest_inbound_stream_id,
-                                      "SETTINGS ACK with a payload")))
-            return _OVER
-        if kind == _WINDOW_UPDATE:
-            if sid > server._h2.highest_inbound_stream_id or not sid & 1:
-                return _PASS  # an idle stream: h2's connection error (RFC 9113 5.1)
-            if server._open(sid):
-                server._stream_error(sid, out)
-            self.dropped = 4  # on a stream closed already: nothing to say
-            return _DROP
-        if kind == _DATA:
-            short, self._short = self._short == sid, 0
-            if short or not self._body(data, pos):
-                server._stream_error(sid, out)  # then h2 takes the frame as on any reset stream
-            return _PASS
-        # HEADERS on a stream already open: trailers (8.1), which end the body.
-        if not server.remote_open(sid):
-            return _PASS  # on a closed stream, or a lower id than one used: h2's connection error
-        counted = self.lengths.pop(sid, None)
-        if flags & _END_STREAM and (counted is None or counted[1] == counted[0]):
-            return _PASS
-        self.bad_trailers.add(sid)
-        return data[pos:pos + 4] + bytes([flags | _END_STREAM]) + data[pos + 5:pos + 9]
-
-    def _body(self, data: bytes, pos: int) -> bool:
-        """Count the DATA frame at ``pos`` against its stream's content-length;
-        False when it goes past it, or ends the stream short of it."""
-        sid = int.from_bytes(data[pos + 5:pos + 9], "big") & 0x7FFFFFFF
-        counted = self.lengths.get(sid)
-        if counted is None:
-            return True
-        size = int.from_bytes(data[pos:pos + 3], "big")
-        flags = data[pos + 4]
-        if flags & _PADDED:
-            size -= 1 + data[pos + 9]
-            if size < 0:
-                return True  # padding past the payload: h2's connection error (6.1)
-        counted[1] += size
-        if counted[1] > counted[0] or flags & _END_STREAM and counted[1] != counted[0]:
-            return False
-        if flags & _END_STREAM:
-            del self.lengths[sid]
-        return True
 
 
 _PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path", b":protocol"})
