@@ -151,7 +151,7 @@ class _Demo:
     http2: bool = False
 
 
-async def _serve(target: App | _Demo, reuse_port: bool, ready) -> None:
+async def _serve(target: App | _Demo, reuse_port: bool, ready, index: int = 0) -> None:
     async with trio.open_nursery() as nursery:
         if isinstance(target, _Demo):
             from .control.demo import serve_demo
@@ -161,6 +161,7 @@ async def _serve(target: App | _Demo, reuse_port: bool, ready) -> None:
             config = one_line_config(target.listen, [upstream], target.plugins, target.order, target.http2)
             target = App(_with_codec(config, target.codec), target.plugins)
         app = target
+        app.worker_index = index
 
         async def run(task_status=trio.TASK_STATUS_IGNORED) -> None:
             await app.run(reuse_port=reuse_port, task_status=task_status)
@@ -184,9 +185,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     target, workers, level = _build_run(args)
     configure(level)
 
-    def worker(reuse_port: bool, ready) -> None:
+    def worker(reuse_port: bool, ready, index: int) -> None:
         try:
-            trio.run(_serve, target, reuse_port, ready)
+            trio.run(_serve, target, reuse_port, ready, index)
         except BaseExceptionGroup as group:  # from inside trio.run: find the cause
             config_errors = group.subgroup(ConfigError)
             if config_errors is None:

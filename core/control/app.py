@@ -52,6 +52,7 @@ class App:
         self.plugins = plugins
         self.nursery: trio.Nursery | None = None
         self.addresses: list[str] = []
+        self.worker_index = 0  # which of ``--workers N`` this process is (0..N-1); the cli sets it
         self._stop = None
         self.health_checks: dict[str, HealthCheck] = {}
         self.clusters = {name: self._cluster(name, c) for name, c in config.clusters.items()}
@@ -240,6 +241,10 @@ class App:
         """Begin a graceful stop (safe to call from a signal handler task)."""
         if self._stop is not None:
             self._stop.set()
+
+    def request_reload(self) -> None:
+        """Ask for a config reload (SIGHUP; safe from any task). For now only logged."""
+        log.info("reload requested", worker=self.worker_index)
 
     async def _drain(self, serving: trio.Nursery) -> None:
         timeout = self.config.server.drain_timeout

@@ -20,7 +20,10 @@ __all__ = ["run_workers"]
 _RESPAWN_BACKOFF = 1.0
 
 
-def _spawn(target: Callable[[bool, Callable[[], None]], None]) -> tuple[int, int]:
+Target = Callable[[bool, Callable[[], None], int], None]
+
+
+def _spawn(target: Target, index: int) -> tuple[int, int]:
     """Fork a worker; returns its pid and a pipe it writes to once it listens."""
     ready_r, ready_w = os.pipe()
     pid = os.fork()
@@ -34,7 +37,7 @@ def _spawn(target: Callable[[bool, Callable[[], None]], None]) -> tuple[int, int
 
         code = 0
         try:
-            target(True, ready)
+            target(True, ready, index)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
         except BaseException:  # noqa: BLE001 - report, never return into the parent's code
@@ -60,21 +63,25 @@ def _was_ready(fd: int) -> bool:
         os.close(fd)
 
 
-def run_workers(n: int, target: Callable[[bool, Callable[[], None]], None]) -> int:
-    """Run ``target(reuse_port, ready)`` in-process (n == 1) or in n forked workers.
+def run_workers(n: int, target: Target) -> int:
+    """Run ``target(reuse_port, ready, index)`` in-process (n == 1) or in n forked workers.
 
     ``ready()`` is called by the worker once it listens; a worker that dies
-    before that could not start, and is not replaced.
+    before that could not start, and is not replaced. ``index`` is the
+    worker's stable number, 0..n-1 (0 in-process): a replacement gets the
+    index of the worker it replaces, so "worker 0" always exists once.
     """
     if n == 1:
-        target(False, lambda: None)
+        target(False, lambda: None, 0)
         return 0
     stopping = False
     pids: dict[int, int] = {}  # live workers -> their ready pipe
+    indexes: dict[int, int] = {}  # live workers -> their index
 
-    def spawn() -> None:
-        pid, ready_fd = _spawn(target)
+    def spawn(index: int) -> None:
+        pid, ready_fd = _spawn(target, index)
         pids[pid] = ready_fd
+        indexes[pid] = index
 
     def forward(signum: int, _frame) -> None:
         nonlocal stopping
@@ -87,8 +94,8 @@ def run_workers(n: int, target: Callable[[bool, Callable[[], None]], None]) -> i
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    for _ in range(n):
-        spawn()
+    for index in range(n):
+        spawn(index)
     failed = False
     while pids:
         try:
@@ -96,6 +103,7 @@ def run_workers(n: int, target: Callable[[bool, Callable[[], None]], None]) -> i
         except ChildProcessError:
             break
         ready_fd = pids.pop(pid, None)
+        index = indexes.pop(pid, 0)
         started = ready_fd is not None and _was_ready(ready_fd)
         code = os.waitstatus_to_exitcode(status)
         if stopping:
@@ -111,5 +119,5 @@ def run_workers(n: int, target: Callable[[bool, Callable[[], None]], None]) -> i
         print(f"sluice: worker {pid} exited with {code}; starting another", file=sys.stderr, flush=True)
         time.sleep(_RESPAWN_BACKOFF)
         if not stopping:
-            spawn()
+            spawn(index)
     return 1 if failed else 0
