@@ -110,7 +110,6 @@ from __future__ import annotations
 import bisect
 import ipaddress
 import random
-from collections.abc import Callable
 
 from pydantic import ValidationError
 
@@ -122,10 +121,8 @@ from sluice.proxy.mirror import Mirror
 from .routing_actions import Forward, build_action, location, service_name
 from .routing_config import FORWARD_ONLY, DirectResponse, HeaderMatch, RouteConfig, check_route
 from .routing_match import (
-    Listeners,
     RouteIndex,
     RouteMatch,
-    client_ip,
     header_test,
     host_pattern,
     methods_test,
@@ -176,7 +173,7 @@ def _summary(rc: RouteConfig) -> str:
     return f"{' '.join(conditions) or 'everything'} -> {action}"
 
 
-def _compile_match(rc: RouteConfig, listeners: Listeners, clusters) -> RouteMatch:
+def _compile_match(rc: RouteConfig, clusters) -> RouteMatch:
     """The route's conditions: host and path for the index, the rest as tests, cheapest first."""
     m = rc.match
     tests: list = []
@@ -185,7 +182,7 @@ def _compile_match(rc: RouteConfig, listeners: Listeners, clusters) -> RouteMatc
     if m.regex is not None:
         tests.append(regex_test(m.regex))
     if m.port is not None:
-        tests.append(port_test(m.port, listeners))
+        tests.append(port_test(m.port))
     if m.sni is not None:
         tests.append(sni_test(m.sni))
     headers = ([HeaderMatch(name=k, exact=v) for k, v in m.headers.items()]
@@ -195,7 +192,7 @@ def _compile_match(rc: RouteConfig, listeners: Listeners, clusters) -> RouteMatc
     for q in m.query:
         tests.append(query_test(q.name, q.exact, q.regex, q.present))
     if m.source is not None:
-        tests.append(source_test([ipaddress.ip_network(s) for s in m.source], listeners))
+        tests.append(source_test([ipaddress.ip_network(s) for s in m.source]))
     if rc.cluster_from_host is not None:
         suffix = rc.cluster_from_host.suffix
         suffix = suffix.lower() if suffix else None
@@ -220,18 +217,15 @@ class Router(Filter):
     class Config(FilterConfig):
         """No settings of its own: the routes are the config's top-level [[routes]]."""
 
-    def __init__(self, config: FilterConfig, routes: list[tuple[RouteMatch, Route]] = (), clusters=None,
-                 listeners: Listeners | None = None):
+    def __init__(self, config: FilterConfig, routes: list[tuple[RouteMatch, Route]] = (), clusters=None):
         super().__init__(config)
         self.routes = [route for _, route in routes]
         self._index = RouteIndex([match for match, _ in routes])
         self._clusters = clusters if clusters is not None else {}
-        self._listeners = listeners if listeners is not None else Listeners(())
         self.random = random.Random()
 
     @classmethod
     def from_config(cls, config: FilterConfig, app) -> Router:
-        listeners = Listeners(app.config.listeners, lambda i: _bound_port(app, i))
         table = []
         edits_responses = False
         for i, raw in enumerate(app.config.routes):
@@ -255,11 +249,11 @@ class Router(Filter):
                 upgrades=frozenset(t.lower() for t in rc.upgrades),
             )
             edits_responses = edits_responses or rc.response_headers is not None
-            table.append((_compile_match(rc, listeners, app.clusters), route))
+            table.append((_compile_match(rc, app.clusters), route))
         # A chain calls only the phases a filter's class overrides: without
         # response edits, the router costs nothing on the response path.
         kind = _EditingRouter if edits_responses else cls
-        return kind(config, table, app.clusters, listeners)
+        return kind(config, table, app.clusters)
 
     def resolve_route(self, ctx) -> Route | None:
         i = self._index.first(ctx.request, ctx)
@@ -287,21 +281,11 @@ class Router(Filter):
             if action.host_rewrite is not None:
                 set_host(request.headers, action.host_rewrite)
             if action.request_edits is not None:
-                action.request_edits.apply(request.headers, self._variables(ctx, request, route))
+                action.request_edits.apply(request.headers, ctx)
             return CONTINUE
         if type(action) is DirectResponse:
             return LocalReply(action.status, action.body, [("content-type", action.content_type)])
         return LocalReply(action.config.status, "", [("location", location(action, ctx, request))])
-
-    def _variables(self, ctx, request, route) -> Callable[[str], str]:
-        def value(name: str) -> str:
-            if name == "client_ip":
-                return client_ip(request, ctx, self._listeners)
-            if name == "request_id":
-                return ctx.request_id
-            return route.name
-
-        return value
 
 
 class _EditingRouter(Router):
@@ -311,14 +295,8 @@ class _EditingRouter(Router):
         route = ctx.matched_route
         action = route.action if route is not None else None
         if type(action) is Forward and action.response_edits is not None:
-            action.response_edits.apply(response.headers, self._variables(ctx, ctx.request, route))
+            action.response_edits.apply(response.headers, ctx)
         return CONTINUE
-
-
-def _bound_port(app, i: int) -> int | None:
-    """Listener ``i``'s bound port, once it listens (``App.addresses``)."""
-    addresses = app.addresses
-    return int(addresses[i].rsplit(":", 1)[1]) if i < len(addresses) else None
 
 
 @hookimpl

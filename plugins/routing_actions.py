@@ -10,7 +10,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .routing_config import TEMPLATE, HeaderOps, Redirect, RegexRewrite, RouteConfig
+from sluice.proxy.header_edits import HeaderEdits
+
+from .routing_config import Redirect, RegexRewrite, RouteConfig
 
 __all__ = ["Forward", "RedirectTo", "build_action", "location", "service_name"]
 
@@ -35,45 +37,6 @@ def _path_rewrite(rc_prefix: str | None, prefix_rewrite: str | None,
     return None
 
 
-class _Template:
-    """A header value with ``${variable}`` parts, rendered per request."""
-
-    __slots__ = ("parts", "literal")
-
-    def __init__(self, value: str) -> None:
-        parts: list[tuple[bool, str]] = []  # (is_variable, text)
-        pos = 0
-        for m in TEMPLATE.finditer(value):
-            parts.append((False, value[pos:m.start()]))
-            parts.append((True, m.group(1)) if m.group(1) is not None else (False, "$"))
-            pos = m.end()
-        parts.append((False, value[pos:]))
-        self.parts = [p for p in parts if p[0] or p[1]]
-        self.literal = "".join(t for _, t in self.parts) if not any(v for v, _ in self.parts) else None
-
-    def render(self, variables: Callable[[str], str]) -> str:
-        if self.literal is not None:
-            return self.literal
-        return "".join(variables(t) if v else t for v, t in self.parts)
-
-
-class _HeaderEdits:
-    """One ``request_headers`` or ``response_headers`` table, compiled."""
-
-    def __init__(self, ops: HeaderOps) -> None:
-        self.remove = [n.lower() for n in ops.remove]
-        self.set = [(n.lower(), _Template(v)) for n, v in ops.set.items()]
-        self.add = [(n.lower(), _Template(v)) for n, v in ops.add.items()]
-
-    def apply(self, headers, variables: Callable[[str], str]) -> None:
-        if self.remove:
-            headers.remove(*self.remove)
-        for name, value in self.set:
-            headers.set(name, value.render(variables))
-        for name, value in self.add:
-            headers.add(name, value.render(variables))
-
-
 @dataclass(slots=True, eq=False)
 class Forward:
     """Forward: to one cluster, a weighted split, or the one the host names;
@@ -84,8 +47,8 @@ class Forward:
     host_suffix: str | None = None  # cluster_from_host (None: the whole host)
     rewrite: Callable[[str], str] | None = None
     host_rewrite: bytes | None = None
-    request_edits: _HeaderEdits | None = None
-    response_edits: _HeaderEdits | None = None
+    request_edits: HeaderEdits | None = None
+    response_edits: HeaderEdits | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -122,8 +85,8 @@ def build_action(rc: RouteConfig) -> Any:
         host_suffix=cfh.suffix.lower() if cfh is not None and cfh.suffix else None,
         rewrite=_path_rewrite(rc.match.prefix, rc.prefix_rewrite, rc.regex_rewrite),
         host_rewrite=rc.host_rewrite.encode("ascii") if rc.host_rewrite else None,
-        request_edits=_HeaderEdits(rc.request_headers) if rc.request_headers else None,
-        response_edits=_HeaderEdits(rc.response_headers) if rc.response_headers else None,
+        request_edits=HeaderEdits.of(rc.request_headers),
+        response_edits=HeaderEdits.of(rc.response_headers),
     )
 
 

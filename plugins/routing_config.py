@@ -16,9 +16,10 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from sluice import ConfigError
+from sluice.proxy.header_edits import HeaderOps, check_ops
 from sluice.proxy.routes import RetryPolicy
 
-__all__ = ["FORWARD_ONLY", "TEMPLATE", "DirectResponse", "HeaderMatch", "HeaderOps", "Redirect", "RegexRewrite",
+__all__ = ["FORWARD_ONLY", "DirectResponse", "HeaderMatch", "Redirect", "RegexRewrite",
            "RouteConfig", "check_route"]
 
 
@@ -163,37 +164,6 @@ class ClusterFromHost(_Model):
     suffix: Annotated[str, AfterValidator(_matches(r"\.[A-Za-z0-9_.-]+", "a suffix starts with '.'"))] | None = None
 
 
-_VARIABLES = ("client_ip", "request_id", "route")
-TEMPLATE = re.compile(r"\$\$|\$\{([^}]*)\}")
-_TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-# Fields the framing or the hop needs; a route may not add, set or remove them.
-_FRAMING = frozenset({"content-length", "transfer-encoding", "connection", "upgrade", "te",
-                      "trailer", "keep-alive", "proxy-connection"})
-
-
-def _template(value: str) -> str:
-    for m in TEMPLATE.finditer(value):
-        if m.group(1) is not None and m.group(1) not in _VARIABLES:
-            raise ValueError(f"unknown variable ${{{m.group(1)}}}; known: "
-                             + ", ".join(f"${{{v}}}" for v in _VARIABLES))
-    if re.search(r"[\x00\r\n]", value) or value != value.strip(" \t"):
-        raise ValueError("a header value has no CR, LF, NUL, or leading or trailing whitespace")
-    return value
-
-
-_HeaderName = Annotated[str, AfterValidator(_matches(_TOKEN, "not a header name (a token)"))]
-_HeaderValue = Annotated[str, AfterValidator(_template)]
-
-
-class HeaderOps(_Model):
-    remove: list[_HeaderName] = []
-    set: dict[_HeaderName, _HeaderValue] = {}
-    add: dict[_HeaderName, _HeaderValue] = {}
-
-    def touched(self) -> list[str]:
-        return [n.lower() for n in (*self.remove, *self.set, *self.add)]
-
-
 class RetryConfig(_Model):
     """``retry = { attempts = 3, on = [...] }`` (``sluice.proxy.routes.RetryPolicy``)."""
 
@@ -300,12 +270,8 @@ def check_route(rc: RouteConfig, where: str, clusters) -> None:
                       ("redirect.prefix_rewrite", rc.redirect and rc.redirect.prefix_rewrite)):
         if rule is not None and rc.match.prefix is None:
             raise ConfigError(f"{where}.{key}: needs match.prefix (the part it replaces)")
-    for key, forbidden in (("request_headers", _FRAMING | {"host"}), ("response_headers", _FRAMING)):
-        ops = getattr(rc, key)
-        bad = [n for n in ops.touched() if n in forbidden] if ops is not None else []
-        if bad:
-            hint = " (use host_rewrite)" if "host" in bad else ""
-            raise ConfigError(f"{where}.{key}: {bad[0]!r} is the proxy's to set{hint}")
+    check_ops(rc.request_headers, f"{where}.request_headers", request=True, host_hint=" (use host_rewrite)")
+    check_ops(rc.response_headers, f"{where}.response_headers", request=False)
 
 
 # -- what a matched route does -----------------------------------------------

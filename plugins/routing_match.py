@@ -34,64 +34,12 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
-__all__ = ["Listeners", "RouteIndex", "RouteMatch", "client_ip", "host_pattern", "linear_first"]
+__all__ = ["RouteIndex", "RouteMatch", "host_pattern", "linear_first"]
 
 Test = Callable[[Any, Any], bool]  # (request, ctx) -> bool
 
 
 # -- the facts a condition reads beyond the request ----------------------------
-
-
-class Listeners:
-    """What routes need to know of the listener a request came in on, by the
-    name ``ctx.listener`` carries: whether it trusts X-Forwarded-For, and its
-    port. A listener configured on port 0 is asked its bound port (``bound``:
-    listener index -> port, or None before it listens). Two listeners sharing
-    a name are trusted only if both are, and match a port only if they share
-    it: a rule never guesses."""
-
-    def __init__(self, configs: Sequence[Any], bound: Callable[[int], int | None] = lambda i: None) -> None:
-        self._trusted: dict[str, bool] = {}
-        self._indexes: dict[str, list[int]] = {}
-        self._ports: dict[int, int] = {}
-        for i, lc in enumerate(configs):
-            name = lc.name or lc.address
-            self._trusted[name] = self._trusted.get(name, True) and bool(lc.trust_forwarded)
-            self._indexes.setdefault(name, []).append(i)
-            port = int(str(lc.address).rsplit(":", 1)[1])
-            if port:
-                self._ports[i] = port
-        self._bound = bound
-        self._port_cache: dict[str, int | None] = {}
-
-    def trusted(self, name: str) -> bool:
-        return self._trusted.get(name, False)
-
-    def port(self, name: str) -> int | None:
-        if name in self._port_cache:
-            return self._port_cache[name]
-        ports = set()
-        for i in self._indexes.get(name, ()):
-            port = self._ports.get(i) or self._bound(i)
-            if port is None:
-                return None  # not listening yet: ask again next time
-            ports.add(port)
-        found = ports.pop() if len(ports) == 1 else None
-        self._port_cache[name] = found
-        return found
-
-
-def client_ip(request, ctx, listeners: Listeners) -> str:
-    """The client's address as sluice trusts it: the peer's, or on a listener
-    that trusts X-Forwarded-For, the last address the trusted peer appended
-    (the entry before the one sluice itself appended when forwarding)."""
-    if listeners.trusted(ctx.listener):
-        xff = request.headers.get_raw(b"x-forwarded-for")
-        if xff is not None:
-            entries = xff.split(b",")
-            if len(entries) >= 2:
-                return entries[-2].strip(b" \t").decode("latin-1")
-    return ctx.client[0]
 
 
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -164,19 +112,19 @@ def query_test(name: str, exact: str | None, regex: str | None, present: bool | 
     return lambda req, ctx: (v := _query_value(req.target, name)) is not None and rx.fullmatch(v) is not None
 
 
-def source_test(networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network], listeners: Listeners) -> Test:
+def source_test(networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> Test:
     nets = tuple(networks)
 
     def test(req, ctx) -> bool:
-        ip = _ip(client_ip(req, ctx, listeners))
+        ip = _ip(ctx.client_ip)
         return ip is not None and any(ip in net for net in nets)  # a v4 address is in no v6 net
 
     return test
 
 
-def port_test(ports: Sequence[int], listeners: Listeners) -> Test:
+def port_test(ports: Sequence[int]) -> Test:
     wanted = frozenset(ports)
-    return lambda req, ctx: listeners.port(ctx.listener) in wanted
+    return lambda req, ctx: ctx.local[1] in wanted  # the port the connection reached
 
 
 def sni_test(pattern: str) -> Test:

@@ -98,6 +98,21 @@ def test_bad_config_errors_name_every_key(tmp_path):
     assert "clusters.api.retries: unknown key" in r.stderr
 
 
+def test_two_listeners_may_not_share_a_name(tmp_path):
+    path = write(tmp_path, """
+        [[listeners]]
+        name = "public"
+        address = "127.0.0.1:8080"
+
+        [[listeners]]
+        name = "public"
+        address = "127.0.0.1:8081"
+    """)
+    r = sluice("check", str(path))
+    assert r.returncode == 2
+    assert "listeners[1].name: 'public' names listeners[0] already" in r.stderr
+
+
 def test_unknown_filter_in_a_chain_is_named(tmp_path):
     path = write(tmp_path, """
         [[listeners]]

@@ -225,3 +225,57 @@ async def test_host_rewrite_to_endpoint_names_the_endpoint_chosen(start_origin):
     request, _ = origin.requests[0]
     assert dict(request.headers)[b"host"] == origin.address.encode()
     assert dict(request.headers)[b"x-forwarded-host"] == b"public.example"
+
+
+async def test_cluster_header_edits_follow_the_cluster_chosen_and_come_after_the_routes(start_origin):
+    async def handler(request, body):
+        return Reply(200, [(b"x-internal", b"1"), (b"x-version", b"v1")], b"ok")
+
+    blue, green = await start_origin(handler), await start_origin(handler)
+    route = {"name": "split", "match": {"prefix": "/"},
+             "clusters": [{"name": "blue", "weight": 1}, {"name": "green", "weight": 1}],
+             "request_headers": {"set": {"x-color": "route", "x-from-route": "1"}}}
+    cfg = with_clusters([route], blue=blue.address, green=green.address)
+    for name in ("blue", "green"):
+        cfg["clusters"][name]["request_headers"] = {"set": {"x-color": name, "x-rid": "${request_id}"},
+                                                    "remove": ["x-debug"]}
+        cfg["clusters"][name]["response_headers"] = {"remove": ["x-internal"],
+                                                     "set": {"x-cluster": f"{name} ${{route}}"}}
+    seen = {"blue": 0, "green": 0}
+    async with serve(cfg, plugins=PLUGINS) as proxy, httpx.AsyncClient() as client:
+        for _ in range(40):
+            r = await client.get(proxy.url + "/", headers={"x-debug": "on"})
+            assert r.status_code == 200 and "x-internal" not in r.headers
+            assert r.headers["x-version"] == "v1"
+            name = r.headers["x-cluster"].split()[0]
+            assert r.headers["x-cluster"] == f"{name} split"
+            seen[name] += 1
+    assert seen["blue"] and seen["green"]  # both took some of the split
+    for name, origin in (("blue", blue), ("green", green)):
+        assert len(origin.requests) == seen[name]
+        for request, _ in origin.requests:
+            headers = dict(request.headers)
+            assert headers[b"x-color"] == name.encode()  # the cluster's edit, after the route's
+            assert headers[b"x-from-route"] == b"1"
+            assert headers[b"x-rid"] == headers[b"x-request-id"]
+            assert b"x-debug" not in headers
+
+
+@pytest.mark.parametrize(
+    ("cluster", "message"),
+    [
+        ({"request_headers": {"set": {"host": "x"}}}, "clusters.backend.request_headers: 'host' is the proxy's to set"),
+        ({"response_headers": {"remove": ["transfer-encoding"]}},
+         "clusters.backend.response_headers: 'transfer-encoding' is the proxy's to set"),
+        ({"request_headers": {"add": {"x-a": "${who}"}}},
+         "clusters.backend.request_headers.add.x-a: unknown variable ${who}"),
+        ({"response_headers": {"sett": {}}}, "clusters.backend.response_headers.sett: unknown key"),
+    ],
+)
+async def test_bad_cluster_header_edits_are_config_errors_with_key_paths(cluster, message):
+    cfg = config("127.0.0.1:9", routes=[{"match": {"prefix": "/"}, "cluster": "backend"}])
+    cfg["clusters"]["backend"].update(cluster)
+    with pytest.raises(ConfigError) as info:
+        async with serve(cfg, plugins=PLUGINS):
+            pass
+    assert message in str(info.value)

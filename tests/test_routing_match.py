@@ -70,12 +70,17 @@ async def test_port_matches_the_listener_the_request_came_in_on():
 
 
 async def test_port_0_matches_the_bound_port():
-    # A listener on port 0 reports the port it got; none of 1..2 is it.
+    # A listener on port 0 matches on the port it got (the connection's
+    # local port, ctx.local), never on 0; none of 1..2 is it.
     routes = [direct("never", port=[1, 2]), direct("fallback")]
     async with serve(config("127.0.0.1:9", routes=routes), plugins=PLUGINS) as proxy:
         async with httpx.AsyncClient() as client:
             assert (await client.get(proxy.url + "/")).text == "fallback"
-    assert proxy.app.filters["router"]._listeners.port("127.0.0.1:0") == proxy.address[1]
+        bound = proxy.address[1]
+        routes = [direct("bound", port=[bound]), direct("fallback")]
+    async with serve(config("127.0.0.1:9", routes=routes, listener={"address": f"127.0.0.1:{bound}"}),
+                     plugins=PLUGINS) as proxy, httpx.AsyncClient() as client:
+        assert (await client.get(proxy.url + "/")).text == "bound"
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from ..errors import ConfigError
 from ..protocol.http1 import select
 from ..proxy.chain import Chain
 from ..proxy.filters import Filter
+from ..proxy.header_edits import HeaderEdits, check_ops
 from ..upstream.cluster import Breaker, Cluster, Endpoint, Outlier
 from ..upstream.health import HealthCheck, run_checks
 from .config import Config, format_errors, parse_hostport
@@ -102,6 +103,8 @@ class App:
                 raise ConfigError(f"{where}.health_check.timeout: must be less than the interval "
                                   f"({cfg.health_check.interval}s)")
             self.health_checks[name] = HealthCheck(**cfg.health_check.model_dump())
+        check_ops(cfg.request_headers, f"{where}.request_headers", request=True)
+        check_ops(cfg.response_headers, f"{where}.response_headers", request=False)
         return Cluster(
             name=name,
             endpoints=endpoints,
@@ -118,6 +121,8 @@ class App:
             connect_tries=cfg.connect_tries,
             max_connection_age=cfg.max_connection_age,
             breaker=Breaker(**cfg.circuit_breakers.model_dump()),
+            request_edits=HeaderEdits.of(cfg.request_headers),
+            response_edits=HeaderEdits.of(cfg.response_headers),
         )
 
     def _transport(self, side: str, settings: dict, where: str) -> Any:
@@ -151,6 +156,13 @@ class App:
 
     def _listener(self, i: int, cfg) -> Listener:
         where = f"listeners[{i}]"
+        # Its name (else its address) labels its log lines and metrics. Unnamed
+        # listeners on port 0 (tests) get their ports at bind: let them be.
+        name = cfg.name or cfg.address
+        for j, other in enumerate(self.config.listeners[:i]):
+            if (other.name or other.address) == name and (cfg.name or not name.endswith(":0")):
+                raise ConfigError(f"{where}.name: {name!r} names listeners[{j}] already; "
+                                  "give each listener a name of its own")
         for j, name in enumerate(cfg.filters):
             if name in cfg.filters[:j]:
                 raise ConfigError(f"{where}.filters[{j}]: {name!r} is already in this chain")

@@ -56,6 +56,7 @@ from pydantic import (
 
 from ..addresses import parse_hostport
 from ..errors import ConfigError
+from ..proxy.header_edits import HeaderOps
 
 __all__ = ["Config", "format_errors", "load", "parse", "parse_hostport"]
 
@@ -239,6 +240,11 @@ class ClusterConfig(_Model):
     # How endpoints are spoken to: HTTP/1.1, HTTP/2 over TLS (ALPN "h2"; needs
     # ``tls``), or HTTP/2 over plain TCP with prior knowledge ("h2c").
     protocol: Literal["h1", "h2", "h2c"] = "h1"
+    # Header edits for every request to this cluster, and every answer from
+    # it (``sluice.proxy.header_edits``): after the route's, whichever route
+    # or filter chose the cluster.
+    request_headers: HeaderOps | None = None
+    response_headers: HeaderOps | None = None
 
 
 class ServerConfig(_Model):

@@ -407,13 +407,14 @@ class _TunnelEnd:
 class H2Connection:
     """One HTTP/2 client connection of a listener."""
 
-    def __init__(self, listener: Listener, io: Any, client: tuple[str, int],
+    def __init__(self, listener: Listener, io: Any, client: tuple[str, int], local: tuple[str, int],
                  tls_peer: dict | None) -> None:
         cfg = listener.config
         settings = cfg.http2
         self.listener = listener
         self.io = io
         self.client = client
+        self.local = local
         self.tls_peer = tls_peer
         self.idle_timeout = cfg.timeouts.idle
         self.ack_every = settings.initial_window // 4
@@ -452,7 +453,8 @@ class H2Connection:
                 await self.flush()
         if self._error is not None:  # the access log hears of it, as of a refused head
             error = ProtocolError(f"HTTP/2 connection error {self._error.error_code}: {self._error.reason}")
-            await self.listener._refused(self.client, self.tls_peer, ("DPE",), None, error, self._opened)
+            await self.listener._refused(self.client, self.local, self.tls_peer, ("DPE",), None, error,
+                                         self._opened)
 
     def drain(self) -> None:
         """GOAWAY: streams in flight finish, no new one is served."""
@@ -565,8 +567,8 @@ class H2Connection:
 
     async def _exchange(self, stream: H2Stream, head: RequestHead) -> None:
         listener = self.listener
-        ctx = Context(client=self.client, scheme=listener.scheme, listener=listener.name,
-                      tls_peer=self.tls_peer)
+        ctx = Context(client=self.client, local=self.local, scheme=listener.scheme, listener=listener.name,
+                      tls_peer=self.tls_peer, trust_forwarded=listener.trust_forwarded)
         stream.ctx = ctx
         sid = stream.stream_id
         try:
@@ -599,7 +601,7 @@ class H2Connection:
             log.info("malformed request", client=self.client[0], error=str(refused.error))
             with contextlib.suppress(*_GONE, ClientGone):
                 await self.flush()
-            await self.listener._refused(self.client, self.tls_peer, ("DPE",), None, refused.error,
+            await self.listener._refused(self.client, self.local, self.tls_peer, ("DPE",), None, refused.error,
                                          time.monotonic())
             return
         body = f"{reason_phrase(status).lower()}\n".encode()
@@ -613,7 +615,7 @@ class H2Connection:
         log.info("bad request head", client=self.client[0], status=status, error=str(refused.error))
         with contextlib.suppress(*_GONE, ClientGone):
             await self.flush()
-        await self.listener._refused(self.client, self.tls_peer, ("DPE",), status, refused.error,
+        await self.listener._refused(self.client, self.local, self.tls_peer, ("DPE",), status, refused.error,
                                      time.monotonic())
 
     async def flush(self) -> None:

@@ -178,18 +178,20 @@ class Listener:
         try:
             peer = stream.socket.getpeername()
             client = (peer[0], peer[1])
+            local = stream.socket.getsockname()
+            local = (local[0], local[1])
             # The first head, and under TLS the handshake before it, must be
             # in within header_read of the accept.
             first_deadline = accepted + self.config.timeouts.header_read
             tls_peer = None
             if self.transport is not None:
-                wrapped = await self._handshake(stream, client, first_deadline, opened)
+                wrapped = await self._handshake(stream, client, local, first_deadline, opened)
                 if wrapped is None:
                     return
                 stream, tls_peer = wrapped
                 io = StreamIO(stream, self.watchdog)
                 if _alpn(stream) == "h2":
-                    await self._http2(io, client, tls_peer)
+                    await self._http2(io, client, local, tls_peer)
                     return
             else:
                 h2c = self.config.http2.enabled and await self._preface(stream, first_deadline)
@@ -197,9 +199,9 @@ class Listener:
                     return  # nothing came in time, or evicted
                 io = socket_io(stream, self.watchdog)
                 if h2c:
-                    await self._http2(io, client, None)
+                    await self._http2(io, client, local, None)
                     return
-            await self._exchanges(io, client, tls_peer, first_deadline, opened)
+            await self._exchanges(io, client, local, tls_peer, first_deadline, opened)
         except _EXPECTED as exc:  # resets, broken connections: routine
             log.debug("connection ended", error=repr(exc))
         except Exception as exc:  # a bug: log it loudly, but the worker lives on
@@ -246,8 +248,8 @@ class Listener:
             if late.cancelled_caught:
                 return False
 
-    async def _http2(self, io, client, tls_peer) -> None:
-        conn = H2Connection(self, io, client, tls_peer)
+    async def _http2(self, io, client, local, tls_peer) -> None:
+        conn = H2Connection(self, io, client, local, tls_peer)
         self._h2.add(conn)
         try:
             if self.draining:
@@ -256,7 +258,7 @@ class Listener:
         finally:
             self._h2.discard(conn)
 
-    async def _handshake(self, stream: trio.SocketStream, client, deadline: float, opened: float):
+    async def _handshake(self, stream: trio.SocketStream, client, local, deadline: float, opened: float):
         """TLS: wait for the client's first byte (evictable, like any wait for
         a request), then the handshake, all by ``deadline``. Returns the
         protected stream and the peer's identity, or None: the connection is done."""
@@ -270,10 +272,10 @@ class Listener:
                 log.debug("TLS handshake failed", client=client[0], error=repr(exc))
             else:
                 log.error("TLS handshake failed", client=client[0], exc_info=exc)
-            await self._refused(client, None, ("DTLS",), None, exc, opened)
+            await self._refused(client, local, None, ("DTLS",), None, exc, opened)
             return None
         log.debug("TLS handshake timed out", client=client[0])
-        await self._refused(client, None, ("DTLS", "DT"), None, None, opened)
+        await self._refused(client, local, None, ("DTLS", "DT"), None, None, opened)
         return None
 
     async def _overloaded(self, stream: trio.SocketStream) -> None:
@@ -284,6 +286,7 @@ class Listener:
         status = None
         try:
             peer = stream.socket.getpeername()
+            local = stream.socket.getsockname()
             if self.transport is None:
                 fd = stream.socket.fileno()
                 with borrowed(fd) as sock, contextlib.suppress(OSError):
@@ -294,9 +297,9 @@ class Listener:
             return
         finally:
             await trio.aclose_forcefully(stream)
-        await self._refused((peer[0], peer[1]), None, ("DO",), status, None, opened)
+        await self._refused((peer[0], peer[1]), (local[0], local[1]), None, ("DO",), status, None, opened)
 
-    async def _exchanges(self, io, peer, tls_peer, first_deadline: float | None = None,
+    async def _exchanges(self, io, peer, local, tls_peer, first_deadline: float | None = None,
                          opened: float | None = None) -> None:
         cfg = self.config
         down = H1Downstream(
@@ -313,7 +316,7 @@ class Listener:
         client = (peer[0], peer[1])
         self._downstreams.add(down)
         try:
-            refused = await self._serve_connection(down, client, tls_peer, opened)
+            refused = await self._serve_connection(down, client, local, tls_peer, opened)
         finally:
             self._downstreams.discard(down)
         if (refused and not down.client_closed) or down.may_have_unread():
@@ -322,7 +325,7 @@ class Listener:
             total = quiet if self.draining else timeouts.lingering_time
             await linger(io, self.slots.idle, total=total, quiet=quiet)
 
-    async def _serve_connection(self, down: H1Downstream, client, tls_peer,
+    async def _serve_connection(self, down: H1Downstream, client, local, tls_peer,
                                 since: float | None = None) -> bool:
         """Serve requests until the connection should close. True when it
         ends on a refused head (the rest of it may still be arriving)."""
@@ -335,22 +338,23 @@ class Listener:
                 # The detail may quote what the client sent: log it, never echo it.
                 log.info("bad request head", client=client[0], status=exc.status, error=str(exc))
                 await _refuse(down, exc.status)
-                await self._refused(client, tls_peer, ("DPE",), exc.status, exc, since)
+                await self._refused(client, local, tls_peer, ("DPE",), exc.status, exc, since)
                 return True
             except HeadTimeout as exc:
                 await _refuse(down, 408)
-                await self._refused(client, tls_peer, ("DT",), 408, exc, since)
+                await self._refused(client, local, tls_peer, ("DT",), 408, exc, since)
                 return True
             except TlsOnPlain as exc:
                 # Its client waits for a ServerHello: no answer it could read.
                 self.slots.note("tls_on_plain")
-                await self._refused(client, tls_peer, ("TLSP",), None, exc, since)
+                await self._refused(client, local, tls_peer, ("TLSP",), None, exc, since)
                 return False
             if head is None:
                 return False
             if self.draining:
                 down.close_after = True
-            ctx = Context(client=client, scheme=self.scheme, listener=self.name, tls_peer=tls_peer)
+            ctx = Context(client=client, local=local, scheme=self.scheme, listener=self.name,
+                          tls_peer=tls_peer, trust_forwarded=self.trust_forwarded)
             await run_exchange(self, down, head, ctx)
             if not down.reusable():
                 return False
@@ -362,7 +366,7 @@ class Listener:
                 await trio.lowlevel.checkpoint()
         return False
 
-    async def _refused(self, client, tls_peer, flags: tuple[str, ...], status: int | None,
+    async def _refused(self, client, local, tls_peer, flags: tuple[str, ...], status: int | None,
                        error: BaseException | None, since: float) -> None:
         """Run the chain's on_complete (the access log) for what the core
         refused before it became a request: no other phase ran, and
@@ -371,7 +375,7 @@ class Listener:
         chain = self.chain
         if not chain.complete:
             return
-        ctx = Context(client=client, scheme=self.scheme, listener=self.name, tls_peer=tls_peer)
+        ctx = Context(client=client, local=local, scheme=self.scheme, listener=self.name, tls_peer=tls_peer)
         ctx.start = since
         ctx.flags.extend(flags)
         ctx.error = error

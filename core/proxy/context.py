@@ -1,8 +1,9 @@
 """The per-exchange context shared by every filter of a chain.
 
 It carries what the exchange learns as it goes (route, cluster, endpoint,
-timings, response flags) and what the connection knows (client address,
-TLS peer identity). ``vars`` is free-form state filters share with each other
+timings, response flags) and what the connection knows (the client's
+address, ``client``, and as trusted through X-Forwarded-For, ``client_ip``;
+the local address it reached, ``local``; the TLS peer identity). ``vars`` is free-form state filters share with each other
 (e.g. ``auth.user``); ``state(filter)`` is one filter's private state.
 
 Upgrades (WebSocket): ``upgrade`` is what the request proposes to switch to
@@ -37,6 +38,8 @@ class Context:
     __slots__ = (
         "request_id",
         "client",
+        "local",
+        "_trusted",
         "tls_peer",
         "scheme",
         "listener",
@@ -69,12 +72,16 @@ class Context:
         self,
         *,
         client: tuple[str, int],
+        local: tuple[str, int] = ("", 0),
         scheme: str = "http",
         listener: str = "",
         tls_peer: dict[str, Any] | None = None,
+        trust_forwarded: bool = False,
     ) -> None:
         self.request_id = ""
         self.client = client
+        self.local = local
+        self._trusted = trust_forwarded
         self.tls_peer = tls_peer
         self.scheme = scheme
         self.listener = listener
@@ -118,6 +125,21 @@ class Context:
         ``max_buffered_body_bytes``); the body phases see it in one call.
         """
         self.buffer_response = True
+
+    @property
+    def client_ip(self) -> str:
+        """The client's address as sluice trusts it: the peer's; on a
+        listener with ``trust_forwarded``, the address the trusted peer put
+        last in X-Forwarded-For (the entry before the one sluice appends
+        when it forwards the request). Use it for rate limits and source
+        rules, where ``client[0]`` would be the load balancer in front."""
+        if self._trusted and self.request is not None:
+            xff = self.request.headers.get_raw(b"x-forwarded-for")
+            if xff is not None:
+                entries = xff.split(b",")
+                if len(entries) >= 2:
+                    return entries[-2].strip(b" \t").decode("latin-1")
+        return self.client[0]
 
     # -- upstream selection: what filters may steer, before the pick ----------------
 

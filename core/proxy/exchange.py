@@ -235,6 +235,8 @@ async def _proxy(listener: Site, chain: Chain, down: Any, head: RequestHead, ctx
         ctx.upgrade = offer_upgrade(request.headers, ctx.upgrade,
                                     _UPGRADES if route is None else route.upgrades)
     add_via(request.headers)
+    if cluster.request_edits is not None:
+        cluster.request_edits.apply(request.headers, ctx)
 
     pool = listener.pool
     route = ctx.route
@@ -466,6 +468,9 @@ async def _relay_response(listener, chain, down, conn, ctx, response: Response, 
     headers = response.headers
     strip_hop_by_hop(headers)
     add_via(headers)
+    edits = ctx.cluster.response_edits
+    if edits is not None:
+        edits.apply(headers, ctx)
     replied = await chain.run_heads(chain.response_headers, ctx, response, full)
     if replied is not None:
         conn.discard = True  # its unread body makes the connection unusable

@@ -233,6 +233,8 @@ class Cluster:
     connect_tries: int = 5  # endpoints one request may try to connect to
     max_connection_age: float | None = None  # seconds; then a connection is retired
     breaker: Breaker = field(default_factory=Breaker)
+    request_edits: Any = None  # HeaderEdits for requests to it (sluice.proxy.header_edits), or None
+    response_edits: Any = None  # and for its answers
     pools: dict[int, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
