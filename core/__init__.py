@@ -13,13 +13,14 @@ from .messages import Headers, Request, Response
 from .proxy.context import Context
 from .proxy.filters import CONTINUE, Continue, Filter, FilterConfig, LocalReply
 from .proxy.routes import RetryPolicy, Route
-from .upstream.cluster import Balancer, Cluster, Endpoint
+from .upstream.cluster import Balancer, BalancerConfig, Cluster, Endpoint
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CONTINUE",
     "Balancer",
+    "BalancerConfig",
     "ClientTransport",
     "Cluster",
     "ConfigError",

@@ -27,9 +27,9 @@ import math
 import random
 import time
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from sluice import Balancer, Endpoint, hookimpl
+from sluice import Balancer, BalancerConfig, Endpoint, hookimpl
 
 from .hashing import Maglev, RingHash
 
@@ -128,9 +128,7 @@ class Ewma(Balancer):
 
     name = "ewma"
 
-    class Config(BaseModel):
-        model_config = ConfigDict(extra="forbid", frozen=True)
-
+    class Config(BalancerConfig):
         decay: float = Field(10.0, gt=0, le=3600)  # seconds: the time constant (Linkerd's default)
         penalty: float = Field(1.0, gt=0, le=3600)  # seconds: the latency a failed try counts as
 

@@ -49,9 +49,9 @@ import hashlib
 import random
 from collections.abc import Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-from sluice import Balancer, Endpoint
+from sluice import Balancer, BalancerConfig, Endpoint
 
 __all__ = ["Maglev", "RingHash"]
 
@@ -90,9 +90,7 @@ def key_reader(source: str):
     return lambda ctx: _cookie(ctx.request.headers.get("cookie"), name)
 
 
-class _HashSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class _HashSettings(BalancerConfig):
     key: str = "path"  # what to hash when no filter set ctx.hash_key
 
     @field_validator("key")

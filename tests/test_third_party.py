@@ -14,8 +14,11 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from .proc import Running, curl, free_port, sluice
@@ -153,3 +156,82 @@ def test_check_accepts_the_config_with_the_plugin_installed(plugin_dir, config_f
     assert r.returncode == 0, r.stderr
     assert "  1. hello [request_headers, response_headers]" in r.stdout
     assert "  2. router [request_headers]" in r.stdout
+
+
+class _Origin:
+    """A real HTTP/1.1 origin in a thread, answering after ``delay`` seconds."""
+
+    def __init__(self, delay: float) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):  # noqa: N802 - the stdlib's name
+                time.sleep(delay)
+                self.send_response(200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+                served.append(self.path)
+
+            def log_message(self, *args):
+                pass
+
+        served: list[str] = []
+        self.served = served
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.address = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_plugins_command_lists_the_policy_and_its_settings(plugin_dir):
+    r = sluice("plugins", env=with_plugin(plugin_dir))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    at = lines.index("fastest  (sluice-hello, sluice_fastest)")
+    assert lines[at + 1:at + 6] == [
+        "  policy fastest: The endpoint with the lowest mean latency lately; now and then another.",
+        "    window: int (default 10)",
+        "    explore: float (default 0.1)",
+        "    failure_cost: float (default 1.0)",
+        "    seed: int | None (default None)",
+    ], r.stdout
+
+
+def test_the_policy_plugin_balances_a_real_cluster_and_its_settings_are_checked(plugin_dir, tmp_path):
+    fast, slow = _Origin(0.0), _Origin(0.03)
+    port = free_port()
+    path = tmp_path / "sluice.toml"
+    template = textwrap.dedent(f"""
+        [[listeners]]
+        address = "127.0.0.1:{port}"
+        filters = ["router"]
+
+        [clusters.api]
+        endpoints = ["{slow.address}", "{fast.address}"]
+        policy = {{ name = "fastest", POLICY }}
+
+        [[routes]]
+        match = {{ prefix = "/" }}
+        cluster = "api"
+    """)
+    try:
+        path.write_text(template.replace("POLICY", "windw = 5"))
+        r = sluice("check", str(path), env=with_plugin(plugin_dir))
+        assert r.returncode == 2 and "clusters.api.policy.windw: unknown key" in r.stderr, r.stderr
+        path.write_text(template.replace("POLICY", "explore = 0.1, seed = 7"))
+        with Running("-c", str(path), env=with_plugin(plugin_dir)) as proxy, \
+                httpx.Client(base_url=proxy.url) as client:
+            for i in range(60):
+                assert client.get(f"/{i}").status_code == 200
+            assert proxy.stop() == 0
+    finally:
+        fast.close()
+        slow.close()
+    assert len(fast.served) + len(slow.served) == 60
+    assert len(fast.served) >= 48, (len(fast.served), len(slow.served))  # >= 80% to the fast one
+    assert slow.served  # explored, not starved for good

@@ -52,7 +52,7 @@ from pydantic import BaseModel, ConfigDict
 if TYPE_CHECKING:
     from ..proxy.context import Context
 
-__all__ = ["Attempt", "Balancer", "Breaker", "Cluster", "Endpoint", "Outlier"]
+__all__ = ["Attempt", "Balancer", "BalancerConfig", "Breaker", "Cluster", "Endpoint", "Outlier"]
 
 log = structlog.get_logger("sluice.upstream")
 
@@ -107,10 +107,14 @@ class Attempt:
     latency: float  # seconds from the pick to the response head (or the failure)
 
 
-class NoSettings(BaseModel):
-    """no settings"""  # (what ``sluice plugins`` prints for a policy without any)
+class BalancerConfig(BaseModel):
+    """Base for a policy's settings: an unknown key is an error, never ignored."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NoSettings(BalancerConfig):
+    """no settings"""  # (what ``sluice plugins`` prints for a policy without any)
 
 
 class Balancer:
