@@ -23,6 +23,7 @@ looks at health itself.
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import time
@@ -55,27 +56,74 @@ class RoundRobin(Balancer):
         return endpoint
 
 
+class _PerSet:
+    """What a policy derives from one eligible set, kept while the set stays
+    the same: the set is nearly always the whole cluster, and comparing a
+    list of the same objects costs a C loop, where deriving costs a Python
+    loop per pick. An endpoint's weight is fixed for its life (a cluster
+    that changes a weight makes a new Endpoint)."""
+
+    __slots__ = ("endpoints", "value")
+
+    def __init__(self) -> None:
+        self.endpoints: list[Endpoint] | None = None
+        self.value = None
+
+    def same(self, endpoints) -> bool:
+        return endpoints == self.endpoints  # identity per element (eq=False): no __eq__ calls
+
+    def keep(self, endpoints, value):
+        self.endpoints = list(endpoints)
+        self.value = value
+        return value
+
+
+def _smooth(endpoints, current: dict[int, int]) -> Endpoint:
+    """One step of nginx's smooth weighted round robin over ``current``."""
+    best = None
+    total = 0
+    for endpoint in endpoints:
+        key = id(endpoint)
+        current[key] = weight = current.get(key, 0) + endpoint.weight
+        total += endpoint.weight
+        if best is None or weight > current[id(best)]:
+            best = endpoint
+    current[id(best)] -= total
+    return best
+
+
 class WeightedRoundRobin(Balancer):
     """Smooth weighted round robin (the nginx algorithm)."""
 
     name = "weighted_round_robin"
 
+    # Up to this total weight, one cycle of picks is worked out once per
+    # eligible set and then followed (a pick costs an index); above it,
+    # each pick runs a step of the algorithm.
+    SCHEDULE_MAX = 4096
+
     def __init__(self, endpoints, config=None) -> None:
         super().__init__(endpoints, config)
-        self._current = {id(e): 0 for e in self.endpoints}
+        self._current: dict[int, int] = {}
+        self._schedule = _PerSet()
+        self._at = 0
 
     def pick(self, ctx, endpoints) -> Endpoint | None:
-        current = self._current
-        best = None
-        total = 0
-        for endpoint in endpoints:
-            key = id(endpoint)
-            current[key] = weight = current.get(key, 0) + endpoint.weight
-            total += endpoint.weight
-            if best is None or weight > current[id(best)]:
-                best = endpoint
-        current[id(best)] -= total
-        return best
+        cached = self._schedule
+        if not cached.same(endpoints):
+            total = sum(e.weight for e in endpoints)
+            schedule = None
+            if total <= self.SCHEDULE_MAX:
+                current: dict[int, int] = {}
+                schedule = [_smooth(endpoints, current) for _ in range(total)]
+            cached.keep(endpoints, schedule)
+            self._at = 0
+        schedule = cached.value
+        if schedule is None:
+            return _smooth(endpoints, self._current)
+        at = self._at
+        self._at = at + 1 if at + 1 < len(schedule) else 0
+        return schedule[at]
 
 
 class Random(Balancer):
@@ -86,11 +134,15 @@ class Random(Balancer):
     def __init__(self, endpoints, config=None, rng: random.Random | None = None) -> None:
         super().__init__(endpoints, config)
         self._rng = rng or random.Random()
+        self._cumulative = _PerSet()
 
     def pick(self, ctx, endpoints) -> Endpoint | None:
         if len(endpoints) == 1:
             return endpoints[0]
-        return self._rng.choices(endpoints, weights=[e.weight for e in endpoints])[0]
+        cached = self._cumulative
+        cumulative = cached.value if cached.same(endpoints) else cached.keep(
+            endpoints, list(itertools.accumulate(e.weight for e in endpoints)))
+        return self._rng.choices(endpoints, cum_weights=cumulative)[0]
 
 
 class LeastRequest(Balancer):

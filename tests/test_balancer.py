@@ -64,6 +64,14 @@ def test_weighted_round_robin_stays_proportional_among_what_is_left():
     assert abs(counts[1] - 100) <= 2 and abs(counts[2] - 200) <= 2, counts  # (state from before)
 
 
+def test_weighted_round_robin_past_its_schedule_size_runs_the_algorithm_per_pick():
+    big = WeightedRoundRobin.SCHEDULE_MAX  # total weight over the cap: no schedule is kept
+    wrr = WeightedRoundRobin(endpoints(big, 1, 1))
+    assert picks(wrr, 3) == [0, 0, 0]
+    counts = Counter(picks(wrr, big + 2))
+    assert counts == {0: big, 1: 1, 2: 1}, counts  # one whole cycle, exact
+
+
 def test_random_follows_weights():
     rnd = Random(endpoints(3, 1), rng=random.Random(7))
     counts = Counter(picks(rnd, 4000))
