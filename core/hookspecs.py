@@ -115,3 +115,13 @@ def sluice_shutdown(app: App) -> Awaitable[None] | None:
     May return an awaitable; it runs shielded, under the drain timeout.
     """
 
+
+@hookspec
+def sluice_reopen_logs(app: App) -> Awaitable[None] | None:
+    """Called in each worker on SIGUSR1, after logrotate renamed the log files.
+
+    Close every file the plugin writes by path and open the path anew, so
+    that new lines go to a new file there (what logrotate expects when it
+    does not copy and truncate). Lines still buffered belong to the old
+    file. May return an awaitable. Raising is logged; the worker serves on.
+    """

@@ -133,6 +133,16 @@ class AccessLog(Filter):
             self._file.close()
             self._file = None
 
+    async def reopen(self) -> None:
+        """SIGUSR1 (logrotate renamed the file): the buffer to the old file, then the path anew."""
+        if self.config.path is None or self._file is None:
+            return
+        async with self._flushing:
+            await self._write_pending()
+            new = open(self.config.path, "a", encoding="utf-8")  # noqa: SIM115 - if this fails, the old file stays
+            self._file.close()
+            self._file = new
+
     async def on_complete(self, ctx) -> None:
         request = ctx.request
         response = ctx.response
@@ -202,3 +212,9 @@ class AccessLog(Filter):
 @hookimpl
 def sluice_filters():
     return [AccessLog]
+
+
+@hookimpl
+def sluice_reopen_logs(app):
+    access_log = app.filters.get(AccessLog.name)
+    return access_log.reopen() if access_log is not None else None
