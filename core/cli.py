@@ -1,10 +1,18 @@
-"""The ``sluice`` command: run, check, plugins.
+"""The ``sluice`` command: run, check, plugins, reload, stop, version.
 
     sluice run [--listen ADDR]                   the embedded demo (default 127.0.0.1:8080)
     sluice run --listen ADDR --upstream URL ...  a one-line reverse proxy
     sluice run -c FILE [--plugins a,b]           a config file
     sluice check FILE                            validate, print each listener's chain
     sluice plugins                               what is installed and what it offers
+    sluice reload --pid-file PATH                SIGHUP to the running sluice the file names
+    sluice stop --pid-file PATH [--fast]         SIGTERM (drain), or SIGQUIT (--fast)
+    sluice version, sluice --version             the installed version
+
+A serving process (the one process, or each worker) takes SIGTERM/SIGINT
+as drain and stop, SIGQUIT as stop now, SIGHUP as reload and SIGUSR1 as
+reopen log files; with ``--workers N`` the master forwards them all
+(``edge/workers.py``).
 
 Every configuration problem exits with status 2 and one line per problem
 naming the key or the plugin.
@@ -13,19 +21,25 @@ naming the key or the plugin.
 from __future__ import annotations
 
 import argparse
+import errno
+import importlib.metadata
 import os
 import signal
+import socket
 import sys
 from dataclasses import dataclass
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from urllib.parse import urlsplit
 
+import structlog
 import trio
 
-from .control.app import App
+from .control import pidfile
+from .control.app import App, maybe_await
 from .control.config import Config, load, parse
 from .control.registry import Plugins
+from .edge.ports import reserve
 from .edge.workers import run_workers
 from .errors import ConfigError
 from .logs import configure
@@ -37,6 +51,12 @@ __all__ = ["main"]
 DEFAULT_PLUGINS = "access_log,router,balancer"
 DEFAULT_LISTEN = "127.0.0.1:8080"
 
+log = structlog.get_logger("sluice")
+
+
+def _version() -> str:
+    return f"sluice {importlib.metadata.version('sluice')}"
+
 
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
@@ -46,6 +66,7 @@ def _positive(text: str) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sluice", description="A pluggable L7 proxy.")
+    p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the proxy")
@@ -61,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="one-line mode: also serve HTTP/2 (h2c with prior knowledge on the plain listener)")
     run.add_argument("--http1-codec", choices=CODECS,
                      help="HTTP/1.1 codec (overrides server.http1_codec; default auto: httptools, else h11)")
+    run.add_argument("--pid-file", metavar="PATH",
+                     help="write the pid that takes signals here once listening; refuse to start while "
+                          "it names a running sluice")
 
     check = sub.add_parser("check", help="validate a config file and print the chains")
     check.add_argument("config")
@@ -68,6 +92,13 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--http1-codec", choices=CODECS, help="as for run")
 
     sub.add_parser("plugins", help="list installed plugins and what they provide")
+
+    reload = sub.add_parser("reload", help="ask the running sluice to reload (SIGHUP)")
+    reload.add_argument("--pid-file", metavar="PATH", required=True, help="as given to run")
+    stop = sub.add_parser("stop", help="stop the running sluice: drain (SIGTERM), or --fast (SIGQUIT)")
+    stop.add_argument("--pid-file", metavar="PATH", required=True, help="as given to run")
+    stop.add_argument("--fast", action="store_true", help="no drain: close connections now")
+    sub.add_parser("version", help="print the version")
     return p
 
 
@@ -111,28 +142,67 @@ def one_line_config(listen: str, upstreams: list[str], plugins: Plugins, order: 
     )
 
 
-def _build_run(args: argparse.Namespace) -> tuple[Any, int, str]:
-    """What `run` serves (an App, or the demo to build in each worker), workers, log level."""
+@dataclass
+class _Run:
+    """What `run` serves (an App, or the demo to build in each worker) and how."""
+
+    target: Any
+    workers: int
+    log_level: str
+    reserved: list[socket.socket]  # with --workers N: the ports the master holds (edge/ports.py)
+
+
+def _build_run(args: argparse.Namespace) -> _Run:
     if args.config and (args.listen or args.upstream or args.http2):
         raise ConfigError("-c cannot be combined with --listen/--upstream/--http2 (set http2 in the file)")
     if args.config:
         config = _with_codec(load(args.config), args.http1_codec)
+        workers = args.workers or config.server.workers
+        config, reserved = _reserve(config, workers)
         app = App(config, Plugins(_plugin_list(args.plugins)))
-        return app, args.workers or config.server.workers, args.log_level or config.server.log_level
+        return _Run(app, workers, args.log_level or config.server.log_level, reserved)
     order = _plugin_list(args.plugins or DEFAULT_PLUGINS)
     plugins = Plugins(order)
     listen = args.listen or DEFAULT_LISTEN
+    workers = args.workers or 1
     if args.upstream:
         config = _with_codec(one_line_config(listen, args.upstream, plugins, order, args.http2),
                              args.http1_codec)
-        return App(config, plugins), args.workers or 1, args.log_level or "info"
+        config, reserved = _reserve(config, workers)
+        return _Run(App(config, plugins), workers, args.log_level or "info", reserved)
     # The embedded default: validated now with a placeholder endpoint so a
     # plugin problem fails before anything listens; each worker then starts
     # the demo origin and points the cluster at it.
-    App(_with_codec(one_line_config(listen, ["127.0.0.1:9"], plugins, order, args.http2), args.http1_codec),
-        plugins)
-    demo = _Demo(listen, plugins, order, args.http1_codec, args.http2)
-    return demo, args.workers or 1, args.log_level or "info"
+    config, reserved = _reserve(one_line_config(listen, ["127.0.0.1:9"], plugins, order, args.http2), workers)
+    App(_with_codec(config, args.http1_codec), plugins)
+    demo = _Demo(config.listeners[0].address, plugins, order, args.http1_codec, args.http2)
+    return _Run(demo, workers, args.log_level or "info", reserved)
+
+
+def _reserve(config: Config, workers: int) -> tuple[Config, list[socket.socket]]:
+    """With ``--workers N``, hold each listener's port for this master's workers only
+    (``edge/ports.py``), port 0 resolved to one port for all; a port another
+    process listens on fails here, before any fork. One process binds itself."""
+    if workers == 1:
+        return config, []
+    held: list[socket.socket] = []
+    listeners = []
+    try:
+        for i, listener in enumerate(config.listeners):
+            try:
+                sock, address = reserve(listener.address)
+            except OSError as exc:
+                why = exc.strerror or str(exc)
+                if exc.errno == errno.EADDRINUSE:
+                    why += " (another process listens there; only sluice's own workers share a port)"
+                raise ConfigError(f"listeners[{i}].address: cannot listen on {listener.address}: {why}") from None
+            held.append(sock)
+            listeners.append(listener.model_copy(update={"address": address}))
+    except BaseException:
+        for sock in held:
+            sock.close()
+        raise
+    return config.model_copy(update={"listeners": listeners}), held
 
 
 def _with_codec(config: Config, codec: str | None) -> Config:
@@ -152,6 +222,8 @@ class _Demo:
 
 
 async def _serve(target: App | _Demo, reuse_port: bool, ready, index: int = 0) -> None:
+    """One serving process: build the demo's App if that is the target, run it
+    with the signal watcher, report ``ready()`` once it listens."""
     async with trio.open_nursery() as nursery:
         if isinstance(target, _Demo):
             from .control.demo import serve_demo
@@ -167,7 +239,7 @@ async def _serve(target: App | _Demo, reuse_port: bool, ready, index: int = 0) -
             await app.run(reuse_port=reuse_port, task_status=task_status)
             nursery.cancel_scope.cancel()  # drained: stop the demo and the signal watcher
 
-        nursery.start_soon(_signals, app)
+        nursery.start_soon(_signals, app, nursery.cancel_scope.cancel)
         addresses = await nursery.start(run)
         chains = "; ".join(" -> ".join(lst.chain.names()) or "(empty)" for lst in app.listeners)
         print(f"sluice: pid {os.getpid()} listening on {', '.join(addresses)} (chain: {chains}; "
@@ -175,15 +247,50 @@ async def _serve(target: App | _Demo, reuse_port: bool, ready, index: int = 0) -
         ready()
 
 
-async def _signals(app: App) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for _ in signals:
-            app.stop()  # later signals are ignored: the drain timeout bounds the stop
+async def _signals(app: App, stop_now) -> None:
+    """What a serving process does with each signal (with ``--workers N`` the master forwards them).
+
+    SIGTERM, SIGINT: drain, then stop (a later one changes nothing: the
+    drain timeout bounds the stop). SIGQUIT: stop now, with no drain and no
+    shutdown hooks; connections are closed and the access log's last
+    ``flush_interval`` of lines is lost; the status is 0, a stop that was
+    asked for. SIGHUP: ``app.request_reload()``. SIGUSR1: the
+    ``sluice_reopen_logs`` hook, after logrotate renamed the files.
+    """
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
+                                   signal.SIGUSR1) as signals:
+        draining = False
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                app.request_reload()
+            elif signum == signal.SIGUSR1:
+                await _reopen_logs(app)
+            elif signum == signal.SIGQUIT:
+                log.info("stopping", mode="fast", signal="SIGQUIT", worker=app.worker_index)
+                stop_now()
+            elif not draining:
+                draining = True
+                log.info("stopping", mode="drain", signal=signal.Signals(signum).name, worker=app.worker_index)
+                app.stop()
+
+
+async def _reopen_logs(app: App) -> None:
+    try:
+        for result in app.plugins.call_lifecycle("sluice_reopen_logs", app=app):
+            await maybe_await(result)
+    except Exception as exc:  # a plugin's failure is its log's loss, never the worker's death
+        log.error("log reopen failed", worker=app.worker_index, exc_info=exc)
+        return
+    log.info("logs reopened", worker=app.worker_index)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    target, workers, level = _build_run(args)
-    configure(level)
+    stale = pidfile.check(args.pid_file) if args.pid_file else None  # before anything listens
+    run = _build_run(args)
+    configure(run.log_level)
+    if stale is not None:
+        log.warning("stale pid file replaced", path=args.pid_file, pid=stale or None)
+    target = run.target
 
     def worker(reuse_port: bool, ready, index: int) -> None:
         try:
@@ -194,7 +301,28 @@ def cmd_run(args: argparse.Namespace) -> int:
                 raise
             raise _first_leaf(config_errors) from None
 
-    return run_workers(workers, _reporting(worker))
+    on_ready = (lambda: pidfile.write(args.pid_file)) if args.pid_file else None
+    try:
+        return run_workers(run.workers, _reporting(worker), reserved=run.reserved, on_ready=on_ready)
+    finally:
+        if args.pid_file:
+            pidfile.remove(args.pid_file)
+        for sock in run.reserved:
+            sock.close()
+
+
+def cmd_signal(args: argparse.Namespace) -> int:
+    """``sluice reload`` and ``sluice stop``: a signal to the pid in the pid file."""
+    sig = signal.SIGHUP if args.command == "reload" else signal.SIGQUIT if args.fast else signal.SIGTERM
+    pid = pidfile.read(args.pid_file)
+    os.kill(pid, sig)
+    print(f"sluice: sent {sig.name} to pid {pid}")
+    return 0
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    print(_version())
+    return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -298,5 +426,6 @@ def _first_leaf(group: BaseExceptionGroup) -> BaseException:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    command = {"run": cmd_run, "check": cmd_check, "plugins": cmd_plugins}[args.command]
+    command = {"run": cmd_run, "check": cmd_check, "plugins": cmd_plugins, "reload": cmd_signal,
+               "stop": cmd_signal, "version": cmd_version}[args.command]
     return _reporting(command)(args)
