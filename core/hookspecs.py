@@ -125,3 +125,16 @@ def sluice_reopen_logs(app: App) -> Awaitable[None] | None:
     does not copy and truncate). Lines still buffered belong to the old
     file. May return an awaitable. Raising is logged; the worker serves on.
     """
+
+
+@hookspec
+def sluice_reload(app: App) -> Awaitable[None] | None:
+    """Called in each worker after a reload swapped a new config in.
+
+    ``app.config``, ``app.clusters`` and ``app.filters`` are the new ones;
+    the filters were built anew (``Filter.from_config``) and opened, and the
+    old ones close once their requests finish. Plugins that read the config
+    in ``sluice_startup`` read it again here. A reload that failed (a bad
+    config) does not call it: nothing changed. May return an awaitable;
+    raising is a bug in the plugin (the new config stays).
+    """

@@ -27,6 +27,7 @@ from ..upstream.cluster import Breaker, Cluster, Endpoint, Outlier
 from ..upstream.health import HealthCheck, run_checks
 from .config import Config, format_errors, parse_hostport
 from .registry import Plugins
+from .reload import reload
 
 __all__ = ["App"]
 
@@ -48,22 +49,41 @@ async def maybe_await(value: Any) -> Any:
 class App:
     """Everything one worker runs. Build (validates), then ``await run()``."""
 
-    def __init__(self, config: Config, plugins: Plugins) -> None:
+    def __init__(self, config: Config, plugins: Plugins, *, previous: App | None = None) -> None:
+        """Build (and so validate) everything ``config`` describes. With
+        ``previous`` (a reload, ``sluice.control.reload``), its unchanged
+        clusters are reused, state and pooled connections included, and so
+        are its codec, watchdog and pool; nothing of it is changed here."""
         self.config = config
         self.plugins = plugins
+        self._previous = previous
         self.nursery: trio.Nursery | None = None
+        self.serving: trio.Nursery | None = None
         self.addresses: list[str] = []
         self.worker_index = 0  # which of ``--workers N`` this process is (0..N-1); the cli sets it
+        # A callable returning the config to reload (the cli's: the file read
+        # again); None: nothing to reload from (one-line mode).
+        self.reload_source = previous.reload_source if previous is not None else None
+        self.generation = previous.generation if previous is not None else 0  # reloads applied
+        self.last_reload: dict[str, Any] | None = None  # the latest reload's outcome (admin, metrics)
         self._stop = None
+        self._reload_wanted: trio.Event | None = None
         self.health_checks: dict[str, HealthCheck] = {}
         self.clusters = {name: self._cluster(name, c) for name, c in config.clusters.items()}
         self.filters: dict[str, Filter] = {}
-        try:
-            self.codec = select(config.server.http1_codec)
-        except ImportError as exc:
-            raise ConfigError(f"server.http1_codec: httptools does not import here: {exc}") from None
-        self.watchdog = Watchdog()
-        self.pool = Pool(self.codec, self.watchdog)
+        if previous is not None:
+            self.codec, self.watchdog, self.pool = previous.codec, previous.watchdog, previous.pool
+        else:
+            try:
+                self.codec = select(config.server.http1_codec)
+            except ImportError as exc:
+                raise ConfigError(f"server.http1_codec: httptools does not import here: {exc}") from None
+            self.watchdog = Watchdog()
+            self.pool = Pool(self.codec, self.watchdog)
+        self._reuse_port = False
+        self._urls: dict[Listener, str] = {}  # a serving listener's URL
+        self._serving: dict[Listener, trio.CancelScope] = {}
+        self._checks: dict[str, trio.CancelScope] = {}  # a cluster's running health checks
         self.listeners = [self._listener(i, lc) for i, lc in enumerate(config.listeners)]
         for name in config.filters:  # settings for a filter no chain uses
             if name not in plugins.filters:
@@ -73,6 +93,11 @@ class App:
 
     def _cluster(self, name: str, cfg) -> Cluster:
         where = f"clusters.{name}"
+        previous = self._previous
+        if previous is not None and previous.config.clusters.get(name) == cfg:
+            if name in previous.health_checks:
+                self.health_checks[name] = previous.health_checks[name]
+            return previous.clusters[name]  # unchanged: its health, ejections and pool go on
         policy_name = cfg.policy.name
         if policy_name not in self.plugins.balancers:
             raise self.plugins.missing("balancers", policy_name, f"{where}.policy")
@@ -186,6 +211,8 @@ class App:
     async def run(self, *, reuse_port: bool = False, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve until ``stop()``; then drain and shut down. Reports bound addresses."""
         self._stop = trio.Event()
+        self._reload_wanted = trio.Event()
+        self._reuse_port = reuse_port
         self._size_listeners()
         sockets = []
         for i, listener in enumerate(self.listeners):
@@ -207,19 +234,82 @@ class App:
             nursery.start_soon(self.watchdog.run)
             await nursery.start(self.pool.run)
             nursery.start_soon(self._watch_ejections)
-            for name, check in self.health_checks.items():
-                nursery.start_soon(run_checks, self.clusters[name], check)
+            for name in self.health_checks:
+                self.start_checks(name)
             async with trio.open_nursery() as serving:
+                self.serving = serving
                 for listener, sock in zip(self.listeners, sockets, strict=True):
-                    host, port = sock.socket.getsockname()[:2]
-                    host = f"[{host}]" if ":" in host else host
-                    self.addresses.append(f"{listener.scheme}://{host}:{port}")
-                    await serving.start(listener.serve, sock)
+                    await self.serve(listener, sock)
                 task_status.started(self.addresses)
+                nursery.start_soon(self._reloader)
                 await self._stop.wait()
                 await self._drain(serving)
             await self._shutdown()
             nursery.cancel_scope.cancel()
+
+    async def serve(self, listener: Listener, sock: trio.SocketListener) -> None:
+        """Start serving ``listener`` on ``sock`` (bound) in the serving nursery."""
+        host, port = sock.socket.getsockname()[:2]
+        host = f"[{host}]" if ":" in host else host
+        self._urls[listener] = f"{listener.scheme}://{host}:{port}"
+        self.addresses = [self._urls[x] for x in self.listeners if x in self._urls]
+        await self.serving.start(self._serve_one, listener, sock)
+
+    async def _serve_one(self, listener: Listener, sock, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as scope:  # cancelled when a reload retires it and its drain runs out
+            self._serving[listener] = scope
+            try:
+                await listener.serve(sock, task_status=task_status)
+            finally:
+                self._serving.pop(listener, None)
+                self._urls.pop(listener, None)
+
+    def retire(self, listener: Listener) -> None:
+        """Stop a listener a reload removed: it drains, then is cut off at the drain timeout."""
+        listener.drain()
+
+        async def cut_off() -> None:
+            with trio.move_on_after(self.config.server.drain_timeout):
+                while listener in self._serving and listener.active:
+                    await trio.sleep(0.05)
+            scope = self._serving.get(listener)
+            if scope is not None:
+                scope.cancel()
+
+        self.nursery.start_soon(cut_off)
+
+    def start_checks(self, name: str) -> None:
+        """Run cluster ``name``'s active health checks (until ``stop_checks``)."""
+        scope = self._checks[name] = trio.CancelScope()
+
+        async def checks() -> None:
+            with scope:
+                await run_checks(self.clusters[name], self.health_checks[name])
+
+        self.nursery.start_soon(checks)
+
+    def stop_checks(self, name: str) -> None:
+        scope = self._checks.pop(name, None)
+        if scope is not None:
+            scope.cancel()
+
+    def request_reload(self) -> None:
+        """Ask for a reload (SIGHUP, the admin endpoint; safe from any task of
+        this loop). Requests made while one runs are served by one more."""
+        if self._reload_wanted is None:
+            log.warning("reload requested before the proxy runs; ignored", worker=self.worker_index)
+            return
+        log.info("reload requested", worker=self.worker_index)
+        self._reload_wanted.set()
+
+    async def _reloader(self) -> None:
+        while True:
+            await self._reload_wanted.wait()
+            self._reload_wanted = trio.Event()
+            try:
+                await reload(self)
+            except Exception as exc:  # a bug of ours: the old config keeps serving
+                log.error("reload failed", exc_info=exc)
 
     async def _watch_ejections(self, interval: float = 1.0) -> None:
         """Log each endpoint's return from a passive ejection (once)."""
@@ -254,16 +344,13 @@ class App:
         if self._stop is not None:
             self._stop.set()
 
-    def request_reload(self) -> None:
-        """Ask for a config reload (SIGHUP; safe from any task). For now only logged."""
-        log.info("reload requested", worker=self.worker_index)
-
     async def _drain(self, serving: trio.Nursery) -> None:
         timeout = self.config.server.drain_timeout
         for listener in self.listeners:
             listener.drain()
         with trio.move_on_after(timeout):
-            while any(listener.active for listener in self.listeners):
+            # (listeners a reload retired are still in _serving while they drain)
+            while any(listener.active for listener in [*self.listeners, *self._serving]):
                 await trio.sleep(0.05)
         serving.cancel_scope.cancel()
 

@@ -374,6 +374,16 @@ class Pool:
             for conn in victims:
                 await conn.aclose()
 
+    def retire(self, endpoints) -> None:
+        """Endpoints a reload dropped (their cluster changed or went): their
+        idle connections close at the reaper's next round, and their HTTP/2
+        connections once their streams end."""
+        for endpoint in endpoints:
+            for conn in self._idle.get(id(endpoint), ()):
+                conn.idle_deadline = 0.0
+            for conn in self._h2.get(id(endpoint), ()):
+                conn.idle_deadline = 0.0
+
     async def aclose(self) -> None:
         self.closed = True
         for idle in list(self._idle.values()):

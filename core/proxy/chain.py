@@ -72,6 +72,7 @@ class Chain:
         resolvers = [f.resolve_route for f in self.filters if hasattr(f, "resolve_route")]
         self.resolver = resolvers[0] if resolvers else None
         self._variants: dict[frozenset[str], Chain] = {}
+        self.active = 0  # exchanges running on it (a reload closes its filters at 0)
 
     def names(self) -> list[str]:
         return [f.name for f in self.filters]

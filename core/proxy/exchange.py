@@ -138,7 +138,8 @@ def _collapse(group: BaseExceptionGroup) -> BaseException:
 
 async def run_exchange(listener: Site, down: Any, head: RequestHead, ctx: Context) -> None:
     """Run one exchange to the end; never raises except Cancelled."""
-    chain = listener.chain
+    chain = base = listener.chain
+    base.active += 1
     try:
         try:
             chain = _prepare(listener, down, head, ctx)
@@ -178,7 +179,10 @@ async def run_exchange(listener: Site, down: Any, head: RequestHead, ctx: Contex
         log.error("exchange failed", request_id=ctx.request_id, exc_info=exc)
         await answer(chain, down, ctx, LocalReply(500, reason(500), flag=""), 0)
     finally:
-        await complete(chain, ctx)
+        try:
+            await complete(chain, ctx)
+        finally:
+            base.active -= 1  # a reload closes the old chain's filters at 0 (sluice.control.reload)
     if not down.body_done and not down.close_after:
         await drain_body(down, ctx)
 
