@@ -5,8 +5,8 @@
     sluice run -c FILE [--plugins a,b]           a config file
     sluice check FILE                            validate, print each listener's chain
     sluice plugins                               what is installed and what it offers
-    sluice reload --pid-file PATH                SIGHUP to the running sluice the file names
-    sluice stop --pid-file PATH [--fast]         SIGTERM (drain), or SIGQUIT (--fast)
+    sluice reload --pid-file PATH | -c FILE      SIGHUP to the running sluice the pid file names
+    sluice stop --pid-file PATH | -c FILE [--fast]  SIGTERM (drain), or SIGQUIT (--fast)
     sluice version, sluice --version             the installed version
 
 A serving process (the one process, or each worker) takes SIGTERM/SIGINT
@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="HTTP/1.1 codec (overrides server.http1_codec; default auto: httptools, else h11)")
     run.add_argument("--pid-file", metavar="PATH",
                      help="write the pid that takes signals here once listening; refuse to start while "
-                          "it names a running sluice")
+                          "it names a running sluice (overrides server.pid_file)")
 
     check = sub.add_parser("check", help="validate a config file and print the chains")
     check.add_argument("config")
@@ -94,10 +94,12 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("plugins", help="list installed plugins and what they provide")
 
     reload = sub.add_parser("reload", help="ask the running sluice to reload (SIGHUP)")
-    reload.add_argument("--pid-file", metavar="PATH", required=True, help="as given to run")
     stop = sub.add_parser("stop", help="stop the running sluice: drain (SIGTERM), or --fast (SIGQUIT)")
-    stop.add_argument("--pid-file", metavar="PATH", required=True, help="as given to run")
     stop.add_argument("--fast", action="store_true", help="no drain: close connections now")
+    for command in (reload, stop):
+        which = command.add_mutually_exclusive_group(required=True)
+        which.add_argument("--pid-file", metavar="PATH", help="as given to run")
+        which.add_argument("-c", "--config", help="the config file's server.pid_file")
     sub.add_parser("version", help="print the version")
     return p
 
@@ -150,6 +152,8 @@ class _Run:
     workers: int
     log_level: str
     reserved: list[socket.socket]  # with --workers N: the ports the master holds (edge/ports.py)
+    pid_file: str | None = None
+    stale_pid: int | None = None  # what a stale pid file named (0: no pid), to log once logging is set
 
 
 def _build_run(args: argparse.Namespace) -> _Run:
@@ -157,10 +161,14 @@ def _build_run(args: argparse.Namespace) -> _Run:
         raise ConfigError("-c cannot be combined with --listen/--upstream/--http2 (set http2 in the file)")
     if args.config:
         config = _with_codec(load(args.config), args.http1_codec)
+        pid_file = args.pid_file or config.server.pid_file
+        key = "--pid-file" if args.pid_file else "server.pid_file"
+        stale = pidfile.check(pid_file, key) if pid_file else None  # before anything listens
         workers = args.workers or config.server.workers
         config, reserved = _reserve(config, workers)
         app = App(config, Plugins(_plugin_list(args.plugins)))
-        return _Run(app, workers, args.log_level or config.server.log_level, reserved)
+        return _Run(app, workers, args.log_level or config.server.log_level, reserved, pid_file, stale)
+    stale = pidfile.check(args.pid_file) if args.pid_file else None
     order = _plugin_list(args.plugins or DEFAULT_PLUGINS)
     plugins = Plugins(order)
     listen = args.listen or DEFAULT_LISTEN
@@ -169,14 +177,14 @@ def _build_run(args: argparse.Namespace) -> _Run:
         config = _with_codec(one_line_config(listen, args.upstream, plugins, order, args.http2),
                              args.http1_codec)
         config, reserved = _reserve(config, workers)
-        return _Run(App(config, plugins), workers, args.log_level or "info", reserved)
+        return _Run(App(config, plugins), workers, args.log_level or "info", reserved, args.pid_file, stale)
     # The embedded default: validated now with a placeholder endpoint so a
     # plugin problem fails before anything listens; each worker then starts
     # the demo origin and points the cluster at it.
     config, reserved = _reserve(one_line_config(listen, ["127.0.0.1:9"], plugins, order, args.http2), workers)
     App(_with_codec(config, args.http1_codec), plugins)
     demo = _Demo(config.listeners[0].address, plugins, order, args.http1_codec, args.http2)
-    return _Run(demo, workers, args.log_level or "info", reserved)
+    return _Run(demo, workers, args.log_level or "info", reserved, args.pid_file, stale)
 
 
 def _reserve(config: Config, workers: int) -> tuple[Config, list[socket.socket]]:
@@ -285,11 +293,10 @@ async def _reopen_logs(app: App) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    stale = pidfile.check(args.pid_file) if args.pid_file else None  # before anything listens
     run = _build_run(args)
     configure(run.log_level)
-    if stale is not None:
-        log.warning("stale pid file replaced", path=args.pid_file, pid=stale or None)
+    if run.stale_pid is not None:
+        log.warning("stale pid file replaced", path=run.pid_file, pid=run.stale_pid or None)
     target = run.target
 
     def worker(reuse_port: bool, ready, index: int) -> None:
@@ -301,12 +308,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                 raise
             raise _first_leaf(config_errors) from None
 
-    on_ready = (lambda: pidfile.write(args.pid_file)) if args.pid_file else None
+    pid_file = run.pid_file
+    on_ready = (lambda: pidfile.write(pid_file)) if pid_file else None
     try:
         return run_workers(run.workers, _reporting(worker), reserved=run.reserved, on_ready=on_ready)
     finally:
-        if args.pid_file:
-            pidfile.remove(args.pid_file)
+        if pid_file:
+            pidfile.remove(pid_file)
         for sock in run.reserved:
             sock.close()
 
@@ -314,7 +322,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_signal(args: argparse.Namespace) -> int:
     """``sluice reload`` and ``sluice stop``: a signal to the pid in the pid file."""
     sig = signal.SIGHUP if args.command == "reload" else signal.SIGQUIT if args.fast else signal.SIGTERM
-    pid = pidfile.read(args.pid_file)
+    path, key = args.pid_file, "--pid-file"
+    if path is None:
+        path, key = load(args.config).server.pid_file, "server.pid_file"
+        if path is None:
+            raise ConfigError(f"{args.config}: server.pid_file is not set (or give --pid-file)")
+    pid = pidfile.read(path, key)
     os.kill(pid, sig)
     print(f"sluice: sent {sig.name} to pid {pid}")
     return 0

@@ -219,7 +219,7 @@ def test_pid_file_lifecycle_reload_and_stop(tmp_path):
     proxy = Running("--listen", f"127.0.0.1:{port}", "--workers", "2", "--pid-file", str(pid_file))
     try:
         workers_ready(proxy)
-        assert poll(lambda: pid_file.exists() and pid_file.read_text()) == f"{proxy.pid}\n"
+        poll(lambda: pid_file.exists() and pid_file.read_text() == f"{proxy.pid}\n", what="the pid file")
         second = sluice("run", "--listen", "127.0.0.1:0", "--pid-file", str(pid_file))
         assert second.returncode == 2
         assert f"--pid-file {pid_file}: sluice is already running as pid {proxy.pid}" in second.stderr
@@ -244,7 +244,7 @@ def test_a_stale_pid_file_is_replaced(tmp_path):
     r = sluice("reload", "--pid-file", str(pid_file))
     assert r.returncode == 2 and "not a running sluice (a stale file)" in r.stderr
     with Running("--listen", "127.0.0.1:0", "--pid-file", str(pid_file)) as proxy:
-        assert poll(lambda: pid_file.read_text()) == f"{proxy.pid}\n"
+        poll(lambda: pid_file.read_text() == f"{proxy.pid}\n", what="the pid file names the new sluice")
         assert events(proxy, "stale pid file replaced", pid=finished.pid)
     assert not pid_file.exists()
 
@@ -302,26 +302,48 @@ def test_sigquit_stops_at_once_without_draining(workers):
             conn.close()
 
 
-def test_sigusr1_reopens_the_access_log_after_logrotate_renames_it(tmp_path):
-    log = tmp_path / "access.jsonl"
-    port = free_port()
-    config = tmp_path / "sluice.toml"
-    config.write_text(f"""
+def ok_config(path: Path, port: int, server: str, log: Path | None = None) -> Path:
+    """A config whose one route answers ``ok`` itself, with an access log when ``log``."""
+    filters = '"access_log", "router"' if log else '"router"'
+    path.write_text(f"""
 [server]
-workers = 2
+{server}
 
 [[listeners]]
 address = "127.0.0.1:{port}"
-filters = ["access_log", "router"]
+filters = [{filters}]
 
 [[routes]]
 match = {{ prefix = "/" }}
 direct_response = {{ status = 200, body = "ok\\n" }}
-
+""" + (f"""
 [filters.access_log]
 path = "{log}"
 flush_interval = 0.05
-""")
+""" if log else ""))
+    return path
+
+
+def test_the_config_names_the_pid_file_for_reload_and_stop(tmp_path):
+    pid_file = tmp_path / "run" / "sluice.pid"
+    pid_file.parent.mkdir()
+    config = ok_config(tmp_path / "sluice.toml", free_port(), f'pid_file = "{pid_file}"')
+    with Running("-c", str(config)) as proxy:
+        poll(lambda: pid_file.exists() and pid_file.read_text() == f"{proxy.pid}\n", what="the pid file")
+        assert sluice("reload", "-c", str(config)).returncode == 0
+        poll(lambda: events(proxy, "reload requested", worker=0), what="reload requested")
+        assert sluice("stop", "-c", str(config), "--fast").returncode == 0
+        assert proxy.proc.wait(10) == 0
+        assert events(proxy, "stopping", mode="fast", signal="SIGQUIT")
+        assert not pid_file.exists()
+    r = sluice("reload", "-c", str(ok_config(tmp_path / "bare.toml", 1, "")))
+    assert r.returncode == 2 and "server.pid_file is not set" in r.stderr
+
+
+def test_sigusr1_reopens_the_access_log_after_logrotate_renames_it(tmp_path):
+    log = tmp_path / "access.jsonl"
+    port = free_port()
+    config = ok_config(tmp_path / "sluice.toml", port, "workers = 2", log)
 
     def count(path: Path) -> int:
         return len(path.read_text().splitlines()) if path.exists() else 0

@@ -253,6 +253,8 @@ class ServerConfig(_Model):
     http1_codec: Literal["auto", "h11", "httptools"] = "auto"
     drain_timeout: PositiveFloat = 30.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Where `sluice reload -c FILE` finds the running sluice; --pid-file overrides it.
+    pid_file: str | None = None
 
 
 class Config(_Model):

@@ -43,10 +43,11 @@ def _is_sluice(pid: int) -> bool:
         return False
 
 
-def check(path: str) -> int | None:
+def check(path: str, key: str = "--pid-file") -> int | None:
     """Before starting: ConfigError if the file names a live sluice; else the stale pid it
-    names (None: no file), and the directory must be writable."""
-    where = f"--pid-file {path}"
+    names (None: no file; 0: no pid in it), and the directory must be writable. ``key``
+    names where the path came from in errors (``server.pid_file``)."""
+    where = f"{key} {path}"
     file = Path(path)
     directory = file.parent
     if not directory.is_dir() or not os.access(directory, os.W_OK):
@@ -80,9 +81,9 @@ def remove(path: str) -> None:
         pass
 
 
-def read(path: str) -> int:
+def read(path: str, key: str = "--pid-file") -> int:
     """The pid of the live sluice the file names, for ``sluice reload`` and ``stop``."""
-    where = f"--pid-file {path}"
+    where = f"{key} {path}"
     try:
         pid = _pid_in(Path(path))
     except FileNotFoundError:
