@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import importlib.metadata
 import os
 import signal
@@ -165,8 +166,11 @@ def _build_run(args: argparse.Namespace) -> _Run:
         key = "--pid-file" if args.pid_file else "server.pid_file"
         stale = pidfile.check(pid_file, key) if pid_file else None  # before anything listens
         workers = args.workers or config.server.workers
+        original = config
         config, reserved = _reserve(config, workers)
         app = App(config, Plugins(_plugin_list(args.plugins)))
+        app.config_path = args.config
+        app.reload_source = functools.partial(_reread, args.config, args.http1_codec, original, config)
         return _Run(app, workers, args.log_level or config.server.log_level, reserved, pid_file, stale)
     stale = pidfile.check(args.pid_file) if args.pid_file else None
     order = _plugin_list(args.plugins or DEFAULT_PLUGINS)
@@ -211,6 +215,18 @@ def _reserve(config: Config, workers: int) -> tuple[Config, list[socket.socket]]
             sock.close()
         raise
     return config.model_copy(update={"listeners": listeners}), held
+
+
+def _reread(path: str, codec: str | None, original: Config, reserved: Config) -> Config:
+    """The config file read again for a reload, with the run's overrides:
+    ``--http1-codec``, and the ports ``_reserve`` chose for ``:0`` listeners."""
+    config = _with_codec(load(path), codec)
+    moved = {a.address: b.address for a, b in zip(original.listeners, reserved.listeners, strict=True)
+             if a.address != b.address}
+    if not moved:
+        return config
+    listeners = [lc.model_copy(update={"address": moved.get(lc.address, lc.address)}) for lc in config.listeners]
+    return config.model_copy(update={"listeners": listeners})
 
 
 def _with_codec(config: Config, codec: str | None) -> Config:

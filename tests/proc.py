@@ -114,3 +114,44 @@ def rss_bytes(pid: int) -> int:
 def curl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
     return subprocess.run(["curl", "-sS", "--max-time", str(timeout), *args],
                           capture_output=True, text=True, timeout=timeout + 5)
+
+
+class ThreadOrigin:
+    """A real HTTP/1.1 origin in a thread of the test process, for tests that
+    run sluice as a subprocess: answers every GET 200 after ``delay`` seconds
+    with ``body``, and records the paths it served."""
+
+    def __init__(self, *, delay: float = 0.0, body: bytes = b"") -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        served: list[str] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):  # noqa: N802 - the stdlib's name
+                time.sleep(delay)
+                self.send_response(200)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                served.append(self.path)
+
+            def log_message(self, *args):
+                pass
+
+        self.served = served
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.address = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self) -> ThreadOrigin:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -14,14 +14,12 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from .proc import Running, curl, free_port, sluice
+from .proc import Running, ThreadOrigin, curl, free_port, sluice
 
 EXAMPLE = Path(__file__).resolve().parent / "example_plugin"
 # What a build may leave behind in a source tree; never copied, never left.
@@ -158,36 +156,6 @@ def test_check_accepts_the_config_with_the_plugin_installed(plugin_dir, config_f
     assert "  2. router [request_headers]" in r.stdout
 
 
-class _Origin:
-    """A real HTTP/1.1 origin in a thread, answering after ``delay`` seconds."""
-
-    def __init__(self, delay: float) -> None:
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self):  # noqa: N802 - the stdlib's name
-                time.sleep(delay)
-                self.send_response(200)
-                self.send_header("content-length", "0")
-                self.end_headers()
-                served.append(self.path)
-
-            def log_message(self, *args):
-                pass
-
-        served: list[str] = []
-        self.served = served
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.address = f"127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def test_plugins_command_lists_the_policy_and_its_settings(plugin_dir):
     r = sluice("plugins", env=with_plugin(plugin_dir))
     assert r.returncode == 0, r.stderr
@@ -203,7 +171,7 @@ def test_plugins_command_lists_the_policy_and_its_settings(plugin_dir):
 
 
 def test_the_policy_plugin_balances_a_real_cluster_and_its_settings_are_checked(plugin_dir, tmp_path):
-    fast, slow = _Origin(0.0), _Origin(0.03)
+    fast, slow = ThreadOrigin(delay=0.0), ThreadOrigin(delay=0.03)
     port = free_port()
     path = tmp_path / "sluice.toml"
     template = textwrap.dedent(f"""

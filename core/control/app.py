@@ -28,6 +28,7 @@ from ..upstream.health import HealthCheck, run_checks
 from .config import Config, format_errors, parse_hostport
 from .registry import Plugins
 from .reload import reload
+from .watch import watch_config
 
 __all__ = ["App"]
 
@@ -64,6 +65,7 @@ class App:
         # A callable returning the config to reload (the cli's: the file read
         # again); None: nothing to reload from (one-line mode).
         self.reload_source = previous.reload_source if previous is not None else None
+        self.config_path = previous.config_path if previous is not None else None  # the file, if any
         self.generation = previous.generation if previous is not None else 0  # reloads applied
         self.last_reload: dict[str, Any] | None = None  # the latest reload's outcome (admin, metrics)
         self._stop = None
@@ -242,6 +244,8 @@ class App:
                     await self.serve(listener, sock)
                 task_status.started(self.addresses)
                 nursery.start_soon(self._reloader)
+                if self.config.server.watch_config and self.config_path is not None:
+                    nursery.start_soon(watch_config, self.config_path, self.request_reload)
                 await self._stop.wait()
                 await self._drain(serving)
             await self._shutdown()
