@@ -243,12 +243,16 @@ class App:
                 for listener, sock in zip(self.listeners, sockets, strict=True):
                     await self.serve(listener, sock)
                 task_status.started(self.addresses)
+                log.info("started", worker=self.worker_index, codec=self.codec.name,
+                         listeners={x.name: self._urls[x] for x in self.listeners},
+                         chains={x.name: x.chain.names() for x in self.listeners})
                 nursery.start_soon(self._reloader)
                 if self.config.server.watch_config and self.config_path is not None:
                     nursery.start_soon(watch_config, self.config_path, self.request_reload)
                 await self._stop.wait()
                 await self._drain(serving)
             await self._shutdown()
+            log.info("stopped", worker=self.worker_index)
             nursery.cancel_scope.cancel()
 
     async def serve(self, listener: Listener, sock: trio.SocketListener) -> None:
