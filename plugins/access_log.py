@@ -1,35 +1,111 @@
-"""Plugin ``access_log``: one JSON line per request.
+"""Plugin ``access_log``: one line per request, JSON or an Envoy-style template.
 
-Fields: ``time`` (UTC, ISO 8601), ``client``, ``method``, ``path``,
-``host``, ``status``, ``bytes_in``, ``bytes_out``, ``duration_ms``,
-``upstream`` (endpoint address or null), ``route``, ``request_id``,
-``user_agent`` and ``flags``: how sluice answered when it answered itself
-(NR no route, UH no healthy upstream, UF upstream connect failure, UT
-upstream timeout, UC upstream connection error, UPE upstream protocol error,
-UBL upstream body over the buffer limit,
-LR local reply by a filter, FE filter error, DC client disconnected,
-DT client timed out, DPE client protocol error, DO refused because every
-connection slot had a request in flight (503), DTLS TLS handshake failed
-(with DT: not done within ``header_read``), TLSP a TLS handshake on a
-plain listener, TI a tunnel closed after ``tunnel_idle`` without a byte,
-TM a tunnel closed at ``tunnel_max``).
+Settings (``[filters.access_log]``): ``path`` (stdout when unset),
+``flush_interval``, ``max_pending``, and the format:
+
+- ``format = "json"`` (the default): one JSON object per line with the
+  catalog ``fields`` chosen, in order; by default today's line:
+  ``time``, ``client``, ``method``, ``path``, ``host``, ``status``,
+  ``bytes_in``, ``bytes_out``, ``duration_ms``, ``upstream``, ``route``,
+  ``request_id``, ``trace_id``, ``user_agent``, ``flags``, and, only when
+  they have a value, ``upgraded``, ``attempts`` and ``tried``.
+  ``request_headers = ["x-tenant"]`` (and ``response_headers``) add an
+  object of those headers (null when absent).
+- ``format = "text"``: ``template``, literal text with ``%OPERATOR%``
+  fields as Envoy writes them (``%REQ(X-HEADER)%``, ``%RESP(X-HEADER)%``
+  for any header, ``:N`` after an operator caps its length); ``-`` where a
+  value is missing. The default is Envoy's default format.
+- ``bodies = { max_bytes = 1024, redact = ["regex", ...] }`` for the
+  body fields: the first ``max_bytes`` of a body (``...`` after when cut),
+  as UTF-8 text; the values of common secret members and form fields
+  (password, token, api_key, client_secret ...) are masked as ``***``, and
+  each ``redact`` pattern's first group (or whole match) too.
+
+An unknown field or operator is a ConfigError naming the key
+(``filters.access_log.fields[3]``, ``filters.access_log.template``), the
+unknown name and the known ones.
+
+The catalog (``access_log_fields.CATALOG``; "(sluice)": an operator Envoy
+has no equivalent of):
+
+========================= ============================================== =============================================
+field                     operator                                       meaning
+========================= ============================================== =============================================
+client                    %DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT% the peer's IP address
+client_port               %DOWNSTREAM_DIRECT_REMOTE_PORT%                the peer's port
+client_ip                 %DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%       the client's IP as trusted through
+                                                                         X-Forwarded-For (``trust_forwarded``)
+remote_user               %REMOTE_USER% (sluice)                         who the auth filter let in (``auth.user``)
+local_address             %DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT%        the address the client reached
+local_port                %DOWNSTREAM_LOCAL_PORT%                        the port the client reached
+listener                  %LISTENER% (sluice)                            the listener's name
+time                      %TIME% (sluice)                                the line's time: the exchange's end
+start_time                %START_TIME%                                   when the exchange started (UTC, ISO 8601)
+duration_ms               %DURATION%                                     from the accept (or the previous response)
+request_id                %REQUEST_ID% (sluice)                          x-request-id, kept or made
+trace_id                  %TRACE_ID%                                     the W3C trace id, kept or started
+status                    %RESPONSE_CODE%                                the status sent; null for a bare close
+success                   %SUCCESS% (sluice)                             a whole answer below 500 went out
+flags                     %RESPONSE_FLAGS%                               how sluice answered itself (below)
+method                    %REQ(:METHOD)%                                 the request method
+url                       %URL% (sluice)                                 scheme://host/target
+path                      %REQ(:PATH)%                                   the request target, with its query
+host                      %REQ(:AUTHORITY)%                              Host (HTTP/2: :authority)
+scheme                    %REQ(:SCHEME)%                                 http or https
+protocol                  %PROTOCOL%                                     HTTP/1.0, HTTP/1.1 or HTTP/2
+user_agent                %REQ(USER-AGENT)%                              User-Agent
+route                     %ROUTE_NAME%                                   the route matched
+upgraded                  %UPGRADED% (sluice)                            the protocol a 101 switched to
+request_header_bytes      %REQUEST_HEADERS_BYTES%                        the request head as forwarded (HTTP/1.1 form)
+response_header_bytes     %RESPONSE_HEADERS_BYTES%                       the response head as sent (HTTP/1.1 form)
+bytes_in                  %BYTES_RECEIVED%                               request body bytes
+bytes_out                 %BYTES_SENT%                                   response body bytes
+upstream                  %UPSTREAM_HOST%                                the endpoint that answered (or last tried)
+cluster                   %UPSTREAM_CLUSTER%                             the cluster
+attempts                  %UPSTREAM_REQUEST_ATTEMPT_COUNT%               endpoints tried, when more than one
+tried                     %UPSTREAM_TRIED% (sluice)                      the endpoints whose try failed, in order
+upstream_connected_ms     %UPSTREAM_CONNECTED% (sluice)                  start to an upstream connection ready
+request_ms                %REQUEST_DURATION%                             start to the request's last byte
+response_ms               %RESPONSE_DURATION%                            start to the upstream's response head
+response_tx_ms            %RESPONSE_TX_DURATION%                         the upstream's response head to the end
+request_body              %REQUEST_BODY% (sluice)                        the request body, capped and redacted
+response_body             %RESPONSE_BODY% (sluice)                       the response body, capped and redacted
+request_headers           (json only; text: %REQ(NAME)%)                 the ``request_headers`` chosen
+response_headers          (json only; text: %RESP(NAME)%)                the ``response_headers`` chosen
+========================= ============================================== =============================================
+
+``flags``: how sluice answered when it answered itself (NR no route, UH no
+healthy upstream, UF upstream connect failure, UT upstream timeout, UC
+upstream connection error, UPE upstream protocol error, UBL upstream body
+over the buffer limit, UO cluster overflow, LR a local reply (a filter's,
+or the core's 413 for a body over ``max_body_bytes``), FE filter error, DC
+client disconnected, DT client timed out, DPE client protocol error, DO
+refused because every connection slot had a request in flight (503), DTLS
+TLS handshake failed (with DT: not done within ``header_read``), TLSP a TLS
+handshake on a plain listener, TI a tunnel closed after ``tunnel_idle``
+without a byte, TM a tunnel closed at ``tunnel_max``).
 
 An upgraded exchange (a WebSocket) logs one line when its tunnel ends, with
-``status`` 101, an extra ``upgraded`` field (the protocol, ``"websocket"``),
-the tunnel's bytes each way in ``bytes_in``/``bytes_out`` and its whole
-life in ``duration_ms``.
+``status`` 101, ``upgraded`` (the protocol, ``"websocket"``), the tunnel's
+bytes each way in ``bytes_in``/``bytes_out`` and its whole life in
+``duration_ms``. A request that went to more than one endpoint (a connect
+failover, or a route's retry) has ``attempts`` and ``tried``: the
+addresses whose try failed, in order (``upstream`` answered, or was last).
 
-A request that went to more than one endpoint (a connect failover, or a
-route's retry) has ``attempts`` and ``tried``: the addresses whose try
-failed, in order (``upstream`` is the one that answered, or the last tried).
-
-Requests the core refused before they became requests (a bad head: DPE;
-an unfinished head: DT; DTLS, TLSP, DO) have a line too, with no upstream,
+Requests the core refused before they became requests have a line too
+(``sluice.edge.listener``): a bad head (400, 414, 431: DPE), an unfinished
+head (408: DT), a failed TLS handshake (DTLS), TLSP, DO; with no upstream,
 no host or user agent, and a method and path only when the head got that
-far. A connection that never sent a byte has none.
+far. A body refused later (413, or a bad or stalled body: 400 DPE, 408 DT)
+is on the request's own line. A connection that never sent a byte has none.
 
-``on_complete`` renders the line and appends it to a buffer; a background
-task writes the buffer every ``flush_interval``:
+Off the hot path: the format is compiled once, at load, into a list of
+small callables (``access_log_fields``), each with its pre-escaped key or
+literal; the request and response phases that capture timings or bodies
+run only when a chosen field needs them (``from_config``), so the default
+line costs what the fixed one did. ``on_complete`` renders the line and
+appends it to a buffer; a background task writes the buffer every
+``flush_interval``:
 
 - to a regular file, in one write from the event loop, as nginx writes a
   buffered access log: into the page cache, well under a millisecond for a
@@ -41,59 +117,61 @@ task writes the buffer every ``flush_interval``:
   wait for it.
 
 The line is rendered here rather than through a structlog processor chain:
-with the fields fixed, joining pre-escaped strings costs about 4 us where
-structlog's bound logger, a time processor and its JSON renderer cost about
-20 us. A failed write (disk full, a closed pipe) loses that batch, says so
-in sluice's own log, and nothing else. If the disk cannot keep up and the
+joining pre-escaped strings costs a few microseconds where structlog's
+bound logger, a time processor and its JSON renderer cost about 20 us. A
+failed write (disk full, a closed pipe) loses that batch, says so in
+sluice's own log, and nothing else. If the disk cannot keep up and the
 buffer reaches ``max_pending`` lines, new lines are dropped and counted
 (reported in sluice's own log) rather than letting memory grow or requests
-wait.
+wait. SIGUSR1 reopens the file (``sluice_reopen_logs``), for logrotate.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import stat
 import sys
-import time
-from json.encoder import encode_basestring_ascii as _quote
-from typing import Annotated
+from typing import Annotated, Literal
 
 import structlog
 import trio
 from pydantic import Field
 
-from sluice import ConfigError, Filter, FilterConfig, hookimpl
+from sluice import CONTINUE, ConfigError, Filter, FilterConfig, hookimpl
+
+from .access_log_fields import (
+    DEFAULT_FIELDS,
+    DEFAULT_TEMPLATE,
+    Capture,
+    build_catalog,
+    compile_json,
+    compile_text,
+    template_fields,
+)
 
 __all__ = ["AccessLog"]
 
 log = structlog.get_logger("sluice.access_log")
 
-
-class _Clock:
-    """An ISO 8601 UTC timestamp with microseconds; the date part is
-    formatted once per second."""
-
-    def __init__(self) -> None:
-        self._second = -1
-        self._prefix = ""
-
-    def __call__(self) -> str:
-        now = time.time()
-        second = int(now)
-        if second != self._second:
-            self._second = second
-            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._prefix}.{int((now - second) * 1e6):06d}Z"
+# Secrets a body commonly carries, as JSON members or form fields: their
+# values are masked before a body is logged, whatever ``redact`` adds.
+_SECRETS = r"password|passwd|pwd|secret|token|access_token|refresh_token|id_token|api_key|apikey|client_secret"
+REDACTED = "***"
+_BUILT_IN_REDACT = (
+    rf'(?i)"(?:{_SECRETS})"\s*:\s*"((?:[^"\\]|\\.)*)',  # "password": "..." (to the cap if cut)
+    rf"(?i)(?:^|[&?])(?:{_SECRETS})=([^&\s]*)",  # password=...&
+)
 
 
-def _json(value) -> str:
-    """A JSON string literal, or null."""
-    return "null" if value is None else _quote(value)
+class Bodies(FilterConfig):
+    max_bytes: Annotated[int, Field(ge=0, le=1 << 20)] = 1024
+    redact: list[str] = []  # regular expressions; a group's text (else the match) becomes ***
 
 
 class AccessLog(Filter):
-    """One JSON line per request (a structlog event), written off the event loop."""
+    """One line per request (JSON or a template), rendered by a format
+    compiled at load, written off the event loop."""
 
     name = "access_log"
 
@@ -101,6 +179,20 @@ class AccessLog(Filter):
         path: str | None = None  # None: stdout
         flush_interval: Annotated[float, Field(gt=0, le=60)] = 0.2
         max_pending: Annotated[int, Field(ge=100)] = 100_000
+        format: Literal["json", "text"] = "json"
+        fields: list[str] | None = None  # json: catalog names, in order (None: DEFAULT_FIELDS)
+        template: str | None = None  # text: Envoy-style %OPERATOR%s (None: DEFAULT_TEMPLATE)
+        request_headers: list[str] = []  # json: these request headers, as a request_headers object
+        response_headers: list[str] = []
+        bodies: Bodies = Bodies()
+
+    @classmethod
+    def from_config(cls, config: Config, app=None) -> AccessLog:
+        """The plain filter, or one that also runs the phases a chosen field
+        captures in (timings, bodies): the chain calls only the phases a
+        class defines, so a log without those fields costs them nothing."""
+        captures = _captures(config)
+        return (_CapturingAccessLog if captures else cls)(config)
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
@@ -109,14 +201,42 @@ class AccessLog(Filter):
                 open(config.path, "a", encoding="utf-8").close()  # noqa: SIM115
             except OSError as exc:
                 raise ConfigError(f"filters.access_log.path: cannot write {config.path}: {exc.strerror}") from None
+        self._captures = _captures(config)
+        self._redact = _redactions(config.bodies.redact)
+        catalog = build_catalog(lambda ctx: ctx.state(self), self._body)
+        if config.format == "json":
+            names = list(DEFAULT_FIELDS if config.fields is None else config.fields)
+            for extra in ("request_headers", "response_headers"):
+                if getattr(config, extra) and extra not in names:
+                    names.append(extra)
+            self._render = compile_json(names, catalog, [h.lower() for h in config.request_headers],
+                                        [h.lower() for h in config.response_headers])
+        else:
+            self._render = compile_text(config.template or DEFAULT_TEMPLATE, catalog)
         self._pending: list[str] = []
         self._dropped = 0
         self._file = None
         self._regular = False  # a regular file: written from the event loop
-        self._clock = _Clock()
         # One flush at a time: close() must not shut the file under a batch
         # the writer task is still writing, or that batch is lost.
         self._flushing = trio.Lock()
+
+    def new_state(self) -> Capture:
+        return Capture()
+
+    def _body(self, which: str):
+        """A getter of the captured request or response body: text, capped, redacted."""
+        def get(ctx):
+            capture = ctx.state(self)
+            data = capture.request_body if which == "request" else capture.response_body
+            more = capture.request_more if which == "request" else capture.response_more
+            if not data and not more:
+                return None
+            text = data.decode("utf-8", "replace")
+            for pattern in self._redact:
+                text = pattern.sub(_mask, text)
+            return text + "..." if more else text
+        return get
 
     async def open(self, nursery) -> None:
         path = self.config.path
@@ -144,33 +264,7 @@ class AccessLog(Filter):
             self._file = new
 
     async def on_complete(self, ctx) -> None:
-        request = ctx.request
-        response = ctx.response
-        endpoint = ctx.endpoint
-        route = ctx.matched_route  # never resolve a route just to log it
-        headers = request.headers if request is not None else None
-        self._enqueue("".join((
-            '{"time": "', self._clock(),
-            '", "client": ', _quote(ctx.client[0]),
-            ', "method": ', _json(request.method if request is not None else None),
-            ', "path": ', _json(request.target if request is not None else None),
-            ', "host": ', _json(headers.get("host") if headers is not None else None),
-            ', "status": ', str(response.status) if response is not None else "null",
-            ', "bytes_in": ', str(ctx.bytes_in),
-            ', "bytes_out": ', str(ctx.bytes_out),
-            ', "duration_ms": ', repr(round(ctx.duration * 1000, 3)),
-            ', "upstream": ', _json(endpoint.address if endpoint is not None else None),
-            ', "route": ', _json(route.name if route else None),
-            ', "request_id": ', _quote(ctx.request_id),
-            ', "user_agent": ', _json(headers.get("user-agent") if headers is not None else None),
-            ', "flags": ', _json(",".join(ctx.flags) or None),
-            ', "upgraded": ' + _quote(ctx.upgraded) if ctx.upgraded else "",
-            (', "attempts": ' + str(len(ctx.tried) + 1) + ', "tried": ['
-             + ", ".join(_quote(e.address) for e in ctx.tried) + "]") if ctx.tried else "",
-            "}",
-        )))
-
-    def _enqueue(self, line: str) -> None:
+        line = self._render(ctx)
         if len(self._pending) >= self.config.max_pending:
             self._dropped += 1
             return
@@ -207,6 +301,79 @@ class AccessLog(Filter):
                     await trio.to_thread.run_sync(write)
             except (OSError, ValueError) as exc:  # disk full, closed pipe: never the proxy's death
                 log.error("access log write failed", lines=len(lines), error=str(exc))
+
+
+
+class _CapturingAccessLog(AccessLog):
+    """The access log with the phases its chosen fields capture in; the
+    same filter to the chain (its ``name``), built by ``from_config``."""
+
+    async def on_request_headers(self, ctx, request):
+        if "timing" in self._captures:
+            ctx.state(self).request_done = ctx.duration  # no body: its head is all of it
+        return CONTINUE
+
+    async def on_request_body(self, ctx, chunk: bytes, end: bool):
+        capture = ctx.state(self)
+        if "request_body" in self._captures and chunk:
+            capture.request_more |= _keep(capture.request_body, chunk, self.config.bodies.max_bytes)
+        if end and "timing" in self._captures:
+            capture.request_done = ctx.duration
+        return CONTINUE
+
+    async def on_response_headers(self, ctx, response):
+        if "timing" in self._captures and ctx.endpoint is not None and not ctx.flags:
+            ctx.state(self).response_head = ctx.duration  # the upstream's, not a local reply
+        return CONTINUE
+
+    async def on_response_body(self, ctx, chunk: bytes, end: bool):
+        if "response_body" in self._captures and chunk:
+            capture = ctx.state(self)
+            capture.response_more |= _keep(capture.response_body, chunk, self.config.bodies.max_bytes)
+        return CONTINUE
+
+
+def _keep(kept: bytearray, chunk: bytes, cap: int) -> bool:
+    """Keep what fits of ``chunk`` under ``cap``; True when some did not."""
+    room = cap - len(kept)
+    if room > 0:
+        kept += chunk[:room]
+    return len(chunk) > room
+
+
+def _captures(config: AccessLog.Config) -> frozenset[str]:
+    """What the chosen fields need captured during the exchange (and a
+    ConfigError for a field or operator the catalog does not have)."""
+    catalog = build_catalog(lambda ctx: None, lambda which: lambda ctx: None)
+    if config.format == "json":
+        if config.template is not None:
+            raise ConfigError("filters.access_log.template: only for format = \"text\" (json takes fields)")
+        names = DEFAULT_FIELDS if config.fields is None else config.fields
+        compile_json(names, catalog, [], [])  # the unknown-field error, with its index
+        chosen = [catalog[n] for n in names if n in catalog]
+    else:
+        if config.fields is not None or config.request_headers or config.response_headers:
+            raise ConfigError("filters.access_log.fields: only for format = \"json\" "
+                              "(a template names its fields, and headers as %REQ(NAME)%)")
+        chosen = template_fields(config.template or DEFAULT_TEMPLATE, catalog)
+    return frozenset(f.capture for f in chosen if f.capture is not None)
+
+
+def _redactions(extra: list[str]) -> list[re.Pattern]:
+    patterns = []
+    for i, pattern in enumerate(extra):
+        try:
+            patterns.append(re.compile(pattern))
+        except re.error as exc:
+            raise ConfigError(f"filters.access_log.bodies.redact[{i}]: not a regular expression: {exc}") from None
+    return [re.compile(p) for p in _BUILT_IN_REDACT] + patterns
+
+
+def _mask(m: re.Match) -> str:
+    """The match with its first group (or all of it) masked."""
+    if m.re.groups and m.start(1) >= 0:
+        return m[0][:m.start(1) - m.start()] + REDACTED + m[0][m.end(1) - m.start():]
+    return REDACTED
 
 
 @hookimpl

@@ -37,6 +37,7 @@ class Context:
 
     __slots__ = (
         "request_id",
+        "trace_id",
         "client",
         "local",
         "_trusted",
@@ -79,6 +80,7 @@ class Context:
         trust_forwarded: bool = False,
     ) -> None:
         self.request_id = ""
+        self.trace_id = ""  # W3C trace id, kept or started by forwarding.forward_request
         self.client = client
         self.local = local
         self._trusted = trust_forwarded

@@ -191,7 +191,7 @@ def _prepare(listener: Site, down: Any, head: RequestHead, ctx: Context) -> Chai
     """Apply the proxy's own header rules; return the chain for this request."""
     request = head.request
     ctx.request = request
-    ctx.request_id = forward_request(
+    ctx.request_id, ctx.trace_id = forward_request(
         request.headers,
         client_ip=ctx.client[0],
         scheme=ctx.scheme,

@@ -6,6 +6,7 @@ Pure functions over ``Headers``; the exchange calls them once per message.
 from __future__ import annotations
 
 import random
+import re
 
 from ..messages import Headers
 
@@ -58,21 +59,25 @@ def strip_hop_by_hop(headers: Headers) -> None:
 
 
 def forward_request(headers: Headers, *, client_ip: str, scheme: str, trusted: bool,
-                    drop_expect: bool) -> str:
+                    drop_expect: bool) -> tuple[str, str]:
     """Everything sluice does to a request head it forwards, in one pass over
-    its fields; returns the request id.
+    its fields; returns the request id and the trace id.
 
     Hop-by-hop fields go, and those Connection names; ``Expect`` goes when
-    sluice answered it; ``x-request-id`` is kept or made; X-Forwarded-For,
-    -Proto and -Host are set. ``trusted`` says whether the downstream peer is
-    a proxy whose X-Forwarded-* we believe: then we append to its XFF and keep
-    its Proto and Host; otherwise whatever the client claimed is replaced.
+    sluice answered it; ``x-request-id`` is kept or made; ``traceparent`` is
+    kept or started (``_trace``); X-Forwarded-For, -Proto and -Host are set.
+    ``trusted`` says whether the downstream peer is a proxy whose
+    X-Forwarded-* we believe: then we append to its XFF and keep its Proto
+    and Host; otherwise whatever the client claimed is replaced.
     One pass costs a third of what a pass per rule did on a plain GET.
     """
     fields = headers.raw()
     kept = []
     named = None
     xff = proto = fhost = host = rid = None
+    traces = 0  # traceparent fields seen: more than one makes the trace invalid
+    parent = None
+    state = False  # a tracestate is kept
     for f in fields:
         n = f[0]
         if n in _HOP_BY_HOP:
@@ -92,6 +97,12 @@ def forward_request(headers: Headers, *, client_ip: str, scheme: str, trusted: b
             host = host or f[1]
         elif n == b"x-request-id":
             rid = rid or f[1]
+        elif n == b"traceparent":
+            traces += 1
+            parent = f
+            continue  # put back by _trace, after the fields kept
+        elif n == b"tracestate":
+            state = True
         elif n == b"expect" and drop_expect:
             continue
         kept.append(f)
@@ -101,6 +112,7 @@ def forward_request(headers: Headers, *, client_ip: str, scheme: str, trusted: b
         xff = None if b"x-forwarded-for" in named else xff
         proto = None if b"x-forwarded-proto" in named else proto
         fhost = None if b"x-forwarded-host" in named else fhost
+        traces = 0 if b"traceparent" in named else traces
     if rid:
         request_id = rid.decode("latin-1")
     else:
@@ -111,8 +123,46 @@ def forward_request(headers: Headers, *, client_ip: str, scheme: str, trusted: b
     kept.append((b"x-forwarded-proto", proto or scheme.encode("ascii")))
     if fhost or host:
         kept.append((b"x-forwarded-host", fhost or host))
+    trace_id = _trace(kept, parent if traces == 1 else None, state)
     fields[:] = kept
-    return request_id
+    return request_id, trace_id
+
+
+# W3C Trace Context (https://www.w3.org/TR/trace-context/). sluice records no
+# spans, so it takes no part in a trace: a valid traceparent goes upstream
+# unchanged (a new parent-id would name a span nobody reports, and the
+# upstream's span would hang off a hole), and tracestate with it. An absent
+# one is started, so the upstream's logs and sluice's access log share a
+# trace id; it is sampled (flags 01) because an upstream tracing with the
+# usual parent-based sampler would otherwise stop recording the moment
+# sluice was put in front of it. An invalid one (or two of them, or one
+# the Connection field names) is replaced as if absent, and its tracestate,
+# which belongs to the trace that could not be read, goes with it.
+_TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}(-.*)?", re.DOTALL)
+_ZERO_TRACE = b"0" * 32
+_ZERO_PARENT = b"0" * 16
+
+
+def _trace(kept: list, parent: tuple[bytes, bytes] | None, state: bool) -> str:
+    """Append the traceparent to forward to ``kept``; drop tracestate (when
+    ``state``: there is one) from it when the trace is new; return the trace
+    id (32 hex digits)."""
+    if parent is not None:
+        m = _TRACEPARENT.fullmatch(parent[1])
+        # Version ff is invalid; 00 has nothing after the flags; a later
+        # version may add fields after a dash, and is forwarded as sent.
+        if (m is not None and m[1] != b"ff" and (m[4] is None or m[1] != b"00")
+                and m[2] != _ZERO_TRACE and m[3] != _ZERO_PARENT):
+            kept.append(parent)
+            return m[2].decode("ascii")
+    if state:
+        kept[:] = [f for f in kept if f[0] != b"tracestate"]
+    ids = "%048x" % random.getrandbits(192)  # as the request id: a correlation key, not a secret
+    trace_id, parent_id = ids[:32], ids[32:]
+    if trace_id == "0" * 32 or parent_id == "0" * 16:  # all-zero ids are invalid (odds 2**-64)
+        return _trace(kept, None, False)
+    kept.append((b"traceparent", f"00-{trace_id}-{parent_id}-01".encode("ascii")))
+    return trace_id
 
 
 # Fields a trailer section may not carry (RFC 9110 6.5.1): a recipient that
