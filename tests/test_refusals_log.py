@@ -121,3 +121,26 @@ async def test_tls_handshake_failures_are_logged(start_origin, tmp_path, cert_fi
         await raw_request(proxy.address, b"")  # a port probe: connects, sends nothing
         entries = await read_lines(log, 2)
     assert [row(e) for e in entries] == [(None, None, None, "DTLS", None), (None, None, None, "DTLS,DT", None)]
+
+
+async def test_a_request_line_too_long_and_a_body_too_large_are_logged(start_origin, tmp_path, codec):
+    """414 (the head's own limit: DPE, like 400 and 431) and 413 (a body
+    over ``max_body_bytes``, declared or streamed: the core's local reply, LR)."""
+    origin = await start_origin()
+    log = tmp_path / "access.jsonl"
+    cfg = logged(origin.address, log, codec, {"limits": {"max_header_bytes": 4096, "max_body_bytes": 100}})
+    async with serve(cfg, plugins=PLUGINS) as proxy:
+        answers = [
+            await raw_request(proxy.address, b"GET /" + b"a" * 8000 + b" HTTP/1.1\r\nhost: a\r\n\r\n"),
+            await raw_request(proxy.address, b"POST /declared HTTP/1.1\r\nhost: a\r\ncontent-length: 101\r\n\r\n"
+                              + b"x" * 101),
+            await raw_request(proxy.address, b"POST /streamed HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked"
+                              b"\r\n\r\n40\r\n" + b"x" * 64 + b"\r\n40\r\n" + b"x" * 64 + b"\r\n0\r\n\r\n"),
+        ]
+        entries = await read_lines(log, 3)
+    assert [a[:13] for a in answers] == [b"HTTP/1.1 414 ", b"HTTP/1.1 413 ", b"HTTP/1.1 413 "]
+    assert [row(e) for e in entries] == [
+        ("GET", "", 414, "DPE", None),
+        ("POST", "/declared", 413, "LR", None),
+        ("POST", "/streamed", 413, "LR", origin.address),
+    ]
