@@ -35,14 +35,14 @@ def events(proxy: Running, name: str, **fields) -> list[dict]:
     return found
 
 
-def poll(check, timeout: float = 10, what: str = "condition"):
-    """``check()``'s first truthy value, polled until the deadline."""
+def poll(check, timeout: float = 10, what: str = "condition", proxy: Running | None = None):
+    """``check()``'s first truthy value, polled until the deadline (then the proxy's log)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if value := check():
             return value
         time.sleep(0.05)
-    raise AssertionError(f"{what} not met within {timeout}s")
+    raise AssertionError(f"{what} not met within {timeout}s" + (f":\n{''.join(proxy.stderr)}" if proxy else ""))
 
 
 def gone(pid: int) -> bool:
@@ -76,7 +76,7 @@ def serves(port: int) -> bool:
 
 def workers_ready(proxy: Running) -> list[int]:
     """The workers' pids once the master said every one listens."""
-    poll(lambda: events(proxy, "workers ready"), what="workers ready")
+    poll(lambda: events(proxy, "workers ready"), what="workers ready", proxy=proxy)
     return sorted(children(proxy.pid))
 
 
@@ -104,16 +104,16 @@ def test_a_crashed_worker_is_replaced_under_its_index_and_logged():
         workers = workers_ready(proxy)
         [dead] = [e["pid"] for e in events(proxy, "worker started", index=0)]
         os.kill(dead, signal.SIGKILL)
+        [exited] = poll(lambda: events(proxy, "worker exited", pid=dead), what="worker exited logged", proxy=proxy)
         assert all(serves(port) for _ in range(5))  # the other worker serves meanwhile
-        [exited] = poll(lambda: events(proxy, "worker exited", pid=dead), what="worker exited logged")
         assert exited["signal"] == "SIGKILL" and exited["code"] is None
         assert exited["restart_in"] == 0.1 and exited["level"] == "warning"
         started = poll(lambda: [e for e in events(proxy, "worker started", index=0) if e["pid"] != dead],
-                       what="a replacement for worker 0")
+                       what="a replacement for worker 0", proxy=proxy)
         replacement = started[0]["pid"]
         workers.append(replacement)
         assert events(proxy, "worker restart", index=0)
-        poll(lambda: sorted(children(proxy.pid)) == sorted({*workers} - {dead}), what="two live workers")
+        poll(lambda: sorted(children(proxy.pid)) == sorted({*workers} - {dead}), what="two live workers", proxy=proxy)
         proxy.wait_for_output(f"pid {replacement} listening on")
         assert all(serves(port) for _ in range(5))
         assert proxy.stop() == 0
@@ -201,7 +201,7 @@ def test_a_second_sluice_on_the_same_port_does_not_share_it(workers):
 def test_port_0_gives_all_workers_one_port():
     with Running("--listen", "127.0.0.1:0", "--workers", "2") as proxy:
         workers_ready(proxy)
-        poll(lambda: len(proxy.urls) == 2, what="two listening lines")
+        poll(lambda: len(proxy.urls) == 2, what="two listening lines", proxy=proxy)
         assert proxy.urls[0] == proxy.urls[1] and not proxy.urls[0].endswith(":0")
 
 
@@ -219,13 +219,13 @@ def test_pid_file_lifecycle_reload_and_stop(tmp_path):
     proxy = Running("--listen", f"127.0.0.1:{port}", "--workers", "2", "--pid-file", str(pid_file))
     try:
         workers_ready(proxy)
-        poll(lambda: pid_file.exists() and pid_file.read_text() == f"{proxy.pid}\n", what="the pid file")
+        poll(lambda: pid_file.exists() and pid_file.read_text() == f"{proxy.pid}\n", what="the pid file", proxy=proxy)
         second = sluice("run", "--listen", "127.0.0.1:0", "--pid-file", str(pid_file))
         assert second.returncode == 2
         assert f"--pid-file {pid_file}: sluice is already running as pid {proxy.pid}" in second.stderr
         r = sluice("reload", "--pid-file", str(pid_file))
         assert r.returncode == 0, r.stderr
-        poll(lambda: len(events(proxy, "reload requested")) == 2, what="both workers asked to reload")
+        poll(lambda: len(events(proxy, "reload requested")) == 2, what="both workers asked to reload", proxy=proxy)
         assert sluice("stop", "--pid-file", str(pid_file)).returncode == 0
         assert proxy.proc.wait(15) == 0
         assert not pid_file.exists()
@@ -244,7 +244,7 @@ def test_a_stale_pid_file_is_replaced(tmp_path):
     r = sluice("reload", "--pid-file", str(pid_file))
     assert r.returncode == 2 and "not a running sluice (a stale file)" in r.stderr
     with Running("--listen", "127.0.0.1:0", "--pid-file", str(pid_file)) as proxy:
-        poll(lambda: pid_file.read_text() == f"{proxy.pid}\n", what="the pid file names the new sluice")
+        poll(lambda: pid_file.read_text() == f"{proxy.pid}\n", what="the pid file names the new sluice", proxy=proxy)
         assert events(proxy, "stale pid file replaced", pid=finished.pid)
     assert not pid_file.exists()
 
@@ -257,7 +257,7 @@ def test_sighup_no_longer_kills_and_every_worker_asks_to_reload(workers):
         before = sorted(children(proxy.pid))
         proxy.signal(signal.SIGHUP)
         indexes = poll(lambda: sorted(e["worker"] for e in events(proxy, "reload requested"))
-                       == list(range(int(workers))), what="every worker logged the request")
+                       == list(range(int(workers))), what="every worker logged the request", proxy=proxy)
         assert indexes
         assert proxy.proc.poll() is None and sorted(children(proxy.pid)) == before
         assert serves(int(proxy.url.rsplit(":", 1)[1]))
@@ -329,9 +329,9 @@ def test_the_config_names_the_pid_file_for_reload_and_stop(tmp_path):
     pid_file.parent.mkdir()
     config = ok_config(tmp_path / "sluice.toml", free_port(), f'pid_file = "{pid_file}"')
     with Running("-c", str(config)) as proxy:
-        poll(lambda: pid_file.exists() and pid_file.read_text() == f"{proxy.pid}\n", what="the pid file")
+        poll(lambda: pid_file.exists() and pid_file.read_text() == f"{proxy.pid}\n", what="the pid file", proxy=proxy)
         assert sluice("reload", "-c", str(config)).returncode == 0
-        poll(lambda: events(proxy, "reload requested", worker=0), what="reload requested")
+        poll(lambda: events(proxy, "reload requested", worker=0), what="reload requested", proxy=proxy)
         assert sluice("stop", "-c", str(config), "--fast").returncode == 0
         assert proxy.proc.wait(10) == 0
         assert events(proxy, "stopping", mode="fast", signal="SIGQUIT")
@@ -352,14 +352,14 @@ def test_sigusr1_reopens_the_access_log_after_logrotate_renames_it(tmp_path):
         workers_ready(proxy)
         for _ in range(4):
             assert curl(f"http://127.0.0.1:{port}/before").stdout == "ok\n"
-        poll(lambda: count(log) == 4, what="4 lines in the log")
+        poll(lambda: count(log) == 4, what="4 lines in the log", proxy=proxy)
         rotated = tmp_path / "access.jsonl.1"
         log.rename(rotated)  # what logrotate does (without copytruncate)
         proxy.signal(signal.SIGUSR1)
-        poll(lambda: len(events(proxy, "logs reopened")) == 2, what="both workers reopened")
+        poll(lambda: len(events(proxy, "logs reopened")) == 2, what="both workers reopened", proxy=proxy)
         for _ in range(10):
             assert curl(f"http://127.0.0.1:{port}/after").stdout == "ok\n"
-        poll(lambda: count(log) == 10, what="10 lines in the new file")
+        poll(lambda: count(log) == 10, what="10 lines in the new file", proxy=proxy)
         assert all(json.loads(line)["path"] == "/after" for line in log.read_text().splitlines())
         assert count(rotated) == 4
         assert proxy.stop() == 0

@@ -262,7 +262,9 @@ class _Master:
             "uptime": round(now - worker.started, 3),
         }
         if self.stopping is not None:
-            if code != 0 and self.code == 0:
+            # Killed by the signal it was sent (before its own handler was
+            # up, at startup) is a clean stop too.
+            if code not in (0, -signal.SIGTERM, -signal.SIGQUIT) and self.code == 0:
                 self.code = 1
             log.info("worker exited", **fields, restart_in=None)
             return
