@@ -29,6 +29,7 @@ import signal
 import socket
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from urllib.parse import urlsplit
@@ -155,6 +156,7 @@ class _Run:
     reserved: list[socket.socket]  # with --workers N: the ports the master holds (edge/ports.py)
     pid_file: str | None = None
     stale_pid: int | None = None  # what a stale pid file named (0: no pid), to log once logging is set
+    config_text: bytes | None = None  # the config file as the master read it
 
 
 def _build_run(args: argparse.Namespace) -> _Run:
@@ -171,7 +173,8 @@ def _build_run(args: argparse.Namespace) -> _Run:
         app = App(config, Plugins(_plugin_list(args.plugins)))
         app.config_path = args.config
         app.reload_source = functools.partial(_reread, args.config, args.http1_codec, original, config)
-        return _Run(app, workers, args.log_level or config.server.log_level, reserved, pid_file, stale)
+        return _Run(app, workers, args.log_level or config.server.log_level, reserved, pid_file, stale,
+                    _read_bytes(args.config))
     stale = pidfile.check(args.pid_file) if args.pid_file else None
     order = _plugin_list(args.plugins or DEFAULT_PLUGINS)
     plugins = Plugins(order)
@@ -227,6 +230,31 @@ def _reread(path: str, codec: str | None, original: Config, reserved: Config) ->
         return config
     listeners = [lc.model_copy(update={"address": moved.get(lc.address, lc.address)}) for lc in config.listeners]
     return config.model_copy(update={"listeners": listeners})
+
+
+def _read_bytes(path: str) -> bytes | None:
+    try:
+        return Path(path).read_bytes()
+    except OSError:
+        return None
+
+
+def _as_reloaded(app: App, loaded: bytes | None) -> App:
+    """The App a worker starts with: the master's, unless the config file
+    changed since the master read it. A worker that replaces a dead one after
+    a reload must serve what its siblings serve, not the config the master
+    started with, so it builds from the file as it is now; if that does not
+    build, it starts on the master's config and says so."""
+    if app.reload_source is None or loaded is None or _read_bytes(app.config_path) == loaded:
+        return app
+    try:
+        fresh = App(app.reload_source(), app.plugins)
+    except Exception as exc:  # noqa: BLE001 - a bad file is the running config's business, not this start's
+        log.warning("worker starts on the config it was started with; the file does not build now",
+                    error=str(exc))
+        return app
+    fresh.config_path, fresh.reload_source = app.config_path, app.reload_source
+    return fresh
 
 
 def _with_codec(config: Config, codec: str | None) -> Config:
@@ -316,8 +344,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     target = run.target
 
     def worker(reuse_port: bool, ready, index: int) -> None:
+        start = _as_reloaded(target, run.config_text) if isinstance(target, App) else target
         try:
-            trio.run(_serve, target, reuse_port, ready, index)
+            trio.run(_serve, start, reuse_port, ready, index)
         except BaseExceptionGroup as group:  # from inside trio.run: find the cause
             config_errors = group.subgroup(ConfigError)
             if config_errors is None:

@@ -363,3 +363,19 @@ def test_sigusr1_reopens_the_access_log_after_logrotate_renames_it(tmp_path):
         assert all(json.loads(line)["path"] == "/after" for line in log.read_text().splitlines())
         assert count(rotated) == 4
         assert proxy.stop() == 0
+
+
+def test_a_worker_replaced_after_a_reload_serves_the_reloaded_config(tmp_path):
+    port = free_port()
+    config = ok_config(tmp_path / "sluice.toml", port, "workers = 2")
+    with Running("-c", str(config)) as proxy:
+        workers = workers_ready(proxy)
+        config.write_text(config.read_text().replace('body = "ok\\n"', 'body = "reloaded\\n"'))
+        proxy.signal(signal.SIGHUP)
+        poll(lambda: len(events(proxy, "config reloaded")) == 2, what="both workers reloaded", proxy=proxy)
+        for pid in workers:  # both, so that whichever answers is a replacement
+            os.kill(pid, signal.SIGKILL)
+        poll(lambda: len(events(proxy, "worker started")) == 4 and len(proxy.urls) == 4,
+             what="two replacements listening", proxy=proxy)
+        assert all(curl(f"http://127.0.0.1:{port}/").stdout == "reloaded\n" for _ in range(4))
+        assert proxy.stop() == 0
