@@ -56,6 +56,7 @@ sluice_upstream_endpoint_healthy                       cluster, endpoint        
 sluice_upstream_endpoint_ejected                       cluster, endpoint                       gauge (livesum)
 sluice_upstream_endpoint_ewma_seconds                  cluster, endpoint                       gauge (livemax)
 sluice_filter_duration_seconds                         filter, phase                           histogram
+sluice_config_last_reload_successful                   (none): 0 after a failed reload         gauge (livemin)
 =====================================================  ======================================  =====
 
 Connect failures, timeouts and resets are ``sluice_upstream_requests_total`` by ``outcome``
@@ -342,6 +343,8 @@ class _Recorder:
                         ("cluster", "endpoint"), "livesum"),
             "ewma": ("sluice_upstream_endpoint_ewma_seconds", "The EWMA policy's response-time score "
                      "(the worst of the workers)", ("cluster", "endpoint"), "livemax"),
+            "reload_ok": ("sluice_config_last_reload_successful", "0 when the latest reload failed (the "
+                          "previous config serves), else 1", (), "livemin"),
         }
         self.gauges = {key: m("Gauge", name, doc, labels, multiprocess_mode=mode)
                        for key, (name, doc, labels, mode) in gauges.items()}
@@ -411,7 +414,7 @@ class _Recorder:
         key = (id(metric), labels)
         child = self._children.get(key)
         if child is None:
-            child = self._children[key] = metric.labels(*labels)
+            child = self._children[key] = metric.labels(*labels) if labels else metric  # (no labels)
         return child
 
     def _observe(self, metric, labels: tuple, hist: _Hist) -> None:
@@ -454,6 +457,8 @@ class _Recorder:
         for listener in app.listeners:
             values["connections"][(listener.name,)] = listener.active
             values["active"][(listener.name,)] = listener.chain.active
+        last = app.last_reload
+        values["reload_ok"][()] = 0 if last is not None and not last["ok"] else 1
         now = time.monotonic()
         for name, cluster in app.clusters.items():
             breaker = cluster.breaker
