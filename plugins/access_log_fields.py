@@ -4,10 +4,18 @@ format into a renderer once, at load.
 Each ``Field`` says what it means, the Envoy format operator it answers to
 (or, marked ``sluice``, the one sluice names where Envoy has none), what
 kind of value it is, and how to read it from the context. ``compile_json``
-and ``compile_text`` build, from the fields or the template, a list of small
-callables, each closing over its field's pre-escaped JSON key or its
-literal text, so a request pays for the fields chosen and nothing else:
-no lookup by name, no format parsing, no dict built to be serialised.
+and ``compile_text`` build, from the fields or the template, one function
+that joins pre-escaped keys (or the template's literal text) with each
+field's value, encoded inline: a request pays for the fields chosen and
+nothing else, with no lookup by name, no format parsing, and no dict built
+to be serialised. A field is read by a Python expression over ``ctx``
+(``req``, ``resp``: its request and response) written in this module, or by
+a getter when it takes more than an expression; the function is generated
+once, at load, from those expressions, because a call per field (a closure,
+then its getter) cost the default line 4.5 us more than this (11 against
+6.5 us, ``benchmarks/exchange_cost.py``). Nothing from the config is ever
+part of the generated source: header names and keys are passed in as
+constants.
 
 What needs watching during the exchange, rather than reading at its end
 (the request and response times, the bodies), is a field's ``capture``;
@@ -21,13 +29,14 @@ import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from itertools import chain
 from json.encoder import encode_basestring_ascii as _quote
 from typing import Any
 
 from sluice import ConfigError
 
-__all__ = ["CATALOG", "DEFAULT_FIELDS", "DEFAULT_TEMPLATE", "Capture", "Field", "build_catalog", "compile_json",
-           "compile_text", "template_fields"]
+__all__ = ["CATALOG", "DEFAULT_FIELDS", "DEFAULT_TEMPLATE", "FIELD_NAME", "Capture", "Field", "build_catalog",
+           "compile_json", "compile_text", "template_fields"]
 
 Getter = Callable[[Any], Any]
 
@@ -53,7 +62,7 @@ class Field:
     operator: str  # "%RESPONSE_CODE%"
     meaning: str
     kind: str  # str, int, ms (seconds rendered as ms), bool, list, map, body
-    get: Getter
+    get: str | Getter  # an expression over ctx, req and resp; or a getter of ctx
     envoy: bool = True  # the operator is Envoy's; False: sluice's own name
     capture: str | None = None  # "timing", "request_body", "response_body"
     optional: bool = False  # a JSON line leaves the key out when there is no value
@@ -83,7 +92,8 @@ def _response_header(name: str) -> Getter:
 def _head_bytes(start_line: int, headers) -> int:
     """A head's size as HTTP/1.1 writes it (uncompressed, for HTTP/2):
     the start line, each field with its ": " and CRLF, the blank line."""
-    return start_line + sum(len(n) + len(v) + 4 for n, v in headers.raw()) + 2
+    fields = headers.raw()
+    return start_line + sum(map(len, chain.from_iterable(fields))) + 4 * len(fields) + 2
 
 
 def _request_header_bytes(ctx):
@@ -119,10 +129,6 @@ def _success(ctx):
     return response is not None and response.status < 500 and not _CUT_SHORT.intersection(ctx.flags)
 
 
-def _since_start(key: str) -> Getter:
-    return lambda ctx: ctx.timings.get(key)
-
-
 def _tx(state: Getter) -> Getter:
     def get(ctx):
         head = state(ctx).response_head
@@ -136,72 +142,71 @@ def build_catalog(state: Getter, bodies: Callable[[str], Getter]) -> dict[str, F
     fields = [
         # -- the connection -------------------------------------------------
         Field("client", "%DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT%", "the peer's IP address", "str",
-              lambda ctx: ctx.client[0]),
-        Field("client_port", "%DOWNSTREAM_DIRECT_REMOTE_PORT%", "the peer's port", "int",
-              lambda ctx: ctx.client[1]),
+              "ctx.client[0]"),
+        Field("client_port", "%DOWNSTREAM_DIRECT_REMOTE_PORT%", "the peer's port", "int", "ctx.client[1]"),
         Field("client_ip", "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
               "the client's IP as trusted through X-Forwarded-For (``trust_forwarded``), else the peer's", "str",
-              lambda ctx: ctx.client_ip),
+              "ctx.client_ip"),
         Field("remote_user", "%REMOTE_USER%", "who the auth filter let in (``ctx.vars['auth.user']``)", "str",
-              lambda ctx: ctx.vars.get("auth.user"), envoy=False),
+              "ctx.vars.get('auth.user')", envoy=False),
         Field("local_address", "%DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT%", "the address the client reached", "str",
-              lambda ctx: ctx.local[0] or None),
+              "ctx.local[0] or None"),
         Field("local_port", "%DOWNSTREAM_LOCAL_PORT%", "the port the client reached", "int",
-              lambda ctx: ctx.local[1] or None),
-        Field("listener", "%LISTENER%", "the listener's name", "str", lambda ctx: ctx.listener or None,
-              envoy=False),
+              "ctx.local[1] or None"),
+        Field("listener", "%LISTENER%", "the listener's name", "str", "ctx.listener or None", envoy=False),
         # -- the exchange ---------------------------------------------------
         Field("time", "%TIME%", "when the line was made: the exchange's end (UTC, ISO 8601)", "str",
-              lambda ctx: _iso(time.time()), envoy=False),
+              "_iso(_now())", envoy=False),
         Field("start_time", "%START_TIME%", "when the exchange started (UTC, ISO 8601)", "str",
-              lambda ctx: _iso(time.time() - ctx.duration)),
+              "_iso(_now() - ctx.duration)"),
         Field("duration_ms", "%DURATION%", "from the accept (or the previous response) to the end", "ms",
-              lambda ctx: ctx.duration),
+              "ctx.duration"),
         Field("request_id", "%REQUEST_ID%", "x-request-id, kept or made (also ``%REQ(X-REQUEST-ID)%``)", "str",
-              lambda ctx: ctx.request_id or None, envoy=False),
+              "ctx.request_id or None", envoy=False),
         Field("trace_id", "%TRACE_ID%", "the W3C trace id, kept from traceparent or started", "str",
-              lambda ctx: ctx.trace_id or None),
+              "ctx.trace_id or None"),
         Field("status", "%RESPONSE_CODE%", "the status sent; null for a bare close", "int",
-              lambda ctx: ctx.response.status if ctx.response is not None else None),
+              "resp.status if resp is not None else None"),
         Field("success", "%SUCCESS%", "a whole answer below 500 went out (no DC, DT, DPE, UC, UPE, DTLS, TLSP)",
               "bool", _success, envoy=False),
         Field("flags", "%RESPONSE_FLAGS%", "how sluice answered when it answered itself (the flag table)", "str",
-              lambda ctx: ",".join(ctx.flags) or None),
-        Field("method", "%REQ(:METHOD)%", "the request method", "str",
-              lambda ctx: ctx.request.method if ctx.request is not None else None),
+              "','.join(ctx.flags) or None"),
+        Field("method", "%REQ(:METHOD)%", "the request method", "str", "req.method if req is not None else None"),
         Field("url", "%URL%", "scheme://host/target as the client asked", "str", _url, envoy=False),
         Field("path", "%REQ(:PATH)%", "the request target, with its query", "str",
-              lambda ctx: ctx.request.target if ctx.request is not None else None),
-        Field("host", "%REQ(:AUTHORITY)%", "Host (HTTP/2: :authority)", "str", _request_header("host")),
-        Field("scheme", "%REQ(:SCHEME)%", "http or https, as the client spoke", "str", lambda ctx: ctx.scheme),
+              "req.target if req is not None else None"),
+        Field("host", "%REQ(:AUTHORITY)%", "Host (HTTP/2: :authority)", "str",
+              "req.headers.get('host') if req is not None else None"),
+        Field("scheme", "%REQ(:SCHEME)%", "http or https, as the client spoke", "str", "ctx.scheme"),
         Field("protocol", "%PROTOCOL%", "HTTP/1.0, HTTP/1.1 or HTTP/2", "str",
-              lambda ctx: _PROTOCOLS.get(ctx.request.http_version) if ctx.request is not None else None),
-        Field("user_agent", "%REQ(USER-AGENT)%", "User-Agent", "str", _request_header("user-agent")),
+              "_PROTOCOLS.get(req.http_version) if req is not None else None"),
+        Field("user_agent", "%REQ(USER-AGENT)%", "User-Agent", "str",
+              "req.headers.get('user-agent') if req is not None else None"),
         Field("route", "%ROUTE_NAME%", "the route matched", "str",
-              lambda ctx: (r.name or None) if (r := ctx.matched_route) else None),
+              "(r.name or None) if (r := ctx.matched_route) else None"),
         Field("upgraded", "%UPGRADED%", "the protocol a 101 switched to (only then)", "str",
-              lambda ctx: ctx.upgraded, envoy=False, optional=True),
+              "ctx.upgraded", envoy=False, optional=True),
         # -- sizes ----------------------------------------------------------
         Field("request_header_bytes", "%REQUEST_HEADERS_BYTES%",
               "the request head as forwarded, in HTTP/1.1 form", "int", _request_header_bytes),
         Field("response_header_bytes", "%RESPONSE_HEADERS_BYTES%",
               "the response head as sent, in HTTP/1.1 form", "int", _response_header_bytes),
         Field("bytes_in", "%BYTES_RECEIVED%", "request body bytes (a tunnel: bytes from the client)", "int",
-              lambda ctx: ctx.bytes_in),
+              "ctx.bytes_in"),
         Field("bytes_out", "%BYTES_SENT%", "response body bytes (a tunnel: bytes to the client)", "int",
-              lambda ctx: ctx.bytes_out),
+              "ctx.bytes_out"),
         # -- the upstream ---------------------------------------------------
         Field("upstream", "%UPSTREAM_HOST%", "the endpoint that answered (or the last tried)", "str",
-              lambda ctx: e.address if (e := ctx.endpoint) is not None else None),
+              "e.address if (e := ctx.endpoint) is not None else None"),
         Field("cluster", "%UPSTREAM_CLUSTER%", "the cluster", "str",
-              lambda ctx: c.name if (c := ctx.cluster) is not None else None),
+              "c.name if (c := ctx.cluster) is not None else None"),
         Field("attempts", "%UPSTREAM_REQUEST_ATTEMPT_COUNT%", "endpoints tried (only past one)", "int",
-              lambda ctx: len(ctx.tried) + 1 if ctx.tried else None, optional=True),
+              "len(ctx.tried) + 1 if ctx.tried else None", optional=True),
         Field("tried", "%UPSTREAM_TRIED%", "the endpoints whose try failed, in order (only when any)", "list",
-              lambda ctx: [e.address for e in ctx.tried] if ctx.tried else None, envoy=False, optional=True),
+              "[e.address for e in ctx.tried] if ctx.tried else None", envoy=False, optional=True),
         Field("upstream_connected_ms", "%UPSTREAM_CONNECTED%",
               "from the start until an upstream connection was ready (pooled or new)", "ms",
-              _since_start("upstream_connected"), envoy=False),
+              "ctx.timings.get('upstream_connected')", envoy=False),
         Field("request_ms", "%REQUEST_DURATION%", "from the start until the request's last byte arrived", "ms",
               lambda ctx: state(ctx).request_done, capture="timing"),
         Field("response_ms", "%RESPONSE_DURATION%", "from the start until the upstream's response head", "ms",
@@ -231,50 +236,60 @@ DEFAULT_TEMPLATE = ('[%START_TIME%] "%REQ(:METHOD)% %REQ(:PATH)% %PROTOCOL%" %RE
 CATALOG = build_catalog(lambda ctx: None, lambda which: lambda ctx: None)
 
 
-# -- encoders: a value of each kind as JSON, and as template text ---------------
-
-def _ms(seconds: float) -> str:
-    return repr(round(seconds * 1000, 3))
-
-
-_JSON: dict[str, Callable[[Any], str]] = {
-    "str": _quote,
-    "body": _quote,
-    "int": str,
-    "ms": _ms,
-    "bool": lambda v: "true" if v else "false",
-    "list": lambda v: "[" + ", ".join(_quote(x) for x in v) + "]",
-    "map": lambda v: "{" + ", ".join(_quote(k) + ": " + ("null" if x is None else _quote(x))
-                                     for k, x in v.items()) + "}",
+# -- the compiler: one generated function per format ---------------------------
+# Each kind's encoding, as an expression over ``v`` (the value, never None):
+# JSON, and template text (where a body is escaped and quoted, since it may
+# hold a newline; a header or target cannot).
+_JSON = {
+    "str": "_quote(v)",
+    "body": "_quote(v)",
+    "int": "str(v)",
+    "ms": "repr(round(v * 1000, 3))",
+    "bool": "('true' if v else 'false')",
+    "list": "'[' + ', '.join([_quote(x) for x in v]) + ']'",
+    "map": "'{' + ', '.join([_quote(k) + ': ' + ('null' if x is None else _quote(x)) for k, x in v.items()]) + '}'",
 }
-_TEXT: dict[str, Callable[[Any], str]] = {
-    "str": str,
-    "body": _quote,  # a body may hold anything, a newline too: always escaped and quoted
-    "int": str,
-    "ms": _ms,
-    "bool": lambda v: "true" if v else "false",
-    "list": ",".join,
-}
+_TEXT = {**_JSON, "str": "v", "int": "str(v)", "list": "','.join(v)", "map": "str(v)"}
+
+# What a generated function may name, besides the constants it is given.
+_GLOBALS = {"_quote": _quote, "_iso": _iso, "_now": time.time, "_PROTOCOLS": _PROTOCOLS}
 
 
-def _json_part(key: str, field: Field) -> Callable[[Any], str]:
-    get, enc = field.get, _JSON[field.kind]
-    prefix = ", " + _quote(key) + ": "
+class _Source:
+    """A generated renderer's source and its namespace of constants."""
+
+    def __init__(self) -> None:
+        self.names: dict[str, Any] = dict(_GLOBALS)
+
+    def const(self, value: Any) -> str:
+        """A name for ``value`` in the generated code (config text never
+        becomes code: it is bound to a name)."""
+        name = f"_c{len(self.names)}"
+        self.names[name] = value
+        return name
+
+    def read(self, field: Field) -> str:
+        """The expression that reads ``field``."""
+        return f"({field.get})" if isinstance(field.get, str) else f"{self.const(field.get)}(ctx)"
+
+    def build(self, parts: list[str]) -> Callable[[Any], str]:
+        source = ("def render(ctx):\n    req = ctx.request\n    resp = ctx.response\n"
+                  "    return ''.join((\n        " + ",\n        ".join(parts) + ",\n    ))\n")
+        namespace = dict(self.names)
+        exec(compile(source, "<access_log format>", "exec"), namespace)  # noqa: S102 - our expressions only
+        render = namespace["render"]
+        render.source = source  # for a reader in a debugger
+        return render
+
+
+def _json_part(src: _Source, key: str, field: Field, first: bool) -> str:
+    prefix = src.const(("{" if first else ", ") + _quote(key) + ": ")
+    value = f"(v := {src.read(field)})"
     if field.optional:
-        def part(ctx):
-            v = get(ctx)
-            return "" if v is None else prefix + enc(v)
-    elif field.kind in ("str", "body"):  # the common case, without a second call
-        def part(ctx):
-            v = get(ctx)
-            return prefix + ("null" if v is None else _quote(v))
-    else:
-        null = prefix + "null"
-
-        def part(ctx):
-            v = get(ctx)
-            return null if v is None else prefix + enc(v)
-    return part
+        return f"('' if {value} is None else {prefix} + {_JSON[field.kind]})"
+    if field.kind == "bool":
+        return f"{prefix} + ('true' if {src.read(field)} else 'false')"
+    return f"{prefix} + ('null' if {value} is None else {_JSON[field.kind]})"
 
 
 def _unknown(where: str, what: str, known: Iterable[str]) -> ConfigError:
@@ -286,26 +301,34 @@ def compile_json(names: Iterable[str], catalog: dict[str, Field], request_header
     """A renderer of one JSON object (no newline) with the fields ``names``,
     in that order. ``request_headers``/``response_headers``: the headers a
     ``request_headers``/``response_headers`` field holds, as an object."""
+    src = _Source()
     parts = []
     for i, name in enumerate(names):
-        if name == "request_headers":
-            parts.append(_json_part(name, Field(name, "", "", "map", _headers(request_headers, "request"))))
-        elif name == "response_headers":
-            parts.append(_json_part(name, Field(name, "", "", "map", _headers(response_headers, "response"))))
+        if name in ("request_headers", "response_headers"):
+            chosen = request_headers if name == "request_headers" else response_headers
+            field = Field(name, "", "", "map", _headers(chosen, name == "request_headers"))
         elif name in catalog:
-            parts.append(_json_part(name, catalog[name]))
+            field = catalog[name]
         else:
             raise _unknown(f"fields[{i}]", f"field {name!r}", [*catalog, "request_headers", "response_headers"])
+        parts.append(_json_part(src, name, field, first=i == 0 and not field.optional))
+    if not parts:
+        return lambda ctx: "{}"
+    if parts[0].startswith("("):  # an optional first field: the "{" on its own
+        parts.insert(0, "'{'")
+    render = src.build([*parts, "'}'"])
+    if parts[0] != "'{'":
+        return render
 
-    def render(ctx) -> str:
-        return "{" + "".join([part(ctx) for part in parts])[2:] + "}"
+    def line(ctx) -> str:  # the rare line led by an optional field: drop the ", " after "{"
+        text = render(ctx)
+        return "{" + text[3:] if text.startswith("{, ") else text
+    return line
 
-    return render
 
-
-def _headers(names: list[str], side: str) -> Getter:
+def _headers(names: list[str], request: bool) -> Getter:
     def get(ctx):
-        message = ctx.request if side == "request" else ctx.response
+        message = ctx.request if request else ctx.response
         if message is None:
             return None
         headers = message.headers
@@ -316,7 +339,7 @@ def _headers(names: list[str], side: str) -> Getter:
 # %NAME%, %NAME(ARG)%, either with :N (a length cap), as Envoy writes them.
 _OPERATOR = re.compile(r"%([A-Z_0-9]+)(?:\(([^()%]*)\))?(?::(\d+))?%")
 _PSEUDO = {":METHOD": "method", ":PATH": "path", ":AUTHORITY": "host", ":SCHEME": "scheme"}
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+FIELD_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a header field name (RFC 9110 5.1)
 
 
 def _operator(match: re.Match, catalog: dict[str, Field], by_operator: dict[str, Field]) -> Field:
@@ -325,7 +348,7 @@ def _operator(match: re.Match, catalog: dict[str, Field], by_operator: dict[str,
     if name in ("REQ", "RESP") and arg is not None:
         if name == "REQ" and arg.upper() in _PSEUDO:
             return catalog[_PSEUDO[arg.upper()]]
-        if not _TOKEN.fullmatch(arg):
+        if not FIELD_NAME.fullmatch(arg):
             raise ConfigError(f"filters.access_log.template: {match[0]} does not name a header field")
         get = _request_header(arg.lower()) if name == "REQ" else _response_header(arg.lower())
         return Field(arg.lower(), match[0], "", "str", get)
@@ -345,38 +368,19 @@ def template_fields(template: str, catalog: dict[str, Field]) -> list[Field]:
 def compile_text(template: str, catalog: dict[str, Field]) -> Callable[[Any], str]:
     """A renderer of ``template`` (one line, no newline): literal text as
     written, each operator its value, ``-`` when there is none (as Envoy)."""
+    if any(c in template for c in "\r\n"):
+        raise ConfigError("filters.access_log.template: one line, without CR or LF")
     by_operator = {f.operator: f for f in catalog.values()}
-    parts: list[Any] = []
+    src = _Source()
+    parts: list[str] = []
     at = 0
     for m in _OPERATOR.finditer(template):
         if m.start() > at:
-            parts.append(template[at:m.start()])
+            parts.append(src.const(template[at:m.start()]))
         field = _operator(m, catalog, by_operator)
-        parts.append(_text_part(field, int(m[3]) if m[3] else None))
+        value = f"('-' if (v := {src.read(field)}) is None else {_TEXT[field.kind]})"
+        parts.append(f"{value}[:{int(m[3])}]" if m[3] else value)
         at = m.end()
     if at < len(template):
-        parts.append(template[at:])
-    if any(c in template for c in "\r\n"):
-        raise ConfigError("filters.access_log.template: one line, without CR or LF")
-    literal = [p if isinstance(p, str) else None for p in parts]
-    calls = [(i, p) for i, p in enumerate(parts) if not isinstance(p, str)]
-
-    def render(ctx) -> str:
-        out = literal.copy()
-        for i, part in calls:
-            out[i] = part(ctx)
-        return "".join(out)
-
-    return render
-
-
-def _text_part(field: Field, cap: int | None) -> Callable[[Any], str]:
-    get, enc = field.get, _TEXT.get(field.kind, str)
-
-    def part(ctx):
-        v = get(ctx)
-        if v is None:
-            return "-"
-        text = enc(v)
-        return text[:cap] if cap is not None else text
-    return part
+        parts.append(src.const(template[at:]))
+    return src.build(parts or ["''"])

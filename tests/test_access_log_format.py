@@ -146,6 +146,7 @@ async def test_a_body_field_on_a_refused_request_and_a_bodiless_one_is_null(star
     ({"template": "%START_TIME%"}, "filters.access_log.template: only for format = \"text\""),
     ({"format": "text", "fields": ["time"]}, "filters.access_log.fields: only for format = \"json\""),
     ({"bodies": {"redact": ["("]}}, "filters.access_log.bodies.redact[0]: not a regular expression"),
+    ({"request_headers": ["x-ok", "x bad"]}, "filters.access_log.request_headers[1]: 'x bad' is not a header"),
 ])
 async def test_config_errors_name_the_key_and_what_is_known(settings, message):
     cfg = config("127.0.0.1:9", filters=["access_log", "router"], filter_settings={"access_log": settings})
