@@ -231,6 +231,11 @@ class Ewma(Balancer):
         self._cost[key] = latency
         self._stamp[key] = now
 
+    def scores(self) -> dict[str, float]:
+        """Each endpoint's cost (seconds) decayed to now, by address (the metrics' gauge)."""
+        now = self._clock()
+        return {e.address: self.cost(e, now) for e in self.endpoints}
+
 
 @hookimpl
 def sluice_balancers():

@@ -100,9 +100,10 @@ def test_the_chain_keeps_only_overriding_phases():
 
     h, b, log = HeadersOnly(HeadersOnly.Config()), ResponseBody(ResponseBody.Config()), LogOnly(LogOnly.Config())
     chain = Chain([h, b, log])
-    assert [fn.__self__ for _, fn in chain.request_headers] == [h]
+    assert [fn.__self__ for _, fn, _ in chain.request_headers] == [h]
     assert chain.request_body == [] and chain.response_headers == []
-    assert [(i, fn.__self__) for i, fn in chain.response_body] == [(1, b)]
+    # (position, phase, the key its time is kept under in ctx.filter_time)
+    assert [(i, fn.__self__, key) for i, fn, key in chain.response_body] == [(1, b, ("b", "response_body"))]
     assert [fn.__self__ for fn in chain.complete] == [log]
     assert chain.without(frozenset({"h"})).request_headers == []
 

@@ -14,6 +14,7 @@ import structlog
 import trio
 from pydantic import ValidationError
 
+from .. import metrics
 from ..edge.listener import Listener, bind
 from ..edge.pool import Pool
 from ..edge.slots import connection_budget, raise_fd_limit
@@ -229,6 +230,7 @@ class App:
                 ) from None
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
+            nursery.start_soon(metrics.run, self)  # flushes this worker's sums, samples its gauges
             for result in self.plugins.call_lifecycle("sluice_startup", app=self):
                 await maybe_await(result)
             for f in self.filters.values():

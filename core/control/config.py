@@ -247,6 +247,13 @@ class ClusterConfig(_Model):
     response_headers: HeaderOps | None = None
 
 
+class MetricsConfig(_Model):
+    """``[metrics]``: Prometheus metrics (``sluice.metrics``), served by the admin
+    listener's ``GET /metrics``. Off, nothing is recorded per request."""
+
+    enabled: bool = True
+
+
 class ServerConfig(_Model):
     workers: PositiveInt = 1
     # "auto": httptools (llhttp) when it imports, else h11, the reference.
@@ -267,6 +274,7 @@ class Config(_Model):
     # the filter that reads them, with the same key paths.
     routes: list[dict[str, Any]] = []
     filters: dict[str, dict[str, Any]] = {}
+    metrics: MetricsConfig = MetricsConfig()
 
 
 def key_path(loc: tuple[Any, ...], prefix: str = "") -> str:

@@ -48,6 +48,8 @@ from dataclasses import dataclass
 
 import structlog
 
+from ..metrics import worker_exited
+
 __all__ = ["BACKOFF_FIRST", "BACKOFF_MAX", "STABLE_AFTER", "run_workers"]
 
 log = structlog.get_logger("sluice")
@@ -245,6 +247,7 @@ class _Master:
             worker = self.workers.pop(pid, None)
             if worker is None:
                 continue
+            worker_exited(pid)  # its live gauges leave the metrics' sums
             self._read_ready(worker)  # it may have said so just before it died
             if worker.ready_fd is not None:  # it died with the pipe empty
                 self.selector.unregister(worker.ready_fd)

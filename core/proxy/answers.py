@@ -11,16 +11,18 @@ edge refuses before it becomes one.
 
 from __future__ import annotations
 
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
 
+from .. import metrics
 from ..errors import ClientGone
 from ..messages import Headers, Response
 from ..protocol.events import Body, ProtocolError
 from ..protocol.http1 import reason_phrase
-from .chain import Chain
+from .chain import Chain, filter_time
 from .filters import LocalReply
 from .grpc import grpc_reply, is_grpc
 
@@ -117,15 +119,23 @@ async def answer(chain: Chain, down: Any, ctx: Context, reply: LocalReply, limit
 
 
 async def complete(chain: Chain, ctx: Context) -> None:
-    """Run every on_complete, shielded and bounded, each isolated from the others.
+    """Run every on_complete, shielded and bounded, each isolated from the others;
+    then the request is counted (``sluice.metrics.record``), its filters' time too.
 
     When no on_complete of the chain can suspend (Chain.complete_never_suspends)
     there is nothing to shield or bound: each runs to its end in one step.
     """
-    if not chain.complete:
-        return
+    try:
+        if chain.complete:
+            await _run_complete(chain, ctx, filter_time(ctx) if metrics.timing else None)
+    finally:
+        metrics.record(ctx)
+
+
+async def _run_complete(chain: Chain, ctx: Context, spent: dict | None) -> None:
     if chain.complete_never_suspends:
-        for fn in chain.complete:
+        for fn, key in zip(chain.complete, chain.complete_keys, strict=True):
+            began = perf_counter()
             coro = fn(ctx)
             try:
                 coro.send(None)
@@ -134,12 +144,18 @@ async def complete(chain: Chain, ctx: Context) -> None:
             except Exception as exc:
                 log.error("on_complete failed", request_id=ctx.request_id, exc_info=exc)
                 continue
+            finally:
+                if spent is not None:
+                    spent[key] = perf_counter() - began
             coro.close()  # cannot happen (no await in it), but never leave one half-run
             log.error("on_complete suspended", request_id=ctx.request_id)
         return
     with trio.CancelScope(shield=True, deadline=trio.current_time() + _COMPLETE_TIMEOUT):
-        for fn in chain.complete:
+        for fn, key in zip(chain.complete, chain.complete_keys, strict=True):
+            began = perf_counter()
             try:
                 await fn(ctx)
             except Exception as exc:
                 log.error("on_complete failed", request_id=ctx.request_id, exc_info=exc)
+            if spent is not None:
+                spent[key] = perf_counter() - began

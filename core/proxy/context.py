@@ -54,6 +54,7 @@ class Context:
         "tried",
         "start",
         "timings",
+        "filter_time",
         "flags",
         "error",
         "bytes_in",
@@ -97,6 +98,7 @@ class Context:
         self.tried: list[Endpoint] = []  # endpoints this request failed to reach before ``endpoint``
         self.start = time.monotonic()
         self.timings: dict[str, float] = {}
+        self.filter_time: dict[tuple[str, str], float] | None = None  # (filter, phase) -> seconds (sluice.metrics)
         self.flags: list[str] = []
         self.error: BaseException | None = None
         self.bytes_in = 0

@@ -49,6 +49,8 @@ import structlog
 import trio
 from pydantic import BaseModel, ConfigDict
 
+from ..metrics import upstream_try
+
 if TYPE_CHECKING:
     from ..proxy.context import Context
 
@@ -133,6 +135,11 @@ class Balancer:
 
     def feedback(self, attempt: Attempt) -> None:
         """How a try at one of this cluster's endpoints went (default: ignored)."""
+
+    def scores(self) -> dict[str, float]:
+        """What the policy holds of each endpoint, by address (an EWMA's seconds), for the
+        ``sluice_upstream_endpoint_ewma_seconds`` gauge; sampled once a second (default: none)."""
+        return {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,6 +279,7 @@ class Cluster:
     def report(self, endpoint: Endpoint, outcome: str, status: int | None, latency: float) -> None:
         """Count a try's outcome for outlier detection, then tell the policy
         (an ``Attempt``, built only for a policy that listens)."""
+        upstream_try(self, endpoint, outcome, latency)
         if outcome == SUCCESS:
             if endpoint.connect_failures or endpoint.server_errors:
                 endpoint.connect_failures = endpoint.server_errors = 0
