@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -159,8 +160,6 @@ def test_a_crash_looping_worker_backs_off_instead_of_spinning():
     assert all(e["code"] == 3 for e in crashes)
     # the restarts really waited: 0.1 + 0.2 + 0.4 + 0.8 s between the first crash and the fifth
     stamps = [e["timestamp"] for e in crashes[:5]]
-    from datetime import datetime
-
     waited = (datetime.fromisoformat(stamps[-1]) - datetime.fromisoformat(stamps[0])).total_seconds()
     assert waited >= 1.5
     assert sum(map(int, ticks)) / os.sysconf("SC_CLK_TCK") < 1.0  # and the master slept meanwhile
