@@ -26,6 +26,7 @@ from ..proxy.filters import Filter
 from ..proxy.header_edits import HeaderEdits, check_ops
 from ..upstream.cluster import Breaker, Cluster, Endpoint, Outlier
 from ..upstream.health import HealthCheck, run_checks
+from .admin import admin_token, serve_admin
 from .config import Config, format_errors, parse_hostport
 from .registry import Plugins
 from .reload import reload
@@ -69,6 +70,8 @@ class App:
         self.config_path = previous.config_path if previous is not None else None  # the file, if any
         self.generation = previous.generation if previous is not None else 0  # reloads applied
         self.last_reload: dict[str, Any] | None = None  # the latest reload's outcome (admin, metrics)
+        # The admin listener's token (checked, and read from its env var or file, here: at build).
+        self.admin_token = admin_token(config.admin) if config.admin.enabled else None
         self._stop = None
         self._reload_wanted: trio.Event | None = None
         self.health_checks: dict[str, HealthCheck] = {}
@@ -240,6 +243,8 @@ class App:
             nursery.start_soon(self._watch_ejections)
             for name in self.health_checks:
                 self.start_checks(name)
+            if self.config.admin.enabled and self.worker_index == 0:  # one admin: worker 0's
+                await nursery.start(serve_admin, self)
             async with trio.open_nursery() as serving:
                 self.serving = serving
                 for listener, sock in zip(self.listeners, sockets, strict=True):

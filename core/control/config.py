@@ -52,6 +52,7 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    model_validator,
 )
 
 from ..addresses import parse_hostport
@@ -266,8 +267,34 @@ class ServerConfig(_Model):
     watch_config: bool = False
 
 
+class AdminConfig(_Model):
+    """The admin listener (``sluice.control.admin``), off unless ``enabled``.
+
+    Every mutation (``POST``) needs the bearer token, given at most one way:
+    ``token`` in the file, ``token_env`` naming an environment variable, or
+    ``token_file`` naming a file (its first line); a missing variable or an
+    unreadable file fails startup. Without a token the admin listener may
+    only bind a loopback address (checked at build, ``admin.admin_token``).
+    """
+
+    enabled: bool = False
+    address: HostPort = "127.0.0.1:9901"
+    token: Annotated[str, Field(min_length=1)] | None = None
+    token_env: Annotated[str, Field(min_length=1)] | None = None
+    token_file: Annotated[str, Field(min_length=1)] | None = None
+    require_token_for_reads: bool = False
+
+    @model_validator(mode="after")
+    def _one_token_source(self) -> AdminConfig:
+        given = [k for k in ("token", "token_env", "token_file") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give the token one way, not {' and '.join(given)}")
+        return self
+
+
 class Config(_Model):
     server: ServerConfig = ServerConfig()
+    admin: AdminConfig = AdminConfig()
     listeners: Annotated[list[ListenerConfig], Field(min_length=1)]
     clusters: dict[str, ClusterConfig] = {}
     # Routes and per-filter settings belong to plugins; they are checked by
