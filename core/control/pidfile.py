@@ -11,12 +11,17 @@ reused), is stale and is replaced.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+
+import structlog
 
 from ..errors import ConfigError
 
 __all__ = ["check", "read", "remove", "write"]
+
+log = structlog.get_logger("sluice")
 
 
 def _pid_in(path: Path) -> int | None:
@@ -64,11 +69,17 @@ def check(path: str, key: str = "--pid-file") -> int | None:
 
 
 def write(path: str) -> None:
-    """This process's pid, atomically (rename over the old file)."""
+    """This process's pid, atomically (rename over the old file). A failure
+    (the disk filled since ``check``) is logged: sluice already serves."""
     file = Path(path)
     temporary = file.with_name(f".{file.name}.{os.getpid()}")
-    temporary.write_text(f"{os.getpid()}\n", encoding="ascii")
-    os.replace(temporary, file)
+    try:
+        temporary.write_text(f"{os.getpid()}\n", encoding="ascii")
+        os.replace(temporary, file)
+    except OSError as exc:
+        log.error("pid file not written", path=path, error=exc.strerror or str(exc))
+        with contextlib.suppress(OSError):
+            temporary.unlink()
 
 
 def remove(path: str) -> None:
