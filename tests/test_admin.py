@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from sluice.control.admin import REDACTED, admin_token, redact
 from sluice.control.config import parse
@@ -348,3 +349,24 @@ def test_with_workers_the_admin_runs_in_worker_0_and_mutations_reach_every_worke
             assert httpx.post(f"{admin}/drain", headers=bearer()).status_code == 202
             assert proxy.proc.wait(15) == 0
             assert len(events(proxy, "stopped")) == 2
+
+
+def test_metrics_cover_every_worker_in_the_prometheus_text_format(tmp_path):
+    with ThreadOrigin(body=b"m") as origin:
+        path = write_config(tmp_path / "s.toml", [origin.address], port=free_port())
+        with Running("-c", str(path), "--workers", "2") as proxy:
+            admin = admin_url(proxy)
+            with httpx.Client() as client:
+                for _ in range(10):
+                    client.get(proxy.url + "/", headers={"connection": "close"})
+            r = httpx.get(f"{admin}/metrics")
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+
+            def served() -> float:  # both workers' counts (each flushes its sums once a second)
+                text = httpx.get(f"{admin}/metrics").text
+                family = {f.name: f for f in text_string_to_metric_families(text)}["sluice_downstream_requests"]
+                return sum(s.value for s in family.samples if s.name == "sluice_downstream_requests_total")
+
+            wait_until(lambda: served() == 10, what="10 requests counted across the workers")
+            pids = {line.split()[2] for line in proxy.stderr if "listening on" in line}
+            assert len(pids) == 2  # and two workers served

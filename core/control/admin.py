@@ -362,7 +362,7 @@ class Admin:
         now, wall = time.monotonic(), time.time()
         out = {}
         for name, cluster in self.app.clusters.items():
-            scores = _scores(cluster.balancer, now)
+            scores = _scores(cluster.balancer)
             endpoints = []
             for e in cluster.endpoints:
                 ejected = e.ejected_until > now
@@ -465,16 +465,10 @@ class Admin:
             here()
 
 
-def _scores(balancer: Any, now: float) -> dict[str, float]:
-    """The policy's scores by endpoint address, if it has any: ``scores()``
-    (a mapping by endpoint or address), else a per-endpoint ``cost`` (EWMA)."""
+def _scores(balancer: Any) -> dict[str, float]:
+    """The policy's scores by endpoint address (``Balancer.scores()``; none for most)."""
     try:
-        scores = getattr(balancer, "scores", None)
-        if callable(scores):
-            return {getattr(k, "address", k): round(float(v), 6) for k, v in scores().items()}
-        cost = getattr(balancer, "cost", None)
-        if callable(cost):
-            return {e.address: round(float(cost(e, now)), 6) for e in balancer.endpoints}
+        return {address: round(float(v), 6) for address, v in balancer.scores().items()}
     except Exception as exc:  # a policy's bug costs its scores, not the answer
         log.warning("balancer scores failed", policy=type(balancer).name, error=repr(exc))
     return {}
