@@ -16,11 +16,16 @@ $(STAMP): pyproject.toml
 
 # Debian tools the tests drive as real clients/servers (curl; h2load from
 # nghttp2-client for HTTP/2; nginx as an HTTP/2 upstream, started per test
-# on a free port; its packaged service is not needed and may fail to start).
+# on a free port; its packaged service is not needed and may fail to start;
+# promtool from prometheus checks the alerts plugin's rules, and a real
+# Alertmanager from prometheus-alertmanager takes its webhook: their tests
+# skip, saying so, when these are missing).
 test-deps:
 	@command -v curl >/dev/null || (apt-get update -qq && apt-get install -y -qq curl)
 	@command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
 	@command -v nginx >/dev/null || (apt-get update -qq && apt-get install -y -qq nginx || command -v nginx)
+	@command -v promtool >/dev/null || (apt-get update -qq && apt-get install -y -qq prometheus || true)
+	@command -v prometheus-alertmanager >/dev/null || (apt-get update -qq && apt-get install -y -qq prometheus-alertmanager || true)
 
 run: venv
 	$(VENV)/bin/sluice run
