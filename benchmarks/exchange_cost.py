@@ -12,6 +12,12 @@ change to the hot path buys, then confirm with ``run.py``.
     .venv/bin/python benchmarks/exchange_cost.py                    # router only
     .venv/bin/python benchmarks/exchange_cost.py --filters access_log,router
     .venv/bin/python benchmarks/exchange_cost.py --codec h11 --profile
+    .venv/bin/python benchmarks/exchange_cost.py --filters access_log,router --access-log all
+
+``--access-log`` picks the access log's format: ``default`` (the JSON line
+sluice writes unless told otherwise), ``all`` (every field of the catalog,
+two request headers, one response header and both bodies), ``text``
+(Envoy's default template) or ``text-all`` (a template with every operator).
 """
 
 from __future__ import annotations
@@ -32,6 +38,18 @@ from sluice.control.registry import Plugins
 from sluice.edge.pool import UpstreamConnection
 
 FLUSH = 0.2  # the access log's flush interval, as configured by default
+
+
+def _access_log_formats() -> dict[str, dict]:
+    """The access-log settings ``--access-log`` names (the whole catalog, or not)."""
+    from sluice.plugins.access_log_fields import CATALOG
+
+    every = {"fields": [*CATALOG, "request_headers", "response_headers"],
+             "request_headers": ["user-agent", "accept"], "response_headers": ["content-type"],
+             "bodies": {"max_bytes": 1024}}
+    template = " ".join(f.operator for f in CATALOG.values()) + " %REQ(ACCEPT)% %RESP(CONTENT-TYPE)%"
+    return {"default": {}, "all": every, "text": {"format": "text"},
+            "text-all": {"format": "text", "template": template}}
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n"
 RESPONSE = (
     b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Wed, 25 Nov 2026 19:20:00 GMT\r\n"
@@ -64,13 +82,14 @@ class _MemoryIO:
         pass
 
 
-def _app(filters: list[str], codec: str, log_dir: str) -> App:
+def _app(filters: list[str], codec: str, log_dir: str, access_log: dict | None = None) -> App:
     config = parse({
         "server": {"http1_codec": codec},
         "listeners": [{"address": "127.0.0.1:0", "filters": filters}],
         "clusters": {"up": {"endpoints": ["127.0.0.1:9"]}},
         "routes": [{"match": {"prefix": "/"}, "cluster": "up"}],
-        "filters": {"access_log": {"path": f"{log_dir}/access.jsonl", "flush_interval": FLUSH}} if "access_log" in filters else {},
+        "filters": {"access_log": {"path": f"{log_dir}/access.jsonl", "flush_interval": FLUSH, **(access_log or {})}}
+        if "access_log" in filters else {},
     })
     return App(config, Plugins(None))
 
@@ -89,7 +108,7 @@ async def _serve(app: App, n: int) -> float:
             await f.open(nursery)
         down = _MemoryIO([REQUEST] * n)
         start = time.process_time()
-        await listener._exchanges(down, ("127.0.0.1", 40000), None)
+        await listener._exchanges(down, ("127.0.0.1", 40000), ("127.0.0.1", 8080), None)
         elapsed = time.process_time() - start
         for f in app.filters.values():
             await f.close()
@@ -104,19 +123,25 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=20000, help="requests per repeat")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="print the top functions by own time")
+    parser.add_argument("--access-log", default="default", choices=["default", "all", "text", "text-all"],
+                        help="the access log's format, when the chain has it (default: its default)")
     args = parser.parse_args()
     filters = args.filters.split(",")
+    log = None
+    if "access_log" in filters:
+        log = _access_log_formats()[args.access_log] if args.access_log != "default" else {}
     with tempfile.TemporaryDirectory() as log_dir:
-        app = _app(filters, args.codec, log_dir)
+        app = _app(filters, args.codec, log_dir, log)
         trio.run(_serve, app, 2000)  # warm-up
-        samples = [trio.run(_serve, _app(filters, args.codec, log_dir), args.n) * 1e6
+        samples = [trio.run(_serve, _app(filters, args.codec, log_dir, log), args.n) * 1e6
                    for _ in range(args.repeats)]
-        print(f"sluice's Python per proxied request ({app.codec.name}, chain {','.join(filters)}): "
+        fmt = f", access log {args.access_log}" if log is not None else ""
+        print(f"sluice's Python per proxied request ({app.codec.name}, chain {','.join(filters)}{fmt}): "
               f"median {statistics.median(samples):.1f} us (min {min(samples):.1f}, "
               f"max {max(samples):.1f}, {args.repeats} x {args.n})")
         if args.profile:
             profile = cProfile.Profile()
-            profile.runcall(trio.run, _serve, _app(filters, args.codec, log_dir), 5000)
+            profile.runcall(trio.run, _serve, _app(filters, args.codec, log_dir, log), 5000)
             pstats.Stats(profile).sort_stats("tottime").print_stats(25)
 
 
