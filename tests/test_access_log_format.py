@@ -166,3 +166,32 @@ def test_every_catalog_field_is_documented_in_the_docstring_and_the_readme():
     for name, field in CATALOG.items():
         assert re.search(rf"^{name}\s+{re.escape(field.operator)}", module.__doc__, re.M), name
         assert f"| `{name}` | `{field.operator}`" in section, name
+
+
+async def test_an_h2_request_with_its_user_body_and_trace(start_origin, tmp_path):
+    """Over HTTP/2 (one shared exchange path): the protocol, who the auth
+    filter let in, the traceparent forwarded, the body captured."""
+    import hashlib
+
+    origin = await start_origin()
+    log = tmp_path / "access.jsonl"
+    cfg = config(origin.address, filters=["access_log", "api_key", "router"], listener={"http2": True},
+                 filter_settings={
+                     "access_log": {"path": str(log), "flush_interval": 0.05,
+                                    "fields": ["protocol", "remote_user", "trace_id", "status", "success",
+                                               "request_body", "request_ms", "response_ms"]},
+                     "api_key": {"keys": {"ci-bot": hashlib.sha256(b"k-1").hexdigest()}}})
+    async with serve(cfg, plugins=[*PLUGINS, "auth"]) as proxy:
+        async with httpx.AsyncClient(http1=False, http2=True) as client:
+            r = await client.post(proxy.url + "/h2", content=b"client_secret=abc&x=1",
+                                  headers={"x-api-key": "k-1", "traceparent": TRACEPARENT})
+            denied = await client.get(proxy.url + "/h2")
+            assert (r.http_version, r.status_code, denied.status_code) == ("HTTP/2", 200, 401)
+        entries = await read_lines(log, 2)
+    assert [request.headers for request, _ in origin.requests][0].count((b"traceparent", TRACEPARENT.encode())) == 1
+    ok, refused = entries
+    assert (ok["protocol"], ok["remote_user"], ok["trace_id"], ok["status"]) == ("HTTP/2", "ci-bot",
+                                                                                TRACEPARENT[3:35], 200)
+    assert ok["request_body"] == "client_secret=***&x=1" and 0 <= ok["request_ms"] <= ok["response_ms"]
+    assert (refused["status"], refused["remote_user"], refused["success"], refused["response_ms"]) == (
+        401, None, True, None)  # a filter's answer: no upstream response head
