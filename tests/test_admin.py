@@ -4,6 +4,8 @@ curl and httpx as clients, real origins (``sluice.control.admin``)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import textwrap
 import threading
@@ -250,6 +252,16 @@ def test_mutations_need_the_token_and_refusals_are_logged(tmp_path):
             .startswith(b"HTTP/1.1 413 ")
         r = httpx.post(f"{admin}/log-level", content=b"{not json", headers=bearer())
         assert r.status_code == 400 and r.json() == {"error": "the body is not JSON"}
+        # At most 64 connections at once: the next is closed unanswered, until some go.
+        host, port = admin.removeprefix("http://").rsplit(":", 1)
+        held = [socket.create_connection((host, int(port))) for _ in range(64)]
+        try:
+            wait_until(lambda: curl(f"{admin}/live").returncode == 52, what="the 65th connection closed (curl: 52)")
+            assert events(proxy, "admin connection refused: too many open")
+        finally:
+            for s in held:
+                s.close()
+        wait_until(lambda: curl(f"{admin}/live").returncode == 0, what="room again")
         # keep-alive: several requests on one connection
         with httpx.Client() as client:
             assert [client.get(f"{admin}/live").status_code for _ in range(3)] == [200, 200, 200]
@@ -345,6 +357,16 @@ def test_with_workers_the_admin_runs_in_worker_0_and_mutations_reach_every_worke
             assert r.status_code == 200 and r.json()["outcome"]["ok"] is True
             wait_until(lambda: len(events(proxy, "config reloaded")) == 2, what="both workers reloaded")
             assert sorted(e["worker"] for e in events(proxy, "config reloaded")) == [0, 1]
+
+            # Worker 0 dies: its replacement (index 0 again) serves the admin listener.
+            first = httpx.get(f"{admin}/live").json()["pid"]
+            os.kill(first, signal.SIGKILL)
+
+            def replaced() -> bool:
+                r = curl(f"{admin}/live")
+                return r.returncode == 0 and json.loads(r.stdout)["pid"] not in (first, proxy.pid)
+
+            wait_until(replaced, what="worker 0's replacement serving the admin listener")
 
             assert httpx.post(f"{admin}/drain", headers=bearer()).status_code == 202
             assert proxy.proc.wait(15) == 0

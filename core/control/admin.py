@@ -33,7 +33,8 @@ request without the token, or with a wrong one, gets 401 and is logged as
 ``admin unauthorized`` (client and path, never what was sent). Binding a
 non-loopback address without a token fails startup (``admin_token``).
 
-**Bad input.** A head over ``MAX_HEAD`` bytes gets 431, a body over
+**Bad input.** At most ``MAX_CONNECTIONS`` connections are served at once.
+A head over ``MAX_HEAD`` bytes gets 431, a body over
 ``MAX_BODY`` 413, a malformed request 400, an unknown path 404, a wrong
 method 405; a client that stalls for ``READ_TIMEOUT`` is dropped. A bug in
 a handler is a 500 with no traceback sent (it is logged).
@@ -76,6 +77,7 @@ __all__ = ["admin_token", "redact", "serve_admin"]
 
 log = structlog.get_logger("sluice")
 
+MAX_CONNECTIONS = 64  # at once; more are closed as they come (each is held READ_TIMEOUT at most)
 MAX_HEAD = 16 * 1024  # an admin request head is a line and a few headers
 MAX_BODY = 64 * 1024  # ``{"level": "debug"}`` and the like
 READ_TIMEOUT = 10.0  # for a whole request, and between requests on a connection
@@ -206,6 +208,7 @@ class Admin:
         self.app = app
         self.token = token
         self.require_token_for_reads = require_token_for_reads
+        self.open = 0  # connections being served
         self.routes: dict[str, dict[str, Handler]] = {
             "/live": {"GET": Admin.live},
             "/ready": {"GET": Admin.ready},
@@ -227,6 +230,11 @@ class Admin:
             client = f"{peer[0]}:{peer[1]}"
         except OSError:
             client = "?"
+        if self.open >= MAX_CONNECTIONS:
+            log.warning("admin connection refused: too many open", client=client, open=self.open)
+            await trio.aclose_forcefully(stream)
+            return
+        self.open += 1
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         try:
             while True:
@@ -251,6 +259,7 @@ class Admin:
         except Exception as exc:  # a bug of ours: this connection's end, never the listener's
             log.error("admin connection failed", client=client, exc_info=exc)
         finally:
+            self.open -= 1
             await trio.aclose_forcefully(stream)
 
     async def _read(self, conn: h11.Connection, stream: trio.SocketStream, client: str) -> _Request | None:
