@@ -450,6 +450,41 @@ severity = "critical"
     assert "alert firing" in log and "alert resolved" in log
 
 
+async def test_a_routes_p99_latency_and_a_clusters_failed_tries_fire_from_the_metrics(start_origin):
+    receiver = Receiver()
+    hook = await start_origin(receiver)
+
+    async def slow(request, body):
+        await trio.sleep(0.3)
+        return Reply(200, [], b"slow")
+
+    origin = await start_origin(slow)
+    cfg = config(origin.address, routes=[
+        {"name": "broken", "match": {"prefix": "/broken"}, "cluster": "down"},
+        {"name": "api", "match": {"prefix": "/"}, "cluster": "backend"}])
+    cfg["clusters"]["down"] = {"endpoints": [dead_address()], "connect_tries": 1}
+    cfg = with_alerts(cfg, [
+        {"name": "Slow", "kind": "latency_p99", "route": "api", "threshold": 0.2, "window": 10, "for": 0},
+        {"name": "Fast", "kind": "latency_p99", "route": "api", "threshold": 1.0, "window": 10, "for": 0},
+        {"name": "DownFails", "kind": "error_ratio", "cluster": "down", "threshold": 0.5, "window": 10, "for": 0},
+        {"name": "ApiFails", "kind": "error_ratio", "cluster": "backend", "threshold": 0.5, "window": 10,
+         "for": 0}], f"http://{hook.address}/api/v2/alerts")
+    async with serve(cfg, plugins=PLUGINS) as proxy, httpx.AsyncClient() as client:
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):
+                nursery.start_soon(client.get, proxy.url + "/")
+            for _ in range(3):
+                nursery.start_soon(client.get, proxy.url + "/broken")
+        slow = await receiver.wait_for(firing("Slow"))
+        # every request took 0.3 s and more: the (0.25, 0.5] bucket, interpolated as Prometheus does
+        assert 0.25 < float(slow["annotations"]["value"]) <= 0.5
+        assert slow["labels"]["route"] == "api"
+        down = await receiver.wait_for(firing("DownFails"))
+        assert down["labels"]["cluster"] == "down" and float(down["annotations"]["value"]) == 1.0
+    names = {a["labels"]["alertname"] for a in receiver.alerts}
+    assert "Fast" not in names and "ApiFails" not in names
+
+
 def _metric_names(text: str) -> set[str]:
     return set(re.findall(r"\b(sluice_[a-zA-Z0-9_:]+)", text))
 
