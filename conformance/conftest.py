@@ -68,6 +68,7 @@ def _target(request: pytest.FixtureRequest, _recorder: Recorder, tmp_path_factor
 
 @pytest.fixture
 def recorder(_recorder: Recorder) -> Recorder:
+    _recorder.settle()  # the previous test's stragglers arrive first
     _recorder.reset()
     yield _recorder
     _recorder.reset()  # releases replies still hanging

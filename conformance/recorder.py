@@ -9,7 +9,10 @@ keep-alive connections to it stay usable.
 
 from __future__ import annotations
 
+import fcntl
 import socket
+import struct
+import termios
 import threading
 import time
 from dataclasses import dataclass
@@ -103,6 +106,7 @@ class Recorder:
         self._sockets: set[socket.socket] = set()
         self._conn_ids = iter(range(1, 1 << 30))
         self._running = True
+        self._last_data = 0.0  # when the latest byte arrived (time.monotonic())
         self.reset()
         threading.Thread(target=self._accept_loop, name="recorder-accept", daemon=True).start()
 
@@ -118,6 +122,23 @@ class Recorder:
             self._received: list[bytes] = []
             self._queue: list[Reply] = []
             self.default = OK
+
+    def settle(self, quiet: float = 0.05, limit: float = 2.0) -> None:
+        """Waits until no byte has arrived for `quiet` seconds (at most `limit`).
+
+        What a proxy was still forwarding when the previous test ended (the
+        start of a body it went on to refuse with 413) can reach the recorder
+        a moment later on a busy machine; settling before `reset()` keeps it
+        out of the next test's `received()`.
+        """
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            with self._lock:
+                idle = time.monotonic() - self._last_data
+                unread = any(_unread(sock) for sock in self._sockets)
+            if idle >= quiet and not unread:
+                return
+            time.sleep(max(quiet - idle, 0.01))
 
     def queue(self, *replies: Reply) -> None:
         """Scripts the replies to the next requests, in order; `default` serves the rest."""
@@ -173,6 +194,7 @@ class Recorder:
         def on_data(data: bytes) -> None:
             with self._lock:
                 self._received.append(data)
+                self._last_data = time.monotonic()
 
         stream = BufferedSocket(sock, on_data)
         try:
@@ -239,3 +261,11 @@ def _shutdown(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
+
+
+def _unread(sock: socket.socket) -> bool:
+    """Whether bytes wait in the socket's receive buffer (FIONREAD), not yet read."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0] > 0
+    except (OSError, ValueError):  # closed meanwhile
+        return False
