@@ -65,6 +65,7 @@ cluster                   %UPSTREAM_CLUSTER%                             the clu
 attempts                  %UPSTREAM_REQUEST_ATTEMPT_COUNT%               endpoints tried, when more than one
 tried                     %UPSTREAM_TRIED% (sluice)                      the endpoints whose try failed, in order
 upstream_connected_ms     %UPSTREAM_CONNECTED% (sluice)                  start to an upstream connection ready
+filter_ms                 %FILTER_TIME% (sluice)                         ms per ``filter.phase`` so far (metrics on)
 request_ms                %REQUEST_DURATION%                             start to the request's last byte
 response_ms               %RESPONSE_DURATION%                            start to the upstream's response head
 response_tx_ms            %RESPONSE_TX_DURATION%                         the upstream's response head to the end

@@ -61,7 +61,7 @@ class Field:
     name: str
     operator: str  # "%RESPONSE_CODE%"
     meaning: str
-    kind: str  # str, int, ms (seconds rendered as ms), bool, list, map, body
+    kind: str  # str, int, ms (seconds rendered as ms), bool, list, map, body, times ({(filter, phase): s})
     get: str | Getter  # an expression over ctx, req and resp; or a getter of ctx
     envoy: bool = True  # the operator is Envoy's; False: sluice's own name
     capture: str | None = None  # "timing", "request_body", "response_body"
@@ -207,6 +207,9 @@ def build_catalog(state: Getter, bodies: Callable[[str], Getter]) -> dict[str, F
         Field("upstream_connected_ms", "%UPSTREAM_CONNECTED%",
               "from the start until an upstream connection was ready (pooled or new)", "ms",
               "ctx.timings.get('upstream_connected')", envoy=False),
+        Field("filter_ms", "%FILTER_TIME%",
+              "ms spent in each filter phase so far, by ``filter.phase`` (metrics on, else null)", "times",
+              "ctx.filter_time or None", envoy=False),
         Field("request_ms", "%REQUEST_DURATION%", "from the start until the request's last byte arrived", "ms",
               lambda ctx: state(ctx).request_done, capture="timing"),
         Field("response_ms", "%RESPONSE_DURATION%", "from the start until the upstream's response head", "ms",
@@ -248,8 +251,10 @@ _JSON = {
     "bool": "('true' if v else 'false')",
     "list": "'[' + ', '.join([_quote(x) for x in v]) + ']'",
     "map": "'{' + ', '.join([_quote(k) + ': ' + ('null' if x is None else _quote(x)) for k, x in v.items()]) + '}'",
+    "times": "'{' + ', '.join([_quote(f'{f}.{p}') + ': ' + repr(round(t * 1000, 3)) for (f, p), t in v.items()]) + '}'",
 }
-_TEXT = {**_JSON, "str": "v", "int": "str(v)", "list": "','.join(v)", "map": "str(v)"}
+_TEXT = {**_JSON, "str": "v", "int": "str(v)", "list": "','.join(v)", "map": "str(v)",
+         "times": "','.join([f'{f}.{p}={round(t * 1000, 3)!r}' for (f, p), t in v.items()])"}
 
 # What a generated function may name, besides the constants it is given.
 _GLOBALS = {"_quote": _quote, "_iso": _iso, "_now": time.time, "_PROTOCOLS": _PROTOCOLS}

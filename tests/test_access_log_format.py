@@ -76,6 +76,7 @@ async def test_the_whole_catalog_in_one_json_line(start_origin, tmp_path):
     assert entry["bytes_in"] == 51 and entry["bytes_out"] == len(r.content)
     assert entry["upstream"] == origin.address and entry["cluster"] == "backend"
     assert 0 <= entry["upstream_connected_ms"] <= entry["response_ms"]
+    assert entry["filter_ms"]["router.request_headers"] > 0  # [metrics] on: the chain times each phase
     assert entry["request_ms"] <= entry["response_ms"] and entry["response_ms"] >= 50
     assert entry["response_ms"] + entry["response_tx_ms"] == pytest.approx(entry["duration_ms"], abs=1)
     assert entry["request_body"] == '{"user": "ann", "password": "***", "card=***"}'
@@ -100,7 +101,7 @@ async def test_a_text_template_in_envoy_operators(start_origin, tmp_path):
     log = tmp_path / "access.log"
     template = ('%REQ(:METHOD)% %REQ(:PATH)% %PROTOCOL% %RESPONSE_CODE% %RESPONSE_FLAGS% '
                 '"%REQ(USER-AGENT):5%" %REQ(X-ABSENT)% %RESP(CONTENT-TYPE)% %UPSTREAM_HOST% '
-                '%REQUEST_ID% %TRACE_ID% 100% %DURATION%')
+                '%REQUEST_ID% %TRACE_ID% 100% %DURATION% %FILTER_TIME%')
     async with serve(logged(origin.address, log, format="text", template=template), plugins=PLUGINS) as proxy:
         async with httpx.AsyncClient() as client:
             await client.get(proxy.url + "/a?b=c", headers={"user-agent": "curl/8.0", "x-request-id": "r1",
@@ -108,7 +109,8 @@ async def test_a_text_template_in_envoy_operators(start_origin, tmp_path):
             await client.get(proxy.url + "/none", headers={"x-request-id": "r2"})
         lines = await read_text(log, 2)
     assert re.fullmatch(r'GET /a\?b=c HTTP/1\.1 200 - "curl/" - text/plain ' + re.escape(origin.address)
-                        + r" r1 4bf92f3577b34da6a3ce929d0e0e4736 100% \d+\.\d+", lines[0]), lines[0]
+                        + r" r1 4bf92f3577b34da6a3ce929d0e0e4736 100% \d+\.\d+"
+                        + r" (\w+\.\w+=[\d.e-]+,)*router\.request_headers=[\d.e-]+(,\S+)?", lines[0]), lines[0]
     assert lines[1].startswith("GET /none HTTP/1.1 200 - ")
 
 
