@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from sluice.control.admin import REDACTED, admin_token, redact
@@ -160,6 +161,33 @@ def test_startup_refuses_a_public_admin_address_without_a_token_or_a_busy_port(t
         r = sluice("run", "-c", str(path))
         assert r.returncode == 2, r.stderr
         assert f"admin.address: cannot listen on 127.0.0.1:{port}" in r.stderr
+
+
+# -- in-process: timeouts --------------------------------------------------------------
+
+
+async def test_a_stalled_admin_client_gets_408_and_an_idle_one_is_closed(nursery, monkeypatch):
+    from sluice.control import admin as admin_module
+    from sluice.control.app import App
+    from sluice.control.registry import Plugins
+
+    from .conftest import config, raw_request
+
+    monkeypatch.setattr(admin_module, "READ_TIMEOUT", 0.3)
+    app = App(parse(config("127.0.0.1:9", admin={"address": "127.0.0.1:0"})), Plugins())
+    await nursery.start(app.run)
+    url = await nursery.start(admin_module.serve_admin, app)
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    started = trio.current_time()
+    answer = await raw_request((host, int(port)), b"GET /live HTTP/1.1\r\nhost: a\r\n")  # no blank line
+    assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n") and b"connection: close" in answer
+    assert 0.3 <= trio.current_time() - started < 3
+    assert await raw_request((host, int(port)), b"") == b""  # said nothing: closed, nothing said
+    started = trio.current_time()
+    answer = await raw_request((host, int(port)), b"GET /live HTTP/1.1\r\nhost: a\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")  # then idle: closed after the timeout
+    assert 0.3 <= trio.current_time() - started < 3
+    app.stop()
 
 
 # -- one process ---------------------------------------------------------------------

@@ -288,7 +288,7 @@ class Admin:
                     return _Request(head, bytes(body), client)
                 else:  # ConnectionClosed, or PAUSED
                     return None
-        if head is not None:  # stalled within a request: say so before closing
+        if head is not None or received:  # stalled within a request: say so before closing
             raise _Reply(408, {"error": "the request took too long"})
         return None
 
