@@ -364,8 +364,21 @@ def _operator(match: re.Match, catalog: dict[str, Field], by_operator: dict[str,
     return field
 
 
+# What is left of a template once its operators are taken out must not look
+# like one: a misspelt or unsupported operator (``%START_TIME(%Y)%``, an
+# unclosed ``%REQ(X``) would otherwise print as literal text, silently.
+_ALMOST = re.compile(r"%[A-Z][A-Z_0-9]*[(%:]")
+
+
 def template_fields(template: str, catalog: dict[str, Field]) -> list[Field]:
-    """The fields a template reads (ConfigError for an unknown operator)."""
+    """The fields a template reads (ConfigError for an unknown operator, or
+    text that looks like a broken one)."""
+    if any(c in template for c in "\r\n"):
+        raise ConfigError("filters.access_log.template: one line, without CR or LF")
+    left = _ALMOST.search(_OPERATOR.sub(" ", template))
+    if left is not None:
+        raise ConfigError(f"filters.access_log.template: {left[0]!r}... is not an operator as sluice reads them "
+                          "(%NAME%, %REQ(HEADER)%, %RESP(HEADER)%, each optionally with :N)")
     by_operator = {f.operator: f for f in catalog.values()}
     return [_operator(m, catalog, by_operator) for m in _OPERATOR.finditer(template)]
 
@@ -373,8 +386,7 @@ def template_fields(template: str, catalog: dict[str, Field]) -> list[Field]:
 def compile_text(template: str, catalog: dict[str, Field]) -> Callable[[Any], str]:
     """A renderer of ``template`` (one line, no newline): literal text as
     written, each operator its value, ``-`` when there is none (as Envoy)."""
-    if any(c in template for c in "\r\n"):
-        raise ConfigError("filters.access_log.template: one line, without CR or LF")
+    template_fields(template, catalog)  # every check, before anything is built
     by_operator = {f.operator: f for f in catalog.values()}
     src = _Source()
     parts: list[str] = []
