@@ -378,6 +378,85 @@ def test_the_shipped_prometheus_rules_pass_promtool():
     assert "SUCCESS" in r.stdout + r.stderr
 
 
+# Series as sluice.metrics names them, 30 minutes of them: route api half 5xx and slow (every
+# request in (1, 2.5] s), route web fine; cluster c's one endpoint refused every try, is
+# ejected, and so c has no endpoint to use; cluster ok is fine; a reload failed at 2m.
+PROMTOOL_TEST = """
+rule_files:
+  - RULES
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      - series: 'sluice_downstream_requests_total{job="sluice",listener="l",route="api",status_class="5xx"}'
+        values: '0+30x30'
+      - series: 'sluice_downstream_requests_total{job="sluice",listener="l",route="api",status_class="2xx"}'
+        values: '0+30x30'
+      - series: 'sluice_downstream_requests_total{job="sluice",listener="l",route="web",status_class="2xx"}'
+        values: '0+60x30'
+      - series: 'sluice_upstream_requests_total{job="sluice",cluster="c",endpoint="e:1",outcome="connect_failure"}'
+        values: '0+60x30'
+      - series: 'sluice_downstream_request_duration_seconds_bucket{job="sluice",listener="l",route="api",status_class="2xx",le="1.0"}'
+        values: '0x30'
+      - series: 'sluice_downstream_request_duration_seconds_bucket{job="sluice",listener="l",route="api",status_class="2xx",le="2.5"}'
+        values: '0+60x30'
+      - series: 'sluice_downstream_request_duration_seconds_bucket{job="sluice",listener="l",route="api",status_class="2xx",le="+Inf"}'
+        values: '0+60x30'
+      - series: 'sluice_upstream_endpoint_ejected{job="sluice",cluster="c",endpoint="e:1"}'
+        values: '1x30'
+      - series: 'sluice_upstream_endpoint_healthy{job="sluice",cluster="c",endpoint="e:1"}'
+        values: '1x30'
+      - series: 'sluice_upstream_endpoint_ejected{job="sluice",cluster="ok",endpoint="e:2"}'
+        values: '0x30'
+      - series: 'sluice_upstream_endpoint_healthy{job="sluice",cluster="ok",endpoint="e:2"}'
+        values: '1x30'
+      - series: 'sluice_config_last_reload_successful{job="sluice"}'
+        values: '1 1 0x28'
+    alert_rule_test:
+      - eval_time: 20m
+        alertname: SluiceRouteHighErrorRatio
+        exp_alerts:
+          - exp_labels: {job: sluice, route: api, severity: critical}
+            exp_annotations: {summary: "Route api: 50% of answers are 5xx"}
+      - eval_time: 20m
+        alertname: SluiceClusterHighErrorRatio
+        exp_alerts:
+          - exp_labels: {job: sluice, cluster: c, severity: critical}
+            exp_annotations: {summary: "Cluster c: 100% of upstream tries failed (5xx, reset, timeout, connect failure)"}
+      - eval_time: 20m
+        alertname: SluiceRouteHighLatencyP99
+        exp_alerts:
+          - exp_labels: {job: sluice, route: api, severity: warning}
+            exp_annotations: {summary: "Route api: p99 latency 2.485s"}
+      - eval_time: 20m
+        alertname: SluiceEndpointEjected
+        exp_alerts:
+          - exp_labels: {job: sluice, cluster: c, endpoint: "e:1", severity: warning}
+            exp_annotations: {summary: "Endpoint e:1 of cluster c is ejected"}
+      - eval_time: 20m
+        alertname: SluiceNoHealthyEndpoint
+        exp_alerts:
+          - exp_labels: {job: sluice, cluster: c, severity: critical}
+            exp_annotations: {summary: "Cluster c has no healthy endpoint"}
+      - eval_time: 20m
+        alertname: SluiceReloadFailed
+        exp_alerts:
+          - exp_labels: {job: sluice, severity: warning}
+            exp_annotations: {summary: "The latest sluice config reload failed; the previous config is serving"}
+
+"""
+
+
+def test_the_shipped_prometheus_rules_fire_on_sluices_series_and_only_there(tmp_path):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian: prometheus; make test-deps)")
+    test = tmp_path / "rules-test.yml"
+    test.write_text(PROMTOOL_TEST.replace("RULES", str(alerts.files()["prometheus-rules.yml"])))
+    r = subprocess.run([promtool, "test", "rules", str(test)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def test_the_shipped_files_are_package_data():
     import tomllib
     from pathlib import Path
