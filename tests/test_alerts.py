@@ -253,6 +253,28 @@ async def test_a_failed_reload_fires_and_the_next_good_one_resolves_it(start_ori
         assert app.last_reload["ok"] is True
 
 
+async def test_a_reload_resolves_a_removed_rules_alert_and_moves_to_a_new_webhook(start_origin):
+    first, second = Receiver(), Receiver()
+    hook1, hook2 = await start_origin(first), await start_origin(second)
+    live = await start_origin()
+    cfg = config(live.address)
+    cfg["clusters"]["down"] = {"endpoints": [dead_address()], "health_check": {
+        "kind": "tcp", "interval": 0.2, "jitter": 0.0, "timeout": 0.1, "unhealthy_threshold": 1}}
+    down = {"name": "Down", "kind": "no_healthy_endpoint", "cluster": "down", "for": 0}
+    cfg = with_alerts(cfg, [down], f"http://{hook1.address}/api/v2/alerts")
+    async with serve(cfg, plugins=PLUGINS) as proxy:
+        await first.wait_for(firing("Down"))
+        new = json.loads(json.dumps(cfg))
+        new["filters"]["alerts"]["rules"] = [{**down, "name": "StillDown"}]
+        new["filters"]["alerts"]["webhook"]["url"] = f"http://{hook2.address}/api/v2/alerts"
+        proxy.app.reload_source = Source(new)
+        proxy.app.request_reload()
+        gone = await second.wait_for(resolved("Down"))  # the rule is gone: its alert ends
+        assert gone["labels"]["cluster"] == "down"
+        await second.wait_for(firing("StillDown"))
+    assert not any(resolved("Down")(a) for a in first.alerts)
+
+
 async def hang(stream):
     """A webhook that reads the request and never answers."""
     with trio.move_on_after(30):

@@ -52,13 +52,15 @@ class Alerting:
         self.evaluator = Evaluator(config.rules, config.interval)
         self.states = {rule.name: RuleState() for rule in config.rules}
         self.sender = Sender(config.webhook) if config.webhook is not None else None
+        self._sending = trio.CancelScope()  # the sender's task
+        self._nursery: trio.Nursery | None = None
         self._repeated = time.monotonic()
         self._changed = trio.Event()
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
-            if self.sender is not None:
-                nursery.start_soon(self.sender.run)
+            self._nursery = nursery
+            self._start_sender()
             task_status.started()
             while True:
                 try:
@@ -86,9 +88,31 @@ class Alerting:
                 for inst in self.states[rule.name].firing():
                     self._send(rule, Transition(inst.labels, "firing", inst.value, inst.since, None))
 
+    def _start_sender(self) -> None:
+        sender, scope = self.sender, self._sending
+        if sender is None:
+            return
+
+        async def send() -> None:
+            with scope:
+                await sender.run()
+
+        self._nursery.start_soon(send)
+
     def update(self, config: AlertsConfig) -> None:
         """New settings (a reload): unchanged rules keep their state and
-        samples; firing alerts of rules removed or changed resolve now."""
+        samples; firing alerts of rules removed or changed resolve now. A
+        changed webhook takes what the old one had not sent yet."""
+        old = self.sender
+        if config.webhook != (old.config if old is not None else None):
+            self._sending.cancel()
+            self._sending = trio.CancelScope()
+            self.sender = Sender(config.webhook) if config.webhook is not None else None
+            if self.sender is not None and old is not None:
+                for alert in old.queue:
+                    self.sender.notify(alert)
+            if self._nursery is not None:
+                self._start_sender()
         kept = {r.name: r for r in self.config.rules if r in config.rules}
         now = time.time()
         for rule in self.config.rules:
@@ -100,8 +124,6 @@ class Alerting:
         evaluator.rings.update({n: ring for n, ring in self.evaluator.rings.items()
                                 if n in kept and self.config.interval == config.interval})
         self.config, self.states, self.evaluator = config, states, evaluator
-        if config.webhook != (self.sender.config if self.sender else None):
-            log.warning("alerts: webhook settings changed; they apply after a restart")
         self._changed.set()  # evaluate now: a reload may have ended a reload_failed alert
 
     def _announce(self, rule: Rule, t: Transition) -> None:
