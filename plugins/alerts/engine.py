@@ -10,6 +10,7 @@ waits on the metrics files) and the clusters' endpoint state.
 from __future__ import annotations
 
 import importlib
+import os
 import time
 from typing import Any
 
@@ -35,12 +36,33 @@ _SUMMARY = {
 
 
 async def scrape() -> list | None:
-    """The aggregated metrics' samples; None when this build has no metrics."""
+    """The aggregated metrics' samples; None when this build has no metrics.
+
+    This worker's sums are flushed here, on the loop's thread that records
+    them; every worker's files are then read in a worker thread, so the
+    loop never waits on them. (``render()`` would flush from that thread,
+    racing the requests this loop records meanwhile.) Without a
+    multiprocess directory (an App run inside a test) the registry is this
+    process's and small, and ``render()`` reads it here.
+    """
     try:
-        render = importlib.import_module("sluice.metrics").render
-    except (ImportError, AttributeError):
+        metrics = importlib.import_module("sluice.metrics")
+    except ImportError:
         return None
-    return await trio.to_thread.run_sync(lambda: parse(render()))
+    metrics.flush()
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not path:
+        return parse(metrics.render())
+    return await trio.to_thread.run_sync(_collect, path)
+
+
+def _collect(path: str) -> list:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=path)
+    return [(s.name, s.labels, s.value) for family in registry.collect() for s in family.samples]
 
 
 class Alerting:

@@ -1,9 +1,9 @@
 """What each rule kind measures, from the metrics scrape and the app.
 
 - ``error_ratio`` and ``latency_p99`` read the **aggregated metrics**: the
-  Prometheus text ``sluice.metrics.render()`` gives (prometheus_client's
-  multiprocess collector over every worker's files), so they cover all
-  workers. A ``route`` rule reads the downstream series of that route, a
+  samples ``sluice.metrics.render()`` shows (prometheus_client's
+  multiprocess collector over every worker's files, ``engine.scrape``), so
+  they cover all workers. A ``route`` rule reads the downstream series of that route, a
   ``cluster`` rule the upstream series of that cluster, a rule with
   neither all downstream traffic. The increase over ``window`` of the 5xx
   count over the increase of all requests is the ratio; the increase of
