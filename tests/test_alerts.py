@@ -17,6 +17,7 @@ import urllib.request
 import httpx
 import pytest
 import trio
+from structlog.testing import capture_logs
 
 from sluice import ConfigError
 from sluice.control.app import App
@@ -273,6 +274,28 @@ async def test_a_reload_resolves_a_removed_rules_alert_and_moves_to_a_new_webhoo
         assert gone["labels"]["cluster"] == "down"
         await second.wait_for(firing("StillDown"))
     assert not any(resolved("Down")(a) for a in first.alerts)
+
+
+async def test_a_reload_with_bad_alert_settings_keeps_the_old_rules_and_says_why(start_origin):
+    receiver = Receiver()
+    hook = await start_origin(receiver)
+    live = await start_origin()
+    cfg = with_alerts(config(live.address), [{"name": "ReloadFailed", "kind": "reload_failed", "for": 0}],
+                      f"http://{hook.address}/api/v2/alerts")
+    async with serve(cfg, plugins=PLUGINS) as proxy:
+        app = proxy.app
+        before = alerts.running(app).config
+        bad = json.loads(json.dumps(cfg))
+        bad["filters"]["alerts"]["rules"].append({"name": "Errors", "kind": "error_ratio"})
+        with capture_logs() as logs:
+            app.reload_source = Source(bad)
+            app.request_reload()
+            with trio.fail_after(10):
+                while not any(e["event"] == "alerts config invalid; the old rules stay" for e in logs):
+                    await trio.sleep(0.01)
+        event = next(e for e in logs if e["event"] == "alerts config invalid; the old rules stay")
+        assert "filters.alerts.rules[1].threshold: required for kind 'error_ratio'" in event["error"]
+        assert alerts.running(app).config is before
 
 
 async def hang(stream):
