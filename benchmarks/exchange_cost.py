@@ -13,11 +13,16 @@ change to the hot path buys, then confirm with ``run.py``.
     .venv/bin/python benchmarks/exchange_cost.py --filters access_log,router
     .venv/bin/python benchmarks/exchange_cost.py --codec h11 --profile
     .venv/bin/python benchmarks/exchange_cost.py --filters access_log,router --access-log all
+    .venv/bin/python benchmarks/exchange_cost.py --filters access_log,router --metrics both
 
 ``--access-log`` picks the access log's format: ``default`` (the JSON line
 sluice writes unless told otherwise), ``all`` (every field of the catalog,
 two request headers, one response header and both bodies), ``text``
 (Envoy's default template) or ``text-all`` (a template with every operator).
+
+``--metrics`` records Prometheus metrics (``sluice.metrics``, into
+multiprocess files as ``sluice run`` does, flushed once per repeat) or not;
+``both`` interleaves rounds with and without, and prints the ratio.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from collections import deque
 
 import trio
 
+from sluice import metrics
 from sluice.control.app import App
 from sluice.control.config import parse
 from sluice.control.registry import Plugins
@@ -109,6 +115,7 @@ async def _serve(app: App, n: int) -> float:
         down = _MemoryIO([REQUEST] * n)
         start = time.process_time()
         await listener._exchanges(down, ("127.0.0.1", 40000), ("127.0.0.1", 8080), None)
+        metrics.flush()  # (what sluice's flush task does once a second: in the figure)
         elapsed = time.process_time() - start
         for f in app.filters.values():
             await f.close()
@@ -125,20 +132,43 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print the top functions by own time")
     parser.add_argument("--access-log", default="default", choices=["default", "all", "text", "text-all"],
                         help="the access log's format, when the chain has it (default: its default)")
+    parser.add_argument("--metrics", default="off", choices=["off", "on", "both"],
+                        help="record Prometheus metrics; both: interleaved rounds, and the ratio")
     args = parser.parse_args()
     filters = args.filters.split(",")
     log = None
     if "access_log" in filters:
         log = _access_log_formats()[args.access_log] if args.access_log != "default" else {}
+    modes = ["off", "on"] if args.metrics == "both" else [args.metrics]
+    if "on" in modes:
+        metrics.prepare_multiprocess()
+
+    def serve(mode: str, n: int) -> float:
+        if mode == "on":
+            metrics.begin()
+        try:
+            return trio.run(_serve, _app(filters, args.codec, log_dir, log), n)
+        finally:
+            if mode == "on":
+                metrics.end()
+
     with tempfile.TemporaryDirectory() as log_dir:
         app = _app(filters, args.codec, log_dir, log)
-        trio.run(_serve, app, 2000)  # warm-up
-        samples = [trio.run(_serve, _app(filters, args.codec, log_dir, log), args.n) * 1e6
-                   for _ in range(args.repeats)]
+        for mode in modes:
+            serve(mode, 2000)  # warm-up
+        samples: dict[str, list[float]] = {mode: [] for mode in modes}
+        for _ in range(args.repeats):
+            for mode in modes:  # interleaved: off, on, off, on, ... share the machine's noise
+                samples[mode].append(serve(mode, args.n) * 1e6)
         fmt = f", access log {args.access_log}" if log is not None else ""
-        print(f"sluice's Python per proxied request ({app.codec.name}, chain {','.join(filters)}{fmt}): "
-              f"median {statistics.median(samples):.1f} us (min {min(samples):.1f}, "
-              f"max {max(samples):.1f}, {args.repeats} x {args.n})")
+        for mode, figures in samples.items():
+            print(f"sluice's Python per proxied request ({app.codec.name}, chain {','.join(filters)}{fmt}, "
+                  f"metrics {mode}): median {statistics.median(figures):.1f} us (min {min(figures):.1f}, "
+                  f"max {max(figures):.1f}, {args.repeats} x {args.n})")
+        if len(modes) == 2:
+            off, on = (statistics.median(samples[m]) for m in modes)
+            print(f"metrics on / off: {on / off:.3f} (+{on - off:.1f} us a request; "
+                  f"throughput at one core: {off / on:.3f} of metrics off)")
         if args.profile:
             profile = cProfile.Profile()
             profile.runcall(trio.run, _serve, _app(filters, args.codec, log_dir, log), 5000)

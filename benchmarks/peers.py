@@ -294,8 +294,10 @@ def bench_listener(site: Site, listener: dict) -> dict:
     return listener
 
 
-def sluice_config(site: Site, filters: list[str], workers: int = 1, codec: str | None = None) -> dict:
-    """A config with one listener, one cluster (the upstream, round_robin) and one route."""
+def sluice_config(site: Site, filters: list[str], workers: int = 1, codec: str | None = None,
+                  metrics: bool = True) -> dict:
+    """A config with one listener, one cluster (the upstream, round_robin) and one route;
+    Prometheus metrics on (sluice's default) unless ``metrics`` is False."""
     server: dict = {"workers": workers}
     if codec:
         server["http1_codec"] = codec
@@ -307,6 +309,8 @@ def sluice_config(site: Site, filters: list[str], workers: int = 1, codec: str |
     }
     if "access_log" in filters:
         config["filters"] = {"access_log": {"path": str(site.dir / "access.jsonl")}}
+    if not metrics:
+        config["metrics"] = {"enabled": False}
     return config
 
 
@@ -348,6 +352,9 @@ TARGETS = {t.name: t for t in (
                   codec="h11", h2=False),
     sluice_target("sluice", "sluice, codec auto, chain access_log, router", filters=DEFAULT_CHAIN),
     sluice_target("sluice-bare", "sluice, no filters (router only)", filters=["router"]),
+    # against "sluice", what recording Prometheus metrics costs (issue 9: at most 10% of throughput)
+    sluice_target("sluice-nometrics", "sluice, chain access_log, router, [metrics] enabled = false",
+                  filters=DEFAULT_CHAIN, metrics=False),
     sluice_target("sluice-w2", "sluice, chain access_log, router, 2 workers", filters=DEFAULT_CHAIN,
                   workers=2),
 )}

@@ -106,8 +106,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FLUSH_INTERVAL",
+    "begin",
     "counter",
     "enabled",
+    "end",
     "flush",
     "gauge",
     "histogram",
@@ -483,28 +485,40 @@ class _Recorder:
             self._sampled[key] = set(now_set)
 
 
+def begin() -> None:
+    """Start recording in this process (``run`` does; so does a benchmark without an app)."""
+    global _recorder, _built, _running, timing
+    if _built is None:
+        _built = _Recorder()
+    _recorder = _built
+    _running += 1
+    timing = True
+
+
+def end() -> None:
+    """Stop recording (once every ``begin`` has its ``end``), after a last flush."""
+    global _recorder, _running, timing
+    flush()
+    _running -= 1
+    if not _running:
+        timing = False
+        _recorder = None
+
+
 async def run(app: Any) -> None:
     """Record for ``app`` while it runs (a task in its nursery): flush the sums and sample
     the gauges every ``FLUSH_INTERVAL``, and flush once more when cancelled."""
-    global _recorder, _built, _running, timing
     import trio
 
     settings = getattr(app.config, "metrics", None)
     if settings is not None and not settings.enabled:
         return
-    if _built is None:
-        _built = _Recorder()
-    recorder = _recorder = _built
-    _running += 1
-    timing = True
+    begin()
+    recorder = _built
     try:
         while True:
             recorder.sample(app)
             recorder.flush()
             await trio.sleep(FLUSH_INTERVAL)
     finally:
-        _running -= 1
-        recorder.flush()
-        if not _running:
-            timing = False
-            _recorder = None
+        end()
