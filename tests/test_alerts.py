@@ -276,6 +276,25 @@ async def test_a_reload_resolves_a_removed_rules_alert_and_moves_to_a_new_webhoo
     assert not any(resolved("Down")(a) for a in first.alerts)
 
 
+async def test_a_firing_alert_is_sent_again_every_repeat_interval_with_its_first_start(start_origin):
+    receiver = Receiver()
+    hook = await start_origin(receiver)
+    live = await start_origin()
+    cfg = with_alerts(config(live.address), [{"name": "ReloadFailed", "kind": "reload_failed", "for": 0}],
+                      f"http://{hook.address}/api/v2/alerts")
+    cfg["filters"]["alerts"]["webhook"]["repeat_interval"] = 0.3
+    async with serve(cfg, plugins=PLUGINS) as proxy:
+        broken = json.loads(json.dumps(cfg))
+        broken["routes"][0]["cluster"] = "nope"
+        proxy.app.reload_source = Source(broken)
+        proxy.app.request_reload()
+        with trio.fail_after(10):
+            while len([a for a in receiver.alerts if firing("ReloadFailed")(a)]) < 3:
+                await trio.sleep(0.05)
+    sent = [a for a in receiver.alerts if firing("ReloadFailed")(a)]
+    assert len({a["startsAt"] for a in sent}) == 1  # the same alert, kept alive in Alertmanager
+
+
 async def test_a_reload_with_bad_alert_settings_keeps_the_old_rules_and_says_why(start_origin):
     receiver = Receiver()
     hook = await start_origin(receiver)
