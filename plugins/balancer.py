@@ -193,14 +193,16 @@ class Ewma(Balancer):
 
     def cost(self, endpoint: Endpoint, now: float | None = None) -> float:
         """The endpoint's smoothed response time (seconds), decayed to ``now``."""
-        key = id(endpoint)
-        cost = self._cost.get(key)
-        if cost is None:
-            known = self._cost
-            return sum(known.values()) / len(known) if known else 0.0
         if now is None:
             now = self._clock()
-        elapsed = now - self._stamp[key]
+        key = id(endpoint)
+        if key not in self._cost:  # the mean of the others, each decayed alike
+            known = self._cost
+            return sum(self._decayed(k, now) for k in known) / len(known) if known else 0.0
+        return self._decayed(key, now)
+
+    def _decayed(self, key: int, now: float) -> float:
+        cost, elapsed = self._cost[key], now - self._stamp[key]
         return cost * math.exp(-elapsed / self.config.decay) if elapsed > 0 else cost
 
     def _load(self, endpoint: Endpoint, now: float) -> float:

@@ -66,11 +66,23 @@ def test_a_failure_counts_as_the_penalty_and_a_protocol_error_as_its_latency():
 
 
 def test_an_endpoint_not_heard_from_costs_the_mean_of_the_others():
-    policy, _ = ewma(1, 1, 1)
+    policy, clock = ewma(1, 1, 1)
     assert policy.cost(policy.endpoints[2]) == 0.0
     hear(policy, 0, 0.1)
     hear(policy, 1, 0.3)
     assert policy.cost(policy.endpoints[2]) == pytest.approx(0.2)
+    clock.now += 10.0  # the others' costs decay, and so does their mean
+    assert policy.cost(policy.endpoints[2]) == pytest.approx(0.2 / math.e)
+
+
+def test_an_endpoint_not_heard_from_gets_its_share_while_the_known_one_decays():
+    # With one endpoint heard from long ago, the other (never tried) is as
+    # cheap: neither favoured nor shunned, so it is tried.
+    policy, clock = ewma(1, 1, seed=5)
+    hear(policy, 0, 0.1)
+    clock.now += 5.0
+    picks = Counter(policy.pick(None, policy.endpoints).port - 1000 for _ in range(200))
+    assert 70 <= picks[1] <= 130, picks
 
 
 def test_the_pick_weighs_cost_by_requests_in_flight_and_weight():
