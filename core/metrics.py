@@ -276,15 +276,46 @@ def enabled() -> bool:
 def record(ctx: Context) -> None:
     """Add what a completed request did (the core calls it once per request)."""
     recorder = _recorder
-    if recorder is not None:
-        recorder.request(ctx)
+    if recorder is None:
+        return
+    response = ctx.response
+    status = response.status // 100 if response is not None else 0
+    route = ctx._route
+    key = (ctx.listener, route.name if route else "", _STATUS_CLASS[status] if status < 6 else "none")
+    hist = recorder.down.get(key)
+    if hist is None:
+        hist = recorder.down[key] = _Requests()
+    took = time.monotonic() - ctx.start
+    hist.counts[bisect_left(REQUEST_BUCKETS, took)] += 1
+    hist.sum += took
+    hist.bytes_in += ctx.bytes_in
+    hist.bytes_out += ctx.bytes_out
+    if ctx.tried or ctx.flags:
+        recorder.troubles(ctx)
+    spent = ctx.filter_time
+    if spent:
+        filters = recorder.filters
+        for key, took in spent.items():
+            hist = filters.get(key)
+            if hist is None:
+                hist = filters[key] = _Hist(len(FILTER_BUCKETS))
+            hist.counts[bisect_left(FILTER_BUCKETS, took)] += 1
+            hist.sum += took
 
 
 def upstream_try(cluster: Cluster, endpoint: Endpoint, outcome: str, latency: float) -> None:
     """Add one try at an upstream endpoint (``Cluster.report`` calls it)."""
     recorder = _recorder
-    if recorder is not None:
-        recorder.upstream_try(cluster, endpoint, outcome, latency)
+    if recorder is None:
+        return
+    tries = recorder.tries.get(endpoint)  # (an Endpoint hashes by identity: cheap)
+    if tries is None:
+        tries = recorder.tries[endpoint] = _Tries(cluster.name)
+    outcomes = tries.outcomes
+    outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    if outcome == "success" or outcome == "http_5xx":
+        tries.counts[bisect_left(REQUEST_BUCKETS, latency)] += 1
+        tries.sum += latency
 
 
 def flush() -> None:
@@ -302,6 +333,30 @@ class _Hist:
     def __init__(self, n: int) -> None:
         self.counts = [0] * n
         self.sum = 0.0
+
+
+class _Requests(_Hist):
+    """Requests of one (listener, route, status class) not yet flushed: their durations
+    and body bytes."""
+
+    __slots__ = ("bytes_in", "bytes_out")
+
+    def __init__(self) -> None:
+        super().__init__(len(REQUEST_BUCKETS))
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+
+class _Tries(_Hist):
+    """Tries at one endpoint not yet flushed: a count per outcome, and the latency of
+    those that got a response head."""
+
+    __slots__ = ("cluster", "outcomes")
+
+    def __init__(self, cluster: str) -> None:
+        super().__init__(len(REQUEST_BUCKETS))
+        self.cluster = cluster
+        self.outcomes: dict[str, int] = {}
 
 
 class _Recorder:
@@ -355,60 +410,21 @@ class _Recorder:
         self._reset()
 
     def _reset(self) -> None:
-        self.down: dict[tuple, _Hist] = {}  # (listener, route, class) -> duration sums
-        self.bytes: dict[str, list[int]] = {}  # listener -> [in, out]
-        self.tries: dict[tuple, int] = {}  # (cluster, endpoint object, outcome) -> count
-        self.up_latency: dict[tuple, _Hist] = {}  # (cluster, endpoint object) -> latency sums
+        self.down: dict[tuple, _Requests] = {}  # (listener, route, status class) -> its sums
+        self.tries: dict[Endpoint, _Tries] = {}
         self.retried: dict[str, int] = {}
         self.overflowed: dict[str, int] = {}
         self.filters: dict[tuple, _Hist] = {}  # (filter, phase) -> duration sums
 
-    # -- the hot path: plain dicts only --
-
-    def request(self, ctx: Context) -> None:
-        response = ctx.response
-        status = response.status // 100 if response is not None else 0
-        route = ctx._route
-        listener = ctx.listener
-        key = (listener, route.name if route else "", _STATUS_CLASS[status] if status < 6 else "none")
-        hist = self.down.get(key)
-        if hist is None:
-            hist = self.down[key] = _Hist(len(REQUEST_BUCKETS))
-        took = time.monotonic() - ctx.start
-        hist.counts[bisect_left(REQUEST_BUCKETS, took)] += 1
-        hist.sum += took
-        if ctx.bytes_in or ctx.bytes_out:
-            counts = self.bytes.get(listener)
-            if counts is None:
-                counts = self.bytes[listener] = [0, 0]
-            counts[0] += ctx.bytes_in
-            counts[1] += ctx.bytes_out
+    def troubles(self, ctx: Context) -> None:
+        """A request that failed over or was flagged: its retries and overflows."""
         cluster = ctx._cluster
-        if cluster is not None:
-            if ctx.tried:
-                self.retried[cluster.name] = self.retried.get(cluster.name, 0) + len(ctx.tried)
-            if "UO" in ctx.flags:
-                self.overflowed[cluster.name] = self.overflowed.get(cluster.name, 0) + 1
-        spent = ctx.filter_time
-        if spent:
-            filters = self.filters
-            for key, took in spent.items():
-                hist = filters.get(key)
-                if hist is None:
-                    hist = filters[key] = _Hist(len(FILTER_BUCKETS))
-                hist.counts[bisect_left(FILTER_BUCKETS, took)] += 1
-                hist.sum += took
-
-    def upstream_try(self, cluster: Cluster, endpoint: Endpoint, outcome: str, latency: float) -> None:
-        key = (cluster.name, endpoint, outcome)
-        self.tries[key] = self.tries.get(key, 0) + 1
-        if outcome == "success" or outcome == "http_5xx":
-            key = (cluster.name, endpoint)
-            hist = self.up_latency.get(key)
-            if hist is None:
-                hist = self.up_latency[key] = _Hist(len(REQUEST_BUCKETS))
-            hist.counts[bisect_left(REQUEST_BUCKETS, latency)] += 1
-            hist.sum += latency
+        if cluster is None:
+            return
+        if ctx.tried:
+            self.retried[cluster.name] = self.retried.get(cluster.name, 0) + len(ctx.tried)
+        if "UO" in ctx.flags:
+            self.overflowed[cluster.name] = self.overflowed.get(cluster.name, 0) + 1
 
     # -- the flush: into prometheus_client --
 
@@ -430,21 +446,29 @@ class _Recorder:
         child._sum.inc(hist.sum)
 
     def flush(self) -> None:
-        down, bytes_, tries, up_latency = self.down, self.bytes, self.tries, self.up_latency
-        retried, overflowed, filters = self.retried, self.overflowed, self.filters
+        down, tries, filters = self.down, self.tries, self.filters
+        retried, overflowed = self.retried, self.overflowed
         self._reset()  # (nothing here awaits: no request is recorded between these lines)
+        received: dict[str, int] = {}
+        sent: dict[str, int] = {}
         for labels, hist in down.items():
             self._child(self.requests, labels).inc(sum(hist.counts))
             self._observe(self.duration, labels, hist)
-        for listener, (read, sent) in bytes_.items():
-            if read:
-                self._child(self.received, (listener,)).inc(read)
-            if sent:
-                self._child(self.sent, (listener,)).inc(sent)
-        for (cluster, endpoint, outcome), n in tries.items():
-            self._child(self.up_requests, (cluster, endpoint.address, outcome)).inc(n)
-        for (cluster, endpoint), hist in up_latency.items():
-            self._observe(self.up_duration, (cluster, endpoint.address), hist)
+            listener = labels[0]
+            received[listener] = received.get(listener, 0) + hist.bytes_in
+            sent[listener] = sent.get(listener, 0) + hist.bytes_out
+        for listener, n in received.items():
+            if n:
+                self._child(self.received, (listener,)).inc(n)
+        for listener, n in sent.items():
+            if n:
+                self._child(self.sent, (listener,)).inc(n)
+        for endpoint, endpoint_tries in tries.items():
+            labels = (endpoint_tries.cluster, endpoint.address)
+            for outcome, n in endpoint_tries.outcomes.items():
+                self._child(self.up_requests, (*labels, outcome)).inc(n)
+            if endpoint_tries.sum or any(endpoint_tries.counts):
+                self._observe(self.up_duration, labels, endpoint_tries)
         for cluster, n in retried.items():
             self._child(self.retries, (cluster,)).inc(n)
         for cluster, n in overflowed.items():

@@ -113,7 +113,11 @@ class Chain:
 
     @staticmethod
     async def run_heads(phases, ctx, message, limit: int) -> tuple[int, LocalReply] | None:
-        spent = filter_time(ctx) if metrics.timing else None
+        spent = None
+        if metrics.timing and phases:
+            spent = ctx.filter_time
+            if spent is None:
+                spent = ctx.filter_time = {}
         for i, fn, key in phases:
             if i >= limit:
                 continue
@@ -132,7 +136,11 @@ class Chain:
 
     @staticmethod
     async def run_body(phases, ctx, chunk: bytes, end: bool, limit: int) -> bytes | LocalReply:
-        spent = filter_time(ctx) if metrics.timing else None
+        spent = None
+        if metrics.timing and phases:
+            spent = ctx.filter_time
+            if spent is None:
+                spent = ctx.filter_time = {}
         for i, fn, key in phases:
             if i >= limit:
                 continue
