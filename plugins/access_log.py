@@ -61,6 +61,7 @@ response_header_bytes     %RESPONSE_HEADERS_BYTES%                       the res
 bytes_in                  %BYTES_RECEIVED%                               request body bytes
 bytes_out                 %BYTES_SENT%                                   response body bytes
 upstream                  %UPSTREAM_HOST%                                the endpoint that answered (or last tried)
+upstream_local_address    %UPSTREAM_LOCAL_ADDRESS%                       the upstream connection's own host:port
 cluster                   %UPSTREAM_CLUSTER%                             the cluster
 attempts                  %UPSTREAM_REQUEST_ATTEMPT_COUNT%               endpoints tried, when more than one
 tried                     %UPSTREAM_TRIED% (sluice)                      the endpoints whose try failed, in order

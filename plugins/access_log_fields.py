@@ -120,6 +120,11 @@ def _url(ctx):
 
 _PROTOCOLS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0", "2": "HTTP/2"}
 
+
+def _hostport(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
 # Flags that say the client did not get a whole answer, whatever its status.
 _CUT_SHORT = frozenset({"DC", "DT", "DPE", "UC", "UPE", "DTLS", "TLSP"})
 
@@ -198,6 +203,9 @@ def build_catalog(state: Getter, bodies: Callable[[str], Getter]) -> dict[str, F
         # -- the upstream ---------------------------------------------------
         Field("upstream", "%UPSTREAM_HOST%", "the endpoint that answered (or the last tried)", "str",
               "e.address if (e := ctx.endpoint) is not None else None"),
+        Field("upstream_local_address", "%UPSTREAM_LOCAL_ADDRESS%",
+              "the upstream connection's own address, host:port", "str",
+              "_hostport(u) if (u := ctx.upstream_local) is not None else None"),
         Field("cluster", "%UPSTREAM_CLUSTER%", "the cluster", "str",
               "c.name if (c := ctx.cluster) is not None else None"),
         Field("attempts", "%UPSTREAM_REQUEST_ATTEMPT_COUNT%", "endpoints tried (only past one)", "int",
@@ -257,7 +265,7 @@ _TEXT = {**_JSON, "str": "v", "int": "str(v)", "list": "','.join(v)", "map": "st
          "times": "','.join([f'{f}.{p}={round(t * 1000, 3)!r}' for (f, p), t in v.items()])"}
 
 # What a generated function may name, besides the constants it is given.
-_GLOBALS = {"_quote": _quote, "_iso": _iso, "_now": time.time, "_PROTOCOLS": _PROTOCOLS}
+_GLOBALS = {"_quote": _quote, "_iso": _iso, "_now": time.time, "_PROTOCOLS": _PROTOCOLS, "_hostport": _hostport}
 
 
 class _Source:

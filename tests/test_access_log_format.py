@@ -75,6 +75,8 @@ async def test_the_whole_catalog_in_one_json_line(start_origin, tmp_path):
     assert entry["request_header_bytes"] > 200 and entry["response_header_bytes"] > 60
     assert entry["bytes_in"] == 51 and entry["bytes_out"] == len(r.content)
     assert entry["upstream"] == origin.address and entry["cluster"] == "backend"
+    host, port = entry["upstream_local_address"].rsplit(":", 1)  # the proxy's end of its upstream connection
+    assert host == "127.0.0.1" and int(port) not in (origin.port, proxy.address[1])
     assert 0 <= entry["upstream_connected_ms"] <= entry["response_ms"]
     assert entry["filter_ms"]["router.request_headers"] > 0  # [metrics] on: the chain times each phase
     assert entry["request_ms"] <= entry["response_ms"] and entry["response_ms"] >= 50
@@ -200,3 +202,30 @@ async def test_an_h2_request_with_its_user_body_and_trace(start_origin, tmp_path
     assert ok["request_body"] == "client_secret=***&x=1" and 0 <= ok["request_ms"] <= ok["response_ms"]
     assert (refused["status"], refused["remote_user"], refused["success"], refused["response_ms"]) == (
         401, None, True, None)  # a filter's answer: no upstream response head
+
+
+async def test_two_hops_agree_on_the_connection_between_them_and_the_trace(start_origin, tmp_path):
+    """A front sluice whose upstream (h2c, then HTTP/1.1) is a back sluice: the
+    front's upstream local address is the back's client address and port,
+    and the trace the front started is the one the back logs."""
+    origin = await start_origin()
+    back_log, front_log = tmp_path / "back.jsonl", tmp_path / "front.jsonl"
+    fields = ["protocol", "client", "client_port", "upstream_local_address", "trace_id"]
+    back_cfg = config(origin.address, filters=["access_log", "router"], listener={"http2": True},
+                      filter_settings={"access_log": {"path": str(back_log), "flush_interval": 0.05,
+                                                      "fields": fields}})
+    async with serve(back_cfg, plugins=PLUGINS) as back:
+        for protocol in ("h2c", "h1"):
+            front_cfg = config(f"127.0.0.1:{back.address[1]}", filters=["access_log", "router"],
+                               cluster={"protocol": protocol},
+                               filter_settings={"access_log": {"path": str(front_log), "flush_interval": 0.05,
+                                                               "fields": fields}})
+            async with serve(front_cfg, plugins=PLUGINS) as front:
+                async with httpx.AsyncClient() as client:
+                    assert (await client.get(front.url + "/two-hops")).status_code == 200
+        fronts = await read_lines(front_log, 2)
+        backs = await read_lines(back_log, 2)
+    for front_entry, back_entry, protocol in zip(fronts, backs, ("HTTP/2", "HTTP/1.1"), strict=True):
+        assert back_entry["protocol"] == protocol
+        assert front_entry["upstream_local_address"] == f"{back_entry['client']}:{back_entry['client_port']}"
+        assert front_entry["trace_id"] == back_entry["trace_id"] and len(back_entry["trace_id"]) == 32

@@ -290,3 +290,13 @@ class StreamIO(_Waits):
 def socket_io(stream: trio.SocketStream, watchdog: Watchdog) -> SocketIO:
     """Take the socket out of a trio SocketStream (which is then spent)."""
     return SocketIO(socket.socket(fileno=stream.socket.detach()), watchdog)
+
+
+def local_address(io: SocketIO | StreamIO) -> tuple[str, int] | None:
+    """The local (host, port) of the socket under ``io`` (a SocketIO or a
+    StreamIO); None without one, or once it is closed."""
+    sock = getattr(io, "sock", None) or getattr(io, "_raw", None)
+    try:
+        return tuple(sock.getsockname()[:2]) if sock is not None else None
+    except OSError:
+        return None

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from functools import cached_property
 
 import structlog
 import trio
@@ -30,7 +31,7 @@ from ..messages import Headers, Request
 from ..protocol.events import NEED_DATA, ProtocolError
 from ..protocol.http1 import Codec
 from ..upstream.cluster import Cluster, Endpoint, Overflow
-from .byteio import SocketIO, StreamIO, socket_io
+from .byteio import SocketIO, StreamIO, local_address, socket_io
 from .upstream_http2 import H2Upstream, H2UpstreamStream
 from .watchdog import Watchdog
 
@@ -72,6 +73,12 @@ class UpstreamConnection:
         self.idle_deadline = 0.0  # when an idle connection expires
         self.opened = time.monotonic()
         self.peer_closed = False  # the upstream's EOF was read
+
+    @cached_property
+    def local(self) -> tuple[str, int] | None:
+        """This connection's own address (the access log's upstream local
+        address), read from the socket once."""
+        return local_address(self.io)
 
     def _failed(self, message: str, flag: str) -> UpstreamError:
         """A 502; replayable when a reused connection died before answering."""

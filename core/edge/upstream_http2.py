@@ -38,6 +38,7 @@ import contextlib
 import math
 import time
 from collections import deque
+from functools import cached_property
 from typing import Any
 
 import h2.errors
@@ -51,6 +52,7 @@ from ..protocol.events import NEED_DATA, Body, End
 from ..protocol.h2_client import H2Client
 from ..protocol.h2_codec import Data, StreamReset, Terminated, WindowOpen
 from ..upstream.cluster import Endpoint
+from .byteio import local_address
 from .watchdog import WATCH_AFTER
 
 __all__ = ["H2Upstream", "H2UpstreamStream"]
@@ -83,6 +85,10 @@ class H2UpstreamStream:
         self._answered = False  # the whole response has arrived (End queued or taken)
         self._upload_over = False  # the upstream wants no more of the request (see stop_upload)
         self._unacked = 0
+
+    @property
+    def local(self) -> tuple[str, int] | None:
+        return self.conn.local
 
     # -- what the connection's reader calls ---------------------------------
 
@@ -307,6 +313,11 @@ class H2Upstream:
 
     def __repr__(self) -> str:
         return f"H2Upstream({self.endpoint.address}, active={self.active})"
+
+    @cached_property
+    def local(self) -> tuple[str, int] | None:
+        """This connection's own address (the access log's upstream local address), read once."""
+        return local_address(self.io)
 
     # -- the pool's view ------------------------------------------------------------
 

@@ -99,6 +99,7 @@ async def connect(pool, cluster, endpoint, ctx: Context, *, fresh: bool = False)
             route = ctx.matched_route
             if route is not None and route.host_to_endpoint:
                 set_host(ctx.request.headers, endpoint.address.encode("ascii"))
+            ctx.upstream_local = conn.local
             return conn, endpoint
     finally:
         if retrying:

@@ -52,6 +52,7 @@ class Context:
         "_hash_key",
         "_picked",
         "tried",
+        "upstream_local",
         "start",
         "timings",
         "filter_time",
@@ -96,6 +97,7 @@ class Context:
         self._hash_key: str | None = None
         self._picked = False  # the upstream endpoint is chosen: selection is over
         self.tried: list[Endpoint] = []  # endpoints this request failed to reach before ``endpoint``
+        self.upstream_local: tuple[str, int] | None = None  # the upstream connection's own address
         self.start = time.monotonic()
         self.timings: dict[str, float] = {}
         self.filter_time: dict[tuple[str, str], float] | None = None  # (filter, phase) -> seconds (sluice.metrics)
