@@ -310,10 +310,13 @@ async def test_a_reload_with_bad_alert_settings_keeps_the_old_rules_and_says_why
             app.reload_source = Source(bad)
             app.request_reload()
             with trio.fail_after(10):
-                while not any(e["event"] == "alerts config invalid; the old rules stay" for e in logs):
+                while not any(e["event"] == "reload failed" for e in logs):
                     await trio.sleep(0.01)
-        event = next(e for e in logs if e["event"] == "alerts config invalid; the old rules stay")
+        # The alerts' settings are checked with the rest of the new config (as
+        # `sluice check` checks them): the reload fails, and nothing changes.
+        event = next(e for e in logs if e["event"] == "reload failed")
         assert "filters.alerts.rules[1].threshold: required for kind 'error_ratio'" in event["error"]
+        assert app.last_reload["ok"] is False
         assert alerts.running(app).config is before
 
 
@@ -662,3 +665,29 @@ async def test_every_metric_the_dashboard_and_the_rules_use_is_in_a_real_scrape(
                     break
                 await trio.sleep(0.1)
     assert used <= scraped, f"not in a scrape: {sorted(used - scraped)}"
+
+
+def test_sluice_check_checks_the_alert_rules_against_the_config(tmp_path):
+    path = tmp_path / "sluice.toml"
+    path.write_text("""
+[[listeners]]
+address = "127.0.0.1:8080"
+filters = ["router"]
+
+[clusters.api]
+endpoints = ["127.0.0.1:9000"]
+
+[[routes]]
+match = { prefix = "/" }
+cluster = "api"
+
+[filters.alerts]
+rules = [
+  { name = "Errors", kind = "error_ratio" },
+  { name = "Down", kind = "no_healthy_endpoint", cluster = "apii" },
+]
+""")
+    r = sluice("check", str(path))
+    assert r.returncode == 2, r.stdout
+    assert "filters.alerts.rules[0].threshold: required for kind 'error_ratio'" in r.stderr
+    assert "filters.alerts.rules[1].cluster: unknown cluster 'apii'" in r.stderr

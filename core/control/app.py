@@ -91,9 +91,12 @@ class App:
         self._serving: dict[Listener, trio.CancelScope] = {}
         self._checks: dict[str, trio.CancelScope] = {}  # a cluster's running health checks
         self.listeners = [self._listener(i, lc) for i, lc in enumerate(config.listeners)]
-        for name in config.filters:  # settings for a filter no chain uses
+        for name, settings in config.filters.items():  # settings for a filter no chain uses
             if name not in plugins.filters:
                 raise plugins.missing("filters", name, f"filters.{name}")
+            if name not in self.filters:  # checked all the same (``sluice check``, a reload)
+                cls = plugins.filters[name][0]
+                cls.check(validate(cls.Config, settings, f"filters.{name}"), self)
 
     # -- building ------------------------------------------------------------
 

@@ -126,6 +126,15 @@ class Filter:
         ``app.clusters`` or ``app.config``; raise ConfigError for bad input."""
         return cls(config)
 
+    @classmethod
+    def check(cls, config: FilterConfig, app: Any) -> None:
+        """Check settings that no chain uses (a ``[filters.X]`` table for a
+        filter in no listener's ``filters``: a plugin configured there that
+        does its work from hooks, or one left for later). ``config`` has
+        passed ``Config``; check it against the rest of ``app.config`` and
+        raise ConfigError with key paths. ``sluice check`` and a reload run it
+        like any other check. Default: nothing more to check."""
+
     # -- lifecycle (per listener chain) --------------------------------------
 
     async def open(self, nursery: Any) -> None:

@@ -79,6 +79,10 @@ class Alerts(Filter):
         raise ConfigError("alerts is not a traffic filter: configure it under [filters.alerts] "
                           "and leave it out of listeners' filters")
 
+    @classmethod
+    def check(cls, config, app):
+        settings(app.config)  # the rules against the routes and clusters: `sluice check`, reloads
+
 
 def files() -> dict[str, Path]:
     """The shipped Prometheus rules and Grafana dashboard."""
