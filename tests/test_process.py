@@ -152,7 +152,9 @@ def test_a_crash_looping_worker_backs_off_instead_of_spinning():
         poll(lambda: len(exits(0)) >= 5, timeout=15, what="worker 0 crashed 5 times")
         ticks = Path(f"/proc/{master.pid}/stat").read_text().rsplit(")", 1)[1].split()[11:13]
         master.send_signal(signal.SIGTERM)
-        assert master.wait(10) == 0  # stopped on request
+        # It stops on request, promptly. Its status is 0, or 1 when a worker
+        # it had just restarted crashed (status 3) on its own as the stop came.
+        assert master.wait(10) in (0, 1)
     finally:
         kill(master.pid)
     crashes = exits(0)
