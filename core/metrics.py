@@ -125,6 +125,10 @@ log = structlog.get_logger("sluice")
 
 FLUSH_INTERVAL = 1.0  # seconds between flushes (and gauge samples) in each worker
 _ENV = "PROMETHEUS_MULTIPROC_DIR"
+# What generate_latest writes, as prometheus_client's own server labels it when the scraper does
+# not ask for another format (its CONTENT_TYPE_LATEST says version=1.0.0 from 0.22 on, which
+# older scrapers do not know).
+_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _PLUGIN_PREFIX = "sluice_plugin_"
 _NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
 
@@ -192,17 +196,37 @@ def render() -> tuple[bytes, str]:
     """The text exposition of every worker's metrics (this process's, when there is no
     multiprocess directory): ``(body, content type)``."""
     from prometheus_client import CollectorRegistry, generate_latest
-    from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
     flush()  # this process's own sums, up to now
     if _dir is not None:
-        from prometheus_client.multiprocess import MultiProcessCollector
-
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=_dir)
+        registry.register(_Files(_dir))
     else:
         registry = _own_registry()
-    return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(registry), _CONTENT_TYPE
+
+
+class _Files:
+    """Every worker's files, added up (prometheus_client's MultiProcessCollector), less a file
+    a worker is creating at this moment: it is empty until prometheus_client sizes it, and
+    reading it would fail the whole scrape."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def collect(self):
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        files = []
+        for name in os.listdir(self.path):
+            if name.endswith(".db"):
+                path = os.path.join(self.path, name)
+                try:
+                    if os.path.getsize(path) >= 8:  # (its header: how much of it is used)
+                        files.append(path)
+                except FileNotFoundError:  # a dead worker's live gauges, just removed
+                    pass
+        return MultiProcessCollector.merge(files, accumulate=True)
 
 
 def _own_registry():

@@ -113,11 +113,7 @@ class Chain:
 
     @staticmethod
     async def run_heads(phases, ctx, message, limit: int) -> tuple[int, LocalReply] | None:
-        spent = None
-        if metrics.timing and phases:
-            spent = ctx.filter_time
-            if spent is None:
-                spent = ctx.filter_time = {}
+        spent = filter_time(ctx) if metrics.timing and phases else None
         for i, fn, key in phases:
             if i >= limit:
                 continue
@@ -136,11 +132,7 @@ class Chain:
 
     @staticmethod
     async def run_body(phases, ctx, chunk: bytes, end: bool, limit: int) -> bytes | LocalReply:
-        spent = None
-        if metrics.timing and phases:
-            spent = ctx.filter_time
-            if spent is None:
-                spent = ctx.filter_time = {}
+        spent = filter_time(ctx) if metrics.timing and phases else None
         for i, fn, key in phases:
             if i >= limit:
                 continue
