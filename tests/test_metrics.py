@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sluice import Filter, metrics
 from sluice.testing import serve
 
-from .conftest import InProcess, config
+from .conftest import InProcess, config, raw_request
 from .origin import Reply
 from .proc import Running, ThreadOrigin, children, free_port
 from .test_admin import admin_url
@@ -337,3 +337,14 @@ async def test_circuit_breaker_overflows_are_counted_by_cluster(start_origin):
                     nursery.start_soon(one)
         assert sorted(statuses) == [200, 503, 503]
         assert total(exposition(), "sluice_upstream_overflows_total", cluster="backend") == before + 2
+
+
+async def test_a_refused_head_is_counted_without_any_on_complete(start_origin):
+    origin = await start_origin()
+    labels = {"route": "", "status_class": "4xx"}
+    before = total(exposition(), "sluice_downstream_requests_total", **labels)
+    async with serve(config(origin.address, filters=["router"]), plugins=PLUGINS) as proxy:
+        answer = await raw_request(proxy.address, b"GET / HTTP/1.1\r\nhost: a\r\nbad header\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 400 ")
+        samples = exposition()
+    assert total(samples, "sluice_downstream_requests_total", **labels) == before + 1

@@ -371,10 +371,9 @@ class Listener:
         """Run the chain's on_complete (the access log) for what the core
         refused before it became a request: no other phase ran, and
         ``ctx.request`` has the method and target only, when the refused
-        head got that far (target "" when it was too long to keep)."""
+        head got that far (target "" when it was too long to keep). It is
+        counted in the metrics with no on_complete too (``answers.complete``)."""
         chain = self.chain
-        if not chain.complete:
-            return
         ctx = Context(client=client, local=local, scheme=self.scheme, listener=self.name, tls_peer=tls_peer)
         ctx.start = since
         ctx.flags.extend(flags)
