@@ -155,3 +155,13 @@ class ThreadOrigin:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def poll(check, timeout: float = 10, what: str = "condition", proxy: Running | None = None):
+    """``check()``'s first truthy value, polled until the deadline (then the proxy's log)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := check():
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"{what} not met within {timeout}s" + (f":\n{''.join(proxy.stderr)}" if proxy else ""))

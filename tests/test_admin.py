@@ -22,8 +22,7 @@ from sluice.control.admin import REDACTED, admin_token, redact
 from sluice.control.config import parse
 from sluice.errors import ConfigError
 
-from .proc import Running, ThreadOrigin, curl, free_port, sluice
-from .test_reload_process import wait_until
+from .proc import Running, ThreadOrigin, curl, free_port, poll, sluice
 
 TOKEN = "t0ken-for-tests"
 
@@ -254,7 +253,7 @@ def test_mutations_need_the_token_and_refusals_are_logged(tmp_path):
             assert r.stdout.startswith("HTTP/1.1 401") and '"wrong token"' in r.stdout
         r = httpx.post(f"{admin}/log-level", json={"level": "debug"}, headers=bearer(TOKEN[:-1] + "X"))
         assert r.status_code == 401
-        wait_until(lambda: len(events(proxy, "admin unauthorized")) == 7, what="7 refusals logged")
+        poll(lambda: len(events(proxy, "admin unauthorized")) == 7, what="7 refusals logged")
         refused = events(proxy, "admin unauthorized")
         assert {e["path"] for e in refused} == {"/reload", "/drain", "/log-level"}
         assert all(e["level"] == "warning" and e["client"].startswith("127.0.0.1:") for e in refused)
@@ -284,12 +283,12 @@ def test_mutations_need_the_token_and_refusals_are_logged(tmp_path):
         host, port = admin.removeprefix("http://").rsplit(":", 1)
         held = [socket.create_connection((host, int(port))) for _ in range(64)]
         try:
-            wait_until(lambda: curl(f"{admin}/live").returncode == 52, what="the 65th connection closed (curl: 52)")
+            poll(lambda: curl(f"{admin}/live").returncode == 52, what="the 65th connection closed (curl: 52)")
             assert events(proxy, "admin connection refused: too many open")
         finally:
             for s in held:
                 s.close()
-        wait_until(lambda: curl(f"{admin}/live").returncode == 0, what="room again")
+        poll(lambda: curl(f"{admin}/live").returncode == 0, what="room again")
         # keep-alive: several requests on one connection
         with httpx.Client() as client:
             assert [client.get(f"{admin}/live").status_code for _ in range(3)] == [200, 200, 200]
@@ -347,7 +346,7 @@ def test_drain_makes_ready_503_lets_the_request_in_flight_finish_and_the_process
             answer = {}
             in_flight = threading.Thread(target=lambda: answer.update(r=httpx.get(proxy.url + "/", timeout=10)))
             in_flight.start()
-            wait_until(lambda: httpx.get(f"{admin}/clusters").json()["clusters"]["app"]["endpoints"][0]
+            poll(lambda: httpx.get(f"{admin}/clusters").json()["clusters"]["app"]["endpoints"][0]
                        ["active_requests"] == 1, what="the request in flight")
             r = httpx.post(f"{admin}/drain", headers=bearer())
             assert r.status_code == 202 and r.json()["draining"] is True
@@ -371,19 +370,19 @@ def test_with_workers_the_admin_runs_in_worker_0_and_mutations_reach_every_worke
                             server='log_level = "error"', port=free_port(), admin_address=f"127.0.0.1:{free_port()}")
         with Running("-c", str(path), "--workers", "2") as proxy:
             admin = "http://" + tomllib.loads(path.read_text())["admin"]["address"]
-            wait_until(lambda: curl(f"{admin}/ready").returncode == 0, what="the admin listener")
+            poll(lambda: curl(f"{admin}/ready").returncode == 0, what="the admin listener")
             assert httpx.get(f"{admin}/live").json()["worker"] == 0
             path.write_text(path.read_text().replace('cluster = "app"', 'cluster = "nope"'))
             r = httpx.post(f"{admin}/reload", headers=bearer(), timeout=15)
             assert r.status_code == 422
-            wait_until(lambda: len(events(proxy, "reload failed")) == 2, what="both workers failed")
+            poll(lambda: len(events(proxy, "reload failed")) == 2, what="both workers failed")
 
             r = httpx.post(f"{admin}/log-level", json={"level": "info"}, headers=bearer())
             assert r.status_code == 200 and r.json()["was"] == "error"
             path.write_text(path.read_text().replace('cluster = "nope"', 'cluster = "app"'))
             r = httpx.post(f"{admin}/reload", headers=bearer(), timeout=15)
             assert r.status_code == 200 and r.json()["outcome"]["ok"] is True
-            wait_until(lambda: len(events(proxy, "config reloaded")) == 2, what="both workers reloaded")
+            poll(lambda: len(events(proxy, "config reloaded")) == 2, what="both workers reloaded")
             assert sorted(e["worker"] for e in events(proxy, "config reloaded")) == [0, 1]
 
             # Worker 0 dies: its replacement (index 0 again) serves the admin listener.
@@ -394,7 +393,7 @@ def test_with_workers_the_admin_runs_in_worker_0_and_mutations_reach_every_worke
                 r = curl(f"{admin}/live")
                 return r.returncode == 0 and json.loads(r.stdout)["pid"] not in (first, proxy.pid)
 
-            wait_until(replaced, what="worker 0's replacement serving the admin listener")
+            poll(replaced, what="worker 0's replacement serving the admin listener")
 
             assert httpx.post(f"{admin}/drain", headers=bearer()).status_code == 202
             assert proxy.proc.wait(15) == 0
@@ -417,6 +416,6 @@ def test_metrics_cover_every_worker_in_the_prometheus_text_format(tmp_path):
                 family = {f.name: f for f in text_string_to_metric_families(text)}["sluice_downstream_requests"]
                 return sum(s.value for s in family.samples if s.name == "sluice_downstream_requests_total")
 
-            wait_until(lambda: served() == 10, what="10 requests counted across the workers")
+            poll(lambda: served() == 10, what="10 requests counted across the workers")
             pids = {line.split()[2] for line in proxy.stderr if "listening on" in line}
             assert len(pids) == 2  # and two workers served

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from .proc import ROOT, Running, children, curl, free_port, sluice
+from .proc import ROOT, Running, children, curl, free_port, poll, sluice
 
 
 def events(proxy: Running, name: str, **fields) -> list[dict]:
@@ -34,16 +34,6 @@ def events(proxy: Running, name: str, **fields) -> list[dict]:
         if event.get("event") == name and all(event.get(k) == v for k, v in fields.items()):
             found.append(event)
     return found
-
-
-def poll(check, timeout: float = 10, what: str = "condition", proxy: Running | None = None):
-    """``check()``'s first truthy value, polled until the deadline (then the proxy's log)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not met within {timeout}s" + (f":\n{''.join(proxy.stderr)}" if proxy else ""))
 
 
 def gone(pid: int) -> bool:

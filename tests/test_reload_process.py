@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from .proc import Running, ThreadOrigin, free_port, sluice
+from .proc import Running, ThreadOrigin, free_port, poll, sluice
 
 
 def write_config(path: Path, port: int, origin: str, *, extra: str = "", server: str = "") -> None:
@@ -32,15 +32,6 @@ def write_config(path: Path, port: int, origin: str, *, extra: str = "", server:
         cluster = "app"
         {extra}
     """))
-
-
-def wait_until(predicate, timeout: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what or predicate}")
 
 
 def answers_from(url: str, body: bytes, n: int = 8) -> bool:
@@ -65,12 +56,12 @@ def test_sighup_reloads_every_worker_and_a_broken_file_keeps_them_serving(tmp_pa
             r = sluice("reload", "-c", str(path), "--pid-file", str(tmp_path / "none.pid"))
             assert r.returncode != 0  # no such pid file: said plainly
             proxy.signal(signal.SIGHUP)
-            wait_until(lambda: answers_from(url, b"new"), what="both workers on the new config")
-            wait_until(lambda: sum("config reloaded" in line for line in proxy.stderr) >= 2,
+            poll(lambda: answers_from(url, b"new"), what="both workers on the new config")
+            poll(lambda: sum("config reloaded" in line for line in proxy.stderr) >= 2,
                        what="a 'config reloaded' event per worker")
             path.write_text(path.read_text().replace('cluster = "app"', 'cluster = "nope"'))
             proxy.signal(signal.SIGHUP)
-            wait_until(lambda: sum("reload failed" in line for line in proxy.stderr) >= 2,
+            poll(lambda: sum("reload failed" in line for line in proxy.stderr) >= 2,
                        what="a 'reload failed' event per worker")
             assert any("routes[0].cluster: unknown cluster 'nope'" in line for line in proxy.stderr)
             assert answers_from(url, b"new")  # still the last good config
@@ -89,12 +80,12 @@ def test_sluice_reload_finds_the_instance_by_its_pid_file(tmp_path):
     url = f"http://127.0.0.1:{port}/"
     try:
         with Running("-c", str(path)):
-            wait_until(pid_file.exists, what="the pid file")
+            poll(pid_file.exists, what="the pid file")
             assert answers_from(url, b"old", 2)
             write_config(path, port, new.address, server=f'pid_file = "{pid_file}"')
             r = sluice("reload", "-c", str(path))
             assert r.returncode == 0, r.stderr
-            wait_until(lambda: answers_from(url, b"new", 2), what="the new config")
+            poll(lambda: answers_from(url, b"new", 2), what="the new config")
     finally:
         old.close()
         new.close()
@@ -113,7 +104,7 @@ def test_a_watched_config_file_reloads_when_it_is_replaced(tmp_path):
             staged = tmp_path / "sluice.toml.new"  # as editors and config management do: write, rename
             write_config(staged, port, new.address, server="watch_config = true")
             staged.rename(path)
-            wait_until(lambda: answers_from(url, b"new", 2), timeout=15, what="the watched change")
+            poll(lambda: answers_from(url, b"new", 2), timeout=15, what="the watched change")
     finally:
         old.close()
         new.close()
@@ -156,7 +147,7 @@ def test_twenty_reloads_under_load_lose_no_request(tmp_path):
                 stop.set()
                 for t in threads:
                     t.join(10)
-            wait_until(lambda: sum("config reloaded" in line for line in proxy.stderr) >= 2,
+            poll(lambda: sum("config reloaded" in line for line in proxy.stderr) >= 2,
                        what="reloads in the log")
             assert proxy.stop() == 0
     finally:
