@@ -88,19 +88,22 @@ class _MemoryIO:
         pass
 
 
-def _app(filters: list[str], codec: str, log_dir: str, access_log: dict | None = None) -> App:
+def _app(filters: list[str], codec: str, log_dir: str, access_log: dict | None = None,
+         settings: dict | None = None) -> App:
+    """The App for ``filters`` (``settings``: other filters' ``[filters.X]`` tables)."""
     config = parse({
         "server": {"http1_codec": codec},
         "listeners": [{"address": "127.0.0.1:0", "filters": filters}],
         "clusters": {"up": {"endpoints": ["127.0.0.1:9"]}},
         "routes": [{"match": {"prefix": "/"}, "cluster": "up"}],
-        "filters": {"access_log": {"path": f"{log_dir}/access.jsonl", "flush_interval": FLUSH, **(access_log or {})}}
-        if "access_log" in filters else {},
+        "filters": {**({"access_log": {"path": f"{log_dir}/access.jsonl", "flush_interval": FLUSH,
+                                        **(access_log or {})}} if "access_log" in filters else {}),
+                    **{name: s for name, s in (settings or {}).items() if name in filters}},
     })
     return App(config, Plugins(None))
 
 
-async def _serve(app: App, n: int) -> float:
+async def _serve(app: App, n: int, request: bytes = REQUEST) -> float:
     """Serve ``n`` requests on one connection; CPU seconds per request."""
     listener = app.listeners[0]
     cluster = app.clusters["up"]
@@ -112,7 +115,7 @@ async def _serve(app: App, n: int) -> float:
     async with trio.open_nursery() as nursery:
         for f in app.filters.values():
             await f.open(nursery)
-        down = _MemoryIO([REQUEST] * n)
+        down = _MemoryIO([request] * n)
         start = time.process_time()
         await listener._exchanges(down, ("127.0.0.1", 40000), ("127.0.0.1", 8080), None)
         metrics.flush()  # (what sluice's flush task does once a second: in the figure)

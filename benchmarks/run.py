@@ -225,6 +225,8 @@ def run_scenario(bench: Bench, scenario: Scenario, targets: list[Target]) -> dic
         return measure_route_scale(scenario)
     if scenario.policy_cost:
         return measure_policy_cost(scenario)
+    if scenario.filter_cost:
+        return measure_filter_cost(bench, scenario)
     chosen = [t for t in targets if applicable(t, scenario)]
     log(f"=== {scenario.name}: {scenario.title} ({', '.join(t.name for t in chosen)})")
     measure = measure_idle if scenario.idle else measure_load
@@ -263,6 +265,18 @@ def measure_policy_cost(scenario: Scenario) -> dict[str, dict]:
     log(f"{scenario.name}:\n{measured['table']}")
     return {f"{name} @ {size}": {"status": "ok", "summary": {"rps": 1e9 / ns, "errors": 0}}
             for name, row in measured["rows"].items() for size, ns in row.items()}
+
+
+def measure_filter_cost(bench: Bench, scenario: Scenario) -> dict[str, dict]:
+    import filter_cost  # sluice's own listener over memory, in this process: no servers
+
+    log(f"=== {scenario.name}: {scenario.title}")
+    added = filter_cost.measure(["access_log", "api_key", "basic"], bench.args.repeats, 10_000)
+    base = added.pop("router")
+    log(f"{scenario.name}: router alone {base:.1f} us; "
+        + ", ".join(f"{name} +{us:.1f} us" for name, us in added.items()))
+    return {name: {"status": "ok", "summary": {"rps": 1e6 / max(us, 0.01), "errors": 0}}
+            for name, us in added.items()}
 
 
 def available_targets(args: argparse.Namespace) -> tuple[list[Target], dict[str, str]]:

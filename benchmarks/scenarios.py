@@ -40,6 +40,7 @@ class Scenario:
     grpc: bool = False  # grpc_unary.py's own targets and client instead of wrk (connections: calls in flight)
     route_scale: bool = False  # route_scale.py's pure-Python timing of route matching: no targets, no traffic
     policy_cost: bool = False  # policy_cost.py's pure-Python timing of one balancer pick: no targets, no traffic
+    filter_cost: bool = False  # filter_cost.py: what each built-in filter adds to a request, no sockets
 
     @property
     def payload_bytes(self) -> int:
@@ -77,5 +78,8 @@ SCENARIOS = {s.name: s for s in (
     # One balancer pick per policy (issue 8): the req/s column is picks/s of the policy alone.
     Scenario("policy-cost", "one pick of each balancing policy at 3, 10 and 100 endpoints, pure Python "
              "(req/s: picks/s)", policy_cost=True),
+    # What each built-in filter adds to a proxied request (issue 10): req/s is 1e6 / the added us.
+    Scenario("filter-cost", "what each built-in filter adds to one proxied request, sluice's Python "
+             "without sockets (req/s: 1e6 / added us)", filter_cost=True),
 )}
 QUICK = ("small", "newconn", "1m", "upload")
