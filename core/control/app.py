@@ -23,6 +23,7 @@ from ..errors import ConfigError
 from ..protocol.http1 import select
 from ..proxy.chain import Chain
 from ..proxy.filters import Filter
+from ..proxy.ordering import check_order
 from ..proxy.header_edits import HeaderEdits, check_ops
 from ..upstream.cluster import Breaker, Cluster, Endpoint, Outlier
 from ..upstream.health import HealthCheck, run_checks
@@ -201,6 +202,7 @@ class App:
             if name in cfg.filters[:j]:
                 raise ConfigError(f"{where}.filters[{j}]: {name!r} is already in this chain")
         chain = Chain([self.filter(n, f"{where}.filters[{j}]") for j, n in enumerate(cfg.filters)])
+        check_order([type(f) for f in chain.filters], f"{where}.filters")
         transport = None if cfg.tls is None else self._transport("server", cfg.tls, f"{where}.tls")
         if transport is not None and cfg.http2.enabled:
             transport.offer(["h2", "http/1.1"])  # ALPN: h2 first (RFC 9113 3.2)

@@ -57,6 +57,10 @@ Two optional roles:
   sequence is its chain's route resolver (the router): ``ctx.route`` asks
   it, so filters before it can read per-route settings, and a route's
   ``filters = { name = { disabled = true } }`` skips that filter.
+
+Ordering: ``before``/``after`` (names of other filters) and ``first``/
+``last`` declare where a filter must sit in a chain; a chain that breaks
+them, or declarations that form a cycle, is a startup error.
 """
 
 from __future__ import annotations
@@ -116,6 +120,13 @@ class Filter:
 
     name: ClassVar[str] = ""
     Config: ClassVar[type[FilterConfig]] = FilterConfig
+    # Ordering constraints, validated per chain at startup and by ``sluice
+    # check`` (never reordered: see ``sluice.proxy.ordering``). Names absent
+    # from the chain constrain nothing.
+    before: ClassVar[tuple[str, ...]] = ()
+    after: ClassVar[tuple[str, ...]] = ()
+    first: ClassVar[bool] = False
+    last: ClassVar[bool] = False
 
     def __init__(self, config: FilterConfig) -> None:
         self.config = config
