@@ -80,3 +80,60 @@ def test_a_cycle_among_declarations_prints_the_cycle():
     cycle = message.split("ordering cycle: ")[1].split(" (")[0].split(" -> ")
     assert cycle[0] == cycle[-1] and set(cycle) == {"'cache'", "'router'", "'loop'"}
 
+
+
+# -- load-time errors name the plugin and its distribution --------------------
+
+
+def load_error(plugin) -> str:
+    with pytest.raises(ConfigError) as info:
+        Plugins(["router"], extra={"mine": plugin})
+    return str(info.value)
+
+
+def test_a_filter_without_a_name_names_the_plugin():
+    class Nameless(Filter):
+        pass
+
+    assert load_error(InProcess(Nameless)).startswith("plugin 'mine' ((in-process)): ")
+    assert "has no name" in load_error(InProcess(Nameless))
+
+
+def test_two_filters_of_one_plugin_with_one_name_is_an_error():
+    class A(Filter):
+        name = "twin"
+
+    class B(Filter):
+        name = "twin"
+
+    assert load_error(InProcess(A, B)) == "plugin 'mine' ((in-process)): it offers two of sluice_filters() named 'twin'"
+
+
+def test_a_config_that_is_not_a_model_is_an_error():
+    class Odd(Filter):
+        name = "odd"
+        Config = dict
+
+    assert load_error(InProcess(Odd)) == (
+        "plugin 'mine' ((in-process)): filter 'odd': Config <class 'dict'> is not a pydantic model "
+        "(subclass sluice.FilterConfig)")
+
+
+def test_ordering_given_as_a_string_is_an_error():
+    class Sloppy(Filter):
+        name = "sloppy"
+        before = "router"
+
+    assert load_error(InProcess(Sloppy)) == (
+        "plugin 'mine' ((in-process)): filter 'sloppy': before must be a tuple of filter names, not 'router'")
+
+
+def test_a_hook_that_raises_at_load_names_the_plugin():
+    from sluice import hookimpl
+
+    class Broken:
+        @hookimpl
+        def sluice_filters(self):
+            raise RuntimeError("boom")
+
+    assert load_error(Broken()) == "plugin 'mine' ((in-process)): sluice_filters() failed: RuntimeError('boom')"

@@ -15,9 +15,11 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 import pluggy
+from pydantic import BaseModel
 
 from .. import hookspecs
 from ..errors import ConfigError
+from ..proxy.filters import Filter
 
 __all__ = ["GROUP", "PluginInfo", "Plugins", "discover"]
 
@@ -59,6 +61,22 @@ _KINDS = {
     "balancers": "sluice_balancers",
     "transports": "sluice_transports",
 }
+
+
+def _check_filter_class(cls: Any, where: str) -> None:
+    """A filter class's contract, checked at load so a plugin's mistake is an
+    error naming it rather than a failure on some later request."""
+    if not (isinstance(cls, type) and issubclass(cls, Filter)):
+        raise ConfigError(f"{where}: filter {cls!r} is not a sluice.Filter subclass")
+    config = getattr(cls, "Config", None)
+    if not (isinstance(config, type) and issubclass(config, BaseModel)):
+        raise ConfigError(f"{where}: filter {cls.name!r}: Config {config!r} is not a pydantic model "
+                          "(subclass sluice.FilterConfig)")
+    for attr in ("before", "after"):
+        value = getattr(cls, attr)
+        if not (isinstance(value, tuple) and all(isinstance(v, str) for v in value)):
+            raise ConfigError(f"{where}: filter {cls.name!r}: {attr} must be a tuple of filter names, "
+                              f"not {value!r}")
 
 
 class Plugins:
@@ -107,9 +125,18 @@ class Plugins:
             for impl in getattr(self.pm.hook, hook).get_hookimpls():
                 if impl.plugin_name != name:
                     continue
-                for cls in impl.function() or ():
+                where = f"plugin {name!r} ({dist})"
+                try:
+                    provided = list(impl.function() or ())
+                except Exception as exc:
+                    raise ConfigError(f"{where}: {hook}() failed: {exc!r}") from exc
+                for cls in provided:
                     if not getattr(cls, "name", ""):
-                        raise ConfigError(f"plugin {name!r}: {cls!r} has no name")
+                        raise ConfigError(f"{where}: {cls!r} has no name")
+                    if cls.name in getattr(info, kind):
+                        raise ConfigError(f"{where}: it offers two of {hook}() named {cls.name!r}")
+                    if kind == "filters":
+                        _check_filter_class(cls, where)
                     getattr(info, kind)[cls.name] = cls
         self.loaded[name] = info
 
