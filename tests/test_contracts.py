@@ -137,3 +137,34 @@ def test_a_hook_that_raises_at_load_names_the_plugin():
             raise RuntimeError("boom")
 
     assert load_error(Broken()) == "plugin 'mine' ((in-process)): sluice_filters() failed: RuntimeError('boom')"
+
+
+# -- per-route filter settings -------------------------------------------------
+
+
+def route_error(filters: dict) -> str:
+    cfg = config("127.0.0.1:9", routes=[{"match": {"prefix": "/"}, "cluster": "backend", "filters": filters}])
+    with pytest.raises(ConfigError) as info:
+        App(parse(cfg), Plugins(["router", "balancer", "auth"]))
+    return str(info.value)
+
+
+def test_a_misspelt_filter_at_route_level_is_an_error_by_key_path():
+    assert route_error({"api_kye": {"disabled": True}}).startswith(
+        "routes[0].filters.api_kye: unknown filter 'api_kye'; available: ")
+
+
+def test_an_unknown_per_route_key_is_an_error_by_key_path():
+    assert "routes[0].filters.api_key.disabld" in route_error({"api_key": {"disabld": True}})
+
+
+def test_disabled_must_be_a_bool():
+    assert route_error({"api_key": {"disabled": "yes"}}) == (
+        "routes[0].filters.api_key.disabled: expected true or false, got 'yes'")
+
+
+def test_disabled_on_a_known_filter_builds():
+    cfg = config("127.0.0.1:9", routes=[{"match": {"prefix": "/"}, "cluster": "backend",
+                                         "filters": {"api_key": {"disabled": True}}}])
+    app = App(parse(cfg), Plugins(["router", "balancer", "auth"]))
+    assert app.listeners[0].chain.names() == ["router"]

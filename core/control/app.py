@@ -98,8 +98,26 @@ class App:
             if name not in self.filters:  # checked all the same (``sluice check``, a reload)
                 cls = plugins.filters[name][0]
                 cls.check(validate(cls.Config, settings, f"filters.{name}"), self)
+        self._check_route_filters()
 
     # -- building ------------------------------------------------------------
+
+    def _check_route_filters(self) -> None:
+        """A route's per-filter settings name a filter some plugin provides and
+        pass its ``RouteConfig`` (``disabled`` aside), so a typo fails
+        ``sluice check`` instead of being ignored on every request."""
+        for i, route in enumerate(self.config.routes):
+            settings = route.get("filters") if isinstance(route, dict) else None
+            for name, data in (settings if isinstance(settings, dict) else {}).items():
+                where = f"routes[{i}].filters.{name}"
+                if name not in self.plugins.filters:
+                    raise self.plugins.missing("filters", name, where)
+                if not isinstance(data, dict):
+                    raise ConfigError(f"{where}: expected a table of settings, got {data!r}")
+                if not isinstance(data.get("disabled", False), bool):
+                    raise ConfigError(f"{where}.disabled: expected true or false, got {data['disabled']!r}")
+                cls = self.plugins.filters[name][0]
+                validate(cls.RouteConfig, {k: v for k, v in data.items() if k != "disabled"}, where)
 
     def _cluster(self, name: str, cfg) -> Cluster:
         where = f"clusters.{name}"

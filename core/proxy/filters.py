@@ -56,7 +56,9 @@ Two optional roles:
 - A filter defining ``resolve_route(ctx) -> Route | None`` and a ``routes``
   sequence is its chain's route resolver (the router): ``ctx.route`` asks
   it, so filters before it can read per-route settings, and a route's
-  ``filters = { name = { disabled = true } }`` skips that filter.
+  ``filters = { name = { disabled = true } }`` skips that filter. Other
+  per-route keys are checked at load against the filter's ``RouteConfig``;
+  an unknown filter name there is an error by key path.
 
 Ordering: ``before``/``after`` (names of other filters) and ``first``/
 ``last`` declare where a filter must sit in a chain; a chain that breaks
@@ -123,6 +125,10 @@ class Filter:
     # Ordering constraints, validated per chain at startup and by ``sluice
     # check`` (never reordered: see ``sluice.proxy.ordering``). Names absent
     # from the chain constrain nothing.
+    # Per-route settings (a route's ``filters = { name = {...} }``), checked
+    # at load against this model; ``disabled = true`` is accepted for every
+    # filter besides. Default: no per-route keys of its own.
+    RouteConfig: ClassVar[type[FilterConfig]] = FilterConfig
     before: ClassVar[tuple[str, ...]] = ()
     after: ClassVar[tuple[str, ...]] = ()
     first: ClassVar[bool] = False
