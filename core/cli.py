@@ -405,6 +405,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     for name, cluster in app.clusters.items():
         eps = ", ".join(f"{e.address}" + (f" w={e.weight}" if e.weight != 1 else "") for e in cluster.endpoints)
         print(f"cluster {name}: {type(cluster.balancer).name} -> {eps}")
+    for warning in app.warnings:
+        print(f"warning: {warning}")
     return 0
 
 

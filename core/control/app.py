@@ -22,7 +22,7 @@ from ..edge.watchdog import Watchdog
 from ..errors import ConfigError
 from ..protocol.http1 import select
 from ..proxy.chain import Chain
-from ..proxy.filters import Filter
+from ..proxy.filters import PHASES, Filter, overrides
 from ..proxy.ordering import check_order
 from ..proxy.header_edits import HeaderEdits, check_ops
 from ..upstream.cluster import Breaker, Cluster, Endpoint, Outlier
@@ -99,8 +99,23 @@ class App:
                 cls = plugins.filters[name][0]
                 cls.check(validate(cls.Config, settings, f"filters.{name}"), self)
         self._check_route_filters()
+        self.warnings = self._warnings()
 
     # -- building ------------------------------------------------------------
+
+    def _warnings(self) -> list[str]:
+        """What is legal but likely a mistake: ``sluice check`` prints these,
+        a worker logs them (``config warning``) as it starts."""
+        out = []
+        for i, listener in enumerate(self.listeners):
+            if listener.chain.resolver is None:
+                out.append(f"listeners[{i}]: no router in its chain: every request gets 404")
+        for name in self.config.filters:
+            cls = self.plugins.filters[name][0]
+            in_chain = any(overrides(cls, p) for p in PHASES)  # a hooks-only plugin needs no chain
+            if name not in self.filters and in_chain:
+                out.append(f"filters.{name}: settings for a filter that no listener's chain uses")
+        return out
 
     def _check_route_filters(self) -> None:
         """A route's per-filter settings name a filter some plugin provides and
@@ -216,6 +231,9 @@ class App:
             if (other.name or other.address) == name and (cfg.name or not name.endswith(":0")):
                 raise ConfigError(f"{where}.name: {name!r} names listeners[{j}] already; "
                                   "give each listener a name of its own")
+        for j, other in enumerate(self.config.listeners[:i]):
+            if other.address == cfg.address and not cfg.address.endswith(":0"):
+                raise ConfigError(f"{where}.address: {cfg.address!r} is listeners[{j}]'s address already")
         for j, name in enumerate(cfg.filters):
             if name in cfg.filters[:j]:
                 raise ConfigError(f"{where}.filters[{j}]: {name!r} is already in this chain")
@@ -273,6 +291,8 @@ class App:
                 for listener, sock in zip(self.listeners, sockets, strict=True):
                     await self.serve(listener, sock)
                 task_status.started(self.addresses)
+                for warning in self.warnings:
+                    log.warning("config warning", worker=self.worker_index, warning=warning)
                 log.info("started", worker=self.worker_index, codec=self.codec.name,
                          listeners={x.name: self._urls[x] for x in self.listeners},
                          chains={x.name: x.chain.names() for x in self.listeners})

@@ -193,6 +193,8 @@ RESPONSE_PHASES = ("on_response_headers", "on_response_body", "on_response_trail
 PHASES = (*REQUEST_PHASES, *RESPONSE_PHASES, "on_complete")
 
 
-def overrides(filter_: Filter, phase: str) -> bool:
-    """Whether the filter's class replaces the base no-op for ``phase``."""
-    return getattr(type(filter_), phase) is not getattr(Filter, phase)
+def overrides(filter_: Filter | type[Filter], phase: str) -> bool:
+    """Whether the filter's class (or the class given) replaces the base
+    no-op for ``phase``."""
+    cls = filter_ if isinstance(filter_, type) else type(filter_)
+    return getattr(cls, phase) is not getattr(Filter, phase)

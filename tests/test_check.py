@@ -1,0 +1,60 @@
+"""sluice check: warnings for what is legal but likely a mistake, and listener address clashes."""
+
+from __future__ import annotations
+
+import textwrap
+
+from .proc import sluice
+
+
+def check(tmp_path, text: str):
+    path = tmp_path / "sluice.toml"
+    path.write_text(textwrap.dedent(text))
+    return sluice("check", str(path))
+
+
+def test_a_listener_without_a_router_is_reported(tmp_path):
+    r = check(tmp_path, """
+        [[listeners]]
+        address = "127.0.0.1:8080"
+        filters = ["access_log"]
+    """)
+    assert r.returncode == 0, r.stderr
+    assert "warning: listeners[0]: no router in its chain: every request gets 404" in r.stdout.splitlines()
+
+
+def test_settings_for_a_filter_no_chain_uses_are_a_warning(tmp_path):
+    r = check(tmp_path, """
+        [[listeners]]
+        address = "127.0.0.1:8080"
+        filters = ["router"]
+
+        [filters.api_key]
+        keys = { ci = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa" }
+    """)
+    assert r.returncode == 0, r.stderr
+    assert "warning: filters.api_key: settings for a filter that no listener's chain uses" in r.stdout.splitlines()
+
+
+def test_a_router_chain_with_used_settings_has_no_warning(tmp_path):
+    r = check(tmp_path, """
+        [[listeners]]
+        address = "127.0.0.1:8080"
+        filters = ["router"]
+    """)
+    assert r.returncode == 0, r.stderr
+    assert "warning" not in r.stdout
+
+
+def test_two_listeners_on_one_address_is_an_error(tmp_path):
+    r = check(tmp_path, """
+        [[listeners]]
+        name = "a"
+        address = "127.0.0.1:8080"
+
+        [[listeners]]
+        name = "b"
+        address = "127.0.0.1:8080"
+    """)
+    assert r.returncode == 2
+    assert "listeners[1].address: '127.0.0.1:8080' is listeners[0]'s address already" in r.stderr
