@@ -176,6 +176,19 @@ class Bodies(FilterConfig):
     redact: list[str] = []  # regular expressions; a group's text (else the match) becomes ***
 
 
+def _unwritable(path: str) -> str | None:
+    """Why ``path`` could not be opened for appending, or None; asks the
+    filesystem without creating the file, so ``sluice check`` writes nothing."""
+    if os.path.isdir(path):
+        return "Is a directory"
+    if os.path.exists(path):
+        return None if os.access(path, os.W_OK) else "Permission denied"
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        return "No such file or directory"
+    return None if os.access(parent, os.W_OK | os.X_OK) else "Permission denied"
+
+
 class AccessLog(Filter):
     """One line per request (JSON or a template), rendered by a format
     compiled at load, written off the event loop."""
@@ -204,10 +217,9 @@ class AccessLog(Filter):
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         if config.path is not None:  # fail at validation, before any socket opens
-            try:
-                open(config.path, "a", encoding="utf-8").close()  # noqa: SIM115
-            except OSError as exc:
-                raise ConfigError(f"filters.access_log.path: cannot write {config.path}: {exc.strerror}") from None
+            problem = _unwritable(config.path)
+            if problem:
+                raise ConfigError(f"filters.access_log.path: cannot write {config.path}: {problem}")
         self._captures = _captures(config)
         self._redact = _redactions(config.bodies.redact)
         catalog = build_catalog(lambda ctx: ctx.state(self), self._body)

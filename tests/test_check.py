@@ -58,3 +58,30 @@ def test_two_listeners_on_one_address_is_an_error(tmp_path):
     """)
     assert r.returncode == 2
     assert "listeners[1].address: '127.0.0.1:8080' is listeners[0]'s address already" in r.stderr
+
+
+def test_check_creates_no_files(tmp_path):
+    (tmp_path / "logs").mkdir()
+    r = check(tmp_path, f"""
+        [[listeners]]
+        address = "127.0.0.1:8080"
+        filters = ["router", "access_log"]
+
+        [filters.access_log]
+        path = "{tmp_path}/logs/access.jsonl"
+    """)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["logs", "sluice.toml"]
+
+
+def test_check_still_refuses_an_access_log_in_a_missing_directory(tmp_path):
+    r = check(tmp_path, f"""
+        [[listeners]]
+        address = "127.0.0.1:8080"
+        filters = ["router", "access_log"]
+
+        [filters.access_log]
+        path = "{tmp_path}/nowhere/access.jsonl"
+    """)
+    assert r.returncode == 2
+    assert f"filters.access_log.path: cannot write {tmp_path}/nowhere/access.jsonl: No such file or directory" in r.stderr
