@@ -397,7 +397,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         if not listener.chain.filters:
             print("  (no filters: every request gets 404)")
         for i, f in enumerate(listener.chain.filters, 1):
-            phases = [p.removeprefix("on_") for p in PHASES if overrides(f, p)]
+            phases = _phases(f)
             print(f"  {i}. {f.name} [{', '.join(phases)}]")
         if listener.chain.resolver is not None:
             for route in getattr(listener.chain.resolver.__self__, "routes", ()):
@@ -437,6 +437,11 @@ def _describe_model(model: Any, indent: str) -> list[str]:
     return [f"{indent}({own_doc.strip() if own_doc else 'no settings'})"]
 
 
+def _phases(filter_: Any) -> list[str]:
+    """The phases a filter (instance or class) implements, short names."""
+    return [p.removeprefix("on_") for p in PHASES if overrides(filter_, p)]
+
+
 def _summary(cls: type) -> str:
     doc = cls.__dict__.get("__doc__")
     return ": " + doc.strip().splitlines()[0] if doc else ""
@@ -445,10 +450,18 @@ def _summary(cls: type) -> str:
 def cmd_plugins(args: argparse.Namespace) -> int:
     plugins = Plugins()
     for name, info in plugins.loaded.items():
-        print(f"{name}  ({info.dist}, {plugins.available[name].value})")
+        print(f"{name}  ({info.dist}, {plugins.available[name].value}){_summary(info.module)}")
         for cls in info.filters.values():
             print(f"  filter {cls.name}{_summary(cls)}")
+            print(f"    phases: {', '.join(_phases(cls)) or '(none: hooks only)'}")
+            order = [f"{a} {', '.join(getattr(cls, a))}" for a in ("before", "after") if getattr(cls, a)]
+            order += [a for a in ("first", "last") if getattr(cls, a)]
+            if order:
+                print(f"    order: {'; '.join(order)}")
             print("\n".join(_describe_model(cls.Config, "    ")))
+            if cls.RouteConfig.model_fields:
+                print("    per-route settings:")
+                print("\n".join(_describe_model(cls.RouteConfig, "      ")))
         for cls in info.balancers.values():
             print(f"  policy {cls.name}{_summary(cls)}")
             print("\n".join(_describe_model(cls.Config, "    ")))

@@ -85,3 +85,14 @@ def test_check_still_refuses_an_access_log_in_a_missing_directory(tmp_path):
     """)
     assert r.returncode == 2
     assert f"filters.access_log.path: cannot write {tmp_path}/nowhere/access.jsonl: No such file or directory" in r.stderr
+
+
+def test_plugins_shows_each_plugin_description_and_each_filter_phases():
+    r = sluice("plugins")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "auth  (sluice, sluice.plugins.auth): Plugin ``auth``: the ``api_key`` and ``basic`` filters." in lines
+    i = lines.index("  filter api_key: Admits requests that carry a known API key (keys stored as SHA-256).")
+    assert lines[i + 1] == "    phases: request_headers"
+    j = lines.index("  filter alerts: Alerting rules and their webhook (README, Operating sluice, Alerts).")
+    assert lines[j + 1] == "    phases: (none: hooks only)"
