@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import httpx
 import pytest
+from structlog.testing import capture_logs
 
 from sluice import ConfigError, Filter
 from sluice.control.app import App
 from sluice.control.config import parse
 from sluice.control.registry import Plugins
+from sluice.testing import serve
 
 from .conftest import InProcess, config
 
@@ -168,3 +171,24 @@ def test_disabled_on_a_known_filter_builds():
                                          "filters": {"api_key": {"disabled": True}}}])
     app = App(parse(cfg), Plugins(["router", "balancer", "auth"]))
     assert app.listeners[0].chain.names() == ["router"]
+
+
+# -- the logging helper ---------------------------------------------------------
+
+
+async def test_a_filter_logs_with_the_request_id_and_its_name(start_origin):
+    class Talker(Filter):
+        name = "talker"
+
+        async def on_request_headers(self, ctx, request):
+            self.log(ctx).info("talked", path=request.target)
+
+    origin = await start_origin()
+    async with serve(config(origin.address, filters=["talker", "router"]), plugins=["router", "balancer"],
+                     extra={"mine": InProcess(Talker)}) as proxy:
+        with capture_logs() as logs:
+            async with httpx.AsyncClient() as client:
+                r = await client.get(proxy.url + "/x")
+    talked = [e for e in logs if e["event"] == "talked"]
+    assert len(talked) == 1 and talked[0]["filter"] == "talker" and talked[0]["path"] == "/x"
+    assert talked[0]["request_id"] and talked[0]["request_id"] == r.headers.get("x-request-id", talked[0]["request_id"])

@@ -70,11 +70,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import structlog
 from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
     from ..messages import Headers, Request, Response
     from .context import Context
+
+_log = structlog.get_logger("sluice.filter")
 
 __all__ = ["CONTINUE", "Continue", "Filter", "FilterConfig", "LocalReply", "PHASES"]
 
@@ -159,6 +162,11 @@ class Filter:
 
     async def close(self) -> None:
         """Called once after the listener has drained."""
+
+    def log(self, ctx: Context) -> Any:
+        """A structlog logger bound to this request and filter: events it logs
+        carry ``request_id`` and ``filter`` (``self.log(ctx).info("denied")``)."""
+        return _log.bind(request_id=ctx.request_id, filter=self.name)
 
     def new_state(self) -> Any:
         """Per-request state for this filter, made on first ``ctx.state(self)``."""
