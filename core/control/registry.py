@@ -86,7 +86,8 @@ class Plugins:
         """Load the ``enabled`` plugins (all when None), then ``extra`` ones.
 
         ``extra`` maps names to plugin objects registered in-process, without
-        an entry point: for embedding and for tests (``sluice.testing``).
+        an entry point: for embedding and for tests (``sluice.testing``). An
+        extra name that is also installed replaces the installed plugin.
         """
         self.available = discover()
         names = list(self.available) if enabled is None else enabled
@@ -99,9 +100,14 @@ class Plugins:
         self.pm = pluggy.PluginManager(GROUP)
         self.pm.add_hookspecs(hookspecs)
         self.loaded: dict[str, PluginInfo] = {}
+        extra = extra or {}
+        # An in-process object given by the caller replaces the installed
+        # plugin of that name (a test of a plugin that is also installed),
+        # so the entry point is not loaded and nothing registers twice.
         for name in dict.fromkeys(names):
-            self._load(name, self.available[name])
-        for name, obj in (extra or {}).items():
+            if name not in extra:
+                self._load(name, self.available[name])
+        for name, obj in extra.items():
             self._register(name, obj, "(in-process)")
         # name -> (class, plugin name), merged with clash detection
         self.filters = self._merge("filters")
