@@ -192,3 +192,21 @@ async def test_a_filter_logs_with_the_request_id_and_its_name(start_origin):
     talked = [e for e in logs if e["event"] == "talked"]
     assert len(talked) == 1 and talked[0]["filter"] == "talker" and talked[0]["path"] == "/x"
     assert talked[0]["request_id"] and talked[0]["request_id"] == r.headers.get("x-request-id", talked[0]["request_id"])
+
+
+async def test_ctx_timings_mark_connect_first_upstream_byte_and_last_byte(start_origin):
+    seen = {}
+
+    class Watcher(Filter):
+        name = "watcher"
+
+        async def on_complete(self, ctx):
+            seen.update(ctx.timings)
+
+    origin = await start_origin()
+    async with serve(config(origin.address, filters=["watcher", "router"]), plugins=["router", "balancer"],
+                     extra={"mine": InProcess(Watcher)}) as proxy:
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(proxy.url + "/")).status_code == 200
+    assert list(seen) == ["upstream_connected", "upstream_headers", "upstream_done"]
+    assert 0 <= seen["upstream_connected"] <= seen["upstream_headers"] <= seen["upstream_done"]

@@ -283,6 +283,7 @@ async def _proxy(listener: Site, chain: Chain, down: Any, head: RequestHead, ctx
                 deadline = trio.CancelScope()  # armed when the body has been sent
                 nursery.start_soon(_pump_request, listener, chain, down, conn, ctx, deadline, timeout)
                 response = await _response_head(down, conn, deadline, ctx)
+                ctx.mark("upstream_headers")
                 counted = True
                 cluster.report(endpoint, outcome(response), response.status, time.monotonic() - started)
                 await _relay_response(listener, chain, down, conn, ctx, response, timeout)
@@ -294,6 +295,7 @@ async def _proxy(listener: Site, chain: Chain, down: Any, head: RequestHead, ctx
             else:
                 conn, response, started = await retrying(pool, cluster, conn, down, ctx, timeout, body,
                                                           policy)
+            ctx.mark("upstream_headers")
             endpoint = ctx.endpoint  # (a replay or a retry may have gone elsewhere)
             counted = True
             if shadow is not None:
@@ -303,6 +305,7 @@ async def _proxy(listener: Site, chain: Chain, down: Any, head: RequestHead, ctx
                 await _tunnel(listener, chain, down, conn, ctx, response)
             else:
                 await _relay_response(listener, chain, down, conn, ctx, response, timeout)
+        ctx.mark("upstream_done")  # the response's last byte relayed
     except UpstreamError as exc:
         if not counted and exc.flag not in NOT_THE_ENDPOINTS:
             cluster.report(ctx.endpoint, FAILURES.get(exc.flag, RESET), None, time.monotonic() - started)
