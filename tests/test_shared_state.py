@@ -1,0 +1,91 @@
+"""sluice.shared: token buckets and counters shared by forked processes (the workers)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import trio
+
+from sluice.shared import LocalState, local
+
+
+def _hammer(state: LocalState, key: str, seconds: float, w) -> None:
+    allowed = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        allowed += state.take_now(key, 1, 100.0, 50.0)[0]
+    os.write(w, f"{allowed}\n".encode())
+
+
+def _allowed_by(processes: int, seconds: float = 0.5) -> tuple[int, float]:
+    """Total tokens granted for one key (rate 100/s, burst 50) to `processes` forked hammers."""
+    state = LocalState(slots=64)
+    r, w = os.pipe()
+    start = time.monotonic()
+    pids = []
+    for _ in range(processes):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _hammer(state, "10.0.0.1", seconds, w)
+            finally:
+                os._exit(0)
+        pids.append(pid)
+    for pid in pids:
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    elapsed = time.monotonic() - start
+    os.close(w)
+    with os.fdopen(r) as f:
+        return sum(int(line) for line in f), elapsed
+
+
+def test_one_bucket_is_shared_by_forked_processes():
+    for processes in (1, 2):
+        total, elapsed = _allowed_by(processes)
+        # burst + rate × time the hammers ran; not multiplied by the number of processes
+        assert 50 + 100 * 0.5 - 2 <= total <= 50 + 100 * elapsed + 2, (processes, total, elapsed)
+
+
+def test_refused_take_says_when_to_retry():
+    state = LocalState(slots=64)
+    assert trio.run(state.take, "k", 5, 10.0, 5.0) == (True, 0.0)
+    allowed, retry_after = trio.run(state.take, "k", 2, 10.0, 5.0)
+    assert not allowed and 0.1 < retry_after <= 0.2
+    assert trio.run(state.hit, "other", 10.0, 5.0)  # another key has its own bucket
+    assert trio.run(state.take, "k", 6, 10.0, 5.0)[1] == float("inf")  # more than the burst: never
+
+
+def test_counters_and_windows_across_processes():
+    state = LocalState(slots=64)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            for _ in range(100):
+                state.incr_now("requests")
+        finally:
+            os._exit(0)
+    for _ in range(100):
+        state.incr_now("requests")
+    os.waitpid(pid, 0)
+    assert trio.run(state.incr, "requests", 0) == 200
+    assert state.incr_now("w", 3, window=3600) == 3
+    assert state.incr_now("w", 1, window=3600) in (4, 1)  # 1 only if an hour boundary just passed
+    assert state.incr_now("w", 1, window=1e-6) == 1  # a new window each microsecond: it starts again
+
+
+def test_a_full_table_evicts_the_least_recently_used_never_fails():
+    state = LocalState(slots=8)
+    for i in range(100):
+        assert state.take_now(f"client-{i}", 1, 1.0, 1.0) == (True, 0.0)
+    assert state.evictions() == 92
+    assert state.take_now("client-99", 1, 1.0, 1.0)[0] is False  # the newest entries stay
+
+
+def test_local_is_one_table_for_the_instance():
+    assert local() is local()
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if local().incr_now("test-local") >= 1 else 1)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    assert local().incr_now("test-local") == 2
