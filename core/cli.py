@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 import structlog
 import trio
 
-from . import metrics
+from . import metrics, shared
 from .control import pidfile
 from .control.app import App, maybe_await
 from .control.config import Config, load, parse
@@ -339,6 +339,7 @@ async def _reopen_logs(app: App) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     metrics.prepare_multiprocess()  # before a plugin imports prometheus_client, before workers fork
+    shared.local()  # its table is mapped at import, before workers fork: they all share it
     run = _build_run(args)
     configure(run.log_level)
     if run.stale_pid is not None:
