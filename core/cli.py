@@ -28,6 +28,7 @@ import os
 import signal
 import socket
 import sys
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
@@ -79,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="one-line mode: an upstream (http://host:port or https://host:port); repeat for more")
     run.add_argument("--plugins", help="comma-separated plugins to enable; in one-line mode also the chain order"
                      f" (default {DEFAULT_PLUGINS})")
+    run.add_argument("--set", action="append", default=[], metavar="filters.NAME.KEY=VALUE", dest="settings",
+                     help="one-line mode: a filter setting (VALUE as TOML, else a string); repeat for more")
     run.add_argument("--workers", type=_positive, help="worker processes sharing the port (SO_REUSEPORT)")
     run.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
     run.add_argument("--http2", action="store_true",
@@ -128,8 +131,28 @@ def _upstream_endpoint(url: str) -> tuple[str, bool]:
     return f"{host}:{port}", tls
 
 
+def _settings(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``--set filters.NAME.KEY=VALUE`` as ``{NAME: {KEY: value}}``; VALUE is
+    read as TOML (``5``, ``true``, ``["a"]``), else kept as a string."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        parts = key.split(".")
+        if not sep or len(parts) < 3 or parts[0] != "filters" or not all(parts):
+            raise ConfigError(f"--set {item}: expected filters.NAME.KEY=VALUE")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        table = out.setdefault(parts[1], {})
+        for part in parts[2:-1]:
+            table = table.setdefault(part, {})
+        table[parts[-1]] = value
+    return out
+
+
 def one_line_config(listen: str, upstreams: list[str], plugins: Plugins, order: list[str],
-                    http2: bool = False) -> Config:
+                    http2: bool = False, settings: dict[str, Any] | None = None) -> Config:
     """The config ``--listen/--upstream/--plugins`` (and ``--http2``) stand for."""
     endpoints = [_upstream_endpoint(u) for u in upstreams]
     if len({tls for _, tls in endpoints}) > 1:
@@ -143,6 +166,7 @@ def one_line_config(listen: str, upstreams: list[str], plugins: Plugins, order: 
             "listeners": [{"address": listen, "filters": filters, "http2": http2}],
             "clusters": {"default": cluster},
             "routes": [{"match": {"prefix": "/"}, "cluster": "default"}],
+            "filters": settings or {},
         }
     )
 
@@ -161,8 +185,8 @@ class _Run:
 
 
 def _build_run(args: argparse.Namespace) -> _Run:
-    if args.config and (args.listen or args.upstream or args.http2):
-        raise ConfigError("-c cannot be combined with --listen/--upstream/--http2 (set http2 in the file)")
+    if args.config and (args.listen or args.upstream or args.http2 or args.settings):
+        raise ConfigError("-c cannot be combined with --listen/--upstream/--http2/--set (set them in the file)")
     if args.config:
         config = _with_codec(load(args.config), args.http1_codec)
         pid_file = args.pid_file or config.server.pid_file
@@ -181,17 +205,19 @@ def _build_run(args: argparse.Namespace) -> _Run:
     plugins = Plugins(order)
     listen = args.listen or DEFAULT_LISTEN
     workers = args.workers or 1
+    settings = _settings(args.settings)
     if args.upstream:
-        config = _with_codec(one_line_config(listen, args.upstream, plugins, order, args.http2),
+        config = _with_codec(one_line_config(listen, args.upstream, plugins, order, args.http2, settings),
                              args.http1_codec)
         config, reserved = _reserve(config, workers)
         return _Run(App(config, plugins), workers, args.log_level or "info", reserved, args.pid_file, stale)
     # The embedded default: validated now with a placeholder endpoint so a
     # plugin problem fails before anything listens; each worker then starts
     # the demo origin and points the cluster at it.
-    config, reserved = _reserve(one_line_config(listen, ["127.0.0.1:9"], plugins, order, args.http2), workers)
+    config, reserved = _reserve(one_line_config(listen, ["127.0.0.1:9"], plugins, order, args.http2, settings),
+                                workers)
     App(_with_codec(config, args.http1_codec), plugins)
-    demo = _Demo(config.listeners[0].address, plugins, order, args.http1_codec, args.http2)
+    demo = _Demo(config.listeners[0].address, plugins, order, args.http1_codec, args.http2, settings)
     return _Run(demo, workers, args.log_level or "info", reserved, args.pid_file, stale)
 
 
@@ -272,6 +298,7 @@ class _Demo:
     order: list[str]
     codec: str | None = None
     http2: bool = False
+    settings: dict[str, Any] | None = None
 
 
 async def _serve(target: App | _Demo, reuse_port: bool, ready, index: int = 0) -> None:
@@ -283,7 +310,8 @@ async def _serve(target: App | _Demo, reuse_port: bool, ready, index: int = 0) -
 
             upstream = await nursery.start(serve_demo)
             print(f"sluice: demo upstream on http://{upstream}", file=sys.stderr, flush=True)
-            config = one_line_config(target.listen, [upstream], target.plugins, target.order, target.http2)
+            config = one_line_config(target.listen, [upstream], target.plugins, target.order, target.http2,
+                                     target.settings)
             target = App(_with_codec(config, target.codec), target.plugins)
         app = target
         app.worker_index = index

@@ -96,3 +96,28 @@ def test_plugins_shows_each_plugin_description_and_each_filter_phases():
     assert lines[i + 1] == "    phases: request_headers"
     j = lines.index("  filter alerts: Alerting rules and their webhook (README, Operating sluice, Alerts).")
     assert lines[j + 1] == "    phases: (none: hooks only)"
+
+
+# -- one-line mode: --set filters.NAME.KEY=VALUE --------------------------------
+
+
+def test_set_gives_a_filter_setting_in_one_line_mode(tmp_path):
+    from .proc import Running, curl, free_port
+
+    log = tmp_path / "access.log"
+    port = free_port()
+    with Running("--listen", f"127.0.0.1:{port}", "--plugins", "router,balancer,access_log",
+                 "--set", f"filters.access_log.path={log}", "--set", "filters.access_log.format=text",
+                 "--set", "filters.access_log.flush_interval=0.01") as proxy:
+        assert curl(f"http://127.0.0.1:{port}/via-set").returncode == 0
+        assert proxy.stop() == 0
+    text = log.read_text()
+    assert "/via-set" in text and not text.lstrip().startswith("{")  # the text format, not JSON
+
+
+def test_set_errors_name_the_key_path():
+    base = ("run", "--upstream", "127.0.0.1:9", "--plugins", "router,balancer,access_log")
+    r = sluice(*base, "--set", "filters.access_log.pathx=1")
+    assert r.returncode == 2 and "sluice: error: filters.access_log.pathx: unknown key" in r.stderr
+    r = sluice(*base, "--set", "access_log=1")
+    assert r.returncode == 2 and "sluice: error: --set access_log=1: expected filters.NAME.KEY=VALUE" in r.stderr
