@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--upstream", action="append", default=[], metavar="URL",
                      help="one-line mode: an upstream (http://host:port or https://host:port); repeat for more")
     run.add_argument("--plugins", help="comma-separated plugins to enable; in one-line mode also the chain order"
-                     f" (default {DEFAULT_PLUGINS})")
+                     f" (default {DEFAULT_PLUGINS}), where PLUGIN.FILTER is one filter of a plugin")
     run.add_argument("--set", action="append", default=[], metavar="filters.NAME.KEY=VALUE", dest="settings",
                      help="one-line mode: a filter setting (VALUE as TOML, else a string); repeat for more")
     run.add_argument("--workers", type=_positive, help="worker processes sharing the port (SO_REUSEPORT)")
@@ -160,7 +160,14 @@ def one_line_config(listen: str, upstreams: list[str], plugins: Plugins, order: 
     cluster: dict[str, Any] = {"endpoints": [e for e, _ in endpoints]}
     if endpoints and endpoints[0][1]:
         cluster["tls"] = {}
-    filters = [f for name in order for f in plugins.loaded[name].filters]
+    filters = []
+    for name in order:  # "auth" is every filter of the plugin, "auth.api_key" one of them
+        plugin, _, only = name.partition(".")
+        offered = list(plugins.loaded[plugin].filters)
+        if only and only not in offered:
+            raise ConfigError(f"--plugins {name}: plugin {plugin!r} has no filter {only!r}; "
+                              f"it offers: {', '.join(offered) or '(none)'}")
+        filters += [only] if only else offered
     return parse(
         {
             "listeners": [{"address": listen, "filters": filters, "http2": http2}],
@@ -202,7 +209,7 @@ def _build_run(args: argparse.Namespace) -> _Run:
                     _read_bytes(args.config))
     stale = pidfile.check(args.pid_file) if args.pid_file else None
     order = _plugin_list(args.plugins or DEFAULT_PLUGINS)
-    plugins = Plugins(order)
+    plugins = Plugins(list(dict.fromkeys(n.partition(".")[0] for n in order)))
     listen = args.listen or DEFAULT_LISTEN
     workers = args.workers or 1
     settings = _settings(args.settings)

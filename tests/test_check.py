@@ -121,3 +121,21 @@ def test_set_errors_name_the_key_path():
     assert r.returncode == 2 and "sluice: error: filters.access_log.pathx: unknown key" in r.stderr
     r = sluice(*base, "--set", "access_log=1")
     assert r.returncode == 2 and "sluice: error: --set access_log=1: expected filters.NAME.KEY=VALUE" in r.stderr
+
+
+def test_plugins_can_enable_one_filter_of_a_plugin_that_has_several():
+    from .proc import Running, curl, free_port
+
+    port = free_port()
+    digest = "a" * 64
+    with Running("--listen", f"127.0.0.1:{port}", "--plugins", "auth.api_key,router,balancer",
+                 "--set", f"filters.api_key.keys.ci={digest}") as proxy:
+        r = curl("-s", "-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{port}/")
+        assert proxy.stop() == 0
+    assert r.stdout == "401"  # api_key ran; basic (which needs an htpasswd) was not enabled
+
+
+def test_plugins_naming_a_filter_a_plugin_lacks_is_an_error():
+    r = sluice("run", "--upstream", "127.0.0.1:9", "--plugins", "router,balancer,auth.nope")
+    assert r.returncode == 2
+    assert "sluice: error: --plugins auth.nope: plugin 'auth' has no filter 'nope'; it offers: api_key, basic" in r.stderr
