@@ -62,11 +62,15 @@ def test_a_name_absent_from_the_chain_constrains_nothing():
 
 
 def test_before_broken_is_named_by_key_path_and_attribute():
-    assert error("router", "cache") == "listeners[0].filters: 'cache' must run before 'router' (cache.before)"
+    assert error("router", "cache").splitlines() == [
+        "listeners[0].filters: 'cache' must run before 'router' (cache.before)",
+        "listeners[0].filters: the chain as written: router, cache",
+    ]
 
 
 def test_after_broken_is_named_by_key_path_and_attribute():
-    assert error("audit", "cache", "router") == "listeners[0].filters: 'audit' must run after 'cache' (audit.after)"
+    assert error("audit", "cache", "router").splitlines()[0] == (
+        "listeners[0].filters: 'audit' must run after 'cache' (audit.after)")
 
 
 def test_first_and_last_are_checked_and_every_error_is_listed():
@@ -74,6 +78,7 @@ def test_first_and_last_are_checked_and_every_error_is_listed():
     assert message.splitlines() == [
         "listeners[0].filters: 'tail' must be last (tail.last)",
         "listeners[0].filters: 'head' must be first (head.first)",
+        "listeners[0].filters: the chain as written: tail, router, head",
     ]
 
 

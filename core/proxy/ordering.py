@@ -76,5 +76,6 @@ def check_order(classes: Sequence[Any], where: str) -> None:
             errors.append(f"{where}: {c.name!r} must be first ({c.name}.first)")
         if c.last and i != len(classes) - 1:
             errors.append(f"{where}: {c.name!r} must be last ({c.name}.last)")
-    if errors:
-        raise ConfigError("\n".join(errors))
+    if errors:  # with the chain as written, to read the reasons against
+        chain = ", ".join(c.name for c in classes)
+        raise ConfigError("\n".join([*errors, f"{where}: the chain as written: {chain}"]))
