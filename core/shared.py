@@ -24,19 +24,24 @@ the one used least recently is evicted (``evictions()`` counts them): never
 an error on the data path; an evicted bucket starts full again. Two keys
 whose 64-bit hashes collide share a slot (probability ~ n²/2⁶⁵).
 
-A process-shared ``multiprocessing.Lock`` (a futex-backed POSIX semaphore,
-created before fork) guards the table; it is held across a hash probe of at
-most ``PROBE`` slots and a few float operations, about a microsecond, so a
-trio loop waiting for it is not blocked for long (``benchmarks/RESULTS.md``).
+The table is guarded by a POSIX record lock (``fcntl.lockf``) on a memory
+file made before fork, with a thread lock inside each process (record locks
+are per process). It is held across a hash probe of at most ``PROBE`` slots
+and a few float operations, about a microsecond, so a trio loop waiting for
+it is not blocked for long (``benchmarks/RESULTS.md``). A record lock, not a
+semaphore: the kernel releases it when its process dies, so a worker killed
+while holding it (the OOM killer, SIGKILL) cannot freeze the others.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import math
 import mmap
-import multiprocessing
+import os
 import struct
+import threading
 import time
 from typing import Protocol
 
@@ -65,13 +70,35 @@ def _hash(kind: bytes, key: str) -> int:
     return h or 1  # 0 marks an empty slot
 
 
+class _ProcessLock:
+    """Exclusive across processes (a record lock the kernel drops when its
+    holder dies) and across the threads of one process."""
+
+    def __init__(self) -> None:
+        self._fd = os.memfd_create("sluice-shared-lock", os.MFD_CLOEXEC)
+        os.ftruncate(self._fd, 1)
+        self._threads = threading.Lock()
+
+    def __enter__(self) -> None:
+        self._threads.acquire()
+        try:
+            fcntl.lockf(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._threads.release()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        fcntl.lockf(self._fd, fcntl.LOCK_UN)
+        self._threads.release()
+
+
 class LocalState:
     """The table in shared memory; create it before forking (``local()`` is created at import)."""
 
     def __init__(self, slots: int = SLOTS) -> None:
         self._slots = slots
         self._mem = mmap.mmap(-1, _HEADER.size + slots * _SLOT.size)  # anonymous, MAP_SHARED
-        self._lock = multiprocessing.get_context("fork").Lock()
+        self._lock = _ProcessLock()
 
     def _slot(self, h: int, now: float) -> tuple[int, bool]:
         """The offset of h's slot (claiming one if new, evicting the least recently used); locked."""
