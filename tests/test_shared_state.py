@@ -89,3 +89,24 @@ def test_local_is_one_table_for_the_instance():
         os._exit(0 if local().incr_now("test-local") >= 1 else 1)
     assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
     assert local().incr_now("test-local") == 2
+
+
+def test_a_process_killed_while_holding_the_lock_does_not_freeze_the_others():
+    import signal
+
+    state = LocalState(slots=64)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child takes the table's lock, says so, and dies holding it
+        try:
+            state._lock.__enter__()
+            os.write(w, b"held\n")
+            time.sleep(30)
+        finally:
+            os._exit(0)
+    assert os.read(r, 5) == b"held\n"
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    start = time.monotonic()
+    assert state.take_now("after", 1, 10.0, 5.0) == (True, 0.0)  # the kernel released it
+    assert time.monotonic() - start < 1.0
