@@ -94,14 +94,22 @@ def test_plugins_command_lists_the_installed_plugin(plugin_dir):
     r = sluice("plugins", env=with_plugin(plugin_dir))
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert "hello  (sluice-hello, sluice_hello)" in lines, r.stdout
-    at = lines.index("hello  (sluice-hello, sluice_hello)")
-    assert lines[at + 1:at + 4] == [
+    at = _line(lines, "hello  (sluice-hello, sluice_hello): ")
+    assert lines[at].endswith("adds a greeting header to every response, rejects bots with 403."), r.stdout
+    assert lines[at + 1:at + 5] == [
         "  filter hello",
+        "    phases: request_headers, response_headers",
         "    greeting: str (default 'hello from a plugin')",
         "    blocked_agents: list[str] (default ['BadBot'])",
     ], r.stdout
-    assert "router  (sluice, sluice.plugins.router)" in lines  # the built-ins are still there
+    assert any(line.startswith("router  (sluice, sluice.plugins.router)") for line in lines)  # built-ins too
+
+
+def _line(lines: list[str], start: str) -> int:
+    """The index of the one line starting with ``start``."""
+    found = [i for i, line in enumerate(lines) if line.startswith(start)]
+    assert len(found) == 1, (start, lines)
+    return found[0]
 
 
 def test_without_the_install_the_plugin_is_absent(plugin_dir):
@@ -160,7 +168,7 @@ def test_plugins_command_lists_the_policy_and_its_settings(plugin_dir):
     r = sluice("plugins", env=with_plugin(plugin_dir))
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    at = lines.index("fastest  (sluice-hello, sluice_fastest)")
+    at = _line(lines, "fastest  (sluice-hello, sluice_fastest): ")
     assert lines[at + 1:at + 6] == [
         "  policy fastest: The endpoint with the lowest mean latency lately; now and then another.",
         "    window: int (default 10)",
