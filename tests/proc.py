@@ -40,8 +40,12 @@ class Running:
         self.stdout: list[str] = []
         self._listening = threading.Event()
         self.urls: list[str] = []
-        threading.Thread(target=self._read, args=(self.proc.stderr, self.stderr), daemon=True).start()
-        threading.Thread(target=self._read, args=(self.proc.stdout, self.stdout), daemon=True).start()
+        self._readers = [
+            threading.Thread(target=self._read, args=(self.proc.stderr, self.stderr), daemon=True),
+            threading.Thread(target=self._read, args=(self.proc.stdout, self.stdout), daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
         if not self._listening.wait(ready_timeout):
             self.stop()
             raise AssertionError(f"sluice did not start: {''.join(self.stderr)}")
@@ -64,11 +68,22 @@ class Running:
     def signal(self, sig: int = signal.SIGTERM) -> None:
         self.proc.send_signal(sig)
 
+    def wait(self, timeout: float = 15) -> int:
+        """The exit code, once the process has ended and every line it wrote has been read.
+
+        ``proc.wait()`` alone returns before the reader threads reach the end of the pipes,
+        so a test that looks for a last log line right after it would race them.
+        """
+        code = self.proc.wait(timeout)
+        for reader in self._readers:
+            reader.join(5)  # a worker that outlived the master may hold the pipe: do not wait forever
+        return code
+
     def stop(self, timeout: float = 15) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(timeout)
+            return self.wait(timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()

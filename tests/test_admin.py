@@ -284,7 +284,8 @@ def test_mutations_need_the_token_and_refusals_are_logged(tmp_path):
         held = [socket.create_connection((host, int(port))) for _ in range(64)]
         try:
             poll(lambda: curl(f"{admin}/live").returncode == 52, what="the 65th connection closed (curl: 52)")
-            assert events(proxy, "admin connection refused: too many open")
+            # The log line is read from the proxy's stderr by a thread: wait for it, never race it.
+            poll(lambda: events(proxy, "admin connection refused: too many open"), what="the refusal logged")
         finally:
             for s in held:
                 s.close()
@@ -355,7 +356,7 @@ def test_drain_makes_ready_503_lets_the_request_in_flight_finish_and_the_process
             assert httpx.get(f"{admin}/live").status_code == 200  # the loop runs on while it drains
             in_flight.join(10)
             assert answer["r"].status_code == 200 and answer["r"].content == b"slow"
-            assert proxy.proc.wait(10) == 0
+            assert proxy.wait(10) == 0
 
 
 # -- workers -----------------------------------------------------------------------------
@@ -396,7 +397,7 @@ def test_with_workers_the_admin_runs_in_worker_0_and_mutations_reach_every_worke
             poll(replaced, what="worker 0's replacement serving the admin listener")
 
             assert httpx.post(f"{admin}/drain", headers=bearer()).status_code == 202
-            assert proxy.proc.wait(15) == 0
+            assert proxy.wait(15) == 0
             assert len(events(proxy, "stopped")) == 2
 
 

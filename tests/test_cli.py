@@ -172,7 +172,7 @@ def test_graceful_drain_finishes_in_flight_requests(tmp_path):
     time.sleep(0.2)
     refused = curl(f"http://127.0.0.1:{port}/", timeout=2)
     client.join()
-    assert proxy.proc.wait(10) == 0  # exits by itself once drained
+    assert proxy.wait(10) == 0  # exits by itself once drained
     server.close()
     assert result["r"].stdout.splitlines()[-1] == "late"  # the in-flight request finished
     assert "connection: close" in result["r"].stdout.lower()  # and was told the connection ends
