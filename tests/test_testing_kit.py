@@ -5,12 +5,14 @@ test is usually installed in its own dev venv) and then replaces it."""
 from __future__ import annotations
 
 import httpx
+import pytest
+import trio
 
 from sluice.control.registry import Plugins
 from sluice.plugins import router as installed_router
-from sluice.testing import serve
+from sluice.testing import Origin, Reply, serve
 
-from .conftest import InProcess, config
+from .conftest import InProcess, config, raw_request, read_until_closed
 
 
 def test_extra_replaces_installed_plugin_of_same_name():
@@ -30,3 +32,192 @@ async def test_serve_with_installed_plugin_given_as_extra(start_origin):
         async with httpx.AsyncClient() as client:
             r = await client.get(proxy.url + "/hello")
     assert r.status_code == 200
+
+
+# -- Origin: the scriptable upstream, checked with real clients -------------------------
+
+async def started(nursery, origin: Origin | None = None) -> Origin:
+    return await nursery.start((origin or Origin()).serve)
+
+
+def head_and_body(raw: bytes) -> tuple[str, bytes]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return head.decode("latin-1").lower(), body
+
+
+async def test_origin_echoes_body_or_target_and_records_requests(nursery):
+    origin = await started(nursery)
+    async with httpx.AsyncClient(base_url=origin.url) as client:
+        posted = await client.post("/echo?x=1", content=b"payload", headers={"X-Api-Key": "k"})
+        got = await client.get("/target?q=2")
+    assert (posted.status_code, posted.content) == (200, b"payload")
+    assert posted.headers["content-length"] == "7"
+    assert got.content == b"/target?q=2"
+    first, second = origin.requests
+    assert (first.method, first.target, first.path, first.body) == ("POST", "/echo?x=1", "/echo", b"payload")
+    assert first.header("X-API-KEY") == "k" and ("x-api-key", "k") in first.headers
+    assert first.header("absent") is None
+    assert (second.method, second.path, second.body) == ("GET", "/target", b"")
+    assert origin.connections == 1  # keep-alive: both on one connection
+
+
+async def test_origin_status_headers_fixed_and_listed_bodies(nursery):
+    origin = await started(nursery)
+    origin.script("/made", Reply(status=201, headers=[("x-made", "yes"), (b"x-raw", b"1")], body=b"new"))
+    origin.script("/parts", Reply(body=[b"ab", b"", b"cd"]))
+    async with httpx.AsyncClient(base_url=origin.url) as client:
+        made = await client.get("/made")
+        parts = await client.get("/parts")
+    assert (made.status_code, made.content, made.headers["x-made"], made.headers["x-raw"]) == (201, b"new", "yes", "1")
+    assert (parts.content, parts.headers["content-length"]) == (b"abcd", "4")
+
+
+async def test_origin_chunked_body_and_trailers_on_the_wire(nursery):
+    origin = await started(nursery)
+    origin.script("/chunked", Reply(body=[b"ab", b"cd"], chunked=True))
+    origin.script("/trailers", Reply(body=b"xy", trailers=[("x-sum", "42")]))
+    raw = await raw_request(("127.0.0.1", origin.port), b"GET /chunked HTTP/1.1\r\nhost: o\r\nconnection: close\r\n\r\n")
+    head, body = head_and_body(raw)
+    assert "transfer-encoding: chunked" in head and "content-length" not in head
+    assert body == b"2\r\nab\r\n2\r\ncd\r\n0\r\n\r\n"
+    raw = await raw_request(("127.0.0.1", origin.port), b"GET /trailers HTTP/1.1\r\nhost: o\r\nconnection: close\r\n\r\n")
+    head, body = head_and_body(raw)
+    assert "transfer-encoding: chunked" in head  # trailers imply chunked
+    assert body == b"2\r\nxy\r\n0\r\nx-sum: 42\r\n\r\n"
+
+
+async def test_origin_records_a_chunked_request_body_and_its_trailers(nursery):
+    origin = await started(nursery)
+    request = (b"POST /up HTTP/1.1\r\nhost: o\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+               b"3\r\nabc\r\n2\r\nde\r\n0\r\nx-checksum: 7\r\n\r\n")
+    raw = await raw_request(("127.0.0.1", origin.port), request)
+    assert head_and_body(raw)[1] == b"abcde"
+    (recorded,) = origin.requests
+    assert (recorded.body, recorded.trailers) == (b"abcde", [("x-checksum", "7")])
+    assert recorded.header("transfer-encoding") == "chunked"
+
+
+async def test_origin_delay_and_chunk_delay(nursery):
+    origin = await started(nursery)
+    origin.script("/late", Reply(delay=0.3, body=b"late"))
+    origin.script("/drip", Reply(body=[b"a", b"b", b"c"], chunk_delay=0.15))
+    async with httpx.AsyncClient(base_url=origin.url) as client:
+        start = trio.current_time()
+        late = await client.get("/late")
+        late_took = trio.current_time() - start
+        arrivals = []
+        async with client.stream("GET", "/drip") as drip:
+            async for chunk in drip.aiter_raw():
+                arrivals.append((trio.current_time(), chunk))
+    assert late.content == b"late" and late_took >= 0.3
+    assert b"".join(c for _, c in arrivals) == b"abc"
+    assert len(arrivals) == 3 and arrivals[-1][0] - arrivals[0][0] >= 0.3  # two gaps of 0.15
+
+
+async def test_origin_early_reply_answers_before_the_body_then_closes(nursery):
+    origin = await started(nursery)
+    origin.script("/upload", Reply(status=413, body=b"too big", early=True))
+    stream = await trio.open_tcp_stream("127.0.0.1", origin.port)
+    async with stream:
+        # Only the head: the body never comes, and the answer must not wait for it.
+        await stream.send_all(b"POST /upload HTTP/1.1\r\nhost: o\r\ncontent-length: 1000\r\n\r\n")
+        raw = await read_until_closed(stream, timeout=5)
+    head, body = head_and_body(raw)
+    assert head.startswith("http/1.1 413") and "connection: close" in head and body == b"too big"
+    assert origin.requests[0].body == b""
+
+
+async def test_origin_close_after_cuts_the_body_and_closes(nursery):
+    origin = await started(nursery)
+    origin.script("/cut", Reply(body=b"x" * 100, close_after=10))
+    origin.script("/cut-chunked", Reply(body=[b"x" * 8, b"y" * 8], chunked=True, close_after=12))
+    raw = await raw_request(("127.0.0.1", origin.port), b"GET /cut HTTP/1.1\r\nhost: o\r\n\r\n")
+    head, body = head_and_body(raw)
+    assert "content-length: 100" in head and body == b"x" * 10
+    raw = await raw_request(("127.0.0.1", origin.port), b"GET /cut-chunked HTTP/1.1\r\nhost: o\r\n\r\n")
+    assert head_and_body(raw)[1] == b"8\r\nxxxxxxxx\r\n4\r\nyyyy\r\n"  # no last chunk
+    async with httpx.AsyncClient(base_url=origin.url) as client:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await client.get("/cut")
+
+
+async def test_origin_reset_sends_rst_after_reading_the_request(nursery):
+    origin = await started(nursery)
+    origin.script("/reset", Reply(reset=True))
+    stream = await trio.open_tcp_stream("127.0.0.1", origin.port)
+    async with stream:
+        await stream.send_all(b"POST /reset HTTP/1.1\r\nhost: o\r\ncontent-length: 2\r\n\r\nhi")
+        with pytest.raises(trio.BrokenResourceError) as caught:  # ECONNRESET, not a clean EOF
+            with trio.fail_after(5):
+                await stream.receive_some(65536)
+    assert isinstance(caught.value.__cause__, ConnectionResetError)
+    assert origin.requests[0].body == b"hi"
+
+
+async def test_origin_hang_reads_the_request_and_never_answers(nursery):
+    origin = await started(nursery)
+    origin.script("/hang", Reply(hang=True))
+    stream = await trio.open_tcp_stream("127.0.0.1", origin.port)
+    async with stream:
+        await stream.send_all(b"GET /hang HTTP/1.1\r\nhost: o\r\n\r\n")
+        with trio.move_on_after(0.3) as waited:
+            await stream.receive_some(65536)
+    assert waited.cancelled_caught
+    assert [r.path for r in origin.requests] == ["/hang"]
+
+
+async def test_origin_close_says_so_and_closes(nursery):
+    origin = await started(nursery)
+    origin.script("/bye", Reply(body=b"bye", close=True))
+    stream = await trio.open_tcp_stream("127.0.0.1", origin.port)
+    async with stream:
+        await stream.send_all(b"GET /bye HTTP/1.1\r\nhost: o\r\n\r\n")
+        raw = await read_until_closed(stream, timeout=5)  # returns only because the origin closed
+    head, body = head_and_body(raw)
+    assert "connection: close" in head and body == b"bye"
+    async with httpx.AsyncClient(base_url=origin.url) as client:
+        await client.get("/bye")
+        await client.get("/bye")
+    assert origin.connections == 3
+
+
+async def test_origin_script_matching_prefixes_and_functions(nursery):
+    origin = await started(nursery)
+    origin.script("/api/*", Reply(body=b"api"))
+    origin.script("/api/v2/*", Reply(body=b"v2"))
+    origin.script("/api/exact", Reply(body=b"exact"))
+    origin.script("/who", lambda request: Reply(body=request.header("x-user").encode()))
+
+    async def later(request):
+        return Reply(status=202, body=request.body[::-1])
+
+    origin.script("/reverse", later)
+    async with httpx.AsyncClient(base_url=origin.url) as client:
+        got = [(await client.get(p)).content for p in ("/api/x?q=1", "/api/v2/y", "/api/exact?z", "/other")]
+        who = await client.get("/who", headers={"x-user": "ann"})
+        reverse = await client.post("/reverse", content=b"abc")
+    assert got == [b"api", b"v2", b"exact", b"/other"]
+    assert who.content == b"ann" and (reverse.status_code, reverse.content) == (202, b"cba")
+
+
+async def test_origin_survives_garbage_and_answers_head(nursery):
+    origin = await started(nursery)
+    assert await raw_request(("127.0.0.1", origin.port), b"\x00garbage\r\n\r\n", timeout=5) == b""
+    async with httpx.AsyncClient(base_url=origin.url) as client:
+        head = await client.head("/x")
+        after = await client.get("/after")
+    assert head.status_code == 200 and head.content == b"" and head.headers["content-length"] == "2"
+    assert after.content == b"/after"
+
+
+async def test_origin_close_stops_serving(nursery):
+    origin = await started(nursery)
+    origin.close()
+    with trio.fail_after(5):
+        while True:  # the listener goes away once the cancel lands
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", origin.port)
+            except OSError:
+                break
+            await stream.aclose()
+            await trio.sleep(0.01)

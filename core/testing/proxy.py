@@ -20,9 +20,9 @@ from typing import Any
 
 import trio
 
-from .control.app import App
-from .control.config import Config, parse
-from .control.registry import Plugins
+from ..control.app import App
+from ..control.config import Config, parse
+from ..control.registry import Plugins
 
 __all__ = ["Running", "serve"]
 
