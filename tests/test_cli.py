@@ -7,7 +7,7 @@ import textwrap
 import threading
 import time
 
-from .proc import Running, children, curl, free_port, sluice
+from .proc import Running, children, curl, free_port, poll, sluice
 
 
 def write(tmp_path, text: str):
@@ -169,8 +169,10 @@ def test_graceful_drain_finishes_in_flight_requests(tmp_path):
     client.start()
     assert in_flight.wait(10)  # the request has reached the upstream
     proxy.signal(signal.SIGTERM)
-    time.sleep(0.2)
-    refused = curl(f"http://127.0.0.1:{port}/", timeout=2)
+    # New connections are refused once the listener closes, which a loaded machine may take
+    # a moment to reach: poll for it, while the in-flight request still waits on the origin.
+    refused = poll(lambda: (r := curl(f"http://127.0.0.1:{port}/", timeout=2)).returncode in (7, 52, 56) and r,
+                   timeout=0.9, what="new connections refused while draining", proxy=proxy)
     client.join()
     assert proxy.wait(10) == 0  # exits by itself once drained
     server.close()
