@@ -7,11 +7,13 @@ module as an entry point in the ``sluice`` group.
 """
 
 from .edge.transport import ClientTransport, ServerTransport, Transport
-from .errors import ConfigError
+from .errors import ClientGone, ConfigError, UpstreamError
 from .hookspecs import hookimpl
 from .messages import Headers, Request, Response
+from .protocol.events import ProtocolError
 from .proxy.context import Context
 from .proxy.filters import CONTINUE, Continue, Filter, FilterConfig, LocalReply
+from .proxy.flags import FLAGS, Flag
 from .proxy.routes import RetryPolicy, Route
 from .upstream.cluster import Balancer, BalancerConfig, Cluster, Endpoint
 
@@ -19,8 +21,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CONTINUE",
+    "FLAGS",
     "Balancer",
     "BalancerConfig",
+    "ClientGone",
     "ClientTransport",
     "Cluster",
     "ConfigError",
@@ -29,13 +33,16 @@ __all__ = [
     "Endpoint",
     "Filter",
     "FilterConfig",
+    "Flag",
     "Headers",
     "LocalReply",
+    "ProtocolError",
     "Request",
     "Response",
     "RetryPolicy",
     "Route",
     "ServerTransport",
     "Transport",
+    "UpstreamError",
     "hookimpl",
 ]

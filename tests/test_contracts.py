@@ -1,12 +1,20 @@
-"""Filter ordering contracts: before/after/first/last validated per chain at build."""
+"""The explicit contracts a filter author relies on: ordering
+(before/after/first/last validated per chain at build), load-time errors,
+per-route settings, the logging helper, ``ctx.timings`` and the flags table."""
 
 from __future__ import annotations
 
+import ast
+import re
+from pathlib import Path
+
 import httpx
 import pytest
+import trio
 from structlog.testing import capture_logs
 
-from sluice import ConfigError, Filter
+import sluice
+from sluice import ConfigError, Filter, LocalReply
 from sluice.control.app import App
 from sluice.control.config import parse
 from sluice.control.registry import Plugins
@@ -213,5 +221,132 @@ async def test_ctx_timings_mark_connect_first_upstream_byte_and_last_byte(start_
                      extra={"mine": InProcess(Watcher)}) as proxy:
         async with httpx.AsyncClient() as client:
             assert (await client.get(proxy.url + "/")).status_code == 200
-    assert list(seen) == ["upstream_connected", "upstream_headers", "upstream_done"]
-    assert 0 <= seen["upstream_connected"] <= seen["upstream_headers"] <= seen["upstream_done"]
+    assert list(seen) == ["accepted", "headers_read", "upstream_connected", "upstream_headers", "upstream_done"]
+    assert seen["accepted"] <= 0 <= seen["headers_read"] <= seen["upstream_connected"] \
+        <= seen["upstream_headers"] <= seen["upstream_done"]
+
+
+async def test_accepted_is_the_connections_so_a_reused_one_shows_its_age(start_origin):
+    seen: list[dict] = []
+
+    class Watcher(Filter):
+        name = "watcher"
+
+        async def on_complete(self, ctx):
+            seen.append(dict(ctx.timings))
+
+    origin = await start_origin()
+    async with serve(config(origin.address, filters=["watcher", "router"]), plugins=["router", "balancer"],
+                     extra={"mine": InProcess(Watcher)}) as proxy:
+        async with httpx.AsyncClient() as client:  # one keep-alive connection
+            assert (await client.get(proxy.url + "/a")).status_code == 200
+            await trio.sleep(0.05)  # the connection's age, not a synchronisation
+            assert (await client.get(proxy.url + "/b")).status_code == 200
+    first, second = seen
+    assert first["headers_read"] - first["accepted"] < second["headers_read"] - second["accepted"]
+    assert second["headers_read"] - second["accepted"] >= 0.05
+
+
+async def test_timings_over_http2_have_the_same_marks_in_order(start_origin):
+    seen = {}
+
+    class Watcher(Filter):
+        name = "watcher"
+
+        async def on_complete(self, ctx):
+            seen.update(ctx.timings)
+
+    origin = await start_origin()
+    async with serve(config(origin.address, filters=["watcher", "router"], listener={"http2": True}),
+                     plugins=["router", "balancer"], extra={"mine": InProcess(Watcher)}) as proxy:
+        async with httpx.AsyncClient(http1=False, http2=True) as client:
+            r = await client.get(proxy.url + "/")
+            assert r.status_code == 200 and r.http_version == "HTTP/2"
+    marks = ["accepted", "headers_read", "upstream_connected", "upstream_headers", "upstream_done"]
+    assert list(seen) == marks
+    assert [seen[m] for m in marks] == sorted(seen[m] for m in marks)
+
+
+async def test_a_local_reply_has_no_upstream_marks(start_origin):
+    seen = {}
+
+    class Refuser(Filter):
+        name = "refuser"
+
+        async def on_request_headers(self, ctx, request):
+            return LocalReply(403, "no\n")
+
+        async def on_complete(self, ctx):
+            seen.update(ctx.timings)
+
+    origin = await start_origin()
+    async with serve(config(origin.address, filters=["refuser", "router"]), plugins=["router", "balancer"],
+                     extra={"mine": InProcess(Refuser)}) as proxy:
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(proxy.url + "/")).status_code == 403
+    assert list(seen) == ["accepted", "headers_read"]
+
+
+# -- flags: one table, and nothing the code sets is missing from it --------------
+
+_ROOT = Path(__file__).resolve().parents[1]
+_CODE = re.compile(r"^[A-Z]{2,4}$")
+_SETTERS = frozenset({"_refused", "_failed", "_stop_reading"})  # helpers whose flag arguments are set
+
+
+def _flag_literals(tree: ast.AST) -> set[str]:
+    """Every flag code a module sets: ``flag="XX"`` anywhere, and the string
+    codes given to ``flags.append/extend`` or to the helpers that set them."""
+    found: set[str] = set()
+
+    def codes(node: ast.AST) -> set[str]:
+        return {n.value for n in ast.walk(node)
+                if isinstance(n, ast.Constant) and isinstance(n.value, str) and _CODE.match(n.value)}
+
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        for kw in node.keywords:
+            if kw.arg == "flag":
+                found |= codes(kw.value)
+        func = node.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+        owner = func.value if isinstance(func, ast.Attribute) else None
+        owner_name = getattr(owner, "attr", getattr(owner, "id", ""))
+        if (name in ("append", "extend") and owner_name == "flags") or name in _SETTERS:
+            for arg in node.args:
+                found |= codes(arg)
+    return found
+
+
+def test_every_flag_the_code_sets_is_in_the_table():
+    sources = [p for d in ("core", "plugins") for p in (_ROOT / d).rglob("*.py")
+               if "examples" not in p.relative_to(_ROOT).parts]  # examples are third-party code
+    found: dict[str, list[str]] = {}
+    for path in sources:
+        for code in _flag_literals(ast.parse(path.read_text(), str(path))):
+            found.setdefault(code, []).append(str(path.relative_to(_ROOT)))
+    # The scan itself must work: these are set in four different ways.
+    assert {"NR", "UF", "UC", "DTLS", "DPE", "TI", "FE"} <= set(found)
+    missing = {code: where for code, where in found.items() if code not in sluice.FLAGS}
+    assert not missing, f"flags set in the code but not in sluice.FLAGS (core/proxy/flags.py): {missing}"
+
+
+def test_the_scan_catches_a_flag_set_each_way():
+    tree = ast.parse("LocalReply(403, flag='ZZ')\nctx.flags.append('YY')\n"
+                     "self._refused(c, l, None, ('XX', 'WW'), None, None, 0)\nx.flags.extend(['VV'])\n")
+    assert _flag_literals(tree) == {"ZZ", "YY", "XX", "WW", "VV"}
+
+
+def test_every_flag_in_the_table_is_set_somewhere_or_documented_as_a_filters():
+    """No stale entries: each code in the table is set by the code (LR is the
+    LocalReply default, set through ``reply.flag``)."""
+    text = "\n".join(p.read_text() for d in ("core", "plugins") for p in (_ROOT / d).rglob("*.py"))
+    for code in sluice.FLAGS:
+        assert f'"{code}"' in text.replace(f'Flag("{code}"', ""), code
+
+
+def test_the_flags_table_is_exported_and_complete():
+    assert all(isinstance(f, sluice.Flag) and f.code == code and f.meaning and f.set_by and f.status
+               for code, f in sluice.FLAGS.items())
+    assert sluice.LocalReply(403).flag in sluice.FLAGS

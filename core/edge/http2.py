@@ -569,6 +569,7 @@ class H2Connection:
         listener = self.listener
         ctx = Context(client=self.client, local=self.local, scheme=listener.scheme, listener=listener.name,
                       tls_peer=self.tls_peer, trust_forwarded=listener.trust_forwarded)
+        ctx._began(self._opened)
         stream.ctx = ctx
         sid = stream.stream_id
         try:

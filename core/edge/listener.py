@@ -331,6 +331,7 @@ class Listener:
         ends on a refused head (the rest of it may still be arriving)."""
         if since is None:
             since = time.monotonic()
+        accepted = since  # every exchange's ctx.timings["accepted"]
         while not self.draining:
             try:
                 head = await down.next_request()
@@ -355,6 +356,7 @@ class Listener:
                 down.close_after = True
             ctx = Context(client=client, local=local, scheme=self.scheme, listener=self.name,
                           tls_peer=tls_peer, trust_forwarded=self.trust_forwarded)
+            ctx._began(accepted)
             await run_exchange(self, down, head, ctx)
             if not down.reusable():
                 return False

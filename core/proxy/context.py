@@ -16,6 +16,27 @@ once the upstream's 101 arrived, before ``on_response_headers``; the
 exchange is then a byte tunnel: no body phase sees its bytes, which are
 counted in ``bytes_in``/``bytes_out``, and ``on_complete`` runs when the
 tunnel has ended (``duration`` covers it).
+
+Timings: ``start`` is ``time.monotonic()`` when the exchange began, just
+after its request head was parsed, and ``duration`` runs from it. Each
+entry of ``timings`` is seconds relative to ``start`` (monotonic clock,
+one clock read per mark), set by the core as the exchange passes:
+
+======================  ========================================================
+``accepted``            the connection was accepted (HTTP/1.1: before any TLS
+                        handshake; HTTP/2: when its session began); <= 0, and
+                        far below on a reused keep-alive connection or a later
+                        stream: ``headers_read - accepted`` is the connection's
+                        age when this request's head was in
+``headers_read``        the request head was parsed (~0: the exchange starts here)
+``upstream_connected``  an upstream connection was ready (pooled or new)
+``upstream_headers``    the upstream's final response head arrived
+``upstream_done``       the response's last byte was relayed to the client
+======================  ========================================================
+
+They come in that order; a mark is absent when the exchange never got
+there (a local reply has no upstream marks, a refused head has none).
+``mark(name)`` adds one of a filter's own.
 """
 
 from __future__ import annotations
@@ -239,6 +260,12 @@ class Context:
     def mark(self, name: str) -> None:
         """Record a timing, in seconds since the exchange started."""
         self.timings[name] = time.monotonic() - self.start
+
+    def _began(self, accepted: float) -> None:
+        """The edge's: the request head was just read on a connection
+        accepted at ``accepted`` (``time.monotonic()``)."""
+        self.timings["accepted"] = accepted - self.start
+        self.mark("headers_read")
 
     @property
     def duration(self) -> float:
