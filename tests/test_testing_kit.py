@@ -4,13 +4,17 @@ test is usually installed in its own dev venv) and then replaces it."""
 
 from __future__ import annotations
 
+import hashlib
+
 import httpx
 import pytest
 import trio
 
+from sluice import ConfigError, Filter, FilterConfig, LocalReply
 from sluice.control.registry import Plugins
 from sluice.plugins import router as installed_router
-from sluice.testing import Origin, Reply, serve
+from sluice.plugins.auth import ApiKey
+from sluice.testing import Origin, Reply, build_filter, run_filter, serve
 
 from .conftest import InProcess, config, raw_request, read_until_closed
 
@@ -221,3 +225,122 @@ async def test_origin_close_stops_serving(nursery):
                 break
             await stream.aclose()
             await trio.sleep(0.01)
+
+
+# -- run_filter: one filter through its phases, no sockets -------------------------------
+
+KEY = "s3cret"
+DIGEST = hashlib.sha256(KEY.encode()).hexdigest()
+
+
+class Upper(Filter):
+    """Upper-cases bodies both ways, changing nothing else; counts chunks in its state."""
+
+    name = "upper"
+
+    class Config(FilterConfig):
+        tag: str = "up"
+        limit: int = 3
+
+    def new_state(self):
+        return {"chunks": 0}
+
+    async def on_request_headers(self, ctx, request):
+        if request.path == "/buffer":
+            ctx.buffer_request_body()
+        request.headers.set("x-tag", self.config.tag)
+
+    async def on_request_body(self, ctx, chunk, end):
+        ctx.state(self)["chunks"] += 1
+        if ctx.state(self)["chunks"] > self.config.limit:
+            return LocalReply(413, "too many chunks\n")
+        return chunk.upper() + (b"!" if end else b"")
+
+    async def on_request_trailers(self, ctx, trailers):
+        if trailers.get("x-bad"):
+            return LocalReply(400, "bad trailer\n")
+
+    async def on_response_headers(self, ctx, response):
+        response.headers.remove("content-length")  # the size changes below
+        self.log(ctx).info("upper.response", status=response.status)
+
+    async def on_response_body(self, ctx, chunk, end):
+        return chunk.upper()
+
+    async def on_complete(self, ctx):
+        ctx.vars["upper.chunks"] = ctx.state(self)["chunks"]
+
+
+async def test_run_filter_api_key_denies_then_admits():
+    denied = await run_filter(ApiKey, settings={"keys": {"ci": DIGEST}}, request=("GET", "/x", [("host", "a")]))
+    assert denied.local_reply is not None and denied.local_reply.status == 401
+    assert denied.response.status == 401 and denied.response_body == b"missing or invalid API key\n"
+    assert denied.response.headers.get("www-authenticate") == 'ApiKey header="x-api-key"'
+    assert denied.response.headers.get("content-length") == str(len(denied.response_body))
+    assert denied.ctx.flags == ["LR"] and denied.completed == 0  # api_key has no on_complete
+
+    admitted = await run_filter(ApiKey, {"keys": {"ci": DIGEST}}, request=("GET", "/x", {"x-api-key": KEY}),
+                                response=(200, [("content-type", "text/plain")]), response_body=[b"hello"])
+    assert admitted.local_reply is None and admitted.ctx.vars["auth.user"] == "ci"
+    assert "x-api-key" not in admitted.request.headers  # removed before the upstream
+    assert admitted.request.headers.get("x-request-id")  # the proxy's forwarding rules ran first
+    assert (admitted.response.status, admitted.response_body) == (200, b"hello")
+
+
+async def test_run_filter_settings_errors_name_the_key_path():
+    with pytest.raises(ConfigError) as caught:
+        await run_filter(ApiKey, settings={"keys": {"ci": "not-a-digest"}, "hedaer": "x"})
+    assert "filters.api_key.keys.ci" in str(caught.value) and "filters.api_key.hedaer" in str(caught.value)
+
+
+async def test_run_filter_streams_bodies_through_the_phases():
+    run = await run_filter(Upper, {"tag": "t"}, request=("POST", "/x", []), body=[b"ab", b"cd"],
+                           trailers=[("x-sum", "1")], response=(200, [("content-length", "5")]),
+                           response_body=[b"hel", b"lo"], response_trailers={"x-done": "yes"})
+    assert run.request.headers.get("x-tag") == "t"
+    assert run.request_body == b"ABCD!"  # each chunk, then end=True with an empty one
+    assert run.request_trailers.get("x-sum") == "1"
+    assert (run.response_body, run.response.headers.get("content-length")) == (b"HELLO", None)
+    assert run.response_trailers.get("x-done") == "yes"
+    assert run.completed == 1 and run.ctx.vars["upper.chunks"] == 3
+    assert [e["event"] for e in run.log] == ["upper.response"]
+    assert run.log[0]["filter"] == "upper" and run.log[0]["request_id"] == run.ctx.request_id
+
+
+async def test_run_filter_buffered_body_is_one_call_with_its_length():
+    run = await run_filter(Upper, request=("POST", "/buffer", [("content-length", "4")]), body=[b"ab", b"cd"])
+    assert run.request_body == b"ABCD!" and run.ctx.vars["upper.chunks"] == 1
+    assert run.request.headers.get("content-length") == "5"
+
+
+async def test_run_filter_local_replies_from_body_and_trailers():
+    too_many = await run_filter(Upper, {"limit": 1}, request=("POST", "/x", []), body=[b"a", b"b"])
+    assert too_many.local_reply.status == 413 and too_many.response.status == 413
+    # From a body phase the reply runs back through the response phases (as in the proxy).
+    assert too_many.response_body == b"TOO MANY CHUNKS\n" and too_many.completed == 1
+    bad = await run_filter(Upper, request=("POST", "/x", []), body=[b"a"], trailers={"x-bad": "1"})
+    assert (bad.response.status, bad.response_body) == (400, b"bad trailer\n")  # no response phase of its own
+
+
+async def test_run_filter_a_raising_phase_is_a_500_and_on_complete_still_runs():
+    class Broken(Upper):
+        name = "broken"
+
+        async def on_request_headers(self, ctx, request):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        await run_filter(Broken)
+    run = await run_filter(Broken, raises=False)
+    assert isinstance(run.error, RuntimeError) and run.ctx.flags == ["FE"]
+    assert run.response.status == 500 and run.completed == 1
+    assert any(e["event"] == "exchange failed" for e in run.log)
+
+
+async def test_run_filter_on_one_instance_keeps_no_state_between_exchanges():
+    upper = build_filter(Upper, {"limit": 2})
+    first = await run_filter(upper, request=("POST", "/x", []), body=[b"a"])
+    second = await run_filter(upper, request=("POST", "/x", []), body=[b"b"])
+    assert first.ctx.vars["upper.chunks"] == second.ctx.vars["upper.chunks"] == 2
+    with pytest.raises(TypeError):
+        await run_filter(upper, {"limit": 1})

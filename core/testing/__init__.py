@@ -12,5 +12,6 @@ Install with ``pip install sluice[testing]`` (pytest, pytest-trio, httpx).
 
 from .origin import Origin, Recorded, Reply
 from .proxy import Running, serve
+from .run_filter import FilterRun, build_filter, run_filter
 
-__all__ = ["Origin", "Recorded", "Reply", "Running", "serve"]
+__all__ = ["FilterRun", "Origin", "Recorded", "Reply", "Running", "build_filter", "run_filter", "serve"]
