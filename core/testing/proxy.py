@@ -29,8 +29,15 @@ __all__ = ["Running", "serve"]
 
 @dataclass
 class Running:
+    """A proxy ``serve`` runs: its ``App``, and the base URL of each listener.
+
+    ``client`` is None from ``serve``; the ``sluice_proxy`` fixture sets it to
+    an ``httpx.AsyncClient`` with ``base_url=url``.
+    """
+
     app: App
     urls: list[str]
+    client: Any = None
 
     @property
     def url(self) -> str:
