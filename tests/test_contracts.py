@@ -14,11 +14,11 @@ import trio
 from structlog.testing import capture_logs
 
 import sluice
-from sluice import ConfigError, Filter, LocalReply
+from sluice import CONTINUE, ConfigError, Filter, LocalReply
 from sluice.control.app import App
 from sluice.control.config import parse
 from sluice.control.registry import Plugins
-from sluice.testing import serve
+from sluice.testing import Origin, Reply, serve
 
 from .conftest import InProcess, config
 
@@ -350,3 +350,154 @@ def test_the_flags_table_is_exported_and_complete():
     assert all(isinstance(f, sluice.Flag) and f.code == code and f.meaning and f.set_by and f.status
                for code, f in sluice.FLAGS.items())
     assert sluice.LocalReply(403).flag in sluice.FLAGS
+
+
+# -- the response phases and core-generated replies --------------------------------
+#
+# Each response phase runs at most once per exchange. A reply the core makes
+# before the response phases ran (503 UF, 502 UC, 504 UT, 404 NR, 413 ...)
+# runs through them once, flagged; one made after on_response_headers ran
+# for the upstream's head (a buffered body that broke or overflowed) goes to
+# the client without them; one made after bytes went out is a cut.
+
+
+class Seer(Filter):
+    """Records what each response phase and on_complete see (one per test)."""
+
+    name = "seer"
+    buffer = False
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.seen: list[tuple] = []
+        Seer.latest = self
+
+    async def on_response_headers(self, ctx, response):
+        self.seen.append(("headers", response.status, tuple(ctx.flags), type(ctx.error).__name__))
+        if self.buffer:
+            ctx.buffer_response_body()
+
+    async def on_response_body(self, ctx, chunk, end):
+        self.seen.append(("body", len(chunk), end))
+
+    async def on_complete(self, ctx):
+        self.seen.append(("complete", ctx.response.status if ctx.response else None, tuple(ctx.flags)))
+
+    def phases(self, name):
+        return [entry for entry in self.seen if entry[0] == name]
+
+
+class BufferingSeer(Seer):
+    buffer = True
+
+
+def closed_port() -> str:
+    """An address nothing listens on (bound, then closed)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+async def through_seer(nursery, origin: Origin | None, path: str = "/", *, buffer: bool = False,
+                       endpoint: str | None = None, listener: dict | None = None,
+                       routes: list | None = None, **request):
+    """One request through ["seer", "router"] in front of ``origin``; returns
+    (the client's status, or the httpx error's class name) and the Seer."""
+    if origin is not None:
+        await nursery.start(origin.serve)
+    cfg = config(endpoint or origin.address, filters=["seer", "router"], listener=listener, routes=routes,
+                 cluster={"response_timeout": 0.3, "connect_timeout": 0.5, "connect_tries": 1})
+    seer = BufferingSeer if buffer else Seer
+    async with serve(cfg, plugins=["router", "balancer"], extra={"mine": InProcess(seer)}) as proxy:
+        async with httpx.AsyncClient(timeout=5) as client:
+            try:
+                r = await client.request(request.pop("method", "GET"), proxy.url + path, **request)
+                got = r.status_code
+            except httpx.TransportError as exc:
+                got = type(exc).__name__
+    return got, Seer.latest
+
+
+@pytest.mark.parametrize(("script", "status", "flag"), [
+    (None, 503, "UF"),                       # connect refused
+    (Reply(reset=True), 502, "UC"),          # reset before the head
+    (Reply(hang=True), 504, "UT"),           # no head within response_timeout
+])
+async def test_a_core_reply_before_any_response_phase_runs_through_them_once(nursery, script, status, flag):
+    origin = Origin(script) if script is not None else None
+    got, seer = await through_seer(nursery, origin, endpoint=None if origin else closed_port())
+    assert got == status
+    assert seer.phases("headers") == [("headers", status, (flag,), "UpstreamError")]
+    assert seer.phases("body") == [("body", len(f"{httpx.codes.get_reason_phrase(status).lower()}\n"), True)]
+    assert seer.phases("complete") == [("complete", status, (flag,))]
+
+
+async def test_no_route_and_a_body_over_the_limit_run_through_the_response_phases(nursery):
+    origin = Origin()
+    got, seer = await through_seer(nursery, origin, listener={"limits": {"max_body_bytes": 4}},
+                                   method="POST", content=b"too long")
+    assert got == 413 and seer.phases("headers") == [("headers", 413, ("LR",), "NoneType")]
+    got, seer = await through_seer(nursery, None, "/elsewhere", endpoint=origin.address,
+                                   routes=[{"match": {"prefix": "/api/"}, "cluster": "backend"}])
+    assert got == 404 and seer.phases("headers") == [("headers", 404, ("NR",), "NoneType")]
+    assert seer.phases("complete") == [("complete", 404, ("NR",))]
+
+
+async def test_a_cut_mid_body_after_the_head_went_out_runs_no_phase_again(nursery):
+    origin = Origin(Reply(body=b"x" * 100, close_after=10))
+    got, seer = await through_seer(nursery, origin)
+    assert got == "RemoteProtocolError"  # the client's connection was cut: no status could change
+    assert seer.phases("headers") == [("headers", 200, (), "NoneType")]
+    assert all(not end for _, _, end in seer.phases("body"))
+    assert seer.phases("complete") == [("complete", 200, ("UC",))]
+
+
+async def test_a_stall_mid_body_is_a_cut_flagged_ut(nursery):
+    origin = Origin(Reply(body=[b"a", b"b"], chunked=True, chunk_delay=2.0))
+    got, seer = await through_seer(nursery, origin)
+    assert got == "RemoteProtocolError"
+    assert len(seer.phases("headers")) == 1
+    assert seer.phases("complete") == [("complete", 200, ("UT",))]
+
+
+@pytest.mark.parametrize(("script", "listener", "flag"), [
+    (Reply(body=b"x" * 100, close_after=10), None, "UC"),                     # broke mid-body
+    (Reply(body=[b"a", b"b"], chunked=True, chunk_delay=2.0), None, "UT"),   # stalled mid-body
+    (Reply(body=b"x" * 100), {"limits": {"max_buffered_body_bytes": 50}}, "UBL"),  # over the buffer
+])
+async def test_a_buffered_response_that_fails_after_its_head_is_not_run_through_the_head_phase_again(
+        nursery, script, listener, flag):
+    got, seer = await through_seer(nursery, Origin(script), buffer=True, listener=listener)
+    assert got == (504 if flag == "UT" else 502)
+    assert seer.phases("headers") == [("headers", 200, (), "NoneType")]  # the upstream's head, once
+    assert seer.phases("body") == []  # the whole body never came
+    assert seer.phases("complete") == [("complete", got, (flag,))]
+
+
+async def test_a_reply_from_a_buffered_body_phase_skips_the_head_phases_that_saw_the_upstreams(nursery):
+    class Refuse(Filter):
+        name = "refuse"
+
+        async def on_response_headers(self, ctx, response):
+            ctx.buffer_response_body()
+
+        async def on_response_body(self, ctx, chunk, end):
+            return LocalReply(451, "withheld\n") if b"secret" in chunk else CONTINUE
+
+    origin = Origin(Reply(body=b"a secret"))
+    await nursery.start(origin.serve)
+    async with serve(config(origin.address, filters=["seer", "refuse", "router"]), plugins=["router", "balancer"],
+                     extra={"mine": InProcess(Seer, Refuse)}) as proxy:
+        r = await proxy_get(proxy.url)
+    assert r.status_code == 451 and r.text == "withheld\n"
+    seer = Seer.latest
+    assert seer.phases("headers") == [("headers", 200, (), "NoneType")]
+    assert seer.phases("body") == []
+    assert seer.phases("complete") == [("complete", 451, ("LR",))]
+
+
+async def proxy_get(url: str) -> httpx.Response:
+    async with httpx.AsyncClient(timeout=5) as client:
+        return await client.get(url + "/")

@@ -90,6 +90,7 @@ class Context:
         "_route",
         "_resolver",
         "_drainable",
+        "_responded",
     )
 
     def __init__(
@@ -135,6 +136,7 @@ class Context:
         self._route: Route | None | bool = False  # False: not resolved yet
         self._resolver = None
         self._drainable = True  # an unread request body is small enough to drain
+        self._responded = False  # on_response_headers ran on the upstream's head
 
     def buffer_request_body(self) -> None:
         """Ask for the whole request body (call from ``on_request_headers``).

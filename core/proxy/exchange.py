@@ -147,13 +147,13 @@ async def run_exchange(listener: Site, down: Any, head: RequestHead, ctx: Contex
         except BaseExceptionGroup as group:
             raise _collapse(group) from None
     except _Reply as r:
-        await answer(chain, down, ctx, r.reply, len(chain.filters) if r.limit is None else r.limit)
+        await answer(chain, down, ctx, r.reply, _unseen(ctx, len(chain.filters) if r.limit is None else r.limit))
     except UpstreamError as exc:
         ctx.error = exc
         ctx.flags.append(exc.flag)
         log.info("upstream failed", request_id=ctx.request_id, error=str(exc))
         await answer(chain, down, ctx, LocalReply(exc.status, reason(exc.status), flag=""),
-                      len(chain.filters))
+                      _unseen(ctx, len(chain.filters)))
     except ProtocolError as exc:
         ctx.error = exc
         ctx.flags.append("DPE")
@@ -185,6 +185,14 @@ async def run_exchange(listener: Site, down: Any, head: RequestHead, ctx: Contex
             base.active -= 1  # a reload closes the old chain's filters at 0 (sluice.control.reload)
     if not down.body_done and not down.close_after:
         await drain_body(down, ctx)
+
+
+def _unseen(ctx: Context, limit: int) -> int:
+    """How far back a reply made now runs through the response phases: not
+    at all once they ran on the upstream's head (each runs at most once per
+    exchange; the filter learns of the failure from ctx.flags, ctx.error and
+    ctx.response in on_complete)."""
+    return 0 if ctx._responded else limit
 
 
 def _prepare(listener: Site, down: Any, head: RequestHead, ctx: Context) -> Chain:
@@ -447,6 +455,7 @@ async def _tunnel(listener: Site, chain: Chain, down: Any, conn: Any, ctx: Conte
         conn.discard = True
         down.close_after = True  # the client may already be sending the new protocol
         raise _Reply(replied[1], replied[0])
+    ctx._responded = True
     timeouts = listener.config.timeouts
     ended = await down.tunnel(response, conn.io, conn.switched(), idle=timeouts.tunnel_idle,
                               limit=timeouts.tunnel_max, stats=ctx)
@@ -482,6 +491,7 @@ async def _relay_response(listener, chain, down, conn, ctx, response: Response, 
     if replied is not None:
         conn.discard = True  # its unread body makes the connection unusable
         raise _Reply(replied[1], replied[0])
+    ctx._responded = True  # a later failure's reply skips the response phases (_unseen)
     if not keeps_open(down, ctx):
         # The upstream answers before the upload ended, and what is left of
         # it is too much to drain: the connection closes after the answer;
