@@ -62,6 +62,7 @@ async def test_origin_echoes_body_or_target_and_records_requests(nursery):
     assert first.header("X-API-KEY") == "k" and ("x-api-key", "k") in first.headers
     assert first.header("absent") is None
     assert (second.method, second.path, second.body) == ("GET", "/target", b"")
+    assert first.complete and second.complete
     assert origin.connections == 1  # keep-alive: both on one connection
 
 
@@ -128,7 +129,17 @@ async def test_origin_early_reply_answers_before_the_body_then_closes(nursery):
         raw = await read_until_closed(stream, timeout=5)
     head, body = head_and_body(raw)
     assert head.startswith("http/1.1 413") and "connection: close" in head and body == b"too big"
-    assert origin.requests[0].body == b""
+    assert origin.requests[0].body == b"" and not origin.requests[0].complete
+
+
+async def test_origin_records_a_request_cut_mid_body_as_incomplete(nursery):
+    origin = await started(nursery)
+    await raw_request(("127.0.0.1", origin.port), b"POST /cut HTTP/1.1\r\nhost: o\r\ncontent-length: 10\r\n\r\nabc",
+                      timeout=0.2)  # gives up and closes with 7 bytes unsent
+    with trio.fail_after(5):
+        while not origin.requests or origin.requests[0].body != b"abc":
+            await trio.sleep(0.01)
+    assert origin.requests[0].path == "/cut" and not origin.requests[0].complete
 
 
 async def test_origin_close_after_cuts_the_body_and_closes(nursery):

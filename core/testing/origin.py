@@ -84,9 +84,10 @@ class Recorded:
     """One request as the origin received it.
 
     ``headers`` keep their order and repeats, names lower-cased; ``path`` is
-    the target without its query. ``body`` grows as the body arrives; it is
-    complete once the response is sent (except for an ``early`` reply,
-    which answers before reading it).
+    the target without its query. A request is recorded when its head
+    arrives; ``body`` grows as the body arrives, and ``complete`` turns True
+    once all of it (and its trailers) did: a request whose body was cut
+    short, or that an ``early`` reply answered first, stays incomplete.
     """
 
     method: str
@@ -95,6 +96,7 @@ class Recorded:
     headers: list[tuple[str, str]]
     body: bytes = b""
     trailers: list[tuple[str, str]] = field(default_factory=list)
+    complete: bool = False
 
     def header(self, name: str) -> str | None:
         """The value of header ``name`` (any case); repeats joined by ", "; None if absent."""
@@ -217,6 +219,7 @@ class Origin:
                 recorded.body = bytes(body)
             elif isinstance(event, h11.EndOfMessage):
                 recorded.trailers = [(_s(n), _s(v)) for n, v in event.headers]
+                recorded.complete = True
                 break
             else:
                 return False

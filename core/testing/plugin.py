@@ -38,7 +38,8 @@ import trio
 from .origin import Origin
 from .proxy import serve
 
-TEARDOWN_TIMEOUT = 30.0  # seconds for a proxy to drain at the end of a test
+DRAIN_TIMEOUT = 2.0  # server.drain_timeout in tests: what is still in flight at the end is left over
+TEARDOWN_TIMEOUT = DRAIN_TIMEOUT + 10.0  # then something hangs: fail rather than wait forever
 INSTALL = "pip install sluice[testing]"
 
 
@@ -74,8 +75,11 @@ async def origin(_sluice_kit: None):
 def default_config(origin: Any, filters: list[str] | None) -> dict[str, Any]:
     """What ``sluice_proxy`` merges a test's config over: one listener on a
     free loopback port with ``filters`` (None: ``["router"]``), cluster
-    ``origin`` holding the ``origin`` fixture, and a catch-all route to it."""
+    ``origin`` holding the ``origin`` fixture, a catch-all route to it, and
+    a short ``server.drain_timeout`` (``DRAIN_TIMEOUT``) so a test that ends
+    with a request in flight is not held for the production default."""
     return {
+        "server": {"drain_timeout": DRAIN_TIMEOUT},
         "listeners": [{"address": "127.0.0.1:0", "filters": list(filters if filters is not None else ["router"])}],
         "clusters": {"origin": {"endpoints": [origin.address]}},
         "routes": [{"match": {"prefix": "/"}, "cluster": "origin"}],
