@@ -8,6 +8,7 @@
     sluice reload --pid-file PATH | -c FILE      SIGHUP to the running sluice the pid file names
     sluice stop --pid-file PATH | -c FILE [--fast]  SIGTERM (drain), or SIGQUIT (--fast)
     sluice version, sluice --version             the installed version
+    sluice new-plugin NAME [--dir PATH]          a new plugin's project: PATH/sluice-NAME/
 
 A serving process (the one process, or each worker) takes SIGTERM/SIGINT
 as drain and stop, SIGQUIT as stop now, SIGHUP as reload and SIGUSR1 as
@@ -38,11 +39,11 @@ from urllib.parse import urlsplit
 import structlog
 import trio
 
-from . import metrics, shared
+from . import metrics, scaffold, shared
 from .control import pidfile
 from .control.app import App, maybe_await
 from .control.config import Config, load, parse
-from .control.registry import Plugins
+from .control.registry import Plugins, discover
 from .edge.ports import reserve
 from .edge.workers import run_workers
 from .errors import ConfigError
@@ -107,6 +108,10 @@ def _parser() -> argparse.ArgumentParser:
         which.add_argument("--pid-file", metavar="PATH", help="as given to run")
         which.add_argument("-c", "--config", help="the config file's server.pid_file")
     sub.add_parser("version", help="print the version")
+
+    new = sub.add_parser("new-plugin", help="write a new filter plugin's project: code, tests, README")
+    new.add_argument("name", metavar="NAME", help=f"the plugin's name: {scaffold.ALLOWED}")
+    new.add_argument("--dir", default=".", metavar="PATH", help="where to make sluice-NAME/ (default: here)")
     return p
 
 
@@ -510,6 +515,21 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_new_plugin(args: argparse.Namespace) -> int:
+    """``sluice new-plugin``: a plugin's project that installs and passes its tests as written."""
+    try:
+        taken = {name: getattr(ep.dist, "name", "?") for name, ep in discover().items()}
+        names = scaffold.names(args.name, taken)
+        project = scaffold.create(names, args.dir)
+    except scaffold.ScaffoldError as exc:
+        print(f"sluice new-plugin: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"sluice: wrote {project}: plugin {names.name!r} in {names.module}.py, its tests in tests/, "
+          "pyproject.toml, README.md")
+    print(f"next:\n  cd {project}\n  python -m pip install -e '.[test]'\n  python -m pytest")
+    return 0
+
+
 def _reporting(fn):
     """Wrap a command or worker: a ConfigError is one clear message and status 2."""
 
@@ -538,5 +558,5 @@ def _first_leaf(group: BaseExceptionGroup) -> BaseException:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command = {"run": cmd_run, "check": cmd_check, "plugins": cmd_plugins, "reload": cmd_signal,
-               "stop": cmd_signal, "version": cmd_version}[args.command]
+               "stop": cmd_signal, "version": cmd_version, "new-plugin": cmd_new_plugin}[args.command]
     return _reporting(command)(args)
