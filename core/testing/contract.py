@@ -1,0 +1,1003 @@
+"""The filter-contract battery: one call in a plugin's tests checks a filter
+against the contract of ``sluice.proxy.filters`` under every kind of
+exchange a proxy meets.
+
+    # tests/test_contract.py of a plugin
+    from sluice.testing import contract
+    import sluice_myplugin
+
+    test_contract = contract.battery(
+        "my_filter", settings={"limit": 3}, extra={"myplugin": sluice_myplugin},
+        request_headers={"x-api-key": "k"},   # added to every request (to pass auth, say)
+    )
+
+``battery`` returns a pytest test function parametrised over ``SCENARIOS``
+(ids like ``test_contract[chunked-request-body]``); pytest collects it under
+the name it is bound to. It is a plain function that runs each scenario in
+its own ``trio.run``, so it needs no async plugin and no fixture.
+``check(filter, scenario, ...)`` runs one scenario directly and raises
+``ContractViolation`` (an AssertionError) naming the filter, the scenario
+and every rule broken.
+
+A scenario is real: an ``Origin`` on loopback, an in-process proxy
+(``serve``) whose listener's chain is ``[contract_before, the filter,
+contract_after, router]`` (the two probes answer locally when a request
+asks them to; a filter declared ``first`` or ``last`` keeps its place),
+and real clients: httpx for the concurrent exchanges, an h11 client on a
+trio socket elsewhere (it sees every byte, so a response longer than its
+Content-Length is caught, where httpx would silently drop the rest), and
+a bare socket to abort mid-body.
+
+The rules, checked after every scenario:
+
+- ``on_complete`` runs exactly once per exchange for the filter, aborted and
+  cancelled exchanges included (an exchange is what any filter's
+  ``on_complete`` saw; each is tagged in ``ctx.vars``);
+- no exception escapes a phase: none raised through the battery's wrapper of
+  each phase the filter overrides, no error-level sluice log event, no
+  ``FE`` flag;
+- no step blocks the loop: a ``trio.abc.Instrument`` times every task step
+  of the proxy (the battery's own client and origin tasks excepted); one
+  longer than ``block_threshold`` fails, naming the task. Automatic garbage
+  collection is off while a scenario runs, so a collector pause is not
+  blamed on the filter;
+- framing stays correct: each response parses, its body is as long as its
+  Content-Length with nothing after it, and each request the origin got
+  holds as many bytes as its Content-Length says;
+- per-request state is released: once the proxy has stopped and
+  ``gc.collect()`` ran, no ``Context`` of the scenario and no weakly
+  referenceable ``ctx.state(filter)`` object is alive, and no container held
+  by the filter instance grew with the number of requests;
+- every exchange ends: every client wait is bounded, and a hang fails.
+
+How the filter is watched: the plugin that provides it is registered again
+(through ``extra``, which replaces an installed plugin of the same name)
+with the filter replaced by a subclass that counts ``on_complete`` and
+records what each overridden phase raises; nothing else changes, and an
+``on_complete`` with no ``await`` stays one (the core runs such phases on a
+faster path, and the battery must test that path).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import gc
+import itertools
+import resource
+import socket
+import traceback
+import weakref
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from time import perf_counter, thread_time
+from types import SimpleNamespace
+from typing import Any
+
+import h11
+import pytest
+import trio
+from structlog.testing import capture_logs
+
+from ..control.registry import GROUP, Plugins
+from ..hookspecs import hookimpl
+from ..proxy.chain import never_suspends
+from ..proxy.context import Context
+from ..proxy.filters import PHASES, Filter, LocalReply, overrides
+from .origin import Origin, Reply
+from .proxy import serve
+
+__all__ = ["SCENARIOS", "ContractViolation", "battery", "check"]
+
+# The rules, as failure messages name them.
+ONCE = "on_complete runs exactly once"
+RAISED = "no exception escapes a phase"
+BLOCKED = "no step blocks the event loop"
+FRAMING = "framing stays correct"
+RELEASED = "per-request state is released"
+ENDED = "every exchange ends"
+ISOLATED = "no state crosses requests"
+
+_WAIT = 6.0  # seconds any client wait may take before it counts as a hang
+_RESPONSE_TIMEOUT = 4.0  # the origin cluster's: a request the proxy mis-framed ends in a 504, not a hang
+_PREFIX = "/__contract/"
+_ASK = "x-sluice-contract"  # the request header the probe filters answer to
+_TOKEN = "sluice.contract"  # ctx.vars key: the exchange's number in the scenario
+_HARNESS = "sluice-contract"  # task names of the battery's own clients and origin
+
+
+class ContractViolation(AssertionError):
+    """A filter broke the contract; the message lists every rule broken."""
+
+
+# -- what a scenario observed ---------------------------------------------------
+
+_RECORDER: contextvars.ContextVar[_Recorder] = contextvars.ContextVar("sluice_contract_recorder")
+
+
+@dataclass
+class _Exchange:
+    target: str = "?"
+    flags: list[str] = field(default_factory=list)
+    error: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.target} (flags {self.flags or '-'}{', error ' + self.error if self.error else ''})"
+
+
+class _Recorder:
+    """What the watched filter and the probes saw, keyed by exchange number.
+
+    Holds no Context (that would be a leak of its own): numbers, ids and
+    strings only, and weak references to per-request state."""
+
+    def __init__(self, subject: str) -> None:
+        self.subject = subject
+        self._numbers = itertools.count(1)
+        self.completes: dict[tuple[str, int], int] = {}
+        self.exchanges: dict[int, _Exchange] = {}
+        self.context_ids: set[int] = set()
+        self.states: list[tuple[weakref.ref, str]] = []
+        self.raised: list[str] = []
+        self.instances: list[Filter] = []
+
+    def number(self, ctx: Context) -> int:
+        if _TOKEN not in ctx.vars:
+            ctx.vars[_TOKEN] = next(self._numbers)
+        return ctx.vars[_TOKEN]
+
+    def seen(self, ctx: Context) -> None:
+        """An exchange began (the first probe's request phase): it must complete."""
+        self.exchanges.setdefault(self.number(ctx), _Exchange())
+        self.context_ids.add(id(ctx))
+
+    def complete(self, who: str, ctx: Context) -> None:
+        n = self.number(ctx)
+        key = (who, n)
+        self.completes[key] = self.completes.get(key, 0) + 1
+        self.context_ids.add(id(ctx))
+        request = ctx.request
+        self.exchanges[n] = _Exchange(
+            f"{request.method} {request.target}" if request is not None else "(no request)",
+            list(ctx.flags), repr(ctx.error) if ctx.error is not None else "")
+
+    def keep_state(self, filter_: Filter, ctx: Context) -> None:
+        # The states dict is the Context's own; reading it (rather than
+        # ctx.state(), which would make one) sees only what the filter made.
+        state = (ctx._states or {}).get(id(filter_))
+        if state is None:
+            return
+        try:
+            self.states.append((weakref.ref(state), type(state).__qualname__))
+        except TypeError:
+            pass  # a dict or list: it goes with its Context, which is checked
+
+    def exception(self, phase: str, exc: BaseException) -> None:
+        where = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
+        at = f" at {where[0].filename}:{where[0].lineno}" if where else ""
+        self.raised.append(f"{phase} raised {exc!r}{at}")
+
+
+def _recorder() -> _Recorder | None:
+    return _RECORDER.get(None)
+
+
+# -- the watched filter ----------------------------------------------------------
+
+class _Watched:
+    """Marks a class made by ``_watch``."""
+
+
+_watched: dict[type, type] = {}
+
+
+def _phase_wrapper(phase: str, original: Callable) -> Callable:
+    async def phase_(self, ctx, *args):
+        try:
+            return await original(self, ctx, *args)
+        except Exception as exc:
+            rec = _recorder()
+            if rec is not None:
+                rec.exception(phase, exc)
+            raise
+
+    phase_.__name__ = phase
+    return phase_
+
+
+def _complete_wrapper(original: Callable) -> Callable:
+    if never_suspends(original):
+        # No await here either, so the core keeps its unshielded fast path.
+        async def on_complete(self, ctx):
+            rec = _recorder()
+            if rec is not None:
+                rec.complete(rec.subject, ctx)
+            coro = original(self, ctx)
+            try:
+                coro.send(None)
+            except StopIteration:
+                pass
+            except Exception as exc:
+                if rec is not None:
+                    rec.exception("on_complete", exc)
+                raise
+            else:  # never_suspends said it could not: do as the core would
+                coro.close()
+                raise RuntimeError("on_complete suspended")
+            finally:
+                if rec is not None:
+                    rec.keep_state(self, ctx)
+    else:
+        async def on_complete(self, ctx):
+            rec = _recorder()
+            if rec is not None:
+                rec.complete(rec.subject, ctx)
+            try:
+                await original(self, ctx)
+            except Exception as exc:
+                if rec is not None:
+                    rec.exception("on_complete", exc)
+                raise
+            finally:
+                if rec is not None:
+                    rec.keep_state(self, ctx)
+    return on_complete
+
+
+def _watch(cls: type[Filter]) -> type[Filter]:
+    """``cls`` with ``on_complete`` counted and each overridden phase's
+    exceptions recorded; same name, settings and ordering."""
+    if issubclass(cls, _Watched):
+        return cls
+    if cls in _watched:
+        return _watched[cls]
+    body: dict[str, Any] = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+    for phase in PHASES[:-1]:
+        if overrides(cls, phase):
+            body[phase] = _phase_wrapper(phase, getattr(cls, phase))
+    body["on_complete"] = _complete_wrapper(cls.on_complete)
+
+    def from_config(kind, config, app):
+        instance = super(watched, kind).from_config(config, app)
+        if not isinstance(instance, _Watched):  # the filter built another class (a variant of itself)
+            instance.__class__ = _watch(type(instance))
+        rec = _recorder()
+        if rec is not None:
+            rec.instances.append(instance)
+        return instance
+
+    body["from_config"] = classmethod(from_config)
+    watched = type(cls.__name__, (cls, _Watched), body)
+    _watched[cls] = watched
+    return watched
+
+
+def _provides(filters: list[type[Filter]]) -> SimpleNamespace:
+    """A plugin object offering ``filters``."""
+
+    @hookimpl
+    def sluice_filters():
+        return list(filters)
+
+    return SimpleNamespace(sluice_filters=sluice_filters)
+
+
+def _swapped(module: Any, cls: type[Filter], watched: type[Filter]) -> SimpleNamespace:
+    """The plugin ``module`` again, with ``cls`` replaced by ``watched`` in
+    what it offers; its other hooks unchanged."""
+    marker = f"{GROUP}_impl"
+    hooks = {}
+    for name in dir(module):
+        value = getattr(module, name, None)
+        if callable(value) and getattr(value, marker, None) is not None:
+            hooks[name] = value
+    offered = hooks.get("sluice_filters")
+
+    @hookimpl
+    def sluice_filters():
+        return [watched if c is cls else c for c in (offered() if offered else ())]
+
+    hooks["sluice_filters"] = sluice_filters
+    return SimpleNamespace(**hooks)
+
+
+# -- the probes: local replies before and after the filter -----------------------
+
+class _Probe(Filter):
+    """Answers 418 when the request's ``x-sluice-contract`` header asks it;
+    counts every exchange's ``on_complete`` (no await: the fast path)."""
+
+    ask = ""
+
+    async def on_request_headers(self, ctx, request):
+        rec = _recorder()
+        if rec is not None:
+            rec.seen(ctx)
+        if request.headers.get(_ASK) == self.ask:
+            return LocalReply(418, f"{self.name} answered\n", [(_ASK, self.name)])
+        return None
+
+    async def on_complete(self, ctx):
+        rec = _recorder()
+        if rec is not None:
+            rec.complete(self.name, ctx)
+
+
+class _Before(_Probe):
+    name = "contract_before"
+    ask = "reply-before"
+
+
+class _After(_Probe):
+    name = "contract_after"
+    ask = "reply-after"
+
+
+# -- the battery -----------------------------------------------------------------
+
+@dataclass
+class _Spec:
+    filter: str | type[Filter]
+    settings: Mapping[str, Any] | None
+    extra: Mapping[str, Any]
+    request_headers: list[tuple[str, str]]
+    config: Mapping[str, Any] | None
+    block_threshold: float
+    plugins: list[str] | None
+    _resolved: tuple | None = None
+
+    def resolve(self) -> tuple[type[Filter], dict[str, Any]]:
+        """The filter's class and the ``extra`` plugins that watch it (once)."""
+        if self._resolved is None:
+            registry = Plugins(self.plugins, dict(self.extra))
+            if isinstance(self.filter, type):
+                cls, found = self.filter, registry.filters.get(self.filter.name)
+                if found is not None and found[0] is not cls:
+                    raise ValueError(f"filter {cls.name!r}: plugin {found[1]!r} provides another class "
+                                     f"of that name ({found[0]!r})")
+            else:
+                found = registry.filters.get(self.filter)
+                if found is None:
+                    raise ValueError(f"no enabled plugin provides a filter {self.filter!r}; available: "
+                                     f"{', '.join(sorted(registry.filters)) or '(none)'}")
+                cls = found[0]
+            extra = dict(self.extra)
+            if found is not None:
+                extra[found[1]] = _swapped(registry.loaded[found[1]].module, cls, _watch(cls))
+            else:
+                extra["sluice-contract-subject"] = _provides([_watch(cls)])
+            extra["sluice-contract"] = _provides([_Before, _After])
+            self._resolved = (cls, extra)
+        return self._resolved
+
+    @property
+    def name(self) -> str:
+        return self.filter if isinstance(self.filter, str) else self.filter.name
+
+
+def _spec(filter, settings, extra, request_headers, config, block_threshold, plugins) -> _Spec:
+    headers = request_headers or {}
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    return _Spec(filter, settings, dict(extra or {}), [(str(n), str(v)) for n, v in items], config,
+                 float(block_threshold), plugins)
+
+
+def battery(
+    filter: str | type[Filter],
+    *,
+    settings: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    request_headers: Mapping[str, str] | None = None,
+    config: Mapping[str, Any] | None = None,
+    block_threshold: float = 0.1,
+    plugins: list[str] | None = None,
+    xfail: Mapping[str, str] | None = None,
+) -> Callable[[str], None]:
+    """A pytest test function running every scenario in ``SCENARIOS`` against ``filter``.
+
+    ``filter`` is a filter name (found among the enabled plugins and
+    ``extra``) or a class. ``settings`` are its ``[filters.NAME]`` table;
+    ``config`` is merged over the battery's (dicts merge, other values
+    replace; routes given there go after the battery's own two and replace
+    its catch-all). ``plugins``: which installed plugins to load (None:
+    all). ``xfail`` maps a scenario to the reason it is expected to fail
+    (strictly: it must fail).
+    """
+    spec = _spec(filter, settings, extra, request_headers, config, block_threshold, plugins)
+    unknown = set(xfail or ()) - set(SCENARIOS)
+    if unknown:
+        raise ValueError(f"xfail names unknown scenarios {sorted(unknown)}; scenarios: {', '.join(SCENARIOS)}")
+    params = [
+        pytest.param(name, id=name, marks=[pytest.mark.xfail(strict=True, reason=(xfail or {})[name])]
+                     if name in (xfail or {}) else [])
+        for name in SCENARIOS
+    ]
+
+    @pytest.mark.parametrize("scenario", params)
+    def test_contract(scenario: str) -> None:
+        _run(spec, scenario)
+
+    test_contract.__doc__ = f"The filter contract, for filter {spec.name!r} (sluice.testing.contract)."
+    return test_contract
+
+
+def check(
+    filter: str | type[Filter],
+    scenario: str,
+    *,
+    settings: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    request_headers: Mapping[str, str] | None = None,
+    config: Mapping[str, Any] | None = None,
+    block_threshold: float = 0.1,
+    plugins: list[str] | None = None,
+) -> None:
+    """Run one scenario against ``filter``; raise ContractViolation if a rule broke."""
+    if scenario not in SCENARIOS:
+        raise ValueError(f"unknown scenario {scenario!r}; scenarios: {', '.join(SCENARIOS)}")
+    _run(_spec(filter, settings, extra, request_headers, config, block_threshold, plugins), scenario)
+
+
+# -- running a scenario ----------------------------------------------------------
+
+class _Steps(trio.abc.Instrument):
+    """Times every task step; keeps the proxy's steps past the threshold.
+
+    A step counts as blocking when it took longer than the threshold and
+    either spent that long on the CPU or gave the CPU up of its own accord
+    (a sleep, a blocking read: a voluntary context switch). A step that was
+    only preempted, on a busy machine running other tests, is not the
+    filter's doing and is not blamed on it."""
+
+    def __init__(self, threshold: float, main: Any) -> None:
+        self.threshold = threshold
+        self.main = main
+        self.longest: tuple[float, str] = (0.0, "")
+        self.slow: list[tuple[float, float, str]] = []
+        self._began: tuple[float, float, int] | None = None
+
+    def before_task_step(self, task) -> None:
+        self._began = (perf_counter(), thread_time(), _waits())
+
+    def after_task_step(self, task) -> None:
+        began, self._began = self._began, None
+        if began is None or task is self.main:
+            return
+        took = perf_counter() - began[0]
+        if took > self.longest[0] and not _harness(task):
+            self.longest = (took, task.name)
+        if took > self.threshold and not _harness(task):
+            cpu = thread_time() - began[1]
+            if cpu > self.threshold or _waits() > began[2]:
+                self.slow.append((took, cpu, task.name))
+
+
+def _waits() -> int:
+    """Voluntary context switches of this thread so far."""
+    return resource.getrusage(_THREAD).ru_nvcsw
+
+
+_THREAD = getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF)
+
+
+def _harness(task) -> bool:
+    """Whether ``task`` is one of the battery's own (a client, the origin)."""
+    while task is not None:
+        if task.name.startswith(_HARNESS):
+            return True
+        nursery = task.parent_nursery
+        task = nursery.parent_task if nursery is not None else None
+    return False
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _merge(base: dict, over: Mapping) -> dict:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _chain(cls: type[Filter]) -> list[str]:
+    if cls.name == "router":
+        return ["contract_before", "router", "contract_after"]
+    if cls.first:
+        return [cls.name, "contract_before", "contract_after", "router"]
+    if cls.last:
+        return ["contract_before", "contract_after", "router", cls.name]
+    return ["contract_before", cls.name, "contract_after", "router"]
+
+
+def _config(spec: _Spec, cls: type[Filter], origin: Origin, refused: int) -> dict:
+    user = dict(spec.config or {})
+    routes = [
+        {"match": {"prefix": _PREFIX + "timeout"}, "cluster": "origin", "timeout": 0.3},
+        {"match": {"prefix": _PREFIX + "refused"}, "cluster": "refused"},
+        *(user.pop("routes", None) or [{"match": {"prefix": "/"}, "cluster": "origin"}]),
+    ]
+    base = {
+        "listeners": [{"address": "127.0.0.1:0", "filters": _chain(cls)}],
+        "clusters": {
+            "origin": {"endpoints": [origin.address], "response_timeout": _RESPONSE_TIMEOUT},
+            "refused": {"endpoints": [f"127.0.0.1:{refused}"]},
+        },
+        "routes": routes,
+        "filters": {spec.name: dict(spec.settings)} if spec.settings else {},
+        "server": {"drain_timeout": 3.0},
+    }
+    return _merge(base, user)
+
+
+def _run(spec: _Spec, scenario: str) -> None:
+    cls, extra = spec.resolve()
+    if scenario == "local-reply-before" and cls.first:
+        pytest.skip(f"filter {spec.name!r} is declared first: no filter can answer before it")
+    if scenario == "local-reply-after" and cls.name == "router":
+        pytest.skip("the router is the terminal filter: a filter after it answers no differently")
+    run = _Run(spec, cls, scenario)
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        with capture_logs() as logs:
+            trio.run(run.main, extra)
+        errors = [_event(e) for e in logs if e.get("log_level") in ("error", "critical")]
+        del logs  # their exc_info holds tracebacks, whose frames hold contexts
+        run.verdict(errors)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _event(entry: dict) -> str:
+    exc = entry.get("exc_info")
+    if isinstance(exc, BaseException):
+        return f"{entry.get('event')!r}: {exc!r}"
+    return repr(entry.get("event"))
+
+
+@dataclass
+class _Answer:
+    """A response as the h11 client read it."""
+
+    status: int | None = None
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes = b""
+    trailers: list[tuple[str, str]] = field(default_factory=list)
+    complete: bool = False  # its end arrived
+    problem: str = ""  # why it is not a well-framed response
+    hung: bool = False
+
+    def header(self, name: str) -> str | None:
+        return next((v for n, v in self.headers if n == name), None)
+
+
+class _Run:
+    """One scenario: its proxy, origin and recorder, and what it found."""
+
+    def __init__(self, spec: _Spec, cls: type[Filter], scenario: str) -> None:
+        self.spec = spec
+        self.cls = cls
+        self.scenario = scenario
+        self.recorder = _Recorder(cls.name)
+        self.origin = Origin()
+        self.violations: list[tuple[str, str]] = []
+        self.address: tuple[str, int] = ("127.0.0.1", 0)
+        self.steps: _Steps | None = None
+        self._proxy_scope = trio.CancelScope()
+        self._stop = trio.Event()
+        self._stopped = trio.Event()
+        self.baseline: dict[str, int] = {}
+        self.sizes: dict[str, int] = {}
+        self.exchanges_before = 0
+        # Does the filter leave bodies alone? Then what comes back is what went.
+        self.body_phases = any(overrides(cls, p) for p in ("on_request_body", "on_response_body"))
+
+    def violate(self, rule: str, detail: str) -> None:
+        self.violations.append((rule, detail))
+
+    # -- the run ---------------------------------------------------------
+
+    async def main(self, extra: dict) -> None:
+        _RECORDER.set(self.recorder)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.origin.serve, name=f"{_HARNESS}-origin")
+            config = _config(self.spec, self.cls, self.origin, _closed_port())
+            self.address = await nursery.start(self._proxy, config, extra)
+            await self.request("GET", _PREFIX + "warm-up")  # imports and first connections: not timed
+            self.baseline = self._sizes()
+            self.exchanges_before = len(self.recorder.exchanges)
+            self.steps = _Steps(self.spec.block_threshold, trio.lowlevel.current_task())
+            trio.lowlevel.add_instrument(self.steps)
+            try:
+                await SCENARIOS[self.scenario](self)
+                self._stop.set()
+                with trio.move_on_after(_WAIT) as waited:
+                    await self._stopped.wait()
+                if waited.cancelled_caught:
+                    self.violate(ENDED, f"the proxy did not drain within {_WAIT} s of being stopped")
+                    self._proxy_scope.cancel()
+            finally:
+                trio.lowlevel.remove_instrument(self.steps)
+            self.sizes = self._sizes()
+            self.origin.close()
+
+    async def _proxy(self, config: dict, extra: dict, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            with self._proxy_scope:
+                async with serve(config, plugins=self.spec.plugins, extra=extra) as proxy:
+                    task_status.started(proxy.address)
+                    await self._stop.wait()
+        finally:
+            self._stopped.set()
+
+    def cancel_proxy(self) -> None:
+        """Cancel the proxy with whatever is in flight (not a graceful stop)."""
+        self._proxy_scope.cancel()
+
+    def _sizes(self) -> dict[str, int]:
+        sizes = {}
+        for instance in self.recorder.instances:
+            for attr, value in getattr(instance, "__dict__", {}).items():
+                if isinstance(value, (list, dict, set, frozenset, bytearray)) or (
+                        hasattr(value, "__len__") and type(value).__name__ == "deque"):
+                    sizes[f"{type(instance).__name__}.{attr}"] = len(value)
+        return sizes
+
+    # -- clients ---------------------------------------------------------
+
+    def headers(self, *more: tuple[str, str]) -> list[tuple[str, str]]:
+        return [("host", "contract.test"), *self.spec.request_headers, *more]
+
+    async def request(
+        self, method: str, target: str, body: bytes | list[bytes] = b"", *,
+        chunked: bool = False, trailers: list[tuple[str, str]] | None = None,
+        headers: list[tuple[str, str]] = (), cut: bool = False,
+    ) -> _Answer:
+        """One exchange on its own connection (``connection: close``), read
+        byte-exactly; unless ``cut`` (the scenario cuts the response), a
+        response that is not well framed is a violation."""
+        answer = _Answer()
+        with trio.move_on_after(_WAIT) as waited:
+            await self._exchange(method, target, body, chunked, trailers, list(headers), answer)
+        if waited.cancelled_caught:
+            answer.hung = True
+            self.violate(ENDED, f"{method} {target}: no complete response within {_WAIT} s")
+        elif answer.problem and not cut:
+            self.violate(FRAMING, f"{method} {target}: {answer.problem}")
+        return answer
+
+    async def _exchange(self, method, target, body, chunked, trailers, headers, answer: _Answer) -> None:
+        chunks = body if isinstance(body, list) else [body]
+        fields = self.headers(*headers, ("connection", "close"))
+        if chunked or trailers:
+            fields.append(("transfer-encoding", "chunked"))
+        elif method not in ("GET", "HEAD") or any(chunks):
+            fields.append(("content-length", str(sum(map(len, chunks)))))
+        conn = h11.Connection(h11.CLIENT)
+        stream = await trio.open_tcp_stream(*self.address)
+        async with stream:
+            try:
+                await stream.send_all(conn.send(h11.Request(method=method, target=target, headers=fields)))
+                for chunk in chunks:
+                    if chunk:
+                        await stream.send_all(conn.send(h11.Data(data=chunk)))
+                await stream.send_all(conn.send(h11.EndOfMessage(headers=trailers or [])))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # answered (and closed) before the body went: read what came
+            await _read_answer(stream, conn, answer)
+
+    # -- checks ----------------------------------------------------------
+
+    def check_echo(self, answer: _Answer, sent: bytes, what: str) -> None:
+        """The origin echoes: with no body phase in the filter, the body must come back whole."""
+        if not self.body_phases and answer.status == 200 and answer.complete and answer.body != sent:
+            self.violate(FRAMING, f"{what}: sent {len(sent)} bytes, the echo came back as "
+                                  f"{len(answer.body)} though the filter has no body phase")
+
+    def check_origin(self, path: str) -> None:
+        """Each request the origin got on ``path`` (or under it, for one
+        ending in ``/``) holds what its framing declared."""
+        for r in self.origin.requests:
+            if r.path != path and not (path.endswith("/") and r.path.startswith(path)):
+                continue
+            length = r.header("content-length")
+            if length is not None and length.isdigit() and len(r.body) != int(length):
+                self.violate(FRAMING, f"the origin got {len(r.body)} body bytes for {r.method} {r.target} "
+                                      f"whose Content-Length is {length}")
+
+    def verdict(self, errors: list[str]) -> None:
+        rec = self.recorder
+        name = self.cls.name
+        if not rec.instances:
+            self.violate(ONCE, f"the proxy never built filter {name!r} through the battery's watch "
+                               "(does its from_config build another class without calling the base?)")
+        for n, exchange in sorted(rec.exchanges.items()):
+            times = rec.completes.get((name, n), 0)
+            if times != 1:
+                self.violate(ONCE, f"on_complete ran {times} times for exchange #{n}: {exchange}")
+            if "FE" in exchange.flags:
+                self.violate(RAISED, f"exchange #{n} failed with flag FE (a filter raised, or broke the "
+                                     f"framing): {exchange}")
+        for raised in dict.fromkeys(rec.raised):
+            self.violate(RAISED, raised)
+        for event in dict.fromkeys(errors):
+            self.violate(RAISED, f"sluice logged the error {event}")
+        if self.steps is not None:
+            for took, cpu, task in self.steps.slow[:3]:
+                self.violate(BLOCKED, f"a step of task {task!r} took {took * 1000:.0f} ms, {cpu * 1000:.0f} ms "
+                                      f"of it on the CPU (block_threshold {self.spec.block_threshold * 1000:.0f} ms)")
+        exchanges = len(rec.exchanges) - self.exchanges_before
+        if exchanges >= 10:
+            for attr, size in self.sizes.items():
+                grew = size - self.baseline.get(attr, 0)
+                if grew >= exchanges // 2:
+                    self.violate(RELEASED, f"{attr} grew by {grew} over {exchanges} exchanges "
+                                           "(and stayed so after the proxy stopped)")
+        self.recorder = None  # nothing of ours holds the scenario's objects now
+        gc.collect()
+        alive = sum(1 for o in gc.get_objects() if type(o) is Context and id(o) in rec.context_ids)
+        if alive:
+            self.violate(RELEASED, f"{alive} of the scenario's {len(rec.context_ids)} request contexts are still "
+                                   "alive after the proxy stopped (held by the filter?)")
+        kept = [kind for ref, kind in rec.states if ref() is not None]
+        if kept:
+            self.violate(RELEASED, f"{len(kept)} per-request state objects ({kept[0]}) are still alive "
+                                   "after their exchanges ended")
+        if self.violations:
+            lines = [f"  - {rule}: {detail}" for rule, detail in self.violations]
+            steps = self.steps.longest if self.steps is not None else (0.0, "")
+            raise ContractViolation(
+                f"filter {name!r} broke the contract in scenario {self.scenario!r}:\n" + "\n".join(lines)
+                + f"\n  (longest proxy step: {steps[0] * 1000:.1f} ms in task {steps[1]!r})")
+
+
+async def _read_answer(stream: trio.SocketStream, conn: h11.Connection, answer: _Answer) -> None:
+    """Read one response into ``answer``: its parts, and what is wrong with its framing."""
+    try:
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                try:
+                    data = await stream.receive_some(65536)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    answer.problem = f"the connection broke before the response ended ({exc!r})"
+                    return
+                if not data and answer.status is None:
+                    answer.problem = "the proxy closed the connection without a response"
+                    return
+                conn.receive_data(data)
+            elif type(event) is h11.Response:
+                answer.status = event.status_code
+                answer.headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in event.headers]
+            elif type(event) is h11.Data:
+                answer.body += event.data
+            elif type(event) is h11.EndOfMessage:
+                answer.trailers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in event.headers]
+                answer.complete = True
+                break
+            elif type(event) is h11.ConnectionClosed:
+                answer.problem = "the connection closed before any response"
+                return
+    except h11.RemoteProtocolError as exc:
+        if answer.status is None:
+            answer.problem = f"the response head does not parse ({exc})"
+        else:
+            length = answer.header("content-length")
+            answer.problem = (f"the connection closed {len(answer.body)} body bytes into a {answer.status} "
+                              f"response whose Content-Length is {length}" if length is not None else
+                              f"the {answer.status} response's body does not parse or ended early ({exc})")
+        return
+    rest = bytearray(conn.trailing_data[0])
+    try:
+        while data := await stream.receive_some(65536):
+            rest += data
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    length = answer.header("content-length")
+    if rest:
+        answer.problem = (f"{len(rest)} bytes followed the end of the response ({bytes(rest[:40])!r}); "
+                          f"its Content-Length is {length}, {len(answer.body)} body bytes before them")
+    elif length is not None and length.isdigit() and int(length) != len(answer.body):
+        answer.problem = f"Content-Length {length} but {len(answer.body)} body bytes"
+
+
+# -- the scenarios -------------------------------------------------------------
+
+Scenario = Callable[[_Run], Awaitable[None]]
+SCENARIOS: dict[str, Scenario] = {}
+
+
+def _scenario(name: str) -> Callable[[Scenario], Scenario]:
+    def register(fn: Scenario) -> Scenario:
+        SCENARIOS[name] = fn
+        return fn
+    return register
+
+
+async def _until(predicate: Callable[[], bool], timeout: float = 2.0) -> bool:
+    """Poll ``predicate`` until it holds or ``timeout`` passes; whether it held."""
+    with trio.move_on_after(timeout):
+        while not predicate():
+            await trio.sleep(0.005)
+        return True
+    return False
+
+
+@_scenario("get")
+async def _get(run: _Run) -> None:
+    await run.request("GET", _PREFIX + "get?q=1")
+
+
+@_scenario("post")
+async def _post(run: _Run) -> None:
+    body = b"a request body, framed by its length\n" * 20
+    run.check_echo(await run.request("POST", _PREFIX + "post", body), body, "POST")
+    run.check_origin(_PREFIX + "post")
+
+
+@_scenario("empty-body")
+async def _empty(run: _Run) -> None:
+    await run.request("POST", _PREFIX + "empty", b"")
+    run.check_origin(_PREFIX + "empty")
+
+
+@_scenario("chunked-request-body")
+async def _chunked(run: _Run) -> None:
+    chunks = [b"chunk %d of a chunked body\n" % i for i in range(8)]
+    run.check_echo(await run.request("POST", _PREFIX + "chunked", chunks, chunked=True), b"".join(chunks),
+                   "a chunked POST")
+    run.check_origin(_PREFIX + "chunked")
+
+
+@_scenario("large-body")
+async def _large(run: _Run) -> None:
+    piece = bytes(range(256)) * 256  # 64 KiB
+    chunks = [piece] * 48  # 3 MiB, written as it streams
+    run.check_echo(await run.request("PUT", _PREFIX + "large", chunks), b"".join(chunks), "a 3 MiB PUT")
+    run.check_origin(_PREFIX + "large")
+
+
+@_scenario("request-trailers")
+async def _request_trailers(run: _Run) -> None:
+    await run.request("POST", _PREFIX + "request-trailers", [b"with ", b"trailers\n"],
+                      trailers=[("x-contract-trailer", "sent")])
+    run.check_origin(_PREFIX + "request-trailers")
+
+
+@_scenario("response-trailers")
+async def _response_trailers(run: _Run) -> None:
+    run.origin.script(_PREFIX + "response-trailers",
+                      Reply(body=[b"answered ", b"with trailers\n"], trailers=[("x-contract-trailer", "answered")]))
+    await run.request("GET", _PREFIX + "response-trailers", headers=[("te", "trailers")])
+
+
+async def _local_reply(run: _Run, ask: str) -> None:
+    path = _PREFIX + ask
+    await run.request("POST", path, b"never forwarded\n", headers=[(_ASK, ask)])
+    if any(r.path == path for r in run.origin.requests):
+        run.violate(ISOLATED, f"a request answered locally by a filter ({ask}) still reached the origin")
+
+
+@_scenario("local-reply-before")
+async def _reply_before(run: _Run) -> None:
+    await _local_reply(run, "reply-before")
+
+
+@_scenario("local-reply-after")
+async def _reply_after(run: _Run) -> None:
+    await _local_reply(run, "reply-after")
+
+
+@_scenario("upstream-refused")
+async def _refused(run: _Run) -> None:
+    await run.request("GET", _PREFIX + "refused")
+
+
+@_scenario("upstream-reset")
+async def _reset(run: _Run) -> None:
+    run.origin.script(_PREFIX + "reset", Reply(reset=True))
+    await run.request("POST", _PREFIX + "reset", b"reset me\n")
+
+
+@_scenario("upstream-timeout")
+async def _timeout(run: _Run) -> None:
+    run.origin.script(_PREFIX + "timeout", Reply(hang=True))
+    await run.request("GET", _PREFIX + "timeout")
+
+
+@_scenario("upstream-closed-mid-body")
+async def _closed_mid_body(run: _Run) -> None:
+    run.origin.script(_PREFIX + "cut", Reply(body=[b"z" * 8192] * 8, close_after=10_000))
+    await run.request("GET", _PREFIX + "cut", cut=True)
+
+
+@_scenario("client-abort-request-body")
+async def _abort_upload(run: _Run) -> None:
+    path = _PREFIX + "abort-upload"
+    head = _head("POST", path, run.headers(("content-length", "1000000")))
+    stream = await trio.open_tcp_stream(*run.address)
+    async with stream:
+        await stream.send_all(head + b"u" * 65536)
+        # Until the origin sees body bytes (or a second passes: the filter holds them), then leave.
+        await _until(lambda: any(r.path == path and r.body for r in run.origin.requests), 1.0)
+
+
+@_scenario("client-abort-response-body")
+async def _abort_download(run: _Run) -> None:
+    path = _PREFIX + "abort-download"
+    run.origin.script(path, Reply(body=[b"d" * 16384] * 64, chunk_delay=0.005))
+    stream = await trio.open_tcp_stream(*run.address)
+    async with stream:
+        await stream.send_all(_head("GET", path, run.headers()))
+        received = b""
+        with trio.move_on_after(_WAIT) as waited:
+            while b"\r\n\r\n" not in received or len(received) < 20_000:
+                data = await stream.receive_some(65536)
+                if not data:
+                    break
+                received += data
+        if waited.cancelled_caught:
+            run.violate(ENDED, f"GET {path}: no response body within {_WAIT} s")
+
+
+@_scenario("cancellation")
+async def _cancellation(run: _Run) -> None:
+    path = _PREFIX + "in-flight"
+    run.origin.script(path, Reply(hang=True))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(run.request, "POST", path, b"in flight\n", cut=True), name=f"{_HARNESS}-client")
+        if not await _until(lambda: any(r.path == path for r in run.origin.requests)):
+            run.violate(ENDED, f"POST {path} never reached the origin")
+        run.cancel_proxy()
+
+
+@_scenario("concurrent")
+async def _concurrent(run: _Run) -> None:
+    import httpx  # the kit's test extra; imported here so the battery module loads without it
+
+    count = 20
+    for i in range(count):
+        run.origin.script(f"{_PREFIX}concurrent/{i}", Reply(headers=[("x-contract-id", str(i))]))
+    answers: dict[int, httpx.Response | BaseException] = {}
+
+    async def one(client: httpx.AsyncClient, i: int) -> None:
+        try:
+            answers[i] = await client.post(f"{_PREFIX}concurrent/{i}", content=f"exchange {i}\n".encode(),
+                                           headers={**dict(run.spec.request_headers), "x-contract-id": str(i)})
+        except httpx.HTTPError as exc:
+            answers[i] = exc
+
+    host, port = run.address
+    async with httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=_WAIT) as client:
+        async with trio.open_nursery() as nursery:
+            for i in range(count):
+                nursery.start_soon(one, client, i, name=f"{_HARNESS}-client-{i}")
+    for i in range(count):
+        answer = answers.get(i)
+        if not isinstance(answer, httpx.Response):
+            run.violate(ENDED, f"concurrent exchange {i} failed: {answer!r}")
+            continue
+        got = answer.headers.get("x-contract-id")
+        if answer.status_code == 200 and got != str(i):
+            run.violate(ISOLATED, f"concurrent exchange {i} got the response of exchange {got}")
+        sent = f"exchange {i}\n".encode()
+        if answer.status_code == 200 and not run.body_phases and answer.content != sent:
+            run.violate(ISOLATED, f"concurrent exchange {i} got the body {answer.content[:40]!r}")
+    for r in run.origin.requests:
+        if r.path.startswith(_PREFIX + "concurrent/") and r.header("x-contract-id") != r.path.rsplit("/", 1)[1]:
+            run.violate(ISOLATED, f"the origin got {r.path} with x-contract-id {r.header('x-contract-id')}")
+    run.check_origin(_PREFIX + "concurrent/")
+
+
+def _head(method: str, target: str, headers: list[tuple[str, str]]) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", *(f"{n}: {v}" for n, v in headers)]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
