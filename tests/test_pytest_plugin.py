@@ -211,3 +211,17 @@ def test_extra_works_whether_or_not_the_plugin_is_installed(tmp_path):
     assert installed.returncode == 0, installed.stdout + installed.stderr
     r = run_pytest(python, project)
     assert summary(r.stdout) == {"passed": 2}, r.stdout + r.stderr
+
+
+async def test_scripted_failures_as_the_proxy_reports_them(origin, sluice_proxy):
+    # What the docstrings of Reply and the origin fixture promise a plugin author.
+    import httpx
+
+    origin.script("/down", Reply(reset=True))
+    origin.script("/slow", Reply(hang=True))
+    origin.script("/flaky", Reply(body=b"x" * 1000, close_after=100))
+    proxy = await sluice_proxy(config={"clusters": {"origin": {"response_timeout": 0.3}}})
+    assert (await proxy.client.get("/down")).status_code == 502
+    assert (await proxy.client.get("/slow")).status_code == 504
+    with pytest.raises(httpx.RemoteProtocolError):  # the head went out: the client's response is cut
+        await proxy.client.get("/flaky")

@@ -42,7 +42,14 @@ class Reply:
     """What the origin answers, and how it misbehaves while doing so.
 
     ``Reply()`` is a 200 echoing the request body (or, when the body is
-    empty, the request target), framed by Content-Length.
+    empty, the request target), framed by Content-Length::
+
+        origin.script("/made", Reply(status=201, headers=[("x-id", "7")], body=b"made"))
+        origin.script("/stream", Reply(body=[b"a", b"b"], chunked=True, chunk_delay=0.1))
+        origin.script("/grpc", Reply(body=b"...", trailers=[("grpc-status", "0")]))
+        origin.script("/flaky", Reply(body=b"x" * 1000, close_after=100))  # the client's response is cut
+        origin.script("/down", Reply(reset=True))                          # 502 from the proxy
+        origin.script("/slow", Reply(hang=True))                           # 504 past response_timeout
 
     - ``body``: bytes, a list of chunks (written one by one, ``chunk_delay``
       apart), or None to echo.
@@ -81,7 +88,11 @@ class Reply:
 
 @dataclass
 class Recorded:
-    """One request as the origin received it.
+    """One request as the origin received it (``origin.requests[i]``)::
+
+        seen = origin.requests[-1]
+        assert (seen.method, seen.path, seen.body) == ("POST", "/upload", b"data")
+        assert seen.header("x-forwarded-for") == "127.0.0.1" and seen.complete
 
     ``headers`` keep their order and repeats, names lower-cased; ``path`` is
     the target without its query. A request is recorded when its head

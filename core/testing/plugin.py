@@ -63,7 +63,13 @@ async def origin(_sluice_kit: None):
 
     By default every path gets a 200 echoing the request body (or the
     target). Script it with ``origin.script("/path", Reply(...))``; read what
-    it received in ``origin.requests``.
+    it received in ``origin.requests``::
+
+        async def test_refused_upstream(origin, sluice_proxy):
+            origin.script("/down", Reply(reset=True))
+            proxy = await sluice_proxy()
+            assert (await proxy.client.get("/down")).status_code == 502
+            assert origin.requests[0].path == "/down"
     """
     served = Origin()
     async with trio.open_nursery() as nursery:
@@ -116,7 +122,11 @@ async def sluice_proxy(_sluice_kit: None, origin: Any):
     the key path). It returns a ``sluice.testing.Running``: ``proxy.url``,
     ``proxy.app``, and ``proxy.client``, an ``httpx.AsyncClient`` with
     ``base_url=proxy.url``. Each proxy is drained and its client closed at
-    the end of the test.
+    the end of the test::
+
+        proxy = await sluice_proxy(filters=["my_filter", "router"], extra={"my_plugin": my_plugin},
+                                   config={"filters": {"my_filter": {"limit": 3}}})
+        r = await proxy.client.get("/x")
     """
     import httpx
 

@@ -1,4 +1,8 @@
-"""Helpers for testing sluice and plugins against a real, in-process proxy.
+"""A real sluice proxy, in process, for the length of a block: ``serve``.
+
+The ``sluice_proxy`` fixture (``sluice.testing.plugin``) is built on it; use
+``serve`` directly for a config the fixture's default does not fit (several
+listeners, clusters of your own)::
 
     from sluice.testing import serve
 
@@ -57,7 +61,21 @@ async def serve(
     plugins: list[str] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> AsyncIterator[Running]:
-    """Run a proxy for the duration of the block."""
+    """Run a proxy for the duration of the block; yield its ``Running``.
+
+    ``config`` is a config dict (as the TOML file would parse) or a parsed
+    ``Config``; a bad one raises ``ConfigError`` naming the key path.
+    ``plugins`` names the installed plugins to load (None: all); ``extra``
+    maps names to in-process plugin modules or objects, and one named like
+    an installed plugin replaces it::
+
+        cfg = {"listeners": [{"address": "127.0.0.1:0", "filters": ["mine", "router"]}],
+               "clusters": {"app": {"endpoints": [origin.address]}},
+               "routes": [{"match": {"prefix": "/"}, "cluster": "app"}]}
+        async with serve(cfg, extra={"mine": my_plugin}) as proxy:
+            async with httpx.AsyncClient(base_url=proxy.url) as client:
+                assert (await client.get("/")).status_code == 200
+    """
     cfg = config if isinstance(config, Config) else parse(dict(config))
     app = App(cfg, Plugins(plugins, dict(extra or {})))
     async with trio.open_nursery() as nursery:

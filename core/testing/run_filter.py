@@ -142,7 +142,11 @@ def build_filter(filter: type[Filter] | Filter, settings: Mapping[str, Any] | No
     ``app`` is what ``from_config`` receives: an ``App``, or a config (a
     dict or parsed ``Config``) from which one is built with every installed
     plugin. Without it, ``from_config`` gets None: enough for a filter
-    that reads only its settings.
+    that reads only its settings::
+
+        limiter = build_filter(RateLimit, {"rate": 1, "burst": 1})
+        first = await run_filter(limiter, request=("GET", "/", {"x-user": "ann"}))
+        second = await run_filter(limiter, request=("GET", "/", {"x-user": "ann"}))
     """
     if isinstance(filter, Filter):
         if settings is not None:
