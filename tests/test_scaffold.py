@@ -28,7 +28,7 @@ from .proc import sluice
 from .venvs import fresh_venv, pip_install
 
 NAME = "tag-it"  # with a '-': the module and the filter take '_'
-PROJECT_FILES = ["README.md", "pyproject.toml", "sluice_tag_it.py", "tests/test_tag_it.py"]
+PROJECT_FILES = [".gitignore", "README.md", "pyproject.toml", "sluice_tag_it.py", "tests/test_tag_it.py"]
 
 
 def _files(root: Path) -> list[str]:

@@ -8,7 +8,7 @@ What it writes (the templates in ``templates/``, filled in by ``project``):
   state and a log event, each explained where it is used;
 - ``tests/test_NAME.py``: a unit test (``run_filter``), an end-to-end test
   (``origin``, ``sluice_proxy``), a settings test, and the contract battery;
-- ``README.md``: install, run, test.
+- ``README.md``: install, run, test; and a ``.gitignore`` for what builds leave.
 
 The project passes its own tests as written (``tests/test_scaffold.py``
 installs one into a fresh venv and runs them), so an author starts from green.

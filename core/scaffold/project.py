@@ -36,6 +36,7 @@ _FILES = {
     "README.md.tmpl": "README.md",
     "plugin.py.tmpl": "{module}.py",
     "test_plugin.py.tmpl": "tests/test_{name}.py",
+    "gitignore.tmpl": ".gitignore",
 }
 
 
