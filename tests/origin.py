@@ -5,6 +5,15 @@ Each test gives a handler ``async def handler(request, body) -> Reply``
 handler that gets the socket stream and does whatever it likes (close at
 once, send garbage, never answer). The origin counts connections and keeps
 every request it parsed.
+
+New tests, and every plugin's, use ``sluice.testing.Origin`` (scripted per
+path, records requests as they arrive). This one stays for the suite's
+older tests because what they assert rests on its different contract:
+handlers see the ``h11.Request`` itself, raw handlers own the socket,
+``requests`` holds only requests whose body arrived whole (as
+``(head, body)`` pairs), ``close`` closes without a ``Connection: close``,
+and ``Expect: 100-continue`` is never answered. Moving its ~20 users over
+is a change of its own, test by test.
 """
 
 from __future__ import annotations

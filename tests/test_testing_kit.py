@@ -29,8 +29,7 @@ def test_extra_replaces_installed_plugin_of_same_name():
     assert plugins.pm.get_plugin("router") is mine
 
 
-async def test_serve_with_installed_plugin_given_as_extra(start_origin):
-    origin = await start_origin()
+async def test_serve_with_installed_plugin_given_as_extra(origin):
     cfg = config(origin.address)
     async with serve(cfg, plugins=["router", "balancer"], extra={"router": installed_router}) as proxy:
         async with httpx.AsyncClient() as client:
