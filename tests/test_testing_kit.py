@@ -14,6 +14,7 @@ from sluice import ConfigError, Filter, FilterConfig, LocalReply
 from sluice.control.registry import Plugins
 from sluice.plugins import router as installed_router
 from sluice.plugins.auth import ApiKey
+from sluice.plugins.router import Router
 from sluice.testing import Origin, Reply, build_filter, run_filter, serve
 
 from .conftest import InProcess, config, raw_request, read_until_closed
@@ -354,3 +355,14 @@ async def test_run_filter_on_one_instance_keeps_no_state_between_exchanges():
     assert first.ctx.vars["upper.chunks"] == second.ctx.vars["upper.chunks"] == 2
     with pytest.raises(TypeError):
         await run_filter(upper, {"limit": 1})
+
+
+async def test_run_filter_builds_an_app_for_a_filter_that_needs_one():
+    cfg = {"listeners": [{"address": "127.0.0.1:0", "filters": ["router"]}],
+           "clusters": {"api": {"endpoints": ["127.0.0.1:9"]}},
+           "routes": [{"match": {"prefix": "/api"}, "cluster": "api"}]}
+    routed = await run_filter(Router, app=cfg, request=("GET", "/api/x", [("host", "a")]))
+    assert routed.local_reply is None
+    assert routed.ctx.cluster.name == "api" and routed.ctx.route.name == "routes[0]"
+    missed = await run_filter(Router, app=cfg, request=("GET", "/else", [("host", "a")]))
+    assert missed.response.status == 404 and missed.ctx.flags == ["NR"]

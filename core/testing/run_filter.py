@@ -26,9 +26,10 @@ the response head, body (the same two ways) and trailers; then
 phase skips the response phases of the filter that answered (one filter:
 none run); one from a request body phase runs them, as in the proxy.
 
-What it does not do: pick a route, cluster or endpoint (``ctx.route`` is
-None unless the filter resolves routes itself), apply the listener's limits,
-or strip forbidden trailer fields. The request head gets the proxy's own
+What it does not do: pick a route or a cluster (``ctx.route`` is None
+unless the filter is a router, given an ``app`` with routes and clusters),
+pick an endpoint, apply the listener's limits, or strip forbidden trailer
+fields. The request head gets the proxy's own
 forwarding rules (``x-request-id``, ``x-forwarded-*``, hop-by-hop removal)
 before the filter sees it, as in the proxy. For anything about the wire,
 use ``sluice_proxy`` and ``origin``.
@@ -199,6 +200,7 @@ async def run_filter(
         response = Response(status, _headers(fields[0] if fields else ()))
     ctx = Context(client=CLIENT, local=("127.0.0.1", 8080), listener="run_filter")
     ctx.request = request
+    ctx._resolver = chain.resolver  # a router (resolve_route) answers ctx.route, as in the proxy
     ctx.request_id, ctx.trace_id = forward_request(request.headers, client_ip=CLIENT[0], scheme="http",
                                                    trusted=False, drop_expect=False)
     run = FilterRun(ctx, request)
