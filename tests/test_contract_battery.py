@@ -22,6 +22,9 @@ from sluice.testing import contract
 
 test_router = contract.battery("router")
 test_access_log = contract.battery("access_log")
+# Fields that need captures build another class (with body and timing phases).
+test_access_log_capturing = contract.battery("access_log", settings={
+    "fields": ["method", "path", "status", "request_ms", "response_ms", "request_body", "response_body"]})
 test_api_key = contract.battery(
     "api_key", settings={"keys": {"battery": hashlib.sha256(b"k-battery").hexdigest()}},
     request_headers={"x-api-key": "k-battery"})
@@ -140,3 +143,13 @@ def test_a_well_behaved_filter_passes_every_scenario_the_broken_ones_fail():
 
     for scenario in ("get", "post", "concurrent"):
         contract.check(Fine, scenario, plugins=["router", "balancer"])
+
+
+def test_a_filter_refusing_the_batterys_requests_is_told_to_pass_request_headers():
+    """Without its key, api_key answers 401 to everything: the battery says
+    its requests never reach the upstream, instead of passing vacuously."""
+    keys = {"battery": hashlib.sha256(b"k-battery").hexdigest()}
+    with pytest.raises(contract.ContractViolation) as failed:
+        contract.check("api_key", "upstream-refused", settings={"keys": keys}, plugins=["router", "balancer", "auth"])
+    assert re.search(f"{re.escape(contract.DESIGNED)}: a plain GET got 401, not the origin's 200: .*request_headers",
+                     str(failed.value)), failed.value

@@ -97,6 +97,7 @@ FRAMING = "framing stays correct"
 RELEASED = "per-request state is released"
 ENDED = "every exchange ends"
 ISOLATED = "no state crosses requests"
+DESIGNED = "the scenario ran as designed"  # the battery's own check that it tested what it says
 
 _WAIT = 6.0  # seconds any client wait may take before it counts as a hang
 _RESPONSE_TIMEOUT = 4.0  # the origin cluster's: a request the proxy mis-framed ends in a 504, not a hang
@@ -612,7 +613,13 @@ class _Run:
             await nursery.start(self.origin.serve, name=f"{_HARNESS}-origin")
             config = _config(self.spec, self.cls, self.origin, _closed_port())
             self.address = await nursery.start(self._proxy, config, extra)
-            await self.request("GET", _PREFIX + "warm-up")  # imports and first connections: not timed
+            # Imports and first connections happen here, untimed; and a filter
+            # refusing this plain GET would make every scenario test nothing.
+            warm = await self.request("GET", _PREFIX + "warm-up")
+            if warm.status != 200 and not warm.hung:
+                self.violate(DESIGNED, f"a plain GET got {warm.status}, not the origin's 200: the battery's "
+                                       "requests do not reach the upstream (pass request_headers or settings "
+                                       "that admit them)")
             self.baseline = self._sizes()
             self.exchanges_before = len(self.recorder.exchanges)
             self.steps = _Steps(self.spec.block_threshold, trio.lowlevel.current_task())
@@ -702,6 +709,20 @@ class _Run:
         if not self.body_phases and answer.status == 200 and answer.complete and answer.body != sent:
             self.violate(FRAMING, f"{what}: sent {len(sent)} bytes, the echo came back as "
                                   f"{len(answer.body)} though the filter has no body phase")
+
+    def expect(self, answer: _Answer, status: int, what: str) -> None:
+        """The core's answer for this scenario, unless a filter answered it
+        (flag LR): else the battery did not test what it says it did, most
+        often because the filter refused its requests (give it the
+        ``request_headers`` that pass it)."""
+        if answer.status == status or answer.hung:
+            return
+        target = f"{what} ".split(" ", 2)
+        for exchange in self.recorder.exchanges.values():
+            if exchange.target.startswith(f"{target[0]} {target[1]}") and "LR" in exchange.flags:
+                return
+        self.violate(DESIGNED, f"{what}: expected a {status} from the core, got {answer.status} "
+                               "(does the filter refuse the battery's requests? see request_headers)")
 
     def check_origin(self, path: str) -> None:
         """Each request the origin got on ``path`` (or under it, for one
@@ -834,27 +855,30 @@ async def _until(predicate: Callable[[], bool], timeout: float = 2.0) -> bool:
 
 @_scenario("get")
 async def _get(run: _Run) -> None:
-    await run.request("GET", _PREFIX + "get?q=1")
+    run.expect(await run.request("GET", _PREFIX + "get?q=1"), 200, "GET /__contract/get?q=1")
 
 
 @_scenario("post")
 async def _post(run: _Run) -> None:
     body = b"a request body, framed by its length\n" * 20
-    run.check_echo(await run.request("POST", _PREFIX + "post", body), body, "POST")
+    answer = await run.request("POST", _PREFIX + "post", body)
+    run.expect(answer, 200, "POST /__contract/post")
+    run.check_echo(answer, body, "POST /__contract/post")
     run.check_origin(_PREFIX + "post")
 
 
 @_scenario("empty-body")
 async def _empty(run: _Run) -> None:
-    await run.request("POST", _PREFIX + "empty", b"")
+    run.expect(await run.request("POST", _PREFIX + "empty", b""), 200, "POST /__contract/empty")
     run.check_origin(_PREFIX + "empty")
 
 
 @_scenario("chunked-request-body")
 async def _chunked(run: _Run) -> None:
     chunks = [b"chunk %d of a chunked body\n" % i for i in range(8)]
-    run.check_echo(await run.request("POST", _PREFIX + "chunked", chunks, chunked=True), b"".join(chunks),
-                   "a chunked POST")
+    answer = await run.request("POST", _PREFIX + "chunked", chunks, chunked=True)
+    run.expect(answer, 200, "POST /__contract/chunked")
+    run.check_echo(answer, b"".join(chunks), "POST /__contract/chunked")
     run.check_origin(_PREFIX + "chunked")
 
 
@@ -862,14 +886,17 @@ async def _chunked(run: _Run) -> None:
 async def _large(run: _Run) -> None:
     piece = bytes(range(256)) * 256  # 64 KiB
     chunks = [piece] * 48  # 3 MiB, written as it streams
-    run.check_echo(await run.request("PUT", _PREFIX + "large", chunks), b"".join(chunks), "a 3 MiB PUT")
+    answer = await run.request("PUT", _PREFIX + "large", chunks)
+    run.expect(answer, 200, "PUT /__contract/large")
+    run.check_echo(answer, b"".join(chunks), "PUT /__contract/large (3 MiB)")
     run.check_origin(_PREFIX + "large")
 
 
 @_scenario("request-trailers")
 async def _request_trailers(run: _Run) -> None:
-    await run.request("POST", _PREFIX + "request-trailers", [b"with ", b"trailers\n"],
-                      trailers=[("x-contract-trailer", "sent")])
+    answer = await run.request("POST", _PREFIX + "request-trailers", [b"with ", b"trailers\n"],
+                               trailers=[("x-contract-trailer", "sent")])
+    run.expect(answer, 200, "POST /__contract/request-trailers")
     run.check_origin(_PREFIX + "request-trailers")
 
 
@@ -877,12 +904,14 @@ async def _request_trailers(run: _Run) -> None:
 async def _response_trailers(run: _Run) -> None:
     run.origin.script(_PREFIX + "response-trailers",
                       Reply(body=[b"answered ", b"with trailers\n"], trailers=[("x-contract-trailer", "answered")]))
-    await run.request("GET", _PREFIX + "response-trailers", headers=[("te", "trailers")])
+    answer = await run.request("GET", _PREFIX + "response-trailers", headers=[("te", "trailers")])
+    run.expect(answer, 200, "GET /__contract/response-trailers")
 
 
 async def _local_reply(run: _Run, ask: str) -> None:
     path = _PREFIX + ask
-    await run.request("POST", path, b"never forwarded\n", headers=[(_ASK, ask)])
+    answer = await run.request("POST", path, b"never forwarded\n", headers=[(_ASK, ask)])
+    run.expect(answer, 418, f"POST {path}")
     if any(r.path == path for r in run.origin.requests):
         run.violate(ISOLATED, f"a request answered locally by a filter ({ask}) still reached the origin")
 
@@ -899,25 +928,28 @@ async def _reply_after(run: _Run) -> None:
 
 @_scenario("upstream-refused")
 async def _refused(run: _Run) -> None:
-    await run.request("GET", _PREFIX + "refused")
+    run.expect(await run.request("GET", _PREFIX + "refused"), 503, "GET /__contract/refused")
 
 
 @_scenario("upstream-reset")
 async def _reset(run: _Run) -> None:
     run.origin.script(_PREFIX + "reset", Reply(reset=True))
-    await run.request("POST", _PREFIX + "reset", b"reset me\n")
+    run.expect(await run.request("POST", _PREFIX + "reset", b"reset me\n"), 502, "POST /__contract/reset")
 
 
 @_scenario("upstream-timeout")
 async def _timeout(run: _Run) -> None:
     run.origin.script(_PREFIX + "timeout", Reply(hang=True))
-    await run.request("GET", _PREFIX + "timeout")
+    run.expect(await run.request("GET", _PREFIX + "timeout"), 504, "GET /__contract/timeout")
 
 
 @_scenario("upstream-closed-mid-body")
 async def _closed_mid_body(run: _Run) -> None:
     run.origin.script(_PREFIX + "cut", Reply(body=[b"z" * 8192] * 8, close_after=10_000))
-    await run.request("GET", _PREFIX + "cut", cut=True)
+    answer = await run.request("GET", _PREFIX + "cut", cut=True)
+    run.expect(answer, 200, "GET /__contract/cut")
+    if answer.complete:
+        run.violate(DESIGNED, "GET /__contract/cut: the origin closed mid-body, yet the client got a whole response")
 
 
 @_scenario("client-abort-request-body")
