@@ -9,6 +9,7 @@ import hashlib
 import httpx
 import pytest
 import trio
+from trio.testing import wait_all_tasks_blocked
 
 from sluice import ConfigError, Filter, FilterConfig, LocalReply
 from sluice.control.registry import Plugins
@@ -130,6 +131,20 @@ async def test_origin_early_reply_answers_before_the_body_then_closes(nursery):
     head, body = head_and_body(raw)
     assert head.startswith("http/1.1 413") and "connection: close" in head and body == b"too big"
     assert origin.requests[0].body == b"" and not origin.requests[0].complete
+
+
+async def test_origin_early_reply_survives_body_bytes_it_never_reads(nursery):
+    # Closing with unread bytes would make the kernel reset the connection
+    # (and often destroy the answer): the origin lingers instead.
+    origin = await started(nursery)
+    origin.script("/upload", Reply(status=413, body=b"too big", early=True))
+    stream = await trio.open_tcp_stream("127.0.0.1", origin.port)
+    async with stream:
+        await stream.send_all(b"POST /upload HTTP/1.1\r\nhost: o\r\ncontent-length: 300000\r\n\r\n")
+        await wait_all_tasks_blocked()  # the answer is sent before the body comes
+        await stream.send_all(b"x" * 100_000)
+        raw = await read_until_closed(stream, timeout=5)
+    assert head_and_body(raw)[1] == b"too big" and raw.lower().startswith(b"http/1.1 413")
 
 
 async def test_origin_records_a_request_cut_mid_body_as_incomplete(nursery):

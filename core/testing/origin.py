@@ -127,6 +127,21 @@ def _s(value: bytes) -> str:
     return value.decode("latin-1")
 
 
+LINGER = 2.0  # seconds a closing connection keeps reading what the peer still sends
+
+
+async def _linger(stream: trio.SocketStream) -> None:
+    """Close as a careful server does: send EOF, then read and drop what the
+    peer still sends until it closes too (or ``LINGER``). Closing a socket
+    with unread bytes makes the kernel send RST, which can destroy the
+    response before the peer reads it: an early answer to an upload would
+    often arrive as a reset instead."""
+    with trio.move_on_after(LINGER):
+        await stream.send_eof()
+        while await stream.receive_some(65536):
+            pass
+
+
 class Origin:
     """A real upstream on ``127.0.0.1:<free port>``, scripted per path.
 
@@ -199,6 +214,8 @@ class Origin:
             async with stream:
                 while await self._exchange(stream, conn):
                     conn.start_next_cycle()
+                if stream.socket.fileno() != -1:  # not reset
+                    await _linger(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError, OSError):
             return  # the peer left or spoke garbage: this connection is over, the origin is not
 
@@ -243,7 +260,8 @@ class Origin:
                        recorded: Recorded, reply: Reply) -> bool:
         if reply.reset:
             stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            return False  # closing the stream now sends RST
+            await stream.aclose()  # sends RST
+            return False
         if reply.hang:
             while await stream.receive_some(65536):  # until the peer gives up
                 pass
