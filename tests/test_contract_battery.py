@@ -49,6 +49,51 @@ import sluice_hello  # noqa: E402  (the example plugin, from its source tree)
 test_hello = contract.battery("hello", extra={"hello": sluice_hello})
 
 
+
+class Shouts(Filter):
+    """Changes body sizes both ways, as the contract says to: it drops
+    Content-Length in the headers phases, so sluice frames the body anew."""
+
+    name = "shouts"
+
+    async def on_request_headers(self, ctx, request):
+        request.headers.remove("content-length")
+
+    async def on_request_body(self, ctx, chunk, end):
+        return chunk.upper() + (b"!" if end else b"")
+
+    async def on_response_headers(self, ctx, response):
+        response.headers.remove("content-length")
+
+    async def on_response_body(self, ctx, chunk, end):
+        return chunk + chunk if chunk else chunk
+
+
+class Stamps(Filter):
+    """Per-request state, weakly referenceable, released with its exchange;
+    declared after the router (it reads the route), so it sits there."""
+
+    name = "stamps"
+    after = ("router",)
+
+    class State:
+        def __init__(self):
+            self.route = None
+
+    def new_state(self):
+        return self.State()
+
+    async def on_request_headers(self, ctx, request):
+        ctx.state(self).route = ctx.route.name if ctx.route is not None else None
+
+    async def on_response_headers(self, ctx, response):
+        response.headers.set("x-stamp", str(ctx.state(self).route))
+
+
+test_resizing_filter = contract.battery(Shouts, plugins=["router", "balancer"])
+test_stateful_filter_after_the_router = contract.battery(Stamps, plugins=["router", "balancer"])
+
+
 # -- broken filters: each fails by the rule it breaks ----------------------------
 
 class Raises(Filter):
@@ -102,6 +147,28 @@ class CompleteRaises(Filter):
         raise ValueError("a bug in on_complete")
 
 
+class KeepsState(Stamps):
+    """Keeps every request's state object in a list of its own."""
+
+    name = "keeps_state"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.kept = []
+
+    async def on_request_headers(self, ctx, request):
+        self.kept.append(ctx.state(self))
+
+
+class ResizesRequest(Filter):
+    """Grows the request body but leaves its Content-Length as it was."""
+
+    name = "resizes_request"
+
+    async def on_request_body(self, ctx, chunk, end):
+        return chunk + b"!" if end else chunk
+
+
 class CompletesEarly(Filter):
     """Runs its own cleanup from a response phase: on_complete then runs twice."""
 
@@ -124,8 +191,12 @@ class CompletesEarly(Filter):
     # The core refuses to send more than the Content-Length: the client sees the connection cut.
     (Resizes, "get", contract.FRAMING, r"GET /__contract/get\?q=1: the (proxy )?(connection )?closed"),
     (CompleteRaises, "post", contract.RAISED, r"on_complete raised ValueError\('a bug in on_complete'\)"),
+    (KeepsState, "get", contract.RELEASED, r"2 per-request state objects \(Stamps.State\) are still alive"),
+    (ResizesRequest, "post", contract.FRAMING,
+     r"exchange #\d+: a body phase changed the body's size but not its Content-Length: POST /__contract/post"),
     (CompletesEarly, "post", contract.ONCE, r"on_complete ran 2 times for exchange #\d+: POST /__contract/post"),
-], ids=["raises", "sleeps", "spins", "hoards", "hoards-concurrent", "resizes", "complete-raises", "completes-twice"])
+], ids=["raises", "sleeps", "spins", "hoards", "hoards-concurrent", "resizes", "complete-raises",
+                          "keeps-state", "resizes-request", "completes-twice"])
 def test_a_broken_filter_fails_by_the_rule_it_breaks(broken, scenario, rule, detail):
     with pytest.raises(contract.ContractViolation) as failed:
         contract.check(broken, scenario, plugins=["router", "balancer"])

@@ -22,7 +22,8 @@ and every rule broken.
 A scenario is real: an ``Origin`` on loopback, an in-process proxy
 (``serve``) whose listener's chain is ``[contract_before, the filter,
 contract_after, router]`` (the two probes answer locally when a request
-asks them to; a filter declared ``first`` or ``last`` keeps its place),
+asks them to; a filter declared ``first``, ``last`` or after the router
+keeps its place),
 and real clients: httpx for the concurrent exchanges, an h11 client on a
 trio socket elsewhere (it sees every byte, so a response longer than its
 Content-Length is caught, where httpx would silently drop the rest), and
@@ -509,13 +510,19 @@ def _merge(base: dict, over: Mapping) -> dict:
 
 
 def _chain(cls: type[Filter]) -> list[str]:
+    """The listener's chain: the filter between the probes, before the
+    router unless it must come after it; a probe that its ordering leaves
+    no room for (a filter declared ``first`` or ``last``) is left out."""
     if cls.name == "router":
-        return ["contract_before", "router", "contract_after"]
-    if cls.first:
-        return [cls.name, "contract_before", "contract_after", "router"]
-    if cls.last:
-        return ["contract_before", "contract_after", "router", cls.name]
-    return ["contract_before", cls.name, "contract_after", "router"]
+        middle = ["router"]
+    elif cls.last or "router" in cls.after:
+        middle = ["router", cls.name]
+    else:
+        middle = [cls.name, "router"]
+    before = [] if cls.first else [_Before.name]
+    after = [] if cls.last else [_After.name]
+    i = middle.index(cls.name) + 1
+    return [*before, *middle[:i], *after, *middle[i:]]
 
 
 def _config(spec: _Spec, cls: type[Filter], origin: Origin, refused: int) -> dict:
@@ -540,10 +547,11 @@ def _config(spec: _Spec, cls: type[Filter], origin: Origin, refused: int) -> dic
 
 def _run(spec: _Spec, scenario: str) -> None:
     cls, extra = spec.resolve()
-    if scenario == "local-reply-before" and cls.first:
+    chain = _chain(cls)
+    if scenario == "local-reply-before" and _Before.name not in chain:
         pytest.skip(f"filter {spec.name!r} is declared first: no filter can answer before it")
-    if scenario == "local-reply-after" and cls.name == "router":
-        pytest.skip("the router is the terminal filter: a filter after it answers no differently")
+    if scenario == "local-reply-after" and _After.name not in chain:
+        pytest.skip(f"filter {spec.name!r} is declared last: no filter can answer after it")
     run = _Run(spec, cls, scenario)
     collecting = gc.isenabled()
     gc.disable()
@@ -599,6 +607,7 @@ class _Run:
         self.baseline: dict[str, int] = {}
         self.sizes: dict[str, int] = {}
         self.exchanges_before = 0
+        self.later: list[Callable[[], None]] = []  # checks for after the proxy stopped
         # Does the filter leave bodies alone? Then what comes back is what went.
         self.body_phases = any(overrides(cls, p) for p in ("on_request_body", "on_response_body"))
 
@@ -721,8 +730,20 @@ class _Run:
         for exchange in self.recorder.exchanges.values():
             if exchange.target.startswith(f"{target[0]} {target[1]}") and "LR" in exchange.flags:
                 return
-        self.violate(DESIGNED, f"{what}: expected a {status} from the core, got {answer.status} "
-                               "(does the filter refuse the battery's requests? see request_headers)")
+        hint = " (does the filter refuse the battery's requests? see request_headers)" \
+            if answer.status is not None and 400 <= answer.status < 500 else ""
+        self.violate(DESIGNED, f"{what}: expected a {status} from the core, got {answer.status}{hint}")
+
+    def expect_ending(self, target: str, how: Callable[[_Exchange], bool], what: str) -> None:
+        """Once the proxy has stopped: the exchange for ``target`` ended as the
+        scenario meant (``how``), unless a filter answered it."""
+        def check() -> None:
+            ended = [e for e in self.recorder.exchanges.values() if e.target == target]
+            if not ended:
+                self.violate(DESIGNED, f"{target}: no exchange for it completed")
+            elif not any(how(e) or "LR" in e.flags for e in ended):
+                self.violate(DESIGNED, f"{target}: meant to end {what}, it ended {ended[0]}")
+        self.later.append(check)
 
     def check_origin(self, path: str) -> None:
         """Each request the origin got on ``path`` (or under it, for one
@@ -738,6 +759,8 @@ class _Run:
     def verdict(self, errors: list[str]) -> None:
         rec = self.recorder
         name = self.cls.name
+        for check in self.later:
+            check()
         if not rec.instances:
             self.violate(ONCE, f"the proxy never built filter {name!r} through the battery's watch "
                                "(does its from_config build another class without calling the base?)")
@@ -748,6 +771,9 @@ class _Run:
             if "FE" in exchange.flags:
                 self.violate(RAISED, f"exchange #{n} failed with flag FE (a filter raised, or broke the "
                                      f"framing): {exchange}")
+                if "content-length" in exchange.error.lower():  # the core refused to send a mis-framed body
+                    self.violate(FRAMING, f"exchange #{n}: a body phase changed the body's size but not its "
+                                          f"Content-Length: {exchange}")
         for raised in dict.fromkeys(rec.raised):
             self.violate(RAISED, raised)
         for event in dict.fromkeys(errors):
@@ -961,6 +987,7 @@ async def _abort_upload(run: _Run) -> None:
         await stream.send_all(head + b"u" * 65536)
         # Until the origin sees body bytes (or a second passes: the filter holds them), then leave.
         await _until(lambda: any(r.path == path and r.body for r in run.origin.requests), 1.0)
+    run.expect_ending(f"POST {path}", lambda e: "DC" in e.flags, "with flag DC (the client went away)")
 
 
 @_scenario("client-abort-response-body")
@@ -979,6 +1006,7 @@ async def _abort_download(run: _Run) -> None:
                 received += data
         if waited.cancelled_caught:
             run.violate(ENDED, f"GET {path}: no response body within {_WAIT} s")
+    run.expect_ending(f"GET {path}", lambda e: "DC" in e.flags, "with flag DC (the client went away)")
 
 
 @_scenario("cancellation")
@@ -990,6 +1018,7 @@ async def _cancellation(run: _Run) -> None:
         if not await _until(lambda: any(r.path == path for r in run.origin.requests)):
             run.violate(ENDED, f"POST {path} never reached the origin")
         run.cancel_proxy()
+    run.expect_ending(f"POST {path}", lambda e: "Cancelled" in e.error, "cancelled (ctx.error a trio.Cancelled)")
 
 
 @_scenario("concurrent")
