@@ -20,7 +20,7 @@ from sluice.control.config import parse
 from sluice.control.registry import Plugins
 from sluice.testing import Origin, Reply, serve
 
-from .conftest import InProcess, config
+from .conftest import InProcess, config, raw_request
 
 
 class Cache(Filter):
@@ -501,3 +501,135 @@ async def test_a_reply_from_a_buffered_body_phase_skips_the_head_phases_that_saw
 async def proxy_get(url: str) -> httpx.Response:
     async with httpx.AsyncClient(timeout=5) as client:
         return await client.get(url + "/")
+
+
+# -- body phases that change sizes: framing stays correct ---------------------------
+
+
+class Stretch(Filter):
+    """Doubles every body byte both ways and adds a tail on the last call;
+    removes Content-Length in the head phases when ``drop`` (the documented way)."""
+
+    name = "stretch"
+    drop = True
+
+    async def on_request_headers(self, ctx, request):
+        if self.drop:
+            request.headers.remove(b"content-length")
+
+    async def on_request_body(self, ctx, chunk, end):
+        return bytes(b for c in chunk for b in (c, c)) + (b"!" if end else b"")
+
+    async def on_response_headers(self, ctx, response):
+        if self.drop:
+            response.headers.remove(b"content-length")
+
+    async def on_response_body(self, ctx, chunk, end):
+        return bytes(b for c in chunk for b in (c, c)) + (b"!" if end else b"")
+
+
+class StaleStretch(Stretch):
+    name = "stale"
+    drop = False
+
+
+class WholeStretch(Stretch):
+    """The other documented way: ask for the whole body; the core frames it."""
+
+    name = "whole"
+    drop = False
+
+    async def on_request_headers(self, ctx, request):
+        ctx.buffer_request_body()
+
+    async def on_response_headers(self, ctx, response):
+        ctx.buffer_response_body()
+
+
+async def stretched(nursery, name: str, http2: bool, method: str = "POST", content: bytes = b"abc"):
+    origin = Origin(Reply(body=b"xyz"))
+    await nursery.start(origin.serve)
+    cfg = config(origin.address, filters=[name, "router"], listener={"http2": http2})
+    async with serve(cfg, plugins=["router", "balancer"],
+                     extra={"mine": InProcess(Stretch, StaleStretch, WholeStretch)}) as proxy:
+        async with httpx.AsyncClient(http1=not http2, http2=http2, timeout=5) as client:
+            with capture_logs() as logs:
+                try:
+                    r = await client.request(method, proxy.url + "/", content=content)
+                except httpx.TransportError as exc:
+                    r = exc
+    return r, origin, logs
+
+
+@pytest.mark.parametrize("http2", [False, True], ids=["h1", "h2"])
+async def test_a_filter_that_removes_content_length_may_resize_both_ways(nursery, http2):
+    r, origin, _ = await stretched(nursery, "stretch", http2)
+    sent = origin.requests[0]
+    assert sent.header("content-length") is None and sent.header("transfer-encoding") == "chunked"
+    assert sent.body == b"aabbcc!"
+    assert r.status_code == 200 and r.content == b"xxyyzz!"
+    assert "content-length" not in r.headers
+    assert r.headers.get("transfer-encoding") == (None if http2 else "chunked")
+
+
+@pytest.mark.parametrize("http2", [False, True], ids=["h1", "h2"])
+async def test_a_buffered_body_is_sent_with_its_exact_length(nursery, http2):
+    r, origin, _ = await stretched(nursery, "whole", http2)
+    sent = origin.requests[0]
+    assert sent.header("content-length") == "7" and sent.body == b"aabbcc!"
+    assert r.headers["content-length"] == "7" and r.content == b"xxyyzz!"
+
+
+@pytest.mark.parametrize("http2", [False, True], ids=["h1", "h2"])
+async def test_a_stale_request_content_length_is_a_500_never_a_wrong_body_upstream(nursery, http2):
+    r, origin, logs = await stretched(nursery, "stale", http2)
+    assert r.status_code == 500
+    assert all(len(q.body) <= 3 for q in origin.requests)  # never more than the 3 bytes declared
+    failed = [e for e in logs if e["event"] == "exchange failed"]
+    assert "removes content-length in on_request_headers" in str(failed[0]["exc_info"])
+
+
+@pytest.mark.parametrize("http2", [False, True], ids=["h1", "h2"])
+async def test_a_stale_response_content_length_cuts_the_response_instead_of_misframing_it(nursery, http2):
+    Seer.latest = None
+    r, _, logs = await stretched(nursery, "stale", http2, method="GET", content=b"")
+    # h1: the head said 3 bytes, then the connection closed; h2: the stream was reset.
+    # Either way the client never reads a body that disagrees with its Content-Length.
+    assert isinstance(r, httpx.RemoteProtocolError)
+    failed = [e for e in logs if e["event"] == "exchange failed"]
+    assert "removes content-length in on_response_headers" in str(failed[0]["exc_info"])
+
+
+async def test_a_head_response_keeps_its_length_through_a_body_phase(nursery):
+    r, _, logs = await stretched(nursery, "stale", False, method="HEAD", content=b"")
+    assert r.status_code == 200 and r.headers["content-length"] == "3" and r.content == b""
+    assert not [e for e in logs if e["event"] == "exchange failed"]
+
+
+async def test_the_last_body_call_has_end_true_and_may_be_an_empty_chunk(nursery):
+    calls: list[tuple[bytes, bool]] = []
+
+    class Watch(Filter):
+        name = "watch"
+
+        async def on_response_body(self, ctx, chunk, end):
+            calls.append((chunk, end))
+
+    origin = Origin(Reply(body=[b"ab", b"cd"], chunked=True))
+    await nursery.start(origin.serve)
+    async with serve(config(origin.address, filters=["watch", "router"]), plugins=["router", "balancer"],
+                     extra={"mine": InProcess(Watch)}) as proxy:
+        assert (await proxy_get(proxy.url)).content == b"abcd"
+    assert b"".join(c for c, _ in calls) == b"abcd"
+    assert calls[-1] == (b"", True) and all(not end for _, end in calls[:-1])
+
+
+async def test_a_resized_response_to_an_http10_client_is_delimited_by_the_close(nursery):
+    origin = Origin(Reply(body=b"xyz"))
+    await nursery.start(origin.serve)
+    async with serve(config(origin.address, filters=["stretch", "router"]), plugins=["router", "balancer"],
+                     extra={"mine": InProcess(Stretch)}) as proxy:
+        got = await raw_request(proxy.address, b"GET / HTTP/1.0\r\n\r\n")
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert b"content-length" not in head.lower() and b"transfer-encoding" not in head.lower()
+    assert b"connection: close" in head.lower() and body == b"xxyyzz!"

@@ -62,6 +62,7 @@ import trio
 from ..errors import ClientGone, UpstreamError
 from ..messages import Headers, Response
 from ..protocol.events import NEED_DATA, Body, End, ProtocolError, RequestHead
+from ..protocol.heads import content_length
 from ..upstream.cluster import RESET
 from .answers import DRAIN_LIMIT, answer, complete, drain_body, keeps_open, reason
 from .attempts import (
@@ -119,6 +120,30 @@ class _Reply(Exception):
     def __init__(self, reply: LocalReply, limit: int | None = None) -> None:
         self.reply = reply
         self.limit = limit
+
+
+class BodyResized(Exception):
+    """A body phase changed a streamed body's size under the Content-Length
+    its head kept: the bytes cannot go out as declared (a filter's bug, FE)."""
+
+    def __init__(self, which: str, declared: int | None, produced: int) -> None:
+        what = (f"a {which} body phase made {produced} bytes of a body whose head says "
+                f"Content-Length: {declared}" if declared is not None
+                else f"a filter left a malformed Content-Length on the {which} head")
+        super().__init__(
+            f"{what}; a filter that changes sizes removes content-length in on_{which}_headers "
+            f"(the body is then chunked) or asks for the whole body (ctx.buffer_{which}_body())")
+
+
+def _declared(headers: Headers, which: str) -> int | None:
+    """The Content-Length a head carries after its header phases, if any."""
+    value = headers.get_raw(b"content-length")
+    if value is None:
+        return None
+    try:
+        return content_length(value)
+    except ProtocolError:  # a filter wrote it: theirs to fix, not the peer's
+        raise BodyResized(which, None, 0) from None
 
 
 def _collapse(group: BaseExceptionGroup) -> BaseException:
@@ -331,6 +356,10 @@ async def _pump_request(listener, chain, down, conn, ctx, deadline, timeout) -> 
     phases = chain.request_body
     full = len(chain.filters)
     total = 0
+    # Body phases may resize chunks: what goes up must still match the
+    # Content-Length the head went with (chunked when a filter removed it).
+    declared = _declared(ctx.request.headers, "request") if phases else None
+    sent = 0
     try:
         while True:
             try:
@@ -355,6 +384,9 @@ async def _pump_request(listener, chain, down, conn, ctx, deadline, timeout) -> 
                     data = await chain.run_body(phases, ctx, data, False, full)
                     if type(data) is LocalReply:
                         raise _Reply(data)
+                    sent += len(data)
+                    if declared is not None and sent > declared:
+                        raise BodyResized("request", declared, sent)
                 if data:
                     await conn.send_data(data)
             else:
@@ -362,6 +394,9 @@ async def _pump_request(listener, chain, down, conn, ctx, deadline, timeout) -> 
                     data = await chain.run_body(phases, ctx, b"", True, full)
                     if type(data) is LocalReply:
                         raise _Reply(data)
+                    sent += len(data)
+                    if declared is not None and sent != declared:
+                        raise BodyResized("request", declared, sent)
                     if data:
                         await conn.send_data(data)
                 trailers = _trailers(ctx, event.trailers)
@@ -499,8 +534,15 @@ async def _relay_response(listener, chain, down, conn, ctx, response: Response, 
         down.close_after = True
     if ctx.buffer_response:
         return await _relay_whole(listener, chain, down, conn, ctx, response, timeout)
-    await down.send_response(response)
     phases = chain.response_body
+    declared = None
+    if phases:
+        if ctx.request.method == "HEAD" or response.status in (204, 304):
+            phases = ()  # no body, so no body phase (as _relay_whole)
+        else:
+            declared = _declared(headers, "response")
+    sent = 0
+    await down.send_response(response)
     while True:
         event = await _upstream_body_event(conn, down, timeout)
         if type(event) is Body:
@@ -509,13 +551,21 @@ async def _relay_response(listener, chain, down, conn, ctx, response: Response, 
                 data = await chain.run_body(phases, ctx, data, False, full)
                 if type(data) is LocalReply:
                     raise UpstreamError("a filter replied after the response started", status=500, flag="FE")
+                sent += len(data)
+                if declared is not None and sent > declared:
+                    raise BodyResized("response", declared, sent)
             if data:
                 ctx.bytes_out += len(data)
                 await down.send_body(data)
         elif type(event) is End:
             if phases:
                 data = await chain.run_body(phases, ctx, b"", True, full)
-                if type(data) is bytes and data:
+                if type(data) is LocalReply:
+                    raise UpstreamError("a filter replied after the response started", status=500, flag="FE")
+                sent += len(data)
+                if declared is not None and sent != declared:
+                    raise BodyResized("response", declared, sent)
+                if data:
                     ctx.bytes_out += len(data)
                     await down.send_body(data)
             trailers = _trailers(ctx, event.trailers)

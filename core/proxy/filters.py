@@ -24,14 +24,72 @@ Request phases run in chain order, response phases in reverse. A LocalReply
 from a request phase skips the upstream; the reply then runs through the
 response phases of the filters *before* the one that answered. Returning
 ``None`` is the same as ``CONTINUE``; returning anything else (a bool, say)
-is a bug in the filter and answers 500. ``bytes`` from a body phase replace
-the chunk (adjust Content-Length in the headers phase if you change sizes).
-``end`` is True on the last call of a body, whose chunk may be empty.
+is a bug in the filter and answers 500.
 
 ``on_complete`` runs exactly once per exchange, in chain order, whatever
 happened: normal end, local reply, upstream failure, client abort or
 cancellation. ``ctx.error`` holds the exception that ended the exchange
-early, if any; ``ctx.flags`` says how sluice answered (see access_log).
+early, if any (``sluice.errors``); ``ctx.flags`` says how sluice answered
+(``sluice.FLAGS``).
+
+Replies the core makes. Each response phase runs at most once per exchange.
+A reply the core makes *before* the response phases ran goes through them
+like an upstream's response (flagged, so a filter can tell); one made
+*after* ``on_response_headers`` ran on the upstream's head goes out without
+them; once response bytes went out nothing can be sent, and the client's
+connection is cut:
+
+============================================  ========  =======  ===============================
+what happened                                 status    flag     response phases it runs through
+============================================  ========  =======  ===============================
+no route (the router, or no cluster chosen)   404       NR       filters before the router
+request body over ``max_body_bytes``          413       LR       every filter
+a filter's LocalReply in a request phase      its       LR       filters before it
+circuit breaker full, no healthy endpoint     503       UO, UH   every filter
+connect failure on every endpoint tried       503       UF       every filter
+reset, close, bad response before its head    502       UC, UPE  every filter
+no response head within the timeout           504       UT       every filter
+the client's body malformed, or stalled       400, 408  DPE, DT  none
+a filter raised (any phase)                   500       FE       none
+a filter's LocalReply in on_response_headers  its       LR       filters before it
+a buffered response body broke, stalled or    502, 504  UC, UT,  none (the head phases ran
+  overflowed, after the upstream's head                 UBL        once, on the upstream's)
+a streamed response broke after its head      (cut)     UC, UT,  none more; on_complete
+  went out                                              UPE        sees the upstream's status
+============================================  ========  =======  ===============================
+
+A filter tells a core reply from an upstream's by ``ctx.flags`` (non-empty,
+or holding a flag of the table) and ``ctx.error`` (an ``UpstreamError``
+with ``status`` and ``flag``); ``ctx.endpoint`` is None when no upstream
+was picked. In ``on_complete``, ``ctx.response`` is what the client got
+(the upstream's head when the cut came after it).
+
+Body phases. ``bytes`` returned from a body phase replace the chunk;
+``None``/``CONTINUE`` pass it on. ``end`` is True on the last call of a
+body, whose chunk may be empty (a streamed body ends with a ``(b"", True)``
+call; returned bytes are sent as the body's tail). A message without a body
+(a request without one, a response to HEAD, a 204 or 304) gets no body
+call. How the core frames what the phases produce:
+
+- Streamed (the default): the head goes out before the body, as the
+  head phases left it. If it keeps ``content-length``, the body phases must
+  produce exactly that many bytes: more (or, at the end, fewer) is the
+  filter's bug, never sent as declared: a request answers 500 (FE) and a
+  response already started is cut (HTTP/1.1: the connection closes;
+  HTTP/2: the stream is reset), with a log naming the rule. A filter that
+  changes sizes removes ``content-length`` in its head phase: the request
+  then goes upstream chunked, the response to an HTTP/1.1 client chunked
+  (HTTP/1.0: until the connection closes), to HTTP/2 in DATA frames with
+  no length. Same-size rewrites need nothing.
+- Whole (``ctx.buffer_request_body()`` in ``on_request_headers``,
+  ``ctx.buffer_response_body()`` in ``on_response_headers``): the body
+  phases run once, with the whole body and ``end=True``, and the core sets
+  ``content-length`` to the exact size of what they return (past
+  ``max_buffered_body_bytes``: 413 for a request, 502 UBL for a response).
+  Trailers are dropped then: a length-framed message carries none.
+- Transfer-Encoding is hop-by-hop: the core removes it both ways and picks
+  the framing itself (chunked exactly when there is a body and no
+  ``content-length``); a filter never sets it.
 
 An upgraded exchange (a WebSocket, see ``Context.upgrade``/``upgraded``)
 meets the request phases on its handshake, so auth and routing apply, and

@@ -47,7 +47,8 @@ _TABLE = (
     Flag("UBL", "a buffered response body went over max_buffered_body_bytes", "core", "502"),
     Flag("LR", "a local reply: a filter's LocalReply, or the core's 413 for a body over the limit",
          "filters, core", "the reply's"),
-    Flag("FE", "a filter raised, returned a bad result, or replied after the response started",
+    Flag("FE", "a filter raised, returned a bad result, replied after the response started, or resized "
+         "a body under its Content-Length",
          "core", "500, or cut"),
     Flag("DC", "the client disconnected mid-exchange", "core", "none"),
     Flag("DT", "the client timed out: its head (or TLS handshake) or its body stalled", "core, edge", "408"),
