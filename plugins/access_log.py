@@ -76,16 +76,12 @@ request_headers           (json only; text: %REQ(NAME)%)                 the ``r
 response_headers          (json only; text: %RESP(NAME)%)                the ``response_headers`` chosen
 ========================= ============================================== =============================================
 
-``flags``: how sluice answered when it answered itself (NR no route, UH no
-healthy upstream, UF upstream connect failure, UT upstream timeout, UC
-upstream connection error, UPE upstream protocol error, UBL upstream body
-over the buffer limit, UO cluster overflow, LR a local reply (a filter's,
-or the core's 413 for a body over ``max_body_bytes``), FE filter error, DC
-client disconnected, DT client timed out, DPE client protocol error, DO
-refused because every connection slot had a request in flight (503), DTLS
-TLS handshake failed (with DT: not done within ``header_read``), TLSP a TLS
-handshake on a plain listener, TI a tunnel closed after ``tunnel_idle``
-without a byte, TM a tunnel closed at ``tunnel_max``).
+``flags``: how sluice answered when it answered itself, comma-joined
+(``UF``, ``DC,DT``, ...). Every code, what it means, who sets it and the
+status it goes with is in one table, ``sluice.FLAGS``
+(``sluice/proxy/flags.py``), shown in the plugin guide
+(``sluice/plugins/README.md``, "Flags"); a test keeps both in step with
+the code.
 
 An upgraded exchange (a WebSocket) logs one line when its tunnel ends, with
 ``status`` 101, ``upgraded`` (the protocol, ``"websocket"``), the tunnel's
