@@ -207,26 +207,11 @@ async def test_a_filter_logs_with_the_request_id_and_its_name(start_origin):
     assert talked[0]["request_id"] and talked[0]["request_id"] == r.headers.get("x-request-id", talked[0]["request_id"])
 
 
-async def test_ctx_timings_mark_connect_first_upstream_byte_and_last_byte(start_origin):
-    seen = {}
-
-    class Watcher(Filter):
-        name = "watcher"
-
-        async def on_complete(self, ctx):
-            seen.update(ctx.timings)
-
-    origin = await start_origin()
-    async with serve(config(origin.address, filters=["watcher", "router"]), plugins=["router", "balancer"],
-                     extra={"mine": InProcess(Watcher)}) as proxy:
-        async with httpx.AsyncClient() as client:
-            assert (await client.get(proxy.url + "/")).status_code == 200
-    assert list(seen) == ["accepted", "headers_read", "upstream_connected", "upstream_headers", "upstream_done"]
-    assert seen["accepted"] <= 0 <= seen["headers_read"] <= seen["upstream_connected"] \
-        <= seen["upstream_headers"] <= seen["upstream_done"]
+MARKS = ["accepted", "headers_read", "upstream_connected", "upstream_headers", "upstream_done"]
 
 
-async def test_accepted_is_the_connections_so_a_reused_one_shows_its_age(start_origin):
+async def timings_of(start_origin, *paths: str, http2: bool = False, pause: float = 0.0) -> list[dict]:
+    """``ctx.timings`` of each request, sent in turn on one client connection."""
     seen: list[dict] = []
 
     class Watcher(Filter):
@@ -236,35 +221,29 @@ async def test_accepted_is_the_connections_so_a_reused_one_shows_its_age(start_o
             seen.append(dict(ctx.timings))
 
     origin = await start_origin()
-    async with serve(config(origin.address, filters=["watcher", "router"]), plugins=["router", "balancer"],
-                     extra={"mine": InProcess(Watcher)}) as proxy:
-        async with httpx.AsyncClient() as client:  # one keep-alive connection
-            assert (await client.get(proxy.url + "/a")).status_code == 200
-            await trio.sleep(0.05)  # the connection's age, not a synchronisation
-            assert (await client.get(proxy.url + "/b")).status_code == 200
-    first, second = seen
+    async with serve(config(origin.address, filters=["watcher", "router"], listener={"http2": http2}),
+                     plugins=["router", "balancer"], extra={"mine": InProcess(Watcher)}) as proxy:
+        async with httpx.AsyncClient(http1=not http2, http2=http2) as client:
+            for i, path in enumerate(paths):
+                if i:
+                    await trio.sleep(pause)  # the connection's age, not a synchronisation
+                r = await client.get(proxy.url + path)
+                assert r.status_code == 200 and r.http_version == ("HTTP/2" if http2 else "HTTP/1.1")
+    return seen
+
+
+@pytest.mark.parametrize("http2", [False, True], ids=["h1", "h2"])
+async def test_ctx_timings_mark_accept_head_connect_first_upstream_byte_and_last_byte(start_origin, http2):
+    [seen] = await timings_of(start_origin, "/", http2=http2)
+    assert list(seen) == MARKS
+    assert seen["accepted"] <= 0 <= seen["headers_read"]
+    assert [seen[m] for m in MARKS] == sorted(seen[m] for m in MARKS)
+
+
+async def test_accepted_is_the_connections_so_a_reused_one_shows_its_age(start_origin):
+    first, second = await timings_of(start_origin, "/a", "/b", pause=0.05)
     assert first["headers_read"] - first["accepted"] < second["headers_read"] - second["accepted"]
     assert second["headers_read"] - second["accepted"] >= 0.05
-
-
-async def test_timings_over_http2_have_the_same_marks_in_order(start_origin):
-    seen = {}
-
-    class Watcher(Filter):
-        name = "watcher"
-
-        async def on_complete(self, ctx):
-            seen.update(ctx.timings)
-
-    origin = await start_origin()
-    async with serve(config(origin.address, filters=["watcher", "router"], listener={"http2": True}),
-                     plugins=["router", "balancer"], extra={"mine": InProcess(Watcher)}) as proxy:
-        async with httpx.AsyncClient(http1=False, http2=True) as client:
-            r = await client.get(proxy.url + "/")
-            assert r.status_code == 200 and r.http_version == "HTTP/2"
-    marks = ["accepted", "headers_read", "upstream_connected", "upstream_headers", "upstream_done"]
-    assert list(seen) == marks
-    assert [seen[m] for m in marks] == sorted(seen[m] for m in marks)
 
 
 async def test_a_local_reply_has_no_upstream_marks(start_origin):
@@ -498,9 +477,9 @@ async def test_a_reply_from_a_buffered_body_phase_skips_the_head_phases_that_saw
     assert seer.phases("complete") == [("complete", 451, ("LR",))]
 
 
-async def proxy_get(url: str) -> httpx.Response:
+async def proxy_get(url: str, path: str = "/") -> httpx.Response:
     async with httpx.AsyncClient(timeout=5) as client:
-        return await client.get(url + "/")
+        return await client.get(url + path)
 
 
 # -- body phases that change sizes: framing stays correct ---------------------------
@@ -633,3 +612,70 @@ async def test_a_resized_response_to_an_http10_client_is_delimited_by_the_close(
     head, _, body = got.partition(b"\r\n\r\n")
     assert b"content-length" not in head.lower() and b"transfer-encoding" not in head.lower()
     assert b"connection: close" in head.lower() and body == b"xxyyzz!"
+
+
+# -- more rows of the table: the replies no response phase sees, and the rest ------
+
+
+class Boom(Filter):
+    name = "boom"
+
+    async def on_request_headers(self, ctx, request):
+        if request.path == "/boom":
+            raise RuntimeError("a filter's bug")
+
+    async def on_response_headers(self, ctx, response):
+        if ctx.request.path == "/teapot":
+            return LocalReply(418, "short and stout\n")
+
+
+async def test_a_filter_that_raises_answers_500_through_no_response_phase(nursery):
+    origin = Origin()
+    await nursery.start(origin.serve)
+    async with serve(config(origin.address, filters=["seer", "boom", "router"]), plugins=["router", "balancer"],
+                     extra={"mine": InProcess(Seer, Boom)}) as proxy:
+        r = await proxy_get(proxy.url, "/boom")
+    assert r.status_code == 500 and "a filter's bug" not in r.text
+    assert Seer.latest.phases("headers") == []
+    assert Seer.latest.phases("complete") == [("complete", 500, ("FE",))]
+
+
+async def test_a_reply_from_on_response_headers_runs_through_the_filters_before_it_only(nursery):
+    origin = Origin()
+    await nursery.start(origin.serve)
+    async with serve(config(origin.address, filters=["seer", "boom", "router"]), plugins=["router", "balancer"],
+                     extra={"mine": InProcess(Seer, Boom)}) as proxy:
+        r = await proxy_get(proxy.url, "/teapot")
+    assert r.status_code == 418
+    # Response phases run in reverse: boom saw the upstream's 200 and answered;
+    # seer, before it in the chain, sees only the reply, once.
+    assert Seer.latest.phases("headers") == [("headers", 418, ("LR",), "NoneType")]
+
+
+async def test_a_malformed_request_body_answers_400_through_no_response_phase(nursery):
+    origin = Origin()
+    await nursery.start(origin.serve)
+    async with serve(config(origin.address, filters=["seer", "router"]), plugins=["router", "balancer"],
+                     extra={"mine": InProcess(Seer)}) as proxy:
+        got = await raw_request(proxy.address, b"POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n"
+                                               b"\r\nzz\r\nab\r\n0\r\n\r\n")
+    assert got.startswith(b"HTTP/1.1 400 ")
+    assert Seer.latest.phases("headers") == []
+    assert Seer.latest.phases("complete") == [("complete", 400, ("DPE",))]
+
+
+async def test_a_full_circuit_breaker_answers_503_uo_through_the_response_phases(nursery):
+    origin = Origin().script("/hang", Reply(hang=True))
+    await nursery.start(origin.serve)
+    cfg = config(origin.address, filters=["seer", "router"],
+                 cluster={"response_timeout": 2.0, "circuit_breakers": {"max_requests": 1}})
+    async with serve(cfg, plugins=["router", "balancer"], extra={"mine": InProcess(Seer)}) as proxy:
+        async with httpx.AsyncClient(timeout=5) as client, trio.open_nursery() as inner:
+            inner.start_soon(client.get, proxy.url + "/hang")
+            with trio.fail_after(5):
+                while not origin.requests:  # the first holds the cluster's one slot
+                    await trio.sleep(0.01)
+            r = await client.get(proxy.url + "/second")
+            inner.cancel_scope.cancel()
+    assert r.status_code == 503
+    assert ("headers", 503, ("UO",), "NoneType") in Seer.latest.phases("headers")
