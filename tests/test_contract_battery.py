@@ -14,7 +14,7 @@ from pathlib import Path
 import bcrypt
 import pytest
 
-from sluice import CONTINUE, Filter
+from sluice import CONTINUE, Filter, LocalReply
 from sluice.testing import contract
 
 # -- every built-in filter (`sluice plugins`), and the example plugin's ---------
@@ -90,7 +90,25 @@ class Stamps(Filter):
         response.headers.set("x-stamp", str(ctx.state(self).route))
 
 
+class Quota(Filter):
+    """Admits one request per proxy, then answers 429 with a flag of its own."""
+
+    name = "quota"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.left = 1
+
+    async def on_request_headers(self, ctx, request):
+        if self.left:
+            self.left -= 1
+            return None
+        return LocalReply(429, "over quota\n", flag="RL")
+
+
 test_resizing_filter = contract.battery(Shouts, plugins=["router", "balancer"])
+# Answering instead of the scenario's upstream is the filter's right, whatever its flag.
+test_refusing_filter = contract.battery(Quota, plugins=["router", "balancer"])
 test_stateful_filter_after_the_router = contract.battery(Stamps, plugins=["router", "balancer"])
 
 
