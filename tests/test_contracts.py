@@ -679,3 +679,13 @@ async def test_a_full_circuit_breaker_answers_503_uo_through_the_response_phases
             inner.cancel_scope.cancel()
     assert r.status_code == 503
     assert ("headers", 503, ("UO",), "NoneType") in Seer.latest.phases("headers")
+
+
+def test_the_errors_a_filter_meets_are_exported_with_their_attributes():
+    from sluice.errors import ClientGone, UpstreamError
+    from sluice.protocol.events import ProtocolError
+
+    assert (sluice.UpstreamError, sluice.ClientGone, sluice.ProtocolError) == (UpstreamError, ClientGone, ProtocolError)
+    assert {"UpstreamError", "ClientGone", "ProtocolError", "FLAGS", "Flag"} <= set(sluice.__all__)
+    exc = sluice.UpstreamError("refused", status=503, flag="UF")
+    assert (exc.status, exc.flag) == (503, "UF") and exc.flag in sluice.FLAGS

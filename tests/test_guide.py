@@ -105,6 +105,10 @@ def test_the_readme_sends_plugin_authors_here():
     readme = (ROOT / "README.md").read_text()
     assert "(plugins/README.md)" in readme
     assert "## Write a balancing policy" not in readme  # moved here, not written twice
+    section = readme.split("\n## Write a plugin\n", 1)[1].split("\n## ", 1)[0]
+    [example] = [body for kind, body in _BLOCK.findall(section) if kind == "python"]
+    compile(example, "README.md: Write a plugin", "exec")
+    assert len(example.splitlines()) <= 25  # a taste; the guide is the reference
 
 
 def test_the_walkthrough_works_as_written(tmp_path):

@@ -162,8 +162,8 @@ CONTINUE = Continue()
 class LocalReply:
     """Answer the client from the proxy instead of forwarding.
 
-    ``flag`` is the response flag the access log records (LR: a filter's
-    local reply; the core uses NR, UH, UF, UT, UC, ... for its own).
+    ``flag`` is the response flag put in ``ctx.flags`` and the access log
+    (LR: a filter's local reply; the core's own are in ``sluice.FLAGS``).
     """
 
     status: int
