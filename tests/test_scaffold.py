@@ -85,7 +85,6 @@ def test_it_writes_a_complete_distribution(written, project):
     assert "$" not in module + tests + readme  # every placeholder was filled
 
 
-@pytest.mark.xfail(strict=False, reason="needs sluice.testing.contract, the battery (engineer B), committed")
 def test_its_tests_pass_out_of_the_box(project, python):
     r = _run(python, "-m", "pytest", "-q", "-p", "no:cacheprovider", cwd=project, timeout=300)
     summary = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
