@@ -19,21 +19,30 @@ its own ``trio.run``, so it needs no async plugin and no fixture.
 ``ContractViolation`` (an AssertionError) naming the filter, the scenario
 and every rule broken.
 
+The scenarios (``SCENARIOS``, in order): get, post, empty-body,
+chunked-request-body, large-body (3 MiB streamed), request-trailers,
+response-trailers, local-reply-before and local-reply-after (a probe
+filter answers before or after the filter), upstream-refused (a closed
+port), upstream-reset (RST), upstream-timeout (a route timeout of 0.3 s),
+upstream-closed-mid-body, client-abort-request-body,
+client-abort-response-body, cancellation (the proxy cancelled with an
+exchange in flight) and concurrent (20 at once, each with its own id).
+
 A scenario is real: an ``Origin`` on loopback, an in-process proxy
 (``serve``) whose listener's chain is ``[contract_before, the filter,
 contract_after, router]`` (the two probes answer locally when a request
 asks them to; a filter declared ``first``, ``last`` or after the router
-keeps its place),
-and real clients: httpx for the concurrent exchanges, an h11 client on a
-trio socket elsewhere (it sees every byte, so a response longer than its
-Content-Length is caught, where httpx would silently drop the rest), and
-a bare socket to abort mid-body.
+keeps its place), and real clients: httpx for the concurrent exchanges,
+an h11 client on a trio socket elsewhere (it sees every byte, so a
+response longer than its Content-Length is caught, where httpx would
+silently drop the rest), and a bare socket to abort mid-body.
 
-The rules, checked after every scenario:
+The rules, checked after every scenario (``ContractViolation`` names each
+one broken, with the filter and the scenario):
 
 - ``on_complete`` runs exactly once per exchange for the filter, aborted and
-  cancelled exchanges included (an exchange is what any filter's
-  ``on_complete`` saw; each is tagged in ``ctx.vars``);
+  cancelled exchanges included (an exchange is what the first probe's
+  request phase or any watched ``on_complete`` saw, tagged in ``ctx.vars``);
 - no exception escapes a phase: none raised through the battery's wrapper of
   each phase the filter overrides, no error-level sluice log event, no
   ``FE`` flag;
@@ -44,12 +53,20 @@ The rules, checked after every scenario:
   blamed on the filter;
 - framing stays correct: each response parses, its body is as long as its
   Content-Length with nothing after it, and each request the origin got
-  holds as many bytes as its Content-Length says;
+  holds as many bytes as its Content-Length says; with no body phase in
+  the filter, the origin's echo comes back byte for byte;
 - per-request state is released: once the proxy has stopped and
   ``gc.collect()`` ran, no ``Context`` of the scenario and no weakly
   referenceable ``ctx.state(filter)`` object is alive, and no container held
   by the filter instance grew with the number of requests;
-- every exchange ends: every client wait is bounded, and a hang fails.
+- no state crosses requests: each of the concurrent exchanges gets its own
+  response, and the origin gets each request as it was sent;
+- every exchange ends: every client wait is bounded, and a hang fails;
+- the scenario ran as designed: the core gave the answer the scenario
+  provokes (a 503 for the closed port, ...) unless a filter answered
+  itself, and a plain GET reaches the origin, so a filter refusing every
+  request (an auth filter without ``request_headers``) fails instead of
+  passing by testing nothing.
 
 How the filter is watched: the plugin that provides it is registered again
 (through ``extra``, which replaces an installed plugin of the same name)
@@ -57,6 +74,9 @@ with the filter replaced by a subclass that counts ``on_complete`` and
 records what each overridden phase raises; nothing else changes, and an
 ``on_complete`` with no ``await`` stays one (the core runs such phases on a
 faster path, and the battery must test that path).
+
+One module, and a long one: the rules, the watch, the clients and the
+scenarios are read together whenever a scenario fails.
 """
 
 from __future__ import annotations
@@ -88,7 +108,10 @@ from ..proxy.filters import PHASES, Filter, LocalReply, overrides
 from .origin import Origin, Reply
 from .proxy import serve
 
-__all__ = ["SCENARIOS", "ContractViolation", "battery", "check"]
+__all__ = [
+    "BLOCKED", "DESIGNED", "ENDED", "FRAMING", "ISOLATED", "ONCE", "RAISED", "RELEASED", "SCENARIOS",
+    "ContractViolation", "battery", "check",
+]
 
 # The rules, as failure messages name them.
 ONCE = "on_complete runs exactly once"
