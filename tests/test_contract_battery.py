@@ -21,6 +21,8 @@ from sluice.testing import contract
 # (alerts is listed as a filter but refuses a place in a chain: it works from hooks.)
 
 test_router = contract.battery("router")
+# The same contract on the reference HTTP/1.1 codec (the default is httptools), through ``config``.
+test_router_on_h11 = contract.battery("router", config={"server": {"http1_codec": "h11"}})
 test_access_log = contract.battery("access_log")
 # Fields that need captures build another class (with body and timing phases).
 test_access_log_capturing = contract.battery("access_log", settings={

@@ -106,6 +106,7 @@ from ..proxy.chain import never_suspends
 from ..proxy.context import Context
 from ..proxy.filters import PHASES, Filter, LocalReply, overrides
 from .origin import Origin, Reply
+from .plugin import merged
 from .proxy import serve
 
 __all__ = [
@@ -533,16 +534,6 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-def _merge(base: dict, over: Mapping) -> dict:
-    merged = dict(base)
-    for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def _chain(cls: type[Filter]) -> list[str]:
     """The listener's chain: the filter between the probes, before the
     router unless it must come after it; a probe that its ordering leaves
@@ -576,7 +567,7 @@ def _config(spec: _Spec, cls: type[Filter], origin: Origin, refused: int) -> dic
         "filters": {spec.name: dict(spec.settings)} if spec.settings else {},
         "server": {"drain_timeout": 3.0},
     }
-    return _merge(base, user)
+    return merged(base, user)
 
 
 def _run(spec: _Spec, scenario: str) -> None:
