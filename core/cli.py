@@ -43,7 +43,7 @@ from . import metrics, scaffold, shared
 from .control import pidfile
 from .control.app import App, maybe_await
 from .control.config import Config, load, parse
-from .control.registry import Plugins, discover
+from .control.registry import Plugins
 from .edge.ports import reserve
 from .edge.workers import run_workers
 from .errors import ConfigError
@@ -518,8 +518,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 def cmd_new_plugin(args: argparse.Namespace) -> int:
     """``sluice new-plugin``: a plugin's project that installs and passes its tests as written."""
     try:
-        taken = {name: getattr(ep.dist, "name", "?") for name, ep in discover().items()}
-        names = scaffold.names(args.name, taken)
+        names = scaffold.names(args.name, _taken_names())
         project = scaffold.create(names, args.dir)
     except scaffold.ScaffoldError as exc:
         print(f"sluice new-plugin: error: {exc}", file=sys.stderr)
@@ -528,6 +527,18 @@ def cmd_new_plugin(args: argparse.Namespace) -> int:
           "pyproject.toml, README.md")
     print(f"next:\n  cd {project}\n  python -m pip install -e '.[test]'\n  python -m pytest")
     return 0
+
+
+def _taken_names() -> dict[str, str]:
+    """The names a new plugin must not take, with the distribution holding
+    each: the installed plugins' and their filters' (a second filter of one
+    name stops every ``sluice run`` that loads both). An installed plugin
+    that does not load is reported as ``sluice run`` would report it."""
+    loaded = Plugins().loaded.values()
+    taken = {info.name: info.dist for info in loaded}
+    for info in loaded:
+        taken.update(dict.fromkeys(info.filters, info.dist))
+    return taken
 
 
 def _reporting(fn):

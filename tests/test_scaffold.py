@@ -162,9 +162,11 @@ def test_a_bad_name_is_refused_saying_what_is_allowed(bad, tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_the_name_of_an_installed_plugin_is_refused(tmp_path, capsys):
-    assert main(["new-plugin", "router", "--dir", str(tmp_path)]) == 2
-    assert "plugin name 'router' is taken by the installed distribution sluice" in capsys.readouterr().err
+@pytest.mark.parametrize("taken", ["router", "auth", "api_key"])  # a plugin, a plugin, a filter of auth's
+def test_the_name_of_an_installed_plugin_or_filter_is_refused(taken, tmp_path, capsys):
+    assert main(["new-plugin", taken, "--dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (f"sluice new-plugin: error: plugin name {taken!r} is taken: the installed "
+                                       "distribution sluice has a plugin or filter of that name; choose another\n")
     assert list(tmp_path.iterdir()) == []
 
 

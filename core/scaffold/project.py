@@ -56,15 +56,15 @@ class Names:
 
 
 def names(text: str, taken: Mapping[str, str] | None = None) -> Names:
-    """The names NAME makes; ``taken`` maps installed plugins' names to
-    their distributions, which a new plugin must not reuse (two entry
-    points of one name are a startup error for sluice)."""
+    """The names NAME makes; ``taken`` maps the names a new plugin must not
+    reuse (installed plugins' and filters': two of one name are a startup
+    error for sluice) to the distributions holding them."""
     if not _NAME.fullmatch(text):
         raise ScaffoldError(f"plugin name {text!r} is not allowed: use {ALLOWED}")
     name = text.replace("-", "_")
     if taken and name in taken:
-        raise ScaffoldError(f"plugin name {name!r} is taken by the installed distribution {taken[name]}; "
-                            "choose another")
+        raise ScaffoldError(f"plugin name {name!r} is taken: the installed distribution {taken[name]} has a plugin "
+                            "or filter of that name; choose another")
     words = name.split("_")
     return Names(name=name, module=f"sluice_{name}", dist="sluice-" + "-".join(words),
                  cls="".join(w.capitalize() for w in words), header="x-" + "-".join(words))
