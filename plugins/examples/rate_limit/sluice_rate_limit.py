@@ -1,0 +1,130 @@
+"""sluice-rate-limit: a local rate limiter on the workers' shared token buckets.
+
+Each request takes one token from a bucket named by its key (the client's
+address, a header, or the route) in ``sluice.shared.local()``, the table
+every ``--workers`` process maps: the limit is the instance's, not each
+worker's. A request that finds its bucket empty gets 429 with
+``Retry-After`` (whole seconds, rounded up) and is never forwarded.
+
+Responses carry ``RateLimit-Policy`` and ``RateLimit-Limit`` (the burst);
+a 429 also carries ``RateLimit-Remaining: 0`` and ``RateLimit-Reset``
+(draft-ietf-httpapi-ratelimit-headers). The shared table answers "allowed
+or not, and when", not how many tokens are left, so an allowed response
+does not claim a ``RateLimit-Remaining`` it does not know.
+
+A route overrides ``rate``, ``burst`` or ``key`` with
+``filters = { rate_limit = { rate = 1.0 } }`` (or opts out with
+``disabled = true``); a route with its own settings has buckets of its own.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Annotated
+
+from pydantic import Field
+
+from sluice import CONTINUE, Filter, FilterConfig, LocalReply, hookimpl
+from sluice.shared import local
+
+__all__ = ["RateLimit"]
+
+# "client_ip" | "route" | "header:NAME"
+_KEY = r"^(client_ip|route|header:[!#$%&'*+.^_`|~0-9A-Za-z-]+)$"
+Key = Annotated[str, Field(pattern=_KEY)]
+Rate = Annotated[float, Field(gt=0)]
+Burst = Annotated[float, Field(ge=1)]
+
+
+class RateLimit(Filter):
+    """Answers 429 past ``rate`` requests per second (``burst`` at once) per key, across every worker."""
+
+    name = "rate_limit"
+    before = ("router",)  # refuse before the router spends anything on the request
+
+    class Config(FilterConfig):
+        rate: Rate = 10.0  # tokens added per second
+        burst: Burst = 20.0  # bucket size: requests allowed at once after a quiet spell
+        key: Key = "client_ip"  # what a bucket is per: client_ip, route, or header:NAME
+        # A request without the key's header: limited by its client address instead
+        # (the default), or refused outright with 400.
+        missing_header: Annotated[str, Field(pattern=r"^(client_ip|reject)$")] = "client_ip"
+        headers: bool = True  # send the RateLimit-* headers
+        worker_header: bool = False  # debug: x-sluice-worker: the serving process's pid
+
+    class RouteConfig(FilterConfig):
+        rate: Rate | None = None
+        burst: Burst | None = None
+        key: Key | None = None
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self._state = local()
+        self._routes: dict[int, tuple[str, float, float, str]] = {}  # id(route) -> its settings
+
+    def new_state(self) -> list[tuple[str, str]]:
+        return []  # the headers on_response_headers adds
+
+    def _settings(self, ctx) -> tuple[str, float, float, str]:
+        """(bucket scope, rate, burst, key) for this request's route, validated once per route."""
+        route = ctx.route
+        if route is None:
+            return "*", self.config.rate, self.config.burst, self.config.key
+        found = self._routes.get(id(route))
+        if found is None:
+            data = {k: v for k, v in route.filter_settings(self.name).items() if k != "disabled"}
+            own = self.RouteConfig.model_validate(data)  # checked at load already: cannot fail here
+            scope = f"route={route.name}" if data else "*"
+            found = (scope, own.rate or self.config.rate, own.burst or self.config.burst,
+                     own.key or self.config.key)
+            if len(self._routes) > 4096:  # routes of replaced configs: forget them
+                self._routes.clear()
+            self._routes[id(route)] = found
+        return found
+
+    def _key(self, ctx, request, key: str) -> str | None:
+        if key == "client_ip":
+            return f"ip={ctx.client_ip}"
+        if key == "route":
+            return f"route={ctx.route.name if ctx.route is not None else '-'}"
+        value = request.headers.get_raw(key[7:].lower().encode("latin-1"))
+        if value is None:
+            return None if self.config.missing_header == "reject" else f"ip={ctx.client_ip}"
+        return f"{key}={value.decode('latin-1')}"
+
+    async def on_request_headers(self, ctx, request):
+        scope, rate, burst, key = self._settings(ctx)
+        value = self._key(ctx, request, key)
+        if value is None:
+            self.log(ctx).info("rate limit key missing", key=key)
+            return LocalReply(400, f"missing {key[7:]} header\n")
+        allowed, retry_after = await self._state.take(f"rate_limit|{scope}|{value}", 1, rate, burst)
+        added = self._headers(rate, burst)
+        if not allowed:
+            wait = math.ceil(retry_after)
+            self.log(ctx).info("rate limited", key=value, rate=rate, burst=burst, retry_after=wait)
+            if self.config.headers:
+                added += [("ratelimit-remaining", "0"), ("ratelimit-reset", str(wait))]
+            return LocalReply(429, "too many requests\n", [("retry-after", str(wait)), *added], flag="RL")
+        ctx.state(self).extend(added)
+        return CONTINUE
+
+    def _headers(self, rate: float, burst: float) -> list[tuple[str, str]]:
+        added = []
+        if self.config.headers:
+            window = max(1, round(burst / rate))
+            added += [("ratelimit-limit", f"{burst:g}"), ("ratelimit-policy", f"{burst:g};w={window}")]
+        if self.config.worker_header:
+            added.append(("x-sluice-worker", str(os.getpid())))
+        return added
+
+    async def on_response_headers(self, ctx, response):
+        for name, value in ctx.state(self):
+            response.headers.set(name, value)
+        return CONTINUE
+
+
+@hookimpl
+def sluice_filters():
+    return [RateLimit]
