@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 import textwrap
 import tomllib
 from pathlib import Path
@@ -141,6 +142,15 @@ def test_sluice_check_accepts_a_config_using_it(python, tmp_path):
     # This venv has no such plugin: what passed above is the install's doing.
     without = sluice("check", str(path))
     assert without.returncode == 2 and "tag_it" in without.stderr, without.stderr
+
+
+def test_without_dir_it_writes_into_the_current_directory(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "sluice", "new-plugin", "here"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("sluice: wrote sluice-here: plugin 'here' in sluice_here.py"), r.stdout
+    assert _files(tmp_path / "sluice-here") == [".gitignore", "README.md", "pyproject.toml", "sluice_here.py",
+                                                "tests/test_here.py"]
 
 
 def test_names_take_the_form_each_place_wants():
