@@ -26,7 +26,10 @@ filter answers before or after the filter), upstream-refused (a closed
 port), upstream-reset (RST), upstream-timeout (a route timeout of 0.3 s),
 upstream-closed-mid-body, client-abort-request-body,
 client-abort-response-body, cancellation (the proxy cancelled with an
-exchange in flight) and concurrent (20 at once, each with its own id).
+exchange in flight), upstream-early-answer (the origin answers before
+reading the request body), head, keep-alive (5 in turn on one
+connection) and concurrent (20 at once), each of the last two with its
+own id per request.
 
 A scenario is real: an ``Origin`` on loopback, an in-process proxy
 (``serve``) whose listener's chain is ``[contract_before, the filter,
@@ -607,6 +610,7 @@ class _Answer:
     body: bytes = b""
     trailers: list[tuple[str, str]] = field(default_factory=list)
     complete: bool = False  # its end arrived
+    head: bool = False  # the answer to a HEAD: a Content-Length, no body
     problem: str = ""  # why it is not a well-framed response
     hung: bool = False
 
@@ -706,7 +710,7 @@ class _Run:
         """One exchange on its own connection (``connection: close``), read
         byte-exactly; unless ``cut`` (the scenario cuts the response), a
         response that is not well framed is a violation."""
-        answer = _Answer()
+        answer = _Answer(head=method == "HEAD")
         with trio.move_on_after(_WAIT) as waited:
             await self._exchange(method, target, body, chunked, trailers, list(headers), answer)
         if waited.cancelled_caught:
@@ -882,7 +886,7 @@ async def _read_answer(stream: trio.SocketStream, conn: h11.Connection, answer: 
     if rest:
         answer.problem = (f"{len(rest)} bytes followed the end of the response ({bytes(rest[:40])!r}); "
                           f"its Content-Length is {length}, {len(answer.body)} body bytes before them")
-    elif length is not None and length.isdigit() and int(length) != len(answer.body):
+    elif length is not None and length.isdigit() and int(length) != len(answer.body) and not answer.head:
         answer.problem = f"Content-Length {length} but {len(answer.body)} body bytes"
 
 
@@ -1062,42 +1066,75 @@ async def _cancellation(run: _Run) -> None:
     run.expect_ending(f"POST {path}", lambda e: "Cancelled" in e.error, "cancelled (ctx.error a trio.Cancelled)")
 
 
-@_scenario("concurrent")
-async def _concurrent(run: _Run) -> None:
+@_scenario("upstream-early-answer")
+async def _early(run: _Run) -> None:
+    path = _PREFIX + "early"
+    run.origin.script(path, Reply(early=True, body=b"answered before the body\n"))
+    body = b"e" * 16384  # under the core's drain limit: the connection may even stay open
+    run.expect(await run.request("POST", path, body), 200, f"POST {path}")
+
+
+@_scenario("head")
+async def _head_request(run: _Run) -> None:
+    run.origin.script(_PREFIX + "head", Reply(body=b"a body a HEAD does not get\n"))
+    run.expect(await run.request("HEAD", _PREFIX + "head"), 200, "HEAD /__contract/head")
+
+
+async def _numbered(run: _Run, kind: str, count: int, limits: Any = None) -> None:
+    """``count`` POSTs to ``/__contract/KIND/i`` through one httpx client, all at
+    once or (``limits``: one connection) one after another on a kept-alive
+    connection; each response must be its own request's."""
     import httpx  # the kit's test extra; imported here so the battery module loads without it
 
-    count = 20
+    prefix = f"{_PREFIX}{kind}/"
     for i in range(count):
-        run.origin.script(f"{_PREFIX}concurrent/{i}", Reply(headers=[("x-contract-id", str(i))]))
+        run.origin.script(f"{prefix}{i}", Reply(headers=[("x-contract-id", str(i))]))
     answers: dict[int, httpx.Response | BaseException] = {}
 
     async def one(client: httpx.AsyncClient, i: int) -> None:
         try:
-            answers[i] = await client.post(f"{_PREFIX}concurrent/{i}", content=f"exchange {i}\n".encode(),
+            answers[i] = await client.post(f"{prefix}{i}", content=f"exchange {i}\n".encode(),
                                            headers={**dict(run.spec.request_headers), "x-contract-id": str(i)})
         except httpx.HTTPError as exc:
             answers[i] = exc
 
     host, port = run.address
-    async with httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=_WAIT) as client:
-        async with trio.open_nursery() as nursery:
+    async with httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=_WAIT,
+                                 limits=limits or httpx.Limits()) as client:
+        if limits is None:
+            async with trio.open_nursery() as nursery:
+                for i in range(count):
+                    nursery.start_soon(one, client, i, name=f"{_HARNESS}-client-{i}")
+        else:
             for i in range(count):
-                nursery.start_soon(one, client, i, name=f"{_HARNESS}-client-{i}")
+                await one(client, i)
     for i in range(count):
         answer = answers.get(i)
         if not isinstance(answer, httpx.Response):
-            run.violate(ENDED, f"concurrent exchange {i} failed: {answer!r}")
+            run.violate(ENDED, f"{kind} exchange {i} failed: {answer!r}")
             continue
         got = answer.headers.get("x-contract-id")
         if answer.status_code == 200 and got != str(i):
-            run.violate(ISOLATED, f"concurrent exchange {i} got the response of exchange {got}")
+            run.violate(ISOLATED, f"{kind} exchange {i} got the response of exchange {got}")
         sent = f"exchange {i}\n".encode()
         if answer.status_code == 200 and not run.body_phases and answer.content != sent:
-            run.violate(ISOLATED, f"concurrent exchange {i} got the body {answer.content[:40]!r}")
+            run.violate(ISOLATED, f"{kind} exchange {i} got the body {answer.content[:40]!r}")
     for r in run.origin.requests:
-        if r.path.startswith(_PREFIX + "concurrent/") and r.header("x-contract-id") != r.path.rsplit("/", 1)[1]:
+        if r.path.startswith(prefix) and r.header("x-contract-id") != r.path.rsplit("/", 1)[1]:
             run.violate(ISOLATED, f"the origin got {r.path} with x-contract-id {r.header('x-contract-id')}")
-    run.check_origin(_PREFIX + "concurrent/")
+    run.check_origin(prefix)
+
+
+@_scenario("keep-alive")
+async def _keep_alive(run: _Run) -> None:
+    import httpx
+
+    await _numbered(run, "keep-alive", 5, httpx.Limits(max_connections=1, max_keepalive_connections=1))
+
+
+@_scenario("concurrent")
+async def _concurrent(run: _Run) -> None:
+    await _numbered(run, "concurrent", 20)
 
 
 def _head(method: str, target: str, headers: list[tuple[str, str]]) -> bytes:
