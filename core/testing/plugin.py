@@ -108,6 +108,9 @@ def merged(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 async def sluice_proxy(_sluice_kit: None, origin: Any):
     """A factory starting real, in-process proxies in front of ``origin``.
 
+    ``origin`` is whichever ``origin`` fixture is closest to the test: this
+    plugin's, or one of your own (anything with an ``address``, "host:port").
+
     ``proxy = await sluice_proxy(filters=None, config=None, extra=None, plugins=None)``:
 
     - ``filters``: the listener's chain (None: ``["router"]``);
