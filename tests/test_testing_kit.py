@@ -381,3 +381,31 @@ async def test_run_filter_builds_an_app_for_a_filter_that_needs_one():
     assert routed.ctx.cluster.name == "api" and routed.ctx.route.name == "routes[0]"
     missed = await run_filter(Router, app=cfg, request=("GET", "/else", [("host", "a")]))
     assert missed.response.status == 404 and missed.ctx.flags == ["NR"]
+
+
+async def test_run_filter_opens_and_closes_a_filter_with_background_work():
+    class Ticker(Filter):
+        name = "ticker"
+
+        async def open(self, nursery):
+            self.events = ["open"]
+            self.started = trio.Event()
+            nursery.start_soon(self._tick)
+
+        async def _tick(self):
+            self.started.set()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self.events.append("background cancelled")
+
+        async def on_request_headers(self, ctx, request):
+            await self.started.wait()  # the background task runs during the exchange
+            self.events.append("request")
+
+        async def close(self):
+            self.events.append("close")
+
+    ticker = build_filter(Ticker)
+    await run_filter(ticker)
+    assert ticker.events == ["open", "request", "close", "background cancelled"]
