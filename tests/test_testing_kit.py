@@ -409,3 +409,26 @@ async def test_run_filter_opens_and_closes_a_filter_with_background_work():
     ticker = build_filter(Ticker)
     await run_filter(ticker)
     assert ticker.events == ["open", "request", "close", "background cancelled"]
+
+
+async def test_origin_streams_an_async_body_as_the_test_lets_it(nursery):
+    origin = await started(nursery)
+    go_on = trio.Event()
+
+    async def parts():
+        yield b"first"
+        await go_on.wait()
+        yield b"second"
+
+    origin.script("/gated", lambda request: Reply(body=parts()))
+    origin.script("/sized", lambda request: Reply(headers=[("content-length", "11")], body=parts()))
+    async with httpx.AsyncClient(base_url=origin.url) as client:
+        async with client.stream("GET", "/gated") as gated:
+            assert gated.headers["transfer-encoding"] == "chunked"
+            chunks = gated.aiter_raw()
+            assert await chunks.__anext__() == b"first"
+            assert not go_on.is_set()  # the rest waits for the test
+            go_on.set()
+            assert b"".join([c async for c in chunks]) == b"second"
+        sized = await client.get("/sized")  # a content-length given frames a streamed body
+    assert sized.content == b"firstsecond" and "transfer-encoding" not in sized.headers

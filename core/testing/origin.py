@@ -26,7 +26,8 @@ from __future__ import annotations
 import inspect
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 import h11
@@ -52,7 +53,19 @@ class Reply:
         origin.script("/slow", Reply(hang=True))                           # 504 past response_timeout
 
     - ``body``: bytes, a list of chunks (written one by one, ``chunk_delay``
-      apart), or None to echo.
+      apart), or None to echo. It may also be an async iterable of chunks
+      (sent chunked unless ``headers`` give a content-length), to send the
+      rest only when the test says so; it is consumed once, so give it from
+      a function script, one per request::
+
+          go_on = trio.Event()
+
+          async def parts():
+              yield b"first"
+              await go_on.wait()
+              yield b"second"
+
+          origin.script("/gated", lambda request: Reply(body=parts()))
     - ``chunked``: Transfer-Encoding: chunked instead of Content-Length;
       ``trailers`` imply it.
     - ``delay``: seconds before the response head.
@@ -74,7 +87,7 @@ class Reply:
 
     status: int = 200
     headers: list[Header] = field(default_factory=list)
-    body: bytes | list[bytes] | None = None
+    body: bytes | list[bytes] | AsyncIterable[bytes] | None = None
     chunked: bool = False
     trailers: list[Header] = field(default_factory=list)
     delay: float = 0.0
@@ -125,6 +138,15 @@ def _b(value: str | bytes) -> bytes:
 
 def _s(value: bytes) -> str:
     return value.decode("latin-1")
+
+
+async def _each(chunks: list[bytes] | AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+    if isinstance(chunks, AsyncIterable):
+        async for chunk in chunks:
+            yield chunk
+    else:
+        for chunk in chunks:
+            yield chunk
 
 
 LINGER = 2.0  # seconds a closing connection keeps reading what the peer still sends
@@ -268,15 +290,17 @@ class Origin:
             return False
         if reply.delay:
             await trio.sleep(reply.delay)
+        streamed = isinstance(reply.body, AsyncIterable)
         if reply.body is None:
             chunks = [recorded.body or recorded.target.encode("latin-1")]
         elif isinstance(reply.body, bytes):
             chunks = [reply.body]
         else:
-            chunks = list(reply.body)
+            chunks = reply.body if streamed else list(reply.body)
         headers = [(_b(n), _b(v)) for n, v in reply.headers]
         names = {n.lower() for n, _ in headers}
-        chunked = reply.chunked or bool(reply.trailers)
+        # A streamed body's length is unknown: chunked, unless a header says otherwise.
+        chunked = reply.chunked or bool(reply.trailers) or (streamed and b"content-length" not in names)
         if chunked and b"transfer-encoding" not in names:
             headers.append((b"transfer-encoding", b"chunked"))
         elif not chunked and not names & {b"content-length", b"transfer-encoding"}:
@@ -288,15 +312,20 @@ class Origin:
         if recorded.method == "HEAD":
             chunks = []  # the head said how long the body would be; there is none
         budget = reply.close_after
-        for i, chunk in enumerate(c for c in chunks if c):
-            if i and reply.chunk_delay:
-                await trio.sleep(reply.chunk_delay)
-            if budget is not None:
-                chunk, budget = chunk[:budget], budget - len(chunk[:budget])
-            if chunk:
-                await stream.send_all(conn.send(h11.Data(data=chunk)))
-            if budget == 0:
-                return False  # cut mid-body: close without finishing the message
+        sent = 0
+        async with aclosing(_each(chunks)) as each:
+            async for chunk in each:
+                if not chunk:
+                    continue
+                if sent and reply.chunk_delay:
+                    await trio.sleep(reply.chunk_delay)
+                sent += 1
+                if budget is not None:
+                    chunk, budget = chunk[:budget], budget - len(chunk[:budget])
+                if chunk:
+                    await stream.send_all(conn.send(h11.Data(data=chunk)))
+                if budget == 0:
+                    return False  # cut mid-body: close without finishing the message
         if budget is not None:
             return False
         await stream.send_all(conn.send(h11.EndOfMessage(headers=[(_b(n), _b(v)) for n, v in reply.trailers])))
