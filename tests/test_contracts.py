@@ -689,3 +689,19 @@ def test_the_errors_a_filter_meets_are_exported_with_their_attributes():
     assert {"UpstreamError", "ClientGone", "ProtocolError", "FLAGS", "Flag"} <= set(sluice.__all__)
     exc = sluice.UpstreamError("refused", status=503, flag="UF")
     assert (exc.status, exc.flag) == (503, "UF") and exc.flag in sluice.FLAGS
+
+
+async def test_a_stale_request_content_length_never_reaches_an_http2_upstream_misframed(nursery):
+    """Through an h2c hop (a second sluice speaking HTTP/2 to the front one)."""
+    origin = Origin()
+    await nursery.start(origin.serve)
+    async with serve(config(origin.address, listener={"http2": True}), plugins=["router", "balancer"]) as back:
+        front_cfg = config(f"127.0.0.1:{back.address[1]}", filters=["stale", "router"], cluster={"protocol": "h2c"})
+        async with serve(front_cfg, plugins=["router", "balancer"],
+                         extra={"mine": InProcess(StaleStretch)}) as front:
+            with capture_logs() as logs:
+                async with httpx.AsyncClient(timeout=5) as client:
+                    r = await client.post(front.url + "/", content=b"abc")
+    assert r.status_code == 500
+    assert all(len(q.body) <= 3 for q in origin.requests)
+    assert any("removes content-length in on_request_headers" in str(e.get("exc_info")) for e in logs)
