@@ -56,6 +56,9 @@ a buffered response body broke, stalled or    502, 504  UC, UT,  none (the head 
   overflowed, after the upstream's head                 UBL        once, on the upstream's)
 a streamed response broke after its head      (cut)     UC, UT,  none more; on_complete
   went out                                              UPE        sees the upstream's status
+a refused head (bad, too large, too slow)     400, 414  DPE, DT  none: on_complete only,
+  or connection (TLS failed, no free slot)    431, 408  DTLS,      with ctx.request None or
+                                              503       TLSP, DO   bare (see below)
 ============================================  ========  =======  ===============================
 
 A filter tells a core reply from an upstream's by ``ctx.flags`` (non-empty,
