@@ -705,3 +705,17 @@ async def test_a_stale_request_content_length_never_reaches_an_http2_upstream_mi
     assert r.status_code == 500
     assert all(len(q.body) <= 3 for q in origin.requests)
     assert any("removes content-length in on_request_headers" in str(e.get("exc_info")) for e in logs)
+
+
+async def test_a_refused_head_is_seen_by_on_complete_only(nursery):
+    origin = Origin()
+    await nursery.start(origin.serve)
+    async with serve(config(origin.address, filters=["seer", "router"]), plugins=["router", "balancer"],
+                     extra={"mine": InProcess(Seer)}) as proxy:
+        got = await raw_request(proxy.address, b"GET / HTTP/1.1\r\nhost: a\r\nno colon here\r\n\r\n")
+        with trio.fail_after(5):  # the refusal's on_complete runs after the answer went out
+            while not Seer.latest.seen:
+                await trio.sleep(0.01)
+    assert got.startswith(b"HTTP/1.1 400 ")
+    assert Seer.latest.seen == [("complete", 400, ("DPE",))]
+    assert origin.requests == []
