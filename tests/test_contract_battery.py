@@ -13,6 +13,7 @@ from pathlib import Path
 
 import bcrypt
 import pytest
+import trio
 
 from sluice import CONTINUE, Filter, LocalReply
 from sluice.testing import contract
@@ -108,7 +109,37 @@ class Quota(Filter):
         return LocalReply(429, "over quota\n", flag="RL")
 
 
+class Awaits(Filter):
+    """Every phase yields to the loop (as one doing I/O would), on_complete
+    included: the core then runs on_complete shielded, and cancellation
+    reaches the others mid-phase."""
+
+    name = "awaits"
+
+    async def on_request_headers(self, ctx, request):
+        await trio.sleep(0)
+
+    async def on_request_body(self, ctx, chunk, end):
+        await trio.sleep(0)
+
+    async def on_request_trailers(self, ctx, trailers):
+        await trio.sleep(0)
+
+    async def on_response_headers(self, ctx, response):
+        await trio.sleep(0)
+
+    async def on_response_body(self, ctx, chunk, end):
+        await trio.sleep(0)
+
+    async def on_response_trailers(self, ctx, trailers):
+        await trio.sleep(0)
+
+    async def on_complete(self, ctx):
+        await trio.sleep(0)
+
+
 test_resizing_filter = contract.battery(Shouts, plugins=["router", "balancer"])
+test_awaiting_filter = contract.battery(Awaits, plugins=["router", "balancer"])
 # Answering instead of the scenario's upstream is the filter's right, whatever its flag.
 test_refusing_filter = contract.battery(Quota, plugins=["router", "balancer"])
 test_stateful_filter_after_the_router = contract.battery(Stamps, plugins=["router", "balancer"])

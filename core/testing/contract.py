@@ -84,6 +84,7 @@ scenarios are read together whenever a scenario fails.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import gc
 import itertools
@@ -1055,15 +1056,39 @@ async def _abort_download(run: _Run) -> None:
 
 @_scenario("cancellation")
 async def _cancellation(run: _Run) -> None:
-    path = _PREFIX + "in-flight"
-    run.origin.script(path, Reply(hang=True))
+    """Three exchanges in flight when the proxy is cancelled: one waiting for
+    the upstream's answer, one mid-upload, one mid-download."""
+    waiting, upload, download = (_PREFIX + p for p in ("in-flight", "in-flight-upload", "in-flight-download"))
+    run.origin.script(waiting, Reply(hang=True))
+    run.origin.script(download, Reply(body=[b"d" * 16384] * 200, chunk_delay=0.01))
+    received = bytearray()
+
+    async def downloading() -> None:
+        with trio.move_on_after(_WAIT):
+            async with await trio.open_tcp_stream(*run.address) as stream:
+                await stream.send_all(_head("GET", download, run.headers()))
+                with contextlib.suppress(trio.BrokenResourceError):
+                    while data := await stream.receive_some(65536):  # until the proxy goes away
+                        received.extend(data)
+
+    def reached(path: str, body: bool = False) -> bool:
+        return any(r.path == path and (r.body or not body) for r in run.origin.requests)
+
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(partial(run.request, "POST", path, b"in flight\n", cut=True), name=f"{_HARNESS}-client")
-        if not await _until(lambda: any(r.path == path for r in run.origin.requests)
-                            or run.answered(f"POST {path}")):
-            run.violate(ENDED, f"POST {path} never reached the origin")
-        run.cancel_proxy()
-    run.expect_ending(f"POST {path}", lambda e: "Cancelled" in e.error, "cancelled (ctx.error a trio.Cancelled)")
+        nursery.start_soon(partial(run.request, "POST", waiting, b"in flight\n", cut=True), name=f"{_HARNESS}-client")
+        nursery.start_soon(downloading, name=f"{_HARNESS}-client-download")
+        async with await trio.open_tcp_stream(*run.address) as up:
+            await up.send_all(_head("POST", upload, run.headers(("content-length", "1000000"))) + b"u" * 65536)
+            if not await _until(lambda: (reached(waiting) or run.answered(f"POST {waiting}"))
+                                and (reached(upload, body=True) or run.answered(f"POST {upload}"))
+                                and (len(received) > 20_000 or run.answered(f"GET {download}"))):
+                run.violate(ENDED, "the three exchanges were not all in flight within 2 s")
+            run.cancel_proxy()
+            with trio.move_on_after(_WAIT), contextlib.suppress(trio.BrokenResourceError):
+                await up.receive_some(65536)  # until the proxy going away closes it
+    cancelled = "cancelled (ctx.error a trio.Cancelled)"
+    for target in (f"POST {waiting}", f"POST {upload}", f"GET {download}"):
+        run.expect_ending(target, lambda e: "Cancelled" in e.error, cancelled)
 
 
 @_scenario("upstream-early-answer")
