@@ -25,8 +25,10 @@ response-trailers, local-reply-before and local-reply-after (a probe
 filter answers before or after the filter), upstream-refused (a closed
 port), upstream-reset (RST), upstream-timeout (a route timeout of 0.3 s),
 upstream-closed-mid-body, client-abort-request-body,
-client-abort-response-body, cancellation (the proxy cancelled with an
-exchange in flight), upstream-early-answer (the origin answers before
+client-abort-response-body, cancellation (the proxy cancelled with three
+exchanges in flight: waiting for the upstream, mid-upload, mid-download),
+graceful-stop (the proxy stopped, and draining, with one in flight),
+upstream-early-answer (the origin answers before
 reading the request body), head, keep-alive (5 in turn on one
 connection) and concurrent (20 at once), each of the last two with its
 own id per request.
@@ -685,6 +687,10 @@ class _Run:
         finally:
             self._stopped.set()
 
+    def stop_proxy(self) -> None:
+        """Stop the proxy gracefully: it drains what is in flight."""
+        self._stop.set()
+
     def cancel_proxy(self) -> None:
         """Cancel the proxy with whatever is in flight (not a graceful stop)."""
         self._proxy_scope.cancel()
@@ -1089,6 +1095,26 @@ async def _cancellation(run: _Run) -> None:
     cancelled = "cancelled (ctx.error a trio.Cancelled)"
     for target in (f"POST {waiting}", f"POST {upload}", f"GET {download}"):
         run.expect_ending(target, lambda e: "Cancelled" in e.error, cancelled)
+
+
+@_scenario("graceful-stop")
+async def _graceful_stop(run: _Run) -> None:
+    """The proxy told to stop while an exchange waits for a slow upstream: it drains, the client gets its answer."""
+    path = _PREFIX + "draining"
+    run.origin.script(path, Reply(delay=0.2))
+    answers: list[_Answer] = []
+
+    async def client() -> None:
+        answers.append(await run.request("GET", path))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client, name=f"{_HARNESS}-client")
+        if await _until(lambda: any(r.path == path for r in run.origin.requests) or run.answered(f"GET {path}")):
+            run.stop_proxy()
+        else:
+            run.violate(ENDED, f"GET {path} never reached the origin")
+    if answers:
+        run.expect(answers[0], 200, f"GET {path}")
 
 
 @_scenario("upstream-early-answer")
