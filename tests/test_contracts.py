@@ -594,13 +594,16 @@ async def test_the_last_body_call_has_end_true_and_may_be_an_empty_chunk(nursery
         async def on_response_body(self, ctx, chunk, end):
             calls.append((chunk, end))
 
-    origin = Origin(Reply(body=[b"ab", b"cd"], chunked=True))
+    origin = Origin(Reply(body=[b"ab", b"cd"], chunked=True)).script("/empty", Reply(body=b""))
     await nursery.start(origin.serve)
     async with serve(config(origin.address, filters=["watch", "router"]), plugins=["router", "balancer"],
                      extra={"mine": InProcess(Watch)}) as proxy:
         assert (await proxy_get(proxy.url)).content == b"abcd"
-    assert b"".join(c for c, _ in calls) == b"abcd"
-    assert calls[-1] == (b"", True) and all(not end for _, end in calls[:-1])
+        assert b"".join(c for c, _ in calls) == b"abcd"
+        assert calls[-1] == (b"", True) and all(not end for _, end in calls[:-1])
+        calls.clear()
+        assert (await proxy_get(proxy.url, "/empty")).content == b""
+        assert calls == [(b"", True)]  # an empty body: one call
 
 
 async def test_a_resized_response_to_an_http10_client_is_delimited_by_the_close(nursery):
