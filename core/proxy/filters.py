@@ -72,7 +72,8 @@ Body phases. ``bytes`` returned from a body phase replace the chunk;
 body, whose chunk may be empty (a streamed body ends with a ``(b"", True)``
 call; returned bytes are sent as the body's tail). A message without a body
 (a request without one, a response to HEAD, a 204 or 304) gets no body
-call. How the core frames what the phases produce:
+call; a response with an empty body gets the one ``(b"", True)``. How the
+core frames what the phases produce:
 
 - Streamed (the default): the head goes out before the body, as the
   head phases left it. If it keeps ``content-length``, the body phases must
