@@ -458,6 +458,7 @@ def battery(
 
     @pytest.mark.parametrize("scenario", params)
     def test_contract(scenario: str) -> None:
+        __tracebackhide__ = True  # pytest shows the violation's message, not the battery's insides
         _run(spec, scenario)
 
     test_contract.__doc__ = f"The filter contract, for filter {spec.name!r} (sluice.testing.contract)."
@@ -577,6 +578,7 @@ def _config(spec: _Spec, cls: type[Filter], origin: Origin, refused: int) -> dic
 
 
 def _run(spec: _Spec, scenario: str) -> None:
+    __tracebackhide__ = True
     cls, extra = spec.resolve()
     chain = _chain(cls)
     if scenario == "local-reply-before" and _Before.name not in chain:
@@ -657,10 +659,13 @@ class _Run:
             # Imports and first connections happen here, untimed; and a filter
             # refusing this plain GET would make every scenario test nothing.
             warm = await self.request("GET", _PREFIX + "warm-up")
-            if warm.status != 200 and not warm.hung:
-                self.violate(DESIGNED, f"a plain GET got {warm.status}, not the origin's 200: the battery's "
-                                       "requests do not reach the upstream (pass request_headers or settings "
-                                       "that admit them)")
+
+            def warmed() -> None:
+                if warm.status != 200 and not warm.hung and not self.failed(f"GET {_PREFIX}warm-up"):
+                    self.violate(DESIGNED, f"a plain GET got {warm.status}, not the origin's 200: the battery's "
+                                           "requests do not reach the upstream (pass request_headers or settings "
+                                           "that admit them)")
+            self.later.append(warmed)
             self.baseline = self._sizes()
             self.exchanges_before = len(self.recorder.exchanges)
             self.steps = _Steps(self.spec.block_threshold, trio.lowlevel.current_task())
@@ -755,6 +760,10 @@ class _Run:
             self.violate(FRAMING, f"{what}: sent {len(sent)} bytes, the echo came back as "
                                   f"{len(answer.body)} though the filter has no body phase")
 
+    def failed(self, target: str) -> bool:
+        """Whether the exchange for ``target`` failed with FE (reported as such)."""
+        return any("FE" in e.flags for e in self.recorder.exchanges.values() if e.target == target)
+
     def answered(self, target: str) -> bool:
         """Whether a filter answered the exchange for ``target`` itself."""
         return any(e.answered for e in self.recorder.exchanges.values() if e.target == target)
@@ -765,9 +774,7 @@ class _Run:
         test what it says it did, most often because the filter refused its
         requests (give it the ``request_headers`` that pass it)."""
         def check() -> None:
-            if answer.status == status or answer.hung:
-                return
-            if self.answered(target):
+            if answer.status == status or answer.hung or self.answered(target) or self.failed(target):
                 return
             hint = " (does the filter refuse the battery's requests? see request_headers)" \
                 if answer.status is not None and 400 <= answer.status < 500 else ""
@@ -797,6 +804,7 @@ class _Run:
                                       f"whose Content-Length is {length}")
 
     def verdict(self, errors: list[str]) -> None:
+        __tracebackhide__ = True
         rec = self.recorder
         name = self.cls.name
         for check in self.later:
@@ -840,7 +848,9 @@ class _Run:
             self.violate(RELEASED, f"{len(kept)} per-request state objects ({kept[0]}) are still alive "
                                    "after their exchanges ended")
         if self.violations:
-            lines = [f"  - {rule}: {detail}" for rule, detail in self.violations]
+            order = [ONCE, RAISED, BLOCKED, FRAMING, RELEASED, ISOLATED, ENDED, DESIGNED]
+            ranked = sorted(self.violations, key=lambda v: order.index(v[0]) if v[0] in order else len(order))
+            lines = [f"  - {rule}: {detail}" for rule, detail in ranked]
             steps = self.steps.longest if self.steps is not None else (0.0, "")
             raise ContractViolation(
                 f"filter {name!r} broke the contract in scenario {self.scenario!r}:\n" + "\n".join(lines)
