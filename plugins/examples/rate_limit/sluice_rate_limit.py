@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from typing import Annotated
 
 from pydantic import Field
@@ -35,6 +36,17 @@ _KEY = r"^(client_ip|route|header:[!#$%&'*+.^_`|~0-9A-Za-z-]+)$"
 Key = Annotated[str, Field(pattern=_KEY)]
 Rate = Annotated[float, Field(gt=0)]
 Burst = Annotated[float, Field(ge=1)]
+
+
+@dataclass(frozen=True, slots=True)
+class _Limit:
+    """One limit as a request meets it: its buckets' key prefix, rate, burst, key and headers."""
+
+    prefix: str
+    rate: float
+    burst: float
+    key: str
+    headers: list[tuple[str, str]]
 
 
 class RateLimit(Filter):
@@ -61,23 +73,28 @@ class RateLimit(Filter):
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         self._state = local()
-        self._routes: dict[int, tuple[str, float, float, str]] = {}  # id(route) -> its settings
+        self._default = self._limit("*", config.rate, config.burst, config.key)
+        self._routes: dict[int, _Limit] = {}  # id(route) -> its limit, built on first use
 
-    def new_state(self) -> list[tuple[str, str]]:
-        return []  # the headers on_response_headers adds
+    def _limit(self, scope: str, rate: float, burst: float, key: str) -> _Limit:
+        headers = []
+        if self.config.headers:
+            window = max(1, round(burst / rate))
+            headers += [("ratelimit-limit", f"{burst:g}"), ("ratelimit-policy", f"{burst:g};w={window}")]
+        return _Limit(f"rate_limit|{scope}|", rate, burst, key, headers)
 
-    def _settings(self, ctx) -> tuple[str, float, float, str]:
-        """(bucket scope, rate, burst, key) for this request's route, validated once per route."""
+    def _route_limit(self, ctx) -> _Limit:
+        """This request's route's limit: its own settings, or the filter's."""
         route = ctx.route
         if route is None:
-            return "*", self.config.rate, self.config.burst, self.config.key
+            return self._default
         found = self._routes.get(id(route))
         if found is None:
             data = {k: v for k, v in route.filter_settings(self.name).items() if k != "disabled"}
             own = self.RouteConfig.model_validate(data)  # checked at load already: cannot fail here
-            scope = f"route={route.name}" if data else "*"
-            found = (scope, own.rate or self.config.rate, own.burst or self.config.burst,
-                     own.key or self.config.key)
+            c = self.config
+            found = self._limit(f"route={route.name}", own.rate or c.rate, own.burst or c.burst,
+                                own.key or c.key) if data else self._default
             if len(self._routes) > 4096:  # routes of replaced configs: forget them
                 self._routes.clear()
             self._routes[id(route)] = found
@@ -94,35 +111,31 @@ class RateLimit(Filter):
         return f"{key}={value.decode('latin-1')}"
 
     async def on_request_headers(self, ctx, request):
-        scope, rate, burst, key = self._settings(ctx)
-        value = self._key(ctx, request, key)
+        limit = self._route_limit(ctx)
+        value = self._key(ctx, request, limit.key)
         if value is None:
-            self.log(ctx).info("rate limit key missing", key=key)
-            return LocalReply(400, f"missing {key[7:]} header\n")
-        allowed, retry_after = await self._state.take(f"rate_limit|{scope}|{value}", 1, rate, burst)
-        added = self._headers(rate, burst)
-        if not allowed:
-            wait = math.ceil(retry_after)
-            self.log(ctx).info("rate limited", key=value, rate=rate, burst=burst, retry_after=wait)
-            if self.config.headers:
-                added += [("ratelimit-remaining", "0"), ("ratelimit-reset", str(wait))]
-            return LocalReply(429, "too many requests\n", [("retry-after", str(wait)), *added], flag="RL")
-        ctx.state(self).extend(added)
-        return CONTINUE
-
-    def _headers(self, rate: float, burst: float) -> list[tuple[str, str]]:
-        added = []
+            self.log(ctx).info("rate limit key missing", key=limit.key)
+            return LocalReply(400, f"missing {limit.key[7:]} header\n")
+        allowed, retry_after = await self._state.take(limit.prefix + value, 1, limit.rate, limit.burst)
+        if allowed:
+            return CONTINUE
+        wait = math.ceil(retry_after)
+        self.log(ctx).info("rate limited", key=value, rate=limit.rate, burst=limit.burst, retry_after=wait)
+        headers = [("retry-after", str(wait)), *limit.headers, *self._worker()]
         if self.config.headers:
-            window = max(1, round(burst / rate))
-            added += [("ratelimit-limit", f"{burst:g}"), ("ratelimit-policy", f"{burst:g};w={window}")]
-        if self.config.worker_header:
-            added.append(("x-sluice-worker", str(os.getpid())))
-        return added
+            headers += [("ratelimit-remaining", "0"), ("ratelimit-reset", str(wait))]
+        return LocalReply(429, "too many requests\n", headers, flag="RL")
 
     async def on_response_headers(self, ctx, response):
-        for name, value in ctx.state(self):
+        for name, value in self._route_limit(ctx).headers:  # (the route is resolved: a dict look-up)
+            response.headers.set(name, value)
+        for name, value in self._worker():
             response.headers.set(name, value)
         return CONTINUE
+
+    def _worker(self) -> list[tuple[str, str]]:
+        """The debug header naming this process (asked for when it answers: the filter is built before fork)."""
+        return [("x-sluice-worker", str(os.getpid()))] if self.config.worker_header else []
 
 
 @hookimpl
