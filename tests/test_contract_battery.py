@@ -4,8 +4,10 @@ each by the rule it breaks."""
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -16,10 +18,10 @@ import pytest
 import trio
 
 from sluice import CONTINUE, Filter, LocalReply
+from sluice.control.registry import Plugins
 from sluice.testing import contract
 
 # -- every built-in filter (`sluice plugins`), and the example plugin's ---------
-# (alerts is listed as a filter but refuses a place in a chain: it works from hooks.)
 
 test_router = contract.battery("router")
 # The same contract on the reference HTTP/1.1 codec (the default is httptools), through ``config``.
@@ -36,7 +38,9 @@ test_api_key = contract.battery(
 def _htpasswd() -> str:
     """An htpasswd file for the basic filter (bcrypt at its cheapest cost: the
     battery measures the filter's contract, not bcrypt's speed)."""
-    path = Path(tempfile.mkdtemp(prefix="sluice-battery-")) / "htpasswd"
+    folder = tempfile.mkdtemp(prefix="sluice-battery-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # made at collection: gone with the session
+    path = Path(folder) / "htpasswd"
     hashed = bcrypt.hashpw(b"pa55", bcrypt.gensalt(rounds=4)).decode()
     path.write_text(f"battery:{hashed}\n")
     return str(path)
@@ -45,6 +49,18 @@ def _htpasswd() -> str:
 test_basic = contract.battery(
     "basic", settings={"htpasswd": _htpasswd()},
     request_headers={"authorization": "Basic YmF0dGVyeTpwYTU1"})  # battery:pa55
+
+HOOKS_ONLY = {"alerts"}  # filters that refuse a place in a chain (sluice plugins: "phases: (none: hooks only)")
+
+
+def test_every_built_in_filter_has_its_battery_here():
+    """A new built-in filter fails this until a battery runs over it."""
+    registry = Plugins()
+    built_in = {name for name, (_, plugin) in registry.filters.items() if registry.loaded[plugin].dist == "sluice"}
+    covered = {name.removeprefix("test_") for name in globals() if name.startswith("test_")}
+    assert built_in - HOOKS_ONLY <= covered, f"no battery for {sorted(built_in - HOOKS_ONLY - covered)}"
+    assert HOOKS_ONLY <= built_in, "a hooks-only filter left the registry: drop it from HOOKS_ONLY"
+
 
 sys.path.insert(0, str(Path(__file__).parent / "example_plugin"))
 import sluice_hello  # noqa: E402  (the example plugin, from its source tree)
