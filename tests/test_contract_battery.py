@@ -8,6 +8,7 @@ import atexit
 import hashlib
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -307,3 +308,30 @@ def test_a_filter_refusing_the_batterys_requests_is_told_to_pass_request_headers
         contract.check("api_key", "upstream-refused", settings={"keys": keys}, plugins=["router", "balancer", "auth"])
     assert re.search(f"{re.escape(contract.DESIGNED)}: a plain GET got 401, not the origin's 200: .*request_headers",
                      str(failed.value)), failed.value
+
+
+def test_a_plugins_suite_collects_the_battery_under_its_own_name_and_can_xfail_a_scenario(tmp_path):
+    """As a plugin author runs it: pytest in another process, on a file of theirs."""
+    (tmp_path / "test_mine.py").write_text(
+        "from sluice import Filter\n"
+        "from sluice.testing import contract\n"
+        "class Uploads(Filter):\n"
+        "    name = 'uploads'\n"
+        "    async def on_request_body(self, ctx, chunk, end):\n"
+        "        raise RuntimeError('no uploads')\n"
+        "test_uploads = contract.battery(Uploads, plugins=['router', 'balancer'],\n"
+        "                                xfail={'post': 'it raises on a body'})\n")
+    ran = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", "-k", "get or post",
+                          "test_mine.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert "PASSED test_mine.py::test_uploads[get]" in ran.stdout, ran.stdout + ran.stderr
+    assert "XFAIL test_mine.py::test_uploads[post]" in ran.stdout, ran.stdout + ran.stderr
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    collected = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only", "-q",
+                                "test_mine.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert [line.split("::")[1] for line in collected.stdout.splitlines() if "::" in line] == [
+        f"test_uploads[{name}]" for name in contract.SCENARIOS], collected.stdout
+
+
+def test_xfail_names_only_scenarios_the_battery_has():
+    with pytest.raises(ValueError, match="xfail names unknown scenarios \\['posts'\\]"):
+        contract.battery(Raises, xfail={"posts": "a typo"})
