@@ -89,18 +89,19 @@ class _MemoryIO:
 
 
 def _app(filters: list[str], codec: str, log_dir: str, access_log: dict | None = None,
-         settings: dict | None = None) -> App:
-    """The App for ``filters`` (``settings``: other filters' ``[filters.X]`` tables)."""
+         settings: dict | None = None, extra: dict | None = None, clusters: dict | None = None) -> App:
+    """The App for ``filters`` (``settings``: other filters' ``[filters.X]`` tables; ``extra``:
+    in-process plugins, as ``Plugins`` takes them; ``clusters``: more, besides "up")."""
     config = parse({
         "server": {"http1_codec": codec},
         "listeners": [{"address": "127.0.0.1:0", "filters": filters}],
-        "clusters": {"up": {"endpoints": ["127.0.0.1:9"]}},
+        "clusters": {"up": {"endpoints": ["127.0.0.1:9"]}, **(clusters or {})},
         "routes": [{"match": {"prefix": "/"}, "cluster": "up"}],
         "filters": {**({"access_log": {"path": f"{log_dir}/access.jsonl", "flush_interval": FLUSH,
                                         **(access_log or {})}} if "access_log" in filters else {}),
                     **{name: s for name, s in (settings or {}).items() if name in filters}},
     })
-    return App(config, Plugins(None))
+    return App(config, Plugins(None, extra))
 
 
 async def _serve(app: App, n: int, request: bytes = REQUEST) -> float:

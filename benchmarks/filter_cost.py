@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""What each built-in filter adds to one proxied request, in microseconds of Python.
+"""What each built-in and example filter adds to one proxied request, in microseconds of Python.
 
 Each filter is measured as ``[filter, router]`` against ``[router]`` alone,
 on ``exchange_cost.py``'s memory-backed listener (the production code, no
@@ -10,8 +10,16 @@ admitted and proxied: the cost of the happy path. ``basic`` is measured
 with its cache warm (bcrypt runs once per user and ``cache_seconds``), as in
 production. Metrics are off, so the figure is the filter's own.
 
+The example plugins (``plugins/examples/``, not installed) are loaded from
+their directories as in-process plugins, each on its common path:
+``rate_limit`` admits (a shared-table take per request), ``canary`` decides
+against the canary (header, cookie, sticky hash: the request stays),
+``redact`` scans a text body (and the core re-frames it chunked). A filter
+declared after the router is measured as ``[router, filter]``.
+
     .venv/bin/python benchmarks/filter_cost.py
     .venv/bin/python benchmarks/filter_cost.py --filters api_key --repeats 9
+    .venv/bin/python benchmarks/filter_cost.py --filters rate_limit,canary,redact
 """
 
 from __future__ import annotations
@@ -19,7 +27,9 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
+import importlib.util
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
@@ -28,6 +38,7 @@ import trio
 
 from exchange_cost import REQUEST, _app, _serve
 
+EXAMPLES = Path(__file__).resolve().parent.parent / "plugins" / "examples"
 KEY = "bench-key"
 USER, PASSWORD = "bench", "bench-password"
 
@@ -38,7 +49,31 @@ def settings(workdir: Path) -> dict[str, dict]:
     return {
         "api_key": {"keys": {"bench": hashlib.sha256(KEY.encode()).hexdigest()}},
         "basic": {"htpasswd": str(htpasswd)},
+        "rate_limit": {"rate": 1e9, "burst": 1e9},  # always admitted
+        "canary": {"cluster": "canary", "percent": 1.0},  # 127.0.0.1 hashes to 31.96: stays
     }
+
+
+CLUSTERS = {"canary": {"endpoints": ["127.0.0.1:10"]}}  # canary's cluster (never reached)
+
+
+def examples(names: list[str]) -> dict:
+    """The example plugins among ``names``, imported from plugins/examples/NAME/sluice_NAME.py."""
+    found = {}
+    for name in names:
+        path = EXAMPLES / name / f"sluice_{name}.py"
+        if path.is_file():
+            spec = importlib.util.spec_from_file_location(f"sluice_{name}", path)
+            found[name] = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # (pydantic looks there)
+            spec.loader.exec_module(found[name])
+    return found
+
+
+def chain_for(name: str, extra: dict) -> list[str]:
+    """``[name, "router"]``, or ``["router", name]`` for a filter that must follow the router."""
+    module = extra.get(name)
+    after = any("router" in cls.after for cls in module.sluice_filters()) if module else False
+    return ["router", name] if after else [name, "router"]
 
 
 def request() -> bytes:
@@ -52,11 +87,12 @@ def measure(filters: list[str], repeats: int, n: int, codec: str = "auto") -> di
     """``{filter: added microseconds per request}``, and ``router`` itself."""
     wire = request()
     with tempfile.TemporaryDirectory() as tmp:
-        extra = settings(Path(tmp))
-        chains = {"router": ["router"], **{name: [name, "router"] for name in filters}}
+        tables, plugins = settings(Path(tmp)), examples(filters)
+        chains = {"router": ["router"], **{name: chain_for(name, plugins) for name in filters}}
 
         def serve(chain: list[str], count: int) -> float:
-            return trio.run(_serve, _app(chain, codec, tmp, None, extra), count, wire) * 1e6
+            app = _app(chain, codec, tmp, None, tables, plugins, CLUSTERS)
+            return trio.run(_serve, app, count, wire) * 1e6
 
         for chain in chains.values():
             serve(chain, 2000)  # warm-up (and basic's bcrypt, once)
@@ -70,8 +106,9 @@ def measure(filters: list[str], repeats: int, n: int, codec: str = "auto") -> di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--filters", default="access_log,api_key,basic",
-                        help="comma-separated filters to measure (default: every built-in traffic filter)")
+    parser.add_argument("--filters", default="access_log,api_key,basic,rate_limit,canary,redact",
+                        help="comma-separated filters to measure (default: every built-in traffic filter "
+                             "and every example)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("-n", type=int, default=10000, help="requests per round")
     args = parser.parse_args()
