@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import ModuleType
 
 import bcrypt
 import pytest
@@ -63,8 +65,18 @@ def test_every_built_in_filter_has_its_battery_here():
     assert HOOKS_ONLY <= built_in, "a hooks-only filter left the registry: drop it from HOOKS_ONLY"
 
 
-sys.path.insert(0, str(Path(__file__).parent / "example_plugin"))
-import sluice_hello  # noqa: E402  (the example plugin, from its source tree)
+
+
+def _source_module(path: Path) -> ModuleType:
+    """A module loaded from its file, without putting its folder on sys.path
+    (the other tests install the example plugin and must not find it there)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+sluice_hello = _source_module(Path(__file__).parent / "example_plugin" / "sluice_hello.py")
 
 test_hello = contract.battery("hello", extra={"hello": sluice_hello})
 
