@@ -73,6 +73,14 @@ async def test_a_fixed_length_body_is_reframed_through_the_proxy(origin, sluice_
     assert origin.requests[0].header("accept-encoding") is None  # asked for plain text
 
 
+async def test_without_the_filter_the_secrets_pass(origin, sluice_client):
+    """The control for the tests above: the default chain (no redact) relays the origin's bytes."""
+    origin.script("/plain", Reply(headers=TEXT, body=b"ann@example.org " + CARD))
+    r = await sluice_client.get("/plain")
+    assert r.content == b"ann@example.org " + CARD
+    assert r.headers["content-length"] == str(len(r.content))
+
+
 async def test_a_chunked_body_and_its_trailers(origin, sluice_proxy):
     origin.script("/chunked", Reply(headers=[("content-type", "application/json")], chunked=True,
                                     body=[b'{"email": "a.b@', b'example.co.uk", "n": 1}'],
