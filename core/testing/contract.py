@@ -2,6 +2,9 @@
 against the contract of ``sluice.proxy.filters`` under every kind of
 exchange a proxy meets.
 
+(One module, and a long one: the rules, the watch on the filter, the
+clients and the scenarios are read together whenever a scenario fails.)
+
     # tests/test_contract.py of a plugin
     from sluice.testing import contract
     import sluice_myplugin
@@ -28,10 +31,9 @@ upstream-closed-mid-body, client-abort-request-body,
 client-abort-response-body, cancellation (the proxy cancelled with three
 exchanges in flight: waiting for the upstream, mid-upload, mid-download),
 graceful-stop (the proxy stopped, and draining, with one in flight),
-upstream-early-answer (the origin answers before
-reading the request body), head, keep-alive (5 in turn on one
-connection) and concurrent (20 at once), each of the last two with its
-own id per request.
+upstream-early-answer (the origin answers before reading the request
+body), head, keep-alive (5 in turn on one connection) and concurrent (20
+at once), each of the last two with its own id per request.
 
 A scenario is real: an ``Origin`` on loopback, an in-process proxy
 (``serve``) whose listener's chain is ``[contract_before, the filter,
@@ -53,7 +55,9 @@ one broken, with the filter and the scenario):
   ``FE`` flag;
 - no step blocks the loop: a ``trio.abc.Instrument`` times every task step
   of the proxy (the battery's own client and origin tasks excepted); one
-  longer than ``block_threshold`` fails, naming the task. Automatic garbage
+  longer than ``block_threshold`` fails, naming the task, if it spent that
+  long on the CPU or waited of its own accord (a sleep, blocking I/O), not
+  when it was merely preempted on a busy machine. Automatic garbage
   collection is off while a scenario runs, so a collector pause is not
   blamed on the filter;
 - framing stays correct: each response parses, its body is as long as its
@@ -64,8 +68,9 @@ one broken, with the filter and the scenario):
   ``gc.collect()`` ran, no ``Context`` of the scenario and no weakly
   referenceable ``ctx.state(filter)`` object is alive, and no container held
   by the filter instance grew with the number of requests;
-- no state crosses requests: each of the concurrent exchanges gets its own
-  response, and the origin gets each request as it was sent;
+- no state crosses requests: each of the keep-alive and concurrent
+  exchanges gets its own response, and the origin gets each request as
+  it was sent;
 - every exchange ends: every client wait is bounded, and a hang fails;
 - the scenario ran as designed: the core gave the answer the scenario
   provokes (a 503 for the closed port, ...) unless a filter answered
@@ -79,9 +84,6 @@ with the filter replaced by a subclass that counts ``on_complete`` and
 records what each overridden phase raises; nothing else changes, and an
 ``on_complete`` with no ``await`` stays one (the core runs such phases on a
 faster path, and the battery must test that path).
-
-One module, and a long one: the rules, the watch, the clients and the
-scenarios are read together whenever a scenario fails.
 """
 
 from __future__ import annotations
