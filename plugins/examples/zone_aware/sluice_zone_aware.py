@@ -57,18 +57,28 @@ class ZoneAware(Balancer):
         self.needed = len(self.local) * self.config.min_local_percent / 100
         self.random = random.Random(self.config.seed)
         self.spilling = False
+        # Every endpoint available is the usual case: its choice is made once.
+        self._all_local = [e for e in self.endpoints if e.address in self.local]
+        self._all_local_totals = list(accumulate(e.weight for e in self._all_local))
+        self._local_ids = frozenset(map(id, self._all_local))  # (``address`` formats a string each time)
 
     def pick(self, ctx, endpoints):
-        local = [e for e in endpoints if e.address in self.local]
-        spill = not local or len(local) < self.needed
+        if len(endpoints) == len(self.endpoints):  # all available (a subset as long is the whole)
+            candidates, totals, spill = self._all_local, self._all_local_totals, False
+            available = len(candidates)
+        else:
+            ids = self._local_ids
+            local = [e for e in endpoints if id(e) in ids]
+            available = len(local)
+            spill = not local or available < self.needed
+            candidates = endpoints if spill else local
+            totals = list(accumulate(e.weight for e in candidates))
         if spill is not self.spilling:
             self.spilling = spill
             _log.warning("zone spill" if spill else "zone recovered", policy=self.name, zone=self.config.zone,
-                         local_available=len(local), local_endpoints=len(self.local))
-        candidates = endpoints if spill else local
+                         local_available=available, local_endpoints=len(self.local))
         if len(candidates) == 1:
             return candidates[0]
-        totals = list(accumulate(e.weight for e in candidates))
         return candidates[bisect(totals, self.random.random() * totals[-1])]
 
 
