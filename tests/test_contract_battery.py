@@ -167,7 +167,46 @@ class Awaits(Filter):
         await trio.sleep(0)
 
 
+class RefusesBodies(Filter):
+    """Answers from a request body phase, once the head has gone upstream."""
+
+    name = "refuses_bodies"
+
+    async def on_request_body(self, ctx, chunk, end):
+        return LocalReply(413, "no bodies here\n")
+
+
+class ReplacesPosts(Filter):
+    """Answers in place of the upstream's response to a POST."""
+
+    name = "replaces_posts"
+
+    async def on_response_headers(self, ctx, response):
+        if ctx.request.method == "POST" and ctx.endpoint is not None:
+            return LocalReply(503, "not today\n", flag="RP")
+
+
+class Buffers(Filter):
+    """Asks for whole bodies (the core's buffer limits then answer 413 and
+    502) and resizes them, which buffering allows with no header work."""
+
+    name = "buffers"
+
+    async def on_request_headers(self, ctx, request):
+        ctx.buffer_request_body()
+        ctx.buffer_response_body()
+
+    async def on_request_body(self, ctx, chunk, end):
+        return chunk + b"+"
+
+    async def on_response_body(self, ctx, chunk, end):
+        return chunk[: len(chunk) // 2]
+
+
 test_resizing_filter = contract.battery(Shouts, plugins=["router", "balancer"])
+test_answering_from_a_body_phase = contract.battery(RefusesBodies, plugins=["router", "balancer"])
+test_answering_instead_of_the_upstream = contract.battery(ReplacesPosts, plugins=["router", "balancer"])
+test_buffering_filter = contract.battery(Buffers, plugins=["router", "balancer"])
 test_awaiting_filter = contract.battery(Awaits, plugins=["router", "balancer"])
 # Answering instead of the scenario's upstream is the filter's right, whatever its flag.
 test_refusing_filter = contract.battery(Quota, plugins=["router", "balancer"])
@@ -318,7 +357,8 @@ def test_a_filter_refusing_the_batterys_requests_is_told_to_pass_request_headers
     keys = {"battery": hashlib.sha256(b"k-battery").hexdigest()}
     with pytest.raises(contract.ContractViolation) as failed:
         contract.check("api_key", "upstream-refused", settings={"keys": keys}, plugins=["router", "balancer", "auth"])
-    assert re.search(f"{re.escape(contract.DESIGNED)}: a plain GET got 401, not the origin's 200: .*request_headers",
+    assert re.search(f"{re.escape(contract.DESIGNED)}: a plain GET got 401, not the origin's 200 "
+                     r"\(answered by api_key\): .*request_headers",
                      str(failed.value)), failed.value
 
 
