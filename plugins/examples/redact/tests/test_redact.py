@@ -8,6 +8,7 @@ import gzip
 import random
 import re
 
+import httpx
 import pytest
 import sluice_redact
 import trio
@@ -88,6 +89,17 @@ async def test_a_chunked_body_and_its_trailers(origin, sluice_proxy):
     proxy = await sluice_proxy(filters=CHAIN, extra=EXTRA)
     r = await proxy.client.get("/chunked")
     assert r.content == b'{"email": "[email]", "n": 1}'
+
+
+async def test_over_http2_the_body_goes_in_data_frames(origin, sluice_proxy):
+    origin.script("/h2", Reply(headers=TEXT, body=[b"to ann@exam", b"ple.org: " + CARD], chunk_delay=0.02))
+    listener = {"address": "127.0.0.1:0", "filters": CHAIN, "http2": True}  # h2c, prior knowledge
+    proxy = await sluice_proxy(extra=EXTRA, config={"listeners": [listener]})
+    async with httpx.AsyncClient(http1=False, http2=True, base_url=proxy.url) as client:
+        r = await client.get("/h2")
+    assert r.http_version == "HTTP/2"
+    assert r.content == b"to [email]: [card]"
+    assert "content-length" not in r.headers
 
 
 @pytest.mark.parametrize("headers", [
