@@ -45,13 +45,17 @@ async def test_a_header_or_cookie_opts_in_and_out(origin, canary_origin, sluice_
     assert paths(origin) == ["/never", "/cookie-never"]
 
 
-async def test_a_sticky_percentage(origin, canary_origin, sluice_proxy):
-    proxy = await sluice_proxy(filters=CHAIN, config=config(canary_origin, percent=25, sticky="header:x-user",
+@pytest.mark.parametrize("sticky, carry", [
+    ("header:x-user", lambda user: {"x-user": user}),
+    ("cookie:session", lambda user: {"cookie": f"theme=dark; session={user}"}),
+])
+async def test_a_sticky_percentage(origin, canary_origin, sluice_proxy, sticky, carry):
+    proxy = await sluice_proxy(filters=CHAIN, config=config(canary_origin, percent=25, sticky=sticky,
                                                             mark_response=True), extra=EXTRA)
     users = [f"user-{i}" for i in range(120)]
     marked = set()
     for user in users * 2:  # each user twice: the same side both times
-        r = await proxy.client.get(f"/{user}", headers={"x-user": user})
+        r = await proxy.client.get(f"/{user}", headers=carry(user))
         assert r.status_code == 200
         if r.headers.get("x-canary") == "canary":
             marked.add(user)
