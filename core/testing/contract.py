@@ -818,6 +818,13 @@ class _Run:
                                       f"framed as {framing!r}")
         self.later.append(check)
 
+    def plain(self, target: str, phase: str) -> bool:
+        """Whether the exchange for ``target`` went through untouched where
+        ``phase`` is concerned: the filter does not override it, answered
+        nothing and buffered nothing (a whole body carries no trailers)."""
+        return not (overrides(self.cls, phase) or self.answered(target) or self.failed(target)
+                    or self.buffered(target))
+
     def buffered(self, target: str) -> bool:
         """Whether a filter asked for a whole body of the exchange for ``target``."""
         return any(e.buffered for e in self.recorder.exchanges.values() if e.target == target)
@@ -991,8 +998,15 @@ async def _large(run: _Run) -> None:
 async def _request_trailers(run: _Run) -> None:
     answer = await run.request("POST", _PREFIX + "request-trailers", [b"with ", b"trailers\n"],
                                trailers=[("x-contract-trailer", "sent")])
-    run.expect(answer, 200, "POST /__contract/request-trailers")
+    target = "POST /__contract/request-trailers"
+    run.expect(answer, 200, target)
     run.check_origin(_PREFIX + "request-trailers")
+
+    def check() -> None:
+        got = [r.trailers for r in run.origin.requests if f"{r.method} {r.target}" == target]
+        if got and ("x-contract-trailer", "sent") not in got[0] and run.plain(target, "on_request_trailers"):
+            run.violate(FRAMING, f"{target}: the origin got trailers {got[0]}, not the client's")
+    run.later.append(check)
 
 
 @_scenario("response-trailers")
@@ -1000,7 +1014,14 @@ async def _response_trailers(run: _Run) -> None:
     run.origin.script(_PREFIX + "response-trailers",
                       Reply(body=[b"answered ", b"with trailers\n"], trailers=[("x-contract-trailer", "answered")]))
     answer = await run.request("GET", _PREFIX + "response-trailers", headers=[("te", "trailers")])
-    run.expect(answer, 200, "GET /__contract/response-trailers")
+    target = "GET /__contract/response-trailers"
+    run.expect(answer, 200, target)
+
+    def check() -> None:
+        if answer.complete and answer.status == 200 and ("x-contract-trailer", "answered") not in answer.trailers \
+                and run.plain(target, "on_response_trailers"):
+            run.violate(FRAMING, f"{target}: the client got trailers {answer.trailers}, not the origin's")
+    run.later.append(check)
 
 
 async def _local_reply(run: _Run, ask: str, probe: str) -> None:
