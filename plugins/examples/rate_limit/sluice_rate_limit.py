@@ -120,7 +120,9 @@ class RateLimit(Filter):
         if allowed:
             return CONTINUE
         wait = math.ceil(retry_after)
-        self.log(ctx).info("rate limited", key=value, rate=limit.rate, burst=limit.burst, retry_after=wait)
+        # The key's kind, not its value: a header key may be a credential (x-api-key).
+        self.log(ctx).info("rate limited", key=limit.key, client_ip=ctx.client_ip, rate=limit.rate,
+                           burst=limit.burst, retry_after=wait)
         headers = [("retry-after", str(wait)), *limit.headers, *self._worker()]
         if self.config.headers:
             headers += [("ratelimit-remaining", "0"), ("ratelimit-reset", str(wait))]
