@@ -25,6 +25,9 @@ TEXT = GUIDE.read_text()
 SLUICE = Path(sys.executable).with_name("sluice")
 
 _BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
+# GitHub's anchors for the guide's headings
+ANCHORS = {re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-")
+           for h in re.findall(r"^#+ (.+)$", _BLOCK.sub("", TEXT), re.M)}
 
 
 def blocks(lang: str) -> list[str]:
@@ -94,16 +97,16 @@ def test_every_relative_link_resolves():
     assert relative
     for link in relative:
         assert (GUIDE.parent / link.split("#", 1)[0]).exists(), link
-    anchors = {re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-")
-               for h in re.findall(r"^#+ (.+)$", TEXT, re.M)}
     for link in links:
         if link.startswith("#"):
-            assert link[1:] in anchors, link
+            assert link[1:] in ANCHORS, link
 
 
 def test_the_readme_sends_plugin_authors_here():
     readme = (ROOT / "README.md").read_text()
     assert "(plugins/README.md)" in readme
+    for anchor in re.findall(r"\]\(plugins/README\.md#([^)]+)\)", readme):
+        assert anchor in ANCHORS, anchor
     assert "## Write a balancing policy" not in readme  # moved here, not written twice
     section = readme.split("\n## Write a plugin\n", 1)[1].split("\n## ", 1)[0]
     [example] = [body for kind, body in _BLOCK.findall(section) if kind == "python"]
