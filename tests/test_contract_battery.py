@@ -302,6 +302,19 @@ class Mixes(Filter):
             response.headers.set("x-contract-id", self.previous)
 
 
+class HeadsTwice(Filter):
+    """Runs its own response head phase again from the body phase."""
+
+    name = "heads_twice"
+
+    async def on_response_headers(self, ctx, response):
+        ctx.state(self)
+
+    async def on_response_body(self, ctx, chunk, end):
+        if end:
+            await self.on_response_headers(ctx, ctx.response)
+
+
 class CompletesEarly(Filter):
     """Runs its own cleanup from a response phase: on_complete then runs twice."""
 
@@ -328,9 +341,11 @@ class CompletesEarly(Filter):
     (ResizesRequest, "post", contract.FRAMING,
      r"exchange #\d+: a body phase changed the body's size but not its Content-Length: POST /__contract/post"),
     (Mixes, "keep-alive", contract.ISOLATED, r"keep-alive exchange 1 got the response of exchange 0"),
+    (HeadsTwice, "get", contract.HEAD_ONCE, r"on_response_headers ran 2 times for exchange #\d+: GET /__contract/get"),
     (CompletesEarly, "post", contract.ONCE, r"on_complete ran 2 times for exchange #\d+: POST /__contract/post"),
 ], ids=["raises", "sleeps", "spins", "hoards", "hoards-concurrent", "resizes", "complete-raises",
-                          "keeps-state", "resizes-request", "mixes", "completes-twice"])
+                          "keeps-state", "resizes-request", "mixes", "heads-twice",
+                          "completes-twice"])
 def test_a_broken_filter_fails_by_the_rule_it_breaks(broken, scenario, rule, detail):
     with pytest.raises(contract.ContractViolation) as failed:
         contract.check(broken, scenario, plugins=["router", "balancer"])

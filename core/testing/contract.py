@@ -49,7 +49,8 @@ one broken, with the filter and the scenario):
 
 - ``on_complete`` runs exactly once per exchange for the filter, aborted and
   cancelled exchanges included (an exchange is what the first probe's
-  request phase or any watched ``on_complete`` saw, tagged in ``ctx.vars``);
+  request phase or any watched ``on_complete`` saw, tagged in ``ctx.vars``),
+  and ``on_response_headers`` at most once, whatever reply the core made;
 - no exception escapes a phase: none raised through the battery's wrapper of
   each phase the filter overrides, no error-level sluice log event, no
   ``FE`` flag;
@@ -118,12 +119,13 @@ from .plugin import merged
 from .proxy import serve
 
 __all__ = [
-    "BLOCKED", "DESIGNED", "ENDED", "FRAMING", "ISOLATED", "ONCE", "RAISED", "RELEASED", "SCENARIOS",
+    "BLOCKED", "DESIGNED", "ENDED", "FRAMING", "HEAD_ONCE", "ISOLATED", "ONCE", "RAISED", "RELEASED", "SCENARIOS",
     "ContractViolation", "battery", "check",
 ]
 
 # The rules, as failure messages name them.
 ONCE = "on_complete runs exactly once"
+HEAD_ONCE = "on_response_headers runs at most once"
 RAISED = "no exception escapes a phase"
 BLOCKED = "no step blocks the event loop"
 FRAMING = "framing stays correct"
@@ -171,6 +173,7 @@ class _Recorder:
         self.subject = subject
         self._numbers = itertools.count(1)
         self.completes: dict[tuple[str, int], int] = {}
+        self.response_heads: dict[int, int] = {}  # exchange -> on_response_headers calls
         self.exchanges: dict[int, _Exchange] = {}
         self.context_ids: set[int] = set()
         self.states: list[tuple[weakref.ref, str]] = []
@@ -199,6 +202,10 @@ class _Recorder:
         exchange.flags = list(ctx.flags)
         exchange.error = repr(ctx.error) if ctx.error is not None else ""
         exchange.buffered = ctx.buffer_request or ctx.buffer_response
+
+    def response_head(self, ctx: Context) -> None:
+        n = self.number(ctx)
+        self.response_heads[n] = self.response_heads.get(n, 0) + 1
 
     def answered(self, who: str, ctx: Context) -> None:
         self.exchanges.setdefault(self.number(ctx), _Exchange()).answered = who
@@ -235,6 +242,8 @@ _watched: dict[type, type] = {}
 
 def _phase_wrapper(phase: str, original: Callable) -> Callable:
     async def phase_(self, ctx, *args):
+        if phase == "on_response_headers" and (rec := _recorder()) is not None:
+            rec.response_head(ctx)
         try:
             result = await original(self, ctx, *args)
         except Exception as exc:
@@ -842,6 +851,9 @@ class _Run:
             times = rec.completes.get((name, n), 0)
             if times != 1:
                 self.violate(ONCE, f"on_complete ran {times} times for exchange #{n}: {exchange}")
+            heads = rec.response_heads.get(n, 0)
+            if heads > 1:
+                self.violate(HEAD_ONCE, f"on_response_headers ran {heads} times for exchange #{n}: {exchange}")
             if "FE" in exchange.flags:
                 self.violate(RAISED, f"exchange #{n} failed with flag FE (a filter raised, or broke the "
                                      f"framing): {exchange}")
@@ -874,7 +886,7 @@ class _Run:
             self.violate(RELEASED, f"{len(kept)} per-request state objects ({kept[0]}) are still alive "
                                    "after their exchanges ended")
         if self.violations:
-            order = [ONCE, RAISED, BLOCKED, FRAMING, RELEASED, ISOLATED, ENDED, DESIGNED]
+            order = [ONCE, HEAD_ONCE, RAISED, BLOCKED, FRAMING, RELEASED, ISOLATED, ENDED, DESIGNED]
             ranked = sorted(self.violations, key=lambda v: order.index(v[0]) if v[0] in order else len(order))
             lines = [f"  - {rule}: {detail}" for rule, detail in ranked]
             steps = self.steps.longest if self.steps is not None else (0.0, "")
