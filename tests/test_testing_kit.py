@@ -339,6 +339,35 @@ async def test_run_filter_buffered_body_is_one_call_with_its_length():
     assert run.request.headers.get("content-length") == "5"
 
 
+class CountsBodies(Upper):
+    """Upper, counting its response body calls; buffers the response on ``/buffer``."""
+
+    name = "counts_bodies"
+
+    async def on_request_headers(self, ctx, request):
+        if request.path == "/buffer":
+            ctx.buffer_response_body()
+
+    async def on_response_body(self, ctx, chunk, end):
+        ctx.vars["body calls"] = ctx.vars.get("body calls", 0) + 1
+        return chunk.upper()
+
+
+@pytest.mark.parametrize("path", ["/stream", "/buffer"])
+@pytest.mark.parametrize(("method", "status"), [("GET", 200), ("HEAD", 200), ("GET", 204), ("GET", 304)],
+                         ids=["get-200", "head", "204", "304"])
+async def test_run_filter_runs_no_body_phase_for_a_response_without_a_body(path, method, status):
+    """As the proxy (c2a5020): a HEAD's response, a 204 and a 304 have no body, streamed or buffered."""
+    run = await run_filter(CountsBodies, request=(method, path, []), response=(status, [("content-length", "5")]),
+                           response_body=[b"hel", b"lo"])
+    calls = run.ctx.vars.get("body calls", 0)
+    if (method, status) == ("GET", 200):  # the control: each chunk then the end, or the whole body once
+        assert (calls, run.response_body) == (1 if path == "/buffer" else 3, b"HELLO")
+    else:
+        assert (calls, run.response_body) == (0, b"")
+    assert run.completed == 1
+
+
 async def test_run_filter_local_replies_from_body_and_trailers():
     too_many = await run_filter(Upper, {"limit": 1}, request=("POST", "/x", []), body=[b"a", b"b"])
     assert too_many.local_reply.status == 413 and too_many.response.status == 413

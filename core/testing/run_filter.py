@@ -22,9 +22,12 @@ The order is the exchange's: request headers; the body chunks each with
 with ``end=True``, when the filter called ``ctx.buffer_request_body()``);
 the request trailers, if given; then, unless a request phase answered,
 the response head, body (the same two ways) and trailers; then
-``on_complete``, once. A local reply from the request headers or trailers
-phase skips the response phases of the filter that answered (one filter:
-none run); one from a request body phase runs them, as in the proxy.
+``on_complete``, once. A response to a HEAD request, and a 204 or 304,
+has no body: a ``response_body`` given for one is dropped, and no response
+body phase runs, as in the proxy. A local reply from the request headers
+or trailers phase skips the response phases of the filter that answered
+(one filter: none run); one from a request body phase runs them, as in the
+proxy.
 
 What it does not do: pick a route or a cluster (``ctx.route`` is None
 unless the filter is a router, given an ``app`` with routes and clusters),
@@ -296,6 +299,8 @@ async def _response(chain: Chain, run: FilterRun, client: _Client, response: Res
     if replied is not None:
         raise _Answered(replied[1], replied[0])
     bodiless = run.request.method == "HEAD" or response.status in (204, 304)
+    if bodiless:
+        body = []  # none reaches a client, so no body phase runs: the proxy's rule (its upstream sends none)
     if ctx.buffer_response:
         whole = b"".join(body)
         if chain.response_body and not bodiless:
