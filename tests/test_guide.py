@@ -60,6 +60,17 @@ def test_the_flags_table_is_sluice_flags_both_ways():
     assert list(table) == list(expected)  # and in the module's order
 
 
+def test_the_testing_section_lists_the_batterys_scenarios_both_ways():
+    """The nested list under ``contract.battery`` is ``contract.SCENARIOS``: each id once, no other."""
+    contract = pytest.importorskip("sluice.testing.contract", reason="the kit's battery (sluice.testing.contract)")
+    section = TEXT.split("\n## Testing\n", 1)[1].split("\n## ", 1)[0]
+    battery = section.split("- **`contract.battery(", 1)[1].split("\n- **", 1)[0]
+    items = re.findall(r"^  - .*(?:\n    .*)*", battery, re.M)
+    listed = [name for item in items for name in re.findall(r"`([^`]+)`", item)]
+    missing, other = set(contract.SCENARIOS) - set(listed), set(listed) - set(contract.SCENARIOS)
+    assert sorted(listed) == sorted(contract.SCENARIOS), f"not listed: {missing}; not scenarios: {other}"
+
+
 def _commands() -> list[list[str]]:
     """Every ``sluice ...`` command the guide shows: in shell blocks (with
     their continuation lines) and in inline code."""
