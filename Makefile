@@ -19,13 +19,15 @@ $(STAMP): pyproject.toml
 # on a free port; its packaged service is not needed and may fail to start;
 # promtool from prometheus checks the alerts plugin's rules, and a real
 # Alertmanager from prometheus-alertmanager takes its webhook: their tests
-# skip, saying so, when these are missing).
+# skip, saying so, when these are missing; redis-server for sluice.shared's
+# Redis backend, started per test session on a free port, its service unused).
 test-deps:
 	@command -v curl >/dev/null || (apt-get update -qq && apt-get install -y -qq curl)
 	@command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
 	@command -v nginx >/dev/null || (apt-get update -qq && apt-get install -y -qq nginx || command -v nginx)
 	@command -v promtool >/dev/null || (apt-get update -qq && apt-get install -y -qq prometheus || true)
 	@command -v prometheus-alertmanager >/dev/null || (apt-get update -qq && apt-get install -y -qq prometheus-alertmanager || true)
+	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server || command -v redis-server)
 
 run: venv
 	$(VENV)/bin/sluice run
