@@ -31,6 +31,14 @@ and a few float operations, about a microsecond, so a trio loop waiting for
 it is not blocked for long (``benchmarks/RESULTS.md``). A record lock, not a
 semaphore: the kernel releases it when its process dies, so a worker killed
 while holding it (the OOM killer, SIGKILL) cannot freeze the others.
+
+Other backends: ``open_backend(settings)`` opens the one a ``[shared]`` table
+names (``backend = "redis"``, ``sluice.plugins.redis_state``, for limits held
+across instances); ``local``, the default, is this table and costs what it
+did. A backend is a factory taking the table's other settings and returning
+an async context manager that yields a ``SharedState`` (it may hold
+connections while open). It is found by ``register_backend`` or, by name, in
+the ``sluice.shared`` entry-point group, as a third party's would be.
 """
 
 from __future__ import annotations
@@ -43,9 +51,14 @@ import os
 import struct
 import threading
 import time
-from typing import Protocol
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from importlib.metadata import entry_points
+from typing import Any, Protocol
 
-__all__ = ["LocalState", "SharedState", "local"]
+from .errors import ConfigError
+
+__all__ = ["LocalState", "SharedState", "local", "open_backend", "register_backend"]
 
 SLOTS = 16384
 PROBE = 8
@@ -176,3 +189,43 @@ _local = LocalState()
 def local() -> LocalState:
     """The instance's table, shared by the master and every worker it forks."""
     return _local
+
+
+Backend = Callable[[Mapping[str, Any]], AbstractAsyncContextManager[SharedState]]
+_backends: dict[str, Backend] = {}
+
+
+def register_backend(name: str, factory: Backend) -> None:
+    """Make ``backend = name`` in ``[shared]`` open ``factory(settings)``."""
+    _backends[name] = factory
+
+
+@asynccontextmanager
+async def _local_backend(settings: Mapping[str, Any]) -> AsyncIterator[SharedState]:
+    if settings:
+        raise ConfigError("\n".join(f"shared.{key}: unknown key" for key in settings))
+    yield _local
+
+
+def _find(name: str) -> Backend:
+    if name == "local":
+        return _local_backend
+    if name not in _backends:
+        for ep in entry_points(group="sluice.shared", name=name):
+            _backends[name] = ep.load()
+    if name not in _backends:
+        known = sorted({"local", *_backends, *(ep.name for ep in entry_points(group="sluice.shared"))})
+        raise ConfigError(f"shared.backend: unknown backend {name!r} (known: {', '.join(known)})")
+    return _backends[name]
+
+
+def open_backend(settings: Mapping[str, Any] | None = None) -> AbstractAsyncContextManager[SharedState]:
+    """The backend a ``[shared]`` table names, to open with ``async with``; ``local`` when none.
+
+    Unknown backends and settings are ``ConfigError``s naming the key path (``shared.KEY``).
+    """
+    settings = dict(settings or {})
+    name = settings.pop("backend", "local")
+    if not isinstance(name, str):
+        raise ConfigError(f"shared.backend: a backend's name, not {name!r}")
+    return _find(name)(settings)

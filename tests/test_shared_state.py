@@ -10,50 +10,64 @@ import trio
 from sluice.shared import LocalState, local
 
 
-def _hammer(state: LocalState, key: str, seconds: float, w) -> None:
-    allowed = 0
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        allowed += state.take_now(key, 1, 100.0, 50.0)[0]
-    os.write(w, f"{allowed}\n".encode())
-
-
-def _allowed_by(processes: int, seconds: float = 0.5) -> tuple[int, float]:
-    """Total tokens granted for one key (rate 100/s, burst 50) to `processes` forked hammers."""
+def _local_hammer(rate: float = 100.0, burst: float = 50.0):
+    """A hammer on a fresh table (made here, before the fork, so every child shares it)."""
     state = LocalState(slots=64)
+
+    def hammer(seconds: float) -> int:
+        allowed = 0
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            allowed += state.take_now("10.0.0.1", 1, rate, burst)[0]
+        return allowed
+
+    return hammer
+
+
+def allowed_by(processes: int, seconds: float = 0.5, hammer=None) -> tuple[int, float]:
+    """Total tokens granted for one key to `processes` forked children each running
+    ``hammer(seconds) -> granted`` (default: the local table, rate 100/s, burst 50), and the
+    time from the first child's start to the last one's end."""
+    hammer = hammer or _local_hammer()
     r, w = os.pipe()
-    start = time.monotonic()
     pids = []
     for _ in range(processes):
         pid = os.fork()
         if pid == 0:
             try:
-                _hammer(state, "10.0.0.1", seconds, w)
+                start = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process
+                allowed = hammer(seconds)
+                os.write(w, f"{allowed} {start} {time.monotonic()}\n".encode())
             finally:
                 os._exit(0)
         pids.append(pid)
     for pid in pids:
         assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
-    elapsed = time.monotonic() - start
     os.close(w)
     with os.fdopen(r) as f:
-        return sum(int(line) for line in f), elapsed
+        rows = [line.split() for line in f]
+    assert len(rows) == processes, rows
+    return sum(int(n) for n, _, _ in rows), max(float(e) for _, _, e in rows) - min(float(s) for _, s, _ in rows)
 
 
 def test_one_bucket_is_shared_by_forked_processes():
     for processes in (1, 2):
-        total, elapsed = _allowed_by(processes)
+        total, elapsed = allowed_by(processes)
         # burst + rate × time the hammers ran; not multiplied by the number of processes
         assert 50 + 100 * 0.5 - 2 <= total <= 50 + 100 * elapsed + 2, (processes, total, elapsed)
 
 
-def test_refused_take_says_when_to_retry():
-    state = LocalState(slots=64)
-    assert trio.run(state.take, "k", 5, 10.0, 5.0) == (True, 0.0)
-    allowed, retry_after = trio.run(state.take, "k", 2, 10.0, 5.0)
+async def check_refusals(state) -> None:
+    """A ``SharedState``'s refusals: how long to wait, per key, never for more than the burst."""
+    assert await state.take("k", 5, 10.0, 5.0) == (True, 0.0)
+    allowed, retry_after = await state.take("k", 2, 10.0, 5.0)
     assert not allowed and 0.1 < retry_after <= 0.2
-    assert trio.run(state.hit, "other", 10.0, 5.0)  # another key has its own bucket
-    assert trio.run(state.take, "k", 6, 10.0, 5.0)[1] == float("inf")  # more than the burst: never
+    assert await state.hit("other", 10.0, 5.0)  # another key has its own bucket
+    assert (await state.take("k", 6, 10.0, 5.0))[1] == float("inf")  # more than the burst: never
+
+
+def test_refused_take_says_when_to_retry():
+    trio.run(check_refusals, LocalState(slots=64))
 
 
 def test_counters_and_windows_across_processes():
