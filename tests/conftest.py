@@ -11,6 +11,8 @@ from sluice import Filter, hookimpl
 from sluice.protocol.http1 import select
 
 from .origin import Origin, echo
+from .servers.etcd import etcd_prefix, etcd_server  # noqa: F401 - a real etcd per session (tests/servers/)
+from .servers.zookeeper import zk_chroot, zookeeper_server  # noqa: F401 - a real ZooKeeper, likewise
 
 
 @pytest.fixture(params=["h11", "httptools"])

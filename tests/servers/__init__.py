@@ -12,19 +12,20 @@ test-deps`` installs them on a fresh machine.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 from ..proc import free_port
 
-__all__ = ["ServerProcess", "free_port", "require_binary"]
+__all__ = ["ServerProcess", "free_port", "require_binary", "running", "unique_name"]
 
 
 def require_binary(binary: str, package: str) -> str:
@@ -33,6 +34,23 @@ def require_binary(binary: str, package: str) -> str:
     if path is None:
         pytest.skip(f"{binary} is not installed (Debian package {package}; `make test-deps` installs it)")
     return path
+
+
+def running(server: ServerProcess) -> Iterator[ServerProcess]:
+    """Start ``server``, yield it, stop it by PID: the body of a session fixture (``yield from``)."""
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+_names = itertools.count()
+
+
+def unique_name(request) -> str:
+    """``<n>-<test name>``: a namespace (key prefix, chroot) that no other test of the session uses."""
+    return f"{next(_names)}-{request.node.name}"
 
 
 class ServerProcess:

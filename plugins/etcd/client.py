@@ -1,0 +1,206 @@
+"""``EtcdClient``: etcd's v3 API through its JSON gateway, over httpx, on trio.
+
+Every call is bounded by the client's ``timeout`` (a trio cancel scope around the whole
+request, not only httpx's per-phase timeouts), and a transport failure or a timeout
+becomes ``EtcdUnavailable``; an error etcd answers becomes ``EtcdRequestError`` (or
+``EtcdCompacted`` for a revision compacted away).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import httpx
+import structlog
+import trio
+
+from .codec import KeyValue, b64, integer, key_value, prefix_end
+from .errors import EtcdRequestError, EtcdUnavailable, LeaseExpired, raise_for_error
+from .watch import watch_prefix
+
+__all__ = ["EtcdClient", "Lease"]
+
+log = structlog.get_logger("sluice.etcd")
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A granted lease: attach it to keys with ``put(..., lease=lease.id)``."""
+
+    id: int
+    ttl: int
+
+
+def _raw(data: bytes | str) -> bytes:
+    return data.encode() if isinstance(data, str) else data
+
+
+class EtcdClient:
+    """A client of one etcd endpoint (``url``: ``http://host:port``).
+
+    Use it as ``async with EtcdClient(url) as etcd:``; it owns one httpx connection pool.
+    """
+
+    def __init__(self, url: str, *, timeout: float = 5.0) -> None:
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        # httpx's own timeouts bound each phase; the cancel scope in _call bounds the whole.
+        self._http = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(timeout))
+
+    async def __aenter__(self) -> EtcdClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(self.timeout):
+            await self._http.aclose()
+
+    # --- requests --------------------------------------------------------------
+
+    async def _call(self, path: str, body: dict) -> dict:
+        try:
+            with trio.fail_after(self.timeout):
+                answer = await self._http.post(path, json=body)
+        except trio.TooSlowError:
+            raise EtcdUnavailable(f"{self.url}{path}: no answer within {self.timeout}s") from None
+        except httpx.TransportError as error:
+            raise EtcdUnavailable(f"{self.url}{path}: {error!r}") from error
+        try:
+            data = answer.json()
+        except ValueError:
+            raise EtcdRequestError(f"{path}: not JSON: {answer.text[:200]!r}", status=answer.status_code) from None
+        if answer.status_code != 200 or not isinstance(data, dict) or "error" in data:
+            raise_for_error(answer.status_code, data if isinstance(data, dict) else {})
+        return data
+
+    async def _first_of_stream(self, path: str, body: dict) -> dict:
+        """The first message of a streaming endpoint (then the stream is closed)."""
+        try:
+            with trio.fail_after(self.timeout):
+                async with self._http.stream("POST", path, json=body) as answer:
+                    async for line in answer.aiter_lines():
+                        if line.strip():
+                            data = json.loads(line)
+                            break
+                    else:
+                        raise EtcdUnavailable(f"{self.url}{path}: the stream ended without an answer")
+        except trio.TooSlowError:
+            raise EtcdUnavailable(f"{self.url}{path}: no answer within {self.timeout}s") from None
+        except httpx.TransportError as error:
+            raise EtcdUnavailable(f"{self.url}{path}: {error!r}") from error
+        except ValueError:
+            raise EtcdRequestError(f"{path}: not JSON") from None
+        if "error" in data or answer.status_code != 200:
+            raise_for_error(answer.status_code, data)
+        return data.get("result", data)
+
+    # --- keys --------------------------------------------------------------------
+
+    async def get_prefix(self, prefix: bytes | str) -> tuple[int, list[KeyValue]]:
+        """Every key under ``prefix`` and the store's revision they were read at."""
+        raw = _raw(prefix)
+        data = await self._call("/v3/kv/range", {"key": b64(raw), "range_end": b64(prefix_end(raw))})
+        return integer(data["header"].get("revision")), [key_value(kv) for kv in data.get("kvs", ())]
+
+    async def get(self, key: bytes | str) -> KeyValue | None:
+        data = await self._call("/v3/kv/range", {"key": b64(key)})
+        kvs = data.get("kvs", ())
+        return key_value(kvs[0]) if kvs else None
+
+    async def put(self, key: bytes | str, value: bytes | str, *, lease: int = 0) -> int:
+        """Set ``key``; the store's revision after the write."""
+        body = {"key": b64(key), "value": b64(value)}
+        if lease:
+            body["lease"] = str(lease)
+        return integer((await self._call("/v3/kv/put", body))["header"].get("revision"))
+
+    async def delete(self, key: bytes | str) -> int:
+        """Delete ``key``; how many keys were deleted (0 or 1)."""
+        return integer((await self._call("/v3/kv/deleterange", {"key": b64(key)})).get("deleted"))
+
+    async def delete_prefix(self, prefix: bytes | str) -> int:
+        raw = _raw(prefix)
+        body = {"key": b64(raw), "range_end": b64(prefix_end(raw))}
+        return integer((await self._call("/v3/kv/deleterange", body)).get("deleted"))
+
+    async def compact(self, revision: int, *, physical: bool = True) -> None:
+        """Drop the history before ``revision`` (watches from before it must resync)."""
+        await self._call("/v3/kv/compaction", {"revision": str(revision), "physical": physical})
+
+    # --- leases ------------------------------------------------------------------
+
+    async def lease_grant(self, ttl: int) -> Lease:
+        data = await self._call("/v3/lease/grant", {"TTL": str(ttl)})
+        return Lease(integer(data["ID"]), integer(data.get("TTL")))
+
+    async def lease_keepalive_once(self, lease_id: int) -> int:
+        """Refresh the lease; its TTL again. ``LeaseExpired`` if it is gone."""
+        # /v3/lease/keepalive is a bidirectional stream in gRPC; through the gateway one
+        # request gets one answer on a stream that stays open, so read one and close it.
+        data = await self._first_of_stream("/v3/lease/keepalive", {"ID": str(lease_id)})
+        ttl = integer(data.get("TTL"))
+        if ttl <= 0:
+            raise LeaseExpired(f"lease {lease_id:x} has expired")
+        return ttl
+
+    async def lease_revoke(self, lease_id: int) -> None:
+        """Revoke the lease, deleting its keys now; a lease already gone is not an error."""
+        try:
+            await self._call("/v3/lease/revoke", {"ID": str(lease_id)})
+        except EtcdRequestError as error:
+            if error.code != 5:  # NotFound: it expired, which is what revoking wanted
+                raise
+
+    @asynccontextmanager
+    async def lease(self, ttl: int) -> AsyncIterator[Lease]:
+        """A lease kept alive while the block runs, and revoked when it ends.
+
+        Keepalives go every third of the TTL; one that cannot reach etcd is retried until it
+        can. If the lease has expired meanwhile (etcd was away longer than the TTL), the block
+        is interrupted with ``LeaseExpired``: its keys are gone and must be put again under a
+        new lease. A process that dies stops the keepalives, and etcd deletes the keys within
+        the TTL.
+        """
+        granted = await self.lease_grant(ttl)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._keep_alive, granted)
+                yield granted
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                try:
+                    await self.lease_revoke(granted.id)
+                except EtcdUnavailable:
+                    log.warning("etcd.lease.revoke_failed", lease=f"{granted.id:x}")
+
+    async def _keep_alive(self, lease: Lease) -> None:
+        interval = max(lease.ttl / 3, 0.2)
+        while True:
+            await trio.sleep(interval)
+            try:
+                await self.lease_keepalive_once(lease.id)
+            except EtcdUnavailable as error:
+                log.warning("etcd.lease.keepalive_failed", lease=f"{lease.id:x}", error=str(error))
+                interval = min(interval, 0.5)
+            else:
+                interval = max(lease.ttl / 3, 0.2)
+
+    # --- watches -----------------------------------------------------------------
+
+    def watch_prefix(self, prefix: bytes | str, *, start_revision: int | None = None,
+                     idle_timeout: float = 60.0, max_backoff: float = 2.0):
+        """``async with etcd.watch_prefix(prefix) as updates: async for update in updates``.
+
+        See ``sluice.plugins.etcd.watch``: updates are ``Events`` and, after a compaction,
+        ``Resync``; a disconnect is survived by watching again from the next revision.
+        """
+        return watch_prefix(self, _raw(prefix), start_revision=start_revision,
+                            idle_timeout=idle_timeout, max_backoff=max_backoff)
+
+

@@ -1,0 +1,48 @@
+"""What the etcd client raises: one base class, told apart by what the caller can do."""
+
+from __future__ import annotations
+
+__all__ = ["EtcdCompacted", "EtcdError", "EtcdRequestError", "EtcdUnavailable", "LeaseExpired", "raise_for_error"]
+
+
+class EtcdError(Exception):
+    """Anything the etcd client raises."""
+
+
+class EtcdUnavailable(EtcdError):
+    """etcd could not be reached, or did not answer within the timeout: try again later."""
+
+
+class EtcdRequestError(EtcdError):
+    """etcd answered with an error: ``code`` is its gRPC status code, ``message`` its words."""
+
+    def __init__(self, message: str, code: int | None = None, status: int | None = None) -> None:
+        super().__init__(message if code is None else f"{message} (gRPC code {code})")
+        self.message = message
+        self.code = code
+        self.status = status
+
+
+class EtcdCompacted(EtcdRequestError):
+    """The revision asked for is older than ``compact_revision``: the history is gone, resync."""
+
+    def __init__(self, compact_revision: int | None = None) -> None:
+        after = "" if compact_revision is None else f" (history starts after {compact_revision})"
+        super().__init__(f"required revision has been compacted{after}", 11)
+        self.compact_revision = compact_revision
+
+
+class LeaseExpired(EtcdError):
+    """The lease is gone (its TTL ran out, or it was revoked): its keys are deleted."""
+
+
+def raise_for_error(status: int, body: dict) -> None:
+    """Raise the typed error an error answer (or an ``error`` stream message) stands for."""
+    error = body.get("error")
+    if isinstance(error, dict):  # in a stream, the error is a message of its own
+        body = error
+    message = body.get("message") or (error if isinstance(error, str) else None) or f"HTTP {status}"
+    code = body.get("code")
+    if code == 11 and "compacted" in message:
+        raise EtcdCompacted()
+    raise EtcdRequestError(message, code, status)

@@ -1,0 +1,172 @@
+"""Watching a key prefix, without missing an update across disconnects and compactions.
+
+A watch is a background task feeding a memory channel, so that its timeouts and its
+reconnects never straddle the caller's ``async for``::
+
+    async with etcd.watch_prefix("/services/api/", start_revision=rev + 1) as updates:
+        async for update in updates:
+            ...  # Events(revision, events) or Resync(revision, kvs)
+
+Rules:
+
+- The task remembers the revision after the last event it delivered. When the stream ends
+  (etcd restarted, the connection dropped, or nothing came for ``idle_timeout``), it watches
+  again from that revision, after a backoff that starts at 50 ms and doubles to
+  ``max_backoff``; etcd replays whatever happened meanwhile, so no update is missed and none
+  is delivered twice.
+- If that revision has been compacted away, the history is gone: the task reads the whole
+  prefix and delivers ``Resync(revision, kvs)``, which replaces everything the caller knew,
+  then watches on from the revision after it. The caller is told by the type.
+- With ``start_revision=None`` the watch starts now (no replay).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import httpx
+import structlog
+import trio
+
+from .codec import KeyValue, b64, integer, key_value, prefix_end
+from .errors import EtcdCompacted, EtcdRequestError, EtcdUnavailable, raise_for_error
+
+__all__ = ["Event", "Events", "Resync", "watch_prefix"]
+
+log = structlog.get_logger("sluice.etcd")
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One change: ``type`` is ``"put"`` or ``"delete"``; a delete's ``kv`` has no value."""
+
+    type: str
+    kv: KeyValue
+
+
+@dataclass(frozen=True, slots=True)
+class Events:
+    """Changes in revision order, up to ``revision`` (the last one's)."""
+
+    revision: int
+    events: list[Event] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Resync:
+    """The whole prefix as of ``revision``: the history was compacted, forget what you had."""
+
+    revision: int
+    kvs: list[KeyValue] = field(default_factory=list)
+
+
+@asynccontextmanager
+async def watch_prefix(client, prefix: bytes, *, start_revision: int | None, idle_timeout: float,
+                       max_backoff: float) -> AsyncIterator[trio.MemoryReceiveChannel]:
+    send, receive = trio.open_memory_channel(0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_Watcher(client, prefix, start_revision, idle_timeout, max_backoff).run, send)
+        async with receive:
+            yield receive
+        nursery.cancel_scope.cancel()
+
+
+class _Watcher:
+    def __init__(self, client, prefix: bytes, start_revision: int | None, idle_timeout: float,
+                 max_backoff: float) -> None:
+        self._client = client
+        self._prefix = prefix
+        self._next = start_revision  # the first revision not yet delivered
+        self._idle_timeout = idle_timeout
+        self._max_backoff = max_backoff
+
+    async def run(self, send: trio.MemorySendChannel) -> None:
+        backoff = 0.05
+        async with send:
+            while True:
+                try:
+                    if await self._watch_once(send):
+                        backoff = 0.05
+                    reason = "stream ended"
+                except EtcdCompacted:
+                    try:
+                        revision, kvs = await self._client.get_prefix(self._prefix)
+                    except EtcdUnavailable as error:
+                        reason = f"resync failed: {error}"
+                    else:
+                        log.warning("etcd.watch.resync", prefix=self._prefix.decode(errors="replace"),
+                                    from_revision=self._next, revision=revision)
+                        await send.send(Resync(revision, kvs))
+                        self._next = revision + 1
+                        continue
+                except (EtcdUnavailable, EtcdRequestError) as error:
+                    reason = str(error)
+                log.info("etcd.watch.reconnecting", prefix=self._prefix.decode(errors="replace"),
+                         from_revision=self._next, reason=reason, backoff=backoff)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, self._max_backoff)
+
+    async def _watch_once(self, send: trio.MemorySendChannel) -> bool:
+        """One watch stream, until it ends; whether it was created (a healthy connection)."""
+        create = {"key": b64(self._prefix), "range_end": b64(prefix_end(self._prefix))}
+        if self._next is not None:
+            create["start_revision"] = str(self._next)
+        created = False
+        http: httpx.AsyncClient = self._client._http
+        try:
+            with trio.fail_after(self._client.timeout):
+                stream = http.stream("POST", "/v3/watch", json={"create_request": create},
+                                     timeout=httpx.Timeout(self._client.timeout, read=None))
+                answer = await stream.__aenter__()
+            try:
+                if answer.status_code != 200:
+                    await answer.aread()
+                    raise_for_error(answer.status_code, _json(answer.text))
+                lines = answer.aiter_lines()
+                while True:
+                    with trio.move_on_after(self._idle_timeout) as idle:
+                        line = await anext(lines, None)
+                    if idle.cancelled_caught or line is None:
+                        return created
+                    if not line.strip():
+                        continue
+                    message = _json(line)
+                    if "error" in message:
+                        raise_for_error(200, message)
+                    result = message.get("result", {})
+                    if result.get("compact_revision") and result.get("canceled"):
+                        raise EtcdCompacted(integer(result["compact_revision"]))
+                    if result.get("canceled"):
+                        raise EtcdRequestError(result.get("cancel_reason") or "watch canceled by etcd")
+                    if result.get("created"):
+                        created = True
+                        if self._next is None:
+                            self._next = integer(result["header"].get("revision")) + 1
+                    if events := result.get("events"):
+                        batch = [Event("delete" if e.get("type") == "DELETE" else "put", key_value(e["kv"]))
+                                 for e in events]
+                        revision = batch[-1].kv.mod_revision
+                        await send.send(Events(revision, batch))
+                        self._next = revision + 1
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    await stream.__aexit__(None, None, None)
+        except trio.TooSlowError:
+            raise EtcdUnavailable(f"{self._client.url}/v3/watch: no answer within {self._client.timeout}s") from None
+        except (httpx.TransportError, httpx.StreamError) as error:
+            raise EtcdUnavailable(f"{self._client.url}/v3/watch: {error!r}") from error
+
+
+def _json(text: str) -> dict:
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise EtcdRequestError(f"/v3/watch: not JSON: {text[:200]!r}") from None
+    if not isinstance(data, dict):
+        raise EtcdRequestError(f"/v3/watch: not a JSON object: {text[:200]!r}")
+    return data
+
+

@@ -1,0 +1,225 @@
+"""The etcd v3 client (``sluice.plugins.etcd``) against a real etcd: keys, watches, leases.
+
+The session's etcd is shared (each test under its own prefix); the tests that stop etcd
+start their own, so that the others never see it go.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import trio
+
+from sluice.plugins.etcd import (
+    EtcdClient,
+    EtcdCompacted,
+    EtcdRequestError,
+    EtcdUnavailable,
+    Events,
+    LeaseExpired,
+    Resync,
+)
+from sluice.plugins.etcd.codec import prefix_end
+
+from .servers import free_port
+from .servers.etcd import etcd_server_process
+
+DEADLINE = 10  # seconds any single wait in these tests may take
+
+
+async def next_update(updates, timeout: float = DEADLINE):
+    with trio.fail_after(timeout):
+        return await updates.receive()
+
+
+async def test_prefix_range_and_revision(etcd_server, etcd_prefix):
+    async with EtcdClient(etcd_server.url) as etcd:
+        await etcd.put(etcd_prefix[:-1] + "-outside", b"not mine")
+        await etcd.put(etcd_prefix + "a", b"1")
+        binary = bytes(range(256))  # not UTF-8: base64 on the wire, bytes back
+        last = await etcd.put(etcd_prefix + "b", binary)
+        revision, kvs = await etcd.get_prefix(etcd_prefix)
+        assert revision >= last
+        assert [(kv.key, kv.value) for kv in kvs] == [
+            ((etcd_prefix + "a").encode(), b"1"), ((etcd_prefix + "b").encode(), binary)]
+        assert kvs[1].mod_revision == last
+        assert await etcd.delete(etcd_prefix + "a") == 1
+        assert await etcd.get(etcd_prefix + "a") is None
+        assert (await etcd.get(etcd_prefix + "b")).value == binary
+        assert await etcd.delete_prefix(etcd_prefix) == 1
+        assert (await etcd.get_prefix(etcd_prefix))[1] == []
+
+
+def test_prefix_end():
+    assert prefix_end(b"/a/") == b"/a0"
+    assert prefix_end(b"a\xff") == b"b"
+    assert prefix_end(b"\xff\xff") == b"\0"
+
+
+async def test_errors_are_typed(etcd_server):
+    async with EtcdClient(etcd_server.url) as etcd:
+        with pytest.raises(EtcdRequestError) as refused:
+            await etcd.put(b"", b"no key")
+        assert refused.value.code == 3 and "key is not provided" in refused.value.message
+        with pytest.raises(LeaseExpired):
+            await etcd.lease_keepalive_once(0x1234567)  # never granted
+
+
+async def test_unreachable_etcd_is_unavailable_within_the_timeout():
+    # A listener that accepts and never answers: httpx would wait forever without the bound.
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, lambda stream: trio.sleep_forever(), [listener])
+        async with EtcdClient(f"http://127.0.0.1:{port}", timeout=0.5) as etcd:
+            began = trio.current_time()
+            with pytest.raises(EtcdUnavailable, match="no answer within 0.5s"):
+                await etcd.get_prefix("/x/")
+            assert trio.current_time() - began < 2
+        nursery.cancel_scope.cancel()
+    async with EtcdClient(f"http://127.0.0.1:{free_port()}", timeout=0.5) as etcd:  # nobody listens
+        with pytest.raises(EtcdUnavailable):
+            await etcd.put("/x", "y")
+
+
+async def test_watch_delivers_changes_in_order(etcd_server, etcd_prefix):
+    async with EtcdClient(etcd_server.url) as etcd:
+        async with etcd.watch_prefix(etcd_prefix) as updates:
+            await trio.sleep(0.2)  # let the watch be created; a start revision is tested below
+            await etcd.put(etcd_prefix[:-1] + "-outside", b"x")
+            put = await etcd.put(etcd_prefix + "a", b"1")
+            deleted = None
+            update = await next_update(updates)
+            assert isinstance(update, Events) and update.revision == put
+            assert [(e.type, e.kv.key, e.kv.value) for e in update.events] == [
+                ("put", (etcd_prefix + "a").encode(), b"1")]
+            await etcd.delete(etcd_prefix + "a")
+            update = await next_update(updates)
+            deleted = update.events[0]
+            assert (deleted.type, deleted.kv.key, deleted.kv.value) == ("delete", (etcd_prefix + "a").encode(), b"")
+
+
+async def test_watch_from_a_revision_replays_history(etcd_server, etcd_prefix):
+    async with EtcdClient(etcd_server.url) as etcd:
+        first = await etcd.put(etcd_prefix + "a", b"1")
+        await etcd.put(etcd_prefix + "a", b"2")
+        async with etcd.watch_prefix(etcd_prefix, start_revision=first) as updates:
+            values = []
+            while len(values) < 2:
+                values += [e.kv.value for e in (await next_update(updates)).events]
+            assert values == [b"1", b"2"]
+
+
+async def test_compaction_forces_a_resync_the_caller_is_told_of(etcd_server, etcd_prefix):
+    async with EtcdClient(etcd_server.url) as etcd:
+        early = await etcd.put(etcd_prefix + "gone", b"1")
+        await etcd.put(etcd_prefix + "kept", b"2")
+        await etcd.delete(etcd_prefix + "gone")
+        latest = await etcd.put(etcd_prefix + "new", b"3")
+        await etcd.compact(latest)
+        with pytest.raises(EtcdRequestError):  # the history really is gone
+            await etcd._call("/v3/kv/range", {"key": "eA==", "revision": str(early)})
+        async with etcd.watch_prefix(etcd_prefix, start_revision=early) as updates:
+            update = await next_update(updates)
+            assert isinstance(update, Resync) and update.revision >= latest
+            assert {kv.key.decode()[len(etcd_prefix):]: kv.value for kv in update.kvs} == {"kept": b"2", "new": b"3"}
+            after = await etcd.put(etcd_prefix + "after", b"4")
+            update = await next_update(updates)
+            assert isinstance(update, Events) and update.revision == after
+
+
+async def test_watch_survives_an_etcd_restart_without_missing_a_write(tmp_path):
+    server = etcd_server_process(tmp_path)
+    # The same store, reachable on another client port only: what it writes, the watch can
+    # learn only by watching again from its last revision + 1 once etcd is back where it was.
+    hidden = etcd_server_process(tmp_path, peer=server.peer_port)
+    await trio.to_thread.run_sync(server.start)
+    try:
+        async with EtcdClient(server.url, timeout=2) as etcd:
+            async with etcd.watch_prefix("/svc/", max_backoff=0.5) as updates:
+                await trio.sleep(0.2)
+                await etcd.put("/svc/a", b"before")
+                assert [e.kv.value for e in (await next_update(updates)).events] == [b"before"]
+                await trio.to_thread.run_sync(server.stop)
+                with pytest.raises(EtcdUnavailable):
+                    await etcd.put("/svc/b", b"while down")
+                await trio.to_thread.run_sync(hidden.start)
+                async with EtcdClient(hidden.url, timeout=2) as writer:
+                    await writer.put("/svc/b", b"during 1")
+                    await writer.delete("/svc/a")
+                await trio.to_thread.run_sync(hidden.stop)
+                with trio.move_on_after(0.3):
+                    assert await updates.receive() is None, "an update with etcd down"
+                await trio.to_thread.run_sync(server.start)  # same ports, same data
+                await etcd.put("/svc/c", b"after")
+                seen = []
+                while len(seen) < 3:
+                    seen += [(e.type, e.kv.key, e.kv.value) for e in (await next_update(updates)).events]
+                assert seen == [("put", b"/svc/b", b"during 1"), ("delete", b"/svc/a", b""),
+                                ("put", b"/svc/c", b"after")]  # in order, and no repeat of "before"
+                print(f"etcd restart: ready again in {server.started_in:.2f}s")
+    finally:
+        await trio.to_thread.run_sync(hidden.stop)
+        await trio.to_thread.run_sync(server.stop)
+
+
+async def test_lease_is_revoked_when_the_block_ends(etcd_server, etcd_prefix):
+    async with EtcdClient(etcd_server.url) as etcd:
+        async with etcd.lease(30) as lease:
+            await etcd.put(etcd_prefix + "me", b"here", lease=lease.id)
+            assert (await etcd.get(etcd_prefix + "me")).lease == lease.id
+        assert await etcd.get(etcd_prefix + "me") is None
+        with pytest.raises(LeaseExpired):
+            await etcd.lease_keepalive_once(lease.id)
+
+
+HOLDER = textwrap.dedent("""
+    import sys, trio
+    from sluice.plugins.etcd import EtcdClient
+
+    async def main(url, key):
+        async with EtcdClient(url) as etcd, etcd.lease(2) as lease:
+            await etcd.put(key, b"alive", lease=lease.id)
+            print("ready", flush=True)
+            await trio.sleep_forever()
+
+    trio.run(main, *sys.argv[1:])
+""")
+
+
+async def test_a_killed_holder_s_key_vanishes_within_the_ttl(etcd_server, etcd_prefix):
+    key = etcd_prefix + "instance"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, etcd_server.url, key],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = await trio.to_thread.run_sync(holder.stdout.readline)
+        assert line == "ready\n", holder.stderr.read() if holder.poll() is not None else line
+        async with EtcdClient(etcd_server.url) as etcd:
+            await trio.sleep(3)  # longer than the TTL: only the keepalives keep it
+            assert (await etcd.get(key)).value == b"alive"
+            os.kill(holder.pid, signal.SIGKILL)
+            killed = time.monotonic()
+            with trio.fail_after(2 + 1.5):  # the TTL, plus etcd's expiry check
+                while await etcd.get(key) is not None:
+                    await trio.sleep(0.05)
+            print(f"lease key gone {time.monotonic() - killed:.2f}s after the holder was killed (TTL 2s)")
+    finally:
+        holder.kill()
+        holder.wait(5)
+        holder.stdout.close()
+        holder.stderr.close()
+
+
+async def test_compacted_error_type_on_a_compacted_read(etcd_server, etcd_prefix):
+    async with EtcdClient(etcd_server.url) as etcd:
+        early = await etcd.put(etcd_prefix + "a", b"1")
+        latest = await etcd.put(etcd_prefix + "a", b"2")
+        await etcd.compact(latest)
+        with pytest.raises(EtcdCompacted):
+            await etcd._call("/v3/kv/range", {"key": "YQ==", "revision": str(early)})
