@@ -20,7 +20,10 @@ $(STAMP): pyproject.toml
 # promtool from prometheus checks the alerts plugin's rules, and a real
 # Alertmanager from prometheus-alertmanager takes its webhook: their tests
 # skip, saying so, when these are missing; redis-server for sluice.shared's
-# Redis backend, started per test session on a free port, its service unused).
+# Redis backend, started per test session on a free port, its service unused;
+# etcd from etcd-server and ZooKeeper's jars from zookeeperd, each started by
+# tests/servers/ on free loopback ports with a temp data dir, their packaged
+# services unused).
 test-deps:
 	@command -v curl >/dev/null || (apt-get update -qq && apt-get install -y -qq curl)
 	@command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
@@ -28,6 +31,8 @@ test-deps:
 	@command -v promtool >/dev/null || (apt-get update -qq && apt-get install -y -qq prometheus || true)
 	@command -v prometheus-alertmanager >/dev/null || (apt-get update -qq && apt-get install -y -qq prometheus-alertmanager || true)
 	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server || command -v redis-server)
+	@command -v etcd >/dev/null || (apt-get update -qq && apt-get install -y -qq etcd-server || command -v etcd)
+	@test -e /usr/share/java/zookeeper.jar || (apt-get update -qq && apt-get install -y -qq zookeeperd || test -e /usr/share/java/zookeeper.jar)
 
 run: venv
 	$(VENV)/bin/sluice run
