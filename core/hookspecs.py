@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from .edge.transport import Transport
     from .proxy.filters import Filter
     from .upstream.cluster import Balancer
+    from .upstream.discovery import DiscoverySource
 
 hookspec = pluggy.HookspecMarker("sluice")
 hookimpl = pluggy.HookimplMarker("sluice")
@@ -81,6 +82,42 @@ def sluice_balancers() -> Iterable[type[Balancer]]:
         @hookimpl
         def sluice_balancers():
             return [Fastest]
+    """
+
+
+@hookspec
+def sluice_discovery() -> Iterable[type[DiscoverySource]]:
+    """Return the discovery source classes this plugin provides.
+
+    Called once when plugins are loaded. Each class (a
+    ``sluice.upstream.discovery.DiscoverySource``) has a unique ``name``
+    that clusters name in ``discovery = { source = "name", ... }`` and a
+    ``Config`` model for the rest of that table (errors by key path). One
+    instance per cluster, ``Source(config, cluster_name)``, runs
+    ``await source.run(updates)`` in the worker's nursery and reports FULL
+    snapshots, ``updates.update([EndpointSpec(host, port, weight, zone,
+    metadata), ...])``, or ``updates.failed(reason)``; the core works out
+    what joined and what left, and drains what left. The whole contract is
+    in ``sluice.upstream.discovery``.
+
+    Example::
+
+        class FromFile(DiscoverySource):
+            name = "file"
+
+            class Config(DiscoveryConfig):
+                path: str
+                every: float = 5.0
+
+            async def run(self, updates):
+                while True:
+                    lines = Path(self.config.path).read_text().split()
+                    updates.update([EndpointSpec.of(line) for line in lines])
+                    await trio.sleep(self.config.every)
+
+        @hookimpl
+        def sluice_discovery():
+            return [FromFile]
     """
 
 

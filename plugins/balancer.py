@@ -108,6 +108,10 @@ class WeightedRoundRobin(Balancer):
         self._schedule = _PerSet()
         self._at = 0
 
+    def endpoints_changed(self, endpoints) -> None:
+        super().endpoints_changed(endpoints)
+        self._current = {}  # (the schedule follows by itself: the eligible set changed)
+
     def pick(self, ctx, endpoints) -> Endpoint | None:
         cached = self._schedule
         if not cached.same(endpoints):
@@ -232,6 +236,13 @@ class Ewma(Balancer):
                 latency = decayed + latency * (1 - math.exp(-max(0.0, now - self._stamp[key]) / self.config.decay))
         self._cost[key] = latency
         self._stamp[key] = now
+
+    def endpoints_changed(self, endpoints) -> None:
+        """Costs of endpoints that stayed are kept (by identity); those of endpoints gone are dropped."""
+        super().endpoints_changed(endpoints)
+        staying = {id(e) for e in self.endpoints}
+        for key in [k for k in self._cost if k not in staying]:
+            del self._cost[key], self._stamp[key]
 
     def scores(self) -> dict[str, float]:
         """Each endpoint's cost (seconds) decayed to now, by address (the metrics' gauge)."""

@@ -112,6 +112,19 @@ class _Hashing(Balancer):
         self._read = key_reader(self.config.key)
         self._rng = rng or random.Random()
         self._index = {id(e): i for i, e in enumerate(self.endpoints)}
+        self._build()
+
+    def endpoints_changed(self, endpoints) -> None:
+        """Discovery changed the endpoints: the ring or table is built again
+        over the new list (an endpoint's points come from its address, so
+        keys of endpoints that stayed mostly stay with them)."""
+        super().endpoints_changed(endpoints)
+        self._index = {id(e): i for i, e in enumerate(self.endpoints)}
+        self._build()
+
+    def _build(self) -> None:  # pragma: no cover
+        """Fill ``_owners`` (and what ``position`` needs) from ``self.endpoints``."""
+        raise NotImplementedError
 
     def position(self, key: str) -> int:  # pragma: no cover
         raise NotImplementedError
@@ -178,8 +191,7 @@ class RingHash(_Hashing):
     class Config(_HashSettings):
         points_per_weight: int = Field(160, ge=4, le=10_000)  # points per endpoint of mean weight
 
-    def __init__(self, endpoints, config=None, rng: random.Random | None = None) -> None:
-        super().__init__(endpoints, config, rng)
+    def _build(self) -> None:
         total = sum(e.weight for e in self.endpoints) or 1
         count = len(self.endpoints)
         ring: list[tuple[int, int]] = []
@@ -265,8 +277,7 @@ class Maglev(_Hashing):
                 raise ValueError(f"should be a prime (e.g. 65537 or 655373), not {value}")
             return value
 
-    def __init__(self, endpoints, config=None, rng: random.Random | None = None) -> None:
-        super().__init__(endpoints, config, rng)
+    def _build(self) -> None:
         self._owners = maglev_table([e.address for e in self.endpoints], [e.weight for e in self.endpoints],
                                     self.config.table_size)
 

@@ -26,6 +26,7 @@ from ..proxy.filters import PHASES, Filter, overrides
 from ..proxy.ordering import check_order
 from ..proxy.header_edits import HeaderEdits, check_ops
 from ..upstream.cluster import Breaker, Cluster, Endpoint, Outlier
+from ..upstream.discovery import Discovery
 from ..upstream.health import HealthCheck, run_checks
 from .admin import admin_token, serve_admin
 from .config import Config, format_errors, parse_hostport
@@ -76,6 +77,7 @@ class App:
         self._stop = None
         self._reload_wanted: trio.Event | None = None
         self.health_checks: dict[str, HealthCheck] = {}
+        self.discoveries: dict[str, Discovery] = {}  # clusters with a discovery source
         self.clusters = {name: self._cluster(name, c) for name, c in config.clusters.items()}
         self.filters: dict[str, Filter] = {}
         if previous is not None:
@@ -91,6 +93,7 @@ class App:
         self._urls: dict[Listener, str] = {}  # a serving listener's URL
         self._serving: dict[Listener, trio.CancelScope] = {}
         self._checks: dict[str, trio.CancelScope] = {}  # a cluster's running health checks
+        self._sources: dict[str, trio.CancelScope] = {}  # and its running discovery source
         self.listeners = [self._listener(i, lc) for i, lc in enumerate(config.listeners)]
         for name, settings in config.filters.items():  # settings for a filter no chain uses
             if name not in plugins.filters:
@@ -140,6 +143,8 @@ class App:
         if previous is not None and previous.config.clusters.get(name) == cfg:
             if name in previous.health_checks:
                 self.health_checks[name] = previous.health_checks[name]
+            if name in previous.discoveries:  # its source runs on
+                self.discoveries[name] = previous.discoveries[name]
             return previous.clusters[name]  # unchanged: its health, ejections and pool go on
         policy_name = cfg.policy.name
         if policy_name not in self.plugins.balancers:
@@ -173,7 +178,7 @@ class App:
             self.health_checks[name] = HealthCheck(**cfg.health_check.model_dump())
         check_ops(cfg.request_headers, f"{where}.request_headers", request=True)
         check_ops(cfg.response_headers, f"{where}.response_headers", request=False)
-        return Cluster(
+        cluster = Cluster(
             name=name,
             endpoints=endpoints,
             balancer=balancer,
@@ -192,6 +197,24 @@ class App:
             request_edits=HeaderEdits.of(cfg.request_headers),
             response_edits=HeaderEdits.of(cfg.response_headers),
         )
+        if cfg.discovery is not None:
+            self.discoveries[name] = self._discovery(cluster, cfg.discovery, f"{where}.discovery")
+        return cluster
+
+    def _discovery(self, cluster: Cluster, cfg, where: str) -> Discovery:
+        """The cluster's source, built and validated (``sluice.upstream.discovery``)."""
+        if cfg.source not in self.plugins.discovery:
+            raise self.plugins.missing("discovery", cfg.source, f"{where}.source")
+        cls, plugin = self.plugins.discovery[cfg.source]
+        settings = validate(cls.Config, cfg.settings, where)
+        try:
+            source = cls(settings, cluster.name)
+        except ConfigError:
+            raise
+        except Exception as exc:  # a plugin's bug: name it rather than dump its traceback
+            raise ConfigError(f"{where}: discovery source {cfg.source!r} of plugin {plugin!r} failed to "
+                              f"build: {exc!r}") from exc
+        return Discovery(cluster, source, None, cfg.initial_timeout)  # (the pool: at start_discovery)
 
     def _transport(self, side: str, settings: dict, where: str) -> Any:
         """A server or client transport from the ``tls`` transport plugin."""
@@ -284,6 +307,9 @@ class App:
             nursery.start_soon(self._watch_ejections)
             for name in self.health_checks:
                 self.start_checks(name)
+            for name in self.discoveries:
+                self.start_discovery(name)
+            await self._discovery_ready()
             if self.config.admin.enabled and self.worker_index == 0:  # one admin: worker 0's
                 await nursery.start(serve_admin, self)
             async with trio.open_nursery() as serving:
@@ -350,6 +376,34 @@ class App:
         scope = self._checks.pop(name, None)
         if scope is not None:
             scope.cancel()
+
+    def start_discovery(self, name: str) -> None:
+        """Run cluster ``name``'s discovery source (until ``stop_discovery``)."""
+        discovery = self.discoveries[name]
+        discovery.pool = self.pool
+        scope = self._sources[name] = trio.CancelScope()
+
+        async def source() -> None:
+            with scope:
+                await discovery.run()
+
+        self.nursery.start_soon(source)
+
+    def stop_discovery(self, name: str) -> None:
+        scope = self._sources.pop(name, None)
+        if scope is not None:
+            scope.cancel()
+
+    async def _discovery_ready(self) -> None:
+        """Wait for each discovered cluster's first snapshot, up to its
+        ``initial_timeout`` (from now); then serve anyway (503 UH until it comes)."""
+        start = trio.current_time()
+        for name, discovery in self.discoveries.items():
+            with trio.move_on_at(start + discovery.initial_timeout):
+                await discovery.ready.wait()
+            if not discovery.ready.is_set():
+                log.warning("discovery not ready", cluster=name, source=discovery.source.name,
+                            waited=discovery.initial_timeout, worker=self.worker_index)
 
     def request_reload(self) -> None:
         """Ask for a reload (SIGHUP, the admin endpoint; safe from any task of

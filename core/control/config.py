@@ -218,8 +218,25 @@ class CircuitBreakersConfig(_Model):
     max_retries: Annotated[int, Field(ge=0)] | None = None
 
 
+class DiscoverySettings(BaseModel):
+    """``discovery = { source = "dns", ...settings }``: where the endpoints come
+    from at runtime (``sluice.upstream.discovery``). ``initial_timeout`` is the
+    core's (seconds a worker waits for the first snapshot before serving);
+    the rest is the source's, checked against its ``Config`` at build."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    source: str
+    initial_timeout: Annotated[float, Field(ge=0, le=3600)] = 5.0
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
 class ClusterConfig(_Model):
-    endpoints: Annotated[list[Endpoint], Field(min_length=1)]
+    # Required unless ``discovery`` gives them at runtime (then it must be empty).
+    endpoints: list[Endpoint] = []
+    discovery: DiscoverySettings | None = None  # absent: static, ``endpoints`` as written
     policy: Annotated[PolicyConfig, BeforeValidator(_policy)] = PolicyConfig(name="round_robin")
     outlier: OutlierConfig = OutlierConfig()
     # Below this percentage of endpoints available, every endpoint is
@@ -246,6 +263,15 @@ class ClusterConfig(_Model):
     # or filter chose the cluster.
     request_headers: HeaderOps | None = None
     response_headers: HeaderOps | None = None
+
+    @model_validator(mode="after")
+    def _endpoints_or_discovery(self) -> ClusterConfig:
+        if self.discovery is None and not self.endpoints:
+            raise ValueError("endpoints: list at least one endpoint, or give a discovery table")
+        if self.discovery is not None and self.endpoints:
+            raise ValueError("endpoints: a cluster with discovery gets its endpoints from its source; "
+                             "remove the endpoints list")
+        return self
 
 
 class MetricsConfig(_Model):

@@ -36,6 +36,7 @@ class PluginInfo:
     filters: dict[str, type] = field(default_factory=dict)
     balancers: dict[str, type] = field(default_factory=dict)
     transports: dict[str, type] = field(default_factory=dict)
+    discovery: dict[str, type] = field(default_factory=dict)
 
 
 def discover() -> dict[str, EntryPoint]:
@@ -55,11 +56,12 @@ def _dist(ep: EntryPoint) -> str:
     return ep.dist.name if ep.dist is not None else "?"
 
 
-_NOUNS = {"filters": "filter", "balancers": "policy", "transports": "transport"}
+_NOUNS = {"filters": "filter", "balancers": "policy", "transports": "transport", "discovery": "discovery source"}
 _KINDS = {
     "filters": "sluice_filters",
     "balancers": "sluice_balancers",
     "transports": "sluice_transports",
+    "discovery": "sluice_discovery",
 }
 
 
@@ -113,6 +115,7 @@ class Plugins:
         self.filters = self._merge("filters")
         self.balancers = self._merge("balancers")
         self.transports = self._merge("transports")
+        self.discovery = self._merge("discovery")
 
     def _load(self, name: str, ep: EntryPoint) -> None:
         try:

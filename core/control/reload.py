@@ -20,7 +20,8 @@
    Clusters whose config is unchanged are the same objects: their health,
    ejections, balancer state and pooled connections carry over. A changed
    or removed cluster's idle connections are closed.
-4. **Finish.** Health checks start and stop with their clusters; the old
+4. **Finish.** Health checks and discovery sources start and stop with
+   their clusters (an unchanged cluster's go on); the old
    filters are closed once no request runs on the old chains (or at the
    drain timeout); plugins hear ``sluice_reload``.
 
@@ -105,6 +106,7 @@ async def reload(app: App) -> bool:
     app.clusters = new.clusters
     app.filters = new.filters
     app.health_checks = new.health_checks
+    app.discoveries = new.discoveries
     app.generation += 1
     # ---------------------------------------------------------------------------
 
@@ -116,10 +118,14 @@ async def reload(app: App) -> bool:
     changed = [name for name, cluster in old_clusters.items() if app.clusters.get(name) is not cluster]
     for name in changed:
         app.stop_checks(name)
-        app.pool.retire(old_clusters[name].endpoints)
+        app.stop_discovery(name)
+        app.pool.retire([*old_clusters[name].endpoints, *old_clusters[name].draining])
     for name in app.health_checks:
         if name not in app._checks:
             app.start_checks(name)
+    for name in app.discoveries:  # (an unchanged cluster's source runs on)
+        if name not in app._sources:
+            app.start_discovery(name)
     app.nursery.start_soon(_close_when_idle, list(old_filters.values()), old_chains,
                            app.config.server.drain_timeout)
     restart = [f"server.{key}" for key in _RESTART_ONLY

@@ -86,6 +86,9 @@ class Endpoint:
     returned_at: float = 0.0  # when its last ejection ended
     connect_failures: int = 0  # in a row
     server_errors: int = 0  # 5xx answers and resets in a row
+    zone: str | None = None  # where it runs, as discovery reported it
+    metadata: dict[str, Any] | None = None  # and what else it said of it
+    draining: bool = False  # discovery dropped it: never picked, forgotten once idle
 
     @property
     def address(self) -> str:
@@ -135,6 +138,14 @@ class Balancer:
 
     def feedback(self, attempt: Attempt) -> None:
         """How a try at one of this cluster's endpoints went (default: ignored)."""
+
+    def endpoints_changed(self, endpoints: Sequence[Endpoint]) -> None:
+        """Discovery changed the cluster's endpoints (``sluice.upstream.discovery``):
+        the new list, in which an endpoint that stayed is the same object as
+        before (state kept by identity stays valid). Rebuild what is derived
+        from the list and drop what belongs to endpoints gone; call this one
+        too. Never called for a static cluster."""
+        self.endpoints = list(endpoints)
 
     def scores(self) -> dict[str, float]:
         """What the policy holds of each endpoint, by address (an EWMA's seconds), for the
@@ -247,10 +258,28 @@ class Cluster:
     request_edits: Any = None  # HeaderEdits for requests to it (sluice.proxy.header_edits), or None
     response_edits: Any = None  # and for its answers
     pools: dict[int, Any] = field(default_factory=dict)
+    draining: list[Endpoint] = field(default_factory=list)  # left by discovery, requests in flight
 
     def __post_init__(self) -> None:
         # Whether the policy listens to feedback: an Attempt is built only then.
         self._listening = type(self.balancer).feedback is not Balancer.feedback
+        self._changed = trio.Event()
+
+    def replace_endpoints(self, endpoints: list[Endpoint]) -> None:
+        """Swap in a new endpoint set at once (discovery; no checkpoint): the
+        policy hears of it, and whoever waits in ``wait_changed`` wakes."""
+        self.endpoints = endpoints
+        try:
+            self.balancer.endpoints_changed(endpoints)
+        except Exception as exc:  # a policy's bug: picks still get only current endpoints
+            log.error("balancing policy failed to follow an endpoint change", cluster=self.name,
+                      policy=self.balancer.name, exc_info=exc)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_changed(self) -> None:
+        """Until ``replace_endpoints`` next runs."""
+        await self._changed.wait()
 
     def eligible(self, tried: Sequence[Endpoint] = (), now: float | None = None) -> list[Endpoint]:
         """The endpoints a pick may choose from (see the module's contract)."""

@@ -50,11 +50,26 @@ class HealthCheck:
 
 
 async def run_checks(cluster: Cluster, check: HealthCheck, rng: random.Random | None = None) -> None:
-    """Check every endpoint of ``cluster`` until cancelled."""
+    """Check every endpoint of ``cluster`` until cancelled, following its
+    endpoint set as discovery changes it: a new endpoint's checks start, a
+    departed one's stop (an endpoint that stays keeps its task and counts)."""
     rng = rng or random.Random()
+    watching: dict[int, trio.CancelScope] = {}  # id(endpoint) -> its checks
     async with trio.open_nursery() as nursery:
-        for endpoint in cluster.endpoints:
-            nursery.start_soon(_watch, cluster, endpoint, check, rng)
+        while True:
+            current = {id(e): e for e in cluster.endpoints}
+            for key in [k for k in watching if k not in current]:
+                watching.pop(key).cancel()
+            for key, endpoint in current.items():
+                if key not in watching:
+                    watching[key] = scope = trio.CancelScope()
+                    nursery.start_soon(_scoped, scope, cluster, endpoint, check, rng)
+            await cluster.wait_changed()  # (no checkpoint since the list was read)
+
+
+async def _scoped(scope: trio.CancelScope, *args) -> None:
+    with scope:
+        await _watch(*args)
 
 
 async def _watch(cluster: Cluster, endpoint: Endpoint, check: HealthCheck, rng: random.Random) -> None:
