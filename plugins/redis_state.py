@@ -9,7 +9,7 @@ The client is coredis (6.x). It is built on anyio, so it runs on trio as it is (
 connection pool, ``EVALSHA`` with its own ``NOSCRIPT`` fallback to ``SCRIPT LOAD``, and
 cancellation by a trio cancel scope, after which a connection's answers stay matched to
 their requests); redis-py's async client is asyncio only. Its cost is mostly its own: a
-``take`` is ~150 us on loopback where a bare RESP round trip on a trio socket is ~27 us
+``take`` is 150-230 us on loopback where a bare RESP round trip on a trio socket is ~27 us
 (``benchmarks/shared_cost.py --backend redis``; ``benchmarks/RESULTS.md``).
 
 The algorithms run in Redis, one script and one round trip per call, so that every
