@@ -74,7 +74,7 @@ def test_one_bucket_across_two_processes(redis_server, redis_prefix):
 async def test_redis_killed_then_back(own_redis, on_error):
     """Killed: takes answer at once as configured, logged once; restarted: Redis decides again."""
     async with _state(own_redis, timeout=0.05, on_error=on_error, backoff_min=0.05, backoff_max=0.2) as state:
-        outages = state._outages._value.get()
+        outages, unavailable = state._outages._value.get(), state._unavailable._value.get()
         assert await state.take("k", 2, 0.001, 2.0) == (True, 0.0)
         assert not (await state.take("k", 1, 0.001, 2.0))[0]  # empty: refused by Redis
         with capture_logs() as logs:
@@ -87,6 +87,7 @@ async def test_redis_killed_then_back(own_redis, on_error):
             assert state.down
             assert answers == [on_error == "open"] * 20
             assert state._outages._value.get() == outages + 1
+            assert state._unavailable._value.get() == unavailable + 20  # each answered without Redis
             (down,) = _events(logs, "shared backend down")
             assert down["on_error"] == on_error and down["address"] == own_redis.address
             assert not _events(logs, "shared backend up")
@@ -131,6 +132,50 @@ async def test_a_hung_redis_never_blocks_longer_than_the_timeout(own_redis, redi
         # answers stay matched to their requests after the cancelled ones
         assert await state.incr("n") == 2
         assert await state.take("fresh", 1, 10.0, 5.0) == (True, 0.0)
+
+
+async def test_many_tasks_at_once_through_a_kill_and_a_hang(own_redis, redis_prefix):
+    """Concurrent takes share one client: cancelled and lost requests never fail a take or
+    outlast the timeout, and each outage is logged once, then its end."""
+    timeout, slowest, calls = 0.05, [0.0], [0]
+
+    async def taker(state, stop: trio.Event) -> None:
+        while not stop.is_set():
+            start = time.monotonic()
+            await state.take("k", 1, 1e6, 1e6)
+            slowest[0] = max(slowest[0], time.monotonic() - start)
+            calls[0] += 1
+            await trio.sleep(0)  # as a request's other awaits would
+
+    async def recovered(state) -> None:
+        with trio.fail_after(10):
+            while state.down:
+                await trio.sleep(0.01)
+
+    with capture_logs() as logs:
+        async with _state(own_redis, redis_prefix, timeout=timeout, backoff_min=0.02, backoff_max=0.05) as state:
+            stop = trio.Event()
+            async with trio.open_nursery() as nursery:
+                for _ in range(20):
+                    nursery.start_soon(taker, state, stop)
+                await trio.sleep(0.1)
+                own_redis.kill()
+                await trio.sleep(0.2)
+                assert state.down
+                await trio.to_thread.run_sync(own_redis.start)  # the loop runs on meanwhile
+                await recovered(state)
+                os.kill(own_redis.pid, signal.SIGSTOP)
+                try:
+                    await trio.sleep(0.2)
+                    assert state.down
+                finally:
+                    os.kill(own_redis.pid, signal.SIGCONT)
+                await recovered(state)
+                stop.set()
+            assert await state.incr("after") == 1  # answers still matched to their requests
+    assert calls[0] > 100
+    assert slowest[0] < timeout + 0.05, slowest
+    assert len(_events(logs, "shared backend down")) == len(_events(logs, "shared backend up")) == 2
 
 
 async def test_redis_down_at_start_is_an_outage_not_an_error():
