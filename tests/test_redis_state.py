@@ -52,16 +52,17 @@ def test_one_bucket_across_two_processes(redis_server, redis_prefix):
     """Two processes with a client each: granted = burst + rate × elapsed (±10%), not doubled."""
     rate, burst = 200.0, 20.0
 
-    def hammer(seconds: float) -> int:
-        async def run() -> int:
+    def hammer(seconds: float) -> tuple[int, float, float]:
+        async def run() -> tuple[int, float, float]:
             allowed = 0
             # a timeout no loaded test machine reaches: every answer here is Redis's own
             async with _state(redis_server, redis_prefix, timeout=2.0, on_error="closed") as state:
-                deadline = time.monotonic() + seconds
-                while time.monotonic() < deadline:
+                start = time.monotonic()
+                while time.monotonic() < start + seconds:
                     allowed += await state.hit("10.0.0.1", rate, burst)
+                end = time.monotonic()
                 assert not state.down
-            return allowed
+            return allowed, start, end
 
         return trio.run(run)
 

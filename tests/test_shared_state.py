@@ -14,20 +14,20 @@ def _local_hammer(rate: float = 100.0, burst: float = 50.0):
     """A hammer on a fresh table (made here, before the fork, so every child shares it)."""
     state = LocalState(slots=64)
 
-    def hammer(seconds: float) -> int:
-        allowed = 0
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
+    def hammer(seconds: float) -> tuple[int, float, float]:
+        allowed, start = 0, time.monotonic()
+        while time.monotonic() < start + seconds:
             allowed += state.take_now("10.0.0.1", 1, rate, burst)[0]
-        return allowed
+        return allowed, start, time.monotonic()
 
     return hammer
 
 
 def allowed_by(processes: int, seconds: float = 0.5, hammer=None) -> tuple[int, float]:
     """Total tokens granted for one key to `processes` forked children each running
-    ``hammer(seconds) -> granted`` (default: the local table, rate 100/s, burst 50), and the
-    time from the first child's start to the last one's end."""
+    ``hammer(seconds) -> (granted, start, end)`` (default: the local table, rate 100/s, burst
+    50), and the time from the first child's start to the last one's end (time.monotonic():
+    CLOCK_MONOTONIC, one clock for every process; a hammer's setup is outside its window)."""
     hammer = hammer or _local_hammer()
     r, w = os.pipe()
     pids = []
@@ -35,9 +35,7 @@ def allowed_by(processes: int, seconds: float = 0.5, hammer=None) -> tuple[int, 
         pid = os.fork()
         if pid == 0:
             try:
-                start = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process
-                allowed = hammer(seconds)
-                os.write(w, f"{allowed} {start} {time.monotonic()}\n".encode())
+                os.write(w, "{} {} {}\n".format(*hammer(seconds)).encode())
             finally:
                 os._exit(0)
         pids.append(pid)
