@@ -11,6 +11,7 @@ import trio
 from structlog.testing import capture_logs
 
 from sluice import ConfigError, hookimpl
+from sluice.control.admin import Admin
 from sluice.control.config import parse
 from sluice.control.reload import reload
 from sluice.plugins.balancer import Ewma
@@ -144,6 +145,8 @@ async def test_no_endpoint_until_the_first_snapshot_then_traffic_follows_each_on
     with capture_logs() as logs:
         async with serve(cfg(), plugins=PLUGINS, extra=EXTRA) as proxy:
             assert any(e["event"] == "discovery not ready" for e in logs)  # served after initial_timeout
+            _, ready = await Admin(proxy.app, None).ready(None)
+            assert ready["ready"] and ready["discovery_waiting"] == ["app"]
             async with httpx.AsyncClient(base_url=proxy.url) as client:
                 r = await client.get("/")
                 assert r.status_code == 503 and r.text == "no healthy upstream\n"
@@ -204,6 +207,10 @@ async def test_a_departed_endpoint_drains_its_request_in_flight_finishes(start_o
                 assert gone.draining and cluster.draining == [gone] and gone not in cluster.endpoints
                 assert {(await client.get("/")).text for _ in range(4)} == {"b"}  # new ones go elsewhere
                 assert cluster.draining == [gone]  # still, while its request runs
+                admin = Admin(proxy.app, None)
+                _, shown = await admin.clusters(None)
+                assert [(e["address"], e["draining"]) for e in shown["clusters"]["app"]["endpoints"]] == [
+                    (b.address, False), (a.address, True)]
                 release.set()
                 await until(lambda: slow)
                 assert slow[0].status_code == 200 and slow[0].text == "a"

@@ -8,7 +8,7 @@ never routed through a proxy chain: a small HTTP/1.1 server on trio and h11
 ``GET /live``               200 while the event loop runs
 ``GET /ready``              200 once the listeners accept, 503 while draining
 ``GET /metrics``            Prometheus text for every worker (``sluice.metrics``)
-``GET /clusters``           endpoints: health, ejection, requests in flight, scores
+``GET /clusters``           endpoints: health, ejection, requests in flight, scores, draining
 ``GET /routes``             each listener's routes: name, what they match and do
 ``GET /config``             the effective config, secrets redacted (``redact``)
 ``GET /plugins``            each listener's chain and the phases each filter runs
@@ -356,7 +356,12 @@ class Admin:
         app = self.app
         draining = any(x.draining for x in app.listeners)
         ready = bool(app.addresses) and not draining
-        return (200 if ready else 503), {"ready": ready, "draining": draining, "listeners": app.addresses}
+        # Clusters whose discovery source has sent no snapshot yet (they answer 503 UH): shown,
+        # not held against readiness, as the worker serves anyway past initial_timeout.
+        out = {"ready": ready, "draining": draining, "listeners": app.addresses}
+        if app.discoveries:
+            out["discovery_waiting"] = sorted(n for n, d in app.discoveries.items() if not d.ready.is_set())
+        return (200 if ready else 503), out
 
     async def metrics(self, request: _Request) -> tuple[int, Any]:
         try:
@@ -373,7 +378,7 @@ class Admin:
         for name, cluster in self.app.clusters.items():
             scores = _scores(cluster.balancer)
             endpoints = []
-            for e in cluster.endpoints:
+            for e in [*cluster.endpoints, *cluster.draining]:  # (draining: discovery dropped it)
                 ejected = e.ejected_until > now
                 endpoints.append({
                     "address": e.address,
@@ -386,6 +391,7 @@ class Admin:
                     "consecutive_connect_failures": e.connect_failures,
                     "consecutive_5xx": e.server_errors,
                     "score": scores.get(e.address),
+                    "draining": e.draining,
                 })
             available = sum(e.available(now) for e in cluster.endpoints)
             out[name] = {
