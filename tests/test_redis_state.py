@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -15,7 +16,7 @@ from structlog.testing import capture_logs
 
 from sluice.errors import ConfigError
 from sluice.plugins.redis_state import RedisConfig, RedisState
-from sluice.shared import LocalState, open_backend
+from sluice.shared import LocalState, local, open_backend, register_backend
 
 from .servers import free_port
 from .servers.redis import own_redis, redis_prefix, redis_server  # noqa: F401 (fixtures)
@@ -190,12 +191,22 @@ async def test_redis_down_at_start_is_an_outage_not_an_error():
 
 async def test_open_backend_selects_by_name_and_checks_settings(redis_server, redis_prefix):
     async with open_backend() as state:
-        assert isinstance(state, LocalState)
+        assert state is local()  # the default is the instance's table, as before
+    seen = []
+
+    @asynccontextmanager
+    async def third_party(settings):
+        seen.append(settings)
+        yield LocalState(slots=8)
+
+    register_backend("test-third-party", third_party)
+    async with open_backend({"backend": "test-third-party", "size": 8}) as state:
+        assert isinstance(state, LocalState) and seen == [{"size": 8}]
     async with open_backend({"backend": "redis", "address": redis_server.address, "prefix": redis_prefix}) as state:
         assert isinstance(state, RedisState)  # found through the sluice.shared entry point
         assert await state.incr("via-open-backend") == 1
     bad = [
-        ({"backend": "memcached"}, "shared.backend: unknown backend 'memcached' (known: local, redis)"),
+        ({"backend": "memcached"}, "shared.backend: unknown backend 'memcached' (known: local, redis"),
         ({"backend": "redis", "on_error": "maybe"}, "shared.on_error:"),
         ({"backend": "redis", "timout": 1}, "shared.timout: unknown key"),
         ({"backend": "redis", "address": "no-port"}, "shared.address:"),
