@@ -387,6 +387,14 @@ def test_a_plugins_suite_collects_the_battery_under_its_own_name_and_can_xfail_a
         f"test_uploads[{name}]" for name in contract.SCENARIOS], collected.stdout
 
 
+def test_battery_and_check_take_one_set_of_options_and_refuse_a_misspelt_one():
+    """Both take ``contract.Options``' keywords, checked before anything runs."""
+    for misspelt in (lambda: contract.battery(Raises, setings={}), lambda: contract.check(Raises, "get", setings={})):
+        with pytest.raises(TypeError, match="unexpected keyword argument 'setings'"):
+            misspelt()
+    assert contract.Options(request_headers={"a": 1}).request_headers == [("a", "1")]
+
+
 def test_xfail_names_only_scenarios_the_battery_has():
     with pytest.raises(ValueError, match="xfail names unknown scenarios \\['posts'\\]"):
         contract.battery(Raises, xfail={"posts": "a typo"})

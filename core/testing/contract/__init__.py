@@ -17,7 +17,7 @@ the name it is bound to. It is a plain function that runs each scenario in
 its own ``trio.run``, so it needs no async plugin and no fixture.
 ``check(filter, scenario, ...)`` runs one scenario directly and raises
 ``ContractViolation`` (an AssertionError) naming the filter, the scenario
-and every rule broken.
+and every rule broken. Both take the keywords of ``Options``.
 
 The package, module by module (each says the rest of what it holds):
 
@@ -28,13 +28,12 @@ The package, module by module (each says the rest of what it holds):
 - ``recorder``: what the watched filter and the probes saw;
 - ``instrument``: the trio instrument that finds a step blocking the loop;
 - ``clients``: the h11 client that reads every byte, and a bare socket's head;
-- ``spec``: the filter and how to run it, resolved into plugins.
+- ``spec``: the filter and its ``Options``, resolved into plugins.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import pytest
 
@@ -42,36 +41,26 @@ from ...proxy.filters import Filter
 from .rules import BLOCKED, DESIGNED, ENDED, FRAMING, HEAD_ONCE, ISOLATED, ONCE, RAISED, RELEASED, ContractViolation
 from .run import _run
 from .scenarios import SCENARIOS
-from .spec import _spec
+from .spec import Options, _Spec
 
 __all__ = [
     "BLOCKED", "DESIGNED", "ENDED", "FRAMING", "HEAD_ONCE", "ISOLATED", "ONCE", "RAISED", "RELEASED", "SCENARIOS",
-    "ContractViolation", "battery", "check",
+    "ContractViolation", "Options", "battery", "check",
 ]
 
 
 def battery(
-    filter: str | type[Filter],
-    *,
-    settings: Mapping[str, Any] | None = None,
-    extra: Mapping[str, Any] | None = None,
-    request_headers: Mapping[str, str] | None = None,
-    config: Mapping[str, Any] | None = None,
-    block_threshold: float = 0.1,
-    plugins: list[str] | None = None,
-    xfail: Mapping[str, str] | None = None,
+    filter: str | type[Filter], *, xfail: Mapping[str, str] | None = None, **options,
 ) -> Callable[[str], None]:
     """A pytest test function running every scenario in ``SCENARIOS`` against ``filter``.
 
     ``filter`` is a filter name (found among the enabled plugins and
-    ``extra``) or a class. ``settings`` are its ``[filters.NAME]`` table;
-    ``config`` is merged over the battery's (dicts merge, other values
-    replace; routes given there go after the battery's own two and replace
-    its catch-all). ``plugins``: which installed plugins to load (None:
-    all). ``xfail`` maps a scenario to the reason it is expected to fail
-    (strictly: it must fail).
+    ``extra``) or a class; ``options`` are ``Options``' keywords
+    (``settings``, ``extra``, ``request_headers``, ``config``,
+    ``block_threshold``, ``plugins``). ``xfail`` maps a scenario to the
+    reason it is expected to fail (strictly: it must fail).
     """
-    spec = _spec(filter, settings, extra, request_headers, config, block_threshold, plugins)
+    spec = _Spec(filter, Options(**options))
     unknown = set(xfail or ()) - set(SCENARIOS)
     if unknown:
         raise ValueError(f"xfail names unknown scenarios {sorted(unknown)}; scenarios: {', '.join(SCENARIOS)}")
@@ -90,18 +79,9 @@ def battery(
     return test_contract
 
 
-def check(
-    filter: str | type[Filter],
-    scenario: str,
-    *,
-    settings: Mapping[str, Any] | None = None,
-    extra: Mapping[str, Any] | None = None,
-    request_headers: Mapping[str, str] | None = None,
-    config: Mapping[str, Any] | None = None,
-    block_threshold: float = 0.1,
-    plugins: list[str] | None = None,
-) -> None:
-    """Run one scenario against ``filter``; raise ContractViolation if a rule broke."""
+def check(filter: str | type[Filter], scenario: str, **options) -> None:
+    """Run one scenario against ``filter`` (``options``: ``Options``' keywords,
+    as for ``battery``); raise ContractViolation if a rule broke."""
     if scenario not in SCENARIOS:
         raise ValueError(f"unknown scenario {scenario!r}; scenarios: {', '.join(SCENARIOS)}")
-    _run(_spec(filter, settings, extra, request_headers, config, block_threshold, plugins), scenario)
+    _run(_Spec(filter, Options(**options)), scenario)

@@ -95,7 +95,7 @@ def verdict(run: _Run, errors: list[str]) -> None:
     if run.steps is not None:
         for took, cpu, task in run.steps.slow[:3]:
             run.violate(BLOCKED, f"a step of task {task!r} took {took * 1000:.0f} ms, {cpu * 1000:.0f} ms "
-                                 f"of it on the CPU (block_threshold {run.spec.block_threshold * 1000:.0f} ms)")
+                                 f"of it on the CPU (block_threshold {run.spec.options.block_threshold * 1000:.0f} ms)")
     exchanges = len(rec.exchanges) - run.exchanges_before
     if exchanges >= 10:
         for attr, size in run.sizes.items():

@@ -58,7 +58,7 @@ def _chain(cls: type[Filter]) -> list[str]:
 
 
 def _config(spec: _Spec, cls: type[Filter], origin: Origin, refused: int) -> dict:
-    user = dict(spec.config or {})
+    user = dict(spec.options.config or {})
     routes = [
         {"match": {"prefix": _PREFIX + "timeout"}, "cluster": "origin", "timeout": 0.3},
         {"match": {"prefix": _PREFIX + "refused"}, "cluster": "refused"},
@@ -71,7 +71,7 @@ def _config(spec: _Spec, cls: type[Filter], origin: Origin, refused: int) -> dic
             "refused": {"endpoints": [f"127.0.0.1:{refused}"]},
         },
         "routes": routes,
-        "filters": {spec.name: dict(spec.settings)} if spec.settings else {},
+        "filters": {spec.name: dict(spec.options.settings)} if spec.options.settings else {},
         "server": {"drain_timeout": 3.0},
     }
     return merged(base, user)
@@ -154,7 +154,7 @@ class _Run:
             self.later.append(warmed)
             self.baseline = self._sizes()
             self.exchanges_before = len(self.recorder.exchanges)
-            self.steps = _Steps(self.spec.block_threshold, trio.lowlevel.current_task())
+            self.steps = _Steps(self.spec.options.block_threshold, trio.lowlevel.current_task())
             trio.lowlevel.add_instrument(self.steps)
             try:
                 await SCENARIOS[self.scenario](self)
@@ -172,7 +172,7 @@ class _Run:
     async def _proxy(self, config: dict, extra: dict, task_status=trio.TASK_STATUS_IGNORED) -> None:
         try:
             with self._proxy_scope:
-                async with serve(config, plugins=self.spec.plugins, extra=extra) as proxy:
+                async with serve(config, plugins=self.spec.options.plugins, extra=extra) as proxy:
                     task_status.started(proxy.address)
                     await self._stop.wait()
         finally:
@@ -198,7 +198,7 @@ class _Run:
     # -- clients ---------------------------------------------------------
 
     def headers(self, *more: tuple[str, str]) -> list[tuple[str, str]]:
-        return [("host", "contract.test"), *self.spec.request_headers, *more]
+        return [("host", "contract.test"), *self.spec.options.request_headers, *more]
 
     async def request(
         self, method: str, target: str, body: bytes | list[bytes] = b"", *,

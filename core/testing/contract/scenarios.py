@@ -303,7 +303,7 @@ async def _numbered(run: _Run, kind: str, count: int, limits: Any = None) -> Non
         try:
             answers[i] = await client.post(
                 f"{prefix}{i}", content=f"exchange {i}\n".encode(),
-                headers={**dict(run.spec.request_headers), "x-contract-id": str(i)})
+                headers={**dict(run.spec.options.request_headers), "x-contract-id": str(i)})
         except httpx.HTTPError as exc:
             answers[i] = exc
 
