@@ -6,7 +6,9 @@ start their own, so that the others never see it go.
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -223,3 +225,59 @@ async def test_compacted_error_type_on_a_compacted_read(etcd_server, etcd_prefix
         await etcd.compact(latest)
         with pytest.raises(EtcdCompacted):
             await etcd._call("/v3/kv/range", {"key": "YQ==", "revision": str(early)})
+
+
+async def test_a_lease_revoked_elsewhere_interrupts_its_block(etcd_server, etcd_prefix):
+    async with EtcdClient(etcd_server.url) as etcd:
+        with trio.fail_after(DEADLINE), pytest.RaisesGroup(LeaseExpired):
+            async with etcd.lease(2) as lease:
+                await etcd.put(etcd_prefix + "me", b"here", lease=lease.id)
+                await etcd.lease_revoke(lease.id)  # as etcd does when the TTL runs out unrefreshed
+                await trio.sleep_forever()  # the next keepalive (within TTL/3) ends this
+        assert await etcd.get(etcd_prefix + "me") is None
+
+
+async def fake_gateway(nursery, answers: list[bytes]) -> str:
+    """An HTTP server that answers the n-th request with ``answers[n]`` (the last one repeats),
+    then closes: what a broken gateway or a stranger on etcd's port might send."""
+    requests = []
+
+    async def answer(stream):
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += await stream.receive_some(65536)
+        head, _, body = received.partition(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+        while len(body) < length:  # all of it: closing on unread bytes would reset the connection
+            body += await stream.receive_some(65536)
+        requests.append(received)
+        body = answers[min(len(requests), len(answers)) - 1]
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-type: application/json\r\n\r\n" + body)
+        await stream.aclose()
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, answer, 0, host="127.0.0.1"))
+    return f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+
+
+async def test_malformed_answers_are_request_errors(nursery):
+    url = await fake_gateway(nursery, [b'{"header": {}, "kvs": [{"key": "!!not base64!!"}]}', b"<html>oops</html>",
+                                       b'{"header": {"revision": "twelve"}}', b"[1, 2]"])
+    async with EtcdClient(url, timeout=2) as etcd:
+        with pytest.raises(EtcdRequestError, match="malformed answer"):
+            await etcd.get_prefix("/x/")
+        with pytest.raises(EtcdRequestError, match="not JSON"):
+            await etcd.get_prefix("/x/")
+        with pytest.raises(EtcdRequestError, match="malformed answer"):
+            await etcd.put("/x", "y")
+        with pytest.raises(EtcdRequestError):
+            await etcd.put("/x", "y")
+
+
+async def test_a_watch_outlives_garbage_on_its_stream(nursery):
+    good = (b'{"result": {"header": {"revision": "7"}, "created": true}}\n'
+            b'{"result": {"header": {"revision": "8"}, "events": [{"kv": {"key": "L2EvYg==", "value": "MQ==",'
+            b' "mod_revision": "8"}}]}}\n')
+    url = await fake_gateway(nursery, [b"this is not json\n", b'{"result": {"events": [{"kv": 5}]}}\n', good])
+    async with EtcdClient(url, timeout=2) as etcd, etcd.watch_prefix("/a/", start_revision=5) as updates:
+        update = await next_update(updates)
+        assert update == Events(8, [update.events[0]]) and update.events[0].kv.key == b"/a/b"

@@ -9,16 +9,17 @@ becomes ``EtcdUnavailable``; an error etcd answers becomes ``EtcdRequestError`` 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import structlog
 import trio
 
-from .codec import KeyValue, b64, integer, key_value, prefix_end
-from .errors import EtcdRequestError, EtcdUnavailable, LeaseExpired, raise_for_error
+from .codec import KeyValue, b64, integer, key_value, prefix_end, revision_of
+from .errors import EtcdRequestError, EtcdUnavailable, LeaseExpired, malformed, raise_for_error
 from .watch import watch_prefix
 
 __all__ = ["EtcdClient", "Lease"]
@@ -32,6 +33,10 @@ class Lease:
 
     id: int
     ttl: int
+
+
+def _deleted(data: dict) -> int:
+    return integer(data.get("deleted"))
 
 
 def _raw(data: bytes | str) -> bytes:
@@ -62,7 +67,8 @@ class EtcdClient:
 
     # --- requests --------------------------------------------------------------
 
-    async def _call(self, path: str, body: dict) -> dict:
+    async def _call(self, path: str, body: dict, parse: Callable[[dict], Any] = dict) -> Any:
+        """POST ``body`` to ``path``; ``parse(answer)``, with a malformed answer an ``EtcdRequestError``."""
         try:
             with trio.fail_after(self.timeout):
                 answer = await self._http.post(path, json=body)
@@ -76,9 +82,10 @@ class EtcdClient:
             raise EtcdRequestError(f"{path}: not JSON: {answer.text[:200]!r}", status=answer.status_code) from None
         if answer.status_code != 200 or not isinstance(data, dict) or "error" in data:
             raise_for_error(answer.status_code, data if isinstance(data, dict) else {})
-        return data
+        with malformed(path):
+            return parse(data)
 
-    async def _first_of_stream(self, path: str, body: dict) -> dict:
+    async def _first_of_stream(self, path: str, body: dict, parse: Callable[[dict], Any]) -> Any:
         """The first message of a streaming endpoint (then the stream is closed)."""
         try:
             with trio.fail_after(self.timeout):
@@ -95,38 +102,38 @@ class EtcdClient:
             raise EtcdUnavailable(f"{self.url}{path}: {error!r}") from error
         except ValueError:
             raise EtcdRequestError(f"{path}: not JSON") from None
-        if "error" in data or answer.status_code != 200:
-            raise_for_error(answer.status_code, data)
-        return data.get("result", data)
+        if not isinstance(data, dict) or "error" in data or answer.status_code != 200:
+            raise_for_error(answer.status_code, data if isinstance(data, dict) else {})
+        with malformed(path):
+            return parse(data.get("result", data))
 
     # --- keys --------------------------------------------------------------------
 
     async def get_prefix(self, prefix: bytes | str) -> tuple[int, list[KeyValue]]:
         """Every key under ``prefix`` and the store's revision they were read at."""
         raw = _raw(prefix)
-        data = await self._call("/v3/kv/range", {"key": b64(raw), "range_end": b64(prefix_end(raw))})
-        return integer(data["header"].get("revision")), [key_value(kv) for kv in data.get("kvs", ())]
+        return await self._call("/v3/kv/range", {"key": b64(raw), "range_end": b64(prefix_end(raw))},
+                                lambda data: (revision_of(data), [key_value(kv) for kv in data.get("kvs", ())]))
 
     async def get(self, key: bytes | str) -> KeyValue | None:
-        data = await self._call("/v3/kv/range", {"key": b64(key)})
-        kvs = data.get("kvs", ())
-        return key_value(kvs[0]) if kvs else None
+        return await self._call("/v3/kv/range", {"key": b64(key)},
+                                lambda data: key_value(data["kvs"][0]) if data.get("kvs") else None)
 
     async def put(self, key: bytes | str, value: bytes | str, *, lease: int = 0) -> int:
         """Set ``key``; the store's revision after the write."""
         body = {"key": b64(key), "value": b64(value)}
         if lease:
             body["lease"] = str(lease)
-        return integer((await self._call("/v3/kv/put", body))["header"].get("revision"))
+        return await self._call("/v3/kv/put", body, revision_of)
 
     async def delete(self, key: bytes | str) -> int:
         """Delete ``key``; how many keys were deleted (0 or 1)."""
-        return integer((await self._call("/v3/kv/deleterange", {"key": b64(key)})).get("deleted"))
+        return await self._call("/v3/kv/deleterange", {"key": b64(key)}, _deleted)
 
     async def delete_prefix(self, prefix: bytes | str) -> int:
         raw = _raw(prefix)
         body = {"key": b64(raw), "range_end": b64(prefix_end(raw))}
-        return integer((await self._call("/v3/kv/deleterange", body)).get("deleted"))
+        return await self._call("/v3/kv/deleterange", body, _deleted)
 
     async def compact(self, revision: int, *, physical: bool = True) -> None:
         """Drop the history before ``revision`` (watches from before it must resync)."""
@@ -135,15 +142,15 @@ class EtcdClient:
     # --- leases ------------------------------------------------------------------
 
     async def lease_grant(self, ttl: int) -> Lease:
-        data = await self._call("/v3/lease/grant", {"TTL": str(ttl)})
-        return Lease(integer(data["ID"]), integer(data.get("TTL")))
+        return await self._call("/v3/lease/grant", {"TTL": str(ttl)},
+                                lambda data: Lease(integer(data["ID"]), integer(data.get("TTL"))))
 
     async def lease_keepalive_once(self, lease_id: int) -> int:
         """Refresh the lease; its TTL again. ``LeaseExpired`` if it is gone."""
         # /v3/lease/keepalive is a bidirectional stream in gRPC; through the gateway one
         # request gets one answer on a stream that stays open, so read one and close it.
-        data = await self._first_of_stream("/v3/lease/keepalive", {"ID": str(lease_id)})
-        ttl = integer(data.get("TTL"))
+        ttl = await self._first_of_stream("/v3/lease/keepalive", {"ID": str(lease_id)},
+                                          lambda data: integer(data.get("TTL")))
         if ttl <= 0:
             raise LeaseExpired(f"lease {lease_id:x} has expired")
         return ttl

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 from dataclasses import dataclass
 
-__all__ = ["KeyValue", "b64", "from_b64", "integer", "key_value", "prefix_end"]
+__all__ = ["KeyValue", "b64", "from_b64", "integer", "key_value", "prefix_end", "revision_of"]
 
 
 def b64(data: bytes | str) -> str:
@@ -19,7 +19,7 @@ def b64(data: bytes | str) -> str:
 
 
 def from_b64(text: str | None) -> bytes:
-    return base64.b64decode(text) if text else b""
+    return base64.b64decode(text, validate=True) if text else b""  # binascii.Error is a ValueError
 
 
 def integer(value: str | int | None) -> int:
@@ -55,3 +55,8 @@ def key_value(kv: dict) -> KeyValue:
                     create_revision=integer(kv.get("create_revision")),
                     mod_revision=integer(kv.get("mod_revision")),
                     version=integer(kv.get("version")), lease=integer(kv.get("lease")))
+
+
+def revision_of(answer: dict) -> int:
+    """The store's revision in an answer's header."""
+    return integer(answer.get("header", {}).get("revision"))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["EtcdCompacted", "EtcdError", "EtcdRequestError", "EtcdUnavailable", "LeaseExpired", "raise_for_error"]
+from contextlib import contextmanager
+
+__all__ = ["EtcdCompacted", "EtcdError", "EtcdRequestError", "EtcdUnavailable", "LeaseExpired", "malformed", "raise_for_error"]
 
 
 class EtcdError(Exception):
@@ -46,3 +48,13 @@ def raise_for_error(status: int, body: dict) -> None:
     if code == 11 and "compacted" in message:
         raise EtcdCompacted()
     raise EtcdRequestError(message, code, status)
+
+
+@contextmanager
+def malformed(where: str):
+    """Turn an answer that is not what the gateway sends (a missing field, a number or base64
+    that does not parse) into ``EtcdRequestError``, instead of a KeyError deep in a caller."""
+    try:
+        yield
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError) as error:
+        raise EtcdRequestError(f"{where}: malformed answer ({type(error).__name__}: {error})") from None

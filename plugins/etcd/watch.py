@@ -31,8 +31,8 @@ import httpx
 import structlog
 import trio
 
-from .codec import KeyValue, b64, integer, key_value, prefix_end
-from .errors import EtcdCompacted, EtcdRequestError, EtcdUnavailable, raise_for_error
+from .codec import KeyValue, b64, integer, key_value, prefix_end, revision_of
+from .errors import EtcdCompacted, EtcdRequestError, EtcdUnavailable, malformed, raise_for_error
 
 __all__ = ["Event", "Events", "Resync", "watch_prefix"]
 
@@ -136,18 +136,19 @@ class _Watcher:
                     message = _json(line)
                     if "error" in message:
                         raise_for_error(200, message)
-                    result = message.get("result", {})
-                    if result.get("compact_revision") and result.get("canceled"):
-                        raise EtcdCompacted(integer(result["compact_revision"]))
-                    if result.get("canceled"):
-                        raise EtcdRequestError(result.get("cancel_reason") or "watch canceled by etcd")
-                    if result.get("created"):
-                        created = True
-                        if self._next is None:
-                            self._next = integer(result["header"].get("revision")) + 1
-                    if events := result.get("events"):
+                    with malformed("/v3/watch"):
+                        result = message.get("result", {})
+                        if result.get("compact_revision") and result.get("canceled"):
+                            raise EtcdCompacted(integer(result["compact_revision"]))
+                        if result.get("canceled"):
+                            raise EtcdRequestError(result.get("cancel_reason") or "watch canceled by etcd")
+                        if result.get("created"):
+                            created = True
+                            if self._next is None:
+                                self._next = revision_of(result) + 1
                         batch = [Event("delete" if e.get("type") == "DELETE" else "put", key_value(e["kv"]))
-                                 for e in events]
+                                 for e in result.get("events") or ()]
+                    if batch:
                         revision = batch[-1].kv.mod_revision
                         await send.send(Events(revision, batch))
                         self._next = revision + 1
