@@ -85,6 +85,7 @@ class Registration:
     data: bytes
     sequence: bool
     path: str = ""
+    session: int | None = None  # the session that created the node, and whose end deletes it
 
 
 class ZooKeeper:
@@ -143,8 +144,10 @@ class ZooKeeper:
 
     async def _recover(self) -> None:
         """After an expiry: re-create the registrations, re-read the watches, then say so."""
+        session = self.kazoo.client_id[0] if self.kazoo.client_id else None
         for registration in list(self._registrations):
-            while registration in self._registrations:
+            # One made in this session already (register() ran after the reconnect) is alive.
+            while registration in self._registrations and registration.session != session:
                 try:
                     await self._create_registration(registration)
                     break
@@ -210,8 +213,10 @@ class ZooKeeper:
 
     async def _create_registration(self, registration: Registration) -> None:
         try:
+            session = self.kazoo.client_id[0] if self.kazoo.client_id else None
             registration.path = await self.create(registration.prefix, registration.data, ephemeral=True,
                                                   sequence=registration.sequence)
+            registration.session = session
         except NodeExistsError:
             # Not sequential, and a node of a session that is expiring holds the name: it
             # cannot be ours (ours died with the old session), so wait for it to go.
