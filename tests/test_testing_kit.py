@@ -368,6 +368,18 @@ async def test_run_filter_runs_no_body_phase_for_a_response_without_a_body(path,
     assert run.completed == 1
 
 
+async def test_run_filter_a_buffered_response_goes_without_its_trailers_as_in_the_proxy():
+    """A whole body goes with its Content-Length, which trailers cannot follow; streamed, they pass."""
+    trailers = {"x-done": "yes"}
+    whole = await run_filter(CountsBodies, request=("GET", "/buffer", []), response_body=[b"h", b"i"],
+                             response_trailers=trailers)
+    assert (whole.response_body, whole.response.headers.get("content-length")) == (b"HI", "2")
+    assert whole.response_trailers is None
+    streamed = await run_filter(CountsBodies, request=("GET", "/stream", []), response_body=[b"h", b"i"],
+                                response_trailers=trailers)
+    assert streamed.response_trailers.get("x-done") == "yes"
+
+
 async def test_run_filter_local_replies_from_body_and_trailers():
     too_many = await run_filter(Upper, {"limit": 1}, request=("POST", "/x", []), body=[b"a", b"b"])
     assert too_many.local_reply.status == 413 and too_many.response.status == 413

@@ -314,7 +314,7 @@ async def _response(chain: Chain, run: FilterRun, client: _Client, response: Res
             response.headers.set(b"content-length", str(len(whole)).encode())
         await client.send_response(response)
         await client.send_body(whole)
-        await client.send_end(trailers)
+        await client.send_end(None)  # trailers cannot follow a Content-Length body: the proxy drops them
         return
     await client.send_response(response)
     phases = chain.response_body
