@@ -182,7 +182,7 @@ async def test_endpoints_appear_and_one_leaving_drains_its_request_in_flight(dns
             await until(lambda: gone.active == 1)
             dns_server.set("app.test", "A", ["127.0.0.1", "127.0.0.2"])
             await until(lambda: addresses(proxy) == {a.address, b.address})
-            assert cluster.endpoints[0] is gone  # it stayed: the same endpoint
+            assert gone in cluster.endpoints  # it stayed: the same endpoint (by identity)
             dns_server.set("app.test", "A", ["127.0.0.2"])
             await until(lambda: addresses(proxy) == {b.address})
             assert cluster.draining == [gone]
@@ -222,7 +222,7 @@ async def test_the_ttl_drives_the_refresh_within_its_floor_and_ceiling(dns_serve
         changed_at = trio.current_time()
         dns_server.set("_http._tcp.app.test", "SRV", [f"10 1 {b.port} b.test."], ttl=1)
         await until(lambda: addresses(proxy) == {b.address}, timeout=3)
-        assert trio.current_time() - changed_at <= 1.5  # within ~TTL
+        assert trio.current_time() - changed_at <= 1.8  # within ~TTL (1 s) and a lookup
         # a TTL of 0 is held to the floor (min_ttl): no busy loop of queries
         dns_server.set("_http._tcp.app.test", "SRV", [f"10 1 {b.port} b.test."], ttl=0)
         await trio.sleep(1.2)  # (the refresh rhythm is what is measured)
