@@ -7,6 +7,7 @@ start their own, so that the others never see it go.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import signal
@@ -19,15 +20,17 @@ import pytest
 import trio
 
 from sluice.plugins.etcd import (
+    Disconnected,
     EtcdClient,
     EtcdCompacted,
     EtcdRequestError,
     EtcdUnavailable,
     Events,
     LeaseExpired,
+    Reconnected,
     Resync,
 )
-from sluice.plugins.etcd.codec import prefix_end
+from sluice.plugins.etcd.codec import b64, prefix_end
 
 from .servers import free_port
 from .servers.etcd import etcd_server_process
@@ -151,6 +154,7 @@ async def test_watch_survives_an_etcd_restart_without_missing_a_write(tmp_path):
                 await trio.to_thread.run_sync(server.stop)
                 with pytest.raises(EtcdUnavailable):
                     await etcd.put("/svc/b", b"while down")
+                assert isinstance(await next_update(updates), Disconnected)  # told once, not per retry
                 await trio.to_thread.run_sync(hidden.start)
                 async with EtcdClient(hidden.url, timeout=2) as writer:
                     await writer.put("/svc/b", b"during 1")
@@ -160,6 +164,7 @@ async def test_watch_survives_an_etcd_restart_without_missing_a_write(tmp_path):
                     assert await updates.receive() is None, "an update with etcd down"
                 await trio.to_thread.run_sync(server.start)  # same ports, same data
                 await etcd.put("/svc/c", b"after")
+                assert await next_update(updates) == Reconnected()
                 seen = []
                 while len(seen) < 3:
                     seen += [(e.type, e.kv.key, e.kv.value) for e in (await next_update(updates)).events]
@@ -279,5 +284,42 @@ async def test_a_watch_outlives_garbage_on_its_stream(nursery):
             b' "mod_revision": "8"}}]}}\n')
     url = await fake_gateway(nursery, [b"this is not json\n", b'{"result": {"events": [{"kv": 5}]}}\n', good])
     async with EtcdClient(url, timeout=2) as etcd, etcd.watch_prefix("/a/", start_revision=5) as updates:
+        assert "not JSON" in (await next_update(updates)).reason  # Disconnected, once for both failures
+        assert await next_update(updates) == Reconnected()
         update = await next_update(updates)
         assert update == Events(8, [update.events[0]]) and update.events[0].kv.key == b"/a/b"
+
+
+async def test_a_mirror_holds_the_whole_prefix_after_each_change(etcd_server, etcd_prefix):
+    async with EtcdClient(etcd_server.url) as etcd:
+        await etcd.put(etcd_prefix + "a", b"1")
+        async with etcd.mirror_prefix(etcd_prefix) as states:
+            def content(state):
+                return {key.decode()[len(etcd_prefix):]: kv.value for key, kv in state.kvs.items()}
+
+            first = await next_update(states)
+            assert content(first) == {"a": b"1"} and not first.resynced and first.stale is None
+            await etcd.put(etcd_prefix + "b", b"2")
+            assert content(await next_update(states)) == {"a": b"1", "b": b"2"}
+            deleted = await etcd.delete(etcd_prefix + "a")
+            state = await next_update(states)
+            assert content(state) == {"b": b"2"} and deleted == 1
+
+
+async def test_a_mirror_is_rebuilt_after_a_compaction_and_says_when_it_is_stale(nursery):
+    def kv(key: bytes, value: bytes, revision: int) -> str:
+        return json.dumps({"key": b64(key), "value": b64(value), "mod_revision": str(revision)})
+
+    url = await fake_gateway(nursery, [
+        f'{{"header": {{"revision": "5"}}, "kvs": [{kv(b"/p/a", b"1", 4)}, {kv(b"/p/b", b"2", 5)}]}}'.encode(),
+        b'{"result": {"header": {}, "created": true}}\n{"result": {"canceled": true, "compact_revision": "8"}}\n',
+        f'{{"header": {{"revision": "9"}}, "kvs": [{kv(b"/p/c", b"3", 9)}]}}'.encode(),
+        b"garbage\n",
+    ])
+    async with EtcdClient(url, timeout=2) as etcd, etcd.mirror_prefix("/p/") as states:
+        first = await next_update(states)
+        assert (first.revision, sorted(first.kvs)) == (5, [b"/p/a", b"/p/b"])
+        rebuilt = await next_update(states)
+        assert (rebuilt.revision, sorted(rebuilt.kvs), rebuilt.resynced) == (9, [b"/p/c"], True)
+        stale = await next_update(states)
+        assert stale.kvs == rebuilt.kvs and "not JSON" in stale.stale

@@ -26,7 +26,10 @@ The public names::
     async with EtcdClient("http://127.0.0.1:2379", timeout=5) as etcd:
         revision, kvs = await etcd.get_prefix("/services/api/")
         async with etcd.watch_prefix("/services/api/", start_revision=revision + 1) as updates:
-            async for update in updates:          # Events | Resync
+            async for update in updates:          # Events | Resync | Disconnected | Reconnected
+                ...
+        async with etcd.mirror_prefix("/services/api/") as states:
+            async for state in states:            # PrefixState: every key, after each change
                 ...
         async with etcd.lease(ttl=10) as lease:   # kept alive, revoked at the end
             await etcd.put("/services/api/me", b"{...}", lease=lease.id)
@@ -37,9 +40,10 @@ from __future__ import annotations
 from .client import EtcdClient, Lease
 from .codec import KeyValue
 from .errors import EtcdCompacted, EtcdError, EtcdRequestError, EtcdUnavailable, LeaseExpired
-from .watch import Event, Events, Resync
+from .mirror import PrefixState
+from .watch import Disconnected, Event, Events, Reconnected, Resync
 
 __all__ = [
-    "EtcdClient", "EtcdCompacted", "EtcdError", "EtcdRequestError", "EtcdUnavailable", "Event", "Events",
-    "KeyValue", "Lease", "LeaseExpired", "Resync",
+    "Disconnected", "EtcdClient", "EtcdCompacted", "EtcdError", "EtcdRequestError", "EtcdUnavailable", "Event",
+    "Events", "KeyValue", "Lease", "LeaseExpired", "PrefixState", "Reconnected", "Resync",
 ]

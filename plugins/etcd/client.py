@@ -20,6 +20,7 @@ import trio
 
 from .codec import KeyValue, b64, integer, key_value, prefix_end, revision_of
 from .errors import EtcdRequestError, EtcdUnavailable, LeaseExpired, malformed, raise_for_error
+from .mirror import mirror_prefix
 from .watch import watch_prefix
 
 __all__ = ["EtcdClient", "Lease"]
@@ -209,5 +210,10 @@ class EtcdClient:
         """
         return watch_prefix(self, _raw(prefix), start_revision=start_revision,
                             idle_timeout=idle_timeout, max_backoff=max_backoff)
+
+    def mirror_prefix(self, prefix: bytes | str, **options):
+        """``async with etcd.mirror_prefix(prefix) as states: async for state in states``: the whole
+        prefix after every change (``sluice.plugins.etcd.mirror``)."""
+        return mirror_prefix(self, _raw(prefix), **options)
 
 

@@ -18,6 +18,10 @@ Rules:
   prefix and delivers ``Resync(revision, kvs)``, which replaces everything the caller knew,
   then watches on from the revision after it. The caller is told by the type.
 - With ``start_revision=None`` the watch starts now (no replay).
+- When a watch cannot be established again (etcd is down, or answers garbage), the caller
+  gets ``Disconnected(reason)``, once per outage, and ``Reconnected()`` when it is back (the
+  changes made meanwhile follow as ``Events``). A stream that ends and is re-established at
+  once (an idle timeout, a proxy's cut) is not reported.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import trio
 from .codec import KeyValue, b64, integer, key_value, prefix_end, revision_of
 from .errors import EtcdCompacted, EtcdRequestError, EtcdUnavailable, malformed, raise_for_error
 
-__all__ = ["Event", "Events", "Resync", "watch_prefix"]
+__all__ = ["Disconnected", "Event", "Events", "Reconnected", "Resync", "watch_prefix"]
 
 log = structlog.get_logger("sluice.etcd")
 
@@ -63,6 +67,18 @@ class Resync:
     kvs: list[KeyValue] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class Disconnected:
+    """The watch could not be re-established: the caller's view may be going stale."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reconnected:
+    """The watch is established again after a ``Disconnected``; nothing was missed."""
+
+
 @asynccontextmanager
 async def watch_prefix(client, prefix: bytes, *, start_revision: int | None, idle_timeout: float,
                        max_backoff: float) -> AsyncIterator[trio.MemoryReceiveChannel]:
@@ -82,14 +98,15 @@ class _Watcher:
         self._next = start_revision  # the first revision not yet delivered
         self._idle_timeout = idle_timeout
         self._max_backoff = max_backoff
+        self._created = False  # whether the current attempt's watch was created
+        self._down = False  # whether Disconnected was sent and Reconnected not yet
 
     async def run(self, send: trio.MemorySendChannel) -> None:
         backoff = 0.05
         async with send:
             while True:
                 try:
-                    if await self._watch_once(send):
-                        backoff = 0.05
+                    await self._watch_once(send)
                     reason = "stream ended"
                 except EtcdCompacted:
                     try:
@@ -104,17 +121,24 @@ class _Watcher:
                         continue
                 except (EtcdUnavailable, EtcdRequestError) as error:
                     reason = str(error)
+                if self._created:
+                    backoff = 0.05
+                elif not self._down:
+                    self._down = True
+                    log.warning("etcd.watch.disconnected", prefix=self._prefix.decode(errors="replace"),
+                                reason=reason)
+                    await send.send(Disconnected(reason))
                 log.info("etcd.watch.reconnecting", prefix=self._prefix.decode(errors="replace"),
                          from_revision=self._next, reason=reason, backoff=backoff)
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, self._max_backoff)
 
-    async def _watch_once(self, send: trio.MemorySendChannel) -> bool:
-        """One watch stream, until it ends; whether it was created (a healthy connection)."""
+    async def _watch_once(self, send: trio.MemorySendChannel) -> None:
+        """One watch stream, until it ends (``_created`` says whether etcd accepted it)."""
         create = {"key": b64(self._prefix), "range_end": b64(prefix_end(self._prefix))}
         if self._next is not None:
             create["start_revision"] = str(self._next)
-        created = False
+        self._created = False
         http: httpx.AsyncClient = self._client._http
         try:
             with trio.fail_after(self._client.timeout):
@@ -130,7 +154,7 @@ class _Watcher:
                     with trio.move_on_after(self._idle_timeout) as idle:
                         line = await anext(lines, None)
                     if idle.cancelled_caught or line is None:
-                        return created
+                        return
                     if not line.strip():
                         continue
                     message = _json(line)
@@ -143,11 +167,15 @@ class _Watcher:
                         if result.get("canceled"):
                             raise EtcdRequestError(result.get("cancel_reason") or "watch canceled by etcd")
                         if result.get("created"):
-                            created = True
+                            self._created = True
                             if self._next is None:
                                 self._next = revision_of(result) + 1
                         batch = [Event("delete" if e.get("type") == "DELETE" else "put", key_value(e["kv"]))
                                  for e in result.get("events") or ()]
+                    if self._created and self._down:
+                        self._down = False
+                        log.info("etcd.watch.reconnected", prefix=self._prefix.decode(errors="replace"))
+                        await send.send(Reconnected())
                     if batch:
                         revision = batch[-1].kv.mod_revision
                         await send.send(Events(revision, batch))
