@@ -308,11 +308,20 @@ async def test_a_reload_keeps_an_unchanged_clusters_source_running(start_origin)
         assert await reload(app)
         assert app.discoveries["app"] is discovery and Manual.running["app"] is source and source.runs == 1
         assert len(app.clusters["app"].endpoints) == 1
-        changed = cfg(label="other")
+        # the cluster changes, its discovery settings do not: the set found so far serves on
+        # until the new source's first snapshot (no 503 in between)
+        timeouts = cfg({"connect_timeout": 2})
+        app.reload_source = lambda: parse(timeouts)
+        assert await reload(app)
+        assert [e.address for e in app.clusters["app"].endpoints] == [a.address]
+        assert app.discoveries["app"] is not discovery and app.discoveries["app"].ready.is_set()
+        async with httpx.AsyncClient(base_url=proxy.url) as client:
+            assert (await client.get("/")).text == "a"
+        await until(lambda: Manual.running["app"] is not source)  # a changed cluster: a new source
+        changed = cfg(label="other")  # another source's settings: nothing carried over
         app.reload_source = lambda: parse(changed)
         assert await reload(app)
-        await until(lambda: Manual.running["app"] is not source)  # a changed cluster: a new source
-        assert app.discoveries["app"] is not discovery
+        assert app.clusters["app"].endpoints == []
 
 
 # -- balancers following -------------------------------------------------------------------

@@ -150,6 +150,9 @@ class App:
         if policy_name not in self.plugins.balancers:
             raise self.plugins.missing("balancers", policy_name, f"{where}.policy")
         endpoints = [Endpoint(*parse_hostport(e.address), weight=e.weight) for e in cfg.endpoints]
+        carried = self._discovered(name, cfg)
+        if carried is not None:
+            endpoints = carried
         policy, plugin = self.plugins.balancers[policy_name]
         settings = validate(policy.Config, cfg.policy.settings, f"{where}.policy")
         try:
@@ -199,7 +202,21 @@ class App:
         )
         if cfg.discovery is not None:
             self.discoveries[name] = self._discovery(cluster, cfg.discovery, f"{where}.discovery")
+            if carried is not None:
+                self.discoveries[name].ready.set()
         return cluster
+
+    def _discovered(self, name: str, cfg) -> list[Endpoint] | None:
+        """For a cluster a reload changed but whose discovery settings it kept: the
+        endpoints its source found so far (new objects, as any changed cluster's),
+        so that it serves them until the new source's first snapshot rather than
+        answering 503 meanwhile. None otherwise."""
+        previous = self._previous
+        old = previous.config.clusters.get(name) if previous is not None else None
+        if cfg.discovery is None or old is None or old.discovery != cfg.discovery:
+            return None
+        return [Endpoint(e.host, e.port, weight=e.weight, zone=e.zone, metadata=e.metadata)
+                for e in previous.clusters[name].endpoints]
 
     def _discovery(self, cluster: Cluster, cfg, where: str) -> Discovery:
         """The cluster's source, built and validated (``sluice.upstream.discovery``)."""

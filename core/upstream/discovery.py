@@ -52,6 +52,13 @@ Until the first snapshot the cluster has no endpoint and answers 503 (flag
 UH); a worker waits up to ``initial_timeout`` for every cluster's first
 snapshot before its listeners accept, then serves anyway (``discovery not
 ready`` is logged).
+
+**Reload.** An unchanged cluster is the same object and its source runs
+on. A changed one gets a new source; when its ``discovery`` table is the
+same, it starts from the endpoints found so far (new objects, as for any
+changed cluster) and serves them until the new source's first snapshot,
+rather than answering 503 meanwhile. A reload does not wait for a first
+snapshot.
 """
 
 from __future__ import annotations
