@@ -3,6 +3,9 @@
 Watches as snapshots, ephemeral sequential registrations, a session expiry recovered
 (forced the way kazoo's own tests force it: a second client takes over the session and
 closes it), and a reconnect after the server restarts (on a server of the test's own).
+Stopping the server for longer than the session timeout would not force an expiry: a
+restarted ZooKeeper gives the sessions it loads a fresh timeout, and the client's reconnect
+keeps its session (tried: 3 s down with a 1 s session, then ``reconnected``).
 """
 
 from __future__ import annotations
