@@ -15,7 +15,7 @@ from sluice.control.admin import Admin
 from sluice.control.config import parse
 from sluice.control.reload import reload
 from sluice.plugins.balancer import Ewma
-from sluice.plugins.hashing import RingHash
+from sluice.plugins.hashing import Maglev, RingHash
 from sluice.testing import serve
 from sluice.upstream.cluster import SUCCESS, Attempt, Endpoint
 from sluice.upstream.discovery import DiscoveryConfig, DiscoverySource, EndpointSpec
@@ -274,7 +274,7 @@ async def test_health_checks_follow_the_endpoint_set(start_origin):
     a = await start_origin(named("a"))
     b = await start_origin(named("b"))
     check = {"health_check": {"path": "/health", "interval": 0.05, "jitter": 0, "timeout": 0.04}}
-    async with serve(cfg(check), plugins=PLUGINS, extra=EXTRA) as proxy:
+    async with serve(cfg(check), plugins=PLUGINS, extra=EXTRA):
         source = Manual.running["app"]
         source.updates.update([spec(a)])
 
@@ -288,7 +288,6 @@ async def test_health_checks_follow_the_endpoint_set(start_origin):
         settled = probes(a)
         await until(lambda: probes(b) >= 6)  # b probed a few more times; a no more
         assert probes(a) <= settled + 1  # (one probe may have been on its way)
-        del proxy
 
 
 async def test_a_reload_keeps_an_unchanged_clusters_source_running(start_origin):
@@ -373,3 +372,12 @@ async def test_the_cluster_policy_hears_the_change_and_weights_reach_it(start_or
         async with httpx.AsyncClient(base_url=proxy.url) as client:
             seen = [(await client.get("/")).text for _ in range(8)]
         assert seen.count("a") == 6 and seen.count("b") == 2
+
+
+def test_maglev_rebuilds_its_table_over_the_new_endpoints():
+    eps = _endpoints(3)
+    policy = Maglev(eps, Maglev.Config(table_size=1009))
+    assert {policy.endpoints[i] for i in policy._owners} == set(eps)
+    policy.endpoints_changed([eps[0], eps[2]])
+    assert {policy.endpoints[i] for i in policy._owners} == {eps[0], eps[2]}
+    assert len(policy._owners) == 1009

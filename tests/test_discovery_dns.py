@@ -277,3 +277,15 @@ async def test_garbage_and_servfail_keep_the_set_and_nxdomain_empties_it(dns_ser
     assert any("SERVFAIL" in error for error in failed), failed
     emptied = [e for e in logs if e["event"] == "endpoints changed" and e["total"] == 0]
     assert emptied and emptied[0]["log_level"] == "warning"
+
+
+async def test_a_and_aaaa_records_both_give_endpoints(dns_server, nursery):
+    """The default type, A+AAAA: one endpoint per address of either family, with the port."""
+    v4 = await nursery.start(Origin(named("v4")).serve)
+    await nursery.start(HostOrigin(named("v6"), "::1", v4.port).serve)
+    dns_server.set("app.test", "A", ["127.0.0.1"])
+    dns_server.set("app.test", "AAAA", ["::1"])
+    async with serve(cfg(dns_server, port=v4.port), plugins=PLUGINS) as proxy:
+        assert addresses(proxy) == {f"127.0.0.1:{v4.port}", f"[::1]:{v4.port}"}
+        async with httpx.AsyncClient(base_url=proxy.url) as client:
+            assert await seen(client) == {"v4", "v6"}
