@@ -60,6 +60,18 @@ async def test_children_and_data_as_snapshots(zookeeper_server, zk_chroot):
             assert (await snapshot_where(snapshots, lambda s: "a" not in s.children)).children == {"b": b"2"}
 
 
+async def test_a_node_s_data_as_values(zookeeper_server, zk_chroot):
+    node = f"{zk_chroot}/config"
+    async with open_zookeeper(zookeeper_server.hosts) as zk, zk.watch_data(node) as values:
+        assert await receive(values) is None  # not there yet
+        await zk.create(node, b"version: 1")
+        assert await receive(values) == b"version: 1"
+        await zk.set(node, b"version: 2")
+        assert await receive(values) == b"version: 2"
+        await zk.delete(node)
+        assert await receive(values) is None
+
+
 async def test_ephemeral_sequential_registrations(zookeeper_server, zk_chroot):
     async with open_zookeeper(zookeeper_server.hosts) as owner, open_zookeeper(zookeeper_server.hosts) as other:
         async with owner.register(f"{zk_chroot}/instance-", b"one") as first, \

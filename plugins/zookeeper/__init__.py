@@ -12,6 +12,9 @@ the config centre need is here::
         async with zk.watch_children("/services/api") as snapshots:
             async for snapshot in snapshots:      # Snapshot(children={name: data})
                 ...
+        async with zk.watch_data("/sluice/config") as values:
+            async for data in values:             # bytes, or None while the node is missing
+                ...
         async for event in zk.session_events:     # connected, suspended, reconnected,
             ...                                   # expired, recovered
 

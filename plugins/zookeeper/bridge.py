@@ -233,8 +233,20 @@ class ZooKeeper:
         data (changes close together may come as one). A missing path is an empty snapshot
         with ``exists=False``, watched until it appears.
         """
+        async with self._watch(_Watcher(self, path, children=True)) as snapshots:
+            yield snapshots
+
+    @asynccontextmanager
+    async def watch_data(self, path: str) -> AsyncIterator[trio.MemoryReceiveChannel]:
+        """``async with zk.watch_data(path) as values: async for data in values``: the node's data
+        (bytes) first, then after each change; None while the node does not exist. For a
+        document kept in one node (the config centre's)."""
+        async with self._watch(_Watcher(self, path, children=False)) as values:
+            yield values
+
+    @asynccontextmanager
+    async def _watch(self, watcher: _Watcher) -> AsyncIterator[trio.MemoryReceiveChannel]:
         send, receive = trio.open_memory_channel(0)
-        watcher = _Watcher(self, path)
         self._watchers.add(watcher)
         try:
             async with trio.open_nursery() as nursery:
@@ -246,12 +258,17 @@ class ZooKeeper:
             self._watchers.discard(watcher)
 
 
-class _Watcher:
-    """Re-reads a path's children and their data whenever kazoo says something changed."""
+_NOTHING_SENT = object()
 
-    def __init__(self, zk: ZooKeeper, path: str) -> None:
+
+class _Watcher:
+    """Re-reads a path (its children and their data, or its own data) whenever kazoo says
+    something changed, and sends what it read when it differs from what it sent last."""
+
+    def __init__(self, zk: ZooKeeper, path: str, *, children: bool) -> None:
         self._zk = zk
         self._path = path
+        self._read = self._read_children if children else self._read_data
         self._changed = trio.Event()
 
     def changed(self) -> None:  # on the trio thread
@@ -263,7 +280,7 @@ class _Watcher:
         self._zk._from_kazoo(self.changed)
 
     async def run(self, send: trio.MemorySendChannel) -> None:
-        last = None
+        last = _NOTHING_SENT
         async with send:
             while True:
                 self._changed = trio.Event()  # before reading: a change during the read re-reads
@@ -279,14 +296,23 @@ class _Watcher:
                     last = snapshot
                 await self._changed.wait()
 
-    async def _read(self) -> Snapshot:
+    async def _read_data(self) -> bytes | None:
+        zk, watch = self._zk, self._kazoo_watch
+        try:
+            return (await zk.call("get", self._path, watch=watch))[0]
+        except NoNodeError:
+            if await zk.call("exists", self._path, watch=watch) is None:
+                return None
+            return await self._read_data()  # created between the two calls
+
+    async def _read_children(self) -> Snapshot:
         zk, watch = self._zk, self._kazoo_watch
         try:
             names = await zk.call("get_children", self._path, watch=watch)
         except NoNodeError:
             if await zk.call("exists", self._path, watch=watch) is None:
                 return Snapshot({}, exists=False)
-            return await self._read()  # created between the two calls
+            return await self._read_children()  # created between the two calls
         children = {}
         for name in sorted(names):
             try:
