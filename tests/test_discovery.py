@@ -381,3 +381,11 @@ def test_maglev_rebuilds_its_table_over_the_new_endpoints():
     policy.endpoints_changed([eps[0], eps[2]])
     assert {policy.endpoints[i] for i in policy._owners} == {eps[0], eps[2]}
     assert len(policy._owners) == 1009
+
+
+@pytest.mark.parametrize("bad", [{"host": ""}, {"port": 0}, {"port": 70000}, {"weight": 0}, {"weight": 1001}])
+def test_an_endpoint_spec_with_a_bad_value_is_refused_as_it_is_built(bad):
+    with pytest.raises(ValueError):
+        EndpointSpec(**{"host": "10.0.0.1", "port": 80, **bad})
+    with pytest.raises(ValueError, match="not a host:port"):
+        EndpointSpec.of("10.0.0.1")

@@ -18,8 +18,9 @@ long-lived task in the worker's nursery (cancelled when the cluster goes,
 at a reload that changes it, or at shutdown). The source calls
 
 - ``updates.update(endpoints, authoritative=False)`` with the FULL set it
-  knows now, a list of ``EndpointSpec`` (host, port, weight, zone,
-  metadata), every time it learns something: the core works out what
+  knows now, a list of ``EndpointSpec`` (host, port, weight 1-1000, zone,
+  metadata; a bad value raises ValueError as it is built, so a source can
+  skip that entry and log it), every time it learns something: the core works out what
   joined and what left, so a source never has to get adds and removes
   right, and a new registry (Consul, etcd, ZooKeeper) is a small class
   that turns its answer into a list. An empty list is applied only when
@@ -94,6 +95,16 @@ class EndpointSpec:
     weight: int = 1
     zone: str | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Checked here, so that a source building one from a registry's entry can skip a
+        # bad entry (and name it) rather than hand the balancers a weight of 0.
+        if not self.host or not isinstance(self.host, str):
+            raise ValueError(f"endpoint host {self.host!r}: not a host name or address")
+        if not (isinstance(self.port, int) and 0 < self.port < 65536):
+            raise ValueError(f"endpoint port {self.port!r}: not a port (1-65535)")
+        if not (isinstance(self.weight, int) and 1 <= self.weight <= 1000):
+            raise ValueError(f"endpoint weight {self.weight!r}: weights are 1-1000, as a static endpoint's")
 
     @classmethod
     def of(cls, address: str, **kwargs: Any) -> EndpointSpec:
