@@ -95,8 +95,8 @@ async def test_unreachable_etcd_is_unavailable_within_the_timeout():
 
 async def test_watch_delivers_changes_in_order(etcd_server, etcd_prefix):
     async with EtcdClient(etcd_server.url) as etcd:
-        async with etcd.watch_prefix(etcd_prefix) as updates:
-            await trio.sleep(0.2)  # let the watch be created; a start revision is tested below
+        revision, _ = await etcd.get_prefix(etcd_prefix)  # watching from after it: no race with its creation
+        async with etcd.watch_prefix(etcd_prefix, start_revision=revision + 1) as updates:
             await etcd.put(etcd_prefix[:-1] + "-outside", b"x")
             put = await etcd.put(etcd_prefix + "a", b"1")
             deleted = None
@@ -108,6 +108,18 @@ async def test_watch_delivers_changes_in_order(etcd_server, etcd_prefix):
             update = await next_update(updates)
             deleted = update.events[0]
             assert (deleted.type, deleted.kv.key, deleted.kv.value) == ("delete", (etcd_prefix + "a").encode(), b"")
+
+
+async def test_a_quiet_watch_is_renewed_silently_and_misses_nothing(etcd_server, etcd_prefix):
+    async with EtcdClient(etcd_server.url) as etcd:
+        revision, _ = await etcd.get_prefix(etcd_prefix)
+        async with etcd.watch_prefix(etcd_prefix, start_revision=revision + 1, idle_timeout=0.2) as updates:
+            await etcd.put(etcd_prefix + "a", b"1")
+            assert [e.kv.value for e in (await next_update(updates)).events] == [b"1"]
+            with trio.move_on_after(1):  # five idle renewals: none is reported, nothing repeats
+                assert await updates.receive() is None, "an update from a quiet prefix"
+            await etcd.put(etcd_prefix + "b", b"2")
+            assert [e.kv.value for e in (await next_update(updates)).events] == [b"2"]
 
 
 async def test_watch_from_a_revision_replays_history(etcd_server, etcd_prefix):
@@ -147,8 +159,7 @@ async def test_watch_survives_an_etcd_restart_without_missing_a_write(tmp_path):
     await trio.to_thread.run_sync(server.start)
     try:
         async with EtcdClient(server.url, timeout=2) as etcd:
-            async with etcd.watch_prefix("/svc/", max_backoff=0.5) as updates:
-                await trio.sleep(0.2)
+            async with etcd.watch_prefix("/svc/", start_revision=2, max_backoff=0.5) as updates:
                 await etcd.put("/svc/a", b"before")
                 assert [e.kv.value for e in (await next_update(updates)).events] == [b"before"]
                 await trio.to_thread.run_sync(server.stop)

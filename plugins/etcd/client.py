@@ -170,7 +170,8 @@ class EtcdClient:
 
         Keepalives go every third of the TTL; one that cannot reach etcd is retried until it
         can. If the lease has expired meanwhile (etcd was away longer than the TTL), the block
-        is interrupted with ``LeaseExpired``: its keys are gone and must be put again under a
+        is interrupted with ``LeaseExpired`` (in an ExceptionGroup, as a trio nursery raises
+        it): its keys are gone and must be put again under a
         new lease. A process that dies stops the keepalives, and etcd deletes the keys within
         the TTL.
         """

@@ -128,8 +128,10 @@ class _Watcher:
                     log.warning("etcd.watch.disconnected", prefix=self._prefix.decode(errors="replace"),
                                 reason=reason)
                     await send.send(Disconnected(reason))
-                log.info("etcd.watch.reconnecting", prefix=self._prefix.decode(errors="replace"),
-                         from_revision=self._next, reason=reason, backoff=backoff)
+                # A stream that was up and ended (idle, cut) is routine; a failed attempt is not.
+                (log.debug if self._created else log.info)(
+                    "etcd.watch.reconnecting", prefix=self._prefix.decode(errors="replace"),
+                    from_revision=self._next, reason=reason, backoff=backoff)
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, self._max_backoff)
 

@@ -23,7 +23,7 @@ _JARS = Path("/usr/share/java")
 
 def zookeeper_server_process(data_root: Path) -> ServerProcess:
     """A ZooKeeper ``ServerProcess`` (not started) on a free loopback port under ``data_root``."""
-    java = require_binary("java", "default-jre-headless")
+    java = require_binary("java", "zookeeperd, through default-jre-headless")
     if not (_JARS / "zookeeper.jar").exists():
         pytest.skip("ZooKeeper is not installed (Debian package zookeeperd; `make test-deps` installs it)")
     port = free_port()
