@@ -2,8 +2,9 @@
 
 Why: ``sluice.shared.local()`` is shared by the workers of one instance; a limit that must
 hold across a fleet needs a store every instance reaches. This is the same ``SharedState``
-protocol (``take``, ``hit``, ``incr``) on Redis, opened by ``[shared] backend = "redis"``
-(``sluice.shared.open_backend``, entry point ``redis`` in group ``sluice.shared``).
+protocol (``take``, ``hit``, ``incr``) on Redis, opened by ``sluice.shared.open_backend`` for
+a ``[shared]`` table with ``backend = "redis"`` (entry point ``redis`` in group
+``sluice.shared``); the config file gains that table with issue 11's rate limit.
 
 The client is coredis (6.x). It is built on anyio, so it runs on trio as it is (checked:
 connection pool, ``EVALSHA`` with its own ``NOSCRIPT`` fallback to ``SCRIPT LOAD``, and
@@ -28,9 +29,10 @@ Redis stops answering). The timeout must also cover this worker's own loop at it
 client costs ~0.15 ms of CPU per call, so a loop with 10 takes in flight at once answers them
 in 1-2 ms (p50) and 5-7 ms (p99), and one saturated by them is late past 10 ms, which counts
 as an outage (raise ``timeout`` for such workers). A failed call marks the backend down: it
-is logged once as ``shared backend down`` and counted (``sluice_plugin_shared_backend_outages_total``); until the
-backoff (``backoff_min`` doubling to ``backoff_max``, with jitter) ends, calls answer at
-once without Redis, as ``on_error`` says: ``open`` grants every take (and a count starts
+is logged once as ``shared backend down`` and counted
+(``sluice_plugin_shared_backend_outages_total``); until the backoff (``backoff_min``
+doubling to ``backoff_max``, with jitter) ends, calls answer at once without Redis, as
+``on_error`` says: ``open`` grants every take (and a count starts
 again at ``n``), ``closed`` refuses every take (and a count is as high as it can be). Each
 such answer is counted (``sluice_plugin_shared_backend_unavailable_total``). After the
 backoff one call tries Redis (the others keep answering at once); its success logs ``shared
