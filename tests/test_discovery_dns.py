@@ -289,3 +289,42 @@ async def test_a_and_aaaa_records_both_give_endpoints(dns_server, nursery):
         assert addresses(proxy) == {f"127.0.0.1:{v4.port}", f"[::1]:{v4.port}"}
         async with httpx.AsyncClient(base_url=proxy.url) as client:
             assert await seen(client) == {"v4", "v6"}
+
+
+async def test_every_worker_of_a_sluice_process_follows_the_records(dns_server, nursery, tmp_path):
+    """`sluice run -c FILE --workers 2`: each worker runs its own source; both follow a change."""
+    from .proc import Running, free_port
+
+    a = await nursery.start(Origin(named("a")).serve)
+    await nursery.start(HostOrigin(named("b"), "127.0.0.2", a.port).serve)
+    dns_server.set("app.test", "A", ["127.0.0.1"])
+    port = free_port()
+    path = tmp_path / "sluice.toml"
+    path.write_text(f"""
+[[listeners]]
+address = "127.0.0.1:{port}"
+filters = ["router"]
+
+[clusters.app]
+discovery = {{ source = "dns", name = "app.test", port = {a.port}, nameserver = "{dns_server.address}", min_ttl = 0.2 }}
+
+[[routes]]
+match = {{ prefix = "/" }}
+cluster = "app"
+""")
+    # (started off the loop: the loop answers the workers' DNS queries meanwhile)
+    proxy = await trio.to_thread.run_sync(lambda: Running("-c", str(path), "--workers", "2"))
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}",
+                                     headers={"connection": "close"}) as client:
+            assert await seen(client, 8) == {"a"}
+            dns_server.set("app.test", "A", ["127.0.0.2"])
+            with trio.fail_after(10):
+                while await seen(client, 8) != {"b"}:
+                    await trio.sleep(0.1)
+        await trio.to_thread.run_sync(proxy.stop)
+        changes = [line for line in proxy.stderr + proxy.stdout
+                   if "endpoints changed" in line and f"127.0.0.1:{a.port}" in line and "removed" in line]
+        assert len(changes) == 4, changes  # the first snapshot and the change, in each of 2 workers
+    finally:
+        await trio.to_thread.run_sync(proxy.stop)
