@@ -42,6 +42,7 @@ backend up`` with how long it was down.
 from __future__ import annotations
 
 import math
+import os
 import random
 import sys
 import time
@@ -55,7 +56,7 @@ import coredis.exceptions
 import structlog
 import trio
 from coredis.retry import NoRetryPolicy
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
 
 from sluice import metrics
 from sluice.addresses import parse_hostport
@@ -122,6 +123,16 @@ class RedisConfig(BaseModel):
     backoff_min: PositiveFloat = 0.1
     backoff_max: PositiveFloat = 5.0
     max_connections: PositiveInt = 8
+    # AUTH: the password is read from this environment variable, never kept in the file.
+    username: str | None = None
+    password_env: Annotated[str, Field(min_length=1)] | None = None
+
+    @field_validator("password_env")
+    @classmethod
+    def _password_set(cls, name: str | None) -> str | None:
+        if name is not None and name not in os.environ:
+            raise ValueError(f"environment variable {name} is not set")
+        return name
 
 
 class RedisState:
@@ -133,6 +144,7 @@ class RedisState:
         self._client = coredis.Redis(
             host, port, config.db, stream_timeout=config.timeout, connect_timeout=config.timeout,
             max_connections=config.max_connections, retry_policy=NoRetryPolicy(), client_name="sluice",
+            username=config.username, password=os.environ[config.password_env] if config.password_env else None,
         )
         self._take = self._client.register_script(_TAKE)
         self._window = self._client.register_script(_WINDOW)

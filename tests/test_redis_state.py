@@ -19,7 +19,7 @@ from sluice.plugins.redis_state import RedisConfig, RedisState
 from sluice.shared import LocalState, local, open_backend, register_backend
 
 from .servers import free_port
-from .servers.redis import own_redis, redis_prefix, redis_server  # noqa: F401 (fixtures)
+from .servers.redis import own_redis, redis_prefix, redis_server, start_redis  # noqa: F401 (fixtures)
 from .test_shared_state import allowed_by, check_refusals
 
 
@@ -192,6 +192,22 @@ async def test_redis_down_at_start_is_an_outage_not_an_error():
         assert time.monotonic() - start < 0.5
 
 
+async def test_a_password_from_the_environment(tmp_path, monkeypatch):
+    server = start_redis(tmp_path, "--requirepass", "s3cret")
+    try:
+        monkeypatch.setenv("SLUICE_TEST_REDIS_PASSWORD", "s3cret")
+        async with _state(server, password_env="SLUICE_TEST_REDIS_PASSWORD") as state:
+            assert await state.incr("authed") == 1 and not state.down
+        with capture_logs() as logs:
+            async with _state(server, on_error="closed") as state:  # no password: refused, as an outage
+                assert (await state.take("k", 1, 1.0, 1.0))[0] is False and state.down
+        (down,) = _events(logs, "shared backend down")
+        assert "NOAUTH" in down["error"] or "Authentication" in down["error"], down
+        assert "s3cret" not in repr(logs)
+    finally:
+        server.stop()
+
+
 async def test_open_backend_selects_by_name_and_checks_settings(redis_server, redis_prefix):
     async with open_backend() as state:
         assert state is local()  # the default is the instance's table, as before
@@ -214,6 +230,8 @@ async def test_open_backend_selects_by_name_and_checks_settings(redis_server, re
         ({"backend": "redis", "timout": 1}, "shared.timout: unknown key"),
         ({"backend": "redis", "address": "no-port"}, "shared.address:"),
         ({"size": 1}, "shared.size: unknown key"),
+        ({"backend": "redis", "password_env": "SLUICE_TEST_NO_SUCH_VARIABLE"},
+         "shared.password_env: environment variable SLUICE_TEST_NO_SUCH_VARIABLE is not set"),
     ]
     for settings, error in bad:
         with pytest.raises(ConfigError) as exc:

@@ -22,18 +22,19 @@ def ping(port: int, timeout: float = 0.5) -> bool:
     """Whether Redis on 127.0.0.1:port answers PING (its own readiness: it loaded and serves)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.sendall(b"PING\r\n")
-        return sock.recv(64).startswith(b"+PONG")
+        return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))  # -NOAUTH: serving, with a password
 
 
-def start_redis(tmp: Path) -> ServerProcess:
-    """redis-server on a free loopback port, its dir in ``tmp``, nothing saved to disk; started."""
+def start_redis(tmp: Path, *options: str) -> ServerProcess:
+    """redis-server on a free loopback port, its dir in ``tmp``, nothing saved to disk, with
+    more ``options`` (``"--requirepass", "x"``); started."""
     binary = require_binary("redis-server", "redis-server")
     port = free_port()
     data = tmp / f"redis-{port}"
     server = ServerProcess(
         "redis-server",
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(data), "--daemonize", "no"],
+         "--dir", str(data), "--daemonize", "no", *options],
         data_dir=data, ready=lambda: ping(port), ready_timeout=10.0,
     )
     server.port = port  # type: ignore[attr-defined]
