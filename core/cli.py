@@ -506,6 +506,9 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         for cls in info.balancers.values():
             print(f"  policy {cls.name}{_summary(cls)}")
             print("\n".join(_describe_model(cls.Config, "    ")))
+        for cls in info.discovery.values():
+            print(f"  discovery source {cls.name}{_summary(cls)}")
+            print("\n".join(_describe_model(cls.Config, "    ")))
         for cls in info.transports.values():
             print(f"  transport {cls.name}{_summary(cls)}")
             print("    listener settings:")

@@ -147,6 +147,8 @@ async def test_no_endpoint_until_the_first_snapshot_then_traffic_follows_each_on
             assert any(e["event"] == "discovery not ready" for e in logs)  # served after initial_timeout
             _, ready = await Admin(proxy.app, None).ready(None)
             assert ready["ready"] and ready["discovery_waiting"] == ["app"]
+            _, plugins = await Admin(proxy.app, None).plugins(None)
+            assert plugins["plugins"]["manual"]["discovery"] == ["manual"]
             async with httpx.AsyncClient(base_url=proxy.url) as client:
                 r = await client.get("/")
                 assert r.status_code == 503 and r.text == "no healthy upstream\n"

@@ -328,3 +328,12 @@ cluster = "app"
         assert len(changes) == 4, changes  # the first snapshot and the change, in each of 2 workers
     finally:
         await trio.to_thread.run_sync(proxy.stop)
+
+
+def test_sluice_plugins_lists_the_source_and_its_settings():
+    from .proc import sluice
+
+    out = sluice("plugins").stdout
+    assert "  discovery source dns: Endpoints from DNS, refreshed on the records' TTL." in out
+    block = out.split("discovery source dns", 1)[1]
+    assert "nameserver" in block and "min_ttl" in block and "max_ttl" in block

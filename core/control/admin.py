@@ -438,7 +438,8 @@ class Admin:
                 "phases": [p.removeprefix("on_") for p in PHASES if overrides(f, p)],
             } for f in listener.chain.filters]
         loaded = {name: {"dist": info.dist, "filters": sorted(info.filters), "balancers": sorted(info.balancers),
-                         "transports": sorted(info.transports)} for name, info in registry.loaded.items()}
+                         "transports": sorted(info.transports), "discovery": sorted(info.discovery)}
+                  for name, info in registry.loaded.items()}
         return 200, {"listeners": listeners, "plugins": loaded}
 
     async def get_log_level(self, request: _Request) -> tuple[int, Any]:
