@@ -337,3 +337,13 @@ def test_sluice_plugins_lists_the_source_and_its_settings():
     assert "  discovery source dns: Endpoints from DNS, refreshed on the records' TTL." in out
     block = out.split("discovery source dns", 1)[1]
     assert "nameserver" in block and "min_ttl" in block and "max_ttl" in block
+
+
+def test_the_source_of_a_plugin_not_enabled_is_named_with_its_plugin():
+    from sluice.control.app import App
+    from sluice.control.registry import Plugins
+
+    server = DnsServer(None)
+    with pytest.raises(ConfigError, match="clusters.app.discovery.source: discovery source 'dns' is provided by "
+                                          "plugin 'discovery_dns', which is not enabled"):
+        App(parse(cfg(server, port=80)), Plugins(["router", "balancer"]))
