@@ -25,6 +25,7 @@ import argparse
 import errno
 import functools
 import importlib.metadata
+import json
 import os
 import signal
 import socket
@@ -38,11 +39,12 @@ from urllib.parse import urlsplit
 
 import structlog
 import trio
+from pydantic import ValidationError
 
 from . import metrics, scaffold, shared
 from .control import pidfile
 from .control.app import App, maybe_await
-from .control.config import Config, load, parse
+from .control.config import Config, format_errors, load, parse
 from .control.registry import Plugins
 from .edge.ports import reserve
 from .edge.workers import run_workers
@@ -67,6 +69,16 @@ def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
     return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 3600:
+        raise argparse.ArgumentTypeError(f"expected seconds above 0 (below 3600), got {text!r}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -109,10 +121,33 @@ def _parser() -> argparse.ArgumentParser:
         which.add_argument("-c", "--config", help="the config file's server.pid_file")
     sub.add_parser("version", help="print the version")
 
+    register = sub.add_parser("register", help="sidecar: register an application in etcd or ZooKeeper while it runs")
+    register.error = _one_line_error(register)  # bad args: one line, status 2
+    register.add_argument("--store", required=True, choices=["etcd", "zookeeper"])
+    register.add_argument("--address", required=True, help="etcd's client URL or host:port; ZooKeeper's host:port")
+    register.add_argument("--prefix", help="etcd: the key is PREFIX + --id")
+    register.add_argument("--path", help="ZooKeeper: the node is an ephemeral sequential PATH/instance-")
+    register.add_argument("--service", required=True, metavar="HOST:PORT", help="the application's address")
+    register.add_argument("--weight", type=_positive, default=1)
+    register.add_argument("--zone")
+    register.add_argument("--metadata", default="{}", metavar="JSON", help="a JSON object")
+    register.add_argument("--ttl", type=_positive, default=10, help="etcd lease / ZooKeeper session seconds")
+    register.add_argument("--id", dest="instance_id", help="etcd: the key's last part (default: host-pid)")
+    register.add_argument("--check", metavar="URL", help="registered only while GET URL answers 2xx/3xx")
+    register.add_argument("--check-interval", type=_seconds, default=2.0, metavar="SECONDS")
+
     new = sub.add_parser("new-plugin", help="write a new filter plugin's project: code, tests, README")
     new.add_argument("name", metavar="NAME", help=f"the plugin's name: {scaffold.ALLOWED}")
     new.add_argument("--dir", default=".", metavar="PATH", help="where to make sluice-NAME/ (default: here)")
     return p
+
+
+def _one_line_error(parser: argparse.ArgumentParser):
+    def error(message: str):
+        print(f"{parser.prog}: error: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+
+    return error
 
 
 def _plugin_list(value: str | None) -> list[str] | None:
@@ -562,6 +597,36 @@ def _reporting(fn):
     return run
 
 
+def cmd_register(args: argparse.Namespace) -> int:
+    """``sluice register``: the sidecar (``sluice.plugins.registration.sidecar``). Exits 0 once
+    deregistered after SIGTERM/SIGINT, 2 for bad arguments (one line), 1 for anything else."""
+    from .plugins import registration
+
+    try:
+        metadata = json.loads(args.metadata)
+        if not isinstance(metadata, dict):
+            raise ValueError("not an object")
+    except ValueError as exc:
+        raise ConfigError(f"--metadata: expected a JSON object ({exc})") from None
+    data = {"store": args.store, "address": args.address, "prefix": args.prefix, "path": args.path, "ttl": args.ttl,
+            "services": [{"address": args.service, "weight": args.weight, "zone": args.zone, "metadata": metadata}]}
+    if args.instance_id:
+        data["instance_id"] = args.instance_id
+    try:
+        config = registration.RegistrationConfig.model_validate(data)
+    except ValidationError as exc:
+        first = format_errors(exc).splitlines()[0]  # key paths as the flags that set them
+        for key, flag in (("services[0].", "--"), ("services[0]", "--service"), ("(top level)", "--store")):
+            first = first.replace(key, flag, 1) if first.startswith(key) else first
+        raise ConfigError(first) from None
+    if args.check is not None and not args.check.startswith(("http://", "https://")):
+        raise ConfigError(f"--check: expected an http:// or https:// URL, got {args.check!r}")
+    configure("info")
+    return trio.run(functools.partial(registration.sidecar, config.store, config.address,
+                                      registration.entries_for(config, {}), config.ttl,
+                                      check=args.check, interval=args.check_interval))
+
+
 def _first_leaf(group: BaseExceptionGroup) -> BaseException:
     exc: BaseException = group
     while isinstance(exc, BaseExceptionGroup):
@@ -572,5 +637,6 @@ def _first_leaf(group: BaseExceptionGroup) -> BaseException:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command = {"run": cmd_run, "check": cmd_check, "plugins": cmd_plugins, "reload": cmd_signal,
-               "stop": cmd_signal, "version": cmd_version, "new-plugin": cmd_new_plugin}[args.command]
+               "stop": cmd_signal, "version": cmd_version, "new-plugin": cmd_new_plugin,
+               "register": cmd_register}[args.command]
     return _reporting(command)(args)
