@@ -42,7 +42,8 @@ def test_unknown_plugin_is_named_with_the_available_ones():
     r = sluice("run", "--listen", "127.0.0.1:1", "--upstream", "http://127.0.0.1:2", "--plugins", "router,nope")
     assert r.returncode == 2
     assert "unknown plugin 'nope'" in r.stderr
-    assert "available: access_log, alerts, auth, balancer, discovery_dns, router, tls" in r.stderr
+    assert ("available: access_log, alerts, auth, balancer, discovery_dns, discovery_etcd, discovery_zookeeper, "
+            "registration, router, tls") in r.stderr
     assert "Traceback" not in r.stderr
 
 

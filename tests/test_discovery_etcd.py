@@ -1,0 +1,235 @@
+"""The ``etcd`` discovery source (sluice.plugins.discovery_etcd) against a real etcd
+(tests/servers/etcd.py), through a real proxy to real origins: registrations held under
+leases by other processes, garbage in a key, and etcd stopped and started under a running
+proxy (on a server of the test's own, so the session's etcd stays up for the others)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+
+import httpx
+import pytest
+import trio
+from structlog.testing import capture_logs
+
+from sluice import ConfigError
+from sluice.control.config import parse
+from sluice.plugins.etcd import EtcdClient
+from sluice.plugins.registry_entries import endpoint_of
+from sluice.testing import serve
+
+from .servers.etcd import etcd_server_process
+from .test_discovery import named, until
+from .test_discovery_dns import addresses, seen
+
+PLUGINS = ["router", "balancer", "discovery_etcd"]
+TTL = 2  # seconds: the holders' lease
+
+
+def cfg(url: str, prefix: str, **discovery) -> dict:
+    settings = {"source": "etcd", "address": url, "prefix": prefix, "timeout": 1, "initial_timeout": 5, **discovery}
+    return {
+        "listeners": [{"address": "127.0.0.1:0", "filters": ["router"]}],
+        "clusters": {"app": {"discovery": settings}},
+        "routes": [{"match": {"prefix": "/"}, "cluster": "app"}],
+    }
+
+
+def entry(origin, **fields) -> bytes:
+    return json.dumps({"address": origin.address, **fields}).encode()
+
+
+def skipped(logs) -> dict[str, str]:
+    return {e["key"]: e["error"] for e in logs if e["event"] == "discovery entry skipped"}
+
+
+# -- config ------------------------------------------------------------------------------------
+
+
+def test_settings_are_checked_by_key_path():
+    from sluice.control.app import App
+    from sluice.control.registry import Plugins
+
+    def build(data):
+        return App(parse(data), Plugins(PLUGINS))
+
+    with pytest.raises(ConfigError, match=r"clusters.app.discovery.prefix: .*must end with '/'"):
+        build(cfg("127.0.0.1:2379", "/services/app"))
+    with pytest.raises(ConfigError, match="clusters.app.discovery.address: .*TLS to etcd is not supported"):
+        build(cfg("https://127.0.0.1:2379", "/services/app/"))
+    with pytest.raises(ConfigError, match=r"clusters.app.discovery.endpoints\[0\]: 'etcd': not a host:port"):
+        build(cfg(None, "/a/", address=None, endpoints=["etcd"]))
+    with pytest.raises(ConfigError, match="clusters.app.discovery: give endpoints .* not both"):
+        build(cfg("127.0.0.1:2379", "/a/", endpoints=["127.0.0.1:2379"]))
+    with pytest.raises(ConfigError, match="clusters.app.discovery: give endpoints .* not neither"):
+        build(cfg(None, "/a/", address=None))
+    with pytest.raises(ConfigError, match="clusters.app.discovery.timeout"):
+        build(cfg("127.0.0.1:2379", "/a/", timeout=0))
+    app = build(cfg(None, "/a/", address=None, endpoints=["127.0.0.1:2379", "http://10.0.0.2:2379/"]))
+    assert app.discoveries["app"].source.members == ["http://127.0.0.1:2379", "http://10.0.0.2:2379"]
+
+
+@pytest.mark.parametrize("data, error", [
+    (b'{"address": "10.0.0.1:80", "weight": 1001}', "weight 1001"),
+    (b'{"address": "10.0.0.1:80", "weight": true}', "weight True: not an integer"),
+    (b'{"address": "10.0.0.1"}', "not a host:port"),
+    (b'{"address": "10.0.0.1:80", "host": "10.0.0.1"}', "both address and host/port"),
+    (b'{"host": "10.0.0.1"}', "no address (or host and port)"),
+    (b'{"host": "10.0.0.1", "port": "80"}', "port '80': not a port"),
+    (b'{"address": "10.0.0.1:80", "zone": 3}', "zone 3: not a string"),
+    (b'{"address": "10.0.0.1:80", "metadata": []}', "metadata"),
+    (b'"10.0.0.1:80"', "a JSON str, not an object"),
+    (b"\xff", "not JSON"),
+])
+def test_a_bad_entry_says_what_is_wrong(data, error):
+    with pytest.raises(ValueError, match=re.escape(error)):
+        endpoint_of(data)
+
+
+def test_an_entry_by_address_or_host_and_port():
+    spec = endpoint_of(b'{"address": "[::1]:8080", "weight": 3, "zone": "z", "metadata": {"v": 2}, "extra": 1}')
+    assert (spec.host, spec.port, spec.weight, spec.zone, dict(spec.metadata)) == ("::1", 8080, 3, "z", {"v": 2})
+    assert endpoint_of(b'{"host": "app.internal", "port": 80}').key == ("app.internal", 80, 1)
+
+
+# -- registrations under leases ----------------------------------------------------------------
+
+HOLDER = textwrap.dedent("""
+    import sys, trio
+    from sluice.plugins.etcd import EtcdClient
+
+    async def main(url, key, value, ttl):
+        async with EtcdClient(url) as etcd, etcd.lease(int(ttl)) as lease:
+            await etcd.put(key, value.encode(), lease=lease.id)
+            print("ready", flush=True)
+            await trio.sleep_forever()
+
+    trio.run(main, *sys.argv[1:])
+""")
+
+
+def hold(script: str, *args: str) -> subprocess.Popen:
+    """A process running ``script`` (a registration holder), once it has printed "ready"."""
+    holder = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    for line in holder.stdout:  # (structlog's lines may come first, on stdout)
+        if line == "ready\n":
+            return holder
+    holder.wait(5)
+    raise AssertionError(f"the holder exited: {holder.stderr.read()}")
+
+
+def stop(holders: list[subprocess.Popen]) -> None:
+    for holder in holders:
+        holder.kill()
+        holder.wait(5)
+        holder.stdout.close()
+        holder.stderr.close()
+
+
+async def kill_one_of_three(start_origin, data: dict, plugins: list[str], holder, ttl: float, what: str) -> None:
+    """Three origins registered by three holders (``holder(name, entry)``: its ``hold`` arguments);
+    traffic reaches all three; one holder SIGKILLed, traffic leaves it within ``ttl`` (printed)."""
+    origins = {name: await start_origin(named(name)) for name in "abc"}
+    holders = []
+    try:
+        for name, origin in origins.items():
+            holders.append(await trio.to_thread.run_sync(hold, *holder(name, entry(origin).decode())))
+        async with serve(data, plugins=plugins) as proxy:
+            assert addresses(proxy) == {o.address for o in origins.values()}  # startup waited for it
+            async with httpx.AsyncClient(base_url=proxy.url) as client:
+                assert await seen(client, 9) == {"a", "b", "c"}
+                os.kill(holders[1].pid, signal.SIGKILL)
+                killed = trio.current_time()
+                await until(lambda: origins["b"].address not in addresses(proxy), timeout=ttl + 2)
+                print(f"{what}: traffic off a killed registration {trio.current_time() - killed:.2f}s after "
+                      f"its holder was killed (TTL {ttl}s)")
+                assert await seen(client, 9) == {"a", "c"}
+    finally:
+        stop(holders)
+
+
+async def test_three_registrations_serve_and_a_killed_one_leaves_within_the_ttl(etcd_server, etcd_prefix,
+                                                                                start_origin):
+    def holder(name: str, value: str) -> tuple[str, ...]:
+        return HOLDER, etcd_server.url, etcd_prefix + name, value, str(TTL)
+
+    await kill_one_of_three(start_origin, cfg(etcd_server.url, etcd_prefix), PLUGINS, holder, TTL, "etcd lease")
+
+
+async def test_a_bad_key_is_skipped_and_named_and_never_empties_the_cluster(etcd_server, etcd_prefix,
+                                                                             start_origin):
+    a = await start_origin(named("a"))
+    b = await start_origin(named("b"))
+    async with EtcdClient(etcd_server.url) as etcd:
+        await etcd.put(etcd_prefix + "a", entry(a, weight=2, zone="z1", metadata={"v": "1"}))
+        await etcd.put(etcd_prefix + "garbage", b"{not json")
+        await etcd.put(etcd_prefix + "zero", entry(b, weight=0))
+        await etcd.put(etcd_prefix + "b", json.dumps({"host": "127.0.0.1", "port": b.port}).encode())
+        with capture_logs() as logs:
+            async with serve(cfg(etcd_server.url, etcd_prefix), plugins=PLUGINS) as proxy:
+                cluster = proxy.app.clusters["app"]
+                assert {(e.address, e.weight) for e in cluster.endpoints} == {(a.address, 2), (b.address, 1)}
+                first = next(e for e in cluster.endpoints if e.address == a.address)
+                assert first.zone == "z1" and first.metadata == {"v": "1"}
+                errors = skipped(logs)
+                assert set(errors) == {etcd_prefix + "garbage", etcd_prefix + "zero"}
+                assert "not JSON" in errors[etcd_prefix + "garbage"] and "weight 0" in errors[etcd_prefix + "zero"]
+                async with httpx.AsyncClient(base_url=proxy.url) as client:
+                    assert await seen(client, 6) == {"a", "b"}
+                    # A change elsewhere does not log the same bad key again.
+                    await etcd.delete(etcd_prefix + "b")
+                    await until(lambda: addresses(proxy) == {a.address})
+                    assert len([e for e in logs if e["event"] == "discovery entry skipped"]) == 2
+                    # Every key bad: nothing is said of the service, the last set serves on.
+                    await etcd.put(etcd_prefix + "a", b"[]")
+                    await until(lambda: any(e["event"] == "discovery failed" for e in logs))
+                    assert addresses(proxy) == {a.address} and await seen(client, 3) == {"a"}
+                    assert "a JSON list, not an object" in skipped(logs)[etcd_prefix + "a"]
+                    # An empty prefix is etcd saying there is no instance: the cluster empties.
+                    await etcd.delete_prefix(etcd_prefix)
+                    await until(lambda: not addresses(proxy))
+                    assert (await client.get("/")).status_code == 503
+                    await etcd.put(etcd_prefix + "b", entry(b))
+                    await until(lambda: addresses(proxy) == {b.address})
+                    assert await seen(client, 3) == {"b"}
+    for event in logs:
+        if event["event"] == "discovery entry skipped":
+            assert event["cluster"] == "app" and event["source"] == "etcd" and event["log_level"] == "error"
+
+
+async def test_etcd_stopped_mid_run_keeps_the_set_and_the_watch_resumes(tmp_path, start_origin):
+    a = await start_origin(named("a"))
+    b = await start_origin(named("b"))
+    server = etcd_server_process(tmp_path)
+    await trio.to_thread.run_sync(server.start)
+    try:
+        async with EtcdClient(server.url, timeout=2) as etcd:
+            await etcd.put("/services/app/a", entry(a))
+            with capture_logs() as logs:
+                async with serve(cfg(server.url, "/services/app/"), plugins=PLUGINS) as proxy:
+                    async with httpx.AsyncClient(base_url=proxy.url) as client:
+                        assert await seen(client, 3) == {"a"}
+                        await trio.to_thread.run_sync(server.stop)
+                        stopped = trio.current_time()
+                        await until(lambda: any(e["event"] == "discovery failed" for e in logs), timeout=10)
+                        print(f"etcd: 'discovery failed' {trio.current_time() - stopped:.2f}s after etcd stopped")
+                        failed = next(e for e in logs if e["event"] == "discovery failed")
+                        assert failed["source"] == "etcd" and failed["kept"] == 1
+                        assert await seen(client, 3) == {"a"}  # the last set serves on
+                        await trio.to_thread.run_sync(server.start)  # same port, same data
+                        started = trio.current_time()
+                        await etcd.put("/services/app/b", entry(b))
+                        await until(lambda: addresses(proxy) == {a.address, b.address}, timeout=10)
+                        print(f"etcd: a change after etcd returned seen {trio.current_time() - started:.2f}s "
+                              f"after it was ready")
+                        assert await seen(client, 6) == {"a", "b"}
+            assert not [e for e in logs if e["event"] == "endpoints changed" and e["total"] == 0]
+    finally:
+        await trio.to_thread.run_sync(server.stop)
