@@ -258,11 +258,29 @@ async def _register_app(app, config: RegistrationConfig) -> None:
     await keep_registered(config.store, config.address, entries_for(config, bound), config.ttl, app._stop)
 
 
+_RUNNING: dict[int, RegistrationConfig | None] = {}  # by id(app): what worker 0 registered at start
+
+
 @hookimpl
 def sluice_startup(app):
     config = settings(app.config)  # every worker checks: a bad table refuses to start
-    if config is not None and app.worker_index == 0:
-        app.nursery.start_soon(_register_app, app, config)
+    if app.worker_index == 0:
+        _RUNNING[id(app)] = config
+        if config is not None:
+            app.nursery.start_soon(_register_app, app, config)
+
+
+@hookimpl
+def sluice_reload(app):
+    """A reload keeps the registration as it started (a bad table was refused by ``check``): the
+    entries are the instance's identity in the registry, changed by a restart, which says so."""
+    if id(app) in _RUNNING and settings(app.config) != _RUNNING[id(app)]:
+        log.warning("registration settings changed; they apply at the next restart", key=WHERE)
+
+
+@hookimpl
+def sluice_shutdown(app):
+    _RUNNING.pop(id(app), None)
 
 
 # --- the sidecar: ``sluice register`` ------------------------------------------------------

@@ -43,6 +43,13 @@ def etcd_entries(url: str, prefix: str) -> dict[str, dict]:
     return {base64.b64decode(kv["key"]).decode(): json.loads(base64.b64decode(kv["value"])) for kv in kvs}
 
 
+def etcd_lease(url: str, key: str) -> str:
+    """The id of the lease ``key`` is attached to."""
+    body = json.dumps({"key": b64(key)}).encode()
+    with urllib.request.urlopen(urllib.request.Request(f"{url}/v3/kv/range", body), timeout=5) as answer:
+        return json.loads(answer.read())["kvs"][0]["lease"]
+
+
 class ZooKeeperReader:
     def __init__(self, hosts: str) -> None:
         self.kazoo = KazooClient(hosts=hosts)
@@ -287,6 +294,43 @@ def test_etcd_down_at_start_then_registered_once_it_is_up(tmp_path, etcd_prefix)
     finally:
         proxy.stop()
         server.stop()
+
+
+def test_etcd_lease_lost_mid_run_is_registered_again(etcd_server, etcd_prefix, tmp_path):
+    """The lease revoked under the instance (as an expiry during a long outage does): its keepalive
+    learns the lease is gone, and it registers anew under a new lease, logging both."""
+    proxy = Running("-c", config(tmp_path, etcd_table(etcd_server.url, etcd_prefix, ttl=3)))
+    try:
+        poll(lambda: etcd_entries(etcd_server.url, etcd_prefix), DEADLINE, "registered", proxy)
+        lease = etcd_lease(etcd_server.url, f"{etcd_prefix}edge-1")
+        body = json.dumps({"ID": lease}).encode()
+        urllib.request.urlopen(urllib.request.Request(f"{etcd_server.url}/v3/lease/revoke", body), timeout=5).close()
+        assert not etcd_entries(etcd_server.url, etcd_prefix)
+        proxy.wait_for_output("registration lost")
+        poll(lambda: etcd_entries(etcd_server.url, etcd_prefix), DEADLINE, "registered again", proxy)
+        assert etcd_lease(etcd_server.url, f"{etcd_prefix}edge-1") != lease
+        assert answers(proxy.url + "/")  # served on throughout
+    finally:
+        proxy.stop()
+
+
+def test_a_reload_keeps_the_registration_and_says_a_changed_table_needs_a_restart(etcd_server, etcd_prefix, tmp_path):
+    path = config(tmp_path, etcd_table(etcd_server.url, etcd_prefix, ttl=30))
+    proxy = Running("-c", path)
+    try:
+        before = poll(lambda: etcd_entries(etcd_server.url, etcd_prefix), DEADLINE, "registered", proxy)
+        with open(path) as file:
+            text = file.read()
+        with open(path, "w") as file:
+            file.write(text.replace("weight = 5", "weight = 6"))
+        proxy.signal(signal.SIGHUP)
+        proxy.wait_for_output("registration settings changed; they apply at the next restart")
+        assert etcd_entries(etcd_server.url, etcd_prefix) == before
+        proxy.signal(signal.SIGTERM)  # the reloaded instance still deregisters as it stops
+        poll(lambda: not etcd_entries(etcd_server.url, etcd_prefix), 5, "deregistered", proxy)
+        assert proxy.wait() == 0
+    finally:
+        proxy.stop()
 
 
 # --- sluice run, ZooKeeper ---------------------------------------------------------------------------
