@@ -24,6 +24,7 @@ from sluice.plugins.etcd import EtcdClient
 from sluice.plugins.registry_entries import endpoint_of
 from sluice.testing import serve
 
+from .servers import free_port
 from .servers.etcd import etcd_server_process
 from .test_discovery import named, until
 from .test_discovery_dns import addresses, seen
@@ -233,3 +234,47 @@ async def test_etcd_stopped_mid_run_keeps_the_set_and_the_watch_resumes(tmp_path
             assert not [e for e in logs if e["event"] == "endpoints changed" and e["total"] == 0]
     finally:
         await trio.to_thread.run_sync(server.stop)
+
+
+async def test_a_compaction_while_etcd_was_away_forces_a_full_read(tmp_path, start_origin):
+    """What changed while the watch was cut is compacted away: the source follows the full read."""
+    a = await start_origin(named("a"))
+    b = await start_origin(named("b"))
+    server = etcd_server_process(tmp_path)
+    # The same store on another client port: changed and compacted where the proxy cannot see.
+    hidden = etcd_server_process(tmp_path, peer=server.peer_port)
+    await trio.to_thread.run_sync(server.start)
+    try:
+        async with EtcdClient(server.url, timeout=2) as etcd:
+            await etcd.put("/services/app/a", entry(a))
+        with capture_logs() as logs:
+            async with serve(cfg(server.url, "/services/app/"), plugins=PLUGINS) as proxy:
+                assert addresses(proxy) == {a.address}
+                await trio.to_thread.run_sync(server.stop)
+                await trio.to_thread.run_sync(hidden.start)
+                async with EtcdClient(hidden.url, timeout=2) as writer:
+                    await writer.delete("/services/app/a")
+                    await writer.compact(await writer.put("/services/app/b", entry(b)))
+                await trio.to_thread.run_sync(hidden.stop)
+                await trio.to_thread.run_sync(server.start)
+                await until(lambda: addresses(proxy) == {b.address}, timeout=10)
+                async with httpx.AsyncClient(base_url=proxy.url) as client:
+                    assert await seen(client, 3) == {"b"}
+        assert any(e["event"] == "etcd.watch.resync" for e in logs)
+        assert not [e for e in logs if e["event"] == "endpoints changed" and e["total"] == 0]
+    finally:
+        await trio.to_thread.run_sync(hidden.stop)
+        await trio.to_thread.run_sync(server.stop)
+
+
+async def test_a_member_that_does_not_answer_is_left_for_the_next(etcd_server, etcd_prefix, start_origin):
+    a = await start_origin(named("a"))
+    async with EtcdClient(etcd_server.url) as etcd:
+        await etcd.put(etcd_prefix + "a", entry(a))
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+    data = cfg(None, etcd_prefix, address=None, endpoints=[dead, etcd_server.url], timeout=0.5)
+    with capture_logs() as logs:
+        async with serve(data, plugins=PLUGINS) as proxy:
+            assert addresses(proxy) == {a.address}
+    failed = [e["error"] for e in logs if e["event"] == "discovery failed"]
+    assert failed == [f"etcd at http://{dead} did not answer within 0.5s"]
