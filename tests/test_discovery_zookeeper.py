@@ -18,6 +18,8 @@ from sluice.control.config import parse
 from sluice.plugins.zookeeper import open_zookeeper
 from sluice.testing import serve
 
+from .servers import free_port
+from .servers.zookeeper import zookeeper_server_process
 from .test_discovery import named, until
 from .test_discovery_dns import addresses, seen
 from .test_discovery_etcd import entry, kill_one_of_three
@@ -128,3 +130,40 @@ async def test_the_source_s_session_expiry_is_recovered_and_the_set_stays_right(
                           f"{trio.current_time() - expired:.2f}s after the expiry was forced")
                     assert await seen(client, 6) == {"a", "b"}
         assert not [e for e in logs if e["event"] == "endpoints changed" and e["total"] == 0]
+
+
+async def test_zookeeper_restarted_mid_run_keeps_the_set_and_the_watch_resumes(tmp_path, start_origin):
+    a = await start_origin(named("a"))
+    b = await start_origin(named("b"))
+    server = zookeeper_server_process(tmp_path)
+    await trio.to_thread.run_sync(server.start)
+    try:
+        async with open_zookeeper(server.hosts) as zk:
+            await zk.create("/services/app/a", entry(a), makepath=True)
+        with capture_logs() as logs:
+            async with serve(cfg(server.hosts, "/services/app"), plugins=PLUGINS) as proxy:
+                async with httpx.AsyncClient(base_url=proxy.url) as client:
+                    assert await seen(client, 3) == {"a"}
+                    await trio.to_thread.run_sync(server.stop)
+                    await until(lambda: any(e["event"] == "discovery failed" and "connection to ZooKeeper was lost"
+                                            in e["error"] for e in logs), timeout=10)
+                    assert await seen(client, 3) == {"a"}  # the last set serves on
+                    await trio.to_thread.run_sync(server.start)  # same port, same data
+                    async with open_zookeeper(server.hosts) as zk:
+                        await zk.create("/services/app/b", entry(b))
+                    await until(lambda: addresses(proxy) == {a.address, b.address}, timeout=10)
+                    assert await seen(client, 6) == {"a", "b"}
+        assert not [e for e in logs if e["event"] == "endpoints changed" and e["total"] == 0]
+    finally:
+        await trio.to_thread.run_sync(server.stop)
+
+
+async def test_no_zookeeper_at_start_is_reported_naming_the_hosts():
+    hosts = f"127.0.0.1:{free_port()}"  # nothing listens there
+    with capture_logs() as logs:
+        async with serve(cfg(hosts, "/services/app", timeout=0.5, initial_timeout=1.5), plugins=PLUGINS) as proxy:
+            assert not addresses(proxy)
+            async with httpx.AsyncClient(base_url=proxy.url) as client:
+                assert (await client.get("/")).status_code == 503
+    failed = [e["error"] for e in logs if e["event"] == "discovery failed"]
+    assert failed and all(error.startswith(f"ZooKeeper at {hosts}: no connection") for error in failed), failed
