@@ -25,7 +25,7 @@ from kazoo.exceptions import NoNodeError
 from sluice.plugins.etcd.codec import b64, prefix_end
 from sluice.plugins.registration import endpoint_json
 
-from .proc import ROOT, SLUICE, Running, free_port, poll, sluice
+from .proc import ROOT, SLUICE, Running, ThreadOrigin, free_port, poll, sluice
 from .servers.etcd import etcd_server_process
 
 DEADLINE = 10
@@ -130,6 +130,12 @@ def answers(url: str) -> int:
             return answer.status
     except urllib.error.HTTPError as error:
         return error.code
+
+
+def body(url: str) -> str:
+    """The body ``url`` answers, over a connection of its own."""
+    with urllib.request.urlopen(url, timeout=DEADLINE) as answer:
+        return answer.read().decode()
 
 
 def port_of(proxy: Running) -> str:
@@ -434,3 +440,58 @@ def test_etcd_entry_goes_as_the_drain_begins_while_a_request_is_in_flight(etcd_s
     finally:
         proxy.stop()
         app.close()
+
+
+def test_what_registration_writes_the_discovery_sources_read():
+    from sluice.plugins.registry_entries import endpoint_of
+
+    spec = endpoint_of(endpoint_json("10.0.0.1:8080", 7, "z1", {"v": "2"}))
+    assert (spec.host, spec.port, spec.weight, spec.zone, dict(spec.metadata)) == ("10.0.0.1", 8080, 7, "z1", {"v": "2"})
+
+
+def test_three_sidecars_feed_an_etcd_discovered_cluster_and_a_killed_one_leaves_within_the_ttl(
+        etcd_server, etcd_prefix, tmp_path):
+    """The issue's scenario end to end: 3 apps registered by `sluice register`, a proxy whose
+    cluster discovers them in etcd; the sidecar of one is SIGKILLed (the app stays up: only the
+    registry says it is gone) and traffic is off it within the lease's TTL."""
+    origins = {name: ThreadOrigin(body=name.encode()) for name in ("a", "b", "c")}
+    sidecars = {name: Sidecar("--store", "etcd", "--address", etcd_server.url, "--prefix", etcd_prefix,
+                              "--service", origin.address, "--ttl", "2", "--id", name)
+                for name, origin in origins.items()}
+    path = tmp_path / "discovered.toml"
+    path.write_text(f"""
+[[listeners]]
+address = "127.0.0.1:0"
+filters = ["router"]
+
+[clusters.app]
+policy = "round_robin"  # 12 requests see every endpoint: a set without b means b is gone
+discovery = {{ source = "etcd", address = "{etcd_server.url}", prefix = "{etcd_prefix}" }}
+
+[[routes]]
+match = {{ prefix = "/" }}
+cluster = "app"
+""")
+    proxy = None
+    try:
+        poll(lambda: len(etcd_entries(etcd_server.url, etcd_prefix)) == 3, DEADLINE, "three registered")
+        proxy = Running("-c", str(path))
+
+        def seen(n: int = 12) -> set[str]:
+            return {body(proxy.url + "/") for _ in range(n)}
+
+        poll(lambda: seen() == {"a", "b", "c"}, DEADLINE, "all three served", proxy)
+        killed = time.monotonic()
+        sidecars["b"].proc.kill()
+        poll(lambda: seen() == {"a", "c"}, DEADLINE, "traffic off b", proxy)
+        moved = time.monotonic() - killed
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        for sidecar in sidecars.values():
+            sidecar.stop()
+        for origin in origins.values():
+            origin.close()
+    print(f"etcd discovery: traffic off a SIGKILLed sidecar's app {moved:.2f} s after (lease TTL 2 s)",
+          file=sys.stderr)
+    assert moved <= 2 + 1.5  # the TTL, etcd's expiry check, the watch and the poll
