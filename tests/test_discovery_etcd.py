@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 
 import httpx
 import pytest
@@ -119,11 +120,19 @@ def hold(script: str, *args: str) -> subprocess.Popen:
     """A process running ``script`` (a registration holder), once it has printed "ready"."""
     holder = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
-    for line in holder.stdout:  # (structlog's lines may come first, on stdout)
-        if line == "ready\n":
-            return holder
-    holder.wait(5)
-    raise AssertionError(f"the holder exited: {holder.stderr.read()}")
+    deadline = threading.Timer(20, holder.kill)  # one that never gets ready ends the wait, not the test run
+    deadline.start()
+    try:
+        for line in holder.stdout:  # (structlog's lines may come first, on stdout)
+            if line == "ready\n":
+                return holder
+        holder.wait(5)
+        raise AssertionError(f"the holder exited (or was not ready within 20 s): {holder.stderr.read()}")
+    except BaseException:
+        stop([holder])
+        raise
+    finally:
+        deadline.cancel()
 
 
 def stop(holders: list[subprocess.Popen]) -> None:
