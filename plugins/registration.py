@@ -96,7 +96,7 @@ class RegistrationConfig(FilterConfig):
     prefix: str | None = None
     path: str | None = None
     ttl: PositiveInt = 10
-    instance_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}", min_length=1)
+    instance_id: str | None = Field(None, min_length=1)  # None: <hostname>-<pid> of the registering process
     services: list[Service] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -215,10 +215,11 @@ async def keep_registered(store: str, address: str, entries: list[Entry], ttl: i
 def entries_for(config: RegistrationConfig, addresses: dict[str, str]) -> list[Entry]:
     """The (key or prefix, JSON) pairs ``config`` registers; ``addresses``: listener name -> host:port."""
     out = []
+    instance_id = config.instance_id or f"{socket.gethostname()}-{os.getpid()}"
     for i, service in enumerate(config.services):
         address = service.address if service.address is not None else addresses[service.listener]
         if config.store == "etcd":
-            key = f"{config.prefix}{config.instance_id}" + (f"-{i}" if i else "")
+            key = f"{config.prefix}{instance_id}" + (f"-{i}" if i else "")
         else:
             key = f"{config.path.rstrip('/')}/instance-"
         out.append((key, endpoint_json(address, service.weight, service.zone, service.metadata)))

@@ -50,6 +50,11 @@ def etcd_lease(url: str, key: str) -> str:
         return json.loads(answer.read())["kvs"][0]["lease"]
 
 
+def registered(entries: dict, services: int = 2) -> dict:
+    """``entries`` once every service of ``config()`` is in (they are written one after another)."""
+    return entries if len(entries) == services else {}
+
+
 class ZooKeeperReader:
     def __init__(self, hosts: str) -> None:
         self.kazoo = KazooClient(hosts=hosts)
@@ -253,7 +258,7 @@ def test_etcd_registered_after_start_once_with_two_workers_and_gone_right_after_
         etcd_server, etcd_prefix, tmp_path):
     proxy = Running("-c", config(tmp_path, etcd_table(etcd_server.url, etcd_prefix, ttl=30)), "--workers", "2")
     try:
-        entries = poll(lambda: etcd_entries(etcd_server.url, etcd_prefix), DEADLINE, "registered", proxy)
+        entries = poll(lambda: registered(etcd_entries(etcd_server.url, etcd_prefix)), DEADLINE, "registered", proxy)
         assert entries == {
             f"{etcd_prefix}edge-1": {"address": port_of(proxy), "weight": 1, "zone": "z1",
                                      "metadata": {"role": "gateway"}},
@@ -275,7 +280,7 @@ def test_etcd_registered_after_start_once_with_two_workers_and_gone_right_after_
 def test_etcd_entry_is_gone_within_the_ttl_after_sigkill(etcd_server, etcd_prefix, tmp_path):
     proxy = Running("-c", config(tmp_path, etcd_table(etcd_server.url, etcd_prefix, ttl=2)))
     try:
-        poll(lambda: etcd_entries(etcd_server.url, etcd_prefix), DEADLINE, "registered", proxy)
+        poll(lambda: registered(etcd_entries(etcd_server.url, etcd_prefix)), DEADLINE, "registered", proxy)
         killed = time.monotonic()
         proxy.signal(signal.SIGKILL)
         poll(lambda: not etcd_entries(etcd_server.url, etcd_prefix), DEADLINE, "expired", proxy)
@@ -293,7 +298,7 @@ def test_etcd_down_at_start_then_registered_once_it_is_up(tmp_path, etcd_prefix)
         proxy.wait_for_output("registration lost")
         assert answers(proxy.url + "/")  # serving on meanwhile
         server.start()
-        entries = poll(lambda: etcd_entries(server.url, etcd_prefix), DEADLINE, "registered", proxy)
+        entries = poll(lambda: registered(etcd_entries(server.url, etcd_prefix)), DEADLINE, "registered", proxy)
         assert entries[f"{etcd_prefix}edge-1"]["address"] == port_of(proxy)
         proxy.stop()
         poll(lambda: not etcd_entries(server.url, etcd_prefix), 5, "deregistered", proxy)
@@ -307,7 +312,7 @@ def test_etcd_lease_lost_mid_run_is_registered_again(etcd_server, etcd_prefix, t
     learns the lease is gone, and it registers anew under a new lease, logging both."""
     proxy = Running("-c", config(tmp_path, etcd_table(etcd_server.url, etcd_prefix, ttl=3)))
     try:
-        poll(lambda: etcd_entries(etcd_server.url, etcd_prefix), DEADLINE, "registered", proxy)
+        poll(lambda: registered(etcd_entries(etcd_server.url, etcd_prefix)), DEADLINE, "registered", proxy)
         lease = etcd_lease(etcd_server.url, f"{etcd_prefix}edge-1")
         body = json.dumps({"ID": lease}).encode()
         urllib.request.urlopen(urllib.request.Request(f"{etcd_server.url}/v3/lease/revoke", body), timeout=5).close()
@@ -324,7 +329,7 @@ def test_a_reload_keeps_the_registration_and_says_a_changed_table_needs_a_restar
     path = config(tmp_path, etcd_table(etcd_server.url, etcd_prefix, ttl=30))
     proxy = Running("-c", path)
     try:
-        before = poll(lambda: etcd_entries(etcd_server.url, etcd_prefix), DEADLINE, "registered", proxy)
+        before = poll(lambda: registered(etcd_entries(etcd_server.url, etcd_prefix)), DEADLINE, "registered", proxy)
         with open(path) as file:
             text = file.read()
         with open(path, "w") as file:
@@ -345,7 +350,7 @@ def test_zookeeper_registered_once_with_two_workers_and_gone_right_after_sigterm
         zookeeper_server, zk_chroot, zk_reader, tmp_path):
     proxy = Running("-c", config(tmp_path, zk_table(zookeeper_server.hosts, zk_chroot, ttl=10)), "--workers", "2")
     try:
-        entries = poll(lambda: len(zk_reader.entries(zk_chroot)) == 2 and zk_reader.entries(zk_chroot),
+        entries = poll(lambda: registered(zk_reader.entries(zk_chroot)),
                        DEADLINE, "registered", proxy)
         assert all(name.startswith("instance-") for name in entries)
         assert sorted(entries.values(), key=lambda e: e["weight"]) == [
@@ -365,7 +370,7 @@ def test_zookeeper_node_is_gone_within_the_session_timeout_after_sigkill(
         zookeeper_server, zk_chroot, zk_reader, tmp_path):
     proxy = Running("-c", config(tmp_path, zk_table(zookeeper_server.hosts, zk_chroot, ttl=2)))
     try:
-        poll(lambda: zk_reader.entries(zk_chroot), DEADLINE, "registered", proxy)
+        poll(lambda: registered(zk_reader.entries(zk_chroot)), DEADLINE, "registered", proxy)
         killed = time.monotonic()
         proxy.signal(signal.SIGKILL)
         poll(lambda: not zk_reader.entries(zk_chroot), DEADLINE, "expired", proxy)
@@ -374,6 +379,43 @@ def test_zookeeper_node_is_gone_within_the_session_timeout_after_sigkill(
         proxy.stop()
     print(f"zookeeper: the node went {gone:.2f} s after SIGKILL (session timeout 2 s)", file=sys.stderr)
     assert gone <= 2 + 1.0
+
+
+def test_entries_default_to_a_key_per_host_and_pid_and_zookeeper_nodes_are_sequential():
+    import os
+    import socket
+
+    from sluice.plugins.registration import RegistrationConfig, entries_for
+
+    services = [{"listener": "public"}, {"address": "10.0.0.1:80"}]
+    etcd = RegistrationConfig(store="etcd", address="x", prefix="/p/", services=services)
+    assert [key for key, _ in entries_for(etcd, {"public": "127.0.0.1:4000"})] == \
+        [f"/p/{socket.gethostname()}-{os.getpid()}", f"/p/{socket.gethostname()}-{os.getpid()}-1"]
+    zk = RegistrationConfig(store="zookeeper", address="x", path="/services/app/", services=services)
+    entries = entries_for(zk, {"public": "127.0.0.1:4000"})
+    assert [key for key, _ in entries] == ["/services/app/instance-"] * 2
+    assert json.loads(entries[0][1])["address"] == "127.0.0.1:4000"
+
+
+def test_zookeeper_down_at_start_then_registered_once_it_is_up(tmp_path, zk_chroot):
+    from .servers.zookeeper import zookeeper_server_process
+
+    server = zookeeper_server_process(tmp_path / "store")
+    proxy = Running("-c", config(tmp_path, zk_table(server.hosts, zk_chroot, ttl=2)))
+    reader = None
+    try:
+        proxy.wait_for_output("registration lost")
+        assert answers(proxy.url + "/")  # serving on meanwhile
+        server.start()
+        reader = ZooKeeperReader(server.hosts)
+        entries = poll(lambda: registered(reader.entries(zk_chroot)), DEADLINE,
+                       "registered", proxy)
+        assert port_of(proxy) in {entry["address"] for entry in entries.values()}
+    finally:
+        proxy.stop()
+        if reader is not None:
+            reader.close()
+        server.stop()
 
 
 # --- sluice register -----------------------------------------------------------------------------------
@@ -427,7 +469,7 @@ def test_etcd_entry_goes_as_the_drain_begins_while_a_request_is_in_flight(etcd_s
     answer: list[int] = []
     client = threading.Thread(target=lambda: answer.append(answers(proxy.url + "/slow")), daemon=True)
     try:
-        poll(lambda: etcd_entries(etcd_server.url, etcd_prefix), DEADLINE, "registered", proxy)
+        poll(lambda: registered(etcd_entries(etcd_server.url, etcd_prefix)), DEADLINE, "registered", proxy)
         client.start()
         assert app.arrived.wait(DEADLINE)
         proxy.signal(signal.SIGTERM)
@@ -446,7 +488,8 @@ def test_what_registration_writes_the_discovery_sources_read():
     from sluice.plugins.registry_entries import endpoint_of
 
     spec = endpoint_of(endpoint_json("10.0.0.1:8080", 7, "z1", {"v": "2"}))
-    assert (spec.host, spec.port, spec.weight, spec.zone, dict(spec.metadata)) == ("10.0.0.1", 8080, 7, "z1", {"v": "2"})
+    assert (spec.host, spec.port, spec.weight, spec.zone) == ("10.0.0.1", 8080, 7, "z1")
+    assert dict(spec.metadata) == {"v": "2"}
 
 
 def test_three_sidecars_feed_an_etcd_discovered_cluster_and_a_killed_one_leaves_within_the_ttl(
