@@ -189,8 +189,9 @@ def _store_error(exc: BaseException) -> BaseException | None:
 async def keep_registered(store: str, address: str, entries: list[Entry], ttl: int, until: trio.Event) -> None:
     """Hold ``entries`` in ``store`` until ``until`` is set, then delete them.
 
-    Never raises for the store: one that is down or drops us is retried with backoff, logging
-    ``registration lost``, and ``registered`` once the entries are in again.
+    Never raises: a store that is down or drops us is retried with backoff, logging
+    ``registration lost``, and ``registered`` once the entries are in again; anything else is
+    logged as ``registration failed`` (with its traceback, in sluice's log) and retried alike.
     """
     backoff = BACKOFF_FIRST
     while not until.is_set():
@@ -201,12 +202,13 @@ async def keep_registered(store: str, address: str, entries: list[Entry], ttl: i
                 await until.wait()
             log.info("deregistered", store=store, entries=[key for key, _ in entries])
             return
-        except Exception as exc:  # noqa: BLE001 - only the store's errors are swallowed
+        except Exception as exc:  # noqa: BLE001 - registering must never take the proxy down
             error = _store_error(exc)
-            if error is None:
-                raise
-            log.warning("registration lost", store=store, error=str(error) or type(error).__name__,
-                        retry_in=backoff)
+            if error is None:  # not the store being away: a bug, or an answer we do not expect
+                log.error("registration failed", store=store, retry_in=backoff, exc_info=exc)
+            else:
+                log.warning("registration lost", store=store, error=str(error) or type(error).__name__,
+                            retry_in=backoff)
         with trio.move_on_after(backoff):
             await until.wait()
         backoff = min(backoff * 2, BACKOFF_MAX)
@@ -255,7 +257,7 @@ async def _register_app(app, config: RegistrationConfig) -> None:
     # Registered once every listener serves (App.serve fills app.addresses as each starts).
     while len(app.addresses) < len(app.listeners):
         await trio.sleep(0.02)
-    bound = {listener.name: url.split("://", 1)[1] for listener, url in app._urls.items()}
+    bound = {listener.name: url.split("://", 1)[1] for listener, url in zip(app.listeners, app.addresses)}
     await keep_registered(config.store, config.address, entries_for(config, bound), config.ttl, app._stop)
 
 

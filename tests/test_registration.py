@@ -16,13 +16,17 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from contextlib import asynccontextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import trio
 from kazoo.client import KazooClient
 from kazoo.exceptions import NoNodeError
+from structlog.testing import capture_logs
 
 from sluice.plugins.etcd.codec import b64, prefix_end
+from sluice.plugins import registration
 from sluice.plugins.registration import endpoint_json
 
 from .proc import ROOT, SLUICE, Running, ThreadOrigin, free_port, poll, sluice
@@ -250,6 +254,31 @@ def test_register_refuses_bad_arguments_in_one_line(args, message):
     result = sluice("register", *args)
     assert result.returncode == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+async def test_an_unexpected_error_is_logged_and_retried_never_raised(monkeypatch):
+    """Registering never takes the proxy down: an error that is not the store being away (a
+    bug; no real store answers this way, so a store that raises one stands in) is logged as
+    ``registration failed`` and retried like an outage."""
+    tries, second = [], trio.Event()
+
+    @asynccontextmanager
+    async def store(address, entries, ttl):
+        tries.append(address)
+        if len(tries) == 1:
+            raise KeyError("a bug")
+        second.set()
+        yield
+
+    monkeypatch.setitem(registration.STORES, "etcd", store)
+    until = trio.Event()
+    with capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(registration.keep_registered, "etcd", "x", [("/k", b"{}")], 2, until)
+            with trio.fail_after(DEADLINE):
+                await second.wait()
+            until.set()
+    assert [entry["event"] for entry in logs] == ["registration failed", "registered", "deregistered"]
 
 
 # --- sluice run, etcd -------------------------------------------------------------------------------
