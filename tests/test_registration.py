@@ -452,8 +452,9 @@ def test_zookeeper_down_at_start_then_registered_once_it_is_up(tmp_path, zk_chro
 def test_register_sidecar_in_etcd_follows_the_health_check_and_deregisters_on_sigterm(etcd_server, etcd_prefix):
     health = App()
     app = f"127.0.0.1:{free_port()}"
-    sidecar = Sidecar("--store", "etcd", "--address", etcd_server.url, "--prefix", etcd_prefix, "--service", app,
-                      "--weight", "7", "--zone", "z2", "--ttl", "5", "--id", "app-1",
+    # host:port, as an operator writes it (the scheme is optional)
+    sidecar = Sidecar("--store", "etcd", "--address", etcd_server.url.removeprefix("http://"), "--prefix", etcd_prefix,
+                      "--service", app, "--weight", "7", "--zone", "z2", "--ttl", "5", "--id", "app-1",
                       "--check", health.health, "--check-interval", "0.2")
     try:
         entries = poll(lambda: etcd_entries(etcd_server.url, etcd_prefix), DEADLINE, "registered")
