@@ -138,6 +138,9 @@ Entry = tuple[str, bytes]  # (etcd key or ZooKeeper prefix, JSON)
 
 
 # --- the stores ------------------------------------------------------------------------
+# Each client is imported when its store is used: an instance that registers nowhere (or in
+# etcd only) does not load kazoo and its threads. ZooKeeper's ``ttl`` is the session timeout
+# asked for; the server grants it within its own minSessionTimeout..maxSessionTimeout.
 
 @asynccontextmanager
 async def _etcd(address: str, entries: list[Entry], ttl: int) -> AsyncIterator[None]:
