@@ -150,6 +150,10 @@ def sluice_shutdown(app: App) -> Awaitable[None] | None:
     """Called once per worker after the listeners drained, before exit.
 
     May return an awaitable; it runs shielded, under the drain timeout.
+    To act when the stop *begins* (deregister from a registry, so traffic
+    moves away while the requests in flight finish), wait on
+    ``app.stopping`` in a task started from ``sluice_startup``;
+    ``app.listening`` is set once every listener accepts.
     """
 
 

@@ -257,11 +257,10 @@ def sluice_filters():
 
 
 async def _register_app(app, config: RegistrationConfig) -> None:
-    # Registered once every listener serves (App.serve fills app.addresses as each starts).
-    while len(app.addresses) < len(app.listeners):
-        await trio.sleep(0.02)
+    # Registered once every listener serves; deregistered as the stop begins, before the drain.
+    await app.listening.wait()
     bound = {listener.name: url.split("://", 1)[1] for listener, url in zip(app.listeners, app.addresses)}
-    await keep_registered(config.store, config.address, entries_for(config, bound), config.ttl, app._stop)
+    await keep_registered(config.store, config.address, entries_for(config, bound), config.ttl, app.stopping)
 
 
 _RUNNING: dict[int, RegistrationConfig | None] = {}  # by id(app): what worker 0 registered at start

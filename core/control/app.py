@@ -75,6 +75,7 @@ class App:
         # The admin listener's token (checked, and read from its env var or file, here: at build).
         self.admin_token = admin_token(config.admin) if config.admin.enabled else None
         self._stop = None
+        self.listening: trio.Event | None = None  # set once every listener accepts (run())
         self._reload_wanted: trio.Event | None = None
         self.health_checks: dict[str, HealthCheck] = {}
         self.discoveries: dict[str, Discovery] = {}  # clusters with a discovery source
@@ -298,6 +299,7 @@ class App:
     async def run(self, *, reuse_port: bool = False, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve until ``stop()``; then drain and shut down. Reports bound addresses."""
         self._stop = trio.Event()
+        self.listening = trio.Event()
         self._reload_wanted = trio.Event()
         self._reuse_port = reuse_port
         self._size_listeners()
@@ -334,6 +336,7 @@ class App:
                 for listener, sock in zip(self.listeners, sockets, strict=True):
                     await self.serve(listener, sock)
                 task_status.started(self.addresses)
+                self.listening.set()
                 for warning in self.warnings:
                     log.warning("config warning", worker=self.worker_index, warning=warning)
                 log.info("started", worker=self.worker_index, codec=self.codec.name,
@@ -467,6 +470,17 @@ class App:
                             max_connections=wanted, carried=budget, fd_limit=fd_limit)
             log.info("connection slots", listener=listener.name, max_connections=listener.slots.limit,
                      configured=wanted is not None)
+
+    @property
+    def stopping(self) -> trio.Event:
+        """Set when a graceful stop begins, before the listeners drain.
+
+        For a plugin that must act first, in a task it started from ``sluice_startup``:
+        a registry entry deleted here moves traffic away while the requests in flight
+        finish (``sluice_shutdown`` runs only after the drain). With ``listening``, set
+        once every listener accepts, it brackets the time this worker serves.
+        """
+        return self._stop
 
     def stop(self) -> None:
         """Begin a graceful stop (safe to call from a signal handler task)."""
