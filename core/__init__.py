@@ -12,7 +12,7 @@ from .hookspecs import hookimpl
 from .messages import Headers, Request, Response
 from .protocol.events import ProtocolError
 from .proxy.context import Context
-from .proxy.filters import CONTINUE, Continue, Filter, FilterConfig, LocalReply
+from .proxy.filters import CONTINUE, Continue, Filter, FilterConfig, LocalReply, SettingsOnly
 from .proxy.flags import FLAGS, Flag
 from .proxy.routes import RetryPolicy, Route
 from .upstream.cluster import Balancer, BalancerConfig, Cluster, Endpoint
@@ -42,6 +42,7 @@ __all__ = [
     "RetryPolicy",
     "Route",
     "ServerTransport",
+    "SettingsOnly",
     "Transport",
     "UpstreamError",
     "hookimpl",

@@ -57,7 +57,7 @@ import structlog
 import trio
 from pydantic import Field, PositiveInt, ValidationError, model_validator
 
-from sluice import ConfigError, Filter, FilterConfig, hookimpl
+from sluice import ConfigError, FilterConfig, SettingsOnly, hookimpl
 from sluice.addresses import parse_hostport
 from sluice.control.config import format_errors
 
@@ -233,18 +233,13 @@ def entries_for(config: RegistrationConfig, addresses: dict[str, str]) -> list[E
 
 # --- the plugin --------------------------------------------------------------------------
 
-class Registration(Filter):
+class Registration(SettingsOnly):
     """Self-registration (README, Operating sluice, Self-registration).
 
     Owns ``[filters.registration]``; it is not a traffic filter and is never in a chain."""
 
     name = "registration"
     Config = RegistrationConfig
-
-    @classmethod
-    def from_config(cls, config, app=None):
-        raise ConfigError("registration is not a traffic filter: configure it under [filters.registration] "
-                          "and leave it out of listeners' filters")
 
     @classmethod
     def check(cls, config, app):

@@ -135,13 +135,15 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import structlog
 from pydantic import BaseModel, ConfigDict
 
+from ..errors import ConfigError
+
 if TYPE_CHECKING:
     from ..messages import Headers, Request, Response
     from .context import Context
 
 _log = structlog.get_logger("sluice.filter")
 
-__all__ = ["CONTINUE", "Continue", "Filter", "FilterConfig", "LocalReply", "PHASES"]
+__all__ = ["CONTINUE", "Continue", "Filter", "FilterConfig", "LocalReply", "PHASES", "SettingsOnly"]
 
 
 class Continue:
@@ -261,6 +263,22 @@ class Filter:
 REQUEST_PHASES = ("on_request_headers", "on_request_body", "on_request_trailers")
 RESPONSE_PHASES = ("on_response_headers", "on_response_body", "on_response_trailers")
 PHASES = (*REQUEST_PHASES, *RESPONSE_PHASES, "on_complete")
+
+
+class SettingsOnly(Filter):
+    """A plugin's settings under ``[filters.NAME]``, for a plugin that is not a traffic filter.
+
+    Alerting and self-registration run from lifecycle hooks, yet their settings
+    belong beside the other plugins' (validated by ``Config``, key paths,
+    ``sluice check``, ``--set``). Such a class implements no phase and refuses a
+    place in a chain; ``sluice plugins`` shows it as "hooks only". Override
+    ``check`` to test the settings against the rest of the config.
+    """
+
+    @classmethod
+    def from_config(cls, config: FilterConfig, app: Any = None) -> Filter:
+        raise ConfigError(f"{cls.name} is not a traffic filter: configure it under [filters.{cls.name}] "
+                          "and leave it out of listeners' filters")
 
 
 def overrides(filter_: Filter | type[Filter], phase: str) -> bool:

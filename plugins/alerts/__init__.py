@@ -54,7 +54,7 @@ from pathlib import Path
 import structlog
 import trio
 
-from sluice import ConfigError, Filter, hookimpl
+from sluice import ConfigError, SettingsOnly, hookimpl
 
 from .engine import Alerting
 from .settings import AlertsConfig, settings
@@ -66,18 +66,13 @@ log = structlog.get_logger("sluice.alerts")
 _RUNNING: dict[int, tuple[Alerting, trio.CancelScope]] = {}  # by id(app)
 
 
-class Alerts(Filter):
+class Alerts(SettingsOnly):
     """Alerting rules and their webhook (README, Operating sluice, Alerts).
 
     Owns ``[filters.alerts]``; it is not a traffic filter and is never in a chain."""
 
     name = "alerts"
     Config = AlertsConfig
-
-    @classmethod
-    def from_config(cls, config, app=None):
-        raise ConfigError("alerts is not a traffic filter: configure it under [filters.alerts] "
-                          "and leave it out of listeners' filters")
 
     @classmethod
     def check(cls, config, app):
