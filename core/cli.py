@@ -9,6 +9,12 @@
     sluice stop --pid-file PATH | -c FILE [--fast]  SIGTERM (drain), or SIGQUIT (--fast)
     sluice version, sluice --version             the installed version
     sluice new-plugin NAME [--dir PATH]          a new plugin's project: PATH/sluice-NAME/
+    sluice register --store etcd|zookeeper ...   a sidecar: keep an app registered (plugins/registration.py)
+
+The module runs in the order a reader meets it: argument parsing and the
+one-line config; ``run`` (build, reserve ports, serve, signals, reload
+re-reads); then one ``cmd_*`` per command, each short, calling into the
+package that does the work (``sluice.scaffold``, ``sluice.plugins.registration``).
 
 A serving process (the one process, or each worker) takes SIGTERM/SIGINT
 as drain and stop, SIGQUIT as stop now, SIGHUP as reload and SIGUSR1 as
