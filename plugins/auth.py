@@ -1,7 +1,8 @@
 """Plugin ``auth``: the ``api_key`` and ``basic`` filters.
 
 Both answer 401 with a ``WWW-Authenticate`` challenge, record who passed in
-``ctx.vars["auth.user"]``, and by default remove the credential before the
+``ctx.vars["auth.user"]`` and how in ``ctx.vars["auth.method"]`` (``"api_key"``:
+the key's name; ``"basic"``: the user), and by default remove the credential before the
 request goes upstream. A route opts out with
 ``filters = { api_key = { disabled = true } }``.
 
@@ -57,6 +58,7 @@ class ApiKey(Filter):
         if owner is None:
             return LocalReply(401, "missing or invalid API key\n", self._challenge)
         ctx.vars["auth.user"] = owner
+        ctx.vars["auth.method"] = "api_key"
         if not self.config.forward_key:
             request.headers.remove(self._header)
         return CONTINUE
@@ -125,6 +127,7 @@ class Basic(Filter):
         if not sep or hashed is None or not await self._check(user, password, hashed):
             return self._deny()
         ctx.vars["auth.user"] = user.decode("utf-8", "replace")
+        ctx.vars["auth.method"] = "basic"
         if not self.config.forward_credentials:
             request.headers.remove(b"authorization")
         return CONTINUE

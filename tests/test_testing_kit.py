@@ -308,6 +308,7 @@ async def test_run_filter_api_key_denies_then_admits():
     admitted = await run_filter(ApiKey, {"keys": {"ci": DIGEST}}, request=("GET", "/x", {"x-api-key": KEY}),
                                 response=(200, [("content-type", "text/plain")]), response_body=[b"hello"])
     assert admitted.local_reply is None and admitted.ctx.vars["auth.user"] == "ci"
+    assert admitted.ctx.vars["auth.method"] == "api_key"
     assert "x-api-key" not in admitted.request.headers  # removed before the upstream
     assert admitted.request.headers.get("x-request-id")  # the proxy's forwarding rules ran first
     assert (admitted.response.status, admitted.response_body) == (200, b"hello")
