@@ -1,0 +1,270 @@
+"""Where a provider's verification keys come from: a secret, a JWKS file, or a JWKS fetched through a cluster.
+
+Every source answers ``keys_for(parsed)`` (the keys that may verify this
+token) without I/O; only a remote JWKS ever waits, in ``refetch``, and
+only for a fetch that is already running or that the rate limit allows.
+
+- ``Secret``: one HMAC key from a file or an environment variable, the
+  only way an HS algorithm gets a key (a JWKS's symmetric keys are
+  dropped), so a provider's public RSA key can never serve as an HMAC
+  secret: HS/RS confusion has no key to work with.
+- ``JwksFile``: read at load (a bad file is a config error), then watched
+  by its stat (inode, size, mtime) every ``file_poll`` seconds; a file that
+  becomes bad keeps the last good set and is logged once until fixed.
+- ``RemoteJwks``: fetched through the provider's cluster at open, then
+  every ``cache_ttl``; an unknown ``kid`` fetches again at once, at most
+  once per ``refetch_interval``, and every request that meets the unknown
+  kid meanwhile waits for that one fetch. A failed fetch keeps the last
+  good set (stale while error), is retried with a backoff (1 s doubling up
+  to ``cache_ttl``, at most 60 s), logged once per outage (``jwks fetch
+  failed``, then ``jwks fetch recovered`` with ``down_for``) and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import structlog
+import trio
+from joserfc import jwk
+from joserfc.errors import JoseError
+
+from .fetch import FetchError, get
+from .tokens import Parsed, key_fits
+
+__all__ = ["JwksFile", "RemoteJwks", "Secret", "load_jwks"]
+
+log = structlog.get_logger("sluice.jwt")
+
+MAX_JWKS_BYTES = 1 << 20
+
+
+class KeyIndex:
+    """A key set as looked up per token: by kid, else every key fitting the algorithm."""
+
+    def __init__(self, keys: list[Any]) -> None:
+        self.keys = keys
+        self.by_kid = {k.kid: k for k in keys if k.kid}
+
+    def candidates(self, parsed: Parsed) -> list[Any] | None:
+        """Keys that may verify ``parsed``; None when its kid is not in the set."""
+        if parsed.kid is not None:
+            key = self.by_kid.get(parsed.kid)
+            if key is None:
+                return None
+            return [key] if key_fits(key, parsed.alg) else []
+        return [k for k in self.keys if key_fits(k, parsed.alg)]
+
+
+def load_jwks(data: bytes | str) -> tuple[KeyIndex, list[str]]:
+    """A JWKS document's usable public keys, and what was skipped (for the log).
+
+    ValueError when the document is not a JWKS or holds no usable key.
+    Symmetric (``oct``) keys are always skipped: HMAC keys come from a
+    provider's secret only. Keys whose ``use`` is not ``sig`` are skipped.
+    """
+    try:
+        doc = json.loads(data)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
+        raise ValueError('not a JWKS: no "keys" list')
+    keys, skipped = [], []
+    for i, entry in enumerate(doc["keys"]):
+        if not isinstance(entry, dict):
+            skipped.append(f"keys[{i}]: not an object")
+            continue
+        if entry.get("kty") == "oct":
+            skipped.append(f"keys[{i}]: symmetric key ignored (HMAC keys come from a secret)")
+            continue
+        if entry.get("use", "sig") != "sig":
+            skipped.append(f"keys[{i}]: use is {entry.get('use')!r}")
+            continue
+        public = {k: v for k, v in entry.items() if k not in ("d", "p", "q", "dp", "dq", "qi", "oth")}
+        try:
+            keys.append(jwk.import_key(public))
+        except (JoseError, ValueError, TypeError, KeyError) as exc:
+            skipped.append(f"keys[{i}]: {type(exc).__name__}: {exc}")
+    if not keys:
+        raise ValueError("no usable signing key" + (f" ({'; '.join(skipped)})" if skipped else ""))
+    return KeyIndex(keys), skipped
+
+
+class Secret:
+    """An HMAC secret (HS256/384/512) from a file or an environment variable."""
+
+    def __init__(self, secret: bytes) -> None:
+        self.index = KeyIndex([jwk.OctKey.import_key(secret)])
+
+    @classmethod
+    def read(cls, file: str | None, env: str | None) -> Secret:
+        if file is not None:
+            return cls(Path(file).read_bytes().strip())
+        value = os.environ.get(env or "")
+        if not value:
+            raise ValueError(f"environment variable {env} is not set")
+        return cls(value.encode())
+
+    def keys_for(self, parsed: Parsed) -> list[Any] | None:
+        return self.index.candidates(parsed)
+
+    async def refetch(self) -> bool:
+        return False
+
+    async def run(self) -> None:
+        return
+
+
+def _stat_key(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+class JwksFile:
+    """A local JWKS file, reloaded when it changes."""
+
+    def __init__(self, provider: str, path: str, poll: float) -> None:
+        self.provider = provider
+        self.path = Path(path)
+        self.poll = poll
+        self.seen = _stat_key(self.path)
+        self.index, skipped = load_jwks(self.path.read_bytes())
+        self.broken = False
+        if skipped:
+            log.warning("jwks keys skipped", provider=provider, skipped=skipped)
+
+    def keys_for(self, parsed: Parsed) -> list[Any] | None:
+        return self.index.candidates(parsed)
+
+    async def refetch(self) -> bool:
+        return False
+
+    async def run(self) -> None:
+        while True:
+            await trio.sleep(self.poll)
+            now = _stat_key(self.path)
+            if now == self.seen:
+                continue
+            self.seen = now
+            try:
+                index, skipped = load_jwks(await trio.Path(self.path).read_bytes())
+            except (OSError, ValueError) as exc:
+                if not self.broken:
+                    log.error("jwks file invalid", provider=self.provider, path=str(self.path), error=str(exc),
+                              keeping=len(self.index.keys))
+                self.broken = True
+                continue
+            self.index, self.broken = index, False
+            log.info("jwks file reloaded", provider=self.provider, path=str(self.path), keys=len(index.keys),
+                     skipped=skipped or None)
+
+
+class RemoteJwks:
+    """A JWKS fetched through a cluster: cached, refreshed, refetched on an unknown kid."""
+
+    def __init__(self, provider: str, app: Any, cluster: str, uri: str, *, cache_ttl: float,
+                 refetch_interval: float, timeout: float, fetches: Any) -> None:
+        self.provider = provider
+        self.app = app
+        self.cluster = cluster
+        parts = urlsplit(uri)
+        self.host = parts.netloc
+        self.target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self.cache_ttl = cache_ttl
+        self.refetch_interval = refetch_interval
+        self.timeout = timeout
+        self.index: KeyIndex | None = None
+        self.last_attempt = float("-inf")  # monotonic time the last fetch started
+        self.down_since: float | None = None
+        self._done: trio.Event | None = None  # set when the fetch in flight ends
+        self._nursery: Any = None
+        self._ok = fetches.labels(provider, "ok")
+        self._failed = fetches.labels(provider, "failed")
+        self._limited = fetches.labels(provider, "rate_limited")
+
+    def keys_for(self, parsed: Parsed) -> list[Any] | None:
+        if self.index is None:
+            return None
+        return self.index.candidates(parsed)
+
+    @property
+    def available(self) -> bool:
+        return self.index is not None
+
+    async def refetch(self) -> bool:
+        """Fetch again for a request (unknown kid, or no set yet), waiting at most ``timeout``.
+
+        Joins the fetch in flight, else starts one if the last began
+        ``refetch_interval`` ago or more; False when rate limited (or not
+        running), True once a fetch ended (whatever it found)."""
+        done = self._done
+        if done is None:
+            if self._nursery is None or time.monotonic() - self.last_attempt < self.refetch_interval:
+                self._limited.inc()
+                return False
+            done = self._start()
+        with trio.move_on_after(self.timeout + 0.5):
+            await done.wait()
+        return True
+
+    def _start(self) -> trio.Event:
+        self._done = done = trio.Event()
+        self.last_attempt = time.monotonic()
+        self._nursery.start_soon(self._fetch, done)
+        return done
+
+    async def _fetch(self, done: trio.Event) -> None:
+        try:
+            cluster = self.app.clusters.get(self.cluster)
+            if cluster is None:
+                raise FetchError(f"cluster {self.cluster!r} is gone")
+            body = await get(self.app.pool, cluster, self.target, self.host, timeout=self.timeout,
+                             max_bytes=MAX_JWKS_BYTES)
+            try:
+                index, skipped = load_jwks(body)
+            except ValueError as exc:
+                raise FetchError(str(exc)) from None
+        except FetchError as exc:
+            self._failed.inc()
+            if self.down_since is None:
+                self.down_since = time.monotonic()
+                log.error("jwks fetch failed", provider=self.provider, cluster=self.cluster, target=self.target,
+                          error=str(exc), keeping=len(self.index.keys) if self.index else 0)
+            return
+        finally:
+            self._done = None
+            done.set()
+        self._ok.inc()
+        if self.down_since is not None:
+            log.info("jwks fetch recovered", provider=self.provider, cluster=self.cluster,
+                     down_for=round(time.monotonic() - self.down_since, 3))
+            self.down_since = None
+        old = set(self.index.by_kid) if self.index else set()
+        if set(index.by_kid) != old or self.index is None:
+            log.info("jwks fetched", provider=self.provider, keys=len(index.keys), kids=sorted(index.by_kid),
+                     skipped=skipped or None)
+        self.index = index
+
+    async def run(self) -> None:
+        """Fetch now, then every cache_ttl; after a failure, retry with a backoff."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            backoff = 1.0
+            while True:
+                done = self._done or self._start()
+                await done.wait()
+                if self.down_since is None:
+                    backoff = 1.0
+                    wait = self.cache_ttl
+                else:
+                    wait = backoff
+                    backoff = min(backoff * 2, self.cache_ttl, 60.0)
+                await trio.sleep(max(0.0, self.last_attempt + wait - time.monotonic()))

@@ -1,0 +1,320 @@
+"""The jwt filter: every way a token is refused (401 with RFC 6750's challenge, never a 500),
+algorithm confusion, token sources, claims to headers, scopes, per-route settings, and the contract
+battery. Remote JWKS through a cluster (rotation, refetch rate limit, outages): test_jwt_jwks.py."""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import subprocess
+import tempfile
+from pathlib import Path
+
+import httpx
+import pytest
+from joserfc import jwk, jwt
+
+import sluice.plugins.jwt as jwt_plugin
+from sluice import ConfigError
+from sluice.plugins.jwt import Jwt
+from sluice.testing import contract, run_filter
+
+from .jwt_support import EC, ISSUER, RSA, RSA2, claims, sign, write_jwks
+
+EXTRA = {"jwt": jwt_plugin}
+# The battery's settings are built at import: a JWKS file that lives as long as the test process.
+_KEYS_DIR = tempfile.TemporaryDirectory(prefix="sluice-jwt-")
+JWKS_FILE = write_jwks(Path(_KEYS_DIR.name) / "jwks.json", RSA, EC)
+
+
+def provider(**over) -> dict:
+    return {"issuer": ISSUER, "audiences": ["api"], "jwks_file": JWKS_FILE, **over}
+
+
+def settings(**over) -> dict:
+    return {"providers": {"main": provider(**over)}}
+
+
+def bearer(token: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {token}")]
+
+
+async def refused(token: str | None, headers=None, **over):
+    run = await run_filter(Jwt, settings(**over), request=("GET", "/", headers or bearer(token)))
+    assert run.local_reply is not None, "admitted"
+    events = [e for e in run.log if e["event"] == "jwt refused"]
+    assert len(events) == 1 and run.ctx.vars == {}
+    return run.local_reply, events[0]
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def forged(header: dict, payload: dict, signature: str = "c2ln") -> str:
+    return f"{b64(json.dumps(header).encode())}.{b64(json.dumps(payload).encode())}.{signature}"
+
+
+# -- admitted -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key", [RSA, EC], ids=["RS256", "ES256"])
+async def test_a_valid_token_is_admitted_and_the_identity_recorded(key):
+    run = await run_filter(Jwt, settings(), request=("GET", "/", bearer(sign(key))))
+    assert run.local_reply is None
+    assert run.ctx.vars["auth.user"] == "alice" and run.ctx.vars["auth.method"] == "jwt"
+    assert run.ctx.vars["jwt.provider"] == "main" and run.ctx.vars["jwt.claims"]["aud"] == "api"
+    assert run.request.headers.get("authorization") is None  # stripped by default
+
+
+async def test_a_token_without_kid_is_tried_against_the_keys_of_its_algorithm():
+    run = await run_filter(Jwt, settings(), request=("GET", "/", bearer(sign(EC, kid=None))))
+    assert run.local_reply is None
+
+
+# -- refused: every code ----------------------------------------------------------------
+
+async def test_a_missing_token_gets_the_bare_challenge():
+    reply, event = await refused(None, headers=[("authorization", "Basic YTpi")])
+    assert reply.status == 401 and reply.headers == [("www-authenticate", 'Bearer realm="sluice"')]
+    assert event["reason"] == "missing"
+
+
+def _exp_past():
+    return sign(exp=1_000)
+
+
+CASES = {
+    "too_large": lambda: sign(pad="x" * 9000),
+    "malformed": lambda: "abc.def",
+    "jwe-5-parts": lambda: "a.b.c.d.e",
+    "bad_base64": lambda: "eyJhbGciOiJSUzI1NiJ9.e30.***",
+    "bad_base64-length": lambda: "eyJhbGciOiJSUzI1NiJ9.e30AA.c2ln",
+    "bad_json": lambda: f"{b64(b'{not json')}.{b64(b'{}')}.c2ln",
+    "bad_json-array": lambda: f"{b64(b'[1]')}.{b64(b'{}')}.c2ln",
+    "no-alg": lambda: forged({"kid": "rsa-1"}, claims()),
+    "alg-none": lambda: forged({"alg": "none"}, claims(), signature="").rstrip(".") + ".",
+    "alg-none-signed": lambda: forged({"alg": "none"}, claims()),
+    "alg-unknown": lambda: forged({"alg": "XX999", "kid": "rsa-1"}, claims()),
+    "unknown_kid": lambda: sign(RSA2),
+    "bad_signature": lambda: sign()[:-6] + ("AAAAAA" if not sign().endswith("AAAAAA") else "BBBBBB"),
+    "bad_signature-other-key-same-kid": lambda: sign(RSA2, kid="rsa-1"),
+    "bad_signature-truncated": lambda: sign().rsplit(".", 1)[0] + ".c2ln",
+    "no_key-ec-kid-for-rs": lambda: sign(RSA, kid="ec-1"),
+    "expired": _exp_past,
+    "not_yet_valid": lambda: sign(nbf=9_999_999_999),
+    "missing_exp": lambda: sign(exp=None),
+    "bad_claim": lambda: sign(exp="tomorrow"),
+    "wrong_issuer": lambda: sign(iss="https://evil.test"),
+    "wrong_audience": lambda: sign(aud=["other", "more"]),
+}
+EXPECTED = {"jwe-5-parts": "malformed", "bad_base64-length": "bad_base64", "bad_json-array": "bad_json",
+            "no-alg": "malformed", "alg-none": "malformed", "alg-none-signed": "alg_not_allowed",
+            "alg-unknown": "alg_not_allowed", "bad_signature-other-key-same-kid": "bad_signature",
+            "bad_signature-truncated": "bad_signature", "no_key-ec-kid-for-rs": "no_key"}
+
+
+@pytest.mark.parametrize("case", CASES)
+async def test_each_bad_token_is_a_401_with_its_code(case):
+    code = EXPECTED.get(case, case)
+    reply, event = await refused(CASES[case]())
+    assert reply.status == 401 and event["reason"] == code
+    (name, challenge), = reply.headers
+    assert name == "www-authenticate"
+    assert challenge.startswith('Bearer realm="sluice", error="invalid_token", error_description="')
+    assert f'error_description="{code}: ' in challenge
+
+
+async def test_alg_none_is_refused_even_when_the_config_asks_for_it():
+    with pytest.raises(ConfigError, match=r"filters.jwt.providers.main.*'none' is never accepted"):
+        await run_filter(Jwt, settings(algorithms=["RS256", "none"]))
+
+
+async def test_hs_rs_confusion_the_public_key_as_an_hmac_secret_is_refused():
+    # The classic attack: sign HS256 with the provider's *public* RSA key as the HMAC secret
+    # (by hand, as an attacker would: joserfc itself refuses to make such a key).
+    public_pem = RSA.as_pem(private=False)
+    head = forged({"alg": "HS256", "kid": "rsa-1"}, claims()).rsplit(".", 1)[0]
+    token = f"{head}.{b64(hmac.digest(public_pem, head.encode(), 'sha256'))}"
+    reply, event = await refused(token)
+    assert event["reason"] == "alg_not_allowed"
+    # and a JWKS provider cannot be configured to accept HS at all
+    with pytest.raises(ConfigError, match=r"filters.jwt.providers.main.*'HS256' not allowed here"):
+        await run_filter(Jwt, settings(algorithms=["RS256", "HS256"]))
+
+
+async def test_a_symmetric_key_in_a_jwks_is_never_used(tmp_path):
+    secret = jwk.OctKey.import_key(b"k" * 32, parameters={"kid": "oct"})
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps({"keys": [secret.as_dict(private=True), RSA.as_dict(private=False)]}))
+    token = jwt.encode({"alg": "HS256", "kid": "oct"}, claims(), secret, algorithms=["HS256"])
+    run = await run_filter(Jwt, settings(jwks_file=str(path)), request=("GET", "/", bearer(token)))
+    assert run.local_reply.status == 401
+    assert [e["reason"] for e in run.log if e["event"] == "jwt refused"] == ["alg_not_allowed"]
+
+
+async def test_an_hs_provider_verifies_with_its_secret_only(tmp_path, monkeypatch):
+    secret = b"a-long-shared-secret-of-32-bytes!"
+    (tmp_path / "secret").write_bytes(secret + b"\n")
+    monkeypatch.setenv("JWT_TEST_SECRET", secret.decode())
+    hs = jwk.OctKey.import_key(secret)
+    for source in ({"secret_file": str(tmp_path / "secret")}, {"secret_env": "JWT_TEST_SECRET"}):
+        over = {"jwks_file": None, **source}
+        ok = await run_filter(Jwt, settings(**over), request=("GET", "/", bearer(sign(hs, kid=None))))
+        assert ok.local_reply is None and ok.ctx.vars["auth.user"] == "alice"
+        reply, event = await refused(sign(RSA), **over)  # an RS token for an HS provider
+        assert event["reason"] == "alg_not_allowed"
+    with pytest.raises(ConfigError, match=r"providers.main.*'RS256' not allowed here: a secret"):
+        await run_filter(Jwt, settings(jwks_file=None, secret_env="JWT_TEST_SECRET", algorithms=["RS256"]))
+
+
+async def test_clock_skew_tolerates_small_differences_only():
+    import time
+    now = int(time.time())
+    ok = await run_filter(Jwt, settings(clock_skew=30), request=("GET", "/", bearer(sign(exp=now - 10))))
+    assert ok.local_reply is None
+    ok = await run_filter(Jwt, settings(clock_skew=30), request=("GET", "/", bearer(sign(nbf=now + 10))))
+    assert ok.local_reply is None
+    _, event = await refused(sign(exp=now - 40), clock_skew=30)
+    assert event["reason"] == "expired"
+    _, event = await refused(sign(nbf=now + 40), clock_skew=30)
+    assert event["reason"] == "not_yet_valid"
+
+
+async def test_config_errors_name_the_key_path(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"keys": []}')
+    with pytest.raises(ConfigError, match=r"filters.jwt.providers.main.jwks_file: no usable signing key"):
+        await run_filter(Jwt, settings(jwks_file=str(bad)))
+    with pytest.raises(ConfigError, match=r"filters.jwt.providers.main.*exactly one key source"):
+        await run_filter(Jwt, settings(secret_env="X"))
+    with pytest.raises(ConfigError, match=r"filters.jwt.providers.main.cluster: no cluster 'keys'"):
+        await run_filter(Jwt, settings(jwks_file=None, jwks_uri="http://idp/jwks", cluster="keys"))
+
+
+# -- sources, forwarding, claims, scopes: through a real proxy ---------------------------
+
+def proxy_config(routes=None, **over) -> dict:
+    cfg = {"filters": {"jwt": settings(**over)}}
+    if routes is not None:
+        cfg["routes"] = routes
+    return cfg
+
+
+async def test_cookie_and_named_header_sources(origin, sluice_proxy):
+    proxy = await sluice_proxy(filters=["jwt", "router"], extra=EXTRA, config=proxy_config(
+        header="x-token", cookie="session"))
+    token = sign()
+    by_header = await proxy.client.get("/a", headers={"x-token": token})
+    by_cookie = await proxy.client.get("/b", headers={"cookie": f"theme=dark; session={token}; lang=en"})
+    bearer_ignored = await proxy.client.get("/c", headers={"authorization": f"Bearer {token}"})
+    assert (by_header.status_code, by_cookie.status_code, bearer_ignored.status_code) == (200, 200, 401)
+    assert origin.requests[0].header("x-token") is None  # stripped
+    assert origin.requests[1].header("cookie") == "theme=dark; lang=en"  # the token's cookie alone removed
+
+
+async def test_forward_keeps_the_token(origin, sluice_proxy):
+    proxy = await sluice_proxy(filters=["jwt", "router"], extra=EXTRA, config=proxy_config(forward=True))
+    token = sign()
+    assert (await proxy.client.get("/", headers={"authorization": f"Bearer {token}"})).status_code == 200
+    assert origin.requests[0].header("authorization") == f"Bearer {token}"
+
+
+async def test_claims_become_headers_and_forged_copies_are_removed(origin, sluice_proxy):
+    proxy = await sluice_proxy(filters=["jwt", "router"], extra=EXTRA, config=proxy_config(
+        claims_to_headers={"sub": "x-user", "groups": "x-groups", "tenant": "x-tenant", "nested": "x-nested"}))
+    token = sign(groups=["admin", "ops"], nested={"a": 1})
+    r = await proxy.client.get("/", headers=[("authorization", f"Bearer {token}"), ("x-user", "mallory"),
+                                             ("x-tenant", "forged"), ("x-groups", "root")])
+    assert r.status_code == 200
+    seen = origin.requests[0]
+    assert [v for n, v in seen.headers if n == "x-user"] == ["alice"]
+    assert seen.header("x-groups") == "admin,ops"
+    assert seen.header("x-tenant") is None  # not a claim of this token: the forged copy is gone all the same
+    assert seen.header("x-nested") is None  # an object is not a header value
+
+
+async def test_scopes_per_route_give_403_insufficient_scope(origin, sluice_proxy):
+    routes = [
+        {"match": {"prefix": "/admin"}, "cluster": "origin", "filters": {"jwt": {"scopes": ["admin", "write"]}}},
+        {"match": {"prefix": "/"}, "cluster": "origin"},
+    ]
+    proxy = await sluice_proxy(filters=["jwt", "router"], extra=EXTRA, config=proxy_config(routes))
+    reader, admin, scp = sign(scope="read"), sign(scope="read write admin"), sign(scp=["admin", "write"])
+    denied = await proxy.client.get("/admin/x", headers={"authorization": f"Bearer {reader}"})
+    assert denied.status_code == 403
+    assert denied.headers["www-authenticate"] == (
+        'Bearer realm="sluice", error="insufficient_scope", '
+        'error_description="the token lacks a required scope", scope="admin write"')
+    for token in (admin, scp):
+        assert (await proxy.client.get("/admin/x", headers={"authorization": f"Bearer {token}"})).status_code == 200
+    assert (await proxy.client.get("/other", headers={"authorization": f"Bearer {reader}"})).status_code == 200
+    assert [r.path for r in origin.requests] == ["/admin/x", "/admin/x", "/other"]
+
+
+async def test_per_route_disable_providers_and_all_of(origin, sluice_proxy, tmp_path):
+    other = jwk.RSAKey.generate_key(2048, parameters={"kid": "partner-1"})
+    cfg = {"filters": {"jwt": {"providers": {
+        "main": provider(),
+        "partner": {"issuer": "https://partner.test", "jwks_file": write_jwks(tmp_path / "p.json", other),
+                    "header": "x-partner-token"},
+    }}}, "routes": [
+        {"match": {"prefix": "/public"}, "cluster": "origin", "filters": {"jwt": {"disabled": True}}},
+        {"match": {"prefix": "/partner"}, "cluster": "origin", "filters": {"jwt": {"providers": ["partner"]}}},
+        {"match": {"prefix": "/both"}, "cluster": "origin", "filters": {"jwt": {"require": "all"}}},
+        {"match": {"prefix": "/"}, "cluster": "origin"},
+    ]}
+    proxy = await sluice_proxy(filters=["jwt", "router"], extra=EXTRA, config=cfg)
+    main = {"authorization": f"Bearer {sign()}"}
+    partner = {"x-partner-token": sign(other, iss="https://partner.test", aud=None)}
+    get = proxy.client.get
+    assert (await get("/public/x")).status_code == 200
+    assert (await get("/partner", headers=main)).status_code == 401
+    assert (await get("/partner", headers=partner)).status_code == 200
+    assert (await get("/any", headers=partner)).status_code == 200  # any of the providers
+    assert (await get("/any", headers=main)).status_code == 200
+    assert (await get("/both", headers=main)).status_code == 401
+    assert (await get("/both", headers={**main, **partner})).status_code == 200
+
+
+async def test_a_route_naming_an_unknown_provider_is_a_config_error(origin, sluice_proxy):
+    routes = [{"match": {"prefix": "/"}, "cluster": "origin", "filters": {"jwt": {"providers": ["nope"]}}}]
+    with pytest.raises(ConfigError, match=r"routes\[0\].filters.jwt.providers\[0\]: unknown provider 'nope'"):
+        await sluice_proxy(filters=["jwt", "router"], extra=EXTRA, config=proxy_config(routes))
+
+
+async def test_decisions_are_counted_by_provider_and_outcome(origin, sluice_proxy):
+    counter = jwt_plugin._DECISIONS()
+    allowed, expired = counter.labels("main", "allowed"), counter.labels("main", "expired")
+    before = allowed._value.get(), expired._value.get()
+    proxy = await sluice_proxy(filters=["jwt", "router"], extra=EXTRA, config=proxy_config())
+    for token in (sign(), sign(), _exp_past()):
+        await proxy.client.get("/", headers={"authorization": f"Bearer {token}"})
+    assert (allowed._value.get() - before[0], expired._value.get() - before[1]) == (2, 1)
+
+
+# -- real clients ------------------------------------------------------------------------
+
+async def test_curl_and_httpx_see_the_challenge_and_get_through(origin, sluice_proxy):
+    import trio
+    proxy = await sluice_proxy(filters=["jwt", "router"], extra=EXTRA, config=proxy_config())
+    token = sign(EC)
+    out = await trio.to_thread.run_sync(lambda: subprocess.run(
+        ["curl", "-s", "-i", "-H", "Authorization: Bearer " + token + "x", proxy.url + "/curl"],
+        capture_output=True, timeout=10).stdout.decode())
+    assert out.startswith("HTTP/1.1 401") and 'error_description="bad_signature: ' in out
+    ok = await trio.to_thread.run_sync(lambda: subprocess.run(
+        ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--oauth2-bearer", token, proxy.url + "/curl"],
+        capture_output=True, timeout=10).stdout.decode())
+    assert ok == "200"
+    async with httpx.AsyncClient(base_url=proxy.url) as client:
+        r = await client.get("/httpx", headers={"authorization": f"Bearer {token}"})
+        missing = await client.get("/httpx")
+    assert r.status_code == 200 and missing.status_code == 401
+    assert missing.headers["www-authenticate"] == 'Bearer realm="sluice"'
+    assert [r.path for r in origin.requests] == ["/curl", "/httpx"]
+
+
+# The filter contract, every scenario, with a token the filter admits on every request.
+test_contract = contract.battery("jwt", settings=settings(), extra=EXTRA,
+                                 request_headers={"authorization": f"Bearer {sign(exp=4_000_000_000)}"})
