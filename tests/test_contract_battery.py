@@ -25,6 +25,8 @@ from sluice.control.registry import Plugins
 from sluice.proxy.filters import PHASES, overrides
 from sluice.testing import contract
 
+from .jwt_support import ISSUER, RSA, sign, write_jwks
+
 # -- every built-in filter (`sluice plugins`), and the example plugin's ---------
 
 test_router = contract.battery("router")
@@ -53,6 +55,18 @@ def _htpasswd() -> str:
 test_basic = contract.battery(
     "basic", settings={"htpasswd": _htpasswd()},
     request_headers={"authorization": "Basic YmF0dGVyeTpwYTU1"})  # battery:pa55
+
+
+def _jwks() -> str:
+    """A JWKS file for the jwt filter, made at collection like the htpasswd above."""
+    folder = tempfile.mkdtemp(prefix="sluice-battery-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return write_jwks(Path(folder) / "jwks.json", RSA)
+
+
+test_jwt = contract.battery(
+    "jwt", settings={"providers": {"battery": {"issuer": ISSUER, "jwks_file": _jwks()}}},
+    request_headers={"authorization": f"Bearer {sign(exp=4_000_000_000)}"})  # valid until 2096
 
 
 def _source_module(path: Path) -> ModuleType:

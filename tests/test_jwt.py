@@ -18,7 +18,7 @@ from joserfc import jwk, jwt
 import sluice.plugins.jwt as jwt_plugin
 from sluice import ConfigError
 from sluice.plugins.jwt import Jwt
-from sluice.testing import contract, run_filter
+from sluice.testing import run_filter
 
 from .jwt_support import EC, ISSUER, RSA, RSA2, claims, sign, write_jwks
 
@@ -315,6 +315,4 @@ async def test_curl_and_httpx_see_the_challenge_and_get_through(origin, sluice_p
     assert [r.path for r in origin.requests] == ["/curl", "/httpx"]
 
 
-# The filter contract, every scenario, with a token the filter admits on every request.
-test_contract = contract.battery("jwt", settings=settings(), extra=EXTRA,
-                                 request_headers={"authorization": f"Bearer {sign(exp=4_000_000_000)}"})
+# The filter contract's battery for jwt is test_contract_battery.py's test_jwt, next to every built-in's.
