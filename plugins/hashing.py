@@ -40,18 +40,38 @@ until the table is full, weight turns per round, so each owns about its
 share of slots and removing one moves little more than its own slots. A key
 hashes to a slot; when that slot's endpoint is not eligible, the next slots
 are tried in order.
+
+**Rebuilds follow discovery off the event loop.** A ring of 1000 endpoints or
+a 65537-slot table takes 40-110 ms of pure Python to build: on the loop,
+every request of the worker would wait that long at each endpoint change.
+So when discovery changes the endpoints (``endpoints_changed``, on the loop)
+and the build is larger than ``INLINE_WORK``, the new structure is built in
+a thread (``trio.to_thread``) while the old one keeps serving; it is swapped
+in whole, in one assignment, when done. Meanwhile a key's pick walks the old
+structure and skips what is no longer eligible (an endpoint gone is not in
+the eligible list), so picks land on live endpoints only; an endpoint that
+joined is picked once the new structure is in. Changes that arrive while a
+build runs are coalesced: one build at a time, and a build whose endpoint
+list has changed again is dropped for a build of the latest list. Outside a
+trio run (scripts, tests of the tables) the build is done at once.
 """
 
 from __future__ import annotations
 
 import bisect
 import hashlib
+import heapq
 import random
 from collections.abc import Sequence
+from typing import Any
 
+import structlog
+import trio
 from pydantic import Field, field_validator
 
 from sluice import Balancer, BalancerConfig, Endpoint
+
+log = structlog.get_logger("sluice.balancer")
 
 __all__ = ["Maglev", "RingHash"]
 
@@ -99,31 +119,87 @@ class _HashSettings(BalancerConfig):
         return _check_key(value)
 
 
+class _Table:
+    """One built ring or table, with the endpoint list it was built over:
+    swapped whole, so a pick never sees owners of one list and endpoints of
+    another."""
+
+    __slots__ = ("endpoints", "index", "owners", "extra")
+
+    def __init__(self, endpoints: list[Endpoint], owners: list[int], extra: Any = None) -> None:
+        self.endpoints = endpoints
+        self.index = {id(e): i for i, e in enumerate(endpoints)}
+        self.owners = owners
+        self.extra = extra  # what a policy's position() needs besides owners (the ring's points)
+
+
 class _Hashing(Balancer):
     """What both hash policies share: the key, the walk to an eligible
-    endpoint, and the pick without a key. A subclass fills ``_owners`` (per
-    position of its ring or table, the index of an endpoint) and says where
-    a key lands (``position``)."""
+    endpoint, the pick without a key, and the rebuild off the loop. A
+    subclass builds a ``_Table`` from an endpoint list (``_build``, pure: it
+    may run in a thread) and says where a key lands (``position``)."""
 
-    _owners: list[int]
+    # A build bigger than this (ring points, or table slots) runs in a thread; smaller
+    # ones (about a millisecond) cost less than the thread hop and are done at once.
+    INLINE_WORK = 4096
 
     def __init__(self, endpoints, config=None, rng: random.Random | None = None) -> None:
         super().__init__(endpoints, config)
         self._read = key_reader(self.config.key)
         self._rng = rng or random.Random()
-        self._index = {id(e): i for i, e in enumerate(self.endpoints)}
-        self._build()
+        self._table = self._build(self.endpoints)
+        self._building = False  # a build runs in a thread
+        self._built = trio.Event()  # set when the table is over the current endpoint list
+        self._built.set()
+
+    @property
+    def _owners(self) -> list[int]:
+        return self._table.owners
 
     def endpoints_changed(self, endpoints) -> None:
         """Discovery changed the endpoints: the ring or table is built again
         over the new list (an endpoint's points come from its address, so
-        keys of endpoints that stayed mostly stay with them)."""
+        keys of endpoints that stayed mostly stay with them), off the loop
+        when it is large (see the module's docstring)."""
         super().endpoints_changed(endpoints)
-        self._index = {id(e): i for i, e in enumerate(self.endpoints)}
-        self._build()
+        if self._work(len(self.endpoints)) <= self.INLINE_WORK or not _in_trio():
+            if not self._building:
+                self._table = self._build(self.endpoints)
+                self._built.set()
+            return  # (a build running in a thread sees the list changed and builds again)
+        if self._built.is_set():
+            self._built = trio.Event()
+        if not self._building:
+            self._building = True
+            trio.lowlevel.spawn_system_task(self._rebuild, name=f"{self.name} rebuild")
 
-    def _build(self) -> None:  # pragma: no cover
-        """Fill ``_owners`` (and what ``position`` needs) from ``self.endpoints``."""
+    async def _rebuild(self) -> None:
+        """Build until the table is over the latest list; a stale build is dropped."""
+        try:
+            while True:
+                wanted = self.endpoints
+                table = await trio.to_thread.run_sync(self._build, wanted, abandon_on_cancel=True)
+                if self.endpoints is wanted:
+                    self._table = table
+                    break
+        except trio.Cancelled:
+            raise  # (the run is ending)
+        except Exception as exc:  # a policy's bug: the old table serves on, picks skip what left
+            log.error("balancing policy failed to rebuild its table", policy=self.name, exc_info=exc)
+        finally:
+            self._building = False
+            self._built.set()
+
+    async def settled(self) -> None:
+        """Until the table is built over the current endpoint list (tests, benchmarks)."""
+        await self._built.wait()
+
+    def _work(self, count: int) -> int:  # pragma: no cover
+        """How big a build over ``count`` endpoints is (ring points or table slots)."""
+        raise NotImplementedError
+
+    def _build(self, endpoints: list[Endpoint]) -> _Table:  # pragma: no cover
+        """The ring or table over ``endpoints``; reads only them and the settings."""
         raise NotImplementedError
 
     def position(self, key: str) -> int:  # pragma: no cover
@@ -131,20 +207,21 @@ class _Hashing(Balancer):
 
     def pick(self, ctx, endpoints) -> Endpoint | None:
         key = self.key(ctx)
-        owners = self._owners
+        table = self._table  # (read once: a swap between here and the walk changes nothing)
+        owners = table.owners
         if key is None or not owners:
             return self._keyless(endpoints)
-        at = self.position(key)
-        eligible = self._eligible(endpoints)
+        at = self.position(key, table)
+        eligible = self._eligible(endpoints, table)
         if eligible is None:
-            return self.endpoints[owners[at]]
+            return table.endpoints[owners[at]]
         if eligible:
             n = len(owners)
             for step in range(n):
                 owner = owners[(at + step) % n]
                 if owner in eligible:
-                    return self.endpoints[owner]
-        return self._keyless(endpoints)  # none of the policy's own endpoints is eligible
+                    return table.endpoints[owner]
+        return self._keyless(endpoints)  # none of the table's endpoints is eligible
 
     def key(self, ctx) -> str | None:
         if ctx is None:
@@ -157,15 +234,18 @@ class _Hashing(Balancer):
             return endpoints[0]
         return self._rng.choices(endpoints, weights=[e.weight for e in endpoints])[0]
 
-    def _eligible(self, endpoints: Sequence[Endpoint]) -> set[int] | None:
-        """Indexes of the eligible endpoints; None when every endpoint is."""
-        if len(endpoints) == len(self.endpoints):
+    def _eligible(self, endpoints: Sequence[Endpoint], table: _Table) -> set[int] | None:
+        """Indexes in ``table`` of the eligible endpoints; None when every endpoint is."""
+        if len(endpoints) == len(table.endpoints) and table.endpoints is self.endpoints:
             return None
-        index = self._index
+        index = table.index
         return {index[id(e)] for e in endpoints if id(e) in index}
 
 
 # -- ring_hash (ketama) ------------------------------------------------------------------------
+
+
+_RUN = 8192  # ring entries sorted at once (about 1 ms)
 
 
 def ketama_points(label: str, hashes: int) -> list[int]:
@@ -191,28 +271,42 @@ class RingHash(_Hashing):
     class Config(_HashSettings):
         points_per_weight: int = Field(160, ge=4, le=10_000)  # points per endpoint of mean weight
 
-    def _build(self) -> None:
-        total = sum(e.weight for e in self.endpoints) or 1
-        count = len(self.endpoints)
+    def _work(self, count: int) -> int:
+        return count * self.config.points_per_weight
+
+    def _build(self, endpoints: list[Endpoint]) -> _Table:
+        total = sum(e.weight for e in endpoints) or 1
+        count = len(endpoints)
         # An endpoint's points depend only on its label and share: kept from the last
         # build, so a discovery change hashes the endpoints that joined, not all of them.
-        known = getattr(self, "_known", {})
-        self._known = {}
+        # (Read here, maybe in a thread, never written: the new table carries its own.)
+        table = getattr(self, "_table", None)
+        known = table.extra[1] if table is not None else {}
+        kept = {}
         # Each entry is point << 32 | index: one int sorts several times faster than a tuple.
         ring: list[int] = []
-        for i, endpoint in enumerate(self.endpoints):
+        for i, endpoint in enumerate(endpoints):
             hashes = endpoint.weight * count * self.config.points_per_weight // (4 * total)
             label = (endpoint.address, hashes)
-            points = self._known[label] = known.get(label) or ketama_points(endpoint.address, hashes)
+            points = kept[label] = known.get(label) or ketama_points(endpoint.address, hashes)
             ring += [point << 32 | i for point in points]
-        ring.sort()  # libketama's qsort by point; a tie (one in 2**32) goes to the lower index
-        self._points = [x >> 32 for x in ring]
-        self._owners = [x & 0xFFFFFFFF for x in ring]
+        # libketama's qsort by point; a tie (one in 2**32) goes to the lower index. Sorted in
+        # runs, then merged: one sort of 160k ints (1000 endpoints) holds the GIL ~40 ms, a
+        # stall of the loop even when this runs in a thread; the merge, Python code, yields
+        # the GIL every switch interval.
+        runs = [sorted(ring[at:at + _RUN]) for at in range(0, len(ring), _RUN)]
+        ring = list(heapq.merge(*runs)) if len(runs) > 1 else ring if not runs else runs[0]
+        return _Table(endpoints, [x & 0xFFFFFFFF for x in ring], ([x >> 32 for x in ring], kept))
 
-    def position(self, key: str) -> int:
+    @property
+    def _points(self) -> list[int]:
+        return self._table.extra[0]
+
+    def position(self, key: str, table: _Table | None = None) -> int:
         """The ring position a key lands on (libketama's ``ketama_get_server``)."""
-        at = bisect.bisect_left(self._points, ketama_hash(key))
-        return 0 if at == len(self._points) else at
+        points = (table or self._table).extra[0]
+        at = bisect.bisect_left(points, ketama_hash(key))
+        return 0 if at == len(points) else at
 
 
 # -- maglev ------------------------------------------------------------------------------------
@@ -284,10 +378,21 @@ class Maglev(_Hashing):
                 raise ValueError(f"should be a prime (e.g. 65537 or 655373), not {value}")
             return value
 
-    def _build(self) -> None:
-        self._owners = maglev_table([e.address for e in self.endpoints], [e.weight for e in self.endpoints],
-                                    self.config.table_size)
+    def _work(self, count: int) -> int:
+        return self.config.table_size if count else 0
 
-    def position(self, key: str) -> int:
+    def _build(self, endpoints: list[Endpoint]) -> _Table:
+        return _Table(endpoints, maglev_table([e.address for e in endpoints], [e.weight for e in endpoints],
+                                              self.config.table_size))
+
+    def position(self, key: str, table: _Table | None = None) -> int:
         """The table slot a key lands on."""
-        return _hash64(key) % len(self._owners)
+        return _hash64(key) % len((table or self._table).owners)
+
+
+def _in_trio() -> bool:
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        return False
+    return True

@@ -5,6 +5,8 @@ balancers follow, a reload keeps an unchanged cluster's source running."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import httpx
 import pytest
 import trio
@@ -383,6 +385,69 @@ def test_maglev_rebuilds_its_table_over_the_new_endpoints():
     policy.endpoints_changed([eps[0], eps[2]])
     assert {policy.endpoints[i] for i in policy._owners} == {eps[0], eps[2]}
     assert len(policy._owners) == 1009
+
+
+class _Counted:
+    """A hash policy that counts its builds (the thread's and the inline ones)."""
+
+    builds = 0
+
+    def _build(self, endpoints):
+        type(self).builds += 1
+        return super()._build(endpoints)
+
+
+class _CountedMaglev(_Counted, Maglev):
+    pass
+
+
+class _CountedRing(_Counted, RingHash):
+    pass
+
+
+@pytest.mark.parametrize("policy_class", [_CountedMaglev, _CountedRing])
+async def test_a_large_table_is_rebuilt_off_the_loop_and_picks_meanwhile_land_on_live_endpoints(policy_class):
+    first = [Endpoint("10.0.0.1", 2000 + i) for i in range(1000)]
+    policy = policy_class(first, policy_class.Config())
+    policy_class.builds = 0
+    second = first[:900] + [Endpoint("10.0.0.2", 2000 + i) for i in range(100)]
+    policy.endpoints_changed(second)
+    assert not policy._built.is_set()  # a thread builds (65537 slots, 160k points)
+    ticks = 0
+    done = trio.Event()
+
+    async def tick():
+        nonlocal ticks
+        while not done.is_set():
+            ticks += 1
+            await trio.sleep(0)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(tick)
+        with trio.fail_after(10):
+            while not policy_class.builds:  # the thread has begun `second`'s build
+                await trio.sleep(0.001)
+        # More changes while the build for `second` runs: that build is dropped, the
+        # changes coalesce into one more build, of the last list.
+        third = second[:800] + [Endpoint("10.0.0.3", 2000 + i) for i in range(150)]
+        policy.endpoints_changed(third)
+        final = third[50:] + [Endpoint("10.0.0.4", 2000 + i) for i in range(50)]
+        policy.endpoints_changed(final)
+        live = set(final)
+        keys = [f"user-{i}" for i in range(300)]
+        assert policy._table.endpoints == first  # the old table still serves (same objects)
+        for key in keys:  # and a pick skips what is no longer eligible
+            assert policy.pick(SimpleNamespace(hash_key=key), final) in live
+        with trio.fail_after(30):
+            await policy.settled()
+        done.set()
+    assert ticks > 1  # the loop ran while the table was built
+    assert policy_class.builds == 2  # `second`'s build dropped, one for `final`
+    fresh = policy_class(final, policy_class.Config())
+    assert policy._table.endpoints is policy.endpoints
+    assert policy._owners == fresh._owners
+    for key in keys:  # the final table is the one a new policy over the final set builds
+        assert policy.pick(SimpleNamespace(hash_key=key), final) is fresh.pick(SimpleNamespace(hash_key=key), final)
 
 
 @pytest.mark.parametrize("bad", [{"host": ""}, {"port": 0}, {"port": 70000}, {"weight": 0}, {"weight": 1001}])

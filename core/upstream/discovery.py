@@ -49,11 +49,11 @@ change is a new endpoint; balancers rely on a fixed weight):
   table, drop state of endpoints gone); health checks follow the list.
 
 Each change is logged as ``endpoints changed`` (added, removed, total).
-Applying a snapshot runs on the event loop: a diff costs ~0.3 ms per 1000
-endpoints when nothing changed, and a change costs what the policy's
-rebuild does (``benchmarks/discovery_cost.py``: ring_hash ~5 ms at 100
-endpoints and ~120 ms at 1000; maglev's 65537-slot table 40-75 ms at any
-size; the others under 1 ms).
+Applying a snapshot runs on the event loop: a diff costs ~0.4 ms per 1000
+endpoints when nothing changed, and a change under 1 ms more for every
+built-in policy; ring_hash and maglev build a large ring or table in a
+thread and swap it in when done, so the loop stalls at most a GIL switch
+interval, ~5 ms, meanwhile (``benchmarks/discovery_cost.py``).
 Until the first snapshot the cluster has no endpoint and answers 503 (flag
 UH); a worker waits up to ``initial_timeout`` for every cluster's first
 snapshot before its listeners accept, then serves anyway (``discovery not
