@@ -13,8 +13,10 @@ only for a fetch that is already running or that the rate limit allows.
   becomes bad keeps the last good set and is logged once until fixed.
 - ``RemoteJwks``: fetched through the provider's cluster at open, then
   every ``cache_ttl``; an unknown ``kid`` fetches again at once, at most
-  once per ``refetch_interval``, and every request that meets the unknown
-  kid meanwhile waits for that one fetch. A failed fetch keeps the last
+  once per ``refetch_interval`` (the scheduled fetches do not count, so a
+  key published just after one is still picked up by the first token that
+  uses it), and every request that meets the unknown kid meanwhile waits
+  for that one fetch. A failed fetch keeps the last
   good set (stale while error), is retried with a backoff (1 s doubling up
   to ``cache_ttl``, at most 60 s), logged once per outage (``jwks fetch
   failed``, then ``jwks fetch recovered`` with ``down_for``) and counted.
@@ -183,6 +185,7 @@ class RemoteJwks:
         self.timeout = timeout
         self.index: KeyIndex | None = None
         self.last_attempt = float("-inf")  # monotonic time the last fetch started
+        self.last_refetch = float("-inf")  # and the last one a request asked for
         self.down_since: float | None = None
         self._done: trio.Event | None = None  # set when the fetch in flight ends
         self._nursery: Any = None
@@ -202,14 +205,16 @@ class RemoteJwks:
     async def refetch(self) -> bool:
         """Fetch again for a request (unknown kid, or no set yet), waiting at most ``timeout``.
 
-        Joins the fetch in flight, else starts one if the last began
-        ``refetch_interval`` ago or more; False when rate limited (or not
+        Joins the fetch in flight, else starts one if the last one a request
+        started began ``refetch_interval`` ago or more; False when rate limited (or not
         running), True once a fetch ended (whatever it found)."""
         done = self._done
         if done is None:
-            if self._nursery is None or time.monotonic() - self.last_attempt < self.refetch_interval:
+            now = time.monotonic()
+            if self._nursery is None or now - self.last_refetch < self.refetch_interval:
                 self._limited.inc()
                 return False
+            self.last_refetch = now
             done = self._start()
         with trio.move_on_after(self.timeout + 0.5):
             await done.wait()
