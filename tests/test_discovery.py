@@ -5,6 +5,7 @@ balancers follow, a reload keeps an unchanged cluster's source running."""
 
 from __future__ import annotations
 
+import socket
 from types import SimpleNamespace
 
 import httpx
@@ -36,12 +37,15 @@ class Manual(DiscoverySource):
     class Config(DiscoveryConfig):
         label: str = ""
         crash: bool = False  # run() raises at once (a source's bug)
+        address: str = ""  # a first snapshot of this endpoint alone, sent by the source itself
+        delay: float = 0.0  # after this many seconds
 
     def __init__(self, config, cluster):
         super().__init__(config, cluster)
         self.runs = 0
         self.updates = None
         self.started = trio.Event()
+        self.stopped = False
 
     async def run(self, updates):
         self.runs += 1
@@ -50,7 +54,13 @@ class Manual(DiscoverySource):
         self.started.set()
         if self.config.crash:
             raise RuntimeError("boom")
-        await trio.sleep_forever()
+        try:
+            if self.config.address:
+                await trio.sleep(self.config.delay)
+                updates.update([EndpointSpec.of(self.config.address)])
+            await trio.sleep_forever()
+        finally:
+            self.stopped = True
 
 
 class _Plugin:
@@ -147,8 +157,8 @@ async def test_no_endpoint_until_the_first_snapshot_then_traffic_follows_each_on
     with capture_logs() as logs:
         async with serve(cfg(), plugins=PLUGINS, extra=EXTRA) as proxy:
             assert any(e["event"] == "discovery not ready" for e in logs)  # served after initial_timeout
-            _, ready = await Admin(proxy.app, None).ready(None)
-            assert ready["ready"] and ready["discovery_waiting"] == ["app"]
+            status, ready = await Admin(proxy.app, None).ready(None)
+            assert status == 503 and not ready["ready"] and ready["discovery_waiting"] == ["app"]
             _, plugins = await Admin(proxy.app, None).plugins(None)
             assert plugins["plugins"]["manual"]["discovery"] == ["manual"]
             async with httpx.AsyncClient(base_url=proxy.url) as client:
@@ -157,6 +167,8 @@ async def test_no_endpoint_until_the_first_snapshot_then_traffic_follows_each_on
                 source = Manual.running["app"]
                 source.updates.update([spec(a)])
                 assert {(await client.get("/")).text for _ in range(4)} == {"a"}
+                status, ready = await Admin(proxy.app, None).ready(None)
+                assert status == 200 and ready["ready"] and ready["discovery_waiting"] == []
                 cluster = proxy.app.clusters["app"]
                 kept = cluster.endpoints[0]
                 source.updates.update([spec(a), spec(b)])
@@ -323,8 +335,64 @@ async def test_a_reload_keeps_an_unchanged_clusters_source_running(start_origin)
         await until(lambda: Manual.running["app"] is not source)  # a changed cluster: a new source
         changed = cfg(label="other")  # another source's settings: nothing carried over
         app.reload_source = lambda: parse(changed)
-        assert await reload(app)
+        with capture_logs() as logs:
+            assert await reload(app)  # its source sends nothing: swapped after initial_timeout
         assert app.clusters["app"].endpoints == []
+        assert [e["cluster"] for e in logs if e["event"] == "discovery not ready"] == ["app"]
+        status, ready = await Admin(app, None).ready(None)
+        assert status == 503 and ready["discovery_waiting"] == ["app"]
+
+
+async def test_a_reload_adding_a_discovered_cluster_waits_for_its_first_snapshot(start_origin):
+    a = await start_origin(named("a"))
+    b = await start_origin(named("b"))
+    async with serve(cfg(), plugins=PLUGINS, extra=EXTRA) as proxy:
+        app = proxy.app
+        Manual.running["app"].updates.update([spec(a)])
+        grown = cfg()
+        grown["clusters"]["new"] = {"discovery": {"source": "manual", "address": b.address, "delay": 0.3,
+                                                  "initial_timeout": 5}}
+        grown["routes"].insert(0, {"match": {"prefix": "/new"}, "cluster": "new"})
+        app.reload_source = lambda: parse(grown)
+        async with httpx.AsyncClient(base_url=proxy.url) as client:
+            answers: list[int] = []
+            done = trio.Event()
+
+            async def meanwhile():  # requests all along the reload: never a 503 from "new"
+                while not done.is_set():
+                    answers.append((await client.get("/new")).status_code)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(meanwhile)
+                start = trio.current_time()
+                assert await reload(app)
+                waited = trio.current_time() - start
+                done.set()
+            assert waited >= 0.3  # the swap waited for the first snapshot
+            assert [e.address for e in app.clusters["new"].endpoints] == [b.address]
+            assert (await client.get("/new")).text == "b"
+        assert answers and set(answers) == {200}  # ("a" before the swap, "b" after)
+        status, ready = await Admin(app, None).ready(None)
+        assert status == 200 and ready["discovery_waiting"] == []
+        assert Manual.running["new"].runs == 1  # the source started early is the one that runs on
+
+
+async def test_a_reload_that_fails_after_starting_a_new_source_stops_it(start_origin):
+    a = await start_origin(named("a"))
+    async with serve(cfg(), plugins=PLUGINS, extra=EXTRA) as proxy:
+        app = proxy.app
+        Manual.running["app"].updates.update([spec(a)])
+        bad = cfg()
+        bad["clusters"]["new"] = {"discovery": {"source": "manual", "address": a.address, "initial_timeout": 5}}
+        with socket.socket() as taken:  # a new listener's bind fails, after the source started
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            bad["listeners"].append({"address": "127.0.0.1:%d" % taken.getsockname()[1], "filters": ["router"]})
+            app.reload_source = lambda: parse(bad)
+            assert not await reload(app)
+        assert "new" not in app.clusters and "new" not in app._sources
+        source = Manual.running["new"]  # it ran (and sent its snapshot) before the bind failed
+        await until(lambda: source.stopped)
 
 
 # -- balancers following -------------------------------------------------------------------

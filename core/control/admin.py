@@ -6,7 +6,8 @@ never routed through a proxy chain: a small HTTP/1.1 server on trio and h11
 
 ==========================  ==================================================
 ``GET /live``               200 while the event loop runs
-``GET /ready``              200 once the listeners accept, 503 while draining
+``GET /ready``              200 once the listeners accept, 503 while draining or
+                            while a discovered cluster has had no snapshot
 ``GET /metrics``            Prometheus text for every worker (``sluice.metrics``)
 ``GET /clusters``           endpoints: health, ejection, requests in flight, scores, draining
 ``GET /routes``             each listener's routes: name, what they match and do
@@ -355,12 +356,15 @@ class Admin:
     async def ready(self, request: _Request) -> tuple[int, Any]:
         app = self.app
         draining = any(x.draining for x in app.listeners)
-        ready = bool(app.addresses) and not draining
-        # Clusters whose discovery source has sent no snapshot yet (they answer 503 UH): shown,
-        # not held against readiness, as the worker serves anyway past initial_timeout.
+        # Clusters whose discovery source has sent no snapshot yet answer 503 UH: not ready
+        # until each has had one, even past initial_timeout (which only bounds how long the
+        # listeners and a reload wait), so a load balancer sends traffic to instances that
+        # have endpoints; the body names the clusters that wait.
+        waiting = sorted(n for n, d in app.discoveries.items() if not d.ready.is_set())
+        ready = bool(app.addresses) and not draining and not waiting
         out = {"ready": ready, "draining": draining, "listeners": app.addresses}
         if app.discoveries:
-            out["discovery_waiting"] = sorted(n for n, d in app.discoveries.items() if not d.ready.is_set())
+            out["discovery_waiting"] = waiting
         return (200 if ready else 503), out
 
     async def metrics(self, request: _Request) -> tuple[int, Any]:

@@ -399,26 +399,31 @@ class App:
 
     def start_discovery(self, name: str) -> None:
         """Run cluster ``name``'s discovery source (until ``stop_discovery``)."""
-        discovery = self.discoveries[name]
+        self._sources[name] = self.run_discovery(self.discoveries[name])
+
+    def run_discovery(self, discovery: Discovery) -> trio.CancelScope:
+        """Run a discovery source in this app's nursery, until the scope returned
+        is cancelled (a reload runs a new cluster's before the swap)."""
         discovery.pool = self.pool
-        scope = self._sources[name] = trio.CancelScope()
+        scope = trio.CancelScope()
 
         async def source() -> None:
             with scope:
                 await discovery.run()
 
         self.nursery.start_soon(source)
+        return scope
 
     def stop_discovery(self, name: str) -> None:
         scope = self._sources.pop(name, None)
         if scope is not None:
             scope.cancel()
 
-    async def _discovery_ready(self) -> None:
+    async def _discovery_ready(self, discoveries: dict[str, Discovery] | None = None) -> None:
         """Wait for each discovered cluster's first snapshot, up to its
         ``initial_timeout`` (from now); then serve anyway (503 UH until it comes)."""
         start = trio.current_time()
-        for name, discovery in self.discoveries.items():
+        for name, discovery in (self.discoveries if discoveries is None else discoveries).items():
             with trio.move_on_at(start + discovery.initial_timeout):
                 await discovery.ready.wait()
             if not discovery.ready.is_set():

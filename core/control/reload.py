@@ -20,6 +20,11 @@
    Clusters whose config is unchanged are the same objects: their health,
    ejections, balancer state and pooled connections carry over. A changed
    or removed cluster's idle connections are closed.
+   Before the swap, a cluster with a new discovery source (added, or its
+   ``discovery`` table changed) has its source started, and the reload
+   waits for its first snapshot, up to its ``initial_timeout`` (then swaps
+   anyway, logging ``discovery not ready``), so that no request sees the
+   new cluster empty while its registry answers.
 4. **Finish.** Health checks and discovery sources start and stop with
    their clusters (an unchanged cluster's go on); the old
    filters are closed once no request runs on the old chains (or at the
@@ -68,6 +73,18 @@ async def reload(app: App) -> bool:
         log.error("reload failed", exc_info=exc)
         return _failed(app, f"building the new config failed: {exc!r}")
 
+    # A cluster with a new discovery source (added, or its discovery table changed) would
+    # answer 503 from the swap to the source's first snapshot: its source runs now, and
+    # the swap waits for that snapshot up to initial_timeout, as startup does.
+    waiting = {name: d for name, d in new.discoveries.items()
+               if d is not app.discoveries.get(name) and not d.ready.is_set()}
+    early = {name: app.run_discovery(d) for name, d in waiting.items()}
+    try:
+        await app._discovery_ready(waiting)
+    except BaseException:  # (cancelled: the run is ending)
+        _stop(early)
+        raise
+
     kept, added, removed = _match(app.listeners, new.listeners)
     sockets: list[tuple[Listener, Any]] = []
     opened: list[Filter] = []
@@ -89,6 +106,7 @@ async def reload(app: App) -> bool:
     except ConfigError as exc:
         for _, sock in sockets:
             sock.socket.close()
+        _stop(early)
         await _close(opened)
         return _failed(app, str(exc))
 
@@ -123,6 +141,7 @@ async def reload(app: App) -> bool:
     for name in app.health_checks:
         if name not in app._checks:
             app.start_checks(name)
+    app._sources.update(early)  # (after the changed clusters' old sources were stopped)
     for name in app.discoveries:  # (an unchanged cluster's source runs on)
         if name not in app._sources:
             app.start_discovery(name)
@@ -143,6 +162,12 @@ async def reload(app: App) -> bool:
              clusters_changed=sorted(set(changed) | (set(app.clusters) - set(old_clusters))),
              seconds=round(time.monotonic() - started, 4))
     return True
+
+
+def _stop(sources: dict[str, trio.CancelScope]) -> None:
+    """Stop sources started for a new config that is not swapped in."""
+    for scope in sources.values():
+        scope.cancel()
 
 
 def _failed(app: App, error: str) -> bool:

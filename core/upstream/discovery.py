@@ -57,14 +57,18 @@ interval, ~5 ms, meanwhile (``benchmarks/discovery_cost.py``).
 Until the first snapshot the cluster has no endpoint and answers 503 (flag
 UH); a worker waits up to ``initial_timeout`` for every cluster's first
 snapshot before its listeners accept, then serves anyway (``discovery not
-ready`` is logged).
+ready`` is logged). The admin's ``GET /ready`` answers 503 until every
+discovered cluster has had its first snapshot, past ``initial_timeout``
+too, naming the clusters that wait (``discovery_waiting``).
 
 **Reload.** An unchanged cluster is the same object and its source runs
 on. A changed one gets a new source; when its ``discovery`` table is the
 same, it starts from the endpoints found so far (new objects, as for any
 changed cluster) and serves them until the new source's first snapshot,
-rather than answering 503 meanwhile. A reload does not wait for a first
-snapshot.
+rather than answering 503 meanwhile. A cluster with a new source (added,
+or its ``discovery`` table changed) has it started before the swap, and the
+reload waits for its first snapshot up to ``initial_timeout``, as startup
+does (``sluice.control.reload``).
 """
 
 from __future__ import annotations
