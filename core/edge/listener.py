@@ -267,14 +267,17 @@ class Listener:
         try:
             with trio.move_on_at(deadline):
                 return await self.transport.wrap_server(stream)
-        except Exception as exc:  # a refused protocol version, garbage, a reset
-            if isinstance(exc, _EXPECTED):
-                log.debug("TLS handshake failed", client=client[0], error=repr(exc))
+        except Exception as exc:  # a refused protocol version or client certificate, garbage, a reset
+            reason = self.transport.refusal(exc)
+            if reason is not None:
+                log.warning("tls handshake failed", client=client[0], reason=reason)
+            elif isinstance(exc, _EXPECTED):
+                log.debug("tls handshake failed", client=client[0], error=repr(exc))
             else:
-                log.error("TLS handshake failed", client=client[0], exc_info=exc)
+                log.error("tls handshake failed", client=client[0], exc_info=exc)
             await self._refused(client, local, None, ("DTLS",), None, exc, opened)
             return None
-        log.debug("TLS handshake timed out", client=client[0])
+        log.debug("tls handshake timed out", client=client[0])
         await self._refused(client, local, None, ("DTLS", "DT"), None, None, opened)
         return None
 

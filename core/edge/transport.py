@@ -30,9 +30,26 @@ class ServerTransport:
         """The protocols to offer by ALPN, in order of preference (the
         default ignores them: such a transport carries HTTP/1.1 only)."""
 
+    # What becomes of an incoming x-forwarded-client-cert (sluice.proxy.forwarding): Envoy's
+    # modes; "sanitize" strips it, as on a listener without a transport.
+    forward_client_cert: str = "sanitize"
+
     async def wrap_server(self, stream: trio.abc.Stream) -> tuple[trio.abc.Stream, dict[str, Any] | None]:
         """Return the protected stream and the peer's identity (or None)."""
         raise NotImplementedError
+
+    def client_cert(self, peer: dict[str, Any] | None) -> bytes | None:
+        """This connection's x-forwarded-client-cert element (None: no client certificate)."""
+        return None
+
+    def refusal(self, exc: BaseException) -> str | None:
+        """Why a handshake failed, when the listener should warn of it (the peer's
+        certificate was refused), else None (garbage and resets are routine)."""
+        return None
+
+    def expiry(self) -> dict[str, float]:
+        """The certificates served, each with when it expires (Unix time): a gauge."""
+        return {}
 
 
 class ClientTransport:

@@ -105,6 +105,7 @@ class Site(Protocol):
     max_body_bytes: int  # 0: unlimited
     max_buffered: int
     config: Any  # the listener's config; a tunnel reads timeouts.tunnel_idle and tunnel_max
+    transport: Any  # its ServerTransport or None: the x-forwarded-client-cert mode and element
 
 __all__ = ["Site", "run_exchange"]
 
@@ -220,6 +221,13 @@ def _unseen(ctx: Context, limit: int) -> int:
     return 0 if ctx._responded else limit
 
 
+def _client_cert(transport: Any, peer: dict | None) -> tuple[str, bytes | None]:
+    """The listener's x-forwarded-client-cert mode and this connection's element."""
+    if transport is None:
+        return ("sanitize", None)
+    return (transport.forward_client_cert, transport.client_cert(peer))
+
+
 def _prepare(listener: Site, down: Any, head: RequestHead, ctx: Context) -> Chain:
     """Apply the proxy's own header rules; return the chain for this request."""
     request = head.request
@@ -230,6 +238,7 @@ def _prepare(listener: Site, down: Any, head: RequestHead, ctx: Context) -> Chai
         scheme=ctx.scheme,
         trusted=listener.trust_forwarded,
         drop_expect=head.expect_continue,  # we answer 100-continue ourselves
+        client_cert=_client_cert(listener.transport, ctx.tls_peer),
     )
     upgrade = down.upgrade
     if upgrade is not None:

@@ -58,8 +58,12 @@ def strip_hop_by_hop(headers: Headers) -> None:
         fields[:] = [f for f in fields if f[0] not in drop]
 
 
+_XFCC = b"x-forwarded-client-cert"
+
+
 def forward_request(headers: Headers, *, client_ip: str, scheme: str, trusted: bool,
-                    drop_expect: bool) -> tuple[str, str]:
+                    drop_expect: bool, client_cert: tuple[str, bytes | None] = ("sanitize", None),
+                    ) -> tuple[str, str]:
     """Everything sluice does to a request head it forwards, in one pass over
     its fields; returns the request id and the trace id.
 
@@ -69,12 +73,15 @@ def forward_request(headers: Headers, *, client_ip: str, scheme: str, trusted: b
     ``trusted`` says whether the downstream peer is a proxy whose
     X-Forwarded-* we believe: then we append to its XFF and keep its Proto
     and Host; otherwise whatever the client claimed is replaced.
+    ``client_cert`` is the listener's ``forward_client_cert`` mode and this
+    connection's XFCC element (None: no client certificate): see ``_xfcc``.
     One pass costs a third of what a pass per rule did on a plain GET.
     """
     fields = headers.raw()
     kept = []
     named = None
     xff = proto = fhost = host = rid = None
+    xfcc: list[bytes] = []  # incoming x-forwarded-client-cert values
     traces = 0  # traceparent fields seen: more than one makes the trace invalid
     parent = None
     state = False  # a tracestate is kept
@@ -105,6 +112,9 @@ def forward_request(headers: Headers, *, client_ip: str, scheme: str, trusted: b
             state = True
         elif n == b"expect" and drop_expect:
             continue
+        elif n == _XFCC:
+            xfcc.append(f[1])
+            continue
         kept.append(f)
     if named:  # as if the fields Connection names had never been sent
         kept = [f for f in kept if f[0] not in named]
@@ -113,6 +123,7 @@ def forward_request(headers: Headers, *, client_ip: str, scheme: str, trusted: b
         proto = None if b"x-forwarded-proto" in named else proto
         fhost = None if b"x-forwarded-host" in named else fhost
         traces = 0 if b"traceparent" in named else traces
+        xfcc = [] if _XFCC in named else xfcc
     if rid:
         request_id = rid.decode("latin-1")
     else:
@@ -123,9 +134,31 @@ def forward_request(headers: Headers, *, client_ip: str, scheme: str, trusted: b
     kept.append((b"x-forwarded-proto", proto or scheme.encode("ascii")))
     if fhost or host:
         kept.append((b"x-forwarded-host", fhost or host))
+    if xfcc or client_cert[1] is not None:
+        value = _xfcc(client_cert[0], b",".join(xfcc), client_cert[1])
+        if value:
+            kept.append((_XFCC, value))
     trace_id = _trace(kept, parent if traces == 1 else None, state)
     fields[:] = kept
     return request_id, trace_id
+
+
+def _xfcc(mode: str, incoming: bytes, element: bytes | None) -> bytes | None:
+    """The x-forwarded-client-cert sent upstream, by Envoy's forward_client_cert modes:
+    sanitize (the default) strips what came; always_forward_only keeps it; on a
+    connection with a verified client certificate (``element``), forward_only keeps
+    it, append_forward appends this connection's element, sanitize_set replaces it
+    with the element; without one those three strip it (a plain client cannot
+    claim a certificate it never showed)."""
+    if mode == "always_forward_only":
+        return incoming
+    if element is None or mode == "sanitize":
+        return None
+    if mode == "forward_only":
+        return incoming
+    if mode == "append_forward" and incoming:
+        return incoming + b"," + element
+    return element  # sanitize_set, or append_forward to nothing
 
 
 # W3C Trace Context (https://www.w3.org/TR/trace-context/). sluice records no
