@@ -17,9 +17,15 @@ against the canary (header, cookie, sticky hash: the request stays),
 ``redact`` scans a text body (and the core re-frames it chunked). A filter
 declared after the router is measured as ``[router, filter]``.
 
+``jwt_rs256`` and ``jwt_es256`` are the ``jwt`` filter verifying a token
+signed with RS256 (2048-bit key) or ES256, its JWKS loaded (a file: the
+cached case; a JWKS fetched through a cluster is the same lookup); every
+request carries both tokens, so the router's baseline parses the same bytes.
+
     .venv/bin/python benchmarks/filter_cost.py
     .venv/bin/python benchmarks/filter_cost.py --filters api_key --repeats 9
     .venv/bin/python benchmarks/filter_cost.py --filters rate_limit,canary,redact
+    .venv/bin/python benchmarks/filter_cost.py --filters jwt_rs256,jwt_es256
 """
 
 from __future__ import annotations
@@ -54,6 +60,28 @@ def settings(workdir: Path) -> dict[str, dict]:
     }
 
 
+JWT_VARIANTS = {"jwt_rs256": "RS256", "jwt_es256": "ES256"}  # the jwt filter, with a token of each
+
+
+def jwt_variants(workdir: Path) -> dict[str, tuple[dict, bytes]]:
+    """Per variant: the jwt filter's settings (a provider reading its own header) and that header's line."""
+    import json
+
+    from joserfc import jwk, jwt
+
+    keys = {"RS256": jwk.RSAKey.generate_key(2048, parameters={"kid": "rs"}),
+            "ES256": jwk.ECKey.generate_key("P-256", parameters={"kid": "es"})}
+    (workdir / "jwks.json").write_text(json.dumps(jwk.KeySet(list(keys.values())).as_dict(private=False)))
+    claims = {"iss": "https://bench", "aud": "api", "sub": "bench", "exp": 4_000_000_000}
+    out = {}
+    for name, alg in JWT_VARIANTS.items():
+        token = jwt.encode({"alg": alg, "kid": keys[alg].kid}, claims, keys[alg], algorithms=[alg])
+        provider = {"issuer": "https://bench", "audiences": ["api"], "jwks_file": str(workdir / "jwks.json"),
+                    "header": f"x-jwt-{alg.lower()}"}
+        out[name] = {"providers": {"bench": provider}}, f"X-Jwt-{alg.lower()}: {token}\r\n".encode()
+    return out
+
+
 CLUSTERS = {"canary": {"endpoints": ["127.0.0.1:10"]}}  # canary's cluster (never reached)
 
 
@@ -71,35 +99,39 @@ def examples(names: list[str]) -> dict:
 
 def chain_for(name: str, extra: dict) -> list[str]:
     """``[name, "router"]``, or ``["router", name]`` for a filter that must follow the router."""
+    if name in JWT_VARIANTS:
+        return ["jwt", "router"]
     module = extra.get(name)
     after = any("router" in cls.after for cls in module.sluice_filters()) if module else False
     return ["router", name] if after else [name, "router"]
 
 
-def request() -> bytes:
-    """exchange_cost's request, with the credentials both auth filters accept."""
+def request(more: bytes = b"") -> bytes:
+    """exchange_cost's request, with the credentials both auth filters accept (and ``more`` lines)."""
     basic = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
-    extra = f"X-Api-Key: {KEY}\r\nAuthorization: Basic {basic}\r\n".encode()
+    extra = f"X-Api-Key: {KEY}\r\nAuthorization: Basic {basic}\r\n".encode() + more
     return REQUEST.replace(b"\r\n\r\n", b"\r\n" + extra + b"\r\n", 1)
 
 
 def measure(filters: list[str], repeats: int, n: int, codec: str = "auto") -> dict[str, float]:
     """``{filter: added microseconds per request}``, and ``router`` itself."""
-    wire = request()
     with tempfile.TemporaryDirectory() as tmp:
         tables, plugins = settings(Path(tmp)), examples(filters)
+        jwts = jwt_variants(Path(tmp)) if set(filters) & set(JWT_VARIANTS) else {}
+        wire = request(b"".join(line for _, line in jwts.values()))
         chains = {"router": ["router"], **{name: chain_for(name, plugins) for name in filters}}
 
-        def serve(chain: list[str], count: int) -> float:
-            app = _app(chain, codec, tmp, None, tables, plugins, CLUSTERS)
+        def serve(name: str, count: int) -> float:
+            own = {**tables, "jwt": jwts[name][0]} if name in jwts else tables
+            app = _app(chains[name], codec, tmp, None, own, plugins, CLUSTERS)
             return trio.run(_serve, app, count, wire) * 1e6
 
-        for chain in chains.values():
-            serve(chain, 2000)  # warm-up (and basic's bcrypt, once)
+        for name in chains:
+            serve(name, 2000)  # warm-up (and basic's bcrypt, once)
         samples: dict[str, list[float]] = {name: [] for name in chains}
         for _ in range(repeats):
-            for name, chain in chains.items():
-                samples[name].append(serve(chain, n))
+            for name in chains:
+                samples[name].append(serve(name, n))
     base = statistics.median(samples["router"])
     return {"router": base, **{name: statistics.median(samples[name]) - base for name in filters}}
 
