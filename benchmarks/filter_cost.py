@@ -12,7 +12,7 @@ production. Metrics are off, so the figure is the filter's own.
 
 The example plugins (``plugins/examples/``, not installed) are loaded from
 their directories as in-process plugins, each on its common path:
-``rate_limit`` admits (a shared-table take per request), ``canary`` decides
+``token_bucket`` admits (a shared-table take per request), ``canary`` decides
 against the canary (header, cookie, sticky hash: the request stays),
 ``redact`` scans a text body (and the core re-frames it chunked). A filter
 declared after the router is measured as ``[router, filter]``.
@@ -24,7 +24,7 @@ request carries both tokens, so the router's baseline parses the same bytes.
 
     .venv/bin/python benchmarks/filter_cost.py
     .venv/bin/python benchmarks/filter_cost.py --filters api_key --repeats 9
-    .venv/bin/python benchmarks/filter_cost.py --filters rate_limit,canary,redact
+    .venv/bin/python benchmarks/filter_cost.py --filters token_bucket,canary,redact
     .venv/bin/python benchmarks/filter_cost.py --filters jwt_rs256,jwt_es256
 """
 
@@ -55,7 +55,7 @@ def settings(workdir: Path) -> dict[str, dict]:
     return {
         "api_key": {"keys": {"bench": hashlib.sha256(KEY.encode()).hexdigest()}},
         "basic": {"htpasswd": str(htpasswd)},
-        "rate_limit": {"rate": 1e9, "burst": 1e9},  # always admitted
+        "token_bucket": {"rate": 1e9, "burst": 1e9},  # always admitted
         "canary": {"cluster": "canary", "percent": 1.0},  # 127.0.0.1 hashes to 31.96: stays
     }
 
@@ -138,7 +138,7 @@ def measure(filters: list[str], repeats: int, n: int, codec: str = "auto") -> di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--filters", default="access_log,api_key,basic,rate_limit,canary,redact",
+    parser.add_argument("--filters", default="access_log,api_key,basic,token_bucket,canary,redact",
                         help="comma-separated filters to measure (default: every built-in traffic filter "
                              "and every example)")
     parser.add_argument("--repeats", type=int, default=7)

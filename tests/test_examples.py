@@ -25,7 +25,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "plugins" / "examples"
 
 # Each example's suite: how many tests of its own, and whether it runs the
 # filter-contract battery (one test per scenario besides).
-SUITES = {"rate_limit": (10, True), "canary": (10, True), "redact": (18, True), "zone_aware": (8, False)}
+SUITES = {"token_bucket": (10, True), "canary": (10, True), "redact": (18, True), "zone_aware": (8, False)}
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +59,8 @@ def test_sluice_plugins_lists_the_examples_with_their_descriptions(python):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     expected = {
-        "rate_limit  (sluice-rate-limit, sluice_rate_limit): ":
-            "  filter rate_limit: Answers 429 past ``rate`` requests per second (``burst`` at once) per key, "
+        "token_bucket  (sluice-token-bucket, sluice_token_bucket): ":
+            "  filter token_bucket: Answers 429 past ``rate`` requests per second (``burst`` at once) per key, "
             "across every worker.",
         "canary  (sluice-canary, sluice_canary): ":
             "  filter canary: Routes opted-in requests, and a sticky percentage of the rest, to a canary cluster.",
@@ -76,5 +76,5 @@ def test_sluice_plugins_lists_the_examples_with_their_descriptions(python):
         assert len(at) == 1, (head, r.stdout)
         assert len(lines[at[0]]) > len(head) + 20, lines[at[0]]  # the plugin's description follows
         assert lines[at[0] + 1] == second, r.stdout
-    assert "    per-route settings:" in r.stdout  # rate_limit's and canary's RouteConfig
+    assert "    per-route settings:" in r.stdout  # token_bucket's and canary's RouteConfig
     assert "    min_local_percent: float (default 50.0)" in r.stdout

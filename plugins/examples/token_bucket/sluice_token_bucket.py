@@ -1,4 +1,4 @@
-"""sluice-rate-limit: a local rate limiter on the workers' shared token buckets.
+"""sluice-token-bucket: a local rate limiter on the workers' shared token buckets.
 
 Each request takes one token from a bucket named by its key (the client's
 address, a header, or the route) in ``sluice.shared.local()``, the table
@@ -13,7 +13,7 @@ or not, and when", not how many tokens are left, so an allowed response
 does not claim a ``RateLimit-Remaining`` it does not know.
 
 A route overrides ``rate``, ``burst`` or ``key`` with
-``filters = { rate_limit = { rate = 1.0 } }`` (or opts out with
+``filters = { token_bucket = { rate = 1.0 } }`` (or opts out with
 ``disabled = true``); a route with its own settings has buckets of its own.
 """
 
@@ -29,7 +29,7 @@ from pydantic import Field
 from sluice import CONTINUE, Filter, FilterConfig, LocalReply, hookimpl
 from sluice.shared import local
 
-__all__ = ["RateLimit"]
+__all__ = ["TokenBucket"]
 
 # "client_ip" | "route" | "header:NAME"
 _KEY = r"^(client_ip|route|header:[!#$%&'*+.^_`|~0-9A-Za-z-]+)$"
@@ -49,10 +49,10 @@ class _Limit:
     headers: list[tuple[str, str]]
 
 
-class RateLimit(Filter):
+class TokenBucket(Filter):
     """Answers 429 past ``rate`` requests per second (``burst`` at once) per key, across every worker."""
 
-    name = "rate_limit"
+    name = "token_bucket"
     before = ("router",)  # refuse before the router spends anything on the request
 
     class Config(FilterConfig):
@@ -81,7 +81,7 @@ class RateLimit(Filter):
         if self.config.headers:
             window = max(1, round(burst / rate))
             headers += [("ratelimit-limit", f"{burst:g}"), ("ratelimit-policy", f"{burst:g};w={window}")]
-        return _Limit(f"rate_limit|{scope}|", rate, burst, key, headers)
+        return _Limit(f"token_bucket|{scope}|", rate, burst, key, headers)
 
     def _route_limit(self, ctx) -> _Limit:
         """This request's route's limit: its own settings, or the filter's."""
@@ -126,7 +126,7 @@ class RateLimit(Filter):
         headers = [("retry-after", str(wait)), *limit.headers, *self._worker()]
         if self.config.headers:
             headers += [("ratelimit-remaining", "0"), ("ratelimit-reset", str(wait))]
-        return LocalReply(429, "too many requests\n", headers, flag="RL")
+        return LocalReply(429, "too many requests\n", headers, flag="TB")
 
     async def on_response_headers(self, ctx, response):
         for name, value in self._route_limit(ctx).headers:  # (the route is resolved: a dict look-up)
@@ -142,4 +142,4 @@ class RateLimit(Filter):
 
 @hookimpl
 def sluice_filters():
-    return [RateLimit]
+    return [TokenBucket]

@@ -1,4 +1,4 @@
-"""sluice-rate-limit, tested with sluice's plugin author kit.
+"""sluice-token-bucket, tested with sluice's plugin author kit.
 
 The buckets live in ``sluice.shared.local()``, one table per process that
 outlives a test, so each test limits keys of its own (a fresh ``x-user``).
@@ -15,14 +15,14 @@ import textwrap
 import uuid
 
 import pytest
-import sluice_rate_limit
+import sluice_token_bucket
 import trio
 
 from sluice import ConfigError
 from sluice.testing import contract, run_filter
 
-EXTRA = {"rate_limit": sluice_rate_limit}
-CHAIN = ["rate_limit", "router"]
+EXTRA = {"token_bucket": sluice_token_bucket}
+CHAIN = ["token_bucket", "router"]
 
 
 def user() -> str:
@@ -30,13 +30,13 @@ def user() -> str:
 
 
 def limited(**settings) -> dict:
-    return {"filters": {"rate_limit": {"key": "header:x-user", **settings}}}
+    return {"filters": {"token_bucket": {"key": "header:x-user", **settings}}}
 
 
 async def test_a_burst_passes_then_429_with_retry_after():
     settings = {"rate": 0.5, "burst": 2, "key": "header:x-user"}
     who = [("host", "a"), ("x-user", user())]
-    runs = [await run_filter(sluice_rate_limit.RateLimit, settings=settings, request=("GET", "/", who))
+    runs = [await run_filter(sluice_token_bucket.TokenBucket, settings=settings, request=("GET", "/", who))
             for _ in range(3)]
     assert [r.local_reply is None for r in runs] == [True, True, False]
     assert runs[0].response.headers.get("ratelimit-limit") == "2"
@@ -46,7 +46,7 @@ async def test_a_burst_passes_then_429_with_retry_after():
     headers = dict(refused.headers)
     assert headers["retry-after"] == "2"  # one token at 0.5/s: 2 s
     assert headers["ratelimit-remaining"] == "0"
-    assert any(e.get("event") == "rate limited" and e.get("filter") == "rate_limit" for e in runs[2].log)
+    assert any(e.get("event") == "rate limited" and e.get("filter") == "token_bucket" for e in runs[2].log)
 
 
 async def test_a_refused_request_never_reaches_the_origin(origin, sluice_proxy):
@@ -60,7 +60,7 @@ async def test_a_refused_request_never_reaches_the_origin(origin, sluice_proxy):
 
 async def test_a_route_has_its_own_limit(origin, sluice_proxy):
     config = limited(rate=0.1, burst=5) | {"routes": [
-        {"match": {"prefix": "/strict"}, "cluster": "origin", "filters": {"rate_limit": {"burst": 1}}},
+        {"match": {"prefix": "/strict"}, "cluster": "origin", "filters": {"token_bucket": {"burst": 1}}},
         {"match": {"prefix": "/"}, "cluster": "origin"},
     ]}
     proxy = await sluice_proxy(filters=CHAIN, config=config, extra=EXTRA)
@@ -79,22 +79,22 @@ async def test_a_missing_header_is_refused_when_asked(sluice_proxy):
 
 
 @pytest.mark.parametrize("settings, where", [
-    ({"key": "cookie:session"}, "filters.rate_limit.key"),
-    ({"rate": 0}, "filters.rate_limit.rate"),
-    ({"brust": 3}, "filters.rate_limit.brust"),
+    ({"key": "cookie:session"}, "filters.token_bucket.key"),
+    ({"rate": 0}, "filters.token_bucket.rate"),
+    ({"brust": 3}, "filters.token_bucket.brust"),
 ])
 async def test_bad_settings_are_named_by_key_path(sluice_proxy, settings, where):
     with pytest.raises(ConfigError, match=re.escape(where)):
-        await sluice_proxy(filters=CHAIN, config={"filters": {"rate_limit": settings}}, extra=EXTRA)
+        await sluice_proxy(filters=CHAIN, config={"filters": {"token_bucket": settings}}, extra=EXTRA)
 
 
 async def test_a_bad_route_setting_is_named_by_key_path(sluice_proxy):
-    config = {"routes": [{"match": {"prefix": "/"}, "cluster": "origin", "filters": {"rate_limit": {"brust": 1}}}]}
-    with pytest.raises(ConfigError, match=re.escape("routes[0].filters.rate_limit.brust")):
+    config = {"routes": [{"match": {"prefix": "/"}, "cluster": "origin", "filters": {"token_bucket": {"brust": 1}}}]}
+    with pytest.raises(ConfigError, match=re.escape("routes[0].filters.token_bucket.brust")):
         await sluice_proxy(filters=CHAIN, config=config, extra=EXTRA)
 
 
-test_contract = contract.battery("rate_limit", settings={"rate": 1e6, "burst": 1e6}, extra=EXTRA)
+test_contract = contract.battery("token_bucket", settings={"rate": 1e6, "burst": 1e6}, extra=EXTRA)
 
 
 # -- end to end: `sluice run --workers N`, one limit for the instance, whatever N ---------------
@@ -128,7 +128,7 @@ async def test_workers_share_one_limit(origin, tmp_path, workers):
     config.write_text(textwrap.dedent(f"""
         [[listeners]]
         address = "127.0.0.1:{port}"
-        filters = ["rate_limit", "router"]
+        filters = ["token_bucket", "router"]
 
         [clusters.origin]
         endpoints = ["{origin.address}"]
@@ -137,7 +137,7 @@ async def test_workers_share_one_limit(origin, tmp_path, workers):
         match = {{ prefix = "/" }}
         cluster = "origin"
 
-        [filters.rate_limit]
+        [filters.token_bucket]
         rate = {RATE}
         burst = {BURST}
         key = "route"
