@@ -57,6 +57,7 @@ sluice_upstream_endpoint_ejected                       cluster, endpoint        
 sluice_upstream_endpoint_ewma_seconds                  cluster, endpoint                       gauge (livemax)
 sluice_filter_duration_seconds                         filter, phase                           histogram
 sluice_config_last_reload_successful                   (none): 0 after a failed reload         gauge (livemin)
+sluice_tls_certificate_expiry_timestamp_seconds        listener, cert (its file): notAfter     gauge (livemin)
 =====================================================  ======================================  =====
 
 Connect failures, timeouts and resets are ``sluice_upstream_requests_total`` by ``outcome``
@@ -426,6 +427,9 @@ class _Recorder:
                      "(the worst of the workers)", ("cluster", "endpoint"), "livemax"),
             "reload_ok": ("sluice_config_last_reload_successful", "0 when the latest reload failed (the "
                           "previous config serves), else 1", (), "livemin"),
+            "cert_expiry": ("sluice_tls_certificate_expiry_timestamp_seconds", "When a listener's "
+                            "certificate expires (Unix time; the earliest any worker serves)",
+                            ("listener", "cert"), "livemin"),
         }
         self.gauges = {key: m("Gauge", name, doc, labels, multiprocess_mode=mode)
                        for key, (name, doc, labels, mode) in gauges.items()}
@@ -507,6 +511,9 @@ class _Recorder:
         for listener in app.listeners:
             values["connections"][(listener.name,)] = listener.active
             values["active"][(listener.name,)] = listener.chain.active
+            if listener.transport is not None:  # (the tls plugin also looks at its files then)
+                for cert, when in listener.transport.expiry().items():
+                    values["cert_expiry"][(listener.name, cert)] = when
         last = app.last_reload
         values["reload_ok"][()] = 0 if last is not None and not last["ok"] else 1
         now = time.monotonic()
