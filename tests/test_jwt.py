@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import hmac
 import json
+import random
 import subprocess
 import tempfile
 from pathlib import Path
@@ -18,7 +19,8 @@ from joserfc import jwk, jwt
 import sluice.plugins.jwt as jwt_plugin
 from sluice import ConfigError
 from sluice.plugins.jwt import Jwt
-from sluice.testing import run_filter
+from sluice.plugins.jwt.tokens import CODES
+from sluice.testing import build_filter, run_filter
 
 from .jwt_support import EC, ISSUER, RSA, RSA2, claims, sign, write_jwks
 
@@ -80,6 +82,9 @@ async def test_a_missing_token_gets_the_bare_challenge():
     assert event["reason"] == "missing"
 
 
+NOT_UTF8 = b'{"alg": "\xff"}'
+
+
 def _exp_past():
     return sign(exp=1_000)
 
@@ -105,13 +110,20 @@ CASES = {
     "not_yet_valid": lambda: sign(nbf=9_999_999_999),
     "missing_exp": lambda: sign(exp=None),
     "bad_claim": lambda: sign(exp="tomorrow"),
+    "bad_claim-huge-int": lambda: sign(exp=10**400),
+    "bad_claim-nan": lambda: sign(exp=float("nan")),  # Python's json writes and reads NaN
+    "bad_claim-infinity": lambda: sign(exp=float("inf")),
+    "bad_json-nested": lambda: f"{b64(b'[' * 5000)}.{b64(b'{}')}.c2ln",
+    "bad_json-not-utf8": lambda: f"{b64(NOT_UTF8)}.{b64(b'{}')}.c2ln",
     "wrong_issuer": lambda: sign(iss="https://evil.test"),
     "wrong_audience": lambda: sign(aud=["other", "more"]),
 }
 EXPECTED = {"jwe-5-parts": "malformed", "bad_base64-length": "bad_base64", "bad_json-array": "bad_json",
             "no-alg": "malformed", "alg-none": "malformed", "alg-none-signed": "alg_not_allowed",
             "alg-unknown": "alg_not_allowed", "bad_signature-other-key-same-kid": "bad_signature",
-            "bad_signature-truncated": "bad_signature", "no_key-ec-kid-for-rs": "no_key"}
+            "bad_signature-truncated": "bad_signature", "no_key-ec-kid-for-rs": "no_key",
+            "bad_claim-huge-int": "bad_claim", "bad_claim-nan": "bad_claim", "bad_claim-infinity": "bad_claim",
+            "bad_json-nested": "bad_json", "bad_json-not-utf8": "bad_json"}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -123,6 +135,33 @@ async def test_each_bad_token_is_a_401_with_its_code(case):
     assert name == "www-authenticate"
     assert challenge.startswith('Bearer realm="sluice", error="invalid_token", error_description="')
     assert f'error_description="{code}: ' in challenge
+
+
+async def test_mutated_tokens_are_refused_never_a_500():
+    """Random byte edits, cuts and splices of valid tokens: each is a 401 with a known code."""
+    rng = random.Random(12)
+    instance = build_filter(Jwt, settings())
+    alphabet = b"ABCxyz019-_.=+/ {}[]\"\\\xff"  # (no NUL, CR, LF: the codec refuses a head with them)
+    seen = set()
+    for i in range(400):
+        token = bytearray(sign(rng.choice([RSA, EC, RSA2]), sub=f"u{i}").encode())
+        for _ in range(rng.randint(1, 4)):
+            at = rng.randrange(len(token))
+            op = rng.randrange(3)
+            if op == 0:
+                token[at] = rng.choice(alphabet)
+            elif op == 1:
+                del token[at:at + rng.randint(1, 40)]
+            else:
+                token[at:at] = bytes(rng.choice(alphabet) for _ in range(rng.randint(1, 8)))
+        value = bytes(token).strip(b" ") or b"x"
+        run = await run_filter(instance, request=("GET", "/", [(b"authorization", b"Bearer " + value)]),
+                               raises=True)
+        if run.local_reply is None:  # an edit that changed nothing that matters (base64 padding bits)
+            continue
+        assert run.local_reply.status == 401
+        seen.update(e["reason"] for e in run.log if e["event"] == "jwt refused")
+    assert seen <= set(CODES) and len(seen) >= 5, seen
 
 
 async def test_alg_none_is_refused_even_when_the_config_asks_for_it():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -88,7 +89,7 @@ def _b64(part: bytes) -> bytes:
 def _object(part: bytes, which: str) -> dict[str, Any]:
     try:
         value = json.loads(_b64(part))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: [[[[... nested deep
         raise Refusal("bad_json", which) from None
     if not isinstance(value, dict):
         raise Refusal("bad_json", which)
@@ -130,7 +131,7 @@ def verify(parsed: Parsed, key: Any) -> bool:
         jws.deserialize_compact(parsed.token, key, algorithms=[parsed.alg])
     except BadSignatureError:
         return False
-    except (JoseError, ValueError):  # a signature of the wrong length for the key, say
+    except (JoseError, ValueError, TypeError, RecursionError):  # a signature of the wrong length, say
         return False
     return True
 
@@ -141,7 +142,13 @@ def _number(claims: dict[str, Any], name: str) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise Refusal("bad_claim", name)
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer past a float's range
+        raise Refusal("bad_claim", name) from None
+    if not math.isfinite(number):  # Python's json reads NaN and Infinity: an exp of NaN never expires
+        raise Refusal("bad_claim", name)
+    return number
 
 
 def check_claims(claims: dict[str, Any], now: float, *, skew: float, issuer: str | None,
