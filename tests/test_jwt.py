@@ -74,6 +74,12 @@ async def test_a_token_without_kid_is_tried_against_the_keys_of_its_algorithm():
     assert run.local_reply is None
 
 
+async def test_a_token_without_a_subject_passes_naming_no_user():
+    run = await run_filter(Jwt, settings(), request=("GET", "/", bearer(sign(sub=None))))
+    assert run.local_reply is None and "auth.user" not in run.ctx.vars
+    assert run.ctx.vars["auth.method"] == "jwt"
+
+
 # -- refused: every code ----------------------------------------------------------------
 
 async def test_a_missing_token_gets_the_bare_challenge():

@@ -254,7 +254,8 @@ class Jwt(Filter):
         ctx.vars["jwt.claims"] = claims
         ctx.vars["jwt.provider"] = first.name
         sub = claims.get("sub")
-        ctx.vars["auth.user"] = sub if isinstance(sub, str) else None
+        if isinstance(sub, str):  # a token without a subject passes, naming no user
+            ctx.vars["auth.user"] = sub
         ctx.vars["auth.method"] = "jwt"
         return CONTINUE
 
