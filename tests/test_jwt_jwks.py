@@ -9,10 +9,11 @@ import socket
 
 import pytest
 import trio
+import trustme
 from structlog.testing import capture_logs
 
 import sluice.plugins.jwt as jwt_plugin
-from sluice.testing import Origin, Reply
+from sluice.testing import Origin, Reply, serve
 
 from .jwt_support import EC, ISSUER, RSA, RSA2, jwks, sign, write_jwks
 
@@ -170,3 +171,33 @@ async def test_a_jwks_file_is_reloaded_when_it_changes_and_a_broken_one_keeps_th
         await until(lambda: _is(proxy, sign(RSA), 401))
     assert [e["event"] for e in logs if e["event"].startswith("jwks file")] == [
         "jwks file reloaded", "jwks file invalid", "jwks file reloaded"]
+
+
+async def test_the_jwks_is_fetched_over_the_clusters_tls(origin, sluice_proxy, key_server, tmp_path):
+    """The key server behind a TLS front (a second sluice, trustme's certificate): the provider's
+    cluster verifies it with its CA and server name, as any TLS upstream; an untrusted one is refused."""
+    ca = trustme.CA()
+    leaf = ca.issue_cert("idp.test")
+    cert, key, ca_pem = tmp_path / "idp.crt", tmp_path / "idp.key", tmp_path / "ca.pem"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    ca.cert_pem.write_to_path(str(ca_pem))
+    front = {"server": {"drain_timeout": 1},
+             "listeners": [{"address": "127.0.0.1:0", "filters": ["router"],
+                            "tls": {"cert": str(cert), "key": str(key)}}],
+             "clusters": {"keys": {"endpoints": [key_server.origin.address]}},
+             "routes": [{"match": {"prefix": "/"}, "cluster": "keys"}]}
+    async with serve(front) as tls_front:
+        address = f"127.0.0.1:{tls_front.address[1]}"
+        config = remote(address, refetch_interval=0.05)
+        config["clusters"]["idp"]["tls"] = {"ca": str(ca_pem), "server_name": "idp.test"}
+        proxy = await sluice_proxy(filters=["jwt", "router"], extra=EXTRA, config=config)
+        assert await status(proxy, sign(RSA)) == 200
+        assert key_server.fetches == 1
+        with capture_logs() as logs:
+            config["clusters"]["idp"]["tls"] = {"server_name": "idp.test"}  # the system's CAs: not trustme's
+            untrusting = await sluice_proxy(filters=["jwt", "router"], extra=EXTRA, config=config)
+            assert await status(untrusting, sign(RSA)) == 401
+        failed = [e for e in logs if e["event"] == "jwks fetch failed"]
+        assert len(failed) == 1 and "certificate verify failed" in failed[0]["error"].lower()
+        assert key_server.fetches == 1  # the untrusting proxy never got past the handshake
