@@ -201,3 +201,27 @@ async def test_the_jwks_is_fetched_over_the_clusters_tls(origin, sluice_proxy, k
         failed = [e for e in logs if e["event"] == "jwks fetch failed"]
         assert len(failed) == 1 and "certificate verify failed" in failed[0]["error"].lower()
         assert key_server.fetches == 1  # the untrusting proxy never got past the handshake
+
+
+async def test_a_reload_builds_the_provider_anew_and_stops_the_old_ones_fetches(origin, sluice_proxy, key_server):
+    from sluice.control.config import parse
+    from sluice.control.reload import reload
+    from sluice.testing.plugin import default_config, merged
+
+    def config(**over) -> dict:
+        return merged(default_config(origin, ["jwt", "router"]), remote(key_server.origin.address, **over))
+
+    proxy = await sluice_proxy(filters=["jwt", "router"], extra=EXTRA, config=remote(
+        key_server.origin.address, cache_ttl=0.1))
+    assert await status(proxy, sign(RSA)) == 200
+    await until(lambda: _more_than(key_server, 2))  # the old provider refreshes every 0.1 s
+    proxy.app.reload_source = lambda: parse(config(cache_ttl=300))
+    assert await reload(proxy.app)
+    assert await status(proxy, sign(RSA)) == 200  # the new filter fetched its own set at open
+    settled = key_server.fetches
+    await trio.sleep(0.5)  # five of the old refresh periods: none may come
+    assert key_server.fetches == settled
+
+
+async def _more_than(server: KeyServer, n: int) -> bool:
+    return server.fetches > n
