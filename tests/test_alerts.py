@@ -17,6 +17,7 @@ import urllib.request
 import httpx
 import pytest
 import trio
+import trustme
 from structlog.testing import capture_logs
 
 from sluice import ConfigError
@@ -635,8 +636,12 @@ def _metric_names(text: str) -> set[str]:
     return set(re.findall(r"\b(sluice_[a-zA-Z0-9_:]+)", text))
 
 
-async def test_every_metric_the_dashboard_and_the_rules_use_is_in_a_real_scrape(start_origin):
+async def test_every_metric_the_dashboard_and_the_rules_use_is_in_a_real_scrape(start_origin, tmp_path):
+    import ssl
+
     from sluice import metrics
+
+    from .tls_support import ca_file, issue
     from sluice.plugins.alerts.evaluate import parse as parse_text
 
     dashboard = json.loads(alerts.files()["grafana-dashboard.json"].read_text())
@@ -652,12 +657,16 @@ async def test_every_metric_the_dashboard_and_the_rules_use_is_in_a_real_scrape(
         return Reply(status[0], [], b"x")
 
     origin = await start_origin(flaky)
-    cfg = config(origin.address, routes=[{"name": "api", "match": {"prefix": "/"}, "cluster": "backend"}])
-    async with serve(cfg, plugins=PLUGINS) as proxy, httpx.AsyncClient() as client:
+    ca = trustme.CA()  # a TLS listener, for the certificate expiry gauge
+    pair = issue(ca, tmp_path, "edge", "localhost")
+    cfg = config(origin.address, routes=[{"name": "api", "match": {"prefix": "/"}, "cluster": "backend"}],
+                 listener={"tls": {"cert": str(pair.cert), "key": str(pair.key)}})
+    trusting = ssl.create_default_context(cafile=str(ca_file(ca, tmp_path)))
+    async with serve(cfg, plugins=PLUGINS + ["tls"]) as proxy, httpx.AsyncClient(verify=trusting) as client:
         for code in (500, 200):
             status[0] = code
             for _ in range(3):
-                assert (await client.get(proxy.url + "/")).status_code == code
+                assert (await client.get(f"https://localhost:{proxy.address[1]}/")).status_code == code
         with trio.move_on_after(10):
             while True:  # the sums reach the scrape at the next flush
                 scraped = {s[0] for s in parse_text(metrics.render())}

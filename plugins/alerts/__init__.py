@@ -24,6 +24,7 @@ naming it in a listener's chain is a config error.
     [[filters.alerts.rules]]
     name = "ApiErrors"
     kind = "error_ratio"              # | latency_p99 | endpoint_ejected | no_healthy_endpoint | reload_failed
+                                      # | certificate_expiry (with days = 14 instead of threshold)
     route = "api"                     # or cluster = "..."; neither: all traffic
     threshold = 0.05                  # 5% of answers are 5xx ...
     window = 300                      # ... over 5 minutes

@@ -32,6 +32,7 @@ _SUMMARY = {
     "endpoint_ejected": "endpoint ejected by outlier detection",
     "no_healthy_endpoint": "no healthy endpoint in the cluster",
     "reload_failed": "the latest config reload failed",
+    "certificate_expiry": "a TLS certificate expires in less than {days:g} days",
 }
 
 
@@ -162,6 +163,7 @@ class Alerting:
             return
         labels = {"alertname": rule.name, "severity": rule.severity, **rule.labels, **dict(t.labels)}
         value = "" if t.value is None else f"{t.value:.4g}"
-        summary = _SUMMARY[rule.kind].format(value=value, threshold=rule.threshold, window=rule.window)
+        summary = _SUMMARY[rule.kind].format(value=value, threshold=rule.threshold, window=rule.window,
+                                          days=rule.days or 0)
         annotations = {"summary": summary, "value": value, **rule.annotations}
         self.sender.notify(alert_json(labels, annotations, t.starts_at, t.ends_at, self.config.generator_url))

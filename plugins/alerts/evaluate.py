@@ -23,6 +23,12 @@
 - ``reload_failed`` reads ``app.last_reload``: every worker reloads the
   same file, so worker 0's outcome is the fleet's (Prometheus has it as
   ``sluice_config_last_reload_successful``).
+- ``certificate_expiry`` reads ``sluice_tls_certificate_expiry_timestamp_seconds``
+  (each listener's certificates' notAfter, the earliest any worker serves):
+  1 for a certificate with fewer than ``days`` days left, else 0, labelled
+  by listener and cert (its file). A 0 timestamp is a certificate a reload
+  removed, not one that expired in 1970. Without metrics, worker 0's own
+  listeners are read.
 
 The metric names are ``sluice.metrics``'s; the shipped Prometheus rules
 and Grafana dashboard use the same. For a ``cluster`` rule an error is a
@@ -49,6 +55,7 @@ UPSTREAM_REQUESTS = "sluice_upstream_requests_total"
 UPSTREAM_DURATION = "sluice_upstream_request_duration_seconds_bucket"
 ENDPOINT_HEALTHY = "sluice_upstream_endpoint_healthy"
 ENDPOINT_EJECTED = "sluice_upstream_endpoint_ejected"
+CERT_EXPIRY = "sluice_tls_certificate_expiry_timestamp_seconds"
 
 Sample = tuple[str, dict[str, str], float]
 Labels = tuple[tuple[str, str], ...]
@@ -82,6 +89,8 @@ class Evaluator:
         if kind == "reload_failed":
             last = app.last_reload
             return {(): 1.0 if last is not None and not last["ok"] else 0.0}
+        if kind == "certificate_expiry":
+            return _expiring(rule, samples, app)
         names = [rule.cluster] if rule.cluster else list(app.clusters)
         state = _endpoint_state(app, samples)
         out: dict[Labels, float | None] = {}
@@ -125,6 +134,18 @@ def _endpoint_state(app: Any, samples: list[Sample] | None) -> dict[str, dict[st
             else:
                 out[name][address] = (e.healthy, e.ejected_until > clock)
     return out
+
+
+def _expiring(rule: Rule, samples: list[Sample] | None, app: Any) -> dict[Labels, float | None]:
+    if samples is None:
+        expiry = {(listener.name, cert): when for listener in app.listeners if listener.transport is not None
+                  for cert, when in listener.transport.expiry().items()}
+    else:
+        expiry = {(labels.get("listener", ""), labels.get("cert", "")): value
+                  for name, labels, value in samples if name == CERT_EXPIRY and value > 0}
+    soon = time.time() + rule.days * 86400
+    return {(("listener", listener), ("cert", cert)): 1.0 if when < soon else 0.0
+            for (listener, cert), when in expiry.items()}
 
 
 def _scope(rule: Rule) -> Labels:

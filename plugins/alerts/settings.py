@@ -26,6 +26,7 @@ KINDS = {
     "endpoint_ejected": "an endpoint is ejected by outlier detection",
     "no_healthy_endpoint": "no endpoint of a cluster is healthy and not ejected",
     "reload_failed": "the latest config reload failed",
+    "certificate_expiry": "a listener's TLS certificate expires in fewer than ``days`` days",
 }
 _MEASURED = ("error_ratio", "latency_p99")
 
@@ -38,12 +39,14 @@ class Rule(FilterConfig):
     flap)."""
 
     name: str = Field(min_length=1)
-    kind: Literal["error_ratio", "latency_p99", "endpoint_ejected", "no_healthy_endpoint", "reload_failed"]
+    kind: Literal["error_ratio", "latency_p99", "endpoint_ejected", "no_healthy_endpoint", "reload_failed",
+                  "certificate_expiry"]
     route: str | None = None
     cluster: str | None = None
     threshold: NonNegativeFloat | None = None
     resolve_threshold: NonNegativeFloat | None = None
     window: PositiveFloat = 300.0
+    days: PositiveFloat | None = None  # certificate_expiry: how long before notAfter it fires
     for_: NonNegativeFloat = Field(60.0, alias="for")
     severity: str = "warning"
     labels: dict[str, str] = {}
@@ -113,8 +116,12 @@ def check(alerts: AlertsConfig, config: Any) -> list[str]:
                     errors.append(f"{where}.{key}: kind {rule.kind!r} has no threshold ({KINDS[rule.kind]})")
             if rule.route is not None:
                 errors.append(f"{where}.route: kind {rule.kind!r} is about clusters, not routes")
-            if rule.kind == "reload_failed" and rule.cluster is not None:
-                errors.append(f"{where}.cluster: kind 'reload_failed' is about the whole config")
+            if rule.kind in ("reload_failed", "certificate_expiry") and rule.cluster is not None:
+                errors.append(f"{where}.cluster: kind {rule.kind!r} is not about clusters")
+        if (rule.kind == "certificate_expiry") != (rule.days is not None):
+            errors.append(f"{where}.days: " + ("required for kind 'certificate_expiry' (fire this many days "
+                                               "before a certificate expires)" if rule.days is None else
+                                               f"only for kind 'certificate_expiry', not {rule.kind!r}"))
         if rule.cluster is not None and rule.cluster not in config.clusters:
             errors.append(f"{where}.cluster: unknown cluster {rule.cluster!r}; "
                           f"available: {', '.join(sorted(config.clusters)) or '(none)'}")
