@@ -27,11 +27,13 @@ class KeyServer:
     def __init__(self, *keys) -> None:
         self.keys = list(keys)
         self.status = 200
+        self.body: bytes | None = None  # set: answered instead of the keys
         self.origin = Origin()
         self.origin.script(PATH, self._answer)
 
     def _answer(self, request) -> Reply:
         body = json.dumps(jwks(*self.keys)).encode() if self.status == 200 else b"down"
+        body = self.body if self.body is not None else body
         return Reply(status=self.status, headers=[("content-type", "application/json")], body=body)
 
     @property
@@ -225,3 +227,15 @@ async def test_a_reload_builds_the_provider_anew_and_stops_the_old_ones_fetches(
 
 async def _more_than(server: KeyServer, n: int) -> bool:
     return server.fetches > n
+
+
+@pytest.mark.parametrize("garbage", [b"<html>sign in</html>", b"[" * 100_000, b'{"keys": [{"kty": "RSA"}]}',
+                                     b'{"keys": "none"}', b"x" * (2 << 20)],
+                         ids=["html", "nested", "bad-key", "not-a-list", "over-1-MiB"])
+async def test_a_key_server_answering_garbage_is_an_outage_not_a_crash(origin, sluice_proxy, key_server, garbage):
+    key_server.body = garbage
+    with capture_logs() as logs:
+        proxy = await sluice_proxy(filters=["jwt", "router"], extra=EXTRA, config=remote(key_server.origin.address))
+        r = await proxy.client.get("/", headers={"authorization": f"Bearer {sign(RSA)}"})
+    assert r.status_code == 401 and "keys_unavailable" in r.headers["www-authenticate"]
+    assert [e["event"] for e in logs if e["event"] == "jwks fetch failed"] == ["jwks fetch failed"]

@@ -34,7 +34,6 @@ from urllib.parse import urlsplit
 import structlog
 import trio
 from joserfc import jwk
-from joserfc.errors import JoseError
 
 from .fetch import FetchError, get
 from .tokens import Parsed, key_fits
@@ -72,7 +71,7 @@ def load_jwks(data: bytes | str) -> tuple[KeyIndex, list[str]]:
     """
     try:
         doc = json.loads(data)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ValueError(f"not JSON: {exc}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
         raise ValueError('not a JWKS: no "keys" list')
@@ -90,7 +89,7 @@ def load_jwks(data: bytes | str) -> tuple[KeyIndex, list[str]]:
         public = {k: v for k, v in entry.items() if k not in ("d", "p", "q", "dp", "dq", "qi", "oth")}
         try:
             keys.append(jwk.import_key(public))
-        except (JoseError, ValueError, TypeError, KeyError) as exc:
+        except Exception as exc:  # noqa: BLE001 - a key joserfc cannot import is skipped, whatever the reason
             skipped.append(f"keys[{i}]: {type(exc).__name__}: {exc}")
     if not keys:
         raise ValueError("no usable signing key" + (f" ({'; '.join(skipped)})" if skipped else ""))
@@ -233,16 +232,14 @@ class RemoteJwks:
                 raise FetchError(f"cluster {self.cluster!r} is gone")
             body = await get(self.app.pool, cluster, self.target, self.host, timeout=self.timeout,
                              max_bytes=MAX_JWKS_BYTES)
-            try:
-                index, skipped = load_jwks(body)
-            except ValueError as exc:
-                raise FetchError(str(exc)) from None
-        except FetchError as exc:
+            index, skipped = load_jwks(body)
+        except Exception as exc:  # noqa: BLE001 - FetchError, a bad JWKS, a balancing policy's bug: an outage
             self._failed.inc()
             if self.down_since is None:
                 self.down_since = time.monotonic()
                 log.error("jwks fetch failed", provider=self.provider, cluster=self.cluster, target=self.target,
-                          error=str(exc), keeping=len(self.index.keys) if self.index else 0)
+                          error=str(exc) if isinstance(exc, (FetchError, ValueError)) else repr(exc),
+                          keeping=len(self.index.keys) if self.index else 0)
             return
         finally:
             self._done = None
