@@ -209,6 +209,9 @@ async def test_an_hs_provider_verifies_with_its_secret_only(tmp_path, monkeypatc
         assert ok.local_reply is None and ok.ctx.vars["auth.user"] == "alice"
         reply, event = await refused(sign(RSA), **over)  # an RS token for an HS provider
         assert event["reason"] == "alg_not_allowed"
+    (tmp_path / "short").write_bytes(b"password")
+    with pytest.raises(ConfigError, match=r"providers.main.secret_file: the secret is 8 bytes: at least 32"):
+        await run_filter(Jwt, settings(jwks_file=None, secret_file=str(tmp_path / "short")))
     with pytest.raises(ConfigError, match=r"providers.main.*'RS256' not allowed here: a secret"):
         await run_filter(Jwt, settings(jwks_file=None, secret_env="JWT_TEST_SECRET", algorithms=["RS256"]))
 

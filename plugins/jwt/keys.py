@@ -100,6 +100,8 @@ class Secret:
     """An HMAC secret (HS256/384/512) from a file or an environment variable."""
 
     def __init__(self, secret: bytes) -> None:
+        if len(secret) < 32:  # RFC 7518 3.2: a key as long as the hash (HS256: 256 bits) or longer
+            raise ValueError(f"the secret is {len(secret)} bytes: at least 32 are needed")
         self.index = KeyIndex([jwk.OctKey.import_key(secret)])
 
     @classmethod
