@@ -55,6 +55,8 @@ scheme                    %REQ(:SCHEME)%                                 http or
 protocol                  %PROTOCOL%                                     HTTP/1.0, HTTP/1.1 or HTTP/2
 user_agent                %REQ(USER-AGENT)%                              User-Agent
 route                     %ROUTE_NAME%                                   the route matched
+rbac_decision             %RBAC_DECISION% (sluice)                       the rbac filter's decision (shadow-: not enforced)
+rbac_policy               %RBAC_POLICY% (sluice)                         the rbac policy that decided (or ``default``)
 upgraded                  %UPGRADED% (sluice)                            the protocol a 101 switched to
 request_header_bytes      %REQUEST_HEADERS_BYTES%                        the request head as forwarded (HTTP/1.1 form)
 response_header_bytes     %RESPONSE_HEADERS_BYTES%                       the response head as sent (HTTP/1.1 form)

@@ -189,6 +189,12 @@ def build_catalog(state: Getter, bodies: Callable[[str], Getter]) -> dict[str, F
               "req.headers.get('user-agent') if req is not None else None"),
         Field("route", "%ROUTE_NAME%", "the route matched", "str",
               "(r.name or None) if (r := ctx.matched_route) else None"),
+        Field("rbac_decision", "%RBAC_DECISION%",
+              "the rbac filter's decision: allow or deny (shadow-allow, shadow-deny in shadow mode)", "str",
+              "(('shadow-' + d) if ctx.vars.get('rbac.shadow') else d) if (d := ctx.vars.get('rbac.decision')) "
+              "else None", envoy=False),
+        Field("rbac_policy", "%RBAC_POLICY%", "the rbac policy that decided (``default``: none matched)", "str",
+              "ctx.vars.get('rbac.policy')", envoy=False),
         Field("upgraded", "%UPGRADED%", "the protocol a 101 switched to (only then)", "str",
               "ctx.upgraded", envoy=False, optional=True),
         # -- sizes ----------------------------------------------------------

@@ -6,6 +6,7 @@ import signal
 import textwrap
 import threading
 import time
+from importlib.metadata import entry_points
 
 from .proc import Running, children, curl, free_port, poll, sluice
 
@@ -42,8 +43,9 @@ def test_unknown_plugin_is_named_with_the_available_ones():
     r = sluice("run", "--listen", "127.0.0.1:1", "--upstream", "http://127.0.0.1:2", "--plugins", "router,nope")
     assert r.returncode == 2
     assert "unknown plugin 'nope'" in r.stderr
-    assert ("available: access_log, alerts, auth, balancer, discovery_dns, discovery_etcd, discovery_zookeeper, "
-            "registration, router, tls") in r.stderr
+    installed = sorted(ep.name for ep in entry_points(group="sluice"))  # every plugin of the tree, and any other
+    assert {"router", "auth", "tls"} <= set(installed)
+    assert f"available: {', '.join(installed)}\n" in r.stderr
     assert "Traceback" not in r.stderr
 
 

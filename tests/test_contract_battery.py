@@ -25,6 +25,7 @@ from sluice.control.registry import Plugins
 from sluice.proxy.filters import PHASES, overrides
 from sluice.testing import contract
 
+from .authz_support import service_in_a_thread
 from .jwt_support import ISSUER, RSA, sign, write_jwks
 
 # -- every built-in filter (`sluice plugins`), and the example plugin's ---------
@@ -67,6 +68,14 @@ def _jwks() -> str:
 test_jwt = contract.battery(
     "jwt", settings={"providers": {"battery": {"issuer": ISSUER, "jwks_file": _jwks()}}},
     request_headers={"authorization": f"Bearer {sign(exp=4_000_000_000)}"})  # valid until 2096
+
+
+test_rbac = contract.battery("rbac", settings={"policies": [
+    {"action": "allow", "principals": [{"source_cidr": "127.0.0.0/8"}], "permissions": [{"prefix": "/"}]}]})
+
+test_ext_authz = contract.battery(  # a real authorization service, in a thread: the config is made here
+    "ext_authz", settings={"cluster": "authz", "path_prefix": "/authz"},
+    config={"clusters": {"authz": {"endpoints": [service_in_a_thread()]}}})
 
 
 def _source_module(path: Path) -> ModuleType:

@@ -58,6 +58,9 @@ _TABLE = (
     Flag("TLSP", "a TLS handshake on a plain listener", "edge", "none"),
     Flag("TI", "a tunnel (WebSocket) closed after tunnel_idle without a byte", "core", "101, then a close"),
     Flag("TM", "a tunnel (WebSocket) closed at tunnel_max", "core", "101, then a close"),
+    Flag("RBAC", "refused by an rbac policy (or its default)", "rbac", "403"),
+    Flag("UAEX", "refused by the external authorization service, or it failed while failing closed",
+         "ext_authz", "the service's, or status_on_error"),
 )
 
 FLAGS: MappingProxyType[str, Flag] = MappingProxyType({flag.code: flag for flag in _TABLE})
