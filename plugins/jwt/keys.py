@@ -35,7 +35,9 @@ import structlog
 import trio
 from joserfc import jwk
 
-from .fetch import FetchError, get
+from sluice.messages import Headers, Request
+
+from ..cluster_call import CallError, call
 from .tokens import Parsed, key_fits
 
 __all__ = ["JwksFile", "RemoteJwks", "Secret", "load_jwks"]
@@ -227,20 +229,29 @@ class RemoteJwks:
         self._nursery.start_soon(self._fetch, done)
         return done
 
+    async def _get(self) -> bytes:
+        """The JWKS document, fetched through the provider's cluster, as Envoy's
+        ``remote_jwks.http_uri.cluster``: the key server gets what every upstream gets (the
+        cluster's endpoints, balancing, TLS and client certificate, timeouts, breaker, pool)."""
+        cluster = self.app.clusters.get(self.cluster)
+        if cluster is None:
+            raise CallError(f"cluster {self.cluster!r} is gone")
+        request = Request("GET", self.target, Headers([("host", self.host), ("accept", "application/json"),
+                                                       ("user-agent", "sluice-jwt")]))
+        answer = await call(self.app.pool, cluster, request, b"", timeout=self.timeout, max_bytes=MAX_JWKS_BYTES)
+        if answer.status != 200:
+            raise CallError(f"the key server answered {answer.status}")
+        return answer.body
+
     async def _fetch(self, done: trio.Event) -> None:
         try:
-            cluster = self.app.clusters.get(self.cluster)
-            if cluster is None:
-                raise FetchError(f"cluster {self.cluster!r} is gone")
-            body = await get(self.app.pool, cluster, self.target, self.host, timeout=self.timeout,
-                             max_bytes=MAX_JWKS_BYTES)
-            index, skipped = load_jwks(body)
-        except Exception as exc:  # noqa: BLE001 - FetchError, a bad JWKS, a balancing policy's bug: an outage
+            index, skipped = load_jwks(await self._get())
+        except Exception as exc:  # noqa: BLE001 - CallError, a bad JWKS, a balancing policy's bug: an outage
             self._failed.inc()
             if self.down_since is None:
                 self.down_since = time.monotonic()
                 log.error("jwks fetch failed", provider=self.provider, cluster=self.cluster, target=self.target,
-                          error=str(exc) if isinstance(exc, (FetchError, ValueError)) else repr(exc),
+                          error=str(exc) if isinstance(exc, (CallError, ValueError)) else repr(exc),
                           keeping=len(self.index.keys) if self.index else 0)
             return
         finally:
