@@ -1,0 +1,249 @@
+"""The Kubernetes manifests and image of ``sluice.deploy`` (core/deploy/),
+checked offline: against the Kubernetes schemas (kubernetes-validate's
+bundled ones, no cluster), with ``sluice check`` on the configs they embed,
+and for the promises that tie them together (probes on the admin address,
+a grace period that covers preStop and the drain, selectors that match, an
+image that runs the mounted config). The probe command itself is run
+against a real ``sluice run``.
+
+``kubectl apply --dry-run=client`` is not used: it fetches the OpenAPI
+schema from an API server, so offline it fails (or, with --validate=false,
+checks nothing).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+import tomllib
+
+import httpx
+import kubernetes_validate
+import pytest
+import yaml
+
+from sluice import deploy
+
+from .proc import Running, ThreadOrigin, free_port, poll, sluice
+
+K8S_VERSION = "1.32.0"  # the oldest schema kubernetes-validate bundles; native sidecars and preStop sleep need >= 1.30
+
+MANIFESTS = deploy.manifests()
+DOCS = [(p.name, i, doc) for p in MANIFESTS for i, doc in enumerate(yaml.safe_load_all(p.read_text())) if doc]
+BY_KIND: dict[str, list[dict]] = {}
+for _name, _i, _doc in DOCS:
+    BY_KIND.setdefault(_doc["kind"], []).append(_doc)
+
+
+def _configmap(name: str) -> dict:
+    return next(d for d in BY_KIND["ConfigMap"] if d["metadata"]["name"] == name)
+
+
+def _pod_specs() -> list[tuple[str, dict]]:
+    return [(d["metadata"]["name"], d["spec"]["template"]["spec"]) for d in BY_KIND["Deployment"]]
+
+
+def _sluice_containers() -> list[tuple[str, dict, dict]]:
+    """(deployment, pod spec, container) for every container running the sluice image."""
+    out = []
+    for name, spec in _pod_specs():
+        for c in [*spec.get("initContainers", []), *spec["containers"]]:
+            if c["image"].startswith("sluice:"):
+                out.append((name, spec, c))
+    return out
+
+
+def _mounted_config(spec: dict, container: dict) -> tuple[str, dict]:
+    """The path the container sees its sluice.toml at, and the config parsed."""
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/etc/sluice")
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    cm = _configmap(volume["configMap"]["name"])
+    return f"{mount['mountPath']}/sluice.toml", tomllib.loads(cm["data"]["sluice.toml"])
+
+
+def _probe_url(probe: dict) -> str:
+    command = probe["exec"]["command"]
+    assert command[:2] == ["python", "-c"], command  # the image's Python: no curl in it
+    return command[-1]
+
+
+def test_the_package_ships_every_file():
+    shipped = deploy.files()
+    assert {"Dockerfile", "README.md", "k8s/gateway-deployment.yaml", "k8s/sidecar.yaml"} <= set(shipped)
+    assert all(p.is_file() for p in shipped.values())
+    kinds = {d["kind"] for _n, _i, d in DOCS}
+    assert {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget", "HorizontalPodAutoscaler"} <= kinds
+
+
+@pytest.mark.parametrize("doc", [d for _n, _i, d in DOCS], ids=[f"{n}[{i}]" for n, i, _d in DOCS])
+def test_every_manifest_validates_against_the_schema(doc):
+    assert kubernetes_validate.validate(doc, K8S_VERSION, strict=True) == "1.32"
+
+
+@pytest.mark.parametrize("breakage", ["typo", "type", "missing"])
+def test_a_broken_manifest_fails_validation(breakage):
+    doc = copy.deepcopy(BY_KIND["Deployment"][0])
+    container = doc["spec"]["template"]["spec"]["containers"][0]
+    if breakage == "typo":
+        doc["spec"]["replica"] = 3  # strict: an unknown key
+    elif breakage == "type":
+        container["ports"][0]["containerPort"] = "eighty"
+    else:
+        del container["name"]
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("name", [d["metadata"]["name"] for d in BY_KIND["ConfigMap"]])
+def test_embedded_configs_pass_sluice_check(name, tmp_path):
+    path = tmp_path / "sluice.toml"
+    path.write_text(_configmap(name)["data"]["sluice.toml"])
+    result = sluice("check", str(path))
+    assert result.returncode == 0, result.stderr
+    # and the check does look: the same file with one bad key fails, naming it
+    path.write_text(path.read_text().replace("drain_timeout = ", "drain_timout = ", 1))
+    result = sluice("check", str(path))
+    assert result.returncode == 2 and "server.drain_timout" in result.stderr
+
+
+def test_probes_call_the_admin_address_of_the_mounted_config():
+    assert _sluice_containers()
+    for deployment, spec, container in _sluice_containers():
+        _path, config = _mounted_config(spec, container)
+        admin = config["admin"]
+        assert admin["enabled"] is True
+        assert admin["address"].startswith("127.0.0.1:"), "the admin stays on loopback"
+        expected = {"startupProbe": "/live", "livenessProbe": "/live", "readinessProbe": "/ready"}
+        for kind, path in expected.items():
+            assert _probe_url(container[kind]) == f"http://{admin['address']}{path}", (deployment, kind)
+
+
+def test_the_startup_probe_waits_for_the_first_discovery_snapshot():
+    """The admin listener starts after every discovery cluster's first snapshot, or
+    its initial_timeout: the startup probe must give it that long (and more)."""
+    for deployment, spec, container in _sluice_containers():
+        _path, config = _mounted_config(spec, container)
+        waits = [c["discovery"].get("initial_timeout", 5.0) for c in config["clusters"].values() if "discovery" in c]
+        probe = container["startupProbe"]
+        budget = probe["periodSeconds"] * probe["failureThreshold"]
+        assert budget >= max(waits, default=0) + 10, (deployment, budget, waits)
+
+
+def test_the_grace_period_covers_prestop_and_the_drain():
+    for deployment, spec, container in _sluice_containers():
+        _path, config = _mounted_config(spec, container)
+        drain = config["server"]["drain_timeout"]
+        # every preStop in the pod runs before the containers' SIGTERMs (a native sidecar's after the app's)
+        pre_stop = sum(c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+                       for c in [*spec.get("initContainers", []), *spec["containers"]])
+        assert pre_stop > 0, deployment
+        assert spec["terminationGracePeriodSeconds"] > pre_stop + drain, deployment
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def test_selectors_match_the_deployments_labels():
+    deployments = {d["metadata"]["name"]: d for d in BY_KIND["Deployment"]}
+    for d in deployments.values():
+        labels = d["spec"]["template"]["metadata"]["labels"]
+        assert _selects(d["spec"]["selector"]["matchLabels"], labels)
+        for spread in d["spec"]["template"]["spec"].get("topologySpreadConstraints", []):
+            assert _selects(spread["labelSelector"]["matchLabels"], labels)
+    gateway = deployments["sluice-gateway"]["spec"]["template"]["metadata"]["labels"]
+    (pdb,) = BY_KIND["PodDisruptionBudget"]
+    assert _selects(pdb["spec"]["selector"]["matchLabels"], gateway)
+    (hpa,) = BY_KIND["HorizontalPodAutoscaler"]
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", "sluice-gateway")
+    assert hpa["spec"]["minReplicas"] >= 2 and deployments["sluice-gateway"]["spec"]["replicas"] >= 2
+    # every Service that fronts a Deployment here selects its pods, on a port a sluice container names
+    for svc in BY_KIND["Service"]:
+        fronted = [d for d in deployments.values()
+                   if _selects(svc["spec"]["selector"], d["spec"]["template"]["metadata"]["labels"])]
+        if svc["spec"].get("clusterIP") == "None":
+            continue  # the headless upstream: its pods are the user's
+        assert len(fronted) == 1, svc["metadata"]["name"]
+        spec = fronted[0]["spec"]["template"]["spec"]
+        names = {p["name"] for c in [*spec.get("initContainers", []), *spec["containers"]] for p in c.get("ports", [])}
+        assert all(p["targetPort"] in names for p in svc["spec"]["ports"])
+
+
+def test_the_headless_upstream_is_the_name_the_gateway_resolves():
+    (headless,) = [s for s in BY_KIND["Service"] if s["spec"].get("clusterIP") == "None"]
+    config = tomllib.loads(_configmap("sluice-gateway")["data"]["sluice.toml"])
+    discovery = config["clusters"]["backend"]["discovery"]
+    assert discovery["source"] == "dns"
+    assert discovery["name"].startswith(f"{headless['metadata']['name']}.")
+    assert discovery["name"].endswith(".svc.cluster.local")  # a full name: the dns source uses no search list
+    assert discovery["port"] == headless["spec"]["ports"][0]["port"]
+
+
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    text = deploy.files()["Dockerfile"].read_text().replace("\\\n", " ")
+    return [(m[1].upper(), m[2].strip()) for m in re.finditer(r"^\s*([A-Za-z]+)\s+(.*)$", text, re.M)
+            if not m[0].lstrip().startswith("#")]
+
+
+def test_the_image_runs_the_mounted_config_as_its_user():
+    instructions = _dockerfile_instructions()
+    entry = json.loads([v for k, v in instructions if k == "ENTRYPOINT"][-1])
+    assert entry[:3] == ["sluice", "run", "-c"]
+    (user,) = [v for k, v in instructions if k == "USER"]
+    for deployment, spec, container in _sluice_containers():
+        path, _config = _mounted_config(spec, container)
+        assert entry[3] == path, deployment
+        assert "command" not in container and "args" not in container  # the image's entry point runs
+        assert user == f"{spec['securityContext']['runAsUser']}:{spec['securityContext']['runAsGroup']}"
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        assert any(m["mountPath"] == "/tmp" for m in container["volumeMounts"])  # the metrics' files
+    # the build copies exactly what pyproject needs, from the repository root as context
+    copies = [v for k, v in instructions if k == "COPY" and not v.startswith("--from")]
+    assert {c.split()[0] for c in copies} == {"pyproject.toml", "core/", "plugins/"}
+
+
+def _probe(probe: dict, address: str) -> int:
+    """Run a manifest's probe command here, as the kubelet would in the container,
+    with this interpreter for the image's ``python`` and ``address`` for the admin's."""
+    command = [sys.executable, *probe["exec"]["command"][1:]]
+    command[-1] = re.sub(r"127\.0\.0\.1:\d+", address, command[-1])
+    return subprocess.run(command, capture_output=True, timeout=probe["timeoutSeconds"] + 5).returncode
+
+
+def test_the_probe_commands_follow_a_real_sluice_through_its_drain(tmp_path):
+    (_deployment, _spec, container) = next(x for x in _sluice_containers() if x[0] == "sluice-gateway")
+    admin = f"127.0.0.1:{free_port()}"
+    assert _probe(container["livenessProbe"], admin) == 1  # nothing listens: a failure, not a hang
+    with ThreadOrigin(delay=3.0) as origin:
+        config = tmp_path / "sluice.toml"
+        config.write_text(
+            f'[server]\ndrain_timeout = 10\n[admin]\nenabled = true\naddress = "{admin}"\n'
+            f'[[listeners]]\naddress = "127.0.0.1:0"\nfilters = ["router"]\n'
+            f'[clusters.app]\nendpoints = ["{origin.address}"]\n'
+            f'[[routes]]\nmatch = {{ prefix = "/" }}\ncluster = "app"\n')
+        with Running("-c", str(config)) as proxy:
+            for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+                assert _probe(container[kind], admin) == 0, kind
+            answers: list[int] = []
+            slow = threading.Thread(target=lambda: answers.append(httpx.get(f"{proxy.url}/slow", timeout=10).status_code))
+            slow.start()
+            poll(lambda: _in_flight(admin), what="a request in flight", proxy=proxy)
+            proxy.signal(signal.SIGTERM)
+            # draining: not ready (the Service stops sending), still live (no restart mid-drain)
+            poll(lambda: _probe(container["readinessProbe"], admin) == 1, what="/ready fails while draining",
+                 proxy=proxy)
+            assert _probe(container["livenessProbe"], admin) == 0
+            slow.join(10)
+            assert answers == [200]  # the request in flight finished
+            assert proxy.wait() == 0
+
+
+def _in_flight(admin: str) -> bool:
+    (endpoint,) = httpx.get(f"http://{admin}/clusters").json()["clusters"]["app"]["endpoints"]
+    return endpoint["active_requests"] > 0
