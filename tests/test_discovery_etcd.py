@@ -22,6 +22,7 @@ from structlog.testing import capture_logs
 from sluice import ConfigError
 from sluice.control.config import parse
 from sluice.plugins.etcd import EtcdClient
+from sluice.plugins.etcd.client import tls_context
 from sluice.plugins.registry_entries import endpoint_of
 from sluice.testing import serve
 
@@ -29,6 +30,7 @@ from .servers import free_port
 from .servers.etcd import etcd_server_process
 from .test_discovery import named, until
 from .test_discovery_dns import addresses, seen
+from .test_etcd_client import etcd_tls, tls_files  # noqa: F401 (etcd_tls: a fixture)
 
 PLUGINS = ["router", "balancer", "discovery_etcd"]
 TTL = 2  # seconds: the holders' lease
@@ -63,8 +65,10 @@ def test_settings_are_checked_by_key_path():
 
     with pytest.raises(ConfigError, match=r"clusters.app.discovery.prefix: .*must end with '/'"):
         build(cfg("127.0.0.1:2379", "/services/app"))
-    with pytest.raises(ConfigError, match="clusters.app.discovery.address: .*TLS to etcd is not supported"):
-        build(cfg("https://127.0.0.1:2379", "/services/app/"))
+    with pytest.raises(ConfigError, match=r"clusters.app.discovery.ca: .*'/nowhere/ca.pem': no such file"):
+        build(cfg("https://127.0.0.1:2379", "/services/app/", ca="/nowhere/ca.pem"))
+    with pytest.raises(ConfigError, match="clusters.app.discovery.check_interval"):
+        build(cfg("127.0.0.1:2379", "/a/", check_interval=-1))
     with pytest.raises(ConfigError, match=r"clusters.app.discovery.endpoints\[0\]: 'etcd': not a host:port"):
         build(cfg(None, "/a/", address=None, endpoints=["etcd"]))
     with pytest.raises(ConfigError, match="clusters.app.discovery: give endpoints .* not both"):
@@ -73,8 +77,20 @@ def test_settings_are_checked_by_key_path():
         build(cfg(None, "/a/", address=None))
     with pytest.raises(ConfigError, match="clusters.app.discovery.timeout"):
         build(cfg("127.0.0.1:2379", "/a/", timeout=0))
-    app = build(cfg(None, "/a/", address=None, endpoints=["127.0.0.1:2379", "http://10.0.0.2:2379/"]))
-    assert app.discoveries["app"].source.members == ["http://127.0.0.1:2379", "http://10.0.0.2:2379"]
+    app = build(cfg(None, "/a/", address=None,
+                    endpoints=["127.0.0.1:2379", "http://10.0.0.2:2379/", "https://10.0.0.3:2379"]))
+    assert app.discoveries["app"].source.members == ["http://127.0.0.1:2379", "http://10.0.0.2:2379",
+                                                     "https://10.0.0.3:2379"]
+
+
+def test_tls_files_that_do_not_load_are_named_at_the_key_path(tmp_path):
+    from sluice.control.app import App
+    from sluice.control.registry import Plugins
+
+    files = tls_files(tmp_path)
+    data = cfg("https://127.0.0.1:2379", "/a/", ca=files["ca"], cert=files["ca"])  # a CA's cert, no key
+    with pytest.raises(ConfigError, match=r"clusters.app.discovery: .*ca.pem: not a readable PEM certificate"):
+        App(parse(data), Plugins(PLUGINS))
 
 
 @pytest.mark.parametrize("data, error", [
@@ -287,3 +303,92 @@ async def test_a_member_that_does_not_answer_is_left_for_the_next(etcd_server, e
             assert addresses(proxy) == {a.address}
     failed = [e["error"] for e in logs if e["event"] == "discovery failed"]
     assert failed == [f"etcd at http://{dead} did not answer within 0.5s"]
+
+
+class Relay:
+    """A TCP relay on loopback to a real etcd, standing in for a member that hangs: once
+    ``frozen``, it passes no byte either way and serves no new connection, while keeping
+    every socket open (as a stopped process or a member cut off from its cluster does)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.frozen = False
+        self.url = ""
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.url = "http://127.0.0.1:%d" % listeners[0].socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        while self.frozen:
+            await trio.sleep(3600)
+        async with client, await trio.open_tcp_stream("127.0.0.1", self.target_port) as upstream:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pipe, client, upstream)
+                nursery.start_soon(self._pipe, upstream, client)
+
+    async def _pipe(self, source: trio.SocketStream, sink: trio.SocketStream) -> None:
+        try:
+            while data := await source.receive_some(65536):
+                while self.frozen:
+                    await trio.sleep(3600)
+                await sink.send_all(data)
+            await sink.send_eof()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+async def test_a_member_hung_mid_watch_is_left_and_the_next_resumes_from_the_last_revision(
+        etcd_server, etcd_prefix, start_origin, nursery, monkeypatch):
+    a = await start_origin(named("a"))
+    b = await start_origin(named("b"))
+    relay = Relay(int(etcd_server.url.rsplit(":", 1)[1]))
+    await nursery.start(relay.run)
+    reads = []  # full reads of the prefix, by member
+    get_prefix = EtcdClient.get_prefix
+
+    async def counted(self, prefix):
+        reads.append(self.url)
+        return await get_prefix(self, prefix)
+
+    monkeypatch.setattr(EtcdClient, "get_prefix", counted)
+    async with EtcdClient(etcd_server.url) as etcd:
+        await etcd.put(etcd_prefix + "a", entry(a))
+        data = cfg(None, etcd_prefix, address=None, endpoints=[relay.url, etcd_server.url], timeout=0.5,
+                   check_interval=0.25)
+        with capture_logs() as logs:
+            async with serve(data, plugins=PLUGINS) as proxy:
+                assert addresses(proxy) == {a.address}
+                await etcd.put(etcd_prefix + "b", entry(b))
+                await until(lambda: addresses(proxy) == {a.address, b.address})  # the watch is up
+                relay.frozen = True  # the member being watched hangs
+                hung = trio.current_time()
+                await etcd.delete(etcd_prefix + "a")
+                await until(lambda: addresses(proxy) == {b.address}, timeout=5)
+                print(f"etcd: a change made while the watched member hung seen {trio.current_time() - hung:.2f}s "
+                      f"later, through the next member (check 0.25s, timeout 0.5s)")
+                async with httpx.AsyncClient(base_url=proxy.url) as client:
+                    assert await seen(client, 3) == {"b"}
+    failed = [e["error"] for e in logs if e["event"] == "discovery failed"]
+    assert len(failed) == 1 and "stopped answering while watched" in failed[0] and "on the next member" in failed[0]
+    assert reads == [relay.url]  # the next member took the watch on from the last revision: no second read
+    assert not [e for e in logs if e["event"] == "endpoints changed" and e["total"] == 0]
+
+
+async def test_a_cluster_discovered_over_mutual_tls(etcd_tls, start_origin):
+    server, files = etcd_tls
+    a = await start_origin(named("a"))
+    mutual = tls_context(files["ca"], files["client_cert"], files["client_key"])
+    async with EtcdClient(server.url, tls=mutual) as etcd:
+        await etcd.put("/mtls/app/a", entry(a))
+        tls = {"ca": files["ca"], "cert": files["client_cert"], "key": files["client_key"]}
+        async with serve(cfg(server.url, "/mtls/app/", **tls), plugins=PLUGINS) as proxy:
+            assert addresses(proxy) == {a.address}
+            async with httpx.AsyncClient(base_url=proxy.url) as client:
+                assert await seen(client, 2) == {"a"}
+        with capture_logs() as logs:  # without the client certificate, etcd refuses it
+            async with serve(cfg(server.url, "/mtls/app/", ca=files["ca"]), plugins=PLUGINS) as proxy:
+                assert addresses(proxy) == set()
+        assert any(e["event"] == "discovery failed" for e in logs)

@@ -30,6 +30,7 @@ from sluice.plugins.etcd import (
     Reconnected,
     Resync,
 )
+from sluice.plugins.etcd.client import tls_context
 from sluice.plugins.etcd.codec import b64, prefix_end
 
 from .servers import free_port
@@ -334,3 +335,90 @@ async def test_a_mirror_is_rebuilt_after_a_compaction_and_says_when_it_is_stale(
         assert (rebuilt.revision, sorted(rebuilt.kvs), rebuilt.resynced) == (9, [b"/p/c"], True)
         stale = await next_update(states)
         assert stale.kvs == rebuilt.kvs and "not JSON" in stale.stale
+
+
+# -- a hung member, and TLS ----------------------------------------------------------------------
+
+
+async def test_a_hung_member_is_noticed_by_the_check_and_the_watch_resumes(tmp_path):
+    """SIGSTOP: the process holds its sockets and answers nothing, the watch stream stays open.
+    The check (a count every 0.3 s, 1 s to answer) says so within seconds, not idle_timeout."""
+    server = etcd_server_process(tmp_path)
+    await trio.to_thread.run_sync(server.start)
+    try:
+        async with EtcdClient(server.url, timeout=1) as etcd:
+            async with etcd.watch_prefix("/svc/", start_revision=2, max_backoff=0.5, check_interval=0.3) as updates:
+                await etcd.put("/svc/a", b"before")
+                assert [e.kv.value for e in (await next_update(updates)).events] == [b"before"]
+                os.kill(server.pid, signal.SIGSTOP)
+                stopped = time.monotonic()
+                try:
+                    update = await next_update(updates)
+                    noticed = time.monotonic() - stopped
+                    assert isinstance(update, Disconnected) and "stopped answering" in update.reason
+                    assert noticed < 3  # check_interval + timeout, and some slack (the idle timeout: 60)
+                    print(f"etcd SIGSTOPped: Disconnected after {noticed:.2f}s (check 0.3s + timeout 1s)")
+                finally:
+                    os.kill(server.pid, signal.SIGCONT)
+                await etcd.put("/svc/b", b"after")
+                assert await next_update(updates) == Reconnected()
+                update = await next_update(updates)
+                assert [(e.kv.key, e.kv.value) for e in update.events] == [(b"/svc/b", b"after")]
+    finally:
+        await trio.to_thread.run_sync(server.stop)
+
+
+def tls_files(tmp_path) -> dict[str, str]:
+    """A CA (trustme), the server's certificate for 127.0.0.1 and a client certificate, as PEM files."""
+    import trustme
+
+    ca = trustme.CA()
+    files = {name: str(tmp_path / f"{name}.pem") for name in ("ca", "cert", "key", "client_cert", "client_key")}
+    ca.cert_pem.write_to_path(files["ca"])
+    server = ca.issue_cert("127.0.0.1")
+    server.cert_chain_pems[0].write_to_path(files["cert"])
+    server.private_key_pem.write_to_path(files["key"])
+    client = ca.issue_cert("sluice-client.test")
+    client.cert_chain_pems[0].write_to_path(files["client_cert"])
+    client.private_key_pem.write_to_path(files["client_key"])
+    return files
+
+
+@pytest.fixture(scope="module")
+def etcd_tls(tmp_path_factory):
+    """An etcd of this module's own on https, asking clients for a certificate (mutual TLS)."""
+    root = tmp_path_factory.mktemp("etcd-tls")
+    files = tls_files(root)
+    server = etcd_server_process(root, tls=files)
+    server.start()
+    try:
+        yield server, files
+    finally:
+        server.stop()
+
+
+async def test_https_with_a_client_certificate(etcd_tls):
+    server, files = etcd_tls
+    assert server.url.startswith("https://")
+    mutual = tls_context(files["ca"], files["client_cert"], files["client_key"])
+    async with EtcdClient(server.url, timeout=2, tls=mutual) as etcd:
+        revision = await etcd.put("/tls/a", b"1")
+        assert (await etcd.get("/tls/a")).value == b"1"
+        async with etcd.watch_prefix("/tls/", start_revision=revision, check_interval=0.2) as updates:
+            assert [e.kv.value for e in (await next_update(updates)).events] == [b"1"]
+    async with EtcdClient(server.url, timeout=2, tls=tls_context(files["ca"])) as anonymous:
+        with pytest.raises(EtcdUnavailable):  # no client certificate: etcd ends the handshake
+            await anonymous.get("/tls/a")
+    async with EtcdClient(server.url, timeout=2) as untrusting:
+        with pytest.raises(EtcdUnavailable, match="CERTIFICATE_VERIFY_FAILED"):  # the system's CAs
+            await untrusting.get("/tls/a")
+
+
+def test_tls_files_that_do_not_load_are_named(tmp_path):
+    files = tls_files(tmp_path)
+    with pytest.raises(ValueError, match="nowhere.pem: not a readable PEM CA file"):
+        tls_context(str(tmp_path / "nowhere.pem"))
+    with pytest.raises(ValueError, match="ca.pem: not a readable PEM certificate"):
+        tls_context(files["ca"], files["ca"])  # a certificate without its key
+    with pytest.raises(ValueError, match="a key without its certificate"):
+        tls_context(files["ca"], None, files["client_key"])

@@ -4,11 +4,16 @@ Every call is bounded by the client's ``timeout`` (a trio cancel scope around th
 request, not only httpx's per-phase timeouts), and a transport failure or a timeout
 becomes ``EtcdUnavailable``; an error etcd answers becomes ``EtcdRequestError`` (or
 ``EtcdCompacted`` for a revision compacted away).
+
+An ``https://`` member is verified against ``ca`` (a PEM file; the system's CAs without
+one), and ``cert`` and ``key`` (PEM files; ``key`` may be in ``cert``) are the client's
+certificate for an etcd started with ``--client-cert-auth`` (mutual TLS).
 """
 
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -19,7 +24,7 @@ import structlog
 import trio
 
 from .codec import KeyValue, b64, integer, key_value, prefix_end, revision_of
-from .errors import EtcdRequestError, EtcdUnavailable, LeaseExpired, malformed, raise_for_error
+from .errors import EtcdRequestError, EtcdUnavailable, LeaseExpired, malformed, raise_for_error, transport_reason
 from .mirror import mirror_prefix
 from .watch import watch_prefix
 
@@ -44,17 +49,38 @@ def _raw(data: bytes | str) -> bytes:
     return data.encode() if isinstance(data, str) else data
 
 
+def tls_context(ca: str | None = None, cert: str | None = None, key: str | None = None) -> ssl.SSLContext:
+    """The client's TLS context: ``ca`` to verify the member (default: the system's CAs), and
+    ``cert``/``key`` to show for mutual TLS. ValueError naming the file that does not load."""
+    try:
+        context = ssl.create_default_context(cafile=ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"{ca}: not a readable PEM CA file ({exc})") from None
+    if cert is not None:
+        try:
+            context.load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"{cert}{' / ' + key if key else ''}: not a readable PEM certificate and "
+                             f"its key ({exc})") from None
+    elif key is not None:
+        raise ValueError("a key without its certificate (cert)")
+    return context
+
+
 class EtcdClient:
-    """A client of one etcd endpoint (``url``: ``http://host:port``).
+    """A client of one etcd endpoint (``url``: ``http://host:port`` or ``https://host:port``).
 
     Use it as ``async with EtcdClient(url) as etcd:``; it owns one httpx connection pool.
+    ``tls``: the ``ssl.SSLContext`` for an ``https://`` member (``tls_context``); without it,
+    one verifying against the system's CAs.
     """
 
-    def __init__(self, url: str, *, timeout: float = 5.0) -> None:
+    def __init__(self, url: str, *, timeout: float = 5.0, tls: ssl.SSLContext | None = None) -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
         # httpx's own timeouts bound each phase; the cancel scope in _call bounds the whole.
-        self._http = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(timeout))
+        self._http = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(timeout),
+                                       verify=tls if tls is not None else True)
 
     async def __aenter__(self) -> EtcdClient:
         return self
@@ -76,7 +102,7 @@ class EtcdClient:
         except trio.TooSlowError:
             raise EtcdUnavailable(f"{self.url}{path}: no answer within {self.timeout}s") from None
         except httpx.TransportError as error:
-            raise EtcdUnavailable(f"{self.url}{path}: {error!r}") from error
+            raise EtcdUnavailable(f"{self.url}{path}: {transport_reason(error)}") from error
         try:
             data = answer.json()
         except ValueError:
@@ -100,7 +126,7 @@ class EtcdClient:
         except trio.TooSlowError:
             raise EtcdUnavailable(f"{self.url}{path}: no answer within {self.timeout}s") from None
         except httpx.TransportError as error:
-            raise EtcdUnavailable(f"{self.url}{path}: {error!r}") from error
+            raise EtcdUnavailable(f"{self.url}{path}: {transport_reason(error)}") from error
         except ValueError:
             raise EtcdRequestError(f"{path}: not JSON") from None
         if not isinstance(data, dict) or "error" in data or answer.status_code != 200:
@@ -115,6 +141,13 @@ class EtcdClient:
         raw = _raw(prefix)
         return await self._call("/v3/kv/range", {"key": b64(raw), "range_end": b64(prefix_end(raw))},
                                 lambda data: (revision_of(data), [key_value(kv) for kv in data.get("kvs", ())]))
+
+    async def count_prefix(self, prefix: bytes | str) -> tuple[int, int]:
+        """(how many keys are under ``prefix``, the store's revision): a cheap read that goes
+        through the cluster's quorum (a member cut off from it cannot answer)."""
+        raw = _raw(prefix)
+        body = {"key": b64(raw), "range_end": b64(prefix_end(raw)), "count_only": True}
+        return await self._call("/v3/kv/range", body, lambda data: (integer(data.get("count")), revision_of(data)))
 
     async def get(self, key: bytes | str) -> KeyValue | None:
         return await self._call("/v3/kv/range", {"key": b64(key)},
@@ -203,14 +236,16 @@ class EtcdClient:
     # --- watches -----------------------------------------------------------------
 
     def watch_prefix(self, prefix: bytes | str, *, start_revision: int | None = None,
-                     idle_timeout: float = 60.0, max_backoff: float = 2.0):
+                     idle_timeout: float = 60.0, max_backoff: float = 2.0, check_interval: float | None = None):
         """``async with etcd.watch_prefix(prefix) as updates: async for update in updates``.
 
         See ``sluice.plugins.etcd.watch``: updates are ``Events`` and, after a compaction,
         ``Resync``; a disconnect is survived by watching again from the next revision.
+        ``check_interval``: seconds between checks that the member still answers (a hung
+        one is then found within ``check_interval + timeout``; None: only ``idle_timeout``).
         """
         return watch_prefix(self, _raw(prefix), start_revision=start_revision,
-                            idle_timeout=idle_timeout, max_backoff=max_backoff)
+                            idle_timeout=idle_timeout, max_backoff=max_backoff, check_interval=check_interval)
 
     def mirror_prefix(self, prefix: bytes | str, **options):
         """``async with etcd.mirror_prefix(prefix) as states: async for state in states``: the whole

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-__all__ = ["EtcdCompacted", "EtcdError", "EtcdRequestError", "EtcdUnavailable", "LeaseExpired", "malformed", "raise_for_error"]
+__all__ = ["EtcdCompacted", "EtcdError", "EtcdRequestError", "EtcdUnavailable", "LeaseExpired", "malformed", "raise_for_error",
+           "transport_reason"]
 
 
 class EtcdError(Exception):
@@ -58,3 +59,15 @@ def malformed(where: str):
         yield
     except (KeyError, IndexError, ValueError, TypeError, AttributeError) as error:
         raise EtcdRequestError(f"{where}: malformed answer ({type(error).__name__}: {error})") from None
+
+
+def transport_reason(error: BaseException) -> str:
+    """What a transport failure says, with its root cause when httpx's own says nothing
+    (``ConnectError('')`` for a refused certificate: the ``SSLError`` under it names why)."""
+    reason = repr(error)
+    if str(error):
+        return reason
+    cause, seen = error, 0
+    while seen < 8 and (cause.__cause__ or cause.__context__) is not None:
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
+    return f"{reason} from {cause!r}" if cause is not error else reason

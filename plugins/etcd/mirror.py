@@ -10,7 +10,10 @@ applies every change to its copy and hands out a ``PrefixState`` after each::
             ...
 
 The first state comes once the first read succeeds (retried with backoff while etcd is
-unreachable: the caller bounds how long it waits). ``resynced`` is true for a state rebuilt
+unreachable: the caller bounds how long it waits). Given ``start`` (a state read from
+another member of the same cluster), there is no first read: ``start`` is the first state,
+and the watch resumes from the revision after it, so a client moving to the next member
+misses nothing and reads nothing twice (a compaction meanwhile forces a full read). ``resynced`` is true for a state rebuilt
 after a compaction; ``stale`` carries the reason while the watch is disconnected (the state
 is the last one known), and is None again once it is re-established.
 """
@@ -44,30 +47,31 @@ class PrefixState:
 
 
 @asynccontextmanager
-async def mirror_prefix(client, prefix: bytes, *, max_backoff: float = 2.0,
+async def mirror_prefix(client, prefix: bytes, *, max_backoff: float = 2.0, start: PrefixState | None = None,
                         **watch_options) -> AsyncIterator[trio.MemoryReceiveChannel]:
     send, receive = trio.open_memory_channel(0)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_mirror, client, prefix, send, max_backoff, watch_options)
+        nursery.start_soon(_mirror, client, prefix, send, max_backoff, start, watch_options)
         async with receive:
             yield receive
         nursery.cancel_scope.cancel()
 
 
-async def _mirror(client, prefix: bytes, send, max_backoff: float, watch_options: dict) -> None:
+async def _mirror(client, prefix: bytes, send, max_backoff: float, start: PrefixState | None,
+                  watch_options: dict) -> None:
     async with send:
         backoff = 0.05
-        while True:
+        while start is None:
             try:
                 revision, kvs = await client.get_prefix(prefix)
-                break
+                start = PrefixState(revision, {kv.key: kv for kv in kvs})
             except EtcdError as error:
                 log.info("etcd.mirror.retry", prefix=prefix.decode(errors="replace"), error=str(error))
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, max_backoff)
-        state = PrefixState(revision, {kv.key: kv for kv in kvs})
+        state = replace(start, resynced=False, stale=None)
         await send.send(state)
-        async with client.watch_prefix(prefix, start_revision=revision + 1, max_backoff=max_backoff,
+        async with client.watch_prefix(prefix, start_revision=state.revision + 1, max_backoff=max_backoff,
                                        **watch_options) as updates:
             async for update in updates:
                 if isinstance(update, Events):

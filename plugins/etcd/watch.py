@@ -22,6 +22,15 @@ Rules:
   gets ``Disconnected(reason)``, once per outage, and ``Reconnected()`` when it is back (the
   changes made meanwhile follow as ``Events``). A stream that ends and is re-established at
   once (an idle timeout, a proxy's cut) is not reported.
+- A member can hang with the stream open (a stopped process, a member cut off from its
+  cluster's quorum): no event comes, and nothing says why. With ``check_interval``, a
+  cheap read goes to the same member every ``check_interval`` seconds while the stream is
+  open (``count_prefix``: it needs the quorum, as the watch's news does); one without an
+  answer within the client's ``timeout`` ends the stream as a failure, reported as
+  ``Disconnected`` at once, so a hung member is found within ``check_interval + timeout``
+  rather than ``idle_timeout``. etcd's own progress notifications were the other way, but
+  the gateway cannot ask for one on an open stream (the request body is sent whole), and
+  the server's default interval is ten minutes.
 """
 
 from __future__ import annotations
@@ -36,7 +45,8 @@ import structlog
 import trio
 
 from .codec import KeyValue, b64, integer, key_value, prefix_end, revision_of
-from .errors import EtcdCompacted, EtcdRequestError, EtcdUnavailable, malformed, raise_for_error
+from .errors import (EtcdCompacted, EtcdRequestError, EtcdUnavailable, malformed, raise_for_error,
+                     transport_reason)
 
 __all__ = ["Disconnected", "Event", "Events", "Reconnected", "Resync", "watch_prefix"]
 
@@ -81,10 +91,12 @@ class Reconnected:
 
 @asynccontextmanager
 async def watch_prefix(client, prefix: bytes, *, start_revision: int | None, idle_timeout: float,
-                       max_backoff: float) -> AsyncIterator[trio.MemoryReceiveChannel]:
+                       max_backoff: float, check_interval: float | None = None
+                       ) -> AsyncIterator[trio.MemoryReceiveChannel]:
     send, receive = trio.open_memory_channel(0)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_Watcher(client, prefix, start_revision, idle_timeout, max_backoff).run, send)
+        watcher = _Watcher(client, prefix, start_revision, idle_timeout, max_backoff, check_interval)
+        nursery.start_soon(watcher.run, send)
         async with receive:
             yield receive
         nursery.cancel_scope.cancel()
@@ -92,12 +104,13 @@ async def watch_prefix(client, prefix: bytes, *, start_revision: int | None, idl
 
 class _Watcher:
     def __init__(self, client, prefix: bytes, start_revision: int | None, idle_timeout: float,
-                 max_backoff: float) -> None:
+                 max_backoff: float, check_interval: float | None = None) -> None:
         self._client = client
         self._prefix = prefix
         self._next = start_revision  # the first revision not yet delivered
         self._idle_timeout = idle_timeout
         self._max_backoff = max_backoff
+        self._check_interval = check_interval
         self._created = False  # whether the current attempt's watch was created
         self._down = False  # whether Disconnected was sent and Reconnected not yet
 
@@ -151,44 +164,76 @@ class _Watcher:
                 if answer.status_code != 200:
                     await answer.aread()
                     raise_for_error(answer.status_code, _json(answer.text))
-                lines = answer.aiter_lines()
-                while True:
-                    with trio.move_on_after(self._idle_timeout) as idle:
-                        line = await anext(lines, None)
-                    if idle.cancelled_caught or line is None:
-                        return
-                    if not line.strip():
-                        continue
-                    message = _json(line)
-                    if "error" in message:
-                        raise_for_error(200, message)
-                    with malformed("/v3/watch"):
-                        result = message.get("result", {})
-                        if result.get("compact_revision") and result.get("canceled"):
-                            raise EtcdCompacted(integer(result["compact_revision"]))
-                        if result.get("canceled"):
-                            raise EtcdRequestError(result.get("cancel_reason") or "watch canceled by etcd")
-                        if result.get("created"):
-                            self._created = True
-                            if self._next is None:
-                                self._next = revision_of(result) + 1
-                        batch = [Event("delete" if e.get("type") == "DELETE" else "put", key_value(e["kv"]))
-                                 for e in result.get("events") or ()]
-                    if self._created and self._down:
-                        self._down = False
-                        log.info("etcd.watch.reconnected", prefix=self._prefix.decode(errors="replace"))
-                        await send.send(Reconnected())
-                    if batch:
-                        revision = batch[-1].kv.mod_revision
-                        await send.send(Events(revision, batch))
-                        self._next = revision + 1
+                hung: list[str] = []
+                failure: Exception | None = None
+                async with trio.open_nursery() as nursery:
+                    if self._check_interval:
+                        nursery.start_soon(self._check, hung, nursery.cancel_scope)
+                    try:
+                        await self._read(answer, send)
+                    except Exception as error:  # raised after the nursery, not in its ExceptionGroup
+                        failure = error
+                    nursery.cancel_scope.cancel()
+                if failure is not None:
+                    raise failure
+                if hung:
+                    self._created = False  # not a routine renewal: the caller hears of it at once
+                    raise EtcdUnavailable(hung[0])
             finally:
                 with trio.CancelScope(shield=True), trio.move_on_after(1):
                     await stream.__aexit__(None, None, None)
         except trio.TooSlowError:
             raise EtcdUnavailable(f"{self._client.url}/v3/watch: no answer within {self._client.timeout}s") from None
         except (httpx.TransportError, httpx.StreamError) as error:
-            raise EtcdUnavailable(f"{self._client.url}/v3/watch: {error!r}") from error
+            raise EtcdUnavailable(f"{self._client.url}/v3/watch: {transport_reason(error)}") from error
+
+    async def _check(self, hung: list[str], stream: trio.CancelScope) -> None:
+        """Ask the member a cheap question every ``check_interval``; when it does not
+        answer, say why in ``hung`` and end the stream."""
+        while True:
+            await trio.sleep(self._check_interval)
+            try:
+                await self._client.count_prefix(self._prefix)
+            except EtcdUnavailable as error:
+                hung.append(f"the member stopped answering while watched: {error}")
+                stream.cancel()
+                return
+            except EtcdRequestError as error:  # it answered: not hung (the watch says the rest)
+                log.debug("etcd.watch.check", prefix=self._prefix.decode(errors="replace"), error=str(error))
+
+    async def _read(self, answer: httpx.Response, send: trio.MemorySendChannel) -> None:
+        """Deliver what the stream says until it ends or is idle ``idle_timeout``."""
+        lines = answer.aiter_lines()
+        while True:
+            with trio.move_on_after(self._idle_timeout) as idle:
+                line = await anext(lines, None)
+            if idle.cancelled_caught or line is None:
+                return
+            if not line.strip():
+                continue
+            message = _json(line)
+            if "error" in message:
+                raise_for_error(200, message)
+            with malformed("/v3/watch"):
+                result = message.get("result", {})
+                if result.get("compact_revision") and result.get("canceled"):
+                    raise EtcdCompacted(integer(result["compact_revision"]))
+                if result.get("canceled"):
+                    raise EtcdRequestError(result.get("cancel_reason") or "watch canceled by etcd")
+                if result.get("created"):
+                    self._created = True
+                    if self._next is None:
+                        self._next = revision_of(result) + 1
+                batch = [Event("delete" if e.get("type") == "DELETE" else "put", key_value(e["kv"]))
+                         for e in result.get("events") or ()]
+            if self._created and self._down:
+                self._down = False
+                log.info("etcd.watch.reconnected", prefix=self._prefix.decode(errors="replace"))
+                await send.send(Reconnected())
+            if batch:
+                revision = batch[-1].kv.mod_revision
+                await send.send(Events(revision, batch))
+                self._next = revision + 1
 
 
 def _json(text: str) -> dict:
