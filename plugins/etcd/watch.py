@@ -29,8 +29,10 @@ Rules:
   answer within the client's ``timeout`` ends the stream as a failure, reported as
   ``Disconnected`` at once, so a hung member is found within ``check_interval + timeout``
   rather than ``idle_timeout``. etcd's own progress notifications were the other way, but
-  the gateway cannot ask for one on an open stream (the request body is sent whole), and
-  the server's default interval is ten minutes.
+  asking for one (``progress_request``) means writing to the stream's request body after
+  the create request, and httpx sends a body whole before it reads the answer; unasked,
+  etcd sends them every ten minutes by default
+  (``--experimental-watch-progress-notify-interval``), a server setting a client cannot rely on.
 """
 
 from __future__ import annotations
