@@ -280,6 +280,11 @@ async def test_claims_become_headers_and_forged_copies_are_removed(origin, sluic
     assert seen.header("x-groups") == "admin,ops"
     assert seen.header("x-tenant") is None  # not a claim of this token: the forged copy is gone all the same
     assert seen.header("x-nested") is None  # an object is not a header value
+    odd = sign(sub="zoë", tenant="a\r\nx-injected: 1")
+    assert (await proxy.client.get("/", headers={"authorization": f"Bearer {odd}"})).status_code == 200
+    seen = origin.requests[1]
+    assert [v for n, v in seen.headers if n == "x-user"] == ["zoë".encode().decode("latin-1")]  # UTF-8 bytes
+    assert seen.header("x-tenant") is None and seen.header("x-injected") is None  # never a split head
 
 
 async def test_scopes_per_route_give_403_insufficient_scope(origin, sluice_proxy):

@@ -304,7 +304,7 @@ class Jwt(Filter):
             if value is None:
                 continue
             try:
-                request.headers.add(header, value)
+                request.headers.add(header, value.encode("utf-8"))  # UTF-8 as the token had it
             except ValueError:  # CR, LF or NUL in a claim: never split a head for it
                 self.log(ctx).info("claim not forwarded", provider=p.name, claim=claim, header=header)
         if not p.config.forward:
