@@ -9,12 +9,13 @@ from typing import Any
 
 from joserfc import jwk, jwt
 
-__all__ = ["EC", "ISSUER", "RSA", "RSA2", "claims", "jwks", "sign", "write_jwks"]
+__all__ = ["EC", "ED", "ISSUER", "RSA", "RSA2", "claims", "jwks", "sign", "write_jwks"]
 
 ISSUER = "https://issuer.test"
 RSA = jwk.RSAKey.generate_key(2048, parameters={"kid": "rsa-1"})
 RSA2 = jwk.RSAKey.generate_key(2048, parameters={"kid": "rsa-2"})
 EC = jwk.ECKey.generate_key("P-256", parameters={"kid": "ec-1"})
+ED = jwk.OKPKey.generate_key("Ed25519", parameters={"kid": "ed-1"})
 
 
 def claims(**over: Any) -> dict[str, Any]:
@@ -27,7 +28,7 @@ def claims(**over: Any) -> dict[str, Any]:
 
 def sign(key: Any = RSA, alg: str | None = None, kid: str | None | bool = True, **over: Any) -> str:
     """A compact JWS of ``claims(**over)`` signed by ``key`` (kid: True = the key's, None = no kid)."""
-    alg = alg or ("ES256" if key.key_type == "EC" else "HS256" if key.key_type == "oct" else "RS256")
+    alg = alg or {"EC": "ES256", "OKP": "Ed25519", "oct": "HS256"}.get(key.key_type, "RS256")
     header: dict[str, Any] = {"alg": alg}
     if kid is True and key.kid:
         header["kid"] = key.kid

@@ -22,12 +22,12 @@ from sluice.plugins.jwt import Jwt
 from sluice.plugins.jwt.tokens import CODES
 from sluice.testing import build_filter, run_filter
 
-from .jwt_support import EC, ISSUER, RSA, RSA2, claims, sign, write_jwks
+from .jwt_support import EC, ED, ISSUER, RSA, RSA2, claims, sign, write_jwks
 
 EXTRA = {"jwt": jwt_plugin}
 # The battery's settings are built at import: a JWKS file that lives as long as the test process.
 _KEYS_DIR = tempfile.TemporaryDirectory(prefix="sluice-jwt-")
-JWKS_FILE = write_jwks(Path(_KEYS_DIR.name) / "jwks.json", RSA, EC)
+JWKS_FILE = write_jwks(Path(_KEYS_DIR.name) / "jwks.json", RSA, EC, ED)
 
 
 def provider(**over) -> dict:
@@ -60,9 +60,10 @@ def forged(header: dict, payload: dict, signature: str = "c2ln") -> str:
 
 # -- admitted -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("key", [RSA, EC], ids=["RS256", "ES256"])
-async def test_a_valid_token_is_admitted_and_the_identity_recorded(key):
-    run = await run_filter(Jwt, settings(), request=("GET", "/", bearer(sign(key))))
+@pytest.mark.parametrize("key, alg", [(RSA, "RS256"), (RSA, "PS256"), (EC, "ES256"), (ED, "Ed25519")],
+                         ids=["RS256", "PS256", "ES256", "Ed25519"])
+async def test_a_valid_token_is_admitted_and_the_identity_recorded(key, alg):
+    run = await run_filter(Jwt, settings(), request=("GET", "/", bearer(sign(key, alg=alg))))
     assert run.local_reply is None
     assert run.ctx.vars["auth.user"] == "alice" and run.ctx.vars["auth.method"] == "jwt"
     assert run.ctx.vars["jwt.provider"] == "main" and run.ctx.vars["jwt.claims"]["aud"] == "api"
