@@ -10,6 +10,7 @@
     sluice version, sluice --version             the installed version
     sluice new-plugin NAME [--dir PATH]          a new plugin's project: PATH/sluice-NAME/
     sluice register --store etcd|zookeeper ...   a sidecar: keep an app registered (plugins/registration.py)
+    sluice config push FILE | get | diff FILE    the config centre's document (control/config_commands.py)
 
 The module runs in the order a reader meets it: argument parsing and the
 one-line config; ``run`` (build, reserve ports, serve, signals, reload
@@ -48,7 +49,7 @@ import trio
 from pydantic import ValidationError
 
 from . import metrics, scaffold, shared
-from .control import pidfile
+from .control import config_commands, config_store, pidfile
 from .control.app import App, maybe_await
 from .control.config import Config, format_errors, load, parse
 from .control.registry import Plugins
@@ -141,6 +142,8 @@ def _parser() -> argparse.ArgumentParser:
     register.add_argument("--id", dest="instance_id", help="etcd: the key's last part (default: host-pid)")
     register.add_argument("--check", metavar="URL", help="registered only while GET URL answers 2xx/3xx")
     register.add_argument("--check-interval", type=_seconds, default=2.0, metavar="SECONDS")
+
+    config_commands.add_parser(sub)
 
     new = sub.add_parser("new-plugin", help="write a new filter plugin's project: code, tests, README")
     new.add_argument("name", metavar="NAME", help=f"the plugin's name: {scaffold.ALLOWED}")
@@ -247,10 +250,16 @@ def _build_run(args: argparse.Namespace) -> _Run:
         stale = pidfile.check(pid_file, key) if pid_file else None  # before anything listens
         workers = args.workers or config.server.workers
         original = config
+        plugins = Plugins(_plugin_list(args.plugins))
+        read, follower = functools.partial(load, args.config), None
+        if config.config_store is not None:  # the config centre: the file overlaid with the store's document
+            follower = config_store.follower(config, args.config, plugins)
+            read = follower.config
+            original = config = follower.start(lambda c: _with_codec(c, args.http1_codec), plugins)
         config, reserved = _reserve(config, workers)
-        app = App(config, Plugins(_plugin_list(args.plugins)))
-        app.config_path = args.config
-        app.reload_source = functools.partial(_reread, args.config, args.http1_codec, original, config)
+        app = App(config, plugins)
+        app.config_path, app.config_store = args.config, follower
+        app.reload_source = functools.partial(_reread, read, args.http1_codec, original, config)
         return _Run(app, workers, args.log_level or config.server.log_level, reserved, pid_file, stale,
                     _read_bytes(args.config))
     stale = pidfile.check(args.pid_file) if args.pid_file else None
@@ -300,10 +309,11 @@ def _reserve(config: Config, workers: int) -> tuple[Config, list[socket.socket]]
     return config.model_copy(update={"listeners": listeners}), held
 
 
-def _reread(path: str, codec: str | None, original: Config, reserved: Config) -> Config:
-    """The config file read again for a reload, with the run's overrides:
-    ``--http1-codec``, and the ports ``_reserve`` chose for ``:0`` listeners."""
-    config = _with_codec(load(path), codec)
+def _reread(read, codec: str | None, original: Config, reserved: Config) -> Config:
+    """The config read again for a reload (``read()``: the file, or with a config store the
+    file overlaid with its document), with the run's overrides: ``--http1-codec``, and the
+    ports ``_reserve`` chose for ``:0`` listeners."""
+    config = _with_codec(read(), codec)
     moved = {a.address: b.address for a, b in zip(original.listeners, reserved.listeners, strict=True)
              if a.address != b.address}
     if not moved:
@@ -333,7 +343,7 @@ def _as_reloaded(app: App, loaded: bytes | None) -> App:
         log.warning("worker starts on the config it was started with; the file does not build now",
                     error=str(exc))
         return app
-    fresh.config_path, fresh.reload_source = app.config_path, app.reload_source
+    fresh.config_path, fresh.reload_source, fresh.config_store = app.config_path, app.reload_source, app.config_store
     return fresh
 
 
@@ -644,5 +654,5 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command = {"run": cmd_run, "check": cmd_check, "plugins": cmd_plugins, "reload": cmd_signal,
                "stop": cmd_signal, "version": cmd_version, "new-plugin": cmd_new_plugin,
-               "register": cmd_register}[args.command]
+               "register": cmd_register, "config": config_commands.run}[args.command]
     return _reporting(command)(args)

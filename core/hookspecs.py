@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Iterable
 
     from .control.app import App
+    from .control.config_store import ConfigStore
     from .edge.transport import Transport
     from .proxy.filters import Filter
     from .upstream.cluster import Balancer
@@ -118,6 +119,27 @@ def sluice_discovery() -> Iterable[type[DiscoverySource]]:
         @hookimpl
         def sluice_discovery():
             return [FromFile]
+    """
+
+
+@hookspec
+def sluice_config_stores() -> Iterable[type[ConfigStore]]:
+    """Return the config store classes this plugin provides (the config centre).
+
+    Called once when plugins are loaded. Each class (a
+    ``sluice.control.config_store.ConfigStore``) has a unique ``name`` that
+    the bootstrap file's ``[config_store] store = "name"`` selects; it is
+    built as ``Store(settings)`` (the checked ``ConfigStoreConfig``) and
+    holds one document, the TOML text of the ``routes``, ``clusters`` and
+    ``filters`` sections. It implements ``await read()`` (a ``Document``,
+    or ``StoreUnavailable``), ``await write(data)`` (the new revision),
+    and ``await watch(send)``, which runs until cancelled and sends a
+    ``Document`` at once and after each change, and ``Lost(reason)`` when
+    it can no longer tell (a Document after that means it is back); it may
+    raise ``StoreUnavailable``, and the core retries with backoff. The core
+    validates, applies through the reload path, caches and reports; the
+    built-ins are ``etcd`` and ``zookeeper`` (``sluice.plugins.config_etcd``,
+    ``sluice.plugins.config_zookeeper``).
     """
 
 

@@ -57,6 +57,9 @@ sluice_upstream_endpoint_ejected                       cluster, endpoint        
 sluice_upstream_endpoint_ewma_seconds                  cluster, endpoint                       gauge (livemax)
 sluice_filter_duration_seconds                         filter, phase                           histogram
 sluice_config_last_reload_successful                   (none): 0 after a failed reload         gauge (livemin)
+sluice_config_store_revision                           (none): the store document applied      gauge (livemin)
+sluice_config_store_connected                          (none): 1 while following the store     gauge (livemin)
+sluice_config_store_stale_seconds                      (none): since last known in sync        gauge (livemax)
 sluice_tls_certificate_expiry_timestamp_seconds        listener, cert (its file): notAfter     gauge (livemin)
 =====================================================  ======================================  =====
 
@@ -427,6 +430,12 @@ class _Recorder:
                      "(the worst of the workers)", ("cluster", "endpoint"), "livemax"),
             "reload_ok": ("sluice_config_last_reload_successful", "0 when the latest reload failed (the "
                           "previous config serves), else 1", (), "livemin"),
+            "store_revision": ("sluice_config_store_revision", "The config store's revision whose document "
+                               "serves (the oldest any worker serves)", (), "livemin"),
+            "store_connected": ("sluice_config_store_connected", "1 while every worker follows the config "
+                                "store, else 0", (), "livemin"),
+            "store_stale": ("sluice_config_store_stale_seconds", "Seconds since the config store was last "
+                            "known in sync (0 while connected; the worst of the workers)", (), "livemax"),
             "cert_expiry": ("sluice_tls_certificate_expiry_timestamp_seconds", "When a listener's "
                             "certificate expires (Unix time; the earliest any worker serves)",
                             ("listener", "cert"), "livemin"),
@@ -516,6 +525,11 @@ class _Recorder:
                     values["cert_expiry"][(listener.name, cert)] = when
         last = app.last_reload
         values["reload_ok"][()] = 0 if last is not None and not last["ok"] else 1
+        store = app.config_store
+        if store is not None:
+            values["store_revision"][()] = store.good.revision if store.good is not None else 0
+            values["store_connected"][()] = 1 if store.connected else 0
+            values["store_stale"][()] = store.stale_seconds()
         now = time.monotonic()
         for name, cluster in app.clusters.items():
             breaker = cluster.breaker

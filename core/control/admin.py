@@ -429,8 +429,11 @@ class Admin:
         return 200, {"listeners": out}
 
     async def config(self, request: _Request) -> tuple[int, Any]:
-        return 200, {"generation": self.app.generation,
-                     "config": redact(self.app.config.model_dump(mode="json"))}
+        out = {"generation": self.app.generation, "last_reload": self.app.last_reload,
+               "config": redact(self.app.config.model_dump(mode="json"))}
+        if self.app.config_store is not None:  # the config centre: revision, connection, last error
+            out["config_store"] = self.app.config_store.status()
+        return 200, out
 
     async def plugins(self, request: _Request) -> tuple[int, Any]:
         registry = self.app.plugins

@@ -72,6 +72,10 @@ class App:
         self.config_path = previous.config_path if previous is not None else None  # the file, if any
         self.generation = previous.generation if previous is not None else 0  # reloads applied
         self.last_reload: dict[str, Any] | None = None  # the latest reload's outcome (admin, metrics)
+        # The config centre's follower (``sluice.control.config_store``) when [config_store] is set;
+        # its reloads and the others' run one at a time, under reload_lock.
+        self.config_store = previous.config_store if previous is not None else None
+        self.reload_lock = trio.Lock()
         # The admin listener's token (checked, and read from its env var or file, here: at build).
         self.admin_token = admin_token(config.admin) if config.admin.enabled else None
         self._stop = None
@@ -345,6 +349,8 @@ class App:
                 nursery.start_soon(self._reloader)
                 if self.config.server.watch_config and self.config_path is not None:
                     nursery.start_soon(watch_config, self.config_path, self.request_reload)
+                if self.config_store is not None:
+                    nursery.start_soon(self.config_store.run, self)
                 await self._stop.wait()
                 await self._drain(serving)
             await self._shutdown()
@@ -444,7 +450,8 @@ class App:
             await self._reload_wanted.wait()
             self._reload_wanted = trio.Event()
             try:
-                await reload(self)
+                async with self.reload_lock:
+                    await reload(self)
             except Exception as exc:  # a bug of ours: the old config keeps serving
                 log.error("reload failed", exc_info=exc)
 

@@ -59,7 +59,7 @@ from ..addresses import parse_hostport
 from ..errors import ConfigError
 from ..proxy.header_edits import HeaderOps
 
-__all__ = ["Config", "format_errors", "load", "parse", "parse_hostport"]
+__all__ = ["Config", "ConfigStoreConfig", "format_errors", "load", "parse", "parse_hostport", "read_toml"]
 
 
 def _hostport(value: str) -> str:
@@ -318,6 +318,30 @@ class AdminConfig(_Model):
         return self
 
 
+class ConfigStoreConfig(_Model):
+    """``[config_store]``: routes, clusters and filter settings kept in etcd or ZooKeeper
+    (``sluice.control.config_store``); this file stays the bootstrap (listeners, server, admin)."""
+
+    store: Annotated[str, Field(min_length=1)]  # a config store plugin's name: "etcd", "zookeeper"
+    address: Annotated[str, Field(min_length=1)]  # etcd's client URL; ZooKeeper's host:port[,host:port]
+    prefix: str | None = None  # etcd: the document is the key <prefix>config
+    path: str | None = None  # ZooKeeper: the node holding the document
+    cache: str | None = None  # the last good document, for a start while the store is down
+    timeout: PositiveFloat = 5.0  # each store call, and the first read at start
+    backoff_initial: PositiveFloat = 0.2  # reconnecting: the first wait, doubling...
+    backoff_max: PositiveFloat = 10.0  # ...up to this
+
+    @model_validator(mode="after")
+    def _where(self) -> ConfigStoreConfig:
+        if self.store == "etcd" and not self.prefix:
+            raise ValueError("store etcd needs prefix (the document is the key <prefix>config)")
+        if self.store == "zookeeper" and not (self.path or "").startswith("/"):
+            raise ValueError("store zookeeper needs path, absolute (the node holding the document)")
+        if self.backoff_max < self.backoff_initial:
+            raise ValueError("backoff_max is below backoff_initial")
+        return self
+
+
 class Config(_Model):
     server: ServerConfig = ServerConfig()
     admin: AdminConfig = AdminConfig()
@@ -328,6 +352,7 @@ class Config(_Model):
     routes: list[dict[str, Any]] = []
     filters: dict[str, dict[str, Any]] = {}
     metrics: MetricsConfig = MetricsConfig()
+    config_store: ConfigStoreConfig | None = None
 
 
 def key_path(loc: tuple[Any, ...], prefix: str = "") -> str:
@@ -362,13 +387,17 @@ def parse(data: dict[str, Any]) -> Config:
         raise ConfigError(format_errors(exc)) from None
 
 
-def load(path: str | Path) -> Config:
-    """Read and validate a TOML config file."""
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML file as a mapping, not yet validated (the config store overlays it first)."""
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f)
     except OSError as exc:
         raise ConfigError(f"{path}: {exc.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return parse(data)
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a TOML config file."""
+    return parse(read_toml(path))

@@ -37,6 +37,7 @@ class PluginInfo:
     balancers: dict[str, type] = field(default_factory=dict)
     transports: dict[str, type] = field(default_factory=dict)
     discovery: dict[str, type] = field(default_factory=dict)
+    config_stores: dict[str, type] = field(default_factory=dict)
 
 
 def discover() -> dict[str, EntryPoint]:
@@ -56,12 +57,14 @@ def _dist(ep: EntryPoint) -> str:
     return ep.dist.name if ep.dist is not None else "?"
 
 
-_NOUNS = {"filters": "filter", "balancers": "policy", "transports": "transport", "discovery": "discovery source"}
+_NOUNS = {"filters": "filter", "balancers": "policy", "transports": "transport", "discovery": "discovery source",
+          "config_stores": "config store"}
 _KINDS = {
     "filters": "sluice_filters",
     "balancers": "sluice_balancers",
     "transports": "sluice_transports",
     "discovery": "sluice_discovery",
+    "config_stores": "sluice_config_stores",
 }
 
 
@@ -116,6 +119,7 @@ class Plugins:
         self.balancers = self._merge("balancers")
         self.transports = self._merge("transports")
         self.discovery = self._merge("discovery")
+        self.config_stores = self._merge("config_stores")
 
     def _load(self, name: str, ep: EntryPoint) -> None:
         try:
