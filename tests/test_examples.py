@@ -25,7 +25,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "plugins" / "examples"
 
 # Each example's suite: how many tests of its own, and whether it runs the
 # filter-contract battery (one test per scenario besides).
-SUITES = {"token_bucket": (10, True), "canary": (10, True), "redact": (18, True), "zone_aware": (8, False)}
+SUITES = {"token_bucket": (10, True), "canary": (10, True), "redact": (18, True), "zone_aware": (9, False)}
 
 
 @pytest.fixture(scope="module")

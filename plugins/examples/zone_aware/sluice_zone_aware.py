@@ -12,9 +12,23 @@ tried, so "available" is simply the list ``pick`` is given.
     policy = { name = "zone_aware", zone = "eu-1a",
                zones = { "10.0.1.5:8000" = "eu-1a", "10.0.1.6:8000" = "eu-1a", "10.0.2.5:8000" = "eu-1b" } }
 
-An endpoint not listed in ``zones`` counts as another zone's. Going into
+An endpoint's zone is the one ``zones`` gives its address, else the one
+its discovery entry gave (``Endpoint.zone``: ``{"address": ..., "zone":
+"eu-1a"}`` in etcd or ZooKeeper), else none: another zone's. Going into
 and out of spill mode is logged (``zone spill`` / ``zone recovered``), once
 per change, not per request.
+
+With discovery (``discovery = { source = "etcd", ... }``) the cluster
+starts empty and its endpoints change at runtime: the policy hears each
+change (``endpoints_changed``) and works out its zone's endpoints again,
+so joined endpoints of the zone take traffic, and a zone left with none
+spills at once. The startup checks (every address in ``zones`` is an
+endpoint, the zone has one) are for static clusters only: a discovered
+set may not hold the zone yet.
+
+    [clusters.api]
+    discovery = { source = "etcd", endpoints = ["127.0.0.1:2379"], prefix = "/services/api/" }
+    policy = { name = "zone_aware", zone = "eu-1a" }
 """
 
 from __future__ import annotations
@@ -40,30 +54,43 @@ class ZoneAware(Balancer):
 
     class Config(BalancerConfig):
         zone: str = Field(min_length=1)  # the proxy's own zone
-        zones: dict[str, str]  # endpoint address ("host:port", as configured) -> its zone
+        zones: dict[str, str] = {}  # endpoint address ("host:port") -> its zone, over what discovery says
         min_local_percent: float = Field(50.0, ge=0, le=100)  # of the zone's endpoints, to stay local
         seed: int | None = None  # fixed for reproducible tests
 
     def __init__(self, endpoints, config=None):
         super().__init__(endpoints, config)
-        addresses = {e.address for e in self.endpoints}
-        unknown = sorted(set(self.config.zones) - addresses)
-        if unknown:
-            raise ValueError(f"zones names {', '.join(unknown)}, not endpoints of this cluster "
-                             f"({', '.join(sorted(addresses))})")
-        self.local = frozenset(a for a in addresses if self.config.zones.get(a) == self.config.zone)
-        if not self.local:
-            raise ValueError(f"no endpoint of this cluster is in zone {self.config.zone!r}")
-        self.needed = len(self.local) * self.config.min_local_percent / 100
+        if self.endpoints:  # a static cluster (a discovered one starts empty): its config is checked
+            addresses = {e.address for e in self.endpoints}
+            unknown = sorted(set(self.config.zones) - addresses)
+            if unknown:
+                raise ValueError(f"zones names {', '.join(unknown)}, not endpoints of this cluster "
+                                 f"({', '.join(sorted(addresses))})")
+            if not any(self._zone(e) == self.config.zone for e in self.endpoints):
+                raise ValueError(f"no endpoint of this cluster is in zone {self.config.zone!r}")
         self.random = random.Random(self.config.seed)
         self.spilling = False
-        # Every endpoint available is the usual case: its choice is made once.
-        self._all_local = [e for e in self.endpoints if e.address in self.local]
+        self._derive()
+
+    def endpoints_changed(self, endpoints):
+        """Discovery changed the endpoints: the zone's own are worked out again."""
+        super().endpoints_changed(endpoints)
+        self._derive()
+
+    def _zone(self, endpoint):
+        return self.config.zones.get(endpoint.address, endpoint.zone)
+
+    def _derive(self):
+        """What follows from the endpoint list: the zone's endpoints, and the choice
+        among them when every endpoint is available (the usual case, made once)."""
+        self._all_local = [e for e in self.endpoints if self._zone(e) == self.config.zone]
+        self.local = frozenset(e.address for e in self._all_local)
+        self.needed = len(self._all_local) * self.config.min_local_percent / 100
         self._all_local_totals = list(accumulate(e.weight for e in self._all_local))
         self._local_ids = frozenset(map(id, self._all_local))  # (``address`` formats a string each time)
 
     def pick(self, ctx, endpoints):
-        if len(endpoints) == len(self.endpoints):  # all available (a subset as long is the whole)
+        if len(endpoints) == len(self.endpoints) and self._all_local:  # all available, the zone has some
             candidates, totals, spill = self._all_local, self._all_local_totals, False
             available = len(candidates)
         else:

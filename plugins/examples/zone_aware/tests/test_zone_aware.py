@@ -11,8 +11,9 @@ import pytest
 import sluice_zone_aware
 import trio
 
-from sluice import ConfigError
+from sluice import ConfigError, hookimpl
 from sluice.testing import Origin
+from sluice.upstream.discovery import DiscoverySource, EndpointSpec
 
 EXTRA = {"zone_aware": sluice_zone_aware}
 
@@ -104,3 +105,57 @@ async def test_bad_settings_name_the_cluster(origins, sluice_proxy, policy, mess
     with pytest.raises(ConfigError, match=re.escape(message)) as raised:
         await sluice_proxy(config=config, extra=EXTRA)
     assert "clusters.origin.policy" in str(raised.value)
+
+
+# -- following discovery ------------------------------------------------------------------------
+
+
+class Feed(DiscoverySource):
+    """A discovery source the test feeds: each snapshot pushed to ``Feed.updates``."""
+
+    name = "feed"
+    updates = None
+    ready = None
+
+    async def run(self, updates):
+        Feed.updates = updates
+        Feed.ready.set()
+        await trio.sleep_forever()
+
+
+class FeedPlugin:
+    @hookimpl
+    def sluice_discovery(self):
+        return [Feed]
+
+
+async def test_the_zone_follows_discovery(origins, sluice_proxy):
+    """A discovered cluster starts empty; each snapshot's endpoints carry their zone (as a
+    registry entry's "zone" does), and the policy works its zone out again at each change."""
+    Feed.ready = trio.Event()
+    config = {"clusters": {"zoned": {"discovery": {"source": "feed", "initial_timeout": 0.1},
+                                     "policy": {"name": "zone_aware", "zone": "a", "seed": 1}}},
+              "routes": [{"match": {"prefix": "/"}, "cluster": "zoned"}]}
+    proxy = await sluice_proxy(config=config, extra={**EXTRA, "feed": FeedPlugin()})
+    with trio.fail_after(5):
+        await Feed.ready.wait()
+
+    def spec(name: str) -> EndpointSpec:
+        return EndpointSpec.of(origins[name].address, zone=name[0])
+
+    Feed.updates.update([spec("a1"), spec("b1")])  # one of zone a: all its traffic
+    await send(proxy, 20)
+    assert served(origins) == Counter({"a1": 20, "a2": 0, "b1": 0})
+    Feed.updates.update([spec("a1"), spec("a2"), spec("b1")])  # a2 joins the zone: it shares
+    before = served(origins)
+    await send(proxy, 200)
+    after = served(origins) - before
+    assert after["b1"] == 0 and 70 <= after["a2"] <= 130
+    Feed.updates.update([spec("b1")])  # the zone has no endpoint left: every request spills
+    before = served(origins)
+    await send(proxy, 10)
+    assert served(origins) - before == Counter({"b1": 10})
+    Feed.updates.update([spec("a2"), spec("b1")])  # and comes back to the zone when it returns
+    before = served(origins)
+    await send(proxy, 10)
+    assert served(origins) - before == Counter({"a2": 10})
