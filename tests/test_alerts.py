@@ -449,6 +449,8 @@ def test_the_shipped_prometheus_rules_pass_promtool():
 # Series as sluice.metrics names them, 30 minutes of them: route api half 5xx and slow (every
 # request in (1, 2.5] s), route web fine; cluster c's one endpoint refused every try, is
 # ejected, and so c has no endpoint to use; cluster ok is fine; a reload failed at 2m.
+# At 20m promtool's time() is 1200: certificate "soon" ends 5 days later, "later" 30 days
+# later, and a certificate a reload removed reads 0 (it must not look expired).
 PROMTOOL_TEST = """
 rule_files:
   - RULES
@@ -480,6 +482,12 @@ tests:
         values: '1x30'
       - series: 'sluice_config_last_reload_successful{job="sluice"}'
         values: '1 1 0x28'
+      - series: 'sluice_tls_certificate_expiry_timestamp_seconds{job="sluice",listener="edge",cert="/etc/soon.pem"}'
+        values: '433200x30'
+      - series: 'sluice_tls_certificate_expiry_timestamp_seconds{job="sluice",listener="edge",cert="/etc/later.pem"}'
+        values: '2593200x30'
+      - series: 'sluice_tls_certificate_expiry_timestamp_seconds{job="sluice",listener="edge",cert="/etc/gone.pem"}'
+        values: '0x30'
     alert_rule_test:
       - eval_time: 20m
         alertname: SluiceRouteHighErrorRatio
@@ -511,6 +519,11 @@ tests:
         exp_alerts:
           - exp_labels: {job: sluice, severity: warning}
             exp_annotations: {summary: "The latest sluice config reload failed; the previous config is serving"}
+      - eval_time: 20m
+        alertname: SluiceCertificateExpiresSoon
+        exp_alerts:
+          - exp_labels: {job: sluice, listener: edge, cert: /etc/soon.pem, severity: warning}
+            exp_annotations: {summary: "Certificate /etc/soon.pem of listener edge expires in 5d 0h 0m 0s"}
 
 """
 

@@ -1,10 +1,7 @@
 """The certificate expiry alert: the built-in evaluator's ``certificate_expiry`` kind
-over a real proxy's gauge, and the shipped Prometheus rule through promtool."""
+over a real proxy's gauge (the shipped Prometheus rule is in test_alerts' promtool test)."""
 
 from __future__ import annotations
-
-import shutil
-import subprocess
 
 import pytest
 import trio
@@ -12,7 +9,6 @@ import trustme
 from structlog.testing import capture_logs
 
 from sluice import ConfigError
-from sluice.plugins import alerts
 from sluice.testing import serve
 
 from .conftest import config
@@ -66,40 +62,3 @@ def test_days_on_another_kind_is_refused():
     with pytest.raises(ConfigError) as info:
         trio.run(start)
     assert "filters.alerts.rules[0].days: only for kind 'certificate_expiry'" in str(info.value)
-
-
-# At 20m, promtool's time() is 1200: "soon" ends 5 days later, "later" 30 days later, and a
-# certificate a reload removed reads 0 (it must not look expired).
-PROMTOOL_TEST = """
-rule_files:
-  - RULES
-evaluation_interval: 1m
-tests:
-  - interval: 1m
-    input_series:
-      - series: 'sluice_tls_certificate_expiry_timestamp_seconds{job="sluice",listener="edge",cert="/etc/soon.pem"}'
-        values: '433200x30'
-      - series: 'sluice_tls_certificate_expiry_timestamp_seconds{job="sluice",listener="edge",cert="/etc/later.pem"}'
-        values: '2593200x30'
-      - series: 'sluice_tls_certificate_expiry_timestamp_seconds{job="sluice",listener="edge",cert="/etc/gone.pem"}'
-        values: '0x30'
-    alert_rule_test:
-      - eval_time: 20m
-        alertname: SluiceCertificateExpiresSoon
-        exp_alerts:
-          - exp_labels: {job: sluice, listener: edge, cert: /etc/soon.pem, severity: warning}
-            exp_annotations: {summary: "Certificate /etc/soon.pem of listener edge expires in 5d 0h 0m 0s"}
-"""
-
-
-def test_the_shipped_expiry_rule_fires_through_promtool(tmp_path):
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool is not installed (Debian: prometheus; make test-deps)")
-    rules = alerts.files()["prometheus-rules.yml"]
-    checked = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True, timeout=60)
-    assert checked.returncode == 0, checked.stdout + checked.stderr
-    test = tmp_path / "rules-test.yml"
-    test.write_text(PROMTOOL_TEST.replace("RULES", str(rules)))
-    r = subprocess.run([promtool, "test", "rules", str(test)], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stdout + r.stderr

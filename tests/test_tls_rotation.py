@@ -105,6 +105,14 @@ async def test_new_handshakes_get_the_new_pair_and_open_connections_keep_theirs(
     assert took < WITHIN
 
 
+async def until_failed(logs: list, count: int, port: int, ca: Path, serving: str) -> None:
+    """Until ``count`` reloads have failed, every new handshake still gets ``serving``."""
+    with trio.fail_after(WITHIN):
+        while sum(e["event"] == "tls certificate reload failed" for e in logs) < count:
+            assert await served(port, ca) == serving
+            await trio.sleep(0.05)
+
+
 async def test_a_broken_pair_keeps_the_old_one_and_is_logged(start_origin, pki, tmp_path):
     origin = await start_origin()
     live = Pair(tmp_path / "live.crt", tmp_path / "live.key")
@@ -115,19 +123,13 @@ async def test_a_broken_pair_keeps_the_old_one_and_is_logged(start_origin, pki, 
         with capture_logs() as logs:
             # Half written: the new certificate is in place, its key not yet.
             shutil.copyfile(pki["second"].cert, live.cert)
-            with trio.fail_after(WITHIN):
-                while not any(e["event"] == "tls certificate reload failed" for e in logs):
-                    assert await served(port, pki["ca"]) == "first"
-                    await trio.sleep(0.05)
+            await until_failed(logs, 1, port, pki["ca"], "first")
             # Then the key lands: the pair loads.
             shutil.copyfile(pki["second"].key, live.key)
             await wait_for(port, pki["ca"], "second")
             # Garbage over the certificate: still the last good pair.
             live.cert.write_text("-----BEGIN CERTIFICATE-----\ngarbage\n")
-            with trio.fail_after(WITHIN):
-                while sum(e["event"] == "tls certificate reload failed" for e in logs) < 2:
-                    assert await served(port, pki["ca"]) == "second"
-                    await trio.sleep(0.05)
+            await until_failed(logs, 2, port, pki["ca"], "second")
             async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=str(pki["ca"]))) as client:
                 assert (await client.get(f"https://localhost:{port}/")).status_code == 200
     failed = [e for e in logs if e["event"] == "tls certificate reload failed"]
