@@ -22,10 +22,18 @@ signed with RS256 (2048-bit key) or ES256, its JWKS loaded (a file: the
 cached case; a JWKS fetched through a cluster is the same lookup); every
 request carries both tokens, so the router's baseline parses the same bytes.
 
+``rbac`` decides with a ten-policy set (``RBAC_POLICIES``: SPIFFE IDs, JWT
+claims, scopes, API key names, headers and paths that do not match this
+request, then the allow that does, ninth), so it pays for most of its rules.
+``ext_authz`` asks a real authorization service on loopback, in a process of
+its own (``authz_service``: its CPU is not in the figure, the check's round
+trip through sluice's pool is).
+
     .venv/bin/python benchmarks/filter_cost.py
     .venv/bin/python benchmarks/filter_cost.py --filters api_key --repeats 9
     .venv/bin/python benchmarks/filter_cost.py --filters token_bucket,canary,redact
     .venv/bin/python benchmarks/filter_cost.py --filters jwt_rs256,jwt_es256
+    .venv/bin/python benchmarks/filter_cost.py --filters rbac,ext_authz
 """
 
 from __future__ import annotations
@@ -34,7 +42,9 @@ import argparse
 import base64
 import hashlib
 import importlib.util
+import contextlib
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -57,7 +67,54 @@ def settings(workdir: Path) -> dict[str, dict]:
         "basic": {"htpasswd": str(htpasswd)},
         "token_bucket": {"rate": 1e9, "burst": 1e9},  # always admitted
         "canary": {"cluster": "canary", "percent": 1.0},  # 127.0.0.1 hashes to 31.96: stays
+        "rbac": {"policies": RBAC_POLICIES},
+        "ext_authz": {"cluster": "authz", "timeout": 5.0},
     }
+
+
+def _deny(n: int, principal: dict, permission: dict | None = None) -> dict:
+    return {"name": f"p{n}", "action": "deny", "principals": [principal], "permissions": [permission or {"any": True}]}
+
+
+# Ten policies, the request matching the ninth (an allow by source and method), as a mesh's set might read.
+RBAC_POLICIES = [
+    _deny(1, {"spiffe_id": {"prefix": "spiffe://mesh/ns/untrusted/"}}),
+    _deny(2, {"jwt_claim": {"name": "role", "values": ["suspended"]}}),
+    {"name": "p3", "action": "allow", "principals": [{"spiffe_id": "spiffe://mesh/ns/prod/sa/frontend"}],
+     "permissions": [{"methods": ["GET", "POST"], "prefix": "/api/"}]},
+    {"name": "p4", "action": "allow", "principals": [{"scope": ["orders:read"]}], "permissions": [{"prefix": "/orders"}]},
+    {"name": "p5", "action": "allow", "principals": [{"api_key": ["ci", "deploy"]}], "permissions": [{"any": True}]},
+    _deny(6, {"any": True}, {"prefix": "/admin"}),
+    _deny(7, {"not": {"authenticated": True}}, {"header": {"name": "x-internal", "present": True}}),
+    {"name": "p8", "action": "allow", "principals": [{"user": "ops"}], "permissions": [{"regex": "/ops/[a-z]+"}]},
+    {"name": "p9", "action": "allow", "principals": [{"source_cidr": ["10.0.0.0/8", "127.0.0.0/8"]}],
+     "permissions": [{"methods": ["GET", "HEAD"], "host": "127.0.0.1"}]},
+    {"name": "p10", "action": "allow", "principals": [{"tls_san": "metrics.mesh"}], "permissions": [{"path": "/metrics"}]},
+]
+
+AUTHZ_SERVICE = """
+import sys, trio
+from sluice.testing import Origin, Reply
+origin = Origin(Reply(200, headers=[("x-user", "bench")], body=b""))
+async def main():
+    async with trio.open_nursery() as n:
+        await n.start(origin.serve)
+        print(origin.port, flush=True)
+        await trio.sleep_forever()
+trio.run(main)
+"""
+
+
+@contextlib.contextmanager
+def authz_service():
+    """A real authorization service (``sluice.testing.Origin``: 200 to every check) in its own
+    process, so its CPU is not counted as the proxy's; yields its address."""
+    proc = subprocess.Popen([sys.executable, "-c", AUTHZ_SERVICE], stdout=subprocess.PIPE, text=True)
+    try:
+        yield f"127.0.0.1:{int(proc.stdout.readline())}"
+    finally:
+        proc.terminate()
+        proc.wait(5)
 
 
 JWT_VARIANTS = {"jwt_rs256": "RS256", "jwt_es256": "ES256"}  # the jwt filter, with a token of each
@@ -115,15 +172,17 @@ def request(more: bytes = b"") -> bytes:
 
 def measure(filters: list[str], repeats: int, n: int, codec: str = "auto") -> dict[str, float]:
     """``{filter: added microseconds per request}``, and ``router`` itself."""
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         tables, plugins = settings(Path(tmp)), examples(filters)
         jwts = jwt_variants(Path(tmp)) if set(filters) & set(JWT_VARIANTS) else {}
         wire = request(b"".join(line for _, line in jwts.values()))
         chains = {"router": ["router"], **{name: chain_for(name, plugins) for name in filters}}
+        service = authz_service() if "ext_authz" in filters else contextlib.nullcontext("127.0.0.1:11")
+        clusters = {**CLUSTERS, "authz": {"endpoints": [stack.enter_context(service)]}}
 
         def serve(name: str, count: int) -> float:
             own = {**tables, "jwt": jwts[name][0]} if name in jwts else tables
-            app = _app(chains[name], codec, tmp, None, own, plugins, CLUSTERS)
+            app = _app(chains[name], codec, tmp, None, own, plugins, clusters)
             return trio.run(_serve, app, count, wire) * 1e6
 
         for name in chains:
