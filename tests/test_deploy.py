@@ -6,9 +6,10 @@ a grace period that covers preStop and the drain, selectors that match, an
 image that runs the mounted config). The probe command itself is run
 against a real ``sluice run``.
 
-``kubectl apply --dry-run=client`` is not used: it fetches the OpenAPI
-schema from an API server, so offline it fails (or, with --validate=false,
-checks nothing).
+``kubectl apply --dry-run=client`` is not used: it asks an API server for
+the schema and the resource types, so offline it fails (even with
+--validate=false); ``kubectl kustomize``, offline, checks that Kubernetes'
+own YAML parser reads the files as PyYAML does.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,11 +27,13 @@ import tomllib
 import httpx
 import kubernetes_validate
 import pytest
+import trio
 import yaml
 
 from sluice import deploy
 
 from .proc import Running, ThreadOrigin, free_port, poll, sluice
+from .test_discovery_dns import DnsServer
 
 K8S_VERSION = "1.32.0"  # the oldest schema kubernetes-validate bundles; native sidecars and preStop sleep need >= 1.30
 
@@ -185,6 +189,20 @@ def test_the_headless_upstream_is_the_name_the_gateway_resolves():
     assert discovery["port"] == headless["spec"]["ports"][0]["port"]
 
 
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_kubectl_reads_the_manifests_as_the_schema_check_does(tmp_path):
+    """``kubectl kustomize`` parses with Kubernetes' own (Go) YAML stack, offline: it
+    must read every manifest (the YAML anchors of the probe commands included) into
+    the same objects that PyYAML gave the schema check."""
+    for path in MANIFESTS:
+        shutil.copy(path, tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({"resources": [p.name for p in MANIFESTS]}))
+    built = subprocess.run(["kubectl", "kustomize", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert built.returncode == 0, built.stderr
+    by_name = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(built.stdout)}
+    assert by_name == {(d["kind"], d["metadata"]["name"]): d for _n, _i, d in DOCS}
+
+
 def _dockerfile_instructions() -> list[tuple[str, str]]:
     text = deploy.files()["Dockerfile"].read_text().replace("\\\n", " ")
     return [(m[1].upper(), m[2].strip()) for m in re.finditer(r"^\s*([A-Za-z]+)\s+(.*)$", text, re.M)
@@ -247,3 +265,48 @@ def test_the_probe_commands_follow_a_real_sluice_through_its_drain(tmp_path):
 def _in_flight(admin: str) -> bool:
     (endpoint,) = httpx.get(f"http://{admin}/clusters").json()["clusters"]["app"]["endpoints"]
     return endpoint["active_requests"] > 0
+
+
+def _gateway_config_here(admin: str, nameserver: str, backend_port: int) -> str:
+    """The gateway ConfigMap's sluice.toml with only what differs outside a pod changed:
+    the listen and admin ports, the backend's port, and a nameserver (CoreDNS's part)."""
+    text = _configmap("sluice-gateway")["data"]["sluice.toml"]
+    for old, new in [('"0.0.0.0:8080"', '"127.0.0.1:0"'), ('"127.0.0.1:9901"', f'"{admin}"'),
+                     ("port = 8080,", f"port = {backend_port},"),
+                     ('type = "A",', f'type = "A", nameserver = "{nameserver}",')]:
+        assert text.count(old) == 1, old  # the ConfigMap changed: change this test with it
+        text = text.replace(old, new)
+    return text
+
+
+async def test_the_gateway_config_serves_the_pods_its_headless_service_names(nursery, tmp_path):
+    """The gateway's own config, run: its cluster follows the headless Service's
+    name (here a real DNS server standing in for CoreDNS), and the probes pass."""
+    (_deployment, _spec, container) = next(x for x in _sluice_containers() if x[0] == "sluice-gateway")
+    name = tomllib.loads(_configmap("sluice-gateway")["data"]["sluice.toml"])["clusters"]["backend"]["discovery"]["name"]
+    dns_server = DnsServer(nursery)
+    await dns_server.start()
+    dns_server.set(name, "A", ["127.0.0.1"], ttl=1)  # one ready backend pod
+    admin = f"127.0.0.1:{free_port()}"
+    with ThreadOrigin(body=b"from the backend") as origin:
+        config = tmp_path / "sluice.toml"
+        config.write_text(_gateway_config_here(admin, dns_server.address, int(origin.address.rsplit(":", 1)[1])))
+        proxy = await trio.to_thread.run_sync(Running, "-c", str(config))
+        try:
+            for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+                assert await trio.to_thread.run_sync(_probe, container[kind], admin) == 0, kind
+            answer = await trio.to_thread.run_sync(httpx.get, f"{proxy.url}/orders")
+            assert (answer.status_code, answer.content) == (200, b"from the backend")
+            assert origin.served == ["/orders"]
+            # the pod leaves the Service (NXDOMAIN, as for a Service with no ready pod): within the TTL
+            # the cluster is empty, and sluice answers 503 rather than send to it
+            del dns_server.records[(name, "A")]
+
+            def gone() -> bool:
+                return httpx.get(f"{proxy.url}/orders").status_code == 503
+
+            await trio.to_thread.run_sync(lambda: poll(gone, timeout=10, what="the backend gone", proxy=proxy))
+            healthz = await trio.to_thread.run_sync(httpx.get, f"{proxy.url}/healthz")
+            assert (healthz.status_code, healthz.text) == (200, "ok\n")
+        finally:
+            await trio.to_thread.run_sync(proxy.stop)
