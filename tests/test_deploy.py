@@ -267,16 +267,18 @@ def _in_flight(admin: str) -> bool:
     return endpoint["active_requests"] > 0
 
 
-def _gateway_config_here(admin: str, nameserver: str, backend_port: int) -> str:
-    """The gateway ConfigMap's sluice.toml with only what differs outside a pod changed:
-    the listen and admin ports, the backend's port, and a nameserver (CoreDNS's part)."""
-    text = _configmap("sluice-gateway")["data"]["sluice.toml"]
-    for old, new in [('"0.0.0.0:8080"', '"127.0.0.1:0"'), ('"127.0.0.1:9901"', f'"{admin}"'),
-                     ("port = 8080,", f"port = {backend_port},"),
-                     ('type = "A",', f'type = "A", nameserver = "{nameserver}",')]:
+def _config_here(configmap: str, changes: list[tuple[str, str]]) -> str:
+    """A ConfigMap's sluice.toml with only what differs outside a pod changed (ports,
+    and a nameserver: CoreDNS's part); each text to change must be there once."""
+    text = _configmap(configmap)["data"]["sluice.toml"]
+    for old, new in changes:
         assert text.count(old) == 1, old  # the ConfigMap changed: change this test with it
         text = text.replace(old, new)
     return text
+
+
+def _port(address: str) -> int:
+    return int(address.rsplit(":", 1)[1])
 
 
 async def test_the_gateway_config_serves_the_pods_its_headless_service_names(nursery, tmp_path):
@@ -290,7 +292,10 @@ async def test_the_gateway_config_serves_the_pods_its_headless_service_names(nur
     admin = f"127.0.0.1:{free_port()}"
     with ThreadOrigin(body=b"from the backend") as origin:
         config = tmp_path / "sluice.toml"
-        config.write_text(_gateway_config_here(admin, dns_server.address, int(origin.address.rsplit(":", 1)[1])))
+        config.write_text(_config_here("sluice-gateway", [
+            ('"0.0.0.0:8080"', '"127.0.0.1:0"'), ('"127.0.0.1:9901"', f'"{admin}"'),
+            ("port = 8080,", f"port = {_port(origin.address)},"),
+            ('type = "A",', f'type = "A", nameserver = "{dns_server.address}",')]))
         proxy = await trio.to_thread.run_sync(Running, "-c", str(config))
         try:
             for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -308,5 +313,41 @@ async def test_the_gateway_config_serves_the_pods_its_headless_service_names(nur
             await trio.to_thread.run_sync(lambda: poll(gone, timeout=10, what="the backend gone", proxy=proxy))
             healthz = await trio.to_thread.run_sync(httpx.get, f"{proxy.url}/healthz")
             assert (healthz.status_code, healthz.text) == (200, "ok\n")
+        finally:
+            await trio.to_thread.run_sync(proxy.stop)
+
+
+async def test_the_sidecar_config_fronts_the_app_and_carries_its_calls(nursery, tmp_path):
+    """The sidecar's own config, run: inbound requests reach the app on its loopback
+    port; the app's calls to 127.0.0.1:15001 and :15002 reach payments and inventory,
+    found by their headless Services' names."""
+    (_deployment, _spec, container) = next(x for x in _sluice_containers() if x[0] == "shop")
+    clusters = tomllib.loads(_configmap("shop-sluice")["data"]["sluice.toml"])["clusters"]
+    dns_server = DnsServer(nursery)
+    await dns_server.start()
+    admin, inbound, out_payments, out_inventory = (free_port() for _ in range(4))
+    with (ThreadOrigin(body=b"app") as app, ThreadOrigin(body=b"payments") as payments,
+          ThreadOrigin(body=b"inventory") as inventory):
+        changes = [('"0.0.0.0:8080"', f'"127.0.0.1:{inbound}"'), ("{ port = 8080,", f"{{ port = {inbound},"),
+                   ('"127.0.0.1:15001"', f'"127.0.0.1:{out_payments}"'), ("{ port = 15001,", f"{{ port = {out_payments},"),
+                   ('"127.0.0.1:15002"', f'"127.0.0.1:{out_inventory}"'),
+                   ("{ port = 15002,", f"{{ port = {out_inventory},"),
+                   ('"127.0.0.1:8081"', f'"{app.address}"'), ('"127.0.0.1:9901"', f'"127.0.0.1:{admin}"')]
+        for cluster, origin in (("payments", payments), ("inventory", inventory)):
+            name = clusters[cluster]["discovery"]["name"]
+            dns_server.set(name, "A", ["127.0.0.1"], ttl=5)
+            changes.append((f'name = "{name}", type = "A", port = 8080,',
+                            f'name = "{name}", type = "A", port = {_port(origin.address)}, '
+                            f'nameserver = "{dns_server.address}",'))
+        config = tmp_path / "sluice.toml"
+        config.write_text(_config_here("shop-sluice", changes))
+        proxy = await trio.to_thread.run_sync(Running, "-c", str(config))
+        try:
+            for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+                assert await trio.to_thread.run_sync(_probe, container[kind], f"127.0.0.1:{admin}") == 0, kind
+            for port, body in ((inbound, b"app"), (out_payments, b"payments"), (out_inventory, b"inventory")):
+                answer = await trio.to_thread.run_sync(httpx.get, f"http://127.0.0.1:{port}/x")
+                assert (answer.status_code, answer.content) == (200, body), port
+            assert app.served == payments.served == inventory.served == ["/x"]
         finally:
             await trio.to_thread.run_sync(proxy.stop)
