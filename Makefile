@@ -23,9 +23,10 @@ $(STAMP): pyproject.toml
 # Redis backend, started per test session on a free port, its service unused;
 # etcd from etcd-server and ZooKeeper's jars from zookeeperd, each started by
 # tests/servers/ on free loopback ports with a temp data dir, their packaged
-# services unused).
+# services unused; openssl's s_client -servername for the SNI tests).
 test-deps:
 	@command -v curl >/dev/null || (apt-get update -qq && apt-get install -y -qq curl)
+	@command -v openssl >/dev/null || (apt-get update -qq && apt-get install -y -qq openssl)
 	@command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
 	@command -v nginx >/dev/null || (apt-get update -qq && apt-get install -y -qq nginx || command -v nginx)
 	@command -v promtool >/dev/null || (apt-get update -qq && apt-get install -y -qq prometheus || true)
