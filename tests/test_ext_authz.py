@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 
 from sluice import ConfigError
 from sluice.plugins import ext_authz
-from sluice.testing import serve
+from sluice.testing import Reply, serve
 
 from .authz_support import ALLOWED_USER, authz_service, counted, plugin_counts
 
@@ -130,7 +130,9 @@ async def test_a_refusing_or_failing_service_is_a_failure_with_the_configured_st
     assert await _statuses(origin, closed, ["/ok/a", "/ok/b"], status_on_error=503) == [503, 503]
     assert await _statuses(origin, service.address, ["/fail/a"]) == [403]  # its 5xx is its own failure
     assert await _statuses(origin, service.address, ["/fail/a"], failure_mode_allow=True) == [200]
-    assert counted(before, _checks()) == {("failed_closed",): 3, ("failed_open",): 1}
+    service.script("/authz/cut*", Reply(body=b"x" * 100, close_after=3)).script("/authz/reset*", Reply(reset=True))
+    assert await _statuses(origin, service.address, ["/cut/a", "/reset/a"]) == [403, 403]  # no whole answer: a failure
+    assert counted(before, _checks()) == {("failed_closed",): 5, ("failed_open",): 1}
     assert [r.path for r in origin.requests] == ["/fail/a"]
 
 

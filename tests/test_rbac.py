@@ -18,6 +18,7 @@ from sluice.testing import serve
 
 from .authz_support import counted, plugin_counts
 from .conftest import InProcess
+from .jwt_support import ISSUER, RSA, sign, write_jwks
 
 KEYS = {"ci": "k-ci", "ops": "k-ops"}
 
@@ -257,3 +258,20 @@ async def test_bad_input_never_crashes_a_decision(origin):
         ("GET", "/", {"x-test-peer": json.dumps({"verified": True})}), ("GET", "/", _claims(scp=["read"])),
     ])
     assert got == [403, 403, 403, 200]
+
+
+async def test_a_real_token_through_the_jwt_filter(origin, tmp_path):
+    """jwt verifies the token and leaves its claims; rbac decides on its scope and a claim."""
+    jwt_settings = {"providers": {"corp": {"issuer": ISSUER, "jwks_file": write_jwks(tmp_path / "jwks.json", RSA)}}}
+    policies = [{"name": "writers", "action": ALLOW, "principals": [{"and": [
+        {"scope": "orders:write"}, {"jwt_claim": {"name": "team", "values": ["orders"]}}]}]},
+        {"name": "readers", "action": ALLOW, "principals": [{"scope": "orders:read"}],
+         "permissions": [{"methods": ["GET"]}]}]
+    writer = sign(scope="orders:read orders:write", team="orders", sub="w")
+    reader = sign(scope="orders:read", team="orders", sub="r")
+    forged = sign(scope="orders:write", team="orders", sub="x")[:-4] + "AAAA"  # a broken signature
+    got = await _statuses(origin, policies, [
+        ("POST", "/o", {"authorization": f"Bearer {writer}"}), ("GET", "/o", {"authorization": f"Bearer {reader}"}),
+        ("POST", "/o", {"authorization": f"Bearer {reader}"}), ("POST", "/o", {"authorization": f"Bearer {forged}"}),
+    ], chain=("jwt", "rbac", "router"), filters={"jwt": jwt_settings})
+    assert got == [200, 200, 403, 401]  # the forged token never reaches rbac: jwt refuses it
