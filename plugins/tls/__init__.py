@@ -52,11 +52,6 @@ class _Server(ServerTransport):
         self._details = list(cfg.client_cert_details)
         self._asks = cfg.client_auth != "none"
 
-    @property
-    def context(self) -> ssl.SSLContext:
-        """The default pair's context (new handshakes start on it)."""
-        return self.certs.loaded.default
-
     def offer(self, protocols: list[str]) -> None:
         self.certs.offer(protocols)
 

@@ -9,14 +9,16 @@ other engineers' RBAC rules compare against.
 from __future__ import annotations
 
 import hashlib
-from datetime import timezone
 from typing import Any
 from urllib.parse import quote
 
+import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 __all__ = ["Peer", "describe", "names", "not_after"]
+
+log = structlog.get_logger("sluice.tls")
 
 NO_CERT: dict[str, Any] = {"verified": False, "subject": None, "dns_sans": [], "uri_sans": [],
                            "spiffe_id": None, "cert_sha256": None}
@@ -42,26 +44,26 @@ def describe(der: bytes | None, details: list[str], by: str | None) -> Peer:
     """The identity fields of ``ctx.tls_peer`` for a verified peer certificate (DER), or
     for none: ``verified`` is True only when the client showed a certificate that chained
     to ``client_ca`` (an untrusted one never gets this far: the handshake failed)."""
-    peer = Peer(NO_CERT)
+    peer = Peer(NO_CERT, dns_sans=[], uri_sans=[])  # lists of its own: a filter may change them
     if not der:
         return peer
-    cert = x509.load_der_x509_certificate(der)
-    dns, uris = names(cert)
-    peer.update(
-        verified=True,
-        subject=cert.subject.rfc4514_string(),
-        dns_sans=dns,
-        uri_sans=uris,
-        spiffe_id=next((u for u in uris if u.startswith("spiffe://")), None),
-        cert_sha256=hashlib.sha256(der).hexdigest(),
-    )
+    peer.update(verified=True, cert_sha256=hashlib.sha256(der).hexdigest())
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        dns, uris = names(cert)
+        subject = cert.subject.rfc4514_string()
+    except ValueError as exc:  # OpenSSL verified what cryptography cannot read (a duplicate extension)
+        log.warning("tls peer certificate unreadable", error=str(exc), cert_sha256=peer["cert_sha256"])
+        return peer
+    peer.update(subject=subject, dns_sans=dns, uri_sans=uris,
+                spiffe_id=next((u for u in uris if u.startswith("spiffe://")), None))
     peer.xfcc = _xfcc_element(peer, cert, details, by)
     return peer
 
 
 def not_after(cert: x509.Certificate) -> float:
     """When it expires, as a Unix timestamp."""
-    return cert.not_valid_after_utc.replace(tzinfo=timezone.utc).timestamp()
+    return cert.not_valid_after_utc.timestamp()
 
 
 def _quoted(value: str, always: bool = False) -> str:
