@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import shutil
 import signal
@@ -351,3 +352,69 @@ async def test_the_sidecar_config_fronts_the_app_and_carries_its_calls(nursery, 
             assert app.served == payments.served == inventory.served == ["/x"]
         finally:
             await trio.to_thread.run_sync(proxy.stop)
+
+
+_READ_ONLY_ROOT = """set -e
+mount --make-rprivate /
+mount -t tmpfs -o size=1m tmpfs /srv          # the ConfigMap's volume, read-only
+cp "$1" /srv/sluice.toml
+mount -o remount,ro /srv
+mount -o remount,bind,ro /                    # readOnlyRootFilesystem
+mount -t tmpfs -o size=64m tmpfs /tmp         # the emptyDir at /tmp
+cd /
+shift
+exec "$@"
+"""
+
+
+def _can_unshare() -> str | None:
+    if shutil.which("unshare") is None:
+        return "unshare is not installed"
+    done = subprocess.run(["unshare", "-m", "sh", "-c", "mount --make-rprivate / && mount -o remount,bind,ro /"],
+                          capture_output=True, text=True, timeout=10)
+    return None if done.returncode == 0 else f"no mount namespace here: {done.stderr.strip()}"
+
+
+async def test_sluice_runs_on_a_read_only_root_with_only_tmp_writable(nursery, tmp_path):
+    """readOnlyRootFilesystem holds: the gateway's config runs, serves, answers its
+    probes and drains in a mount namespace whose root is read-only, with a fresh
+    /tmp (the emptyDir) and the config on a read-only volume, as in the pod."""
+    if reason := _can_unshare():
+        pytest.skip(reason)
+    (_deployment, _spec, container) = next(x for x in _sluice_containers() if x[0] == "sluice-gateway")
+    name = tomllib.loads(_configmap("sluice-gateway")["data"]["sluice.toml"])["clusters"]["backend"]["discovery"]["name"]
+    dns_server = DnsServer(nursery)
+    await dns_server.start()
+    dns_server.set(name, "A", ["127.0.0.1"], ttl=5)
+    admin, public = f"127.0.0.1:{free_port()}", free_port()
+    env = {**os.environ, **{e["name"]: e["value"] for e in container["env"]}}
+    with ThreadOrigin(body=b"from the backend") as origin:
+        config = tmp_path / "sluice.toml"
+        config.write_text(_config_here("sluice-gateway", [
+            ('"0.0.0.0:8080"', f'"127.0.0.1:{public}"'), ('"127.0.0.1:9901"', f'"{admin}"'),
+            ("port = 8080,", f"port = {_port(origin.address)},"),
+            ('type = "A",', f'type = "A", nameserver = "{dns_server.address}",')]))
+        log = (tmp_path / "stderr").open("w+")
+        proc = subprocess.Popen(["unshare", "-m", "sh", "-c", _READ_ONLY_ROOT, "sh", str(config),
+                                 sys.executable, "-m", "sluice", "run", "-c", "/srv/sluice.toml"],
+                                stdout=subprocess.DEVNULL, stderr=log, env=env)
+        try:
+            def ready() -> bool:
+                assert proc.poll() is None, (tmp_path / "stderr").read_text()
+                return _probe(container["readinessProbe"], admin) == 0
+
+            await trio.to_thread.run_sync(lambda: poll(ready, timeout=20, what="/ready"))
+            assert await trio.to_thread.run_sync(_probe, container["livenessProbe"], admin) == 0
+            answer = await trio.to_thread.run_sync(httpx.get, f"http://127.0.0.1:{public}/orders")
+            assert (answer.status_code, answer.content) == (200, b"from the backend")
+            metrics = await trio.to_thread.run_sync(httpx.get, f"http://{admin}/metrics")
+            assert "sluice_downstream_requests_total" in metrics.text  # its multiprocess files: in /tmp
+            proc.send_signal(signal.SIGTERM)
+            assert await trio.to_thread.run_sync(lambda: proc.wait(20)) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+    stderr = (tmp_path / "stderr").read_text()
+    assert "Read-only file system" not in stderr and "Traceback" not in stderr, stderr
