@@ -129,6 +129,16 @@ async def test_request_and_none_admit_clients_without_a_certificate(start_origin
     assert shown["spiffe_id"] == (SPIFFE if mode == "request" else None)
 
 
+class FlagsSeen(Filter):
+    """Keeps each completed exchange's flags."""
+
+    name = "flags_seen"
+    seen: list = []
+
+    async def on_complete(self, ctx):
+        FlagsSeen.seen.append(list(ctx.flags))
+
+
 XFCC = b"x-forwarded-client-cert"
 FORGED = b'By=spiffe://evil;Hash=00;Subject="CN=admin"'
 
@@ -235,9 +245,10 @@ async def test_upstream_mtls_presents_the_cluster_certificate(nursery, pki):
 ])
 async def test_pinned_upstream_names(nursery, pki, pins, allowed):
     port, _ = await tls_origin(nursery, pki, require_client=False)
-    cfg = config(f"127.0.0.1:{port}", cluster={"tls": {"ca": str(pki["ca"]), "server_name": "upstream.test",
-                                                       **pins}})
-    async with serve(cfg, plugins=PLUGINS) as proxy:
+    cfg = config(f"127.0.0.1:{port}", filters=["flags_seen", "router"],
+                 cluster={"tls": {"ca": str(pki["ca"]), "server_name": "upstream.test", **pins}})
+    FlagsSeen.seen = []
+    async with serve(cfg, plugins=PLUGINS, extra={"t": InProcess(FlagsSeen)}) as proxy:
         with capture_logs() as logs:
             async with httpx.AsyncClient() as client:
                 r = await client.get(proxy.url + "/")
@@ -249,7 +260,8 @@ async def test_pinned_upstream_names(nursery, pki, pins, allowed):
     assert refused and refused[0]["dns_sans"] == ["upstream.test"]
     assert refused[0]["uri_sans"] == ["spiffe://example.org/ns/pay/sa/api"]
     failed = [e for e in logs if e["event"] == "upstream failed"]
-    assert failed and "none of them pinned" in failed[0]["error"]  # the connect failure (UF)
+    assert failed and "none of them pinned" in failed[0]["error"]
+    assert FlagsSeen.seen == [["UF"]]  # a connect failure, as the core flags one
 
 
 @pytest.mark.parametrize(("tls", "where"), [
