@@ -59,7 +59,7 @@ sluice_filter_duration_seconds                         filter, phase            
 sluice_config_last_reload_successful                   (none): 0 after a failed reload         gauge (livemin)
 sluice_config_store_revision                           (none): the store document applied      gauge (livemin)
 sluice_config_store_connected                          (none): 1 while following the store     gauge (livemin)
-sluice_config_store_stale_seconds                      (none): since last known in sync        gauge (livemax)
+sluice_config_store_stale_seconds                      (none): since last in sync (0: no store) gauge (livemax)
 sluice_tls_certificate_expiry_timestamp_seconds        listener, cert (its file): notAfter     gauge (livemin)
 =====================================================  ======================================  =====
 
@@ -526,10 +526,10 @@ class _Recorder:
         last = app.last_reload
         values["reload_ok"][()] = 0 if last is not None and not last["ok"] else 1
         store = app.config_store
+        values["store_stale"][()] = store.stale_seconds() if store is not None else 0  # (always: rules read it)
         if store is not None:
             values["store_revision"][()] = store.good.revision if store.good is not None else 0
             values["store_connected"][()] = 1 if store.connected else 0
-            values["store_stale"][()] = store.stale_seconds()
         now = time.monotonic()
         for name, cluster in app.clusters.items():
             breaker = cluster.breaker

@@ -482,6 +482,8 @@ tests:
         values: '1x30'
       - series: 'sluice_config_last_reload_successful{job="sluice"}'
         values: '1 1 0x28'
+      - series: 'sluice_config_store_stale_seconds{job="sluice"}'
+        values: '0x10 60+60x20'
       - series: 'sluice_tls_certificate_expiry_timestamp_seconds{job="sluice",listener="edge",cert="/etc/soon.pem"}'
         values: '433200x30'
       - series: 'sluice_tls_certificate_expiry_timestamp_seconds{job="sluice",listener="edge",cert="/etc/later.pem"}'
@@ -519,6 +521,14 @@ tests:
         exp_alerts:
           - exp_labels: {job: sluice, severity: warning}
             exp_annotations: {summary: "The latest sluice config reload failed; the previous config is serving"}
+      - eval_time: 10m
+        alertname: SluiceConfigStoreStale
+        exp_alerts: []
+      - eval_time: 20m
+        alertname: SluiceConfigStoreStale
+        exp_alerts:
+          - exp_labels: {job: sluice, severity: warning}
+            exp_annotations: {summary: "sluice has not been in sync with its config store for 10m 0s; the last good config serves"}
       - eval_time: 20m
         alertname: SluiceCertificateExpiresSoon
         exp_alerts:

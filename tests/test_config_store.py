@@ -207,7 +207,9 @@ def test_etcd_down_keeps_the_last_config_a_restart_uses_the_cache_and_its_return
     server = etcd_server_process(tmp_path / "store").start()
     key, cache = f"{etcd_prefix}config", str(tmp_path / "cache.json")
     admin = free_port()
-    path = bootstrap(tmp_path, etcd_table(server.url, etcd_prefix, cache=cache, timeout=1), admin=admin)
+    alert = ('[filters.alerts]\ninterval = 0.2\n[[filters.alerts.rules]]\nname = "StoreStale"\n'
+             'kind = "config_store_stale"\nthreshold = 1\nfor = 0\n')
+    path = bootstrap(tmp_path, etcd_table(server.url, etcd_prefix, cache=cache, timeout=1) + alert, admin=admin)
     proxy = restarted = None
     try:
         etcd_put(server.url, key, document(a.address))
@@ -226,11 +228,14 @@ def test_etcd_down_keeps_the_last_config_a_restart_uses_the_cache_and_its_return
         assert stale and not admin_json(admin, "/config")["config_store"]["connected"]
         poll(lambda: (metric(admin, "sluice_config_store_stale_seconds") or 0) > 0.5, 5, "stale metric")
         assert metric(admin, "sluice_config_store_connected") == 0
+        poll(lambda: any("alert firing" in line and "StoreStale" in line for line in proxy.stderr), 5,
+             "the alert rule firing past 1 s out of sync", proxy)
         # A restart while etcd is down starts from the cache, and says how old it is.
         proxy.stop()
         started = time.monotonic()
         restarted = Running("-c", path)
-        print(f"started from the cache in {time.monotonic() - started:.2f}s (store timeout 1 s)")
+        print(f"started from the cache in {time.monotonic() - started:.2f}s (etcd refuses connections)")
+        restarted.wait_for_output("starting from the cache")
         assert any("starting from the cache" in line and "age_seconds" in line for line in restarted.stderr)
         url = restarted.url + "/"
         assert settled(url, b"B")
@@ -240,6 +245,7 @@ def test_etcd_down_keeps_the_last_config_a_restart_uses_the_cache_and_its_return
         etcd_put(server.url, key, document(c.address))
         poll(lambda: settled(url, b"C"), 5, "C applied after etcd's return", restarted)
         assert admin_json(admin, "/config")["config_store"]["connected"]
+        restarted.wait_for_output("alert resolved")  # (it fired again after the restart from the cache)
     finally:
         for p in (proxy, restarted):
             if p is not None:
@@ -372,4 +378,15 @@ def test_config_push_get_diff_through_the_real_command(etcd_server, etcd_prefix,
 ])
 def test_a_bad_config_store_table_names_its_key(tmp_path, table, message):
     r = sluice("run", "-c", bootstrap(tmp_path, table))
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize(("rule", "message"), [
+    ('kind = "config_store_stale"\n', "filters.alerts.rules[0].threshold: required for kind 'config_store_stale'"),
+    ('kind = "config_store_stale"\nthreshold = 5\ncluster = "x"\n', "not routes or clusters"),
+])
+def test_a_config_store_stale_rule_is_checked(tmp_path, rule, message):
+    table = '[config_store]\nstore = "etcd"\naddress = "http://127.0.0.1:1"\nprefix = "/p/"\n'
+    path = bootstrap(tmp_path, table + f'[[filters.alerts.rules]]\nname = "S"\n{rule}')
+    r = sluice("check", path)
     assert r.returncode == 2 and message in r.stderr, r.stderr

@@ -33,6 +33,7 @@ _SUMMARY = {
     "no_healthy_endpoint": "no healthy endpoint in the cluster",
     "reload_failed": "the latest config reload failed",
     "certificate_expiry": "a TLS certificate expires in less than {days:g} days",
+    "config_store_stale": "the config store has been out of sync for {value}s (above {threshold}s)",
 }
 
 
@@ -95,7 +96,7 @@ class Alerting:
                 self._changed = trio.Event()
 
     async def evaluate(self) -> None:
-        wanted = any(r.kind != "reload_failed" for r in self.config.rules)
+        wanted = any(r.kind not in ("reload_failed", "config_store_stale") for r in self.config.rules)
         samples = await scrape() if wanted else None
         now, clock = time.time(), time.monotonic()
         for rule in self.config.rules:

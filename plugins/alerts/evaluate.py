@@ -23,6 +23,11 @@
 - ``reload_failed`` reads ``app.last_reload``: every worker reloads the
   same file, so worker 0's outcome is the fleet's (Prometheus has it as
   ``sluice_config_last_reload_successful``).
+- ``config_store_stale`` reads worker 0's follower of the config store
+  (``app.config_store``): the seconds since the store was last known in
+  sync, 0 while it is followed; every worker follows the same store, so
+  worker 0's is the instance's (Prometheus: the worst of the workers,
+  ``sluice_config_store_stale_seconds``).
 - ``certificate_expiry`` reads ``sluice_tls_certificate_expiry_timestamp_seconds``
   (each listener's certificates' notAfter, the earliest any worker serves):
   1 for a certificate with fewer than ``days`` days left, else 0, labelled
@@ -91,6 +96,9 @@ class Evaluator:
             return {(): 1.0 if last is not None and not last["ok"] else 0.0}
         if kind == "certificate_expiry":
             return _expiring(rule, samples, app)
+        if kind == "config_store_stale":
+            store = app.config_store
+            return {(): store.stale_seconds() if store is not None else None}
         names = [rule.cluster] if rule.cluster else list(app.clusters)
         state = _endpoint_state(app, samples)
         out: dict[Labels, float | None] = {}

@@ -27,6 +27,7 @@ KINDS = {
     "no_healthy_endpoint": "no endpoint of a cluster is healthy and not ejected",
     "reload_failed": "the latest config reload failed",
     "certificate_expiry": "a listener's TLS certificate expires in fewer than ``days`` days",
+    "config_store_stale": "the config store has not been in sync for more than ``threshold`` seconds",
 }
 _MEASURED = ("error_ratio", "latency_p99")
 
@@ -40,7 +41,7 @@ class Rule(FilterConfig):
 
     name: str = Field(min_length=1)
     kind: Literal["error_ratio", "latency_p99", "endpoint_ejected", "no_healthy_endpoint", "reload_failed",
-                  "certificate_expiry"]
+                  "certificate_expiry", "config_store_stale"]
     route: str | None = None
     cluster: str | None = None
     threshold: NonNegativeFloat | None = None
@@ -100,7 +101,15 @@ def check(alerts: AlertsConfig, config: Any) -> list[str]:
         if rule.name in seen:
             errors.append(f"{where}.name: {rule.name!r} names rules[{seen[rule.name]}] already")
         seen.setdefault(rule.name, i)
-        if rule.kind in _MEASURED:
+        if rule.kind == "config_store_stale":
+            if rule.threshold is None:
+                errors.append(f"{where}.threshold: required for kind 'config_store_stale' (seconds out of sync)")
+            if rule.route is not None or rule.cluster is not None:
+                errors.append(f"{where}: kind 'config_store_stale' is about the config store, not routes or "
+                              "clusters")
+            if getattr(config, "config_store", None) is None:
+                errors.append(f"{where}.kind: 'config_store_stale' needs a [config_store] table")
+        elif rule.kind in _MEASURED:
             if rule.threshold is None:
                 errors.append(f"{where}.threshold: required for kind {rule.kind!r} ({KINDS[rule.kind]})")
             elif rule.kind == "error_ratio" and rule.threshold > 1:
