@@ -277,3 +277,20 @@ async def test_bad_listener_settings_name_their_key(pki, tls, where):
         async with serve(cfg, plugins=PLUGINS):
             pass
     assert where in str(info.value)
+
+
+async def test_xfcc_by_and_cert_details(start_origin, pki):
+    from urllib.parse import unquote
+
+    origin = await start_origin()
+    cfg = config(origin.address, listener=mtls_listener(pki, client_auth="require", forward_client_cert="sanitize_set",
+                                                         client_cert_details=["by", "cert", "hash"]))
+    async with serve(cfg, plugins=PLUGINS) as proxy:
+        async with httpx.AsyncClient(verify=client_ctx(pki)) as client:
+            assert (await client.get(f"https://localhost:{proxy.address[1]}/")).status_code == 200
+    value = dict(origin.requests[0][0].headers)[XFCC].decode()
+    by, digest, cert = value.split(";")  # in Envoy's order: By, Hash, Cert, Subject, URI, DNS
+    assert by == "By=spiffe://example.org/ns/edge/sa/sluice"  # the URI SAN of sluice's own certificate
+    assert cert.startswith('Cert="') and cert.endswith('"') and "%0A" in cert  # URL-encoded PEM
+    assert unquote(cert[6:-1]) == pki["client"].cert.read_text()
+    assert digest.startswith("Hash=") and len(digest) == 5 + 64
