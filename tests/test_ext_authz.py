@@ -64,10 +64,13 @@ async def test_a_denial_goes_to_the_client_with_its_status_body_and_headers(orig
     async with serve(_config(origin, service.address), extra=EXTRA) as proxy:
         async with httpx.AsyncClient(base_url=proxy.url) as client:
             r = await client.get("/deny/x")
+            head = await client.head("/deny/x")  # the check is a HEAD too: its answer has no body
+            ok = await client.head("/ok/x")
     assert (r.status_code, r.text) == (401, "no ticket, no entry\n")
+    assert (head.status_code, head.content, ok.status_code) == (401, b"", 200)
     assert r.headers["www-authenticate"] == 'Bearer realm="authz"' and r.headers["x-deny-reason"] == "no-ticket"
-    assert origin.requests == []
-    assert counted(before, _checks()) == {("denied",): 1}
+    assert [(r.method, r.path) for r in origin.requests] == [("HEAD", "/ok/x")]
+    assert counted(before, _checks()) == {("denied",): 2, ("allowed",): 1}
     # allowed_client_headers narrows what is relayed
     cfg = _config(origin, service.address, allowed_client_headers=["WWW-Authenticate"])
     async with serve(cfg, extra=EXTRA) as proxy:
