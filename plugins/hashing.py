@@ -202,7 +202,8 @@ class _Hashing(Balancer):
         """The ring or table over ``endpoints``; reads only them and the settings."""
         raise NotImplementedError
 
-    def position(self, key: str) -> int:  # pragma: no cover
+    def position(self, key: str, table: _Table | None = None) -> int:  # pragma: no cover
+        """Where ``key`` lands in ``table`` (default: the one serving)."""
         raise NotImplementedError
 
     def pick(self, ctx, endpoints) -> Endpoint | None:
