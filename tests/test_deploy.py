@@ -15,7 +15,6 @@ own YAML parser reads the files as PyYAML does.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
 import shutil
@@ -25,6 +24,7 @@ import sys
 import threading
 import tomllib
 
+import dockerfile
 import httpx
 import kubernetes_validate
 import pytest
@@ -204,27 +204,25 @@ def test_kubectl_reads_the_manifests_as_the_schema_check_does(tmp_path):
     assert by_name == {(d["kind"], d["metadata"]["name"]): d for _n, _i, d in DOCS}
 
 
-def _dockerfile_instructions() -> list[tuple[str, str]]:
-    text = deploy.files()["Dockerfile"].read_text().replace("\\\n", " ")
-    return [(m[1].upper(), m[2].strip()) for m in re.finditer(r"^\s*([A-Za-z]+)\s+(.*)$", text, re.M)
-            if not m[0].lstrip().startswith("#")]
-
-
 def test_the_image_runs_the_mounted_config_as_its_user():
-    instructions = _dockerfile_instructions()
-    entry = json.loads([v for k, v in instructions if k == "ENTRYPOINT"][-1])
-    assert entry[:3] == ["sluice", "run", "-c"]
-    (user,) = [v for k, v in instructions if k == "USER"]
+    # parsed by BuildKit's own parser (the dockerfile package): what docker build reads
+    instructions = dockerfile.parse_file(str(deploy.files()["Dockerfile"]))
+    (entry,) = [i for i in instructions if i.cmd == "ENTRYPOINT"]
+    assert entry.json and entry.value[:3] == ("sluice", "run", "-c")  # exec form: SIGTERM reaches sluice
+    (user,) = [i.value[0] for i in instructions if i.cmd == "USER"]
     for deployment, spec, container in _sluice_containers():
         path, _config = _mounted_config(spec, container)
-        assert entry[3] == path, deployment
+        assert entry.value[3] == path, deployment
         assert "command" not in container and "args" not in container  # the image's entry point runs
         assert user == f"{spec['securityContext']['runAsUser']}:{spec['securityContext']['runAsGroup']}"
         assert container["securityContext"]["readOnlyRootFilesystem"] is True
         assert any(m["mountPath"] == "/tmp" for m in container["volumeMounts"])  # the metrics' files
-    # the build copies exactly what pyproject needs, from the repository root as context
-    copies = [v for k, v in instructions if k == "COPY" and not v.startswith("--from")]
-    assert {c.split()[0] for c in copies} == {"pyproject.toml", "core/", "plugins/"}
+    # the build copies what building the wheel needs from the repository root (the
+    # context), and the ignore file beside the Dockerfile lets exactly that through
+    copied = {src for i in instructions if i.cmd == "COPY" and not i.flags for src in i.value[:-1]}
+    assert copied == {"pyproject.toml", "README.md", "core/", "plugins/"}
+    ignore = deploy.files()["Dockerfile.dockerignore"].read_text().splitlines()
+    assert "*" in ignore and {line[1:] for line in ignore if line.startswith("!")} == copied
 
 
 def _probe(probe: dict, address: str) -> int:
