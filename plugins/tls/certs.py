@@ -12,11 +12,12 @@ certificate changes.
 last loaded, at most once a second, and rebuilds every context when one
 changed. It is called at each handshake and by the metrics sampler (every
 second), so new handshakes get a new pair within about a second with no task
-or watcher thread of its own to start and stop (a stat of a few files a
-second costs nothing; watchfiles' inotify would need a task per listener per
-worker, and misses a file replaced by a rename into a watched directory only
-if set up wrong). Connections already open keep the context they were made
-with. A pair that does not load (a key that does not match, garbage, a file
+or watcher thread of its own to start and stop. A stat of a few files a
+second costs nothing, and sees every way a file is replaced: a write in
+place, a rename over it, a symlink swapped (Kubernetes' secret volumes),
+where inotify through watchfiles would need a task per listener per worker
+and a watch on each directory to follow renames. Connections already open
+keep the context they were made with. A pair that does not load (a key that does not match, garbage, a file
 half written) leaves the old contexts serving and logs ``tls certificate
 reload failed`` naming the file; the next change is tried again.
 """
