@@ -86,16 +86,33 @@ async def get(stream: trio.SSLStream, path: str) -> bytes:
     return data
 
 
-async def test_new_handshakes_get_the_new_pair_and_open_connections_keep_theirs(start_origin, pki, tmp_path):
+def swap_link(source: Pair, live: Pair) -> None:
+    """Kubernetes' way (a secret volume): the files are links through ``..data``, a link
+    to a directory that is swapped whole by a rename."""
+    data = live.cert.parent / "..data"
+    fresh = live.cert.parent / f"..{source.cert.stem}"
+    fresh.mkdir()
+    shutil.copyfile(source.cert, fresh / "tls.crt")
+    shutil.copyfile(source.key, fresh / "tls.key")
+    os.symlink(fresh.name, str(data) + ".new")
+    os.replace(str(data) + ".new", data)
+    for path, name in ((live.cert, "tls.crt"), (live.key, "tls.key")):
+        if not path.is_symlink():
+            os.symlink(f"..data/{name}", path)
+
+
+@pytest.mark.parametrize("replace", [install, swap_link], ids=["rename", "symlink"])
+async def test_new_handshakes_get_the_new_pair_and_open_connections_keep_theirs(start_origin, pki, tmp_path,
+                                                                                 replace):
     origin = await start_origin()
     live = Pair(tmp_path / "live.crt", tmp_path / "live.key")
-    install(pki["first"], live)
+    replace(pki["first"], live)
     cfg = config(origin.address, listener={"tls": {"cert": str(live.cert), "key": str(live.key)}})
     async with serve(cfg, plugins=PLUGINS) as proxy:
         port = proxy.address[1]
         kept = await open_tls(port, pki["ca"])
         assert b"200 OK" in await get(kept, "/before")
-        install(pki["second"], live)
+        replace(pki["second"], live)
         took = await wait_for(port, pki["ca"], "second")
         # The connection made before the rotation keeps working, on the pair it was made with.
         assert b"200 OK" in await get(kept, "/after")
