@@ -21,7 +21,8 @@ Outcomes are counted (``sluice_plugin_ext_authz_checks_total{outcome}``:
 ``ctx.vars["ext_authz.outcome"]``, and an outage is logged once
 (``ext_authz unavailable``, then ``ext_authz recovered`` with ``down_for``)
 rather than per request. A route turns the check off with
-``filters = { ext_authz = { disabled = true } }``.
+``filters = { ext_authz = { disabled = true } }``, or adds to its checks
+``context = { key = "value" }`` (sent as ``x-ext-authz-context-key``).
 
 A body is sent only when the request announces it with a Content-Length: the
 core does not tell a filter, at the head, whether a body without one follows
@@ -82,11 +83,29 @@ class Settings(FilterConfig):
         return value.rstrip("/")
 
 
+class RouteSettings(FilterConfig):
+    """What a route adds to its checks: ``context``, each key sent as an
+    ``x-ext-authz-context-<key>`` header (Envoy's per-route context extensions, which its
+    HTTP mode cannot send), so one service can tell routes or tenants apart."""
+
+    context: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("context")
+    @classmethod
+    def _as_headers(cls, value: dict[str, str]) -> dict[str, str]:
+        Headers([(_CONTEXT + k, v) for k, v in value.items()])  # a bad name or value raises, naming it
+        return value
+
+
+_CONTEXT = "x-ext-authz-context-"
+
+
 class ExtAuthz(Filter):
     """Asks an external HTTP service about each request; its 2xx admits, anything else is returned."""
 
     name = "ext_authz"
     Config = Settings
+    RouteConfig = RouteSettings
     after = ("api_key", "basic", "jwt", "rbac")  # the cheap local refusals first
 
     def __init__(self, config: Settings, app: Any = None) -> None:
@@ -99,6 +118,7 @@ class ExtAuthz(Filter):
         checks = metrics.counter("ext_authz_checks", "ext_authz checks by outcome", labels=["outcome"])
         self._count = {o: checks.labels(o) for o in ("allowed", "denied", "failed_open", "failed_closed")}
         self._down_since: float | None = None
+        self._contexts: dict[int, list[tuple[bytes, bytes]]] = {}
 
     @classmethod
     def from_config(cls, config: Settings, app: Any) -> ExtAuthz:
@@ -141,6 +161,7 @@ class ExtAuthz(Filter):
             fields.append((b"content-length", str(len(body)).encode()))
         if partial:
             fields.append((b"x-envoy-auth-partial-body", b"true"))
+        fields.extend(self._context(ctx))
         check = Request(request.method, self.config.path_prefix + request.target, Headers(fields))
         cluster = self._app.clusters.get(self.config.cluster) if self._app is not None else None
         try:
@@ -165,6 +186,20 @@ class ExtAuthz(Filter):
         relayed = [(n, v) for n, v in answer.headers.raw()
                    if n not in _NOT_RELAYED and (self._client is None or n in self._client)]
         return LocalReply(answer.status, answer.body, relayed, flag="UAEX")
+
+    def _context(self, ctx) -> list[tuple[bytes, bytes]]:
+        """The route's context headers (checked at load), made once per route."""
+        route = ctx.route
+        if route is None or self.name not in route.filters:
+            return []
+        found = self._contexts.get(id(route))
+        if found is None:
+            context = route.filter_settings(self.name).get("context") or {}
+            found = Headers([(_CONTEXT + k, v) for k, v in context.items()]).raw()
+            if len(self._contexts) > 4096:  # routes of replaced configs
+                self._contexts.clear()
+            self._contexts[id(route)] = found
+        return found
 
     def _outcome(self, ctx, outcome: str) -> None:
         self._count[outcome].inc()

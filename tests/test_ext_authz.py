@@ -171,6 +171,22 @@ async def test_a_route_may_turn_the_check_off(origin, nursery):
     assert [r.path for r in service.requests] == ["/authz/deny/x"]
 
 
+async def test_a_route_adds_its_context_to_the_check(origin, nursery):
+    service = await _service(nursery)
+    routes = [{"match": {"prefix": "/ok/blue"}, "cluster": "origin",
+               "filters": {"ext_authz": {"context": {"tenant": "blue", "tier": "gold"}}}},
+              {"match": {"prefix": "/"}, "cluster": "origin"}]
+    assert await _statuses(origin, service.address, ["/ok/blue", "/ok/other"], routes=routes) == [200, 200]
+    blue, other = service.requests
+    assert (blue.header("x-ext-authz-context-tenant"), blue.header("x-ext-authz-context-tier")) == ("blue", "gold")
+    assert not [n for n, _ in other.headers if n.startswith("x-ext-authz-context-")]
+    bad = [{"match": {"prefix": "/"}, "cluster": "origin", "filters": {"ext_authz": {"context": {"a b": "c"}}}}]
+    with pytest.raises(ConfigError) as info:
+        async with serve(_config(origin, service.address, routes=bad), extra=EXTRA):
+            pass
+    assert "routes[0].filters.ext_authz.context" in str(info.value) and "invalid header name" in str(info.value)
+
+
 async def test_an_unknown_cluster_is_a_config_error(origin):
     with pytest.raises(ConfigError) as info:
         async with serve(_config(origin, "127.0.0.1:9", cluster="nope"), extra=EXTRA):
