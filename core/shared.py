@@ -200,10 +200,15 @@ def register_backend(name: str, factory: Backend) -> None:
     _backends[name] = factory
 
 
-@asynccontextmanager
-async def _local_backend(settings: Mapping[str, Any]) -> AsyncIterator[SharedState]:
+def _local_backend(settings: Mapping[str, Any]) -> AbstractAsyncContextManager[SharedState]:
+    """Refuses settings when called (an app's build), as every factory should, not when entered."""
     if settings:
         raise ConfigError("\n".join(f"shared.{key}: unknown key" for key in settings))
+    return _yield_local()
+
+
+@asynccontextmanager
+async def _yield_local() -> AsyncIterator[SharedState]:
     yield _local
 
 
@@ -222,7 +227,9 @@ def _find(name: str) -> Backend:
 def open_backend(settings: Mapping[str, Any] | None = None) -> AbstractAsyncContextManager[SharedState]:
     """The backend a ``[shared]`` table names, to open with ``async with``; ``local`` when none.
 
-    Unknown backends and settings are ``ConfigError``s naming the key path (``shared.KEY``).
+    Unknown backends and settings are ``ConfigError``s naming the key path (``shared.KEY``),
+    raised by this call (the built-in factories check before they return), so that the app's
+    build refuses them before a socket opens.
     """
     settings = dict(settings or {})
     name = settings.pop("backend", "local")

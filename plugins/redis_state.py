@@ -47,7 +47,7 @@ import random
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Annotated, Any, Literal
 
 import anyio
@@ -210,17 +210,25 @@ class RedisState:
             return
         self._retry_at = now + self._backoff * random.uniform(0.8, 1.2)
 
-    async def take(self, key: str, tokens: float, rate: float, burst: float) -> tuple[bool, float]:
-        """Take ``tokens`` from key's bucket if it holds them; else (False, seconds until it will)."""
+    async def try_take(self, key: str, tokens: float, rate: float, burst: float) -> tuple[bool, float] | None:
+        """``take``'s answer from Redis, or None when Redis could not give one (down, or failed
+        within ``timeout``): for a caller with an ``on_error`` of its own (the rate_limit filter)."""
         answer = await self._call(lambda: self._take([self._prefix + "b:" + key], [tokens, rate, burst]))
         if answer is None:
-            if self._open:
-                return True, 0.0
-            return False, max(self._retry_at - time.monotonic(), self.config.backoff_min)
+            return None
         if answer[0]:
             return True, 0.0
         level = float(answer[1])
         return False, (tokens - level) / rate if rate > 0 and tokens <= burst else math.inf
+
+    async def take(self, key: str, tokens: float, rate: float, burst: float) -> tuple[bool, float]:
+        """Take ``tokens`` from key's bucket if it holds them; else (False, seconds until it will)."""
+        answer = await self.try_take(key, tokens, rate, burst)
+        if answer is None:
+            if self._open:
+                return True, 0.0
+            return False, max(self._retry_at - time.monotonic(), self.config.backoff_min)
+        return answer
 
     async def hit(self, key: str, rate: float, burst: float, cost: float = 1) -> bool:
         return (await self.take(key, cost, rate, burst))[0]
@@ -237,12 +245,18 @@ class RedisState:
         return int(answer)
 
 
-@asynccontextmanager
-async def open_redis(settings: Mapping[str, Any]) -> AsyncIterator[RedisState]:
-    """The ``sluice.shared`` backend factory: validates ``[shared]``'s settings (key paths ``shared.*``)."""
+def open_redis(settings: Mapping[str, Any]) -> AbstractAsyncContextManager[RedisState]:
+    """The ``sluice.shared`` backend factory: validates ``[shared]``'s settings (key paths
+    ``shared.*``) when called, so an app's build (and ``sluice check``) refuses a bad table;
+    the client is made when the context is entered, in the worker that uses it."""
     try:
         config = RedisConfig.model_validate(dict(settings))
     except ValidationError as exc:
         raise ConfigError(format_errors(exc, prefix="shared")) from None
+    return _opened(config)
+
+
+@asynccontextmanager
+async def _opened(config: RedisConfig) -> AsyncIterator[RedisState]:
     async with RedisState(config) as state:
         yield state

@@ -37,6 +37,8 @@ test_access_log = contract.battery("access_log")
 # Fields that need captures build another class (with body and timing phases).
 test_access_log_capturing = contract.battery("access_log", settings={
     "fields": ["method", "path", "status", "request_ms", "response_ms", "request_body", "response_body"]})
+# rate_limit admitting everything (its global mode on Redis: tests/test_rate_limit.py)
+test_rate_limit = contract.battery("rate_limit", settings={"limits": [{"rate": 1e6, "burst": 1e6}]})
 test_api_key = contract.battery(
     "api_key", settings={"keys": {"battery": hashlib.sha256(b"k-battery").hexdigest()}},
     request_headers={"x-api-key": "k-battery"})

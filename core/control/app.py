@@ -25,6 +25,7 @@ from ..proxy.chain import Chain
 from ..proxy.filters import PHASES, Filter, overrides
 from ..proxy.ordering import check_order
 from ..proxy.header_edits import HeaderEdits, check_ops
+from ..shared import SharedState, open_backend
 from ..upstream.cluster import Breaker, Cluster, Endpoint, Outlier
 from ..upstream.discovery import Discovery
 from ..upstream.health import HealthCheck, run_checks
@@ -83,6 +84,14 @@ class App:
         self._reload_wanted: trio.Event | None = None
         self.health_checks: dict[str, HealthCheck] = {}
         self.discoveries: dict[str, Discovery] = {}  # clusters with a discovery source
+        # The [shared] backend (sluice.shared): checked here, opened by run() for this worker's
+        # life (a rate limit's global mode reads it); a reload keeps the running one.
+        self._shared = open_backend(config.shared)
+        self.shared: SharedState | None = None
+        if previous is not None:
+            if config.shared != previous.config.shared:
+                log.warning("reload: [shared] needs a restart and keeps its old value", worker=previous.worker_index)
+            self._shared, self.shared = previous._shared, previous.shared
         self.clusters = {name: self._cluster(name, c) for name, c in config.clusters.items()}
         self.filters: dict[str, Filter] = {}
         if previous is not None:
@@ -321,6 +330,7 @@ class App:
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             nursery.start_soon(metrics.run, self)  # flushes this worker's sums, samples its gauges
+            await nursery.start(self._hold_shared)  # (closed when the nursery is, after the filters)
             for result in self.plugins.call_lifecycle("sluice_startup", app=self):
                 await maybe_await(result)
             for f in self.filters.values():
@@ -356,6 +366,12 @@ class App:
             await self._shutdown()
             log.info("stopped", worker=self.worker_index)
             nursery.cancel_scope.cancel()
+
+    async def _hold_shared(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with self._shared as state:
+            self.shared = state
+            task_status.started()
+            await trio.sleep_forever()
 
     async def serve(self, listener: Listener, sock: trio.SocketListener) -> None:
         """Start serving ``listener`` on ``sock`` (bound) in the serving nursery."""

@@ -347,6 +347,10 @@ class Config(_Model):
     admin: AdminConfig = AdminConfig()
     listeners: Annotated[list[ListenerConfig], Field(min_length=1)]
     clusters: dict[str, ClusterConfig] = {}
+    # ``[shared]``: the ``sluice.shared`` backend each worker opens (``backend = "local"``, the
+    # default, or "redis", or a plugin's); the other keys are the backend's, checked by it
+    # (``sluice.shared.open_backend``) when the app is built, with key paths ``shared.*``.
+    shared: dict[str, Any] = {}
     # Routes and per-filter settings belong to plugins; they are checked by
     # the filter that reads them, with the same key paths.
     routes: list[dict[str, Any]] = []

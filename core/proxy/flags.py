@@ -47,6 +47,8 @@ _TABLE = (
     Flag("UBL", "a buffered response body went over max_buffered_body_bytes", "core", "502"),
     Flag("LR", "a local reply: a filter's LocalReply, or the core's 413 for a body over the limit",
          "filters, core", "the reply's"),
+    Flag("RL", "rate limited: a rate_limit filter's limit was reached (or, failing closed, its store was "
+         "unreachable)", "rate_limit", "429 (503)"),
     Flag("FE", "a filter raised, returned a bad result, replied after the response started, or resized "
          "a body under its Content-Length",
          "core", "500, or cut"),
