@@ -137,7 +137,7 @@ def test_a_pushed_route_converges_on_three_instances_within_a_second(etcd_server
         for url in urls:
             assert settled(url, b"A")
         figures = []
-        for n in range(6):
+        for n in range(10):
             target = (b, b"B") if n % 2 == 0 else (a, b"A")
             started = time.monotonic()
             etcd_put(etcd_server.url, key, document(target[0].address))
@@ -149,7 +149,7 @@ def test_a_pushed_route_converges_on_three_instances_within_a_second(etcd_server
               f"max {max(figures) * 1000:.0f} ms")
         assert max(figures) <= CONVERGE
         for p in procs:
-            assert sum("config store applied" in line for line in p.stderr) >= 6
+            assert sum("config store applied" in line for line in p.stderr) >= 10
     finally:
         for p in procs:
             p.stop()
@@ -310,10 +310,16 @@ def test_a_store_that_hangs_never_slows_the_data_path(tmp_path, etcd_prefix):
                 t = time.monotonic()
                 assert client.get(url).content == b"A"
                 latencies.append(time.monotonic() - t)
+            direct = []  # the origin alone, for scale (http.server's own answer time)
+            for _ in range(20):
+                t = time.monotonic()
+                client.get(f"http://{a.address}/")
+                direct.append(time.monotonic() - t)
         latencies.sort()
         p99 = latencies[int(len(latencies) * 0.99)]
         print(f"store hanging: {len(latencies)} requests in 3 s, median {statistics.median(latencies) * 1000:.1f} ms, "
-              f"p99 {p99 * 1000:.1f} ms, max {latencies[-1] * 1000:.1f} ms")
+              f"p99 {p99 * 1000:.1f} ms, max {latencies[-1] * 1000:.1f} ms; the origin alone: median "
+              f"{statistics.median(direct) * 1000:.1f} ms")
         assert latencies[-1] < 0.25  # a store call waits 0.5 s: none of it was on a request's path
         state = admin_json(admin, "/config")["config_store"]
         assert state["connected"] is False and state["revision"] == 7 and state["source"] == "cache"
