@@ -217,3 +217,50 @@ async def test_the_expiry_gauge_follows_the_served_certificate(start_origin, pki
     assert first[("public", str(pki["third"].cert))] == not_after(pki["third"])
     days = (first[("public", str(live.cert))] - time.time()) / 86400
     assert 29.9 < days < 30.1
+
+
+def test_every_worker_of_a_real_sluice_run_rotates(pki, tmp_path):
+    """``sluice run`` with 2 workers: each looks at the files itself; handshakes spread over
+    both (SO_REUSEPORT) all get the new pair once it is in place."""
+    import socket
+
+    from .proc import Running, free_port, poll
+
+    live = Pair(tmp_path / "live.crt", tmp_path / "live.key")
+    install(pki["first"], live)
+    port = free_port()
+    conf = tmp_path / "sluice.toml"
+    conf.write_text(f"""
+[server]
+workers = 2
+
+[[listeners]]
+address = "127.0.0.1:{port}"
+filters = ["router"]
+tls = {{ cert = "{live.cert}", key = "{live.key}" }}
+
+[clusters.none]
+endpoints = ["127.0.0.1:9"]
+
+[[routes]]
+match = {{ prefix = "/" }}
+direct_response = {{ status = 200, body = "ok" }}
+""")
+    ctx = ssl.create_default_context(cafile=str(pki["ca"]))
+
+    def names(n: int) -> set[str]:
+        seen = set()
+        for _ in range(n):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+                with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+                    seen.add(common_name(tls.getpeercert(binary_form=True)))
+        return seen
+
+    with Running("-c", str(conf)) as proxy:
+        poll(lambda: any("workers ready" in line for line in proxy.stdout + proxy.stderr), what="workers ready",
+             proxy=proxy)
+        assert names(20) == {"first"}
+        install(pki["second"], live)
+        poll(lambda: names(1) == {"second"}, timeout=WITHIN, what="the new pair served", proxy=proxy)
+        # Within a second more, every worker has looked at the files: 40 handshakes, one name.
+        poll(lambda: names(40) == {"second"}, timeout=WITHIN, what="every worker on the new pair", proxy=proxy)
