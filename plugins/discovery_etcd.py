@@ -44,8 +44,7 @@ from sluice import hookimpl
 from sluice.addresses import parse_hostport
 from sluice.upstream.discovery import DiscoveryConfig, DiscoverySource
 
-from .etcd import EtcdClient, PrefixState
-from .etcd.client import tls_context
+from .etcd import EtcdClient, PrefixState, tls_context
 from .registry_entries import Entries
 
 __all__ = ["EtcdSource"]

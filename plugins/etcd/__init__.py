@@ -24,8 +24,10 @@ handful of prefixes), and the gateway's encoding rules, kept in ``codec.py``.
 The public names::
 
     async with EtcdClient("http://127.0.0.1:2379", timeout=5) as etcd:
+        # https: EtcdClient("https://etcd:2379", tls=tls_context(ca, cert, key)) (mutual TLS)
         revision, kvs = await etcd.get_prefix("/services/api/")
-        async with etcd.watch_prefix("/services/api/", start_revision=revision + 1) as updates:
+        async with etcd.watch_prefix("/services/api/", start_revision=revision + 1,
+                                     check_interval=1) as updates:  # a hung member: Disconnected
             async for update in updates:          # Events | Resync | Disconnected | Reconnected
                 ...
         async with etcd.mirror_prefix("/services/api/") as states:
@@ -37,7 +39,7 @@ The public names::
 
 from __future__ import annotations
 
-from .client import EtcdClient, Lease
+from .client import EtcdClient, Lease, tls_context
 from .codec import KeyValue
 from .errors import EtcdCompacted, EtcdError, EtcdRequestError, EtcdUnavailable, LeaseExpired
 from .mirror import PrefixState
@@ -45,5 +47,5 @@ from .watch import Disconnected, Event, Events, Reconnected, Resync
 
 __all__ = [
     "Disconnected", "EtcdClient", "EtcdCompacted", "EtcdError", "EtcdRequestError", "EtcdUnavailable", "Event",
-    "Events", "KeyValue", "Lease", "LeaseExpired", "PrefixState", "Reconnected", "Resync",
+    "Events", "KeyValue", "Lease", "LeaseExpired", "PrefixState", "Reconnected", "Resync", "tls_context",
 ]

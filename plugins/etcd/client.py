@@ -28,7 +28,7 @@ from .errors import EtcdRequestError, EtcdUnavailable, LeaseExpired, malformed, 
 from .mirror import mirror_prefix
 from .watch import watch_prefix
 
-__all__ = ["EtcdClient", "Lease"]
+__all__ = ["EtcdClient", "Lease", "tls_context"]
 
 log = structlog.get_logger("sluice.etcd")
 
