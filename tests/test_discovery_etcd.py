@@ -392,3 +392,30 @@ async def test_a_cluster_discovered_over_mutual_tls(etcd_tls, start_origin):
             async with serve(cfg(server.url, "/mtls/app/", ca=files["ca"]), plugins=PLUGINS) as proxy:
                 assert addresses(proxy) == set()
         assert any(e["event"] == "discovery failed" for e in logs)
+
+
+async def test_ready_waits_for_etcd_and_a_reload_adding_an_etcd_cluster_waits_for_its_first_read(
+        etcd_server, etcd_prefix, start_origin):
+    from sluice.control.admin import Admin
+    from sluice.control.reload import reload
+
+    a = await start_origin(named("a"))
+    b = await start_origin(named("b"))
+    async with EtcdClient(etcd_server.url) as etcd:
+        await etcd.put(etcd_prefix + "a", entry(a))
+        await etcd.put(etcd_prefix + "b/x", entry(b))
+    nowhere = cfg(f"127.0.0.1:{free_port()}", etcd_prefix, initial_timeout=0.2)  # no etcd there
+    async with serve(nowhere, plugins=PLUGINS) as proxy:
+        status, ready = await Admin(proxy.app, None).ready(None)
+        assert status == 503 and ready["discovery_waiting"] == ["app"]
+        # The config now names a reachable etcd, and adds a cluster fed from it: the reload
+        # returns with both served, never an empty cluster in between.
+        fixed = cfg(etcd_server.url, etcd_prefix + "b/")
+        fixed["clusters"]["more"] = {"discovery": cfg(etcd_server.url, etcd_prefix)["clusters"]["app"]["discovery"]}
+        fixed["routes"].insert(0, {"match": {"prefix": "/more"}, "cluster": "more"})
+        proxy.app.reload_source = lambda: parse(fixed)
+        assert await reload(proxy.app)
+        assert addresses(proxy) == {b.address}
+        assert {e.address for e in proxy.app.clusters["more"].endpoints} == {a.address, b.address}
+        status, ready = await Admin(proxy.app, None).ready(None)
+        assert status == 200 and ready["discovery_waiting"] == []
