@@ -87,7 +87,7 @@ class IpFilter(Filter):
         super().__init__(config)
         default = _Lists(config.allow, config.deny)
 
-        def build(own: Any) -> _Lists:
+        def build(own: Any, where: str) -> _Lists:
             s = RouteSettings.model_validate(own)  # checked at load already: cannot fail here
             return _Lists(config.allow if s.allow is None else s.allow, config.deny if s.deny is None else s.deny)
 

@@ -23,11 +23,19 @@ class PerRoute(Generic[T]):
 
     __slots__ = ("name", "default", "build", "_routes")
 
-    def __init__(self, name: str, default: T, build: Callable[[Mapping[str, Any]], T]) -> None:
+    def __init__(self, name: str, default: T, build: Callable[[Mapping[str, Any], str], T]) -> None:
         self.name = name  # the filter's name: the key in a route's `filters`
         self.default = default
-        self.build = build  # the route's settings (without `disabled`, checked at load) -> compiled
+        self.build = build  # (the route's settings without `disabled`, their key path) -> compiled
         self._routes: dict[int, T] = {}
+
+    def check(self, app: Any) -> None:
+        """Compile every route's own settings now, so what the route model alone cannot see
+        (a clash with the listener's settings) fails at load, by the route's key path."""
+        for i, route in enumerate(getattr(getattr(app, "config", None), "routes", None) or []):
+            own = (route.get("filters") or {}).get(self.name) if isinstance(route, dict) else None
+            if own and not own.get("disabled"):
+                self.build({k: v for k, v in own.items() if k != "disabled"}, f"routes[{i}].filters.{self.name}")
 
     def get(self, ctx: Any) -> T:
         route = ctx.route
@@ -36,7 +44,7 @@ class PerRoute(Generic[T]):
         found = self._routes.get(id(route))
         if found is None:
             own = {k: v for k, v in route.filter_settings(self.name).items() if k != "disabled"}
-            found = self.build(own) if own else self.default
+            found = self.build(own, f"routes.{route.name or '?'}.filters.{self.name}") if own else self.default
             if len(self._routes) > 4096:  # routes of replaced configs: forget them
                 self._routes.clear()
             self._routes[id(route)] = found
