@@ -150,6 +150,14 @@ def test_a_pushed_route_converges_on_three_instances_within_a_second(etcd_server
         assert max(figures) <= CONVERGE
         for p in procs:
             assert sum("config store applied" in line for line in p.stderr) >= 10
+        # An invalid document, put raw: refused by every instance (each of its workers), all serve on.
+        last = b"A" if len(figures) % 2 == 0 else b"B"
+        etcd_put(etcd_server.url, key, "[[routes]]\nmatch = { prefix = '/' }\ncluster = 'gone'\n")
+        for p, workers in zip(procs, (2, 1, 1), strict=True):
+            poll(lambda p=p, w=workers: sum("config store document refused" in line for line in p.stderr) >= w, 5,
+                 "refused", p)
+        for url in urls:
+            assert settled(url, last)
     finally:
         for p in procs:
             p.stop()
