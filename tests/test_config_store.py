@@ -63,11 +63,12 @@ def document(origin: str, cluster: str = "app") -> str:
         """)
 
 
-def etcd_put(url: str, key: str, value: str) -> None:
-    """A raw put (what ``etcdctl put`` does), with no check of ours."""
+def etcd_put(url: str, key: str, value: str) -> int:
+    """A raw put (what ``etcdctl put`` does), with no check of ours; the store's revision after it."""
     body = json.dumps({"key": base64.b64encode(key.encode()).decode(),
                        "value": base64.b64encode(value.encode()).decode()}).encode()
-    urllib.request.urlopen(urllib.request.Request(f"{url}/v3/kv/put", body), timeout=5).close()
+    with urllib.request.urlopen(urllib.request.Request(f"{url}/v3/kv/put", body), timeout=5) as answer:
+        return int(json.loads(answer.read())["header"]["revision"])
 
 
 def etcd_get(url: str, key: str) -> str | None:
@@ -261,6 +262,41 @@ def test_etcd_down_keeps_the_last_config_a_restart_uses_the_cache_and_its_return
         server.stop()
         for o in (a, b, c):
             o.close()
+
+
+def test_a_compaction_while_etcd_was_away_forces_a_full_read(tmp_path, etcd_prefix):
+    """What changed while the watch was cut is compacted away: the instance reads the key whole."""
+    a, b = ThreadOrigin(body=b"A"), ThreadOrigin(body=b"B")
+    server = etcd_server_process(tmp_path / "store")
+    # The same store on another client port: changed and compacted where the instance cannot see.
+    hidden = etcd_server_process(tmp_path / "store", peer=server.peer_port)
+    server.start()
+    key = f"{etcd_prefix}config"
+    proxy = None
+    try:
+        etcd_put(server.url, key, document(a.address))
+        proxy = Running("-c", bootstrap(tmp_path, etcd_table(server.url, etcd_prefix, timeout=1)))
+        url = proxy.url + "/"
+        assert settled(url, b"A")
+        server.stop()
+        proxy.wait_for_output("config store lost")
+        hidden.start()
+        etcd_put(hidden.url, key, document(a.address, cluster="between"))
+        revision = etcd_put(hidden.url, key, document(b.address))
+        body_ = json.dumps({"revision": str(revision), "physical": True}).encode()
+        urllib.request.urlopen(urllib.request.Request(f"{hidden.url}/v3/kv/compaction", body_), timeout=5).close()
+        hidden.stop()
+        server.start()
+        poll(lambda: settled(url, b"B"), 10, "B after the full read", proxy)
+        assert any("etcd.watch.resync" in line for line in proxy.stderr)
+        proxy.wait_for_output("config store back")
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        hidden.stop()
+        server.stop()
+        a.close()
+        b.close()
 
 
 def test_no_store_and_no_cache_is_a_clear_error_naming_both(tmp_path, etcd_prefix):
