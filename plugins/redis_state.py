@@ -4,7 +4,7 @@ Why: ``sluice.shared.local()`` is shared by the workers of one instance; a limit
 hold across a fleet needs a store every instance reaches. This is the same ``SharedState``
 protocol (``take``, ``hit``, ``incr``) on Redis, opened by ``sluice.shared.open_backend`` for
 a ``[shared]`` table with ``backend = "redis"`` (entry point ``redis`` in group
-``sluice.shared``); the config file gains that table with issue 11's rate limit.
+``sluice.shared``): the config file's, which the app opens once per worker (``app.shared``).
 
 The client is coredis (6.x). It is built on anyio, so it runs on trio as it is (checked:
 connection pool, ``EVALSHA`` with its own ``NOSCRIPT`` fallback to ``SCRIPT LOAD``, and
