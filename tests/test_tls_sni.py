@@ -125,3 +125,15 @@ async def test_a_bad_pair_at_startup_names_its_file(pki, tmp_path):
     assert str(garbage) in str(unreadable.value)
     assert "KEY_VALUES_MISMATCH" in str(mismatched.value)
     assert "listeners[0].tls.certificates[0].server_names" in str(name.value)
+
+
+async def test_http2_by_alpn_on_a_certificate_chosen_by_sni(start_origin, pki):
+    origin = await start_origin()
+    cfg = config(origin.address, listener={**sni_listener(pki), "http2": True})
+    async with serve(cfg, plugins=PLUGINS) as proxy:
+        port = proxy.address[1]
+        done = await trio.run_process(
+            ["curl", "-sS", "--http2", "--max-time", "5", "--cacert", str(pki["ca"]), "-w", "\n%{http_version}",
+             "--resolve", f"api.example.com:{port}:127.0.0.1", f"https://api.example.com:{port}/h2"],
+            capture_stdout=True, capture_stderr=True, check=False)
+    assert done.returncode == 0 and done.stdout == b"/h2\n2", done.stderr  # the switched context offers h2 too
