@@ -560,6 +560,9 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         for cls in info.discovery.values():
             print(f"  discovery source {cls.name}{_summary(cls)}")
             print("\n".join(_describe_model(cls.Config, "    ")))
+        for cls in info.config_stores.values():
+            print(f"  config store {cls.name}{_summary(cls)}")
+            print("    settings: the [config_store] table (README, Config centre)")
         for cls in info.transports.values():
             print(f"  transport {cls.name}{_summary(cls)}")
             print("    listener settings:")

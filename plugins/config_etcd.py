@@ -27,6 +27,8 @@ __all__ = ["EtcdConfigStore"]
 
 
 class EtcdConfigStore(ConfigStore):
+    """The document in the etcd key <prefix>config, watched from the revision after each read."""
+
     name = "etcd"
 
     @property

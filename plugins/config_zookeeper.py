@@ -33,6 +33,8 @@ _TROUBLE = {"suspended": "the connection to ZooKeeper was lost",
 
 
 class ZooKeeperConfigStore(ConfigStore):
+    """The document in one ZooKeeper node, watched through the kazoo bridge."""
+
     name = "zookeeper"
     zk = None
 

@@ -440,3 +440,9 @@ def test_a_config_store_stale_rule_is_checked(tmp_path, rule, message):
     path = bootstrap(tmp_path, table + f'[[filters.alerts.rules]]\nname = "S"\n{rule}')
     r = sluice("check", path)
     assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
+def test_sluice_plugins_lists_the_config_stores():
+    r = sluice("plugins")
+    assert r.returncode == 0
+    assert "  config store etcd: " in r.stdout and "  config store zookeeper: " in r.stdout
