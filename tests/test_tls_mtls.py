@@ -44,6 +44,7 @@ def pki(tmp_path_factory):
         "client": issue(ca, where, "client", "client.test", uri=SPIFFE, common_name="checkout, shop"),
         "rogue": issue(rogue, where, "rogue", "client.test", uri=SPIFFE),
         "upstream": issue(ca, where, "upstream", "upstream.test", uri="spiffe://example.org/ns/pay/sa/api"),
+        "api": issue(ca, where, "api", "api.test", uri="spiffe://example.org/ns/edge/sa/api"),
     }
 
 
@@ -294,3 +295,18 @@ async def test_xfcc_by_and_cert_details(start_origin, pki):
     assert cert.startswith('Cert="') and cert.endswith('"') and "%0A" in cert  # URL-encoded PEM
     assert unquote(cert[6:-1]) == pki["client"].cert.read_text()
     assert digest.startswith("Hash=") and len(digest) == 5 + 64
+
+
+async def test_xfcc_by_names_the_certificate_sni_chose(start_origin, pki):
+    origin = await start_origin()
+    listener = mtls_listener(pki, client_auth="require", forward_client_cert="sanitize_set",
+                             client_cert_details=["by"])
+    listener["tls"]["certificates"] = [{"cert": str(pki["api"].cert), "key": str(pki["api"].key)}]
+    async with serve(config(origin.address, listener=listener), plugins=PLUGINS) as proxy:
+        for name in ("api.test", "localhost"):  # a client each: one connection per name
+            async with httpx.AsyncClient(verify=client_ctx(pki)) as client:
+                r = await client.get(f"https://127.0.0.1:{proxy.address[1]}/", headers={"host": name},
+                                     extensions={"sni_hostname": name})
+                assert r.status_code == 200
+    got = [dict(req.headers)[XFCC] for req, _ in origin.requests]
+    assert got == [b"By=spiffe://example.org/ns/edge/sa/api", b"By=spiffe://example.org/ns/edge/sa/sluice"]

@@ -65,7 +65,7 @@ class _Server(ServerTransport):
         finally:
             SNI.reset(token)
         peer = describe(tls.getpeercert(binary_form=True) if self._asks else None, self._details,
-                        self.certs.loaded.by)
+                        self.certs.loaded.by_of(tls.context))
         cipher = tls.cipher()
         peer.update(version=tls.version(), cipher=cipher[0] if cipher else None,
                     server_name=sni[0].lower() if sni and sni[0] else None)

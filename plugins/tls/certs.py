@@ -70,12 +70,16 @@ class _Loaded:
     """One build of every context, swapped whole."""
 
     def __init__(self, contexts: list[ssl.SSLContext], exact: dict, wildcard: dict,
-                 expiry: dict[str, float], by: str | None) -> None:
+                 expiry: dict[str, float], by: dict[int, str | None]) -> None:
         self.default = contexts[0]
         self.exact = exact
         self.wildcard = wildcard
         self.expiry = expiry
-        self.by = by
+        self.by = by  # id(context) -> its certificate's URI SAN (a SPIFFE ID first): XFCC's By
+
+    def by_of(self, context: ssl.SSLContext) -> str | None:
+        """XFCC's By for a connection made on ``context`` (the pair SNI chose)."""
+        return self.by.get(id(context))
 
 
 class CertStore:
@@ -125,16 +129,15 @@ class CertStore:
 
     def _build(self) -> _Loaded:
         contexts, exact, wildcard, expiry = [], {}, {}, {}
-        by = None
-        for i, pair in enumerate(self.cfg.pairs()):
+        by: dict[int, str | None] = {}
+        for pair in self.cfg.pairs():
             try:
                 cert = x509.load_pem_x509_certificate(Path(pair.cert).read_bytes())
             except (OSError, ValueError) as exc:
                 raise LoadError(pair.cert, str(exc)) from None
             ctx = self._context(pair)
             dns, uris = names(cert)
-            if i == 0:
-                by = next((u for u in uris if u.startswith("spiffe://")), uris[0] if uris else None)
+            by[id(ctx)] = next((u for u in uris if u.startswith("spiffe://")), uris[0] if uris else None)
             for name in pair.server_names if pair.server_names is not None else [d.lower() for d in dns]:
                 table, key = (wildcard, name[2:]) if name.startswith("*.") else (exact, name)
                 table.setdefault(key, ctx)  # the first pair listed wins a name two claim
