@@ -446,3 +446,22 @@ def test_sluice_plugins_lists_the_config_stores():
     r = sluice("plugins")
     assert r.returncode == 0
     assert "  config store etcd: " in r.stdout and "  config store zookeeper: " in r.stdout
+
+
+def test_a_store_with_no_document_yet_starts_on_the_file_alone_and_follows_the_first_push(
+        etcd_server, etcd_prefix, tmp_path):
+    a = ThreadOrigin(body=b"A")
+    admin = free_port()
+    proxy = Running("-c", bootstrap(tmp_path, etcd_table(etcd_server.url, etcd_prefix), admin=admin),
+                    "--workers", "2")
+    try:
+        url = proxy.url + "/"
+        proxy.wait_for_output("config store empty")
+        assert httpx.get(url, timeout=2).status_code == 404  # the file has no routes
+        assert admin_json(admin, "/config")["config_store"]["last_error"] is None
+        etcd_put(etcd_server.url, f"{etcd_prefix}config", document(a.address))
+        poll(lambda: settled(url, b"A"), 5, "the first document applied", proxy)
+        assert not any("config store document refused" in line for line in proxy.stderr)
+    finally:
+        proxy.stop()
+        a.close()

@@ -352,6 +352,8 @@ class Follower:
             self.good, self.refused, self.error, self.source = doc, None, None, "store"
             return
         if doc.data is None:
+            if self.good is None:  # (none yet: the file alone serves, as at start)
+                return
             self._refuse(app, doc, f"the document is gone from {self.store.where}; the last one is kept "
                          "(push one with `sluice config push`)")
             return
