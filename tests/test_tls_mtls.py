@@ -39,6 +39,7 @@ def pki(tmp_path_factory):
     where = tmp_path_factory.mktemp("pki")
     ca, rogue = trustme.CA(), trustme.CA()
     return {
+        "trust": ca,
         "ca": ca_file(ca, where),
         "server": issue(ca, where, "server", "localhost", uri="spiffe://example.org/ns/edge/sa/sluice"),
         "client": issue(ca, where, "client", "client.test", uri=SPIFFE, common_name="checkout, shop"),
@@ -310,3 +311,18 @@ async def test_xfcc_by_names_the_certificate_sni_chose(start_origin, pki):
                 assert r.status_code == 200
     got = [dict(req.headers)[XFCC] for req, _ in origin.requests]
     assert got == [b"By=spiffe://example.org/ns/edge/sa/api", b"By=spiffe://example.org/ns/edge/sa/sluice"]
+
+
+async def test_a_subject_beyond_ascii_is_escaped_in_xfcc_and_kept_in_tls_peer(start_origin, pki, tmp_path):
+    origin = await start_origin()
+    cafe = issue(pki["trust"], tmp_path, "cafe", common_name="café")
+    cfg = config(origin.address, filters=["peer_echo", "router"],
+                 listener=mtls_listener(pki, client_auth="require", forward_client_cert="sanitize_set",
+                                        client_cert_details=["subject"]))
+    ctx = ssl.create_default_context(cafile=str(pki["ca"]))
+    ctx.load_cert_chain(str(cafe.cert), str(cafe.key))
+    async with serve(cfg, plugins=PLUGINS, extra={"t": InProcess(PeerEcho)}) as proxy:
+        async with httpx.AsyncClient(verify=ctx) as client:
+            assert (await client.get(f"https://localhost:{proxy.address[1]}/")).status_code == 200
+    assert dict(origin.requests[0][0].headers)[XFCC] == b'Subject="CN=caf\\C3\\A9,O=sluice tests"'
+    assert seen_peer(origin)["subject"] == "CN=café,O=sluice tests"

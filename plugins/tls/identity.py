@@ -67,6 +67,10 @@ def not_after(cert: x509.Certificate) -> float:
 
 
 def _quoted(value: str, always: bool = False) -> str:
+    # A header value is bytes: a character beyond ASCII is written as its UTF-8 bytes in
+    # RFC 4514's \XX escapes (as OpenSSL's RFC 2253 output does for Envoy), not mangled.
+    if not value.isascii():
+        value = "".join(c if c.isascii() else "".join(f"\\{b:02X}" for b in c.encode()) for c in value)
     # Envoy: a value holding , ; = or " is double-quoted, a " in it becomes \".
     if always or any(c in value for c in ',;="'):
         return '"' + value.replace('"', '\\"') + '"'
@@ -92,4 +96,4 @@ def _xfcc_element(peer: dict[str, Any], cert: x509.Certificate, details: list[st
         parts.extend("URI=" + _quoted(u) for u in peer["uri_sans"])
     if "dns" in details:
         parts.extend("DNS=" + _quoted(d) for d in peer["dns_sans"])
-    return ";".join(parts).encode("latin-1", "replace") if parts else None
+    return ";".join(parts).encode("ascii") if parts else None
