@@ -465,3 +465,19 @@ def test_a_store_with_no_document_yet_starts_on_the_file_alone_and_follows_the_f
     finally:
         proxy.stop()
         a.close()
+
+
+def test_the_overlay_replaces_routes_and_merges_clusters_and_filters_by_name():
+    from sluice.control.config_store import overlay
+
+    base = {"listeners": [{"address": "127.0.0.1:1"}], "routes": [{"cluster": "file"}],
+            "clusters": {"file": {"endpoints": ["a:1"]}, "both": {"endpoints": ["a:2"]}},
+            "filters": {"alerts": {"interval": 5}}}
+    doc = {"routes": [{"cluster": "both"}], "clusters": {"both": {"endpoints": ["b:2"]}},
+           "filters": {"jwt": {"providers": {}}}}
+    merged = overlay(base, doc)
+    assert merged["routes"] == [{"cluster": "both"}]
+    assert merged["clusters"] == {"file": {"endpoints": ["a:1"]}, "both": {"endpoints": ["b:2"]}}
+    assert merged["filters"] == {"alerts": {"interval": 5}, "jwt": {"providers": {}}}
+    assert merged["listeners"] == base["listeners"] and base["routes"] == [{"cluster": "file"}]  # (a copy)
+    assert overlay(base, {"clusters": ["not", "a", "table"]})["clusters"] == ["not", "a", "table"]

@@ -138,10 +138,11 @@ def overlay(base: dict[str, Any], doc: dict[str, Any]) -> dict[str, Any]:
         out["routes"] = doc["routes"]
     for section in ("clusters", "filters"):
         if section in doc:
-            if not isinstance(doc[section], dict):
-                out[section] = doc[section]  # (parse names the key)
+            base_section = out.get(section)
+            if isinstance(doc[section], dict) and isinstance(base_section, dict):
+                out[section] = {**base_section, **doc[section]}
             else:
-                out[section] = {**out.get(section, {}), **doc[section]}
+                out[section] = doc[section]  # (not tables: parse names the key)
     return out
 
 
