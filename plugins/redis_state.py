@@ -162,7 +162,20 @@ class RedisState:
 
     async def __aenter__(self) -> RedisState:
         await self._client.__aenter__()
+        await self._warm()
         return self
+
+    async def _warm(self, within: float = 1.0) -> None:
+        """Connect and load the scripts now, with a startup's patience: else the first call
+        pays a connect, a NOSCRIPT and a SCRIPT LOAD within ``timeout`` (10 ms), which a busy
+        machine misses, and a worker's first requests would meet an outage that is not one.
+        Redis away at start: nothing here; the first call finds it so, and logs it."""
+        with trio.move_on_after(max(within, self.config.timeout)):
+            try:
+                for script in (_TAKE, _WINDOW):
+                    await self._client.script_load(script)
+            except _FAILURES:
+                pass
 
     async def __aexit__(self, *exc: Any) -> None:
         await self._client.__aexit__(*exc)

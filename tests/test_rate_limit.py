@@ -163,6 +163,45 @@ async def test_global_mode_takes_from_the_apps_shared_backend(sluice_proxy, redi
         f"{redis_prefix}b:rate_limit|*|{name}|127.0.0.1"]
 
 
+async def test_a_reload_keeps_the_open_backend_and_new_limits_take_from_it(origin, redis_server, redis_prefix):
+    """The reloaded filter is opened on the running app's [shared] backend (no second pool); a
+    change to [shared] itself is refused a hot swap: it needs a restart, and says so."""
+    from structlog.testing import capture_logs
+
+    from sluice.control.config import parse
+    from sluice.control.reload import reload
+    from sluice.testing import serve
+
+    name = fresh()  # the limit after the reload
+
+    def config(name: str, burst: int, prefix: str) -> dict:
+        return {"listeners": [{"address": "127.0.0.1:0", "filters": CHAIN}],
+                "clusters": {"origin": {"endpoints": [origin.address]}},
+                "routes": [{"match": {"prefix": "/"}, "cluster": "origin"}],
+                "shared": {"backend": "redis", "address": redis_server.address, "prefix": prefix, "timeout": 1.0},
+                "filters": {"rate_limit": {"mode": "global", "limits": [
+                    {"name": name, "rate": 1, "per": "minute", "burst": burst}]}}}
+
+    async with serve(config(fresh(), 1, redis_prefix)) as proxy:
+        import httpx
+
+        async with httpx.AsyncClient(base_url=proxy.url) as client:
+            assert [(await client.get("/")).status_code for _ in range(2)] == [200, 429]
+            backend = proxy.app.shared
+            with capture_logs() as logs:
+                proxy.app.reload_source = lambda: parse(config(name, 2, redis_prefix + "other:"))
+                assert await reload(proxy.app)
+            assert proxy.app.shared is backend
+            assert any(e["event"] == "reload: [shared] needs a restart and keeps its old value" for e in logs)
+            # the new filter's limit, on the kept backend (the old prefix): a burst of 2, then 429
+            assert [(await client.get("/")).status_code for _ in range(3)] == [200, 200, 429]
+        import coredis
+
+        host, port = redis_server.address.split(":")
+        async with coredis.Redis(host, int(port)) as redis:
+            assert await redis.exists([f"{redis_prefix}b:rate_limit|*|{name}|127.0.0.1"]) == 1
+
+
 @pytest.mark.parametrize(("settings", "where"), [
     ({}, "filters.rate_limit.limits: required key is missing"),
     ({"limits": []}, "filters.rate_limit.limits"),
