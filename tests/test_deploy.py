@@ -33,7 +33,7 @@ import yaml
 
 from sluice import deploy
 
-from .proc import Running, ThreadOrigin, free_port, poll, sluice
+from .proc import ROOT, Running, ThreadOrigin, free_port, poll, sluice
 from .test_discovery_dns import DnsServer
 
 K8S_VERSION = "1.32.0"  # the oldest schema kubernetes-validate bundles; native sidecars and preStop sleep need >= 1.30
@@ -416,3 +416,30 @@ async def test_sluice_runs_on_a_read_only_root_with_only_tmp_writable(nursery, t
             log.close()
     stderr = (tmp_path / "stderr").read_text()
     assert "Read-only file system" not in stderr and "Traceback" not in stderr, stderr
+
+
+def _fleet_section() -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index("### Running a fleet\n")
+    return text[start:text.index("\n## ", start)]
+
+
+def test_running_a_fleet_links_to_what_exists():
+    text = (ROOT / "README.md").read_text()
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
+    anchors = {re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-") for h in re.findall(r"^#+ (.+)$", prose, re.M)}
+    section = _fleet_section()
+    links = re.findall(r"\]\(#([^)]+)\)", section)
+    assert {"service-discovery", "self-registration", "config-centre", "rate-limiting"} <= set(links)
+    assert set(links) <= anchors, set(links) - anchors
+    for path in re.findall(r"\]\(([\w/.-]+)\)", section):
+        assert (ROOT / path).exists(), path
+
+
+def test_running_a_fleet_config_passes_sluice_check(tmp_path):
+    (block,) = re.findall(r"^```toml\n(.*?)^```", _fleet_section(), re.M | re.S)
+    config = tmp_path / "fleet.toml"
+    config.write_text('[[listeners]]\nname = "public"\naddress = "127.0.0.1:0"\nfilters = ["rate_limit", "router"]\n'
+                      '[[routes]]\nmatch = { prefix = "/" }\ncluster = "api"\n' + block)
+    result = sluice("check", str(config))
+    assert result.returncode == 0, result.stderr
