@@ -34,6 +34,7 @@ store at start means the file alone (logged); deleted later, it is refused like 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -161,7 +162,7 @@ def save_cache(path: str, store: ConfigStore, doc: Document) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         log.error("config cache not written", path=path, error=str(exc))
-        with _quiet():
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
 
 
@@ -175,14 +176,6 @@ def load_cache(path: str) -> tuple[Document, float]:
         raise ConfigError(f"config_store.cache: {path}: {exc.strerror}") from None
     except (ValueError, KeyError, TypeError, AttributeError):
         raise ConfigError(f"config_store.cache: {path}: not a sluice config cache") from None
-
-
-class _quiet:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return exc[0] is not None and issubclass(exc[0], OSError)
 
 
 # --- following the store --------------------------------------------------------------
