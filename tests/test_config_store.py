@@ -307,6 +307,10 @@ def test_no_store_and_no_cache_is_a_clear_error_naming_both(tmp_path, etcd_prefi
     assert r.returncode == 2
     assert f"127.0.0.1:{port}" in r.stderr and cache in r.stderr and "config_store.cache" in r.stderr
     assert "Traceback" not in r.stderr
+    Path(cache).write_text("{not json")  # a damaged cache: named, never a traceback
+    r = sluice("run", "-c", path)
+    assert r.returncode == 2 and f"config_store.cache: {cache}: not a sluice config cache" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 class Silent:
