@@ -98,6 +98,13 @@ async def test_a_header_key_gives_each_value_its_bucket_and_a_request_without_it
     assert await statuses(limiter, 3) == [200, 200, 200]  # no x-user: the limit does not apply
 
 
+async def test_a_long_header_value_is_hashed_into_its_bucket_name_and_still_counted_apart():
+    limiter = build_filter(RateLimit, {"limits": [{"name": fresh(), "key": "header:x-token", "rate": 1, "burst": 1}]})
+    long_a, long_b = "a" * 8000 + "\xff", "a" * 8000 + "b"
+    assert await statuses(limiter, 2, [("x-token", long_a)]) == [200, 429]
+    assert await statuses(limiter, 2, [("x-token", long_b)]) == [200, 429]  # differs in its last byte
+
+
 async def test_a_combined_key_counts_per_pair():
     limiter = build_filter(RateLimit, {"limits": [
         {"name": fresh(), "key": ["client_ip", "header:x-tenant"], "rate": 1, "burst": 1}]})
