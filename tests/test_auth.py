@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 
 import bcrypt
 import httpx
 import pytest
+import trio
 
 from sluice import ConfigError
 from sluice.testing import serve
 
+from .authz_support import counted, plugin_counts
 from .conftest import config
 
 PLUGINS = ["router", "balancer", "auth"]
@@ -117,3 +120,154 @@ async def test_an_overlong_basic_password_is_a_401_not_a_500(start_origin, htpas
         async with httpx.AsyncClient() as client:
             r = await client.get(proxy.url + "/", auth=("alice", "p" * 100))
     assert r.status_code == 401
+
+
+# -- who passed, brute force, reload ------------------------------------------------
+
+
+async def test_basic_records_the_user_and_the_method(htpasswd):
+    from sluice.plugins.auth import Basic
+    from sluice.testing import run_filter
+
+    header = ("authorization", "Basic " + base64.b64encode(b"alice:pa55").decode())
+    run = await run_filter(Basic, {"htpasswd": str(htpasswd)}, request=("GET", "/", [header]))
+    assert run.local_reply is None
+    assert run.ctx.vars["auth.user"] == "alice" and run.ctx.vars["auth.method"] == "basic"
+    assert run.request.headers.get("authorization") is None  # not forwarded
+
+
+def _brute(**settings) -> dict:
+    return {"brute_force": {"max_failures": 3, "window": 60, "cooldown": 1.5, **settings}}
+
+
+async def _until(client, url, status, deadline=5.0, **kw) -> tuple[int, httpx.Response]:
+    """Polls until a request answers ``status`` (the cool-down ends), within ``deadline`` seconds;
+    how many answered otherwise first, and the one that did."""
+    others = 0
+    with trio.fail_after(deadline):
+        while True:
+            r = await client.get(url, **kw)
+            if r.status_code == status:
+                return others, r
+            others += 1
+            await trio.sleep(0.1)
+
+
+async def test_api_key_failures_lock_the_client_out_then_the_cooldown_ends(start_origin, capsys):
+    origin = await start_origin()
+    before = plugin_counts("auth_brute_force", "filter", "event")
+    cfg = api_key_config(origin.address, **_brute())
+    cfg["listeners"][0]["trust_forwarded"] = True
+    attacker = {"x-forwarded-for": "198.51.100.7"}
+    async with serve(cfg, plugins=PLUGINS) as proxy:
+        async with httpx.AsyncClient() as client:
+            url = proxy.url + "/x"
+            guesses = [(await client.get(url, headers={**attacker, "x-api-key": f"guess-{i}"})) for i in range(4)]
+            right_meanwhile = await client.get(url, headers={**attacker, "x-api-key": KEY})
+            no_key = await client.get(url, headers=attacker)  # carries no credential: an ordinary 401
+            other_client = await client.get(url, headers={"x-forwarded-for": "198.51.100.8", "x-api-key": KEY})
+            polls, after = await _until(client, url, 200, headers={**attacker, "x-api-key": KEY})
+    assert [r.status_code for r in guesses] == [401, 401, 401, 429]
+    assert 1 <= int(guesses[3].headers["retry-after"]) <= 2
+    assert right_meanwhile.status_code == 429  # a right guess is not told from a wrong one
+    assert no_key.status_code == 401 and other_client.status_code == 200 and after.status_code == 200
+    assert counted(before, plugin_counts("auth_brute_force", "filter", "event")) == {
+        ("api_key", "lockout"): 1, ("api_key", "refused"): 2 + polls}
+    out = capsys.readouterr()
+    logged = out.out + out.err
+    assert logged.count("auth lockout") == 1 and "198.51.100.7" in logged
+    assert "guess-" not in logged and KEY not in logged
+
+
+async def test_basic_failures_lock_out_and_a_success_does_not_reset_the_count(start_origin, htpasswd):
+    origin = await start_origin()
+    cfg = config(origin.address, filters=["basic", "router"], listener={"trust_forwarded": True},
+                 filter_settings={"basic": {"htpasswd": str(htpasswd), **_brute(cooldown=30)}})
+    ip = {"x-forwarded-for": "203.0.113.50"}
+    async with serve(cfg, plugins=PLUGINS) as proxy:
+        async with httpx.AsyncClient() as client:
+            url = proxy.url + "/"
+            got = [(await client.get(url, headers=ip, auth=("alice", "no-1"))).status_code,
+                   (await client.get(url, headers=ip, auth=("mallory", "no-2"))).status_code,
+                   (await client.get(url, headers=ip, auth=("alice", "pa55"))).status_code,  # no reset
+                   (await client.get(url, headers={**ip, "authorization": "Basic !!!"})).status_code,
+                   (await client.get(url, headers=ip, auth=("alice", "no-3"))).status_code,
+                   (await client.get(url, headers=ip, auth=("alice", "pa55"))).status_code]
+    assert got == [401, 401, 200, 401, 429, 429]
+
+
+async def test_the_brute_force_limit_can_be_turned_off(start_origin):
+    origin = await start_origin()
+    async with serve(api_key_config(origin.address, **_brute(max_failures=0)), plugins=PLUGINS) as proxy:
+        async with httpx.AsyncClient() as client:
+            got = {(await client.get(proxy.url + "/x", headers={"x-api-key": f"g{i}"})).status_code for i in range(6)}
+    assert got == {401}
+
+
+def _digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+async def _until_status(client, url, status, headers=None, auth=None) -> None:
+    with trio.fail_after(10):
+        while (await client.get(url, headers=headers, auth=auth)).status_code != status:
+            await trio.sleep(0.05)
+
+
+async def test_keys_file_is_followed_and_a_broken_one_keeps_the_last_set(start_origin, tmp_path, capsys):
+    origin = await start_origin()
+    keys = tmp_path / "keys"
+    keys.write_text(f"# name digest\nci {_digest('k-one')}\n")
+    cfg = config(origin.address, filters=["api_key", "router"],
+                 filter_settings={"api_key": {"keys_file": str(keys), "brute_force": {"max_failures": 0}}})
+    async with serve(cfg, plugins=PLUGINS) as proxy:
+        async with httpx.AsyncClient() as client:
+            url = proxy.url + "/"
+            assert (await client.get(url, headers={"x-api-key": "k-one"})).status_code == 200
+            tmp = tmp_path / "keys.new"
+            tmp.write_text(f"ops {_digest('k-two')}\n")
+            tmp.replace(keys)  # as config management does: a rename over the file
+            await _until_status(client, url, 200, headers={"x-api-key": "k-two"})
+            assert (await client.get(url, headers={"x-api-key": "k-one"})).status_code == 401
+            keys.write_text(f"ops {_digest('k-two')}\nbroken line here\n")
+            with trio.fail_after(10):
+                while "credentials reload failed" not in capsys.readouterr().out:
+                    await trio.sleep(0.05)
+            assert (await client.get(url, headers={"x-api-key": "k-two"})).status_code == 200  # kept
+    out = capsys.readouterr().out
+    assert "k-two" not in out and _digest("k-two") not in out
+
+
+async def test_a_broken_htpasswd_change_is_logged_by_file_and_line_and_the_old_users_stay(
+        start_origin, htpasswd, capsys):
+    origin = await start_origin()
+    cfg = config(origin.address, filters=["basic", "router"], filter_settings={"basic": {"htpasswd": str(htpasswd)}})
+    async with serve(cfg, plugins=PLUGINS) as proxy:
+        async with httpx.AsyncClient() as client:
+            url = proxy.url + "/"
+            assert (await client.get(url, auth=("alice", "pa55"))).status_code == 200
+            good = htpasswd.read_text()
+            htpasswd.write_text(good + "bob:$apr1$weak$0123456789abcdefghijkl\n")
+            with trio.fail_after(10):
+                seen = ""
+                while "credentials reload failed" not in seen:
+                    seen += capsys.readouterr().out
+                    await trio.sleep(0.05)
+            assert str(htpasswd) in seen and "line 3" in seen
+            assert (await client.get(url, auth=("alice", "pa55"))).status_code == 200
+            bob = bcrypt.hashpw(b"b0b", bcrypt.gensalt(rounds=4)).decode()
+            htpasswd.write_text(f"bob:{bob}\n")  # alice gone, bob in: her cached success goes too
+            await _until_status(client, url, 200, auth=("bob", "b0b"))
+            assert (await client.get(url, auth=("alice", "pa55"))).status_code == 401
+
+
+async def test_keys_need_a_source_and_a_keys_file_names_its_line(tmp_path):
+    bad = tmp_path / "keys"
+    bad.write_text(f"ci {_digest('x')}\nnot-a-digest zzz\n")
+    for settings, expected in [({}, "filters.api_key: give keys, keys_file or both"),
+                               ({"keys_file": str(bad)}, f"filters.api_key.keys_file: {bad}: line 2")]:
+        cfg = config("127.0.0.1:9", filters=["api_key", "router"], filter_settings={"api_key": settings})
+        with pytest.raises(ConfigError) as info:
+            async with serve(cfg, plugins=PLUGINS):
+                pass
+        assert expected in str(info.value)
