@@ -18,11 +18,13 @@ the session is back, the node is read again, which says the store is back.
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import trio
 
 from sluice import hookimpl
-from sluice.control.config_store import ConfigStore, Document, Lost, StoreUnavailable
+from sluice.control.config_store import ConfigStore, Document, Lost, StoreUnavailable, unwrap
 
 from .zookeeper import NoNodeError, ZooKeeperUnavailable, open_zookeeper
 
@@ -48,35 +50,29 @@ class ZooKeeperConfigStore(ConfigStore):
                               connect_timeout=t)
 
     async def read(self) -> Document:
-        try:
+        with _unavailable():
             async with self._open() as zk:
                 return await _read(zk, self.settings.path)
-        except ZooKeeperUnavailable as exc:
-            raise StoreUnavailable(str(exc)) from None
 
     async def write(self, data: bytes) -> int:
         path = self.settings.path
-        try:
+        with _unavailable():
             async with self._open() as zk:
                 try:
                     await zk.call("set", path, data)
                 except NoNodeError:
                     await zk.call("create", path, data, makepath=True)
                 return (await _read(zk, path)).revision
-        except ZooKeeperUnavailable as exc:
-            raise StoreUnavailable(str(exc)) from None
 
     async def watch(self, send: trio.MemorySendChannel) -> None:
         path = self.settings.path
-        try:
+        with _unavailable():
             async with self._open() as zk, trio.open_nursery() as nursery:
                 self.zk = zk  # (while connected: a test forces its session's expiry through it)
                 nursery.start_soon(self._session, zk, send)
                 async with zk.watch_data(path) as values:
                     async for _ in values:
                         await send.send(await _read(zk, path))  # (with its mzxid)
-        except ZooKeeperUnavailable as exc:
-            raise StoreUnavailable(str(exc)) from None
 
     async def _session(self, zk, send) -> None:
         async for event in zk.session_events:
@@ -89,6 +85,18 @@ class ZooKeeperConfigStore(ConfigStore):
                         break
                     except ZooKeeperUnavailable:
                         await trio.sleep(0.2)
+
+
+@contextmanager
+def _unavailable() -> Iterator[None]:
+    """ZooKeeper away (a lost connection, no answer in time) is StoreUnavailable, also when a
+    nursery of the bridge wrapped it in a group."""
+    try:
+        yield
+    except Exception as exc:
+        if isinstance(unwrap(exc), ZooKeeperUnavailable):
+            raise StoreUnavailable(str(unwrap(exc))) from None
+        raise
 
 
 async def _read(zk, path: str) -> Document:

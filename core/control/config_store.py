@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from .registry import Plugins
 
 __all__ = ["ConfigStore", "Document", "Follower", "Lost", "SECTIONS", "StoreUnavailable", "follower", "open_store",
-           "overlay", "sections"]
+           "overlay", "sections", "unwrap"]
 
 log = structlog.get_logger("sluice")
 
@@ -316,7 +316,7 @@ class Follower:
                 reason = "the watch ended"
             except Exception as exc:  # noqa: BLE001 - following the store never takes a worker down
                 reason = _reason(exc)
-                if not isinstance(_leaf(exc), StoreUnavailable | OSError):
+                if not isinstance(unwrap(exc), StoreUnavailable | OSError):
                     log.error("config store watch failed", store=self.store.where, worker=app.worker_index,
                               exc_info=exc)
             self._lost(app, reason, retry_in=backoff)
@@ -375,12 +375,13 @@ class Follower:
                   worker=app.worker_index, error=error)
 
 
-def _leaf(exc: BaseException) -> BaseException:
+def unwrap(exc: BaseException) -> BaseException:
+    """The one exception inside nested single-exception groups (trio nurseries wrap what they pass on)."""
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return exc
 
 
 def _reason(exc: BaseException) -> str:
-    leaf = _leaf(exc)
+    leaf = unwrap(exc)
     return str(leaf) or type(leaf).__name__
