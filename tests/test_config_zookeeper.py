@@ -14,7 +14,7 @@ from sluice.control.config import ConfigStoreConfig
 from sluice.control.config_store import Document, Lost
 from sluice.plugins.config_zookeeper import ZooKeeperConfigStore
 
-from .proc import Running, ThreadOrigin, sluice
+from .proc import Running, ThreadOrigin, free_port, poll, sluice
 from .test_config_store import CONVERGE, bootstrap, converge, document, settled
 from .test_zookeeper_client import _expire
 
@@ -92,3 +92,46 @@ async def test_the_watch_survives_a_session_expiry(zookeeper_server, zk_chroot):
             while (doc := await receive.receive()) != Document(second, b"routes = []\n"):
                 assert isinstance(doc, Document)
             nursery.cancel_scope.cancel()
+
+
+def test_zookeeper_down_keeps_the_last_config_and_its_return_is_followed(tmp_path):
+    """A ZooKeeper of the test's own, stopped mid-run and started again on the same port and data."""
+    from .servers.zookeeper import zookeeper_server_process
+    from .test_config_store import admin_json
+
+    a, b = ThreadOrigin(body=b"A"), ThreadOrigin(body=b"B")
+    server = zookeeper_server_process(tmp_path / "zk").start()
+    path = "/sluice/config"
+    admin = free_port()
+    table = zk_table(server.hosts, path) + f'cache = "{tmp_path / "cache.json"}"\n'
+    boot = bootstrap(tmp_path, table, admin=admin)
+    writer = proxy = None
+    try:
+        writer = KazooClient(hosts=server.hosts)
+        writer.start(5)
+        writer.create(path, document(a.address).encode(), makepath=True)
+        proxy = Running("-c", boot)
+        url = proxy.url + "/"
+        assert settled(url, b"A")
+        writer.stop()
+        writer.close()
+        writer = None
+        server.stop()
+        proxy.wait_for_output("config store lost")
+        assert settled(url, b"A", 8)  # the last good config serves on
+        poll(lambda: admin_json(admin, "/config")["config_store"]["stale_seconds"] > 0.5, 10, "stale", proxy)
+        server.start()
+        proxy.wait_for_output("config store back", timeout=15)
+        writer = KazooClient(hosts=server.hosts)
+        writer.start(5)
+        writer.set(path, document(b.address).encode())
+        poll(lambda: settled(url, b"B"), 10, "B after ZooKeeper's return", proxy)
+    finally:
+        if writer is not None:
+            writer.stop()
+            writer.close()
+        if proxy is not None:
+            proxy.stop()
+        server.stop()
+        a.close()
+        b.close()
