@@ -259,6 +259,8 @@ def test_etcd_down_keeps_the_last_config_a_restart_uses_the_cache_and_its_return
         # etcd back (same data, same ports): followed again, and a new push applies.
         server.start()
         restarted.wait_for_output("config store back", timeout=10)
+        back = time.time()  # the same document there: the cache is confirmed now, its age restarts
+        poll(lambda: json.loads(Path(cache).read_text())["saved"] > back - 1, 5, "the cache re-saved", restarted)
         etcd_put(server.url, key, document(c.address))
         poll(lambda: settled(url, b"C"), 5, "C applied after etcd's return", restarted)
         assert admin_json(admin, "/config")["config_store"]["connected"]

@@ -343,7 +343,10 @@ class Follower:
         if self.refused is not None and doc == self.refused:
             return
         if self.good is not None and doc.data == self.good.data:  # what serves (a cache's too, or a rollback)
+            from_cache = self.source == "cache"
             self.good, self.refused, self.error, self.source = doc, None, None, "store"
+            if from_cache and self.settings.cache and app.worker_index == 0:  # (its age: confirmed now)
+                await trio.to_thread.run_sync(save_cache, self.settings.cache, self.store, doc)
             return
         if doc.data is None:
             if self.good is None:  # (none yet: the file alone serves, as at start)
