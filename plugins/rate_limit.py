@@ -56,7 +56,8 @@ _LONG_KEY = 200  # a bucket key longer than this is hashed (a header value can b
 class LimitSettings(FilterConfig):
     """One limit: ``rate`` tokens per ``per``, up to ``burst`` at once, per value of ``key``."""
 
-    name: Annotated[str, Field(pattern=r"^[a-z*][a-z0-9_\-.*]{0,63}$")] = "default"  # a structured-field key
+    # quoted in the RateLimit fields, and part of its buckets' names: short, plain, no '"' nor '|'
+    name: Annotated[str, Field(pattern=r"^[a-z*][a-z0-9_\-.*]{0,63}$")] = "default"
     key: KeyPart | Annotated[list[KeyPart], Field(min_length=1, max_length=4)] = "client_ip"
     rate: Annotated[float, Field(gt=0)]
     per: Literal["second", "minute", "hour"] = "second"
