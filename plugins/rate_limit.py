@@ -42,6 +42,8 @@ from sluice import CONTINUE, Filter, FilterConfig, LocalReply, hookimpl, metrics
 from sluice.errors import ConfigError
 from sluice.shared import local
 
+from .per_route import PerRoute
+
 __all__ = ["RateLimit"]
 
 log = structlog.get_logger("sluice.plugins.rate_limit")
@@ -142,7 +144,8 @@ class RateLimit(Filter):
         self._global = config.mode == "global"
         self._state = None if self._global else local()  # global: the app's backend, at open()
         self._default = _limits("*", config.limits)
-        self._routes: dict[int, _Set] = {}  # id(route) -> its limits, built on first use
+        # a route's own limits: buckets named by the route (its key path holds its name)
+        self._routes = PerRoute(self.name, self._default, self._route_limits)
         self._open_on_error = config.on_error == "open"
         self._down_since: float | None = None  # this worker's view of the store: lost since
         counter = _decisions()
@@ -162,20 +165,13 @@ class RateLimit(Filter):
         if self._global:
             self._state = getattr(self._app, "shared", None)
 
+    def _route_limits(self, own: dict[str, Any], where: str) -> _Set:
+        limits = RouteSettings.model_validate(own).limits  # checked at load already: cannot fail here
+        return _limits(where, limits) if limits else self._default
+
     def _set(self, ctx) -> _Set:
         """This request's route's limits: its own, or the filter's."""
-        route = ctx.route
-        if route is None:
-            return self._default
-        found = self._routes.get(id(route))
-        if found is None:
-            data = {k: v for k, v in route.filter_settings(self.name).items() if k != "disabled"}
-            own = RouteSettings.model_validate(data).limits  # checked at load already: cannot fail here
-            found = _limits(f"route={route.name}", own) if own else self._default
-            if len(self._routes) > 4096:  # routes of replaced configs: forget them
-                self._routes.clear()
-            self._routes[id(route)] = found
-        return found
+        return self._routes.get(ctx)
 
     @staticmethod
     def _value(ctx, request, part: str) -> str | None:
