@@ -34,6 +34,7 @@ from json.encoder import encode_basestring_ascii as _quote
 from typing import Any
 
 from sluice import ConfigError
+from sluice.secrets import REDACTED
 
 __all__ = ["CATALOG", "DEFAULT_FIELDS", "DEFAULT_TEMPLATE", "FIELD_NAME", "Capture", "Field", "build_catalog",
            "compile_json", "compile_text", "template_fields"]
@@ -75,17 +76,30 @@ def _iso(ts: float, _cache=[-1, ""]) -> str:  # noqa: B006 - the per-second pref
     return f"{_cache[1]}.{int((ts - second) * 1e6):06d}Z"
 
 
+# Headers that carry credentials: logged as REDACTED when present, whatever the
+# template or ``request_headers`` names (a log is read by more people than the
+# credentials were given to). x-api-key is the api_key filter's default header.
+SECRET_REQUEST_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key"})
+SECRET_RESPONSE_HEADERS = frozenset({"set-cookie"})
+
+
 def _request_header(name: str) -> Getter:
+    secret = name in SECRET_REQUEST_HEADERS
+
     def get(ctx):
         request = ctx.request
-        return request.headers.get(name) if request is not None else None
+        value = request.headers.get(name) if request is not None else None
+        return REDACTED if secret and value is not None else value
     return get
 
 
 def _response_header(name: str) -> Getter:
+    secret = name in SECRET_RESPONSE_HEADERS
+
     def get(ctx):
         response = ctx.response
-        return response.headers.get(name) if response is not None else None
+        value = response.headers.get(name) if response is not None else None
+        return REDACTED if secret and value is not None else value
     return get
 
 
@@ -346,12 +360,18 @@ def compile_json(names: Iterable[str], catalog: dict[str, Field], request_header
 
 
 def _headers(names: list[str], request: bool) -> Getter:
+    secret = SECRET_REQUEST_HEADERS if request else SECRET_RESPONSE_HEADERS
+
     def get(ctx):
         message = ctx.request if request else ctx.response
         if message is None:
             return None
         headers = message.headers
-        return {name: headers.get(name) for name in names}
+        found = {name: headers.get(name) for name in names}
+        for name in secret.intersection(found):
+            if found[name] is not None:
+                found[name] = REDACTED
+        return found
     return get
 
 

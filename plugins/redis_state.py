@@ -64,6 +64,7 @@ from sluice import metrics
 from sluice.addresses import parse_hostport
 from sluice.control.config import HostPort, format_errors
 from sluice.errors import ConfigError
+from sluice.secrets import Secret
 
 __all__ = ["RedisConfig", "RedisState", "open_redis"]
 
@@ -125,9 +126,11 @@ class RedisConfig(BaseModel):
     backoff_min: PositiveFloat = 0.1
     backoff_max: PositiveFloat = 5.0
     max_connections: PositiveInt = 8
-    # AUTH: the password is read from this environment variable, never kept in the file.
+    # AUTH: the password from this environment variable, or `password` (a Secret: inline,
+    # { env = "NAME" } or { file = "/run/secrets/redis" }), which wins when both are given.
     username: str | None = None
     password_env: Annotated[str, Field(min_length=1)] | None = None
+    password: Secret | None = None
 
     @field_validator("password_env")
     @classmethod
@@ -146,7 +149,8 @@ class RedisState:
         self._client = coredis.Redis(
             host, port, config.db, stream_timeout=config.timeout, connect_timeout=config.timeout,
             max_connections=config.max_connections, retry_policy=NoRetryPolicy(), client_name="sluice",
-            username=config.username, password=os.environ[config.password_env] if config.password_env else None,
+            username=config.username,
+            password=config.password or (os.environ[config.password_env] if config.password_env else None),
         )
         self._take = self._client.register_script(_TAKE)
         self._window = self._client.register_script(_WINDOW)

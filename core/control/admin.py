@@ -66,6 +66,7 @@ import trio
 
 from .. import logs
 from ..addresses import parse_hostport
+from ..secrets import REDACTED
 from ..edge.listener import bind
 from ..errors import ConfigError
 from ..proxy.filters import PHASES, overrides
@@ -129,7 +130,6 @@ def _loopback(address: str) -> bool:
 _SECRET = re.compile(r"(^|[-_])(tokens?|password|passwd|passphrase|secrets?|keys?|apikey|credentials?)$",
                      re.I)
 _TLS_SECRET = re.compile(r"key|pass", re.I)
-REDACTED = "[redacted]"
 
 
 def redact(value: Any, *, tls: bool = False) -> Any:

@@ -57,6 +57,7 @@ from pydantic import (
 
 from ..addresses import parse_hostport
 from ..errors import ConfigError
+from ..secrets import Secret
 from ..proxy.header_edits import HeaderOps
 
 __all__ = ["Config", "ConfigStoreConfig", "format_errors", "load", "parse", "parse_hostport", "read_toml"]
@@ -305,7 +306,7 @@ class AdminConfig(_Model):
 
     enabled: bool = False
     address: HostPort = "127.0.0.1:9901"
-    token: Annotated[str, Field(min_length=1)] | None = None
+    token: Annotated[Secret, Field(min_length=1)] | None = None  # or { env = ... } / { file = ... }
     token_env: Annotated[str, Field(min_length=1)] | None = None
     token_file: Annotated[str, Field(min_length=1)] | None = None
     require_token_for_reads: bool = False

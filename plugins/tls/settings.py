@@ -9,6 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, FilePath, field_validator, model_validator
 
+from sluice.secrets import Secret
+
 __all__ = ["Certificate", "ClusterTls", "ListenerTls", "VERSIONS"]
 
 VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
@@ -42,7 +44,7 @@ class Certificate(_Model):
 
     cert: FilePath
     key: FilePath
-    key_password: str | None = None  # for an encrypted key (never prompted for)
+    key_password: Secret | None = None  # for an encrypted key (never prompted for); or { env/file = ... }
     # Names this pair serves: exact, or "*.example.com" (one label). Default: its DNS SANs.
     server_names: list[str] | None = None
 
@@ -61,7 +63,7 @@ class ListenerTls(_Model):
     # The default pair (served when no SNI matches); else the first of ``certificates``.
     cert: FilePath | None = None
     key: FilePath | None = None
-    key_password: str | None = None
+    key_password: Secret | None = None
     certificates: list[Certificate] = []
     min_version: Version = "1.2"
     max_version: Version | None = None
@@ -99,7 +101,7 @@ class ClusterTls(_Model):
     ciphers: str | None = None
     cert: FilePath | None = None  # the client certificate shown to upstreams (mesh mTLS)
     key: FilePath | None = None
-    key_password: str | None = None
+    key_password: Secret | None = None
     # Pinning, after the handshake: the upstream's certificate must carry one of these
     # (DNS SANs, or the SPIFFE ID: its spiffe:// URI SAN); a mismatch is a connect failure.
     verify_san: list[str] = []
