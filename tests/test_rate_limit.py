@@ -209,6 +209,31 @@ async def test_a_reload_keeps_the_open_backend_and_new_limits_take_from_it(origi
             assert await redis.exists([f"{redis_prefix}b:rate_limit|*|{name}|127.0.0.1"]) == 1
 
 
+@pytest.mark.parametrize(("on_error", "status"), [("open", None), ("closed", 503)])
+async def test_a_store_that_refuses_connections_is_on_error_with_its_flag_and_log(on_error, status):
+    """A real RedisState on a loopback port nobody listens on: every take is 'unreachable'."""
+    from sluice.shared import open_backend
+
+    from .servers import free_port
+
+    shared = {"backend": "redis", "address": f"127.0.0.1:{free_port()}", "timeout": 1.0}
+    app = {"listeners": [{"address": "127.0.0.1:0", "filters": ["router"]}], "shared": shared,
+           "clusters": {"origin": {"endpoints": ["127.0.0.1:9"]}},
+           "routes": [{"match": {"prefix": "/"}, "cluster": "origin"}]}
+    limiter = build_filter(RateLimit, {"mode": "global", "on_error": on_error,
+                                       "limits": [{"name": fresh(), "rate": 1, "burst": 1}]}, app=app)
+    async with open_backend(shared) as state:
+        limiter._app.shared = state  # (what App.run does for a worker)
+        runs = [await run_filter(limiter) for _ in range(3)]
+    if status is None:
+        assert all(r.local_reply is None for r in runs)  # admitted, past the burst of 1
+    else:
+        assert [r.local_reply.status for r in runs] == [503] * 3
+        assert runs[0].ctx.flags == ["RL"] and dict(runs[0].local_reply.headers)["retry-after"] == "1"
+    lost = [e for r in runs for e in r.log if e["event"] == "rate limit store lost"]
+    assert len(lost) == 1 and lost[0]["on_error"] == on_error  # once, not per request
+
+
 @pytest.mark.parametrize(("settings", "where"), [
     ({}, "filters.rate_limit.limits: required key is missing"),
     ({"limits": []}, "filters.rate_limit.limits"),
