@@ -1,6 +1,7 @@
-"""rate_limit: token-bucket limits per client, header, route, JWT claim or API key, on one
-instance (``mode = "local"``) or across a fleet (``mode = "global"``, the ``[shared]`` backend:
-Redis).
+"""Token-bucket rate limits per client, header, route, JWT claim or API key; local or on Redis.
+
+Limits hold for one instance (``mode = "local"``) or across a fleet (``mode = "global"``, the
+``[shared]`` backend: Redis).
 
 Why a built-in: a limit must be the same whatever ``--workers`` is and, for a fleet, whatever
 instance a request lands on. Both are ``sluice.shared``'s ``SharedState``: ``local()`` is the
