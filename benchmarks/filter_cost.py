@@ -22,6 +22,10 @@ signed with RS256 (2048-bit key) or ES256, its JWKS loaded (a file: the
 cached case; a JWKS fetched through a cluster is the same lookup); every
 request carries both tokens, so the router's baseline parses the same bytes.
 
+``ip_filter`` walks four deny and four allow networks, the client's the last
+allowed; ``cors`` matches the request's ``Origin`` by its subdomain pattern
+and adds three response headers (the request carries an ``Origin`` for it).
+
 ``rbac`` decides with a ten-policy set (``RBAC_POLICIES``: SPIFFE IDs, JWT
 claims, scopes, API key names, headers and paths that do not match this
 request, then the allow that does, ninth), so it pays for most of its rules.
@@ -34,6 +38,7 @@ trip through sluice's pool is).
     .venv/bin/python benchmarks/filter_cost.py --filters token_bucket,canary,redact
     .venv/bin/python benchmarks/filter_cost.py --filters jwt_rs256,jwt_es256
     .venv/bin/python benchmarks/filter_cost.py --filters rbac,ext_authz
+    .venv/bin/python benchmarks/filter_cost.py --filters ip_filter,cors
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ from exchange_cost import REQUEST, _app, _serve
 EXAMPLES = Path(__file__).resolve().parent.parent / "plugins" / "examples"
 KEY = "bench-key"
 USER, PASSWORD = "bench", "bench-password"
+ORIGIN = "https://web.example.org"  # what cors checks: an actual (not preflight) cross-origin request
 
 
 def settings(workdir: Path) -> dict[str, dict]:
@@ -69,6 +75,12 @@ def settings(workdir: Path) -> dict[str, dict]:
         "canary": {"cluster": "canary", "percent": 1.0},  # 127.0.0.1 hashes to 31.96: stays
         "rbac": {"policies": RBAC_POLICIES},
         "ext_authz": {"cluster": "authz", "timeout": 5.0},
+        # four networks of each kind, the client's in the last allow: the lists are walked
+        "ip_filter": {"deny": ["192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32"],
+                      "allow": ["10.0.0.0/8", "172.16.0.0/12", "fd00::/8", "127.0.0.0/8"]},
+        # an exact origin and a pattern; the request's Origin matches the pattern (the longer path)
+        "cors": {"allow_origins": ["https://app.example.com", "https://*.example.org"],
+                 "expose_headers": ["x-request-id"]},
     }
 
 
@@ -166,7 +178,7 @@ def chain_for(name: str, extra: dict) -> list[str]:
 def request(more: bytes = b"") -> bytes:
     """exchange_cost's request, with the credentials both auth filters accept (and ``more`` lines)."""
     basic = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
-    extra = f"X-Api-Key: {KEY}\r\nAuthorization: Basic {basic}\r\n".encode() + more
+    extra = f"X-Api-Key: {KEY}\r\nAuthorization: Basic {basic}\r\nOrigin: {ORIGIN}\r\n".encode() + more
     return REQUEST.replace(b"\r\n\r\n", b"\r\n" + extra + b"\r\n", 1)
 
 

@@ -148,10 +148,6 @@ class _Policy:
 _VARY_PREFLIGHT = "Origin, Access-Control-Request-Method, Access-Control-Request-Headers"
 
 
-def _owned(name: str) -> bool:
-    return name.lower().startswith("access-control-")
-
-
 class Cors(Filter):
     """Answers CORS preflights locally and adds Access-Control-* to allowed origins' responses."""
 
@@ -186,9 +182,10 @@ class Cors(Filter):
         return []  # the CORS headers this request's response gets
 
     async def on_request_headers(self, ctx, request):
-        origin = request.headers.get("origin")
-        if origin is None:
+        raw = request.headers.get_raw(b"origin")
+        if raw is None:
             return CONTINUE
+        origin = raw.decode("latin-1")
         policy = self._policies.get(ctx)
         allowed = policy.allowed(origin)
         if request.method == "OPTIONS" and request.headers.get("access-control-request-method") is not None:
@@ -223,15 +220,17 @@ class Cors(Filter):
         if not state:
             return CONTINUE
         headers = response.headers
-        for name in {n for n, _ in headers if _owned(n)}:
-            headers.remove(name)
+        owned = [n for n, _ in headers.raw() if n.startswith(b"access-control-")]
+        if owned:
+            headers.remove(*owned)
         for name, value in state:
-            if name == "vary":
-                if "origin" not in {v.strip().lower() for line in headers.get_all("vary") for v in line.split(",")}:
-                    headers.add("vary", value)
-            else:
-                headers.set(name, value)
+            if name != "vary" or not _varies_by_origin(headers):
+                headers.add(name, value)
         return CONTINUE
+
+
+def _varies_by_origin(headers: Any) -> bool:
+    return any(b"origin" in (t.strip() for t in v.lower().split(b",")) for n, v in headers.raw() if n == b"vary")
 
 
 @hookimpl

@@ -61,15 +61,28 @@ class RouteSettings(FilterConfig):
 
 
 class _Lists:
-    """Compiled lists: the tests are routing's ``source`` match (v4-mapped clients as v4)."""
+    """Compiled lists: the tests are routing's ``source`` match (v4-mapped clients as v4).
 
-    __slots__ = ("allow", "deny", "open")
+    A decision depends on the address alone, so it is remembered per address
+    (bounded: forgotten wholesale past 4096), which spares parsing it on each
+    request of a keep-alive client.
+    """
+
+    __slots__ = ("allow", "deny", "open", "_seen")
 
     def __init__(self, allow: list[Network], deny: list[Network]) -> None:
         self.allow, self.deny, self.open = source_test(allow), source_test(deny), not allow
+        self._seen: dict[str, bool] = {}
 
     def admits(self, ctx: Any) -> bool:
-        return not self.deny(None, ctx) and (self.open or self.allow(None, ctx))
+        ip = ctx.client_ip
+        decision = self._seen.get(ip)
+        if decision is None:
+            decision = not self.deny(None, ctx) and (self.open or self.allow(None, ctx))
+            if len(self._seen) >= 4096:
+                self._seen.clear()
+            self._seen[ip] = decision
+        return decision
 
 
 _REFUSED = "forbidden\n"
