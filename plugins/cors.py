@@ -152,7 +152,8 @@ class Cors(Filter):
     """Answers CORS preflights locally and adds Access-Control-* to allowed origins' responses."""
 
     name = "cors"
-    before = ("router",)
+    # A preflight carries no credentials: answered after an auth filter, it would be a 401.
+    before = ("api_key", "basic", "jwt", "ext_authz", "rbac", "router")
     Config = Settings
     RouteConfig = RouteSettings
 

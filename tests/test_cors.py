@@ -213,3 +213,13 @@ async def test_bad_settings_are_config_errors_by_key_path(settings, routes, path
 
 test_contract = contract.battery("cors", settings={"allow_origins": ["http://example.test"]}, extra=EXTRA,
                                  request_headers=[("origin", "http://example.test")])
+
+
+async def test_cors_must_come_before_the_auth_filters():
+    keys = {"ci": "0" * 64}
+    cfg = config("127.0.0.1:9", filters=["api_key", "cors", "router"],
+                 filter_settings={"cors": SETTINGS, "api_key": {"keys": keys}})
+    with pytest.raises(ConfigError) as info:
+        async with serve(cfg, plugins=[*PLUGINS, "auth"], extra=EXTRA):
+            pass
+    assert "before" in str(info.value) and "api_key" in str(info.value)
