@@ -271,3 +271,32 @@ async def test_keys_need_a_source_and_a_keys_file_names_its_line(tmp_path):
             async with serve(cfg, plugins=PLUGINS):
                 pass
         assert expected in str(info.value)
+
+
+def test_the_brute_force_count_is_shared_by_the_workers(tmp_path):
+    """Two workers, each request on a new connection (SO_REUSEPORT spreads them): the lockout
+    comes after exactly max_failures failures in all. Were the count per worker, it would take
+    up to twice as many (all nine landing on one worker: a chance of 2 in 512)."""
+    from .proc import Running, ThreadOrigin, free_port, poll
+
+    port = free_port()
+    with ThreadOrigin(body=b"ok") as origin:
+        path = tmp_path / "s.toml"
+        path.write_text(f"""
+[[listeners]]
+address = "127.0.0.1:{port}"
+filters = ["api_key", "router"]
+[filters.api_key]
+keys = {{ ci = "{hashlib.sha256(KEY.encode()).hexdigest()}" }}
+brute_force = {{ max_failures = 8, window = 60, cooldown = 30 }}
+[clusters.app]
+endpoints = ["{origin.address}"]
+[[routes]]
+match = {{ prefix = "/" }}
+cluster = "app"
+""")
+        with Running("-c", str(path), "--workers", "2") as proxy:
+            poll(lambda: sum('"started"' in line for line in proxy.stderr) == 2, what="both workers", proxy=proxy)
+            got = [httpx.get(f"http://127.0.0.1:{port}/", headers={"x-api-key": f"guess-{i}", "connection": "close"})
+                   .status_code for i in range(12)]
+    assert got == [401] * 8 + [429] * 4

@@ -137,7 +137,7 @@ def test_plugins_lists_what_each_provides_with_settings():
     assert "    decay: float (default 10.0)" in r.stdout  # ewma's settings
     assert "transport tls" in r.stdout
     assert "    path: str | None (default None)" in r.stdout  # access_log's settings
-    assert "    keys: dict[str, str] (required)" in r.stdout  # api_key's, without pydantic's metadata
+    assert "    keys: dict[str, str] (default {})" in r.stdout  # api_key's (or keys_file), without pydantic's metadata
     assert "      ca: Path | None (default None)" in r.stdout  # the tls transport's cluster side
     assert "filter router: Matches routes" in r.stdout
 

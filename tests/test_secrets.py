@@ -52,7 +52,8 @@ def _check(tmp_path: Path, body: str, env: dict | None = None):
 
 @pytest.mark.parametrize(("admin", "expected"), [
     ('token = { env = "SLUICE_TEST_UNSET_VAR" }', "admin.token: environment variable SLUICE_TEST_UNSET_VAR is not set"),
-    ('token = { file = "/nonexistent/token" }', "admin.token: cannot read /nonexistent/token: No such file or directory"),
+    ('token = { file = "/nonexistent/token" }',
+     "admin.token: cannot read /nonexistent/token: No such file or directory"),
     ('token = { vault = "x" }', 'admin.token: a secret is a string, { env = "NAME" } or { file = "/path" }'),
 ])
 def test_a_missing_source_is_a_config_error_by_key_path(tmp_path, admin, expected):
