@@ -219,7 +219,8 @@ async def test_keys_file_is_followed_and_a_broken_one_keeps_the_last_set(start_o
     keys = tmp_path / "keys"
     keys.write_text(f"# name digest\nci {_digest('k-one')}\n")
     cfg = config(origin.address, filters=["api_key", "router"],
-                 filter_settings={"api_key": {"keys_file": str(keys), "brute_force": {"max_failures": 0}}})
+                 filter_settings={"api_key": {"keys_file": str(keys), "brute_force": {"max_failures": 0},
+                                              "watch_interval": 0.05}})
     async with serve(cfg, plugins=PLUGINS) as proxy:
         async with httpx.AsyncClient() as client:
             url = proxy.url + "/"
@@ -241,7 +242,7 @@ async def test_keys_file_is_followed_and_a_broken_one_keeps_the_last_set(start_o
 async def test_a_broken_htpasswd_change_is_logged_by_file_and_line_and_the_old_users_stay(
         start_origin, htpasswd, capsys):
     origin = await start_origin()
-    cfg = config(origin.address, filters=["basic", "router"], filter_settings={"basic": {"htpasswd": str(htpasswd)}})
+    cfg = config(origin.address, filters=["basic", "router"], filter_settings={"basic": {"htpasswd": str(htpasswd), "watch_interval": 0.05}})
     async with serve(cfg, plugins=PLUGINS) as proxy:
         async with httpx.AsyncClient() as client:
             url = proxy.url + "/"
