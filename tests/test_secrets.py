@@ -209,3 +209,16 @@ def test_a_full_run_never_shows_a_planted_secret(tmp_path):
         leaks = {where: found_in(text) for where, text in outputs.items() if found_in(text)}
         assert leaks == {}
         assert '"authorization": "[redacted]"' in logged and '"x-api-key": "[redacted]"' in logged
+
+
+def test_the_redis_password_is_a_secret_too(monkeypatch):
+    from sluice.errors import ConfigError
+    from sluice.plugins.redis_state import RedisConfig
+    from sluice.shared import open_backend
+
+    monkeypatch.setenv("SLUICE_TEST_REDIS_PASSWORD", "r3dis-PASSWORD-planted")
+    config = RedisConfig.model_validate({"password": {"env": "SLUICE_TEST_REDIS_PASSWORD"}})
+    assert config.password == "r3dis-PASSWORD-planted" and "r3dis" not in repr(config)
+    with pytest.raises(ConfigError) as info:
+        open_backend({"backend": "redis", "password": {"env": "SLUICE_TEST_UNSET_VAR"}})
+    assert "shared.password: environment variable SLUICE_TEST_UNSET_VAR is not set" in str(info.value)
