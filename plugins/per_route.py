@@ -4,8 +4,8 @@ Why: a filter with per-route settings (``filters = { NAME = {...} }`` in a
 ``[[routes]]``) should not compile them on every request, and a reload
 makes new route objects while the filter may live on; so the compiled form
 is kept by the route's identity, bounded, and forgotten wholesale when
-routes of replaced configs pile up. ``ip_filter``, ``cors`` and ``rate_limit``
-use it (``rbac`` holds the same few lines of its own).
+routes of replaced configs pile up. ``ip_filter``, ``cors``, ``rate_limit``
+and ``rbac`` use it.
 """
 
 from __future__ import annotations

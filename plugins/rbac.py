@@ -24,6 +24,7 @@ series are bounded by the config, never by traffic.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -31,6 +32,7 @@ from pydantic import Field
 
 from sluice import CONTINUE, ConfigError, Filter, FilterConfig, LocalReply, hookimpl, metrics
 
+from .per_route import PerRoute
 from .rbac_rules import Test, permission, principal
 
 __all__ = ["Rbac"]
@@ -123,41 +125,25 @@ class Rbac(Filter):
 
     def __init__(self, config: Settings) -> None:
         super().__init__(config)
-        self._listener = PolicySet(config.policies, config.default, config.shadow, "filters.rbac")
-        self._routes: dict[int, PolicySet] = {}
+        listener = PolicySet(config.policies, config.default, config.shadow, "filters.rbac")
+        self._policies = PerRoute(self.name, listener, lambda own, where: self._route_set(config, own, where))
 
     @classmethod
     def from_config(cls, config: Settings, app: Any) -> Rbac:
         """Built, and every route's own policies compiled, so a bad one fails at load by its key path."""
-        if app is not None:
-            for i, route in enumerate(app.config.routes):
-                own = (route.get("filters") or {}).get(cls.name) if isinstance(route, dict) else None
-                if own and not own.get("disabled"):
-                    cls._route_set(config, own, f"routes[{i}].filters.rbac")
-        return cls(config)
+        rbac = cls(config)
+        rbac._policies.check(app)
+        return rbac
 
     @staticmethod
-    def _route_set(config: Settings, data: dict[str, Any], where: str) -> PolicySet:
-        own = RouteSettings.model_validate({k: v for k, v in data.items() if k != "disabled"})
+    def _route_set(config: Settings, data: Mapping[str, Any], where: str) -> PolicySet:
+        own = RouteSettings.model_validate(dict(data))
         return PolicySet(own.policies if own.policies is not None else config.policies,
                          own.default or config.default,
                          own.shadow if own.shadow is not None else config.shadow, where)
 
-    def _policies(self, ctx) -> PolicySet:
-        route = ctx.route
-        if route is None or self.name not in route.filters:
-            return self._listener
-        found = self._routes.get(id(route))
-        if found is None:
-            found = self._route_set(self.config, dict(route.filter_settings(self.name)),
-                                    f"routes.{route.name or '?'}.filters.rbac")
-            if len(self._routes) > 4096:  # routes of replaced configs
-                self._routes.clear()
-            self._routes[id(route)] = found
-        return found
-
     async def on_request_headers(self, ctx, request):
-        policies = self._policies(ctx)
+        policies = self._policies.get(ctx)
         rule = policies.decide(request, ctx)
         rule.counted.inc()
         ctx.vars["rbac.decision"] = rule.action
