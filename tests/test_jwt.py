@@ -19,6 +19,7 @@ from joserfc import jwk, jwt
 import sluice.plugins.jwt as jwt_plugin
 from sluice import ConfigError
 from sluice.plugins.jwt import Jwt
+from sluice.plugins.jwt.settings import Provider
 from sluice.plugins.jwt.tokens import CODES
 from sluice.testing import build_filter, run_filter
 
@@ -204,17 +205,24 @@ async def test_an_hs_provider_verifies_with_its_secret_only(tmp_path, monkeypatc
     (tmp_path / "secret").write_bytes(secret + b"\n")
     monkeypatch.setenv("JWT_TEST_SECRET", secret.decode())
     hs = jwk.OctKey.import_key(secret)
-    for source in ({"secret_file": str(tmp_path / "secret")}, {"secret_env": "JWT_TEST_SECRET"}):
+    sources = ({"secret": {"file": str(tmp_path / "secret")}}, {"secret": {"env": "JWT_TEST_SECRET"}},
+               {"secret": secret.decode()})
+    for source in sources:
         over = {"jwks_file": None, **source}
         ok = await run_filter(Jwt, settings(**over), request=("GET", "/", bearer(sign(hs, kid=None))))
         assert ok.local_reply is None and ok.ctx.vars["auth.user"] == "alice"
         reply, event = await refused(sign(RSA), **over)  # an RS token for an HS provider
         assert event["reason"] == "alg_not_allowed"
     (tmp_path / "short").write_bytes(b"password")
-    with pytest.raises(ConfigError, match=r"providers.main.secret_file: the secret is 8 bytes: at least 32"):
-        await run_filter(Jwt, settings(jwks_file=None, secret_file=str(tmp_path / "short")))
+    with pytest.raises(ConfigError, match=r"providers.main.secret: the secret is 8 bytes: at least 32"):
+        await run_filter(Jwt, settings(jwks_file=None, secret={"file": str(tmp_path / "short")}))
     with pytest.raises(ConfigError, match=r"providers.main.*'RS256' not allowed here: a secret"):
-        await run_filter(Jwt, settings(jwks_file=None, secret_env="JWT_TEST_SECRET", algorithms=["RS256"]))
+        await run_filter(Jwt, settings(jwks_file=None, secret={"env": "JWT_TEST_SECRET"}, algorithms=["RS256"]))
+    monkeypatch.delenv("JWT_NO_SUCH_SECRET", raising=False)
+    with pytest.raises(ConfigError, match=r"providers.main.secret: environment variable JWT_NO_SUCH_SECRET is not set"):
+        await run_filter(Jwt, settings(jwks_file=None, secret={"env": "JWT_NO_SUCH_SECRET"}))
+    # the secret never shows in the settings' repr (structlog fields, tracebacks' locals)
+    assert secret.decode() not in repr(Provider(secret={"env": "JWT_TEST_SECRET"}))
 
 
 async def test_clock_skew_tolerates_small_differences_only():
@@ -236,7 +244,7 @@ async def test_config_errors_name_the_key_path(tmp_path):
     with pytest.raises(ConfigError, match=r"filters.jwt.providers.main.jwks_file: no usable signing key"):
         await run_filter(Jwt, settings(jwks_file=str(bad)))
     with pytest.raises(ConfigError, match=r"filters.jwt.providers.main.*exactly one key source"):
-        await run_filter(Jwt, settings(secret_env="X"))
+        await run_filter(Jwt, settings(secret="X" * 32))
     with pytest.raises(ConfigError, match=r"filters.jwt.providers.main.cluster: no cluster 'keys'"):
         await run_filter(Jwt, settings(jwks_file=None, jwks_uri="http://idp/jwks", cluster="keys"))
 

@@ -167,10 +167,10 @@ class Jwt(Filter):
         try:
             if p.jwks_file is not None:
                 return JwksFile(name, p.jwks_file, p.file_poll)
-            if p.secret_file is not None or p.secret_env is not None:
-                return Secret.read(p.secret_file, p.secret_env)
+            if p.secret is not None:
+                return Secret(p.secret.encode())
         except (OSError, ValueError) as exc:
-            key = "jwks_file" if p.jwks_file is not None else "secret_file" if p.secret_file else "secret_env"
+            key = "jwks_file" if p.jwks_file is not None else "secret"
             raise ConfigError(f"{where}.{key}: {exc}") from None
         if app is None or p.cluster not in app.clusters:
             raise ConfigError(f"{where}.cluster: no cluster {p.cluster!r} (the JWKS is fetched through it)")

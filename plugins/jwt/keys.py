@@ -4,7 +4,8 @@ Every source answers ``keys_for(parsed)`` (the keys that may verify this
 token) without I/O; only a remote JWKS ever waits, in ``refetch``, and
 only for a fetch that is already running or that the rate limit allows.
 
-- ``Secret``: one HMAC key from a file or an environment variable, the
+- ``Secret``: one HMAC key, the provider's ``secret`` setting (a
+  ``sluice.secrets.Secret``: inline, from a file or an environment variable), the
   only way an HS algorithm gets a key (a JWKS's symmetric keys are
   dropped), so a provider's public RSA key can never serve as an HMAC
   secret: HS/RS confusion has no key to work with.
@@ -25,7 +26,6 @@ only for a fetch that is already running or that the rate limit allows.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -99,21 +99,12 @@ def load_jwks(data: bytes | str) -> tuple[KeyIndex, list[str]]:
 
 
 class Secret:
-    """An HMAC secret (HS256/384/512) from a file or an environment variable."""
+    """An HMAC secret (HS256/384/512): the provider's ``secret``, already read by its settings."""
 
     def __init__(self, secret: bytes) -> None:
         if len(secret) < 32:  # RFC 7518 3.2: a key as long as the hash (HS256: 256 bits) or longer
             raise ValueError(f"the secret is {len(secret)} bytes: at least 32 are needed")
         self.index = KeyIndex([jwk.OctKey.import_key(secret)])
-
-    @classmethod
-    def read(cls, file: str | None, env: str | None) -> Secret:
-        if file is not None:
-            return cls(Path(file).read_bytes().strip())
-        value = os.environ.get(env or "")
-        if not value:
-            raise ValueError(f"environment variable {env} is not set")
-        return cls(value.encode())
 
     def keys_for(self, parsed: Parsed) -> list[Any] | None:
         return self.index.candidates(parsed)

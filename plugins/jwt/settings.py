@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator, model_validator
 
 from sluice import FilterConfig
+from sluice.secrets import Secret
 
 from .tokens import ASYMMETRIC, SYMMETRIC
 
@@ -36,12 +37,11 @@ class Provider(FilterConfig):
 
     issuer: str | None = None  # the iss every token must carry (None: any)
     audiences: list[str] = []  # one of them in aud (empty: aud not checked)
-    # key source: exactly one of jwks_uri (+ cluster), jwks_file, secret_file / secret_env
+    # key source: exactly one of jwks_uri (+ cluster), jwks_file, secret
     jwks_uri: str | None = None  # http(s)://host/path: Host and target of the GET sent through `cluster`
     cluster: str | None = None
     jwks_file: str | None = None
-    secret_file: str | None = None  # an HMAC secret: HS algorithms only
-    secret_env: str | None = None
+    secret: Secret | None = None  # an HMAC secret (inline, { env = "NAME" } or { file = "PATH" }): HS only
     algorithms: list[str] | None = None  # default: every asymmetric one (a secret: HS256/384/512)
     clock_skew: Annotated[float, Field(ge=0, le=3600)] = 60.0  # seconds of leeway on exp and nbf
     require_exp: bool = True  # a token without exp is refused
@@ -67,24 +67,24 @@ class Provider(FilterConfig):
 
     @model_validator(mode="after")
     def _consistent(self) -> Provider:
-        sources = [n for n in ("jwks_uri", "jwks_file", "secret_file", "secret_env") if getattr(self, n) is not None]
+        sources = [n for n in ("jwks_uri", "jwks_file", "secret") if getattr(self, n) is not None]
         if len(sources) != 1:
-            raise ValueError("give exactly one key source: jwks_uri (with cluster), jwks_file, secret_file "
-                             f"or secret_env (got {', '.join(sources) or 'none'})")
+            raise ValueError("give exactly one key source: jwks_uri (with cluster), jwks_file or secret "
+                             f"(got {', '.join(sources) or 'none'})")
         if (self.jwks_uri is None) != (self.cluster is None):
             raise ValueError("jwks_uri and cluster go together: the JWKS is fetched through that cluster")
         if self.jwks_uri is not None:
             parts = urlsplit(self.jwks_uri)
             if parts.scheme not in ("http", "https") or not parts.netloc:
                 raise ValueError(f"jwks_uri {self.jwks_uri!r}: expected http(s)://host/path")
-        secret = sources[0].startswith("secret")
+        secret = sources[0] == "secret"
         allowed = SYMMETRIC if secret else ASYMMETRIC
         for alg in self.algorithms or ():
             if alg.lower() == "none":
                 raise ValueError("algorithms: 'none' is never accepted")
             if alg not in allowed:
                 kind = ("a secret verifies HS256, HS384 or HS512 only" if secret else
-                        "a JWKS provider takes asymmetric algorithms only (HS ones need secret_file or secret_env)")
+                        "a JWKS provider takes asymmetric algorithms only (HS ones need a secret)")
                 raise ValueError(f"algorithms: {alg!r} not allowed here: {kind}")
         if self.algorithms is not None and not self.algorithms:
             raise ValueError("algorithms: empty")
