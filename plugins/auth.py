@@ -45,7 +45,6 @@ import base64
 import binascii
 import hashlib
 import math
-import os
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -58,6 +57,7 @@ import trio
 from pydantic import Field, FilePath, field_validator, model_validator
 
 from sluice import CONTINUE, ConfigError, Filter, FilterConfig, LocalReply, hookimpl, metrics
+from sluice.filestamp import FileStamp
 from sluice.shared import local
 
 __all__ = ["ApiKey", "Basic"]
@@ -129,25 +129,18 @@ async def _follow(path: Path, load: Callable[[], Awaitable[None]], every: float,
                   task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Call ``load()`` each time the file at ``path`` looks changed, checking every ``every`` s.
 
-    A ``stat`` of the path (following symlinks, so a Kubernetes secret's
-    ``..data`` swap shows as a new inode) once a second, on the event loop,
-    not watchfiles: its thread takes the GIL back every 50 ms, which cost
-    ~15 us on every request of a busy worker (``benchmarks/filter_cost.py``,
-    basic: +28 us with the watch thread, +12 without). ``load`` compares
-    contents and keeps its last good set when the file does not load.
+    ``sluice.filestamp``'s stat check, on the event loop, not watchfiles: its
+    thread takes the GIL back every 50 ms, which cost ~15 us on every request
+    of a busy worker (``benchmarks/filter_cost.py``, basic: +28 us with the
+    watch thread, +12 without). ``load`` compares contents and keeps its last
+    good set when the file does not load.
     """
+    stamp = FileStamp([path])
     task_status.started()
-    seen = None
     while True:
-        try:
-            st = os.stat(path)
-            now = (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns)
-        except OSError:
-            now = None
-        if seen is not None and now != seen:
-            await load()
-        seen = now
         await trio.sleep(every)
+        if stamp.changed():
+            await load()
 
 
 class _Reloading(Filter):

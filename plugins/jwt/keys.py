@@ -10,7 +10,7 @@ only for a fetch that is already running or that the rate limit allows.
   dropped), so a provider's public RSA key can never serve as an HMAC
   secret: HS/RS confusion has no key to work with.
 - ``JwksFile``: read at load (a bad file is a config error), then watched
-  by its stat (inode, size, mtime) every ``file_poll`` seconds; a file that
+  by its stat (``sluice.filestamp``) every ``file_poll`` seconds; a file that
   becomes bad keeps the last good set and is logged once until fixed.
 - ``RemoteJwks``: fetched through the provider's cluster at open, then
   every ``cache_ttl``; an unknown ``kid`` fetches again at once, at most
@@ -35,6 +35,7 @@ import structlog
 import trio
 from joserfc import jwk
 
+from sluice.filestamp import FileStamp
 from sluice.messages import Headers, Request
 
 from ..cluster_call import CallError, call
@@ -116,14 +117,6 @@ class Secret:
         return
 
 
-def _stat_key(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_ino, st.st_size, st.st_mtime_ns
-
-
 class JwksFile:
     """A local JWKS file, reloaded when it changes."""
 
@@ -131,7 +124,7 @@ class JwksFile:
         self.provider = provider
         self.path = Path(path)
         self.poll = poll
-        self.seen = _stat_key(self.path)
+        self.stamp = FileStamp([self.path])
         self.index, skipped = load_jwks(self.path.read_bytes())
         self.broken = False
         if skipped:
@@ -146,10 +139,8 @@ class JwksFile:
     async def run(self) -> None:
         while True:
             await trio.sleep(self.poll)
-            now = _stat_key(self.path)
-            if now == self.seen:
+            if not self.stamp.changed():
                 continue
-            self.seen = now
             try:
                 index, skipped = load_jwks(await trio.Path(self.path).read_bytes())
             except (OSError, ValueError) as exc:

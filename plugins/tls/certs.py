@@ -8,8 +8,8 @@ one label under it; no match (or no SNI) gets the default pair, the first. The
 every context has the same versions, ciphers, ALPN and client CA, so only the
 certificate changes.
 
-**Rotation.** ``refresh()`` compares the files' (mtime, size, inode) with those
-last loaded, at most once a second, and rebuilds every context when one
+**Rotation.** ``refresh()`` compares the files' stat (``sluice.filestamp``) with
+the last one, at most once a second, and rebuilds every context when one
 changed. It is called at each handshake and by the metrics sampler (every
 second), so new handshakes get a new pair within about a second with no task
 or watcher thread of its own to start and stop. A stat of a few files a
@@ -24,14 +24,14 @@ reload failed`` naming the file; the next change is tried again.
 
 from __future__ import annotations
 
-import os
 import ssl
-import time
 from contextvars import ContextVar
 from pathlib import Path
 
 import structlog
 from cryptography import x509
+
+from sluice.filestamp import FileStamp
 
 from .identity import names, not_after
 from .settings import VERSIONS, Certificate, ListenerTls
@@ -89,21 +89,10 @@ class CertStore:
         self._files = [p for pair in cfg.pairs() for p in (pair.cert, pair.key)]
         if cfg.client_ca is not None:
             self._files.append(cfg.client_ca)
-        self._stamps = self._stat()
-        self._checked = time.monotonic()
+        self._stamp = FileStamp(self._files, every=CHECK_INTERVAL)
         self.loaded = self._build()  # a failure here is a config error (the caller's)
 
     # -- building --
-
-    def _stat(self) -> tuple:
-        stamps = []
-        for path in self._files:
-            try:
-                st = os.stat(path)
-                stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
-            except OSError:
-                stamps.append(None)
-        return tuple(stamps)
 
     def _context(self, pair: Certificate) -> ssl.SSLContext:
         cfg = self.cfg
@@ -167,14 +156,8 @@ class CertStore:
 
     def refresh(self) -> None:
         """Load the files again if they changed (at most once per CHECK_INTERVAL)."""
-        now = time.monotonic()
-        if now - self._checked < CHECK_INTERVAL:
+        if not self._stamp.changed():
             return
-        self._checked = now
-        stamps = self._stat()
-        if stamps == self._stamps:
-            return
-        self._stamps = stamps
         try:
             self.loaded = self._build()
         except LoadError as exc:
