@@ -497,6 +497,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     for name, cluster in app.clusters.items():
         eps = ", ".join(f"{e.address}" + (f" w={e.weight}" if e.weight != 1 else "") for e in cluster.endpoints)
         print(f"cluster {name}: {type(cluster.balancer).name} -> {eps}")
+    if config.metrics.address is not None:
+        print(f"metrics listener {config.metrics.address}: GET/HEAD /metrics /live /ready (read-only, no token)")
     for warning in app.warnings:
         print(f"warning: {warning}")
     return 0

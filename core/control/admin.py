@@ -42,6 +42,12 @@ a handler is a 500 with no traceback sent (it is logged).
 
 The ``[admin]`` table is read at startup; a reload leaves the running
 admin listener, its address and its token as they were.
+
+**The read-only set.** ``READ_ONLY`` (``/live``, ``/ready``, ``/metrics``,
+GET and HEAD) is what ``[metrics] address`` serves with no token
+(``sluice.control.metrics_listener``): the same ``Admin`` with only those
+routes, so a scraper and a kubelet get the admin's answers without the
+admin's reach.
 """
 
 from __future__ import annotations
@@ -75,7 +81,7 @@ from .config import AdminConfig
 if TYPE_CHECKING:
     from .app import App
 
-__all__ = ["admin_token", "redact", "serve_admin"]
+__all__ = ["READ_ONLY", "Admin", "admin_token", "listen", "redact", "serve_admin"]
 
 log = structlog.get_logger("sluice")
 
@@ -85,6 +91,9 @@ MAX_BODY = 64 * 1024  # ``{"level": "debug"}`` and the like
 READ_TIMEOUT = 10.0  # for a whole request, and between requests on a connection
 WRITE_TIMEOUT = 10.0
 RELOAD_WAIT = 10.0  # how long POST /reload waits for the outcome before a 202
+# Nothing here changes state or shows config: safe to serve beyond loopback with no token.
+READ_ONLY = ("/live", "/ready", "/metrics")
+_READS = ("GET", "HEAD")
 
 # -- config ------------------------------------------------------------------
 
@@ -189,12 +198,7 @@ Handler = Callable[["Admin", _Request], Awaitable[tuple[int, Any]]]
 async def serve_admin(app: App, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``app``'s admin listener until cancelled; reports its URL."""
     cfg = app.config.admin
-    try:
-        sock = bind(cfg.address, reuse_port=False)
-    except OSError as exc:
-        raise ConfigError(f"admin.address: cannot listen on {cfg.address}: {exc.strerror or exc}") from None
-    host, port = sock.socket.getsockname()[:2]
-    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    sock, url = listen(cfg.address, "admin.address")
     admin = Admin(app, app.admin_token, cfg.require_token_for_reads)
     log.info("admin listening", url=url, worker=app.worker_index, token=app.admin_token is not None)
     async with trio.open_nursery() as nursery:
@@ -202,11 +206,29 @@ async def serve_admin(app: App, *, task_status=trio.TASK_STATUS_IGNORED) -> None
         task_status.started(url)
 
 
-class Admin:
-    """The admin endpoints of one app, and the HTTP/1.1 loop serving them."""
+def listen(address: str, key: str) -> tuple[trio.SocketListener, str]:
+    """A listener bound on ``address`` (one process's: no SO_REUSEPORT) and
+    its URL; a ConfigError naming ``key`` when it cannot be bound."""
+    try:
+        sock = bind(address, reuse_port=False)
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot listen on {address}: {exc.strerror or exc}") from None
+    host, port = sock.socket.getsockname()[:2]
+    return sock, f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
-    def __init__(self, app: App, token: str | None, require_token_for_reads: bool = False) -> None:
+
+class Admin:
+    """The admin endpoints of one app, and the HTTP/1.1 loop serving them.
+
+    ``read_only``: only ``READ_ONLY``'s paths, by GET or HEAD, and never a
+    token asked for (the ``[metrics]`` listener): any other method is 405
+    whatever the path, since nothing here takes one; ``kind`` names it in the log."""
+
+    def __init__(self, app: App, token: str | None, require_token_for_reads: bool = False, *,
+                 read_only: bool = False, kind: str = "admin") -> None:
         self.app = app
+        self.kind = kind
+        self.read_only = read_only
         self.token = token
         self.require_token_for_reads = require_token_for_reads
         self.open = 0  # connections being served
@@ -222,6 +244,9 @@ class Admin:
             "/reload": {"POST": Admin.reload},
             "/drain": {"POST": Admin.drain},
         }
+        if read_only:
+            self.token, self.require_token_for_reads = None, False
+            self.routes = {p: {"GET": self.routes[p]["GET"], "HEAD": self.routes[p]["GET"]} for p in READ_ONLY}
 
     # -- HTTP ------------------------------------------------------------------
 
@@ -232,7 +257,7 @@ class Admin:
         except OSError:
             client = "?"
         if self.open >= MAX_CONNECTIONS:
-            log.warning("admin connection refused: too many open", client=client, open=self.open)
+            log.warning(f"{self.kind} connection refused: too many open", client=client, open=self.open)
             await trio.aclose_forcefully(stream)
             return
         self.open += 1
@@ -251,14 +276,14 @@ class Admin:
                 if request is None:
                     return
                 status, body, headers = await self._answer(request)
-                await self._send(conn, stream, status, body, headers)
+                await self._send(conn, stream, status, body, headers, bare=request.method == "HEAD")
                 if conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE:
                     return
                 conn.start_next_cycle()
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
             return
         except Exception as exc:  # a bug of ours: this connection's end, never the listener's
-            log.error("admin connection failed", client=client, exc_info=exc)
+            log.error(f"{self.kind} connection failed", client=client, exc_info=exc)
         finally:
             self.open -= 1
             await trio.aclose_forcefully(stream)
@@ -294,7 +319,9 @@ class Admin:
         return None
 
     async def _send(self, conn: h11.Connection, stream: trio.SocketStream, status: int, body: Any,
-                    headers: list[tuple[str, str]] | None = None, close: bool = False) -> None:
+                    headers: list[tuple[str, str]] | None = None, close: bool = False,
+                    bare: bool = False) -> None:
+        """Send one answer; ``bare`` (HEAD): its head only, with the length a GET's body has."""
         if isinstance(body, tuple):  # (bytes, content type): /metrics
             payload, content_type = body
         else:
@@ -305,31 +332,35 @@ class Admin:
             head.append(("connection", "close"))
         with trio.move_on_after(WRITE_TIMEOUT) as scope:
             data = conn.send(h11.Response(status_code=status, headers=head, reason=HTTPStatus(status).phrase))
-            data += conn.send(h11.Data(data=payload)) + conn.send(h11.EndOfMessage())
+            if not bare:
+                data += conn.send(h11.Data(data=payload))
+            data += conn.send(h11.EndOfMessage())
             await stream.send_all(data)
         if scope.cancelled_caught:
             raise trio.BrokenResourceError("admin client did not read its answer")
 
     async def _answer(self, request: _Request) -> tuple[int, Any, list[tuple[str, str]]]:
+        if self.read_only and request.method not in _READS:
+            return 405, {"error": f"this listener is read-only: {', '.join(_READS)}"}, [("allow", ", ".join(_READS))]
         methods = self.routes.get(request.path)
         if methods is None:
-            return 404, {"error": f"no admin endpoint {request.path}", "endpoints": sorted(self.routes)}, []
+            return 404, {"error": f"no {self.kind} endpoint {request.path}", "endpoints": sorted(self.routes)}, []
         handler = methods.get(request.method)
         if handler is None:
             allowed = ", ".join(methods)
             return 405, {"error": f"{request.path} takes {allowed}"}, [("allow", allowed)]
-        if request.method != "GET" or self.require_token_for_reads:
+        if request.method not in _READS or self.require_token_for_reads:
             refusal = self._refused(request)
             if refusal is not None:
                 return 401, {"error": refusal}, [("www-authenticate", 'Bearer realm="sluice admin"')]
-            if request.method != "GET":
+            if request.method not in _READS:
                 log.info("admin request", method=request.method, path=request.path, client=request.client)
         try:
             status, body = await handler(self, request)
         except _Reply as reply:
             return reply.status, reply.body, reply.headers
         except Exception as exc:  # a bug of ours: logged with its traceback, never sent
-            log.error("admin request failed", path=request.path, exc_info=exc)
+            log.error(f"{self.kind} request failed", path=request.path, exc_info=exc)
             return 500, {"error": "internal error (logged)"}, []
         return status, body, []
 

@@ -30,6 +30,7 @@ from ..upstream.cluster import Breaker, Cluster, Endpoint, Outlier
 from ..upstream.discovery import Discovery
 from ..upstream.health import HealthCheck, run_checks
 from .admin import admin_token, serve_admin
+from .metrics_listener import serve_metrics_listener
 from .config import Config, format_errors, parse_hostport
 from .registry import Plugins
 from .reload import reload
@@ -345,6 +346,8 @@ class App:
             await self._discovery_ready()
             if self.config.admin.enabled and self.worker_index == 0:  # one admin: worker 0's
                 await nursery.start(serve_admin, self)
+            if self.config.metrics.address is not None and self.worker_index == 0:  # beside it
+                await nursery.start(serve_metrics_listener, self)
             async with trio.open_nursery() as serving:
                 self.serving = serving
                 for listener, sock in zip(self.listeners, sockets, strict=True):

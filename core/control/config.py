@@ -277,9 +277,15 @@ class ClusterConfig(_Model):
 
 class MetricsConfig(_Model):
     """``[metrics]``: Prometheus metrics (``sluice.metrics``), served by the admin
-    listener's ``GET /metrics``. Off, nothing is recorded per request."""
+    listener's ``GET /metrics``. Off, nothing is recorded per request.
+
+    ``address`` (none by default) opens a read-only listener of its own
+    (``sluice.control.metrics_listener``): ``/metrics``, ``/live`` and
+    ``/ready`` with no token, for Prometheus and a kubelet to reach. It may
+    not share a port with a listener or the admin (``parse``)."""
 
     enabled: bool = True
+    address: HostPort | None = None
 
 
 class ServerConfig(_Model):
@@ -387,9 +393,31 @@ def format_errors(exc: ValidationError, prefix: str = "") -> str:
 def parse(data: dict[str, Any]) -> Config:
     """Validate a config mapping; ConfigError lists every problem."""
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_errors(exc)) from None
+    if (clash := _metrics_clash(config)) is not None:
+        raise ConfigError(clash)
+    return config
+
+
+_ANY_HOST = ("0.0.0.0", "::", "*", "")
+
+
+def _metrics_clash(config: Config) -> str | None:
+    """Why ``metrics.address`` cannot be bound beside the other listeners (None: it can):
+    the same port on the same host, or on a wildcard host covering the other's."""
+    if config.metrics.address is None:
+        return None
+    host, port = parse_hostport(config.metrics.address)
+    others = [(f"listeners[{i}].address", lc.address) for i, lc in enumerate(config.listeners)]
+    if config.admin.enabled:
+        others.append(("admin.address", config.admin.address))
+    for key, address in others:
+        other_host, other_port = parse_hostport(address)
+        if port and port == other_port and (host == other_host or host in _ANY_HOST or other_host in _ANY_HOST):
+            return f"metrics.address: {config.metrics.address} clashes with {key} ({address})"
+    return None
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
