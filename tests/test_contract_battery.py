@@ -91,6 +91,10 @@ def _source_module(path: Path) -> ModuleType:
 
 sluice_hello = _source_module(Path(__file__).parent / "example_plugin" / "sluice_hello.py")
 
+test_ip_filter = contract.battery("ip_filter", settings={"allow": ["127.0.0.0/8", "::1"]})
+test_cors = contract.battery("cors", settings={"allow_origins": ["http://example.test"]},
+                             request_headers=[("origin", "http://example.test")])
+
 test_hello = contract.battery("hello", extra={"hello": sluice_hello})
 
 def test_every_built_in_filter_has_its_battery_here():

@@ -1,7 +1,7 @@
 """The cors filter through a real proxy, with the requests a browser sends (httpx and curl):
 preflights answered locally, actual requests' headers, exact origins and patterns (and what a
 pattern must not match), credentials, Vary, the upstream's own CORS headers replaced, refusal
-on request, per-route settings, config errors by key path; the contract battery."""
+on request, per-route settings, config errors by key path (its contract battery is in test_contract_battery.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import trio
 
 from sluice import ConfigError
 from sluice.plugins import cors
-from sluice.testing import contract, serve
+from sluice.testing import serve
 
 from .authz_support import counted, plugin_counts
 from .conftest import config
@@ -211,8 +211,6 @@ async def test_bad_settings_are_config_errors_by_key_path(settings, routes, path
         assert "forbids a wildcard origin" in str(info.value)
 
 
-test_contract = contract.battery("cors", settings={"allow_origins": ["http://example.test"]}, extra=EXTRA,
-                                 request_headers=[("origin", "http://example.test")])
 
 
 async def test_cors_must_come_before_the_auth_filters():

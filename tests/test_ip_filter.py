@@ -1,6 +1,6 @@
 """The ip_filter: allow and deny CIDR lists (v4, v6) on the client's address as trusted
 through X-Forwarded-For, deny winning, per-route lists, config errors by key path, the 403
-and its count; the contract battery."""
+and its count (its contract battery is in test_contract_battery.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from sluice import ConfigError
 from sluice.plugins import ip_filter
-from sluice.testing import contract, serve
+from sluice.testing import serve
 
 from .authz_support import counted, plugin_counts
 from .conftest import config
@@ -103,4 +103,3 @@ async def test_bad_networks_are_config_errors_by_key_path(settings, routes, path
     assert path in str(info.value)
 
 
-test_contract = contract.battery("ip_filter", settings={"allow": ["127.0.0.0/8", "::1"]}, extra=EXTRA)
