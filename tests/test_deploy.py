@@ -1,10 +1,10 @@
 """The Kubernetes manifests and image of ``sluice.deploy`` (core/deploy/),
 checked offline: against the Kubernetes schemas (kubernetes-validate's
 bundled ones, no cluster), with ``sluice check`` on the configs they embed,
-and for the promises that tie them together (probes on the admin address,
+and for the promises that tie them together (probes on the metrics address,
 a grace period that covers preStop and the drain, selectors that match, an
-image that runs the mounted config). The probe command itself is run
-against a real ``sluice run``.
+image that runs the mounted config). The probes themselves are run, as the
+kubelet runs an httpGet probe, against a real ``sluice run``.
 
 ``kubectl apply --dry-run=client`` is not used: it asks an API server for
 the schema and the resource types, so offline it fails (even with
@@ -71,10 +71,12 @@ def _mounted_config(spec: dict, container: dict) -> tuple[str, dict]:
     return f"{mount['mountPath']}/sluice.toml", tomllib.loads(cm["data"]["sluice.toml"])
 
 
-def _probe_url(probe: dict) -> str:
-    command = probe["exec"]["command"]
-    assert command[:2] == ["python", "-c"], command  # the image's Python: no curl in it
-    return command[-1]
+def _probe_url(probe: dict, container: dict) -> str:
+    """Where the kubelet sends an httpGet probe (``POD`` for the pod's IP), its named port resolved."""
+    get = probe["httpGet"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    port = ports[get["port"]] if isinstance(get["port"], str) else get["port"]
+    return f"{get.get('scheme', 'HTTP').lower()}://POD:{port}{get['path']}"
 
 
 def test_the_package_ships_every_file():
@@ -116,20 +118,26 @@ def test_embedded_configs_pass_sluice_check(name, tmp_path):
     assert result.returncode == 2 and "server.drain_timout" in result.stderr
 
 
-def test_probes_call_the_admin_address_of_the_mounted_config():
+def test_probes_and_scrapes_reach_the_metrics_address_of_the_mounted_config():
+    """The kubelet and Prometheus come from outside the pod, to its IP: the
+    read-only metrics listener binds every address, the admin stays on loopback."""
     assert _sluice_containers()
     for deployment, spec, container in _sluice_containers():
         _path, config = _mounted_config(spec, container)
-        admin = config["admin"]
-        assert admin["enabled"] is True
-        assert admin["address"].startswith("127.0.0.1:"), "the admin stays on loopback"
+        assert config["admin"]["address"].startswith("127.0.0.1:"), "the admin stays on loopback"
+        host, port = config["metrics"]["address"].rsplit(":", 1)
+        assert host == "0.0.0.0", deployment
+        assert {"name": "metrics", "containerPort": int(port), "protocol": "TCP"} in container["ports"]
         expected = {"startupProbe": "/live", "livenessProbe": "/live", "readinessProbe": "/ready"}
         for kind, path in expected.items():
-            assert _probe_url(container[kind]) == f"http://{admin['address']}{path}", (deployment, kind)
+            assert _probe_url(container[kind], container) == f"http://POD:{port}{path}", (deployment, kind)
+        template = next(d for d in BY_KIND["Deployment"] if d["metadata"]["name"] == deployment)["spec"]["template"]
+        assert template["metadata"]["annotations"] == {"prometheus.io/scrape": "true", "prometheus.io/port": port,
+                                                       "prometheus.io/path": "/metrics"}, deployment
 
 
 def test_the_startup_probe_waits_for_the_first_discovery_snapshot():
-    """The admin listener starts after every discovery cluster's first snapshot, or
+    """The metrics listener (as the admin) starts after every discovery cluster's first snapshot, or
     its initial_timeout: the startup probe must give it that long (and more)."""
     for deployment, spec, container in _sluice_containers():
         _path, config = _mounted_config(spec, container)
@@ -193,7 +201,7 @@ def test_the_headless_upstream_is_the_name_the_gateway_resolves():
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 def test_kubectl_reads_the_manifests_as_the_schema_check_does(tmp_path):
     """``kubectl kustomize`` parses with Kubernetes' own (Go) YAML stack, offline: it
-    must read every manifest (the YAML anchors of the probe commands included) into
+    must read every manifest (flow mappings and block scalars included) into
     the same objects that PyYAML gave the schema check."""
     for path in MANIFESTS:
         shutil.copy(path, tmp_path)
@@ -226,36 +234,41 @@ def test_the_image_runs_the_mounted_config_as_its_user():
 
 
 def _probe(probe: dict, address: str) -> int:
-    """Run a manifest's probe command here, as the kubelet would in the container,
-    with this interpreter for the image's ``python`` and ``address`` for the admin's."""
-    command = [sys.executable, *probe["exec"]["command"][1:]]
-    command[-1] = re.sub(r"127\.0\.0\.1:\d+", address, command[-1])
-    return subprocess.run(command, capture_output=True, timeout=probe["timeoutSeconds"] + 5).returncode
+    """A manifest's httpGet probe sent here as the kubelet sends it, to ``address``
+    (the metrics listener's, for the pod's IP and port): 0 when it passes (a status
+    in 200-399 within timeoutSeconds), else 1."""
+    try:
+        answer = httpx.get(f"http://{address}{probe['httpGet']['path']}", timeout=probe["timeoutSeconds"],
+                           follow_redirects=False)
+    except httpx.TransportError:
+        return 1
+    return 0 if 200 <= answer.status_code < 400 else 1
 
 
-def test_the_probe_commands_follow_a_real_sluice_through_its_drain(tmp_path):
+def test_the_probes_follow_a_real_sluice_through_its_drain(tmp_path):
     (_deployment, _spec, container) = next(x for x in _sluice_containers() if x[0] == "sluice-gateway")
-    admin = f"127.0.0.1:{free_port()}"
-    assert _probe(container["livenessProbe"], admin) == 1  # nothing listens: a failure, not a hang
+    admin, metrics = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    assert _probe(container["livenessProbe"], metrics) == 1  # nothing listens: a failure, not a hang
     with ThreadOrigin(delay=3.0) as origin:
         config = tmp_path / "sluice.toml"
         config.write_text(
             f'[server]\ndrain_timeout = 10\n[admin]\nenabled = true\naddress = "{admin}"\n'
+            f'[metrics]\naddress = "{metrics}"\n'
             f'[[listeners]]\naddress = "127.0.0.1:0"\nfilters = ["router"]\n'
             f'[clusters.app]\nendpoints = ["{origin.address}"]\n'
             f'[[routes]]\nmatch = {{ prefix = "/" }}\ncluster = "app"\n')
         with Running("-c", str(config)) as proxy:
             for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
-                assert _probe(container[kind], admin) == 0, kind
+                assert _probe(container[kind], metrics) == 0, kind
             answers: list[int] = []
             slow = threading.Thread(target=lambda: answers.append(httpx.get(f"{proxy.url}/slow", timeout=10).status_code))
             slow.start()
             poll(lambda: _in_flight(admin), what="a request in flight", proxy=proxy)
             proxy.signal(signal.SIGTERM)
             # draining: not ready (the Service stops sending), still live (no restart mid-drain)
-            poll(lambda: _probe(container["readinessProbe"], admin) == 1, what="/ready fails while draining",
+            poll(lambda: _probe(container["readinessProbe"], metrics) == 1, what="/ready fails while draining",
                  proxy=proxy)
-            assert _probe(container["livenessProbe"], admin) == 0
+            assert _probe(container["livenessProbe"], metrics) == 0
             slow.join(10)
             assert answers == [200]  # the request in flight finished
             assert proxy.wait() == 0
@@ -288,17 +301,17 @@ async def test_the_gateway_config_serves_the_pods_its_headless_service_names(nur
     dns_server = DnsServer(nursery)
     await dns_server.start()
     dns_server.set(name, "A", ["127.0.0.1"], ttl=1)  # one ready backend pod
-    admin = f"127.0.0.1:{free_port()}"
+    admin, metrics = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     with ThreadOrigin(body=b"from the backend") as origin:
         config = tmp_path / "sluice.toml"
         config.write_text(_config_here("sluice-gateway", [
-            ('"0.0.0.0:8080"', '"127.0.0.1:0"'), ('"127.0.0.1:9901"', f'"{admin}"'),
+            ('"0.0.0.0:8080"', '"127.0.0.1:0"'), ('"127.0.0.1:9901"', f'"{admin}"'), ('"0.0.0.0:9102"', f'"{metrics}"'),
             ("port = 8080,", f"port = {_port(origin.address)},"),
             ('type = "A",', f'type = "A", nameserver = "{dns_server.address}",')]))
         proxy = await trio.to_thread.run_sync(Running, "-c", str(config))
         try:
             for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
-                assert await trio.to_thread.run_sync(_probe, container[kind], admin) == 0, kind
+                assert await trio.to_thread.run_sync(_probe, container[kind], metrics) == 0, kind
             answer = await trio.to_thread.run_sync(httpx.get, f"{proxy.url}/orders")
             assert (answer.status_code, answer.content) == (200, b"from the backend")
             assert origin.served == ["/orders"]
@@ -324,14 +337,15 @@ async def test_the_sidecar_config_fronts_the_app_and_carries_its_calls(nursery, 
     clusters = tomllib.loads(_configmap("shop-sluice")["data"]["sluice.toml"])["clusters"]
     dns_server = DnsServer(nursery)
     await dns_server.start()
-    admin, inbound, out_payments, out_inventory = (free_port() for _ in range(4))
+    admin, metrics, inbound, out_payments, out_inventory = (free_port() for _ in range(5))
     with (ThreadOrigin(body=b"app") as app, ThreadOrigin(body=b"payments") as payments,
           ThreadOrigin(body=b"inventory") as inventory):
         changes = [('"0.0.0.0:8080"', f'"127.0.0.1:{inbound}"'), ("{ port = 8080,", f"{{ port = {inbound},"),
                    ('"127.0.0.1:15001"', f'"127.0.0.1:{out_payments}"'), ("{ port = 15001,", f"{{ port = {out_payments},"),
                    ('"127.0.0.1:15002"', f'"127.0.0.1:{out_inventory}"'),
                    ("{ port = 15002,", f"{{ port = {out_inventory},"),
-                   ('"127.0.0.1:8081"', f'"{app.address}"'), ('"127.0.0.1:9901"', f'"127.0.0.1:{admin}"')]
+                   ('"127.0.0.1:8081"', f'"{app.address}"'), ('"127.0.0.1:9901"', f'"127.0.0.1:{admin}"'),
+                   ('"0.0.0.0:9102"', f'"127.0.0.1:{metrics}"')]
         for cluster, origin in (("payments", payments), ("inventory", inventory)):
             name = clusters[cluster]["discovery"]["name"]
             dns_server.set(name, "A", ["127.0.0.1"], ttl=5)
@@ -343,7 +357,7 @@ async def test_the_sidecar_config_fronts_the_app_and_carries_its_calls(nursery, 
         proxy = await trio.to_thread.run_sync(Running, "-c", str(config))
         try:
             for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
-                assert await trio.to_thread.run_sync(_probe, container[kind], f"127.0.0.1:{admin}") == 0, kind
+                assert await trio.to_thread.run_sync(_probe, container[kind], f"127.0.0.1:{metrics}") == 0, kind
             for port, body in ((inbound, b"app"), (out_payments, b"payments"), (out_inventory, b"inventory")):
                 answer = await trio.to_thread.run_sync(httpx.get, f"http://127.0.0.1:{port}/x")
                 assert (answer.status_code, answer.content) == (200, body), port
@@ -384,12 +398,13 @@ async def test_sluice_runs_on_a_read_only_root_with_only_tmp_writable(nursery, t
     dns_server = DnsServer(nursery)
     await dns_server.start()
     dns_server.set(name, "A", ["127.0.0.1"], ttl=5)
-    admin, public = f"127.0.0.1:{free_port()}", free_port()
+    admin, metrics, public = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}", free_port()
     env = {**os.environ, **{e["name"]: e["value"] for e in container["env"]}}
     with ThreadOrigin(body=b"from the backend") as origin:
         config = tmp_path / "sluice.toml"
         config.write_text(_config_here("sluice-gateway", [
             ('"0.0.0.0:8080"', f'"127.0.0.1:{public}"'), ('"127.0.0.1:9901"', f'"{admin}"'),
+            ('"0.0.0.0:9102"', f'"{metrics}"'),
             ("port = 8080,", f"port = {_port(origin.address)},"),
             ('type = "A",', f'type = "A", nameserver = "{dns_server.address}",')]))
         log = (tmp_path / "stderr").open("w+")
@@ -399,14 +414,14 @@ async def test_sluice_runs_on_a_read_only_root_with_only_tmp_writable(nursery, t
         try:
             def ready() -> bool:
                 assert proc.poll() is None, (tmp_path / "stderr").read_text()
-                return _probe(container["readinessProbe"], admin) == 0
+                return _probe(container["readinessProbe"], metrics) == 0
 
             await trio.to_thread.run_sync(lambda: poll(ready, timeout=20, what="/ready"))
-            assert await trio.to_thread.run_sync(_probe, container["livenessProbe"], admin) == 0
+            assert await trio.to_thread.run_sync(_probe, container["livenessProbe"], metrics) == 0
             answer = await trio.to_thread.run_sync(httpx.get, f"http://127.0.0.1:{public}/orders")
             assert (answer.status_code, answer.content) == (200, b"from the backend")
-            metrics = await trio.to_thread.run_sync(httpx.get, f"http://{admin}/metrics")
-            assert "sluice_downstream_requests_total" in metrics.text  # its multiprocess files: in /tmp
+            scraped = await trio.to_thread.run_sync(httpx.get, f"http://{metrics}/metrics")
+            assert "sluice_downstream_requests_total" in scraped.text  # its multiprocess files: in /tmp
             proc.send_signal(signal.SIGTERM)
             assert await trio.to_thread.run_sync(lambda: proc.wait(20)) == 0
         finally:
