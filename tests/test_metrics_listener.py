@@ -4,8 +4,9 @@
 
 from __future__ import annotations
 
-import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import textwrap
@@ -102,6 +103,19 @@ def test_with_two_workers_it_serves_every_workers_metrics_and_nothing_that_chang
             # (the check above can fail: the admin's reload is seen by it)
             assert httpx.post(f"{admin}/reload", headers=bearer(), timeout=15).status_code == 200
             assert httpx.get(f"{admin}/config").json()["generation"] == generation + 1
+
+            # Worker 0 dies: its replacement (index 0 again) opens the metrics listener again.
+            first = live.json()["pid"]
+            os.kill(first, signal.SIGKILL)
+
+            def replaced() -> bool:
+                try:
+                    return httpx.get(f"{url}/live").json()["pid"] not in (first, proxy.pid)
+                except httpx.TransportError:
+                    return False
+
+            poll(replaced, what="worker 0's replacement serving the metrics listener", proxy=proxy)
+            assert requests_served(url) == 10  # the dead worker's counts stay in the totals
 
 
 def test_ready_is_503_while_draining_and_live_stays_200(tmp_path):
