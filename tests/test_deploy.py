@@ -305,7 +305,8 @@ async def test_the_gateway_config_serves_the_pods_its_headless_service_names(nur
     with ThreadOrigin(body=b"from the backend") as origin:
         config = tmp_path / "sluice.toml"
         config.write_text(_config_here("sluice-gateway", [
-            ('"0.0.0.0:8080"', '"127.0.0.1:0"'), ('"127.0.0.1:9901"', f'"{admin}"'), ('"0.0.0.0:9102"', f'"{metrics}"'),
+            ('"0.0.0.0:8080"', '"127.0.0.1:0"'), ('"127.0.0.1:9901"', f'"{admin}"'),
+            ('"0.0.0.0:9102"', f'"{metrics}"'),
             ("port = 8080,", f"port = {_port(origin.address)},"),
             ('type = "A",', f'type = "A", nameserver = "{dns_server.address}",')]))
         proxy = await trio.to_thread.run_sync(Running, "-c", str(config))

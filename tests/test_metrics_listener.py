@@ -19,31 +19,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from .proc import Running, ThreadOrigin, free_port, poll, sluice
 from .test_admin import TOKEN, bearer, events, raw
+from .test_admin import write_config as admin_config
 
 
-def write_config(path: Path, origin: str, metrics_address: str, *, admin: str = "", port: int = 0) -> Path:
-    path.write_text(textwrap.dedent(f"""
-        [server]
-        drain_timeout = 10
-
-        [metrics]
-        address = "{metrics_address}"
-
-        {admin}
-
-        [[listeners]]
-        name = "public"
-        address = "127.0.0.1:{port}"
-        filters = ["access_log", "router"]
-
-        [clusters.app]
-        endpoints = ["{origin}"]
-
-        [[routes]]
-        name = "all"
-        match = {{ prefix = "/" }}
-        cluster = "app"
-    """))
+def write_config(path: Path, origin: str, metrics_address: str, *, port: int = 0, admin: str = "",
+                 admin_address: str = "127.0.0.1:0") -> Path:
+    """test_admin's config (a public listener, one cluster, the admin on loopback) with
+    ``[metrics] address``."""
+    admin_config(path, [origin], admin=admin, port=port, admin_address=admin_address)
+    path.write_text(path.read_text() + f'\n[metrics]\naddress = "{metrics_address}"\n')
     return path
 
 
@@ -67,7 +51,7 @@ def test_with_two_workers_it_serves_every_workers_metrics_and_nothing_that_chang
     admin_address = f"127.0.0.1:{free_port()}"
     with ThreadOrigin(body=b"m") as origin:
         path = write_config(tmp_path / "s.toml", origin.address, f"127.0.0.1:{free_port()}", port=free_port(),
-                            admin=f'[admin]\nenabled = true\naddress = "{admin_address}"\ntoken = "{TOKEN}"')
+                            admin=f'token = "{TOKEN}"', admin_address=admin_address)
         with Running("-c", str(path), "--workers", "2") as proxy:
             url, admin = metrics_url(proxy), f"http://{admin_address}"
             assert len(events(proxy, "metrics listening")) == 1  # worker 0's only
@@ -161,7 +145,7 @@ def test_a_bad_or_clashing_address_is_a_config_error_naming_metrics_address(tmp_
         "127.0.0.1:9901": "metrics.address: 127.0.0.1:9901 clashes with admin.address",
     }
     for address, message in cases.items():
-        path = write_config(tmp_path / "bad.toml", origin, address, port=port, admin="[admin]\nenabled = true")
+        path = write_config(tmp_path / "bad.toml", origin, address, port=port, admin_address="127.0.0.1:9901")
         for command in (["run", "-c", str(path)], ["check", str(path)]):
             r = sluice(*command)
             assert r.returncode == 2, (address, r.stdout, r.stderr)
@@ -179,8 +163,7 @@ def test_check_shows_it(tmp_path):
     r = sluice("check", str(path))
     assert r.returncode == 0, r.stderr
     assert "metrics listener 0.0.0.0:9102: GET/HEAD /metrics /live /ready (read-only, no token)" in r.stdout
-    path = write_config(tmp_path / "none.toml", "127.0.0.1:9", "0.0.0.0:9102").read_text()
-    (tmp_path / "none.toml").write_text(path.replace('address = "0.0.0.0:9102"', ""))
+    admin_config(tmp_path / "none.toml", ["127.0.0.1:9"])
     assert "metrics listener" not in sluice("check", str(tmp_path / "none.toml")).stdout
 
 
@@ -211,7 +194,8 @@ def test_a_real_prometheus_scrapes_it(tmp_path):
             try:
                 def scraped() -> float | None:
                     try:
-                        r = httpx.get(f"http://{web}/api/v1/query", params={"query": "sluice_downstream_requests_total"})
+                        r = httpx.get(f"http://{web}/api/v1/query",
+                                      params={"query": "sluice_downstream_requests_total"})
                     except httpx.TransportError:
                         return None
                     result = r.json()["data"]["result"] if r.status_code == 200 else []

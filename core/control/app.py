@@ -30,8 +30,8 @@ from ..upstream.cluster import Breaker, Cluster, Endpoint, Outlier
 from ..upstream.discovery import Discovery
 from ..upstream.health import HealthCheck, run_checks
 from .admin import admin_token, serve_admin
-from .metrics_listener import serve_metrics_listener
 from .config import Config, format_errors, parse_hostport
+from .metrics_listener import serve_metrics_listener
 from .registry import Plugins
 from .reload import reload
 from .watch import watch_config
