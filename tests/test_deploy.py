@@ -367,15 +367,20 @@ async def test_the_sidecar_config_fronts_the_app_and_carries_its_calls(nursery, 
             await trio.to_thread.run_sync(proxy.stop)
 
 
+# $1: the config; $2: the checkout (its venv runs sluice). A checkout under /tmp (a CI
+# clone) would vanish under the fresh /tmp, so it is carried over by a bind mount.
 _READ_ONLY_ROOT = """set -e
 mount --make-rprivate /
 mount -t tmpfs -o size=1m tmpfs /srv          # the ConfigMap's volume, read-only
 cp "$1" /srv/sluice.toml
+mkdir /srv/checkout
+mount --bind "$2" /srv/checkout
 mount -o remount,ro /srv
 mount -o remount,bind,ro /                    # readOnlyRootFilesystem
 mount -t tmpfs -o size=64m tmpfs /tmp         # the emptyDir at /tmp
+case "$2" in /tmp/*) mkdir -p "$2" && mount --bind /srv/checkout "$2" ;; esac
 cd /
-shift
+shift 2
 exec "$@"
 """
 
@@ -409,7 +414,7 @@ async def test_sluice_runs_on_a_read_only_root_with_only_tmp_writable(nursery, t
             ("port = 8080,", f"port = {_port(origin.address)},"),
             ('type = "A",', f'type = "A", nameserver = "{dns_server.address}",')]))
         log = (tmp_path / "stderr").open("w+")
-        proc = subprocess.Popen(["unshare", "-m", "sh", "-c", _READ_ONLY_ROOT, "sh", str(config),
+        proc = subprocess.Popen(["unshare", "-m", "sh", "-c", _READ_ONLY_ROOT, "sh", str(config), str(ROOT),
                                  sys.executable, "-m", "sluice", "run", "-c", "/srv/sluice.toml"],
                                 stdout=subprocess.DEVNULL, stderr=log, env=env)
         try:
