@@ -139,6 +139,9 @@ def _parser() -> argparse.ArgumentParser:
     register.add_argument("--zone")
     register.add_argument("--metadata", default="{}", metavar="JSON", help="a JSON object")
     register.add_argument("--ttl", type=_positive, default=10, help="etcd lease / ZooKeeper session seconds")
+    register.add_argument("--ca", help="etcd over https: the CA (PEM) that signed its certificate")
+    register.add_argument("--cert", help="etcd over https: the client certificate (PEM) for --client-cert-auth")
+    register.add_argument("--key", help="etcd over https: the client certificate's key (PEM)")
     register.add_argument("--id", dest="instance_id", help="etcd: the key's last part (default: host-pid)")
     register.add_argument("--check", metavar="URL", help="registered only while GET URL answers 2xx/3xx")
     register.add_argument("--check-interval", type=_seconds, default=2.0, metavar="SECONDS")
@@ -630,6 +633,7 @@ def cmd_register(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError(f"--metadata: expected a JSON object ({exc})") from None
     data = {"store": args.store, "address": args.address, "prefix": args.prefix, "path": args.path, "ttl": args.ttl,
+            "ca": args.ca, "cert": args.cert, "key": args.key,
             "services": [{"address": args.service, "weight": args.weight, "zone": args.zone, "metadata": metadata}]}
     if args.instance_id:
         data["instance_id"] = args.instance_id
@@ -642,10 +646,11 @@ def cmd_register(args: argparse.Namespace) -> int:
         raise ConfigError(first) from None
     if args.check is not None and not args.check.startswith(("http://", "https://")):
         raise ConfigError(f"--check: expected an http:// or https:// URL, got {args.check!r}")
+    tls = config.tls(prefix="--")
     configure("info")
     return trio.run(functools.partial(registration.sidecar, config.store, config.address,
                                       registration.entries_for(config, {}), config.ttl,
-                                      check=args.check, interval=args.check_interval))
+                                      check=args.check, interval=args.check_interval, tls=tls))
 
 
 def _first_leaf(group: BaseExceptionGroup) -> BaseException:

@@ -7,6 +7,7 @@ is the core's and strict; ``alerts`` does the same), so errors carry key paths u
     [filters.registration]
     store = "etcd"                        # | "zookeeper"
     address = "http://127.0.0.1:2379"     # etcd's client URL; ZooKeeper: "host:port[,host:port]"
+    # etcd at https://...: ca = "ca.pem" (default: the system's CAs), cert/key = client certificate
     prefix = "/services/app/"             # etcd: the key is <prefix><instance_id>
     path = "/services/app"                # ZooKeeper: an ephemeral sequential <path>/instance-
     ttl = 10                              # etcd lease seconds; ZooKeeper session timeout
@@ -96,6 +97,9 @@ class RegistrationConfig(FilterConfig):
     prefix: str | None = None
     path: str | None = None
     ttl: PositiveInt = 10
+    ca: str | None = None  # etcd over https: the CA (PEM) that signed its certificate (default: the system's)
+    cert: str | None = None  # and the client certificate (PEM) for its --client-cert-auth
+    key: str | None = None  # its key (unless it is in cert)
     instance_id: str | None = Field(None, min_length=1)  # None: <hostname>-<pid> of the registering process
     services: list[Service] = Field(min_length=1)
 
@@ -105,7 +109,26 @@ class RegistrationConfig(FilterConfig):
             raise ValueError("store etcd needs prefix (the keys are <prefix><instance_id>)")
         if self.store == "zookeeper" and not (self.path or "").startswith("/"):
             raise ValueError("store zookeeper needs path, absolute (the nodes are <path>/instance-N)")
+        if self.store == "zookeeper" and (self.ca or self.cert or self.key):
+            raise ValueError("ca, cert and key are for etcd over https")
         return self
+
+    def tls(self, prefix: str = f"{WHERE}.") -> Any:
+        """The ``ssl.SSLContext`` for an https:// etcd (None otherwise); a file that does not
+        load is a ConfigError naming the setting (``prefix`` + ca, cert or key)."""
+        if self.store != "etcd":
+            return None
+        from sluice.plugins.etcd import TlsFileError, tls_for
+
+        try:
+            return tls_for(etcd_url(self.address), self.ca, self.cert, self.key)
+        except TlsFileError as exc:
+            raise ConfigError(f"{prefix}{exc.key}: {exc}") from None
+
+
+def etcd_url(address: str) -> str:
+    """etcd's client URL (``http://`` added to a bare host:port)."""
+    return address if "://" in address else f"http://{address}"
 
 
 def settings(config: Any) -> RegistrationConfig | None:
@@ -122,6 +145,7 @@ def settings(config: Any) -> RegistrationConfig | None:
         if service.listener is not None and service.listener not in names:
             raise ConfigError(f"{WHERE}.services[{i}].listener: {service.listener!r} names no listener "
                               f"(listeners: {', '.join(sorted(n for n in names if n))})")
+    registration.tls()  # the TLS files load
     return registration
 
 
@@ -143,18 +167,18 @@ Entry = tuple[str, bytes]  # (etcd key or ZooKeeper prefix, JSON)
 # asked for; the server grants it within its own minSessionTimeout..maxSessionTimeout.
 
 @asynccontextmanager
-async def _etcd(address: str, entries: list[Entry], ttl: int) -> AsyncIterator[None]:
+async def _etcd(address: str, entries: list[Entry], ttl: int, tls: Any) -> AsyncIterator[None]:
     from sluice.plugins.etcd import EtcdClient
 
-    url = address if "://" in address else f"http://{address}"
-    async with EtcdClient(url, timeout=max(1.0, min(5.0, ttl / 3))) as etcd, etcd.lease(ttl) as lease:
+    async with EtcdClient(etcd_url(address), timeout=max(1.0, min(5.0, ttl / 3)), tls=tls) as etcd, \
+            etcd.lease(ttl) as lease:
         for key, value in entries:
             await etcd.put(key, value, lease=lease.id)
         yield  # the lease is kept alive; LeaseExpired ends the block; leaving it revokes
 
 
 @asynccontextmanager
-async def _zookeeper(address: str, entries: list[Entry], ttl: int) -> AsyncIterator[None]:
+async def _zookeeper(address: str, entries: list[Entry], ttl: int, tls: Any) -> AsyncIterator[None]:
     from sluice.plugins.zookeeper import open_zookeeper
 
     async with open_zookeeper(address, session_timeout=ttl, connect_timeout=max(1.0, min(5.0, ttl))) as zk, \
@@ -176,7 +200,7 @@ async def _session_events(zk) -> None:
             log.info("registered", store="zookeeper", recovered=True)
 
 
-STORES: dict[str, Callable[[str, list[Entry], int], Any]] = {"etcd": _etcd, "zookeeper": _zookeeper}
+STORES: dict[str, Callable[[str, list[Entry], int, Any], Any]] = {"etcd": _etcd, "zookeeper": _zookeeper}
 
 
 def _store_error(exc: BaseException) -> BaseException | None:
@@ -189,8 +213,12 @@ def _store_error(exc: BaseException) -> BaseException | None:
     return exc if isinstance(exc, EtcdError | ZooKeeperError | OSError) else None
 
 
-async def keep_registered(store: str, address: str, entries: list[Entry], ttl: int, until: trio.Event) -> None:
+async def keep_registered(store: str, address: str, entries: list[Entry], ttl: int, until: trio.Event, *,
+                          tls: Any = None, settings_at: str = f"{WHERE}.") -> None:
     """Hold ``entries`` in ``store`` until ``until`` is set, then delete them.
+
+    ``tls``: the ``ssl.SSLContext`` for an https:// etcd (``RegistrationConfig.tls``); a
+    handshake that fails names the setting to check, ``settings_at`` + ca or cert.
 
     Never raises: a store that is down or drops us is retried with backoff, logging
     ``registration lost``, and ``registered`` once the entries are in again; anything else is
@@ -199,7 +227,7 @@ async def keep_registered(store: str, address: str, entries: list[Entry], ttl: i
     backoff = BACKOFF_FIRST
     while not until.is_set():
         try:
-            async with STORES[store](address, entries, ttl):
+            async with STORES[store](address, entries, ttl, tls):
                 log.info("registered", store=store, entries=[key for key, _ in entries])
                 backoff = BACKOFF_FIRST
                 await until.wait()
@@ -210,8 +238,10 @@ async def keep_registered(store: str, address: str, entries: list[Entry], ttl: i
             if error is None:  # not the store being away: a bug, or an answer we do not expect
                 log.error("registration failed", store=store, retry_in=backoff, exc_info=exc)
             else:
-                log.warning("registration lost", store=store, error=str(error) or type(error).__name__,
-                            retry_in=backoff)
+                from sluice.plugins.etcd import tls_hint
+
+                log.warning("registration lost", store=store, retry_in=backoff,
+                            error=tls_hint(error, settings_at) or type(error).__name__)
         with trio.move_on_after(backoff):
             await until.wait()
         backoff = min(backoff * 2, BACKOFF_MAX)
@@ -255,7 +285,8 @@ async def _register_app(app, config: RegistrationConfig) -> None:
     # Registered once every listener serves; deregistered as the stop begins, before the drain.
     await app.listening.wait()
     bound = {listener.name: url.split("://", 1)[1] for listener, url in zip(app.listeners, app.addresses)}
-    await keep_registered(config.store, config.address, entries_for(config, bound), config.ttl, app.stopping)
+    await keep_registered(config.store, config.address, entries_for(config, bound), config.ttl, app.stopping,
+                          tls=config.tls())
 
 
 _RUNNING: dict[int, RegistrationConfig | None] = {}  # by id(app): what worker 0 registered at start
@@ -296,7 +327,7 @@ async def _healthy(http, url: str) -> bool:
 
 
 async def _while_healthy(store: str, address: str, entries: list[Entry], ttl: int, stop: trio.Event,
-                         check: str, interval: float) -> None:
+                         check: str, interval: float, tls: dict[str, Any]) -> None:
     """Registered while ``check`` answers 2xx/3xx, deregistered while it does not, until ``stop``."""
     import httpx
 
@@ -321,15 +352,17 @@ async def _while_healthy(store: str, address: str, entries: list[Entry], ttl: in
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(watch)
-                await keep_registered(store, address, entries, ttl, leave)
+                await keep_registered(store, address, entries, ttl, leave, **tls)
             if not stop.is_set():
                 with trio.move_on_after(interval):
                     await stop.wait()
 
 
 async def sidecar(store: str, address: str, entries: list[Entry], ttl: int, *, check: str | None = None,
-                  interval: float = 2.0) -> int:
-    """Hold ``entries`` until SIGTERM or SIGINT, then deregister; 0. With ``check``, only while it passes."""
+                  interval: float = 2.0, tls: Any = None) -> int:
+    """Hold ``entries`` until SIGTERM or SIGINT, then deregister; 0. With ``check``, only while it passes.
+    ``tls``: an https:// etcd's context, its settings being the command's ``--ca``/``--cert``/``--key``."""
+    over = {"tls": tls, "settings_at": "--"}
     import signal
 
     stop = trio.Event()
@@ -343,8 +376,8 @@ async def sidecar(store: str, address: str, entries: list[Entry], ttl: int, *, c
 
         nursery.start_soon(on_signal)
         if check is None:
-            await keep_registered(store, address, entries, ttl, stop)
+            await keep_registered(store, address, entries, ttl, stop, **over)
         else:
-            await _while_healthy(store, address, entries, ttl, stop, check, interval)
+            await _while_healthy(store, address, entries, ttl, stop, check, interval, over)
         nursery.cancel_scope.cancel()
     return 0

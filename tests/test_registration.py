@@ -263,7 +263,7 @@ async def test_an_unexpected_error_is_logged_and_retried_never_raised(monkeypatc
     tries, second = [], trio.Event()
 
     @asynccontextmanager
-    async def store(address, entries, ttl):
+    async def store(address, entries, ttl, tls):
         tries.append(address)
         if len(tries) == 1:
             raise KeyError("a bug")

@@ -334,6 +334,11 @@ class ConfigStoreConfig(_Model):
     prefix: str | None = None  # etcd: the document is the key <prefix>config
     path: str | None = None  # ZooKeeper: the node holding the document
     cache: str | None = None  # the last good document, for a start while the store is down
+    # etcd at https://: the CA (PEM) that signed its certificate (default: the system's), and the
+    # client certificate and key (PEM) for its --client-cert-auth; checked by the store plugin
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
     timeout: PositiveFloat = 5.0  # each store call, and the first read at start
     backoff_initial: PositiveFloat = 0.2  # reconnecting: the first wait, doubling...
     backoff_max: PositiveFloat = 10.0  # ...up to this
@@ -344,6 +349,8 @@ class ConfigStoreConfig(_Model):
             raise ValueError("store etcd needs prefix (the document is the key <prefix>config)")
         if self.store == "zookeeper" and not (self.path or "").startswith("/"):
             raise ValueError("store zookeeper needs path, absolute (the node holding the document)")
+        if self.store == "zookeeper" and (self.ca or self.cert or self.key):
+            raise ValueError("ca, cert and key are for etcd over https")
         if self.backoff_max < self.backoff_initial:
             raise ValueError("backoff_max is below backoff_initial")
         return self

@@ -2,7 +2,8 @@
 
 The store is named by ``-c bootstrap.toml`` (its ``[config_store]`` table) or by flags
 (``--store etcd --address http://127.0.0.1:2379 --prefix /sluice/prod/``; ``--path`` for
-ZooKeeper). ``push`` validates FILE first, whole, as an instance would build it (over the
+ZooKeeper; ``--ca``/``--cert``/``--key`` for etcd over https, as ``config_store.ca`` etc.).
+``push`` validates FILE first, whole, as an instance would build it (over the
 bootstrap's listeners with ``-c``, else over one listener running ``router``), so a bad
 file never reaches the store: status 2 and the key that is wrong.
 ``diff`` is a unified diff of the store's document against FILE, with diff's statuses
@@ -27,6 +28,7 @@ from .registry import Plugins
 
 __all__ = ["add_parser", "run"]
 
+_FLAGS = ("store", "address", "prefix", "path", "ca", "cert", "key")
 _STUB = {"listeners": [{"address": "127.0.0.1:0", "filters": ["router"]}]}
 
 
@@ -45,18 +47,21 @@ def add_parser(sub) -> None:
         action.add_argument("--address", help="etcd's client URL, or ZooKeeper's host:port")
         action.add_argument("--prefix", help="etcd: the document is the key PREFIX + config")
         action.add_argument("--path", help="ZooKeeper: the node holding the document")
+        action.add_argument("--ca", help="etcd over https: the CA (PEM) that signed its certificate")
+        action.add_argument("--cert", help="etcd over https: the client certificate (PEM)")
+        action.add_argument("--key", help="etcd over https: the client certificate's key (PEM)")
         action.add_argument("--timeout", type=float, default=5.0, help="seconds for the store to answer")
 
 
 def _settings(args) -> ConfigStoreConfig:
     if args.config:
-        if args.store or args.address or args.prefix or args.path:
-            raise ConfigError("-c cannot be combined with --store/--address/--prefix/--path")
+        if any(getattr(args, k) for k in _FLAGS):
+            raise ConfigError("-c cannot be combined with " + "/".join(f"--{k}" for k in _FLAGS))
         settings = parse(read_toml(args.config)).config_store
         if settings is None:
             raise ConfigError(f"{args.config}: config_store: the file has no [config_store] table")
         return settings
-    given = {k: getattr(args, k) for k in ("store", "address", "prefix", "path") if getattr(args, k)}
+    given = {k: getattr(args, k) for k in _FLAGS if getattr(args, k)}
     try:
         return ConfigStoreConfig.model_validate({**given, "timeout": args.timeout})
     except ValidationError as exc:
@@ -97,6 +102,16 @@ def _read(path: str) -> bytes:
 
 
 def run(args) -> int:
+    try:
+        return _run(args)
+    except ConfigError as exc:
+        if args.config or "config_store." not in str(exc):
+            raise
+        # with flags, a setting is the flag that gave it: "config_store.ca" is "--ca"
+        raise ConfigError(str(exc).replace("config_store.", "--")) from None
+
+
+def _run(args) -> int:
     settings = _settings(args)
     plugins = Plugins()
     store = open_store(settings, plugins)

@@ -39,7 +39,7 @@ The public names::
 
 from __future__ import annotations
 
-from .client import EtcdClient, Lease, tls_context
+from .client import EtcdClient, Lease, TlsFileError, tls_context, tls_for, tls_hint
 from .codec import KeyValue
 from .errors import EtcdCompacted, EtcdError, EtcdRequestError, EtcdUnavailable, LeaseExpired
 from .mirror import PrefixState
@@ -47,5 +47,6 @@ from .watch import Disconnected, Event, Events, Reconnected, Resync
 
 __all__ = [
     "Disconnected", "EtcdClient", "EtcdCompacted", "EtcdError", "EtcdRequestError", "EtcdUnavailable", "Event",
-    "Events", "KeyValue", "Lease", "LeaseExpired", "PrefixState", "Reconnected", "Resync", "tls_context",
+    "Events", "KeyValue", "Lease", "LeaseExpired", "PrefixState", "Reconnected", "Resync", "TlsFileError",
+    "tls_context", "tls_for", "tls_hint",
 ]

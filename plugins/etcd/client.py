@@ -28,7 +28,7 @@ from .errors import EtcdRequestError, EtcdUnavailable, LeaseExpired, malformed, 
 from .mirror import mirror_prefix
 from .watch import watch_prefix
 
-__all__ = ["EtcdClient", "Lease", "tls_context"]
+__all__ = ["EtcdClient", "Lease", "TlsFileError", "tls_context", "tls_for", "tls_hint"]
 
 log = structlog.get_logger("sluice.etcd")
 
@@ -49,22 +49,53 @@ def _raw(data: bytes | str) -> bytes:
     return data.encode() if isinstance(data, str) else data
 
 
+class TlsFileError(ValueError):
+    """A TLS setting that does not load; ``key`` names it (``ca``, ``cert`` or ``key``), so that a
+    caller can say where it is set (``filters.registration.ca``, ``--ca``, ``config_store.ca``)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 def tls_context(ca: str | None = None, cert: str | None = None, key: str | None = None) -> ssl.SSLContext:
     """The client's TLS context: ``ca`` to verify the member (default: the system's CAs), and
-    ``cert``/``key`` to show for mutual TLS. ValueError naming the file that does not load."""
+    ``cert``/``key`` to show for mutual TLS. TlsFileError (a ValueError) naming the file that does not load."""
     try:
         context = ssl.create_default_context(cafile=ca)
     except (OSError, ssl.SSLError) as exc:
-        raise ValueError(f"{ca}: not a readable PEM CA file ({exc})") from None
+        raise TlsFileError("ca", f"{ca}: not a readable PEM CA file ({exc})") from None
     if cert is not None:
         try:
             context.load_cert_chain(cert, key)
         except (OSError, ssl.SSLError) as exc:
-            raise ValueError(f"{cert}{' / ' + key if key else ''}: not a readable PEM certificate and "
-                             f"its key ({exc})") from None
+            raise TlsFileError("cert", f"{cert}{' / ' + key if key else ''}: not a readable PEM certificate and "
+                                       f"its key ({exc})") from None
     elif key is not None:
-        raise ValueError("a key without its certificate (cert)")
+        raise TlsFileError("key", "a key without its certificate (cert)")
     return context
+
+
+def tls_for(url: str, ca: str | None, cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    """The TLS context for a member at ``url`` with these settings: None for ``http://``, where
+    any of them is a TlsFileError (they would be silently unused)."""
+    if url.startswith("https://"):
+        return tls_context(ca, cert, key)
+    given = next((name for name, value in (("ca", ca), ("cert", cert), ("key", key)) if value is not None), None)
+    if given is not None:
+        raise TlsFileError(given, f"TLS settings need an https:// address (got {url})")
+    return None
+
+
+def tls_hint(error: BaseException, prefix: str) -> str:
+    """``error``'s message, naming the setting to look at (``prefix`` + ``ca`` or ``cert``)
+    when a TLS handshake with etcd is what failed."""
+    text = str(error)
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        return f"{text} (check {prefix}ca: etcd's certificate is not signed by that CA)"
+    if "ALERT" in text and "CERTIFICATE" in text:  # etcd refused ours, or wanted one
+        return f"{text} (check {prefix}cert: etcd did not accept the client certificate)"
+    return text
 
 
 class EtcdClient:
