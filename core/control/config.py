@@ -296,7 +296,7 @@ class ServerConfig(_Model):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Where `sluice reload -c FILE` finds the running sluice; --pid-file overrides it.
     pid_file: str | None = None
-    # Reload when the config file changes (watchfiles), as SIGHUP does.
+    # Reload when the config file changes (a stat every 0.5 s: sluice.control.watch), as SIGHUP does.
     watch_config: bool = False
 
 
