@@ -45,13 +45,14 @@ conformance: venv
 	$(PY) -m pytest conformance
 
 # Benchmarks (benchmarks/README.md): the peers from apt (nginx, wrk, haproxy,
-# caddy), then matplotlib (plots) and httptools (the floor) into the venv.
+# caddy), then matplotlib (plots), httptools (the floor) and watchfiles
+# (watch_cost.py, the watcher sluice no longer uses) into the venv.
 # `make bench` is the quick set (~4 min), `make bench-full` every scenario;
 # BENCH_ARGS passes flags to run.py, e.g. BENCH_ARGS="--plugins my_filter,router".
 .PHONY: bench-deps bench-full
 bench-deps: venv
 	bash benchmarks/setup.sh
-	$(PY) -c "import matplotlib, httptools" 2>/dev/null || $(PY) -m pip install -q matplotlib httptools
+	$(PY) -c "import matplotlib, httptools, watchfiles" 2>/dev/null || $(PY) -m pip install -q matplotlib httptools watchfiles
 
 bench: bench-deps
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
