@@ -21,7 +21,7 @@ anonymous callers too adds a ``client_ip`` limit (counted ``skipped``).
 Global mode, the store unreachable: ``on_error = "open"`` admits (a limit is a protection, and
 an outage of Redis should not become one of the API), ``"closed"`` answers 503 with
 ``Retry-After: 1`` (the store is what failed, not the client, so not 429). The backend bounds
-each call by its ``timeout`` (10 ms by default) and then skips Redis during its backoff, so an
+each call by its ``timeout`` (250 ms by default: why in ``redis_state``) and then skips Redis during its backoff, so an
 outage costs one request that timeout and the rest nothing. Each decision is counted
 (``sluice_plugin_rate_limit_decisions_total{filter, outcome}``: allowed, limited, skipped,
 error_open, error_closed), and an outage is logged once per worker: ``rate limit store lost``
