@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import trio
 from joserfc import jwk, jwt
 
 import sluice.plugins.jwt as jwt_plugin
@@ -378,3 +379,92 @@ async def test_curl_and_httpx_see_the_challenge_and_get_through(origin, sluice_p
 
 
 # The filter contract's battery for jwt is test_contract_battery.py's test_jwt, next to every built-in's.
+
+
+# -- the cache of verified tokens ------------------------------------------------------
+
+@pytest.fixture
+def verified(monkeypatch) -> list[int]:
+    """Counts signature checks (the real ``verify``, spied on): a cache hit makes none."""
+    calls = [0]
+    real = jwt_plugin.verify
+
+    def counting(parsed, key):
+        calls[0] += 1
+        return real(parsed, key)
+
+    monkeypatch.setattr(jwt_plugin, "verify", counting)
+    return calls
+
+
+OWN = ("x-request-id", "traceparent")
+
+
+async def test_a_cached_token_is_admitted_with_the_same_identity_and_headers(verified):
+    jwt_filter = build_filter(Jwt, {**settings(claims_to_headers={"sub": "x-user"}), "cache_size": 10})
+    token = sign(EC, scope="read")
+    runs = [await run_filter(jwt_filter, request=("GET", "/", bearer(token) + [("x-user", "mallory")]))
+            for _ in range(3)]
+    assert verified[0] == 1  # the first request checked the signature, the others hit
+    for run in runs:
+        assert run.local_reply is None
+        assert run.ctx.vars == runs[0].ctx.vars and run.ctx.vars["auth.user"] == "alice"
+        same = [(n, v) for n, v in run.request.headers if n not in OWN]  # each request has its own ids
+        assert same == [(n, v) for n, v in runs[0].request.headers if n not in OWN]
+        assert run.request.headers.get_all("x-user") == ["alice"] and run.request.headers.get("authorization") is None
+    runs[1].ctx.vars["jwt.claims"]["sub"] = "mallory"  # a filter changing its request's claims
+    again = await run_filter(jwt_filter, request=("GET", "/", bearer(token)))
+    assert again.ctx.vars["jwt.claims"]["sub"] == "alice"  # changes no other request's
+
+
+async def test_a_cached_token_expires_on_time(verified):
+    import time
+    jwt_filter = build_filter(Jwt, settings(clock_skew=0))
+    exp = time.time() + 0.4
+    token = sign(exp=exp)
+    assert (await run_filter(jwt_filter, request=("GET", "/", bearer(token)))).local_reply is None
+    assert (await run_filter(jwt_filter, request=("GET", "/", bearer(token)))).local_reply is None
+    assert verified[0] == 1
+    await trio.sleep(max(0.0, exp - time.time()) + 0.02)  # the wall clock past exp: what is awaited here
+    run = await run_filter(jwt_filter, request=("GET", "/", bearer(token)))
+    assert run.local_reply is not None and run.local_reply.status == 401
+    assert [e["reason"] for e in run.log if e["event"] == "jwt refused"] == ["expired"]
+    assert verified[0] == 1 and run.ctx.vars == {}  # refused from the cache, as an uncached check would
+
+
+async def test_cache_size_0_verifies_every_request_and_the_bound_holds(verified):
+    off = build_filter(Jwt, {**settings(), "cache_size": 0})
+    token = sign()
+    for _ in range(3):
+        assert (await run_filter(off, request=("GET", "/", bearer(token)))).local_reply is None
+    assert verified[0] == 3 and off._providers["main"].cache is None
+    bounded = build_filter(Jwt, {**settings(), "cache_size": 3})
+    tokens = [sign(sub=f"user-{i}") for i in range(5)]
+    for token in tokens[:3] + [tokens[0]] + tokens[3:]:  # tokens[0] used again: the least recent is tokens[1]
+        assert (await run_filter(bounded, request=("GET", "/", bearer(token)))).local_reply is None
+    assert len(bounded._providers["main"].cache.entries) == 3
+    verified[0] = 0
+    for i in (0, 3, 4):
+        await run_filter(bounded, request=("GET", "/", bearer(tokens[i])))
+    assert verified[0] == 0  # kept: the most recently used
+    await run_filter(bounded, request=("GET", "/", bearer(tokens[1])))
+    assert verified[0] == 1  # evicted, verified again
+
+
+async def test_cache_size_config_errors_name_the_key_path():
+    with pytest.raises(ConfigError, match=r"filters.jwt.cache_size"):
+        build_filter(Jwt, {**settings(), "cache_size": -1})
+
+
+async def test_a_routes_scopes_still_apply_to_a_cached_token(origin, sluice_proxy, verified):
+    routes = [
+        {"match": {"prefix": "/admin"}, "cluster": "origin", "filters": {"jwt": {"scopes": ["admin"]}}},
+        {"match": {"prefix": "/"}, "cluster": "origin"},
+    ]
+    cfg = {"filters": {"jwt": {**settings(), "cache_size": 100}}, "routes": routes}
+    proxy = await sluice_proxy(filters=["jwt", "router"], extra=EXTRA, config=cfg)
+    reader = {"authorization": f"Bearer {sign(scope='read')}"}
+    assert (await proxy.client.get("/other", headers=reader)).status_code == 200
+    assert (await proxy.client.get("/admin/x", headers=reader)).status_code == 403  # a hit, still lacking admin
+    assert (await proxy.client.get("/other", headers=reader)).status_code == 200
+    assert verified[0] == 1

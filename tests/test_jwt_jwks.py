@@ -239,3 +239,31 @@ async def test_a_key_server_answering_garbage_is_an_outage_not_a_crash(origin, s
         r = await proxy.client.get("/", headers={"authorization": f"Bearer {sign(RSA)}"})
     assert r.status_code == 401 and "keys_unavailable" in r.headers["www-authenticate"]
     assert [e["event"] for e in logs if e["event"] == "jwks fetch failed"] == ["jwks fetch failed"]
+
+
+async def _fetched(logs, kids: list[str]) -> bool:
+    return any(e["event"] == "jwks fetched" and e["kids"] == kids for e in logs)
+
+
+async def test_a_withdrawn_key_refuses_its_cached_tokens_at_once(origin, sluice_proxy, key_server, tmp_path):
+    """The cache is bound to the key set: the first request after a JWKS refresh (or a file reload)
+    that drops a key is refused, though the token was verified and cached before."""
+    with capture_logs() as logs:
+        proxy = await sluice_proxy(filters=["jwt", "router"], extra=EXTRA,
+                                   config=remote(key_server.origin.address, cache_ttl=0.3, refetch_interval=60))
+        old = sign(RSA)
+        assert await status(proxy, old) == 200 and await status(proxy, old) == 200  # verified, then a hit
+        key_server.keys = [RSA2]
+        await until(lambda: _fetched(logs, ["rsa-2"]))
+        assert await status(proxy, old) == 401
+    path = tmp_path / "jwks.json"
+    write_jwks(path, RSA, EC)
+    provider = {"issuer": ISSUER, "jwks_file": str(path), "file_poll": 0.05}
+    with capture_logs() as logs:
+        proxy = await sluice_proxy(filters=["jwt", "router"], extra=EXTRA,
+                                   config={"filters": {"jwt": {"providers": {"file": provider}}}})
+        token = sign(EC)
+        assert await status(proxy, token) == 200 and await status(proxy, token) == 200
+        write_jwks(path, RSA)
+        await until(lambda: _logged(logs, "jwks file reloaded"))
+        assert await status(proxy, token) == 401

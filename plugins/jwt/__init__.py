@@ -7,6 +7,8 @@ providers accepts (``require = "any"``, the default) or one per provider
 allowlist, its key found (by ``kid``; an unknown kid fetches a remote JWKS
 again, rate limited), its signature verified by joserfc, and its
 ``iss``, ``aud``, ``exp`` and ``nbf`` (with ``clock_skew``) accepted.
+A verified token is remembered (``cache.TokenCache``, ``cache_size`` per
+provider) until it expires or its provider's key set changes.
 
 On success: ``ctx.vars["jwt.claims"]`` (the verified claims),
 ``ctx.vars["jwt.provider"]``, ``ctx.vars["auth.user"]`` (``sub``) and
@@ -38,6 +40,7 @@ import trio
 
 from sluice import CONTINUE, ConfigError, Filter, LocalReply, hookimpl, metrics
 
+from .cache import TokenCache
 from .keys import JwksFile, RemoteJwks, Secret
 from .settings import Provider, RouteSettings, Settings
 from .tokens import CODES, Parsed, Refusal, check_claims, parse, verify
@@ -58,6 +61,7 @@ class _Provider:
     allowed: frozenset[str]
     audiences: frozenset[str]
     outcomes: dict[str, Any]
+    cache: TokenCache | None = None  # verified tokens (None: cache_size = 0)
 
     def token(self, request) -> tuple[bytes, str] | None:
         """The token this provider looks for, and where it was found ("header" or "cookie")."""
@@ -142,7 +146,8 @@ class Jwt(Filter):
                 header=p.header.encode("latin-1"),
                 prefix=(p.prefix if p.prefix is not None else "Bearer " if p.header == "authorization" else "")
                 .lower().encode("latin-1"),
-                cookie=p.cookie, allowed=p.allowed, audiences=frozenset(p.audiences), outcomes={})
+                cookie=p.cookie, allowed=p.allowed, audiences=frozenset(p.audiences), outcomes={},
+                cache=TokenCache(config.cache_size, p.clock_skew) if config.cache_size else None)
         self._default = _Rule(tuple(self._providers.values()), config.require, frozenset())
         self._rules: dict[int, _Rule] = {}
         self._sanitise = tuple({h.encode() for p in config.providers.values() for h in p.claims_to_headers.values()})
@@ -263,6 +268,12 @@ class Jwt(Filter):
         """The verified claims of ``token`` for provider ``p``; Refusal otherwise."""
         if len(token) > self.config.max_token_bytes:
             raise Refusal("too_large", f"{len(token)} bytes")
+        cache, index = p.cache, getattr(p.source, "index", None)
+        if cache is not None and index is not None:
+            digest = cache.digest(token)
+            claims = cache.get(digest, index, time.time())
+            if claims is not None:
+                return dict(claims)  # a copy: a filter changing its request's claims changes no other's
         got = parsed.get(token)
         if got is None:
             try:
@@ -288,6 +299,8 @@ class Jwt(Filter):
             raise Refusal("bad_signature")
         check_claims(got.claims, time.time(), skew=c.clock_skew, issuer=None, audiences=p.audiences,
                      require_exp=c.require_exp)
+        if cache is not None and index is not None:  # bound to the set the keys came from (no await since)
+            cache.put(digest, p.source.index, dict(got.claims))
         return got.claims
 
     def _refuse(self, ctx, p: _Provider, exc: Refusal) -> LocalReply:

@@ -102,6 +102,8 @@ class Settings(FilterConfig):
     realm: Annotated[str, Field(pattern=r'^[^"\\]*$')] = "sluice"  # no quotes or backslashes: it is quoted
     max_token_bytes: Annotated[int, Field(ge=64, le=1 << 20)] = 8192  # refused before any parsing
     require: Literal["any", "all"] = "any"  # which of the providers a request must pass (routes may say)
+    # verified tokens remembered per provider (0: none), until exp or a key-set change; LRU beyond it
+    cache_size: Annotated[int, Field(ge=0, le=1_000_000)] = 10_000
 
 
 class RouteSettings(FilterConfig):
