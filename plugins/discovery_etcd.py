@@ -20,7 +20,9 @@ not answer within ``timeout`` is hung (a stopped process, a member cut off from 
 quorum), and is left within ``check_interval + timeout`` rather than the watch's 60 s idle
 timeout. With ``https://`` members, ``ca`` (a PEM file; default: the system's CAs) verifies
 them, and ``cert`` and ``key`` (PEM files) are the client certificate an etcd started with
-``--client-cert-auth`` asks for.
+``--client-cert-auth`` asks for. A file that does not load is refused naming its key
+(``clusters.<name>.discovery.ca``), and so are TLS settings with an ``http://`` member
+(they would be silently unused), as for ``registration`` and ``config_store``.
 
 The prefix is mirrored by ``EtcdClient.mirror_prefix``: read once, then watched from the
 revision after, so every change is a new full set. An empty prefix empties the cluster
@@ -40,11 +42,11 @@ from typing import Annotated
 import trio
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
-from sluice import hookimpl
+from sluice import ConfigError, hookimpl
 from sluice.addresses import parse_hostport
 from sluice.upstream.discovery import DiscoveryConfig, DiscoverySource
 
-from .etcd import EtcdClient, PrefixState, tls_context
+from .etcd import EtcdClient, PrefixState, TlsFileError, tls_for
 from .registry_entries import Entries
 
 __all__ = ["EtcdSource"]
@@ -100,16 +102,17 @@ class EtcdSource(DiscoverySource):
             if (self.endpoints is None) == (self.address is None):
                 raise ValueError("give endpoints (a list of etcd members) or address (one), not "
                                  + ("both" if self.endpoints else "neither"))
-            if self.cert or self.key or self.ca:
-                tls_context(self.ca, self.cert, self.key)  # (ValueError naming the file)
-            return self
+            return self  # (ca, cert and key: at __init__, where the members' schemes are known)
 
     def __init__(self, config, cluster: str) -> None:
         super().__init__(config, cluster)
         self.members = config.endpoints or [config.address]
         self.entries = Entries(cluster, self.name)
-        self.tls = tls_context(config.ca, config.cert, config.key) if any(
-            m.startswith("https://") for m in self.members) else None
+        try:  # per member: an http:// one with TLS settings is refused rather than left without
+            contexts = [tls_for(url, config.ca, config.cert, config.key) for url in self.members]
+        except TlsFileError as exc:
+            raise ConfigError(f"clusters.{cluster}.discovery.{exc.key}: {exc}") from None
+        self.tls = next((context for context in contexts if context is not None), None)
         self._last: PrefixState | None = None  # the last state seen, where the next member resumes
 
     async def run(self, updates) -> None:

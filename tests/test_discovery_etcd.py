@@ -89,7 +89,18 @@ def test_tls_files_that_do_not_load_are_named_at_the_key_path(tmp_path):
 
     files = tls_files(tmp_path)
     data = cfg("https://127.0.0.1:2379", "/a/", ca=files["ca"], cert=files["ca"])  # a CA's cert, no key
-    with pytest.raises(ConfigError, match=r"clusters.app.discovery: .*ca.pem: not a readable PEM certificate"):
+    with pytest.raises(ConfigError, match=r"^clusters.app.discovery.cert: .*ca.pem: not a readable PEM certificate"):
+        App(parse(data), Plugins(PLUGINS))
+    (tmp_path / "garbage.pem").write_text("not PEM")
+    data = cfg("https://127.0.0.1:2379", "/a/", ca=str(tmp_path / "garbage.pem"))
+    with pytest.raises(ConfigError, match=r"^clusters.app.discovery.ca: .*garbage.pem: not a readable PEM CA file"):
+        App(parse(data), Plugins(PLUGINS))
+    data = cfg("https://127.0.0.1:2379", "/a/", key=files["client_key"])
+    with pytest.raises(ConfigError, match=r"^clusters.app.discovery.key: a key without its certificate"):
+        App(parse(data), Plugins(PLUGINS))
+    data = cfg(None, "/a/", address=None, endpoints=["https://127.0.0.1:2379", "127.0.0.1:2380"], ca=files["ca"])
+    with pytest.raises(ConfigError, match=r"^clusters.app.discovery.ca: TLS settings need an https:// address "
+                                          r"\(got http://127.0.0.1:2380\)"):
         App(parse(data), Plugins(PLUGINS))
 
 
