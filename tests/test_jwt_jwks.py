@@ -267,3 +267,19 @@ async def test_a_withdrawn_key_refuses_its_cached_tokens_at_once(origin, sluice_
         write_jwks(path, RSA)
         await until(lambda: _logged(logs, "jwks file reloaded"))
         assert await status(proxy, token) == 401
+
+
+async def test_a_token_whose_kid_was_just_fetched_is_cached_with_the_new_set(
+        origin, sluice_proxy, key_server, monkeypatch):
+    """The entry is bound to the set its key came from (the one the refetch brought), not the
+    set the request started with, so the next request with that token is a hit."""
+    calls = []
+    real = jwt_plugin.verify
+    monkeypatch.setattr(jwt_plugin, "verify", lambda parsed, key: calls.append(key.kid) or real(parsed, key))
+    proxy = await sluice_proxy(filters=["jwt", "router"], extra=EXTRA,
+                               config=remote(key_server.origin.address, refetch_interval=60))
+    assert await status(proxy, sign(RSA)) == 200
+    key_server.keys = [RSA, RSA2]
+    new = sign(RSA2)
+    assert await status(proxy, new) == 200 and await status(proxy, new) == 200
+    assert calls == ["rsa-1", "rsa-2"]  # the second request with the new kid was a hit
