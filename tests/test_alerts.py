@@ -103,6 +103,10 @@ def dead_address() -> str:
         ({"kind": "latency_p99", "threshold": 0.5, "resolve_threshold": 0.9},
          "filters.alerts.rules[1].resolve_threshold: must not be above threshold"),
         ({"kind": "reload_failed", "severity": "page", "extra": 1}, "filters.alerts.rules[1].extra: unknown key"),
+        ({"kind": "rate_limit_store_errors", "threshold": 1},
+         "filters.alerts.rules[1].threshold: kind 'rate_limit_store_errors' has no threshold"),
+        ({"kind": "rate_limit_store_errors", "cluster": "backend"},
+         "filters.alerts.rules[1].cluster: kind 'rate_limit_store_errors' is not about clusters"),
     ],
 )
 def test_bad_rules_are_named_by_key_path(rule, message):
@@ -490,6 +494,12 @@ tests:
         values: '2593200x30'
       - series: 'sluice_tls_certificate_expiry_timestamp_seconds{job="sluice",listener="edge",cert="/etc/gone.pem"}'
         values: '0x30'
+      - series: 'sluice_plugin_rate_limit_decisions_total{job="sluice",filter="rate_limit",outcome="error_open"}'
+        values: '0x10 0+10x5 50x15'
+      - series: 'sluice_plugin_rate_limit_decisions_total{job="sluice",filter="rate_limit",outcome="allowed"}'
+        values: '0+100x30'
+      - series: 'sluice_plugin_rate_limit_decisions_total{job="sluice",filter="api_limit",outcome="error_closed"}'
+        values: '0x30'
     alert_rule_test:
       - eval_time: 20m
         alertname: SluiceRouteHighErrorRatio
@@ -534,6 +544,17 @@ tests:
         exp_alerts:
           - exp_labels: {job: sluice, listener: edge, cert: /etc/soon.pem, severity: warning}
             exp_annotations: {summary: "Certificate /etc/soon.pem of listener edge expires in 5d 0h 0m 0s"}
+      - eval_time: 9m
+        alertname: SluiceRateLimitStoreErrors
+        exp_alerts: []
+      - eval_time: 13m
+        alertname: SluiceRateLimitStoreErrors
+        exp_alerts:
+          - exp_labels: {job: sluice, filter: rate_limit, outcome: error_open, severity: warning}
+            exp_annotations: {summary: "Rate limit filter rate_limit: 20 decisions without its store in 5m (error_open)"}
+      - eval_time: 25m
+        alertname: SluiceRateLimitStoreErrors
+        exp_alerts: []
 
 """
 
@@ -653,6 +674,34 @@ async def test_a_routes_p99_latency_and_a_clusters_failed_tries_fire_from_the_me
         assert down["labels"]["cluster"] == "down" and float(down["annotations"]["value"]) == 1.0
     names = {a["labels"]["alertname"] for a in receiver.alerts}
     assert "Fast" not in names and "ApiFails" not in names
+
+
+async def test_rate_limit_decisions_without_the_store_fire_by_filter_and_outcome_and_resolve(start_origin):
+    """A [shared] Redis at a port nobody listens on: every global decision is error_open; the
+    rule fires naming the filter and the outcome, and resolves once a window passes without one."""
+    receiver = Receiver()
+    hook = await start_origin(receiver)
+    async def ok(request, body):
+        return Reply(200, [], b"ok")
+
+    origin = await start_origin(ok)
+    cfg = config(origin.address, filters=["rate_limit", "router"],
+                 shared={"backend": "redis", "address": dead_address(), "timeout": 0.5},
+                 filter_settings={"rate_limit": {"mode": "global", "on_error": "open",
+                                                 "limits": [{"rate": 100, "burst": 100}]}})
+    cfg = with_alerts(cfg, [{"name": "StoreDown", "kind": "rate_limit_store_errors", "window": 1, "for": 0},
+                            {"name": "Reloads", "kind": "reload_failed", "for": 0}],
+                      f"http://{hook.address}/api/v2/alerts")
+    async with serve(cfg, plugins=PLUGINS + ["rate_limit"]) as proxy, httpx.AsyncClient() as client:
+        for _ in range(3):
+            assert (await client.get(proxy.url + "/")).status_code == 200  # on_error open: admitted
+        fired = await receiver.wait_for(firing("StoreDown"))
+        assert fired["labels"]["filter"] == "rate_limit" and fired["labels"]["outcome"] == "error_open"
+        assert float(fired["annotations"]["value"]) >= 1
+        gone = await receiver.wait_for(resolved("StoreDown"))
+        assert gone["labels"]["outcome"] == "error_open"
+    assert not any(a["labels"]["alertname"] == "StoreDown" and a["labels"]["outcome"] == "error_closed"
+                   for a in receiver.alerts)
 
 
 def _metric_names(text: str) -> set[str]:

@@ -26,6 +26,7 @@ naming it in a listener's chain is a config error.
     kind = "error_ratio"              # | latency_p99 | endpoint_ejected | no_healthy_endpoint | reload_failed
                                       # | certificate_expiry (with days = 14 instead of threshold)
                                       # | config_store_stale (threshold: seconds out of sync)
+                                      # | rate_limit_store_errors (no threshold: any in window)
     route = "api"                     # or cluster = "..."; neither: all traffic
     threshold = 0.05                  # 5% of answers are 5xx ...
     window = 300                      # ... over 5 minutes

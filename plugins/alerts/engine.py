@@ -34,6 +34,7 @@ _SUMMARY = {
     "reload_failed": "the latest config reload failed",
     "certificate_expiry": "a TLS certificate expires in less than {days:g} days",
     "config_store_stale": "the config store has been out of sync for {value}s (above {threshold}s)",
+    "rate_limit_store_errors": "{value} rate limit decisions made without the store in {window}s",
 }
 
 

@@ -34,6 +34,11 @@
   by listener and cert (its file). A 0 timestamp is a certificate a reload
   removed, not one that expired in 1970. Without metrics, worker 0's own
   listeners are read.
+- ``rate_limit_store_errors`` reads ``sluice_plugin_rate_limit_decisions_total``: the
+  increase over ``window`` of its ``error_open`` and ``error_closed`` counts (requests
+  decided without the limiter's store: let through, or refused), by filter and outcome,
+  over every worker. Any error in the window fires (threshold 0); a window without one
+  resolves. Without metrics: no value.
 
 The metric names are ``sluice.metrics``'s; the shipped Prometheus rules
 and Grafana dashboard use the same. For a ``cluster`` rule an error is a
@@ -61,6 +66,9 @@ UPSTREAM_DURATION = "sluice_upstream_request_duration_seconds_bucket"
 ENDPOINT_HEALTHY = "sluice_upstream_endpoint_healthy"
 ENDPOINT_EJECTED = "sluice_upstream_endpoint_ejected"
 CERT_EXPIRY = "sluice_tls_certificate_expiry_timestamp_seconds"
+RATE_LIMIT_DECISIONS = "sluice_plugin_rate_limit_decisions_total"
+STORE_ERRORS = ("error_open", "error_closed")
+_WINDOWED = ("error_ratio", "latency_p99", "rate_limit_store_errors")
 
 Sample = tuple[str, dict[str, str], float]
 Labels = tuple[tuple[str, str], ...]
@@ -81,7 +89,7 @@ class Evaluator:
     """Turns a scrape (and the app) into each rule's values by label set."""
 
     def __init__(self, rules: Iterable[Rule], interval: float) -> None:
-        self.rings = {r.name: Ring(r.window, interval) for r in rules if r.kind in ("error_ratio", "latency_p99")}
+        self.rings = {r.name: Ring(r.window, interval) for r in rules if r.kind in _WINDOWED}
 
     def values(self, rule: Rule, samples: list[Sample] | None, app: Any,
                now: float | None = None) -> dict[Labels, float | None]:
@@ -96,6 +104,8 @@ class Evaluator:
             return {(): 1.0 if last is not None and not last["ok"] else 0.0}
         if kind == "certificate_expiry":
             return _expiring(rule, samples, app)
+        if kind == "rate_limit_store_errors":
+            return _store_errors(self.rings[rule.name], samples, now)
         if kind == "config_store_stale":
             store = app.config_store
             return {(): store.stale_seconds() if store is not None else None}
@@ -154,6 +164,20 @@ def _expiring(rule: Rule, samples: list[Sample] | None, app: Any) -> dict[Labels
     soon = time.time() + rule.days * 86400
     return {(("listener", listener), ("cert", cert)): 1.0 if when < soon else 0.0
             for (listener, cert), when in expiry.items()}
+
+
+def _store_errors(ring: Ring, samples: list[Sample] | None, now: float) -> dict[Labels, float | None]:
+    """(filter, outcome) -> the rate limiter's store errors over the window, summed over workers."""
+    if samples is None:
+        return {(): None}
+    counts: dict[tuple[str, str], float] = {}
+    for name, labels, value in samples:
+        if name == RATE_LIMIT_DECISIONS and labels.get("outcome") in STORE_ERRORS:
+            key = (labels.get("filter", ""), labels["outcome"])
+            counts[key] = counts.get(key, 0.0) + value
+    ring.add(now, counts)
+    inc = ring.increase() or {}
+    return {(("filter", f), ("outcome", o)): n for (f, o), n in inc.items()}
 
 
 def _scope(rule: Rule) -> Labels:

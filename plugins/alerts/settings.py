@@ -28,8 +28,11 @@ KINDS = {
     "reload_failed": "the latest config reload failed",
     "certificate_expiry": "a listener's TLS certificate expires in fewer than ``days`` days",
     "config_store_stale": "the config store has not been in sync for more than ``threshold`` seconds",
+    "rate_limit_store_errors": "a rate limit filter decided without its store (error_open/error_closed) "
+                               "within the window",
 }
 _MEASURED = ("error_ratio", "latency_p99")
+_CLUSTERS = ("endpoint_ejected", "no_healthy_endpoint")  # the kinds a cluster may narrow
 
 
 class Rule(FilterConfig):
@@ -41,7 +44,7 @@ class Rule(FilterConfig):
 
     name: str = Field(min_length=1)
     kind: Literal["error_ratio", "latency_p99", "endpoint_ejected", "no_healthy_endpoint", "reload_failed",
-                  "certificate_expiry", "config_store_stale"]
+                  "certificate_expiry", "config_store_stale", "rate_limit_store_errors"]
     route: str | None = None
     cluster: str | None = None
     threshold: NonNegativeFloat | None = None
@@ -124,8 +127,9 @@ def check(alerts: AlertsConfig, config: Any) -> list[str]:
                 if getattr(rule, key) is not None:
                     errors.append(f"{where}.{key}: kind {rule.kind!r} has no threshold ({KINDS[rule.kind]})")
             if rule.route is not None:
-                errors.append(f"{where}.route: kind {rule.kind!r} is about clusters, not routes")
-            if rule.kind in ("reload_failed", "certificate_expiry") and rule.cluster is not None:
+                errors.append(f"{where}.route: kind {rule.kind!r} is " + (
+                    "about clusters, not routes" if rule.kind in _CLUSTERS else "not about routes"))
+            if rule.kind not in _CLUSTERS and rule.cluster is not None:
                 errors.append(f"{where}.cluster: kind {rule.kind!r} is not about clusters")
         if (rule.kind == "certificate_expiry") != (rule.days is not None):
             errors.append(f"{where}.days: " + ("required for kind 'certificate_expiry' (fire this many days "
