@@ -481,9 +481,20 @@ def cmd_version(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    config = _with_codec(load(args.config), args.http1_codec)
-    app = App(config, Plugins(_plugin_list(args.plugins)))
-    print(f"{args.config}: ok (http1 codec: {app.codec.name})")
+    config, plugins = load(args.config), Plugins(_plugin_list(args.plugins))
+    what = refusal = None
+    if config.config_store is not None:  # check what a start would run on: the store's document over the file
+        config, what, refusal = config_store.follower(config, args.config, plugins).for_check()
+    config = _with_codec(config, args.http1_codec)
+    try:
+        app = App(config, plugins)
+    except ConfigError as exc:
+        if what is None:
+            raise
+        raise ConfigError(f"{args.config} with {what}:\n{exc}") from None
+    if refusal is not None:
+        raise ConfigError(refusal)
+    print(f"{args.config}: ok" + (f" with {what}" if what else "") + f" (http1 codec: {app.codec.name})")
     for listener in app.listeners:
         tls = " tls" if listener.transport is not None else ""
         if listener.config.http2.enabled:

@@ -435,6 +435,45 @@ def test_config_push_get_diff_through_the_real_command(etcd_server, etcd_prefix,
         a.close()
 
 
+def test_sluice_check_checks_the_stores_document_else_the_cache_as_a_start_would(etcd_server, etcd_prefix, tmp_path):
+    a = ThreadOrigin(body=b"A")
+    key, cache = f"{etcd_prefix}config", tmp_path / "cache.json"
+    path = bootstrap(tmp_path, etcd_table(etcd_server.url, etcd_prefix, cache=str(cache), timeout=1))
+    bad = document(a.address).replace('cluster = "app"', 'cluster = "nope"')
+    try:
+        r = sluice("check", path)
+        assert r.returncode == 0 and "with the file alone (the config store (etcd at" in r.stdout, r.stderr
+        revision = etcd_put(etcd_server.url, key, document(a.address))
+        r = sluice("check", path)
+        assert r.returncode == 0, r.stderr
+        assert f"ok with the config store's document (etcd at {etcd_server.url}" in r.stdout
+        assert f"revision {revision})" in r.stdout and "cluster app:" in r.stdout
+        revision = etcd_put(etcd_server.url, key, bad)  # as etcdctl would, past push's check
+        r = sluice("check", path)
+        assert r.returncode == 2 and f"revision {revision}" in r.stderr and "routes[0].cluster" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and not cache.exists()  # (check writes no cache)
+        etcd_put(etcd_server.url, key, "[listeners]\n")
+        r = sluice("check", path)
+        assert r.returncode == 2 and "listeners: not allowed in the store" in r.stderr, r.stderr
+        # The store unreachable: a start would run on the cache, so check checks that, and says so.
+        dead = bootstrap(tmp_path, etcd_table(f"http://127.0.0.1:{free_port()}", etcd_prefix, cache=str(cache),
+                                              timeout=1), name="dead")
+        r = sluice("check", dead)
+        assert r.returncode == 2 and "unreachable" in r.stderr and f"no cache yet at {cache}" in r.stderr, r.stderr
+        cache.write_text(json.dumps({"store": "etcd", "revision": 7, "saved": time.time(),
+                                     "document": document(a.address)}))
+        r = sluice("check", dead)
+        assert r.returncode == 0, r.stderr
+        assert f"ok with the cache {cache} (revision 7" in r.stdout and "is unreachable" in r.stdout
+        assert "cluster app:" in r.stdout
+        cache.write_text(json.dumps({"store": "etcd", "revision": 8, "saved": time.time(), "document": bad}))
+        r = sluice("check", dead)
+        assert r.returncode == 2 and f"the cache {cache} (revision 8" in r.stderr, r.stderr
+        assert "routes[0].cluster" in r.stderr and "Traceback" not in r.stderr
+    finally:
+        a.close()
+
+
 @pytest.mark.parametrize(("table", "message"), [
     ('[config_store]\nstore = "etcd"\naddress = "http://127.0.0.1:1"\n', "config_store: store etcd needs prefix"),
     ('[config_store]\nstore = "consul"\naddress = "x"\n', "config_store.store: unknown config store 'consul'"),

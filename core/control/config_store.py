@@ -274,14 +274,22 @@ class Follower:
         except trio.TooSlowError:
             raise StoreUnavailable(f"no answer within {self.settings.timeout}s") from None
 
-    def _from_cache(self, build, why: str) -> Any:
+    def _no_cache(self, why: str) -> str | None:
+        """Why a start could not fall back on the cache (None: it can)."""
         cache = self.settings.cache
         if not cache:
-            raise ConfigError(f"config_store: the store ({self.store.where}) is unreachable ({why}) and "
-                              "config_store.cache is not set, so there is nothing to start from")
+            return (f"config_store: the store ({self.store.where}) is unreachable ({why}) and "
+                    "config_store.cache is not set, so there is nothing to start from")
         if not Path(cache).exists():
-            raise ConfigError(f"config_store: the store ({self.store.where}) is unreachable ({why}) and "
-                              f"there is no cache yet at {cache} (config_store.cache)")
+            return (f"config_store: the store ({self.store.where}) is unreachable ({why}) and "
+                    f"there is no cache yet at {cache} (config_store.cache)")
+        return None
+
+    def _from_cache(self, build, why: str) -> Any:
+        refusal = self._no_cache(why)
+        if refusal is not None:
+            raise ConfigError(refusal)
+        cache = self.settings.cache
         doc, age = load_cache(cache)
         self._note("warning", "config store unreachable; starting from the cache", store=self.store.where,
                    error=why, cache=cache, revision=doc.revision, age_seconds=round(age, 1))
@@ -290,6 +298,25 @@ class Follower:
         built = build(self.config(doc))
         self.good = doc
         return built
+
+    def for_check(self) -> tuple[Config, str, str | None]:
+        """For ``sluice check``: the config a start would run on (not built yet), what it is
+        (for the report), and why a start would refuse even if it builds (the store unreachable
+        and no cache: then the config is the file alone, so its own mistakes are still named).
+        The store is read once, bounded by ``timeout``; nothing is written or logged."""
+        try:
+            doc = trio.run(self._first_read)
+        except StoreUnavailable as exc:
+            refusal = self._no_cache(str(exc))
+            if refusal is not None:
+                return parse(read_toml(self.path)), "the file alone", refusal
+            doc, age = load_cache(self.settings.cache)
+            return self.config(doc), (f"the cache {self.settings.cache} (revision {doc.revision}, saved "
+                                      f"{age:.0f}s ago; the config store ({self.store.where}) is unreachable: "
+                                      f"{exc})"), None
+        if doc.data is None:
+            return self.config(doc), f"the file alone (the config store ({self.store.where}) has no document)", None
+        return self.config(doc), f"the config store's document ({self.store.where}, revision {doc.revision})", None
 
     # -- in each worker ------------------------------------------------------------
 
