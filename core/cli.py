@@ -116,6 +116,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("config")
     check.add_argument("--plugins")
     check.add_argument("--http1-codec", choices=CODECS, help="as for run")
+    check.add_argument("--file-only", action="store_true",
+                       help="with [config_store]: check the file alone, without reading the store or its cache")
 
     sub.add_parser("plugins", help="list installed plugins and what they provide")
 
@@ -483,7 +485,7 @@ def cmd_version(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     config, plugins = load(args.config), Plugins(_plugin_list(args.plugins))
     what = refusal = None
-    if config.config_store is not None:  # check what a start would run on: the store's document over the file
+    if config.config_store is not None and not args.file_only:  # what a start would run on: the store's over the file
         config, what, refusal = config_store.follower(config, args.config, plugins).for_check()
     config = _with_codec(config, args.http1_codec)
     try:

@@ -462,5 +462,8 @@ def test_running_a_fleet_config_passes_sluice_check(tmp_path):
     config = tmp_path / "fleet.toml"
     config.write_text('[[listeners]]\nname = "public"\naddress = "127.0.0.1:0"\nfilters = ["rate_limit", "router"]\n'
                       '[[routes]]\nmatch = { prefix = "/" }\ncluster = "api"\n' + block)
-    result = sluice("check", str(config))
+    result = sluice("check", "--file-only", str(config))  # the snippet's etcd is not here
     assert result.returncode == 0, result.stderr
+    assert "ok (http1 codec" in result.stdout  # the file alone, as asked
+    unreachable = sluice("check", str(config))  # without --file-only, the store is read, as a start would
+    assert unreachable.returncode == 2 and "config_store" in unreachable.stderr, unreachable.stderr
