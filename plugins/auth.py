@@ -167,6 +167,17 @@ class _Reloading(Filter):
     def _apply(self, data: bytes) -> int:
         raise NotImplementedError
 
+    def _load_first(self, path: Path, key: str) -> None:
+        """Load ``path`` at build, and follow it from then on; one that does not load is
+        the config error of ``key`` (the reloads after it keep the last good set instead)."""
+        self._watched = Path(path)
+        try:
+            data = self._watched.read_bytes()
+            self._apply(data)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{key}: {path}: {getattr(exc, 'strerror', None) or exc}") from None
+        self._loaded = hashlib.sha256(data).digest()
+
     async def open(self, nursery: Any) -> None:
         if self._watched is None:
             return
@@ -224,14 +235,7 @@ class ApiKey(_Reloading):
         self._inline = {digest.lower(): name for name, digest in config.keys.items()}
         self._owners = dict(self._inline)
         if config.keys_file is not None:
-            self._watched = Path(config.keys_file)
-            try:
-                data = self._watched.read_bytes()
-                self._apply(data)
-            except (OSError, ValueError) as exc:
-                raise ConfigError(f"filters.api_key.keys_file: {config.keys_file}: "
-                                  f"{getattr(exc, 'strerror', None) or exc}") from None
-            self._loaded = hashlib.sha256(data).digest()
+            self._load_first(config.keys_file, "filters.api_key.keys_file")
         self._challenge = [("www-authenticate", f'ApiKey header="{config.header}"')]
         self._guard = _Guard(self.name, " ".join(sorted(self._owners)) + config.header, config.brute_force)
 
@@ -309,14 +313,7 @@ class Basic(_Reloading):
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
-        self._watched = Path(config.htpasswd)
-        try:
-            data = self._watched.read_bytes()
-            self._apply(data)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"filters.basic.htpasswd: {config.htpasswd}: "
-                              f"{getattr(exc, 'strerror', None) or exc}") from None
-        self._loaded = hashlib.sha256(data).digest()
+        self._load_first(config.htpasswd, "filters.basic.htpasswd")
         self._challenge = [("www-authenticate", f'Basic realm="{config.realm}", charset="UTF-8"')]
         self._verified: dict[bytes, float] = {}  # sha256(user, password, hash) -> expiry
         self._limiter = trio.CapacityLimiter(config.max_concurrent_checks)
